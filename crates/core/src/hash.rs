@@ -1,0 +1,63 @@
+//! Content hashes as Updraft writes them: `sha256:<64 hex digits>`.
+use sha2::{Digest, Sha256};
+
+use crate::error::{CoreError, Result};
+
+pub const PREFIX: &str = "sha256:";
+
+/// An incremental hasher producing the canonical `sha256:<hex>` form.
+#[derive(Default, Clone)]
+pub struct ContentHasher(Sha256);
+
+impl ContentHasher {
+    pub fn new() -> Self {
+        Self(Sha256::new())
+    }
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+    pub fn finish(self) -> String {
+        format!("{PREFIX}{}", hex::encode(self.0.finalize()))
+    }
+    /// Bare hex digest, as the package manifest stores per-file hashes.
+    pub fn finish_hex(self) -> String {
+        hex::encode(self.0.finalize())
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Checks that `s` is a well-formed content hash, so it can safely name a file on disk.
+pub fn validate(s: &str) -> Result<()> {
+    let ok = s
+        .strip_prefix(PREFIX)
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    if ok {
+        Ok(())
+    } else {
+        Err(CoreError::Invalid {
+            what: "content hash",
+            input: s.chars().take(80).collect(),
+            reason: "expected sha256: followed by 64 lowercase hex digits".into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_round_trip_and_validation() {
+        let mut h = ContentHasher::new();
+        h.update(b"abc");
+        let s = h.finish();
+        assert_eq!(s, "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        validate(&s).unwrap();
+        assert!(validate("sha256:../../etc/passwd").is_err());
+        assert!(validate("md5:abc").is_err());
+        assert!(validate(&s.to_uppercase()).is_err());
+    }
+}

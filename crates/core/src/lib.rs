@@ -1,0 +1,13 @@
+//! Pure domain of Updraft: versions, update states, release keys, the signed package format
+//! and the applicability plan. No networking and no store here; every other crate builds on it.
+
+pub mod error;
+pub mod hash;
+pub mod keys;
+pub mod model;
+pub mod package;
+pub mod plan;
+pub mod version;
+
+pub use error::CoreError;
+pub use version::Version;

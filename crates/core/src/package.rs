@@ -1,0 +1,522 @@
+//! The signed package format: building one from a directory, opening and checking one, and
+//! unpacking it into a fresh staging directory without trusting anything it says.
+//!
+//! Layout of a package file (all integers little-endian):
+//!
+//! ```text
+//! "UPDRAFT1"                 8-byte magic
+//! u32 manifest_len           at most MAX_MANIFEST
+//! manifest                   JSON, see [`Manifest`]; these exact bytes are signed
+//! u16 signature_len          64
+//! signature                  ed25519 over "updraft-manifest-v1\0" ++ manifest
+//! payload                    the files' contents, concatenated in manifest order
+//! ```
+//!
+//! The manifest lists every file with its path, mode, size and SHA-256, so the signature over
+//! the manifest covers the whole payload. Paths are validated as plain relative paths and only
+//! directories and regular files are ever created, so a package cannot write outside the
+//! directory it is unpacked into.
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+use crate::hash::ContentHasher;
+use crate::keys::{PublicKey, ReleaseKey};
+use crate::model::{InstallType, validate_product};
+use crate::version::Version;
+
+pub const MAGIC: &[u8; 8] = b"UPDRAFT1";
+pub const FORMAT: u32 = 1;
+pub const MAX_MANIFEST: u32 = 16 << 20;
+pub const MAX_FILES: usize = 100_000;
+pub const MAX_PATH: usize = 4096;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub path: String,
+    pub mode: u32,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DirEntry {
+    pub path: String,
+    pub mode: u32,
+}
+
+/// What a package says about itself. Everything but `files`/`dirs` is catalog metadata.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub product: String,
+    pub version: Version,
+    #[serde(default)]
+    pub install_type: InstallType,
+    #[serde(default)]
+    pub product_line: String,
+    #[serde(default)]
+    pub upgrade_code: String,
+    #[serde(default)]
+    pub product_code: String,
+    #[serde(default)]
+    pub release_label: String,
+    #[serde(default)]
+    pub patch_label: String,
+    #[serde(default)]
+    pub doc_url: String,
+    #[serde(default)]
+    pub install_properties: BTreeMap<String, String>,
+    #[serde(default)]
+    pub related_installs: Vec<String>,
+    /// Id of the release key that signed this manifest (informational; the agent checks
+    /// against the key it pins, whatever this says).
+    pub key_id: String,
+    #[serde(default)]
+    pub dirs: Vec<DirEntry>,
+    pub files: Vec<FileEntry>,
+}
+
+/// Catalog metadata given to [`build`]; the file list comes from the directory.
+#[derive(Debug, Clone, Default)]
+pub struct PackageMeta {
+    pub product: String,
+    pub version: Option<Version>,
+    pub install_type: InstallType,
+    pub product_line: String,
+    pub upgrade_code: String,
+    pub product_code: String,
+    pub release_label: String,
+    pub patch_label: String,
+    pub doc_url: String,
+    pub install_properties: BTreeMap<String, String>,
+    pub related_installs: Vec<String>,
+}
+
+impl Manifest {
+    /// Every rule a manifest must meet before anything in it is used.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(CoreError::Manifest(m));
+        if self.format != FORMAT {
+            return bad(format!("format {} is not supported (this build reads format {FORMAT})", self.format));
+        }
+        validate_product(&self.product).map_err(|e| CoreError::Manifest(e.to_string()))?;
+        if self.files.len() + self.dirs.len() > MAX_FILES {
+            return bad(format!("{} entries, at most {MAX_FILES} allowed", self.files.len() + self.dirs.len()));
+        }
+        let mut seen = BTreeSet::new();
+        for (path, mode) in
+            self.dirs.iter().map(|d| (&d.path, d.mode)).chain(self.files.iter().map(|f| (&f.path, f.mode)))
+        {
+            validate_path(path)?;
+            if mode & !0o777 != 0 {
+                return bad(format!(
+                    "{path:?} has mode {mode:o}: setuid, setgid, sticky and file-type bits are not allowed"
+                ));
+            }
+            if !seen.insert(path.as_str()) {
+                return bad(format!("{path:?} is listed twice"));
+            }
+        }
+        // A file must not also be used as a directory by another entry ("a" and "a/b").
+        for f in &self.files {
+            let prefix = format!("{}/", f.path);
+            if let Some(other) = seen.range(prefix.as_str()..).next().filter(|o| o.starts_with(&prefix)) {
+                return bad(format!("{:?} is a file but {other:?} is inside it", f.path));
+            }
+            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad(format!("{:?} has a malformed sha256", f.path));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn payload_size(&self) -> Option<u64> {
+        self.files.iter().try_fold(0u64, |acc, f| acc.checked_add(f.size))
+    }
+}
+
+/// A path from a manifest must be a plain relative path: no root, no `.`/`..`, no empty
+/// components, no NUL or backslash, bounded length.
+pub fn validate_path(path: &str) -> Result<()> {
+    let bad = |why: &str| Err(CoreError::Manifest(format!("path {:?} {why}", path.chars().take(200).collect::<String>())));
+    if path.is_empty() {
+        return bad("is empty");
+    }
+    if path.len() > MAX_PATH {
+        return bad("is too long");
+    }
+    if path.starts_with('/') {
+        return bad("is absolute; paths must be relative to the package root");
+    }
+    if path.contains('\0') || path.contains('\\') {
+        return bad("contains a NUL or backslash");
+    }
+    for comp in path.split('/') {
+        match comp {
+            "" => return bad("has an empty component"),
+            "." | ".." => return bad("escapes its folder (contains . or ..)"),
+            c if c.len() > 255 => return bad("has a component longer than 255 bytes"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Packs `from` into a signed package at `out`. Symlinks and special files are refused:
+/// a package carries directories and regular files only.
+pub fn build(from: &Path, meta: &PackageMeta, key: &ReleaseKey, out: &Path) -> Result<Manifest> {
+    validate_product(&meta.product)?;
+    let version = meta.version.ok_or_else(|| CoreError::Manifest("a version is required".into()))?;
+    let root_meta = fs::metadata(from).map_err(|e| CoreError::io(from, e))?;
+    if !root_meta.is_dir() {
+        return Err(CoreError::package(from, "is not a directory"));
+    }
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    walk(from, from, &mut dirs, &mut files)?;
+    let manifest = Manifest {
+        format: FORMAT,
+        product: meta.product.clone(),
+        version,
+        install_type: meta.install_type,
+        product_line: meta.product_line.clone(),
+        upgrade_code: meta.upgrade_code.clone(),
+        product_code: meta.product_code.clone(),
+        release_label: meta.release_label.clone(),
+        patch_label: meta.patch_label.clone(),
+        doc_url: meta.doc_url.clone(),
+        install_properties: meta.install_properties.clone(),
+        related_installs: meta.related_installs.clone(),
+        key_id: key.public().key_id(),
+        dirs,
+        files,
+    };
+    manifest.validate()?;
+    write_package(out, &manifest, key, |w, entry| {
+        // Copy while hashing again, so a file changed since the first pass is caught.
+        let src = from.join(&entry.path);
+        let mut f = File::open(&src).map_err(|e| CoreError::io(&src, e))?;
+        let mut hasher = ContentHasher::new();
+        let n = copy_hashing(&mut (&mut f).take(entry.size + 1), w, &mut hasher).map_err(|e| CoreError::io(&src, e))?;
+        if n != entry.size || hasher.finish_hex() != entry.sha256 {
+            return Err(CoreError::package(&src, "changed while the package was being built"));
+        }
+        Ok(())
+    })?;
+    Ok(manifest)
+}
+
+/// Writes a package from a manifest and a payload writer; the writer is called per file entry
+/// in order. The file appears at `out` only once complete and synced.
+pub fn write_package(
+    out: &Path,
+    manifest: &Manifest,
+    key: &ReleaseKey,
+    mut payload: impl FnMut(&mut dyn Write, &FileEntry) -> Result<()>,
+) -> Result<()> {
+    let manifest_bytes = serde_json::to_vec(manifest).map_err(|e| CoreError::Manifest(e.to_string()))?;
+    if manifest_bytes.len() > MAX_MANIFEST as usize {
+        return Err(CoreError::Manifest(format!("{} bytes, at most {MAX_MANIFEST}", manifest_bytes.len())));
+    }
+    let sig = key.sign_manifest(&manifest_bytes);
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| CoreError::io(dir, e))?;
+    {
+        let mut w = BufWriter::new(tmp.as_file());
+        let io = |e| CoreError::io(out, e);
+        w.write_all(MAGIC).map_err(io)?;
+        w.write_all(&(manifest_bytes.len() as u32).to_le_bytes()).map_err(io)?;
+        w.write_all(&manifest_bytes).map_err(io)?;
+        w.write_all(&(sig.len() as u16).to_le_bytes()).map_err(io)?;
+        w.write_all(&sig).map_err(io)?;
+        for entry in &manifest.files {
+            payload(&mut w, entry)?;
+        }
+        w.flush().map_err(io)?;
+    }
+    tmp.as_file().sync_all().map_err(|e| CoreError::io(out, e))?;
+    tmp.persist(out).map_err(|e| CoreError::io(out, e.error))?;
+    Ok(())
+}
+
+fn walk(root: &Path, dir: &Path, dirs: &mut Vec<DirEntry>, files: &mut Vec<FileEntry>) -> Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(|e| CoreError::io(dir, e))?
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| CoreError::io(dir, e))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let meta = fs::symlink_metadata(&path).map_err(|e| CoreError::io(&path, e))?;
+        let rel = path
+            .strip_prefix(root)
+            .ok()
+            .and_then(|p| p.to_str())
+            .ok_or_else(|| CoreError::package(&path, "path is not valid UTF-8"))?
+            .to_string();
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            dirs.push(DirEntry { path: rel, mode });
+            walk(root, &path, dirs, files)?;
+        } else if meta.is_file() {
+            let mut f = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
+            let mut hasher = ContentHasher::new();
+            let size = copy_hashing(&mut f, &mut std::io::sink(), &mut hasher).map_err(|e| CoreError::io(&path, e))?;
+            files.push(FileEntry { path: rel, mode, size, sha256: hasher.finish_hex() });
+        } else {
+            return Err(CoreError::package(&path, "is a symlink or special file; packages hold only directories and regular files"));
+        }
+    }
+    Ok(())
+}
+
+fn copy_hashing(r: &mut dyn Read, w: &mut dyn Write, hasher: &mut ContentHasher) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        hasher.update(&buf[..n]);
+        w.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// An opened package whose header and manifest have been checked; the payload is read only by
+/// [`Package::unpack`].
+#[derive(Debug)]
+pub struct Package {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    pub manifest_bytes: Vec<u8>,
+    pub signature: Vec<u8>,
+    payload_offset: u64,
+}
+
+impl Package {
+    pub fn open(path: &Path) -> Result<Self> {
+        let perr = |reason: String| CoreError::package(path, reason);
+        let mut f = File::open(path).map_err(|e| CoreError::io(path, e))?;
+        let file_len = f.metadata().map_err(|e| CoreError::io(path, e))?.len();
+        let mut r = BufReader::new(&mut f);
+        let mut magic = [0u8; 8];
+        read_exact(&mut r, &mut magic, path, "magic")?;
+        if &magic != MAGIC {
+            return Err(perr("not an Updraft package (bad magic)".into()));
+        }
+        let mut len4 = [0u8; 4];
+        read_exact(&mut r, &mut len4, path, "manifest length")?;
+        let mlen = u32::from_le_bytes(len4);
+        if mlen > MAX_MANIFEST {
+            return Err(perr(format!("manifest is {mlen} bytes, at most {MAX_MANIFEST} allowed")));
+        }
+        if u64::from(mlen) + 14 > file_len {
+            return Err(perr(format!("truncated: manifest claims {mlen} bytes but the file has {file_len}")));
+        }
+        let mut manifest_bytes = vec![0u8; mlen as usize];
+        read_exact(&mut r, &mut manifest_bytes, path, "manifest")?;
+        let mut len2 = [0u8; 2];
+        read_exact(&mut r, &mut len2, path, "signature length")?;
+        let slen = u16::from_le_bytes(len2);
+        if slen != 64 {
+            return Err(perr(format!("signature is {slen} bytes, expected 64")));
+        }
+        let mut signature = vec![0u8; 64];
+        read_exact(&mut r, &mut signature, path, "signature")?;
+        let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+            .map_err(|e| CoreError::Manifest(format!("{}: {e}", path.display())))?;
+        manifest.validate()?;
+        let payload_offset = 8 + 4 + u64::from(mlen) + 2 + 64;
+        let payload = manifest.payload_size().ok_or_else(|| perr("file sizes overflow".into()))?;
+        let expected = payload_offset.checked_add(payload).ok_or_else(|| perr("file sizes overflow".into()))?;
+        if expected != file_len {
+            return Err(perr(format!(
+                "size mismatch: the manifest accounts for {expected} bytes but the file has {file_len} (truncated or padded)"
+            )));
+        }
+        Ok(Self { path: path.to_path_buf(), manifest, manifest_bytes, signature, payload_offset })
+    }
+
+    /// Checks the manifest signature against a pinned release key.
+    pub fn verify(&self, key: &PublicKey) -> Result<()> {
+        key.verify_manifest(&self.manifest_bytes, &self.signature)
+    }
+
+    /// Unpacks into `dest`, which must not exist yet. Every file's size and hash are checked as
+    /// it is written; on any error `dest` may hold a partial tree, which the caller discards.
+    /// Files and directories are synced so that a later rename publishes complete content.
+    pub fn unpack(&self, dest: &Path) -> Result<()> {
+        fs::create_dir(dest).map_err(|e| CoreError::io(dest, e))?;
+        let mut f = File::open(&self.path).map_err(|e| CoreError::io(&self.path, e))?;
+        f.seek(SeekFrom::Start(self.payload_offset)).map_err(|e| CoreError::io(&self.path, e))?;
+        let mut r = BufReader::with_capacity(256 * 1024, f);
+        let mut made_dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        for d in &self.manifest.dirs {
+            let p = dest.join(&d.path);
+            fs::create_dir_all(&p).map_err(|e| CoreError::io(&p, e))?;
+            made_dirs.insert(p);
+        }
+        for entry in &self.manifest.files {
+            let target = dest.join(&entry.path);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
+                made_dirs.insert(parent.to_path_buf());
+            }
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&target)
+                .map_err(|e| CoreError::io(&target, e))?;
+            let mut hasher = ContentHasher::new();
+            let n = copy_hashing(&mut (&mut r).take(entry.size), &mut out, &mut hasher)
+                .map_err(|e| CoreError::io(&target, e))?;
+            if n != entry.size {
+                return Err(CoreError::package(&self.path, format!("payload ends inside {:?}", entry.path)));
+            }
+            if hasher.finish_hex() != entry.sha256 {
+                return Err(CoreError::package(&self.path, format!("{:?} does not match its sha256", entry.path)));
+            }
+            out.set_permissions(fs::Permissions::from_mode(entry.mode)).map_err(|e| CoreError::io(&target, e))?;
+            out.sync_all().map_err(|e| CoreError::io(&target, e))?;
+        }
+        let mut extra = [0u8; 1];
+        if r.read(&mut extra).map_err(|e| CoreError::io(&self.path, e))? != 0 {
+            return Err(CoreError::package(&self.path, "payload has bytes the manifest does not list"));
+        }
+        for d in &self.manifest.dirs {
+            let p = dest.join(&d.path);
+            fs::set_permissions(&p, fs::Permissions::from_mode(d.mode)).map_err(|e| CoreError::io(&p, e))?;
+        }
+        made_dirs.insert(dest.to_path_buf());
+        for d in made_dirs.iter().rev() {
+            sync_dir(d)?;
+        }
+        Ok(())
+    }
+}
+
+/// fsync a directory so the names in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| CoreError::io(dir, e))
+}
+
+fn read_exact(r: &mut impl Read, buf: &mut [u8], path: &Path, what: &str) -> Result<()> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            CoreError::package(path, format!("truncated while reading the {what}"))
+        } else {
+            CoreError::io(path, e)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("bin")).unwrap();
+        fs::write(d.path().join("bin/app"), b"#!/bin/sh\necho v1\n").unwrap();
+        fs::set_permissions(d.path().join("bin/app"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(d.path().join("VERSION"), b"1.0.0.0\n").unwrap();
+        fs::create_dir(d.path().join("empty")).unwrap();
+        d
+    }
+
+    fn meta() -> PackageMeta {
+        PackageMeta { product: "app".into(), version: Some("1.0.0.0".parse().unwrap()), ..Default::default() }
+    }
+
+    #[test]
+    fn build_open_verify_unpack() {
+        let src = sample_dir();
+        let out = tempfile::tempdir().unwrap();
+        let key = ReleaseKey::generate().unwrap();
+        let pkg_path = out.path().join("app.pkg");
+        let m = build(src.path(), &meta(), &key, &pkg_path).unwrap();
+        assert_eq!(m.files.len(), 2);
+        let pkg = Package::open(&pkg_path).unwrap();
+        pkg.verify(&key.public()).unwrap();
+        assert!(pkg.verify(&ReleaseKey::generate().unwrap().public()).is_err());
+        let dest = out.path().join("staged");
+        pkg.unpack(&dest).unwrap();
+        assert_eq!(fs::read(dest.join("bin/app")).unwrap(), b"#!/bin/sh\necho v1\n");
+        assert_eq!(fs::metadata(dest.join("bin/app")).unwrap().permissions().mode() & 0o777, 0o755);
+        assert!(dest.join("empty").is_dir());
+    }
+
+    #[test]
+    fn refuses_symlinks_when_building() {
+        let src = sample_dir();
+        std::os::unix::fs::symlink("/etc/passwd", src.path().join("link")).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let e = build(src.path(), &meta(), &ReleaseKey::generate().unwrap(), &out.path().join("p")).unwrap_err();
+        assert!(e.to_string().contains("symlink"), "{e}");
+    }
+
+    #[test]
+    fn truncated_package_is_refused() {
+        let src = sample_dir();
+        let out = tempfile::tempdir().unwrap();
+        let p = out.path().join("app.pkg");
+        build(src.path(), &meta(), &ReleaseKey::generate().unwrap(), &p).unwrap();
+        let bytes = fs::read(&p).unwrap();
+        for cut in [3, 20, bytes.len() - 1] {
+            fs::write(&p, &bytes[..cut]).unwrap();
+            let e = Package::open(&p).unwrap_err().to_string();
+            assert!(e.contains("truncated") || e.contains("size mismatch"), "{cut}: {e}");
+        }
+    }
+
+    #[test]
+    fn path_rules() {
+        for good in ["a", "a/b.txt", "x..y/z"] {
+            validate_path(good).unwrap();
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\\b", "a\0b"] {
+            assert!(validate_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn manifest_rules() {
+        let file = |p: &str, mode| FileEntry { path: p.into(), mode, size: 0, sha256: "0".repeat(64) };
+        let mut m = Manifest {
+            format: 1,
+            product: "app".into(),
+            version: "1.0.0.0".parse().unwrap(),
+            install_type: InstallType::Install,
+            product_line: String::new(),
+            upgrade_code: String::new(),
+            product_code: String::new(),
+            release_label: String::new(),
+            patch_label: String::new(),
+            doc_url: String::new(),
+            install_properties: BTreeMap::new(),
+            related_installs: vec![],
+            key_id: String::new(),
+            dirs: vec![],
+            files: vec![file("a", 0o644)],
+        };
+        m.validate().unwrap();
+        m.files.push(file("a", 0o644));
+        assert!(m.validate().unwrap_err().to_string().contains("twice"));
+        m.files[1] = file("a/b", 0o644);
+        assert!(m.validate().unwrap_err().to_string().contains("inside it"));
+        m.files[1] = file("suid", 0o4755);
+        assert!(m.validate().unwrap_err().to_string().contains("setuid"));
+    }
+}

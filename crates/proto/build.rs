@@ -1,0 +1,14 @@
+//! Compiles proto/updraft/v1/*.proto with protox (pure Rust, no protoc) and generates tonic code.
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["common", "agent", "replication", "admin"]
+        .map(|f| root.join(format!("updraft/v1/{f}.proto")));
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let fds = protox::compile(&files, [&root])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}
