@@ -1,1 +1,51 @@
-fn main() {}
+//! `provider`: command-line entry of the local provider.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use updraft_core::keys::PublicKey;
+
+#[derive(Parser)]
+#[command(name = "provider", version, about = "Updraft local provider: catalog, machines and the gRPC APIs")]
+struct Args {
+    /// Data directory (sled store and blobs).
+    #[arg(long, env = "UPDRAFT_PROVIDER_STORE")]
+    store: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "UPDRAFT_PROVIDER_LISTEN", default_value = "127.0.0.1:8092")]
+    listen: SocketAddr,
+    /// Provider name shown to agents (default: host name).
+    #[arg(long, env = "UPDRAFT_PROVIDER_NAME")]
+    name: Option<String>,
+    /// Release public key(s) accepted on import (repeat or comma-separate).
+    #[arg(long = "trust-key", env = "UPDRAFT_PROVIDER_TRUST_KEYS", value_delimiter = ',')]
+    trust_keys: Vec<PathBuf>,
+    /// Shortest interval agents wait between checks, in seconds.
+    #[arg(long, env = "UPDRAFT_MIN_CHECK_SECS", default_value_t = 1800)]
+    min_check_secs: u32,
+    /// Longest interval agents wait between checks, in seconds.
+    #[arg(long, env = "UPDRAFT_MAX_CHECK_SECS", default_value_t = 3600)]
+    max_check_secs: u32,
+    /// Largest package accepted by `update add`, in bytes.
+    #[arg(long, env = "UPDRAFT_MAX_UPLOAD_BYTES", default_value_t = 16 << 30)]
+    max_upload_bytes: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let telemetry = updraft_runtime::telemetry::init("updraft-provider");
+    let data_dir = args.store.unwrap_or_else(|| updraft_runtime::default_data_dir("provider"));
+    let mut config = updraft_provider::Config::new(args.name.unwrap_or_else(updraft_runtime::hostname), data_dir);
+    for k in &args.trust_keys {
+        config.trusted_keys.push(PublicKey::load(k)?);
+    }
+    config.min_check_secs = args.min_check_secs;
+    config.max_check_secs = args.max_check_secs;
+    config.max_upload_bytes = args.max_upload_bytes;
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let result = updraft_provider::run(config, listener, updraft_runtime::shutdown_on_signals()).await;
+    telemetry.shutdown().await;
+    Ok(result?)
+}

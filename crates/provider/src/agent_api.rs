@@ -1,0 +1,215 @@
+//! The agent API (check, download, report, subscribe), served by every tier. What differs
+//! between a local and a site provider — where a missing blob comes from and whether reports
+//! travel further — is the [`Tier`] it is given.
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures::Stream;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use updraft_proto::v1::agent_api_server::AgentApi;
+use updraft_proto::v1::{
+    BlobRequest, CheckRequest, CheckResponse, Chunk, ForwardedReport, PushEvent, PushKind, ReportRequest,
+    ReportResponse, SubscribeRequest,
+};
+
+use crate::catalog::{offers_for, validate_machine_name};
+use crate::error::{ProviderError, Result};
+use crate::{Shared, now_ms};
+
+/// Bytes per download chunk: large enough to keep throughput high, far below message limits.
+pub const CHUNK_SIZE: usize = 256 * 1024;
+/// Most activity entries accepted in one report.
+pub const MAX_REPORT_ENTRIES: usize = 1000;
+
+/// The tier-specific half of the agent API.
+pub trait Tier: Send + Sync + 'static {
+    /// Makes sure the blob is stored locally, fetching it if this tier can.
+    fn ensure_blob(&self, content_hash: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Passes a recorded check or report on (a site queues it for its upstream).
+    fn relay(&self, report: ForwardedReport) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The local provider's tier: blobs are only what was imported; nothing is relayed.
+pub struct LocalTier {
+    pub shared: Arc<Shared>,
+}
+
+impl Tier for LocalTier {
+    async fn ensure_blob(&self, content_hash: &str) -> Result<()> {
+        if self.shared.blobs.has(content_hash) { Ok(()) } else { Err(ProviderError::BlobMissing(content_hash.into())) }
+    }
+    async fn relay(&self, _report: ForwardedReport) -> Result<()> {
+        Ok(())
+    }
+}
+
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
+pub type PushStream = Pin<Box<dyn Stream<Item = Result<PushEvent, Status>> + Send>>;
+
+pub struct AgentService<T: Tier> {
+    shared: Arc<Shared>,
+    tier: Arc<T>,
+    subscribers: Arc<AtomicUsize>,
+}
+
+impl<T: Tier> AgentService<T> {
+    pub fn new(shared: Arc<Shared>, tier: Arc<T>) -> Self {
+        Self { shared, tier, subscribers: Arc::new(AtomicUsize::new(0)) }
+    }
+}
+
+/// Streams a stored blob from `offset` in [`CHUNK_SIZE`] pieces. Shared by agent downloads and
+/// upstream fetches.
+pub async fn stream_blob(shared: &Shared, content_hash: &str, offset: u64) -> Result<ChunkStream> {
+    let path = shared.blobs.path_of(content_hash)?;
+    let total = shared.blobs.size(content_hash).await?;
+    if offset > total {
+        return Err(ProviderError::InvalidArgument(format!(
+            "offset {offset} is past the end of {content_hash} ({total} bytes)"
+        )));
+    }
+    let mut file = tokio::fs::File::open(&path).await.map_err(|e| ProviderError::Io(e.to_string()))?;
+    file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| ProviderError::Io(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(
+        async move {
+            let mut pos = offset;
+            loop {
+                let mut buf = vec![0u8; CHUNK_SIZE];
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading blob: {e}")))).await;
+                        break;
+                    }
+                };
+                buf.truncate(n);
+                if tx.send(Ok(Chunk { offset: pos, data: buf, total_size: total })).await.is_err() {
+                    break; // the receiver went away
+                }
+                pos += n as u64;
+            }
+        }
+        .instrument(tracing::info_span!("send_blob", offset)),
+    );
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+#[tonic::async_trait]
+impl<T: Tier> AgentApi for AgentService<T> {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let req = request.into_inner();
+        let machine = req.machine.ok_or_else(|| ProviderError::InvalidArgument("check without machine info".into()))?;
+        validate_machine_name(&machine.name)?;
+        tracing::info!(machine = %machine.name, manual = req.manual, "check");
+        let now = now_ms();
+        // Answer first: a malformed inventory is refused before anything is recorded.
+        let catalog = self.shared.store.list_updates()?;
+        let offers = offers_for(&catalog, &machine)?;
+        self.shared.store.record_machine(&machine, "direct", now, false).await?;
+        self.tier
+            .relay(ForwardedReport { machine: Some(machine), activities: vec![], at_unix_ms: now, is_check: true })
+            .await?;
+        Ok(Response::new(CheckResponse {
+            catalog_seq: self.shared.store.catalog_seq()?,
+            offers,
+            min_check_interval_secs: self.shared.config.min_check_secs,
+            max_check_interval_secs: self.shared.config.max_check_secs,
+            served_by: self.shared.config.name.clone(),
+        }))
+    }
+
+    type DownloadStream = ChunkStream;
+
+    async fn download(&self, request: Request<BlobRequest>) -> Result<Response<ChunkStream>, Status> {
+        let req = request.into_inner();
+        updraft_core::hash::validate(&req.content_hash).map_err(ProviderError::from)?;
+        self.tier.ensure_blob(&req.content_hash).await?;
+        Ok(Response::new(stream_blob(&self.shared, &req.content_hash, req.offset).await?))
+    }
+
+    async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
+        let req = request.into_inner();
+        let machine = req.machine.ok_or_else(|| ProviderError::InvalidArgument("report without machine info".into()))?;
+        validate_machine_name(&machine.name)?;
+        if req.activities.len() > MAX_REPORT_ENTRIES {
+            return Err(ProviderError::LimitReached(format!(
+                "report has {} entries, at most {MAX_REPORT_ENTRIES} allowed",
+                req.activities.len()
+            ))
+            .into());
+        }
+        // The reporting machine is who the entries are about, whatever they claim.
+        let activities: Vec<_> =
+            req.activities.into_iter().map(|mut a| {
+                a.machine = machine.name.clone();
+                a
+            }).collect();
+        let now = now_ms();
+        self.shared.store.append_activity(&activities).await?;
+        self.shared.store.record_machine(&machine, "direct", now, false).await?;
+        let accepted = activities.len() as u32;
+        self.tier.relay(ForwardedReport { machine: Some(machine), activities, at_unix_ms: now, is_check: false }).await?;
+        Ok(Response::new(ReportResponse { accepted }))
+    }
+
+    type SubscribeStream = PushStream;
+
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<PushStream>, Status> {
+        let req = request.into_inner();
+        let max = self.shared.config.max_subscribers;
+        if self.subscribers.fetch_add(1, Ordering::SeqCst) >= max {
+            self.subscribers.fetch_sub(1, Ordering::SeqCst);
+            return Err(ProviderError::LimitReached(format!("this provider holds its maximum of {max} push streams")).into());
+        }
+        let guard = SubscriberGuard(self.subscribers.clone());
+        let mut rx = self.shared.hub.subscribe_push();
+        let shared = self.shared.clone();
+        let hello = |shared: &Shared| PushEvent {
+            kind: PushKind::Hello as i32,
+            catalog_seq: shared.store.catalog_seq().unwrap_or(0),
+            ..Default::default()
+        };
+        let (tx, out) = mpsc::channel(16);
+        let first = hello(&shared);
+        tokio::spawn(
+            async move {
+                let _guard = guard;
+                if tx.send(Ok(first)).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        ev = rx.recv() => {
+                            let ev = match ev {
+                                Ok(ev) => ev,
+                                // Fell behind: a fresh hello makes the agent check, so nothing is missed.
+                                Err(broadcast::error::RecvError::Lagged(_)) => hello(&shared),
+                                Err(broadcast::error::RecvError::Closed) => break,
+                            };
+                            if tx.send(Ok(ev)).await.is_err() { break; }
+                        }
+                        _ = tx.closed() => break,
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("push_stream", machine = %req.machine)),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}
+
+struct SubscriberGuard(Arc<AtomicUsize>);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}

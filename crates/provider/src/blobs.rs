@@ -1,0 +1,90 @@
+//! Content-addressed blob directory: `<root>/sha256/<hex>`. A blob appears under its name only
+//! once complete, synced and verified, so a name is a promise about its content.
+use std::path::{Path, PathBuf};
+
+use tokio::io::AsyncWriteExt;
+use updraft_core::hash::{self, ContentHasher};
+
+use crate::error::{ProviderError, Result};
+
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    pub fn open(root: &Path) -> Result<Self> {
+        for d in [root.join("sha256"), root.join("incoming")] {
+            std::fs::create_dir_all(&d).map_err(|e| ProviderError::Io(format!("{}: {e}", d.display())))?;
+        }
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    pub fn path_of(&self, content_hash: &str) -> Result<PathBuf> {
+        hash::validate(content_hash)?;
+        Ok(self.root.join("sha256").join(&content_hash[hash::PREFIX.len()..]))
+    }
+
+    pub fn has(&self, content_hash: &str) -> bool {
+        self.path_of(content_hash).is_ok_and(|p| p.is_file())
+    }
+
+    /// A temporary file in the same filesystem, for content on its way in.
+    pub fn incoming(&self) -> Result<tempfile::NamedTempFile> {
+        tempfile::NamedTempFile::new_in(self.root.join("incoming")).map_err(|e| ProviderError::Io(e.to_string()))
+    }
+
+    /// Publishes a complete temp file under its content hash, after checking it really has that
+    /// hash. Idempotent: an existing blob with that name is kept.
+    pub async fn commit(&self, tmp: tempfile::NamedTempFile, content_hash: &str) -> Result<PathBuf> {
+        let dest = self.path_of(content_hash)?;
+        let expected = content_hash.to_string();
+        let dest2 = dest.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let actual = hash_file(tmp.path())?;
+            if actual != expected {
+                return Err(ProviderError::InvalidArgument(format!(
+                    "content hash mismatch: expected {expected}, got {actual}"
+                )));
+            }
+            tmp.as_file().sync_all().map_err(|e| ProviderError::Io(e.to_string()))?;
+            if !dest2.exists() {
+                tmp.persist(&dest2).map_err(|e| ProviderError::Io(e.error.to_string()))?;
+                let parent = dest2.parent().expect("blob path has a parent");
+                updraft_core::package::sync_dir(parent)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ProviderError::Io(e.to_string()))??;
+        Ok(dest)
+    }
+
+    /// Size of a stored blob.
+    pub async fn size(&self, content_hash: &str) -> Result<u64> {
+        let p = self.path_of(content_hash)?;
+        tokio::fs::metadata(&p)
+            .await
+            .map(|m| m.len())
+            .map_err(|_| ProviderError::BlobMissing(content_hash.to_string()))
+    }
+}
+
+pub fn hash_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| ProviderError::Io(format!("{}: {e}", path.display())))?;
+    let mut h = ContentHasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| ProviderError::Io(e.to_string()))?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Appends bytes to an open temp file (used by uploads and upstream fetches).
+pub async fn append(file: &mut tokio::fs::File, data: &[u8]) -> Result<()> {
+    file.write_all(data).await.map_err(|e| ProviderError::Io(e.to_string()))
+}

@@ -1,0 +1,60 @@
+//! Provider errors, and the one mapping from them to gRPC status codes.
+use tonic::{Code, Status};
+use updraft_core::CoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("no update with id {0:?}")]
+    UnknownUpdate(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{product} {version} is already in the catalog as {id}")]
+    Duplicate { product: String, version: String, id: String },
+    #[error("content {0} is not available on this provider")]
+    BlobMissing(String),
+    #[error("{0}")]
+    LimitReached(String),
+    #[error("upstream provider unavailable: {0}")]
+    Upstream(String),
+    #[error("store error: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+impl From<sled::Error> for ProviderError {
+    fn from(e: sled::Error) -> Self {
+        ProviderError::Store(e.to_string())
+    }
+}
+
+impl From<sled::transaction::TransactionError<ProviderError>> for ProviderError {
+    fn from(e: sled::transaction::TransactionError<ProviderError>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Abort(e) => e,
+            sled::transaction::TransactionError::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl From<ProviderError> for Status {
+    fn from(e: ProviderError) -> Self {
+        let code = match &e {
+            ProviderError::UnknownUpdate(_) | ProviderError::BlobMissing(_) => Code::NotFound,
+            ProviderError::InvalidArgument(_) => Code::InvalidArgument,
+            ProviderError::Duplicate { .. } => Code::AlreadyExists,
+            ProviderError::LimitReached(_) => Code::ResourceExhausted,
+            ProviderError::Upstream(_) => Code::Unavailable,
+            ProviderError::Store(_) | ProviderError::Io(_) => Code::Internal,
+            ProviderError::Core(c) => match c {
+                CoreError::Io { .. } => Code::Internal,
+                _ => Code::InvalidArgument,
+            },
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+pub type Result<T, E = ProviderError> = std::result::Result<T, E>;

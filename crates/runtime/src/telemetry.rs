@@ -1,0 +1,127 @@
+//! Tracing and OpenTelemetry: log output driven by `RUST_LOG`, OTLP span export when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific variable) is set, and W3C
+//! trace-context propagation across gRPC calls in both directions.
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tonic::codegen::http;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Holds the exporter so it can be flushed on exit.
+#[must_use = "call shutdown() before exit so buffered spans are exported"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+/// True when the standard OTLP variables ask for export.
+pub fn otlp_requested() -> bool {
+    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+}
+
+/// Installs the global subscriber. Must run inside a tokio runtime (the OTLP exporter spawns
+/// on it). Logs go to stderr so program output on stdout stays machine-readable.
+pub fn init(service_name: &'static str) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let mut provider = None;
+    let otel_layer = if otlp_requested() {
+        match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
+            Ok(exporter) => {
+                let mut resource = opentelemetry_sdk::Resource::builder();
+                if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+                    resource = resource.with_service_name(service_name);
+                }
+                let p = SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource.build())
+                    .build();
+                let tracer = p.tracer("updraft");
+                opentelemetry::global::set_tracer_provider(p.clone());
+                provider = Some(p);
+                Some(tracing_opentelemetry::layer().with_tracer(tracer))
+            }
+            Err(e) => {
+                eprintln!("warning: OTLP exporter could not be built, spans will not be exported: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // `try_init` so tests that start several components in one process do not panic.
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel_layer).try_init();
+    Telemetry { provider }
+}
+
+impl Telemetry {
+    /// Flushes and stops the exporter. The SDK blocks the calling thread, so this runs on the
+    /// blocking pool rather than stalling a runtime worker.
+    pub async fn shutdown(self) {
+        if let Some(p) = self.provider {
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = p.force_flush();
+                let _ = p.shutdown();
+            })
+            .await;
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// The span for one incoming RPC, a child of the caller's trace when the request carries a
+/// `traceparent`. Pass to `tonic::transport::Server::builder().trace_fn(..)`.
+pub fn server_span(req: &http::Request<()>) -> Span {
+    let path = req.uri().path();
+    let span = tracing::info_span!("rpc", otel.name = %path, otel.kind = "server", rpc.system = "grpc");
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Client interceptor: puts the current span's context into the outgoing request.
+pub fn inject(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let cx = Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(req.metadata_mut())));
+    Ok(req)
+}
+
+/// The type of the interceptor above, for naming client types.
+pub type InjectFn = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+
+/// A channel whose every request carries the caller's trace context.
+pub type TracedChannel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, InjectFn>;
+
+pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
+    tonic::service::interceptor::InterceptedService::new(channel, inject as InjectFn)
+}
