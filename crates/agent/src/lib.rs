@@ -1,1 +1,11 @@
-//! placeholder
+//! The Updraft agent: finds its provider, checks on a jittered schedule or when pushed,
+//! downloads resumably, verifies against the pinned release key, installs by atomic exchange,
+//! and reports. `daemon` runs it; `control` is the local socket `agent status|check` use.
+pub mod client;
+pub mod control;
+pub mod daemon;
+pub mod error;
+pub mod install;
+pub mod state;
+
+pub use daemon::{AgentConfig, run};

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use tokio::io::AsyncWriteExt;
-use updraft_core::hash::{self, ContentHasher};
+use updraft_core::hash;
 
 use crate::error::{ProviderError, Result};
 
@@ -41,7 +41,7 @@ impl BlobStore {
         let expected = content_hash.to_string();
         let dest2 = dest.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let actual = hash_file(tmp.path())?;
+            let actual = hash::hash_file(tmp.path()).map_err(|e| ProviderError::Io(e.to_string()))?;
             if actual != expected {
                 return Err(ProviderError::InvalidArgument(format!(
                     "content hash mismatch: expected {expected}, got {actual}"
@@ -67,20 +67,6 @@ impl BlobStore {
             .await
             .map(|m| m.len())
             .map_err(|_| ProviderError::BlobMissing(content_hash.to_string()))
-    }
-}
-
-pub fn hash_file(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| ProviderError::Io(format!("{}: {e}", path.display())))?;
-    let mut h = ContentHasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| ProviderError::Io(e.to_string()))?;
-        if n == 0 {
-            return Ok(h.finish());
-        }
-        h.update(&buf[..n]);
     }
 }
 

@@ -1,0 +1,87 @@
+//! The local control channel between `agent status|check` and the running daemon: one JSON
+//! request line, one JSON response line, over `STATE_DIR/agent.sock` (mode 0600, so only the
+//! agent's own user can drive it).
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::error::{AgentError, Result};
+
+/// Longest request or response line accepted.
+pub const MAX_LINE: u64 = 1 << 20;
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent.sock")
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Check,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    Status(StatusReport),
+    Check(CheckReport),
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstalledView {
+    pub product: String,
+    pub version: String,
+    pub update_id: String,
+    pub previous_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub name: String,
+    /// False when read from the state file because no daemon answered.
+    pub daemon_running: bool,
+    pub providers: Vec<String>,
+    pub last_provider: Option<String>,
+    pub last_check_unix: i64,
+    pub last_error: Option<String>,
+    pub catalog_seq: u64,
+    pub pending_reports: usize,
+    pub installed: Vec<InstalledView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct CheckReport {
+    pub provider: String,
+    pub catalog_seq: u64,
+    pub done: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Sends one request to the daemon.
+pub async fn call(state_dir: &Path, req: &Request) -> Result<Response> {
+    let path = socket_path(state_dir);
+    let stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| AgentError::io(&path, e))?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req).expect("request serialises");
+    line.push(b'\n');
+    w.write_all(&line).await.map_err(|e| AgentError::io(&path, e))?;
+    let mut resp = String::new();
+    BufReader::new(r.take(MAX_LINE)).read_line(&mut resp).await.map_err(|e| AgentError::io(&path, e))?;
+    serde_json::from_str(&resp).map_err(|e| AgentError::Config(format!("daemon answered something unreadable: {e}")))
+}
+
+/// Reads one request line from a connection.
+pub async fn read_request(r: impl tokio::io::AsyncRead + Unpin) -> std::result::Result<Request, String> {
+    let mut line = String::new();
+    BufReader::new(r.take(MAX_LINE)).read_line(&mut line).await.map_err(|e| e.to_string())?;
+    serde_json::from_str(&line).map_err(|e| format!("bad request: {e}"))
+}
+
+pub async fn write_response(mut w: impl tokio::io::AsyncWrite + Unpin, resp: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(resp).expect("response serialises");
+    line.push(b'\n');
+    w.write_all(&line).await
+}

@@ -1,0 +1,109 @@
+//! The agent's durable state (`STATE_DIR/state.json`): what is installed, the last catalog
+//! version seen, and activity not yet delivered to a provider. Written atomically (temp file,
+//! fsync, rename, fsync of the directory) so a crash leaves the old or the new state whole.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, Result};
+
+/// Undelivered activity kept at most; the oldest is dropped beyond it.
+pub const MAX_PENDING_ACTIVITY: usize = 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstalledRec {
+    pub version: String,
+    pub update_id: String,
+    /// The version kept in `ROOT/P_old`, if any.
+    #[serde(default)]
+    pub previous: Option<PreviousRec>,
+    pub installed_unix: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PreviousRec {
+    pub version: String,
+    pub update_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActivityRec {
+    pub at_unix_ms: i64,
+    pub kind: i32,
+    pub update_id: String,
+    pub product: String,
+    pub version: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct AgentState {
+    #[serde(default)]
+    pub installed: BTreeMap<String, InstalledRec>,
+    #[serde(default)]
+    pub last_seen_seq: u64,
+    #[serde(default)]
+    pub pending_activity: Vec<ActivityRec>,
+    #[serde(default)]
+    pub last_check_unix: i64,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub last_provider: Option<String>,
+}
+
+pub fn state_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("state.json")
+}
+
+impl AgentState {
+    pub fn load(state_dir: &Path) -> Result<Self> {
+        let path = state_path(state_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| AgentError::State { path, reason: format!("unreadable ({e}); fix or remove it") }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(AgentError::io(path, e)),
+        }
+    }
+
+    pub fn save(&self, state_dir: &Path) -> Result<()> {
+        let path = state_path(state_dir);
+        let tmp = state_dir.join("state.json.tmp");
+        let bytes = serde_json::to_vec_pretty(self).expect("state serialises");
+        let mut f = std::fs::File::create(&tmp).map_err(|e| AgentError::io(&tmp, e))?;
+        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| AgentError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| AgentError::io(&path, e))?;
+        updraft_core::package::sync_dir(state_dir)?;
+        Ok(())
+    }
+
+    pub fn record(&mut self, a: ActivityRec) {
+        self.pending_activity.push(a);
+        let excess = self.pending_activity.len().saturating_sub(MAX_PENDING_ACTIVITY);
+        self.pending_activity.drain(..excess);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_round_trip_and_bounded_activity() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(AgentState::load(dir.path()).unwrap(), AgentState::default());
+        let mut s = AgentState::default();
+        for i in 0..MAX_PENDING_ACTIVITY + 5 {
+            s.record(ActivityRec { at_unix_ms: i as i64, kind: 1, update_id: String::new(), product: String::new(), version: String::new(), detail: String::new() });
+        }
+        assert_eq!(s.pending_activity.len(), MAX_PENDING_ACTIVITY);
+        assert_eq!(s.pending_activity[0].at_unix_ms, 5);
+        s.save(dir.path()).unwrap();
+        assert_eq!(AgentState::load(dir.path()).unwrap(), s);
+        std::fs::write(state_path(dir.path()), b"{garbage").unwrap();
+        assert!(AgentState::load(dir.path()).unwrap_err().to_string().contains("unreadable"));
+    }
+}
