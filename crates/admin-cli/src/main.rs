@@ -1,1 +1,15 @@
-fn main() {}
+//! `admin-cli`: the operator's tool. Parses the command line and hands over to `commands`.
+mod cli;
+mod commands;
+mod output;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() {
+    let cli = cli::Cli::parse();
+    if let Err(e) = commands::run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -98,7 +98,7 @@ impl AdminService {
         }
         let now = crate::now_ms() / 1000;
         let rec = record_from_manifest(&manifest, &content_hash, received, verified, now);
-        self.shared.blobs.commit(tmp, &content_hash).await?;
+        self.shared.blobs.commit(tmp.path(), &content_hash).await?;
         let stored = self.shared.store.change_update(&rec.id.clone(), Some(rec), |_| Ok(())).await?;
         self.shared.hub.publish(&stored);
         tracing::info!(id = %stored.id, size = received, verified, "imported update");

@@ -115,7 +115,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
         let offers = offers_for(&catalog, &machine)?;
         self.shared.store.record_machine(&machine, "direct", now, false).await?;
         self.tier
-            .relay(ForwardedReport { machine: Some(machine), activities: vec![], at_unix_ms: now, is_check: true })
+            .relay(ForwardedReport { machine: Some(machine), activities: vec![], at_unix_ms: now, is_check: true, traceparent: updraft_runtime::telemetry::current_traceparent() })
             .await?;
         Ok(Response::new(CheckResponse {
             catalog_seq: self.shared.store.catalog_seq()?,
@@ -156,7 +156,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
         self.shared.store.append_activity(&activities).await?;
         self.shared.store.record_machine(&machine, "direct", now, false).await?;
         let accepted = activities.len() as u32;
-        self.tier.relay(ForwardedReport { machine: Some(machine), activities, at_unix_ms: now, is_check: false }).await?;
+        self.tier.relay(ForwardedReport { machine: Some(machine), activities, at_unix_ms: now, is_check: false, traceparent: updraft_runtime::telemetry::current_traceparent() }).await?;
         Ok(Response::new(ReportResponse { accepted }))
     }
 

@@ -34,22 +34,31 @@ impl BlobStore {
         tempfile::NamedTempFile::new_in(self.root.join("incoming")).map_err(|e| ProviderError::Io(e.to_string()))
     }
 
-    /// Publishes a complete temp file under its content hash, after checking it really has that
-    /// hash. Idempotent: an existing blob with that name is kept.
-    pub async fn commit(&self, tmp: tempfile::NamedTempFile, content_hash: &str) -> Result<PathBuf> {
+    /// Where a partial upstream fetch of `content_hash` is kept, so a cut transfer resumes.
+    pub fn partial_path(&self, content_hash: &str) -> Result<PathBuf> {
+        hash::validate(content_hash)?;
+        Ok(self.root.join("incoming").join(format!("{}.part", &content_hash[hash::PREFIX.len()..])))
+    }
+
+    /// Publishes a complete file (in the incoming directory) under its content hash, after
+    /// checking it really has that hash; a file with the wrong content is deleted. Idempotent:
+    /// an existing blob with that name is kept.
+    pub async fn commit(&self, src: &Path, content_hash: &str) -> Result<PathBuf> {
         let dest = self.path_of(content_hash)?;
         let expected = content_hash.to_string();
         let dest2 = dest.clone();
+        let src = src.to_path_buf();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let actual = hash::hash_file(tmp.path()).map_err(|e| ProviderError::Io(e.to_string()))?;
+            let actual = hash::hash_file(&src).map_err(|e| ProviderError::Io(e.to_string()))?;
             if actual != expected {
+                let _ = std::fs::remove_file(&src);
                 return Err(ProviderError::InvalidArgument(format!(
                     "content hash mismatch: expected {expected}, got {actual}"
                 )));
             }
-            tmp.as_file().sync_all().map_err(|e| ProviderError::Io(e.to_string()))?;
+            std::fs::File::open(&src).and_then(|f| f.sync_all()).map_err(|e| ProviderError::Io(e.to_string()))?;
             if !dest2.exists() {
-                tmp.persist(&dest2).map_err(|e| ProviderError::Io(e.error.to_string()))?;
+                std::fs::rename(&src, &dest2).map_err(|e| ProviderError::Io(e.to_string()))?;
                 let parent = dest2.parent().expect("blob path has a parent");
                 updraft_core::package::sync_dir(parent)?;
             }

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use updraft_proto::v1::replication_server::Replication;
 use updraft_proto::v1::{
-    BlobRequest, CatalogEvent, FollowRequest, ForwardRequest, ForwardResponse, MachineInfo, catalog_event,
+    BlobRequest, CatalogEvent, FollowRequest, ForwardRequest, ForwardedReport, ForwardResponse, MachineInfo, catalog_event,
 };
 
 use crate::Shared;
@@ -115,6 +115,8 @@ impl<T: Tier> Replication for ReplicationService<T> {
             }).collect();
             store.append_activity(&acts).await?;
             store.record_machine(&machine, &req.site, r.at_unix_ms, false).await?;
+            // A site in the middle of a chain passes its sites' reports further up.
+            self.tier.relay(ForwardedReport { machine: Some(machine), activities: acts, ..r }).await?;
             accepted += 1;
         }
         Ok(Response::new(ForwardResponse { accepted }))

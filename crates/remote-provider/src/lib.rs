@@ -1,1 +1,44 @@
-//! placeholder
+//! The Updraft remote (site) provider: follows its upstream's catalog over a resumable stream,
+//! fetches each blob across the WAN once (concurrent requests share one transfer), serves the
+//! site's agents the same agent API as a local provider, and forwards their reports upstream in
+//! batches through a durable outbox.
+pub mod site;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use updraft_proto::v1::agent_api_server::AgentApiServer;
+use updraft_proto::v1::replication_server::ReplicationServer;
+use updraft_provider::agent_api::AgentService;
+use updraft_provider::error::{ProviderError, Result};
+use updraft_provider::replication::ReplicationService;
+use updraft_provider::{MAX_MESSAGE_BYTES, Shared};
+
+pub use site::SiteTier;
+
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    /// The site provider's own settings (name = site name, data directory, check intervals).
+    pub provider: updraft_provider::Config,
+    /// URL of the provider this site follows (a local provider or another site).
+    pub upstream: String,
+}
+
+/// Serves the site until `shutdown` is cancelled; follows the upstream meanwhile.
+pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    let shared = Shared::open(cfg.provider.clone())?;
+    let tier = Arc::new(SiteTier::new(shared.clone(), &cfg.upstream)?);
+    let addr = listener.local_addr().map_err(|e| ProviderError::Io(e.to_string()))?;
+    tracing::info!(%addr, upstream = %cfg.upstream, site = %shared.config.name, seq = shared.store.catalog_seq()?, "remote provider listening");
+    tokio::spawn(site::follow_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("catalog_follow", upstream = %cfg.upstream)));
+    tokio::spawn(site::forward_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("report_forwarder", upstream = %cfg.upstream)));
+    updraft_provider::grpc_server()
+        .add_service(AgentApiServer::new(AgentService::new(shared.clone(), tier.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(ReplicationServer::new(ReplicationService::new(shared, tier)).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await
+        .map_err(|e| ProviderError::Io(format!("server: {e}")))
+}

@@ -125,3 +125,23 @@ pub type TracedChannel = tonic::service::interceptor::InterceptedService<tonic::
 pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
     tonic::service::interceptor::InterceptedService::new(channel, inject as InjectFn)
 }
+
+/// The current span's context as a W3C `traceparent` value (empty when not sampled or when no
+/// exporter is configured), for carrying a trace through a queue.
+pub fn current_traceparent() -> String {
+    let cx = Span::current().context();
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent").unwrap_or_default()
+}
+
+/// Makes `span` a child of the trace named by a stored `traceparent`, if any.
+pub fn adopt_traceparent(span: &Span, traceparent: &str) {
+    if traceparent.is_empty() {
+        return;
+    }
+    let carrier: std::collections::HashMap<String, String> =
+        [("traceparent".to_string(), traceparent.to_string())].into_iter().collect();
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    let _ = span.set_parent(cx);
+}

@@ -1,0 +1,136 @@
+//! The command-line grammar of admin-cli.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "admin-cli", version, about = "Administer an Updraft fleet: keys, packages, updates, machines")]
+pub struct Cli {
+    /// Provider to talk to.
+    #[arg(long, global = true, env = "UPDRAFT_PROVIDER", default_value = "http://127.0.0.1:8092")]
+    pub provider: String,
+    /// Machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Release signing keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Build signed packages.
+    #[command(subcommand)]
+    Package(PackageCmd),
+    /// The update catalog.
+    #[command(subcommand)]
+    Update(UpdateCmd),
+    /// Managed machines.
+    #[command(subcommand)]
+    Machine(MachineCmd),
+    /// The activity log.
+    Activity {
+        #[arg(long)]
+        machine: Option<String>,
+        #[arg(long)]
+        update: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Write a new ed25519 release key pair: PREFIX.key (0600) and PREFIX.pub.
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PackageCmd {
+    /// Pack a directory into a signed package.
+    Build(BuildArgs),
+    /// Show a package's manifest and check its signature.
+    Inspect {
+        file: PathBuf,
+        /// Public key to verify against.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    #[arg(long)]
+    pub product: String,
+    /// MM.mm.PP.BB
+    #[arg(long)]
+    pub version: String,
+    /// Directory whose contents become the installed product.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Release secret key (PREFIX.key).
+    #[arg(long)]
+    pub key: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// install (full release), patch or es (hotfix).
+    #[arg(long, default_value = "install")]
+    pub install_type: String,
+    #[arg(long, default_value = "")]
+    pub product_line: String,
+    #[arg(long, default_value = "")]
+    pub upgrade_code: String,
+    #[arg(long, default_value = "")]
+    pub product_code: String,
+    #[arg(long, default_value = "")]
+    pub release_label: String,
+    #[arg(long, default_value = "")]
+    pub patch_label: String,
+    #[arg(long, default_value = "")]
+    pub doc_url: String,
+    /// Install property KEY=VALUE (repeatable).
+    #[arg(long = "property")]
+    pub properties: Vec<String>,
+    /// Product installed together with this one (repeatable).
+    #[arg(long = "related")]
+    pub related: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum UpdateCmd {
+    /// Import a package into the catalog (state pre-approval); prints its id.
+    Add { file: PathBuf },
+    /// List the catalog.
+    List {
+        #[arg(long)]
+        product: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Show one update in full.
+    Show { id: String },
+    /// Set the state of one or more updates: ID... pre-approval|ga|inactive|remove.
+    State {
+        #[arg(required = true, num_args = 2.., value_name = "ID... STATE")]
+        args: Vec<String>,
+    },
+    /// Mark or unmark high priority: ID... high|normal.
+    Priority {
+        #[arg(required = true, num_args = 2.., value_name = "ID... high|normal")]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MachineCmd {
+    /// List machines, optionally filtered by a name or address substring.
+    List {
+        #[arg(long)]
+        filter: Option<String>,
+    },
+}

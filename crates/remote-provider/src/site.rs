@@ -1,0 +1,234 @@
+//! The site tier: where a missing blob comes from (the upstream, once), where reports go (the
+//! outbox, then upstream), and the two background tasks that follow the catalog and drain the
+//! outbox.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Mutex, Notify};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tracing::Instrument;
+use updraft_core::model::UpdateState;
+use updraft_proto::v1::replication_client::ReplicationClient;
+use updraft_proto::v1::{BlobRequest, FollowRequest, ForwardRequest, ForwardedReport, MachineInfo, catalog_event};
+use updraft_provider::Shared;
+use updraft_provider::agent_api::Tier;
+use updraft_provider::error::{ProviderError, Result};
+use updraft_runtime::TracedChannel;
+
+/// Reports sent upstream in one batch at most.
+pub const BATCH: usize = 200;
+/// Attempts at one blob fetch (each resumes where the last stopped).
+const FETCH_ATTEMPTS: u32 = 5;
+
+pub struct SiteTier {
+    shared: Arc<Shared>,
+    upstream: ReplicationClient<TracedChannel>,
+    /// One lock per blob being fetched: concurrent requests wait for the single transfer.
+    inflight: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    outbox_ready: Notify,
+    /// Bytes fetched from upstream (WAN bytes) since start.
+    pub wan_bytes: AtomicU64,
+}
+
+impl SiteTier {
+    pub fn new(shared: Arc<Shared>, upstream: &str) -> Result<Self> {
+        let ep = Endpoint::from_shared(upstream.to_string())
+            .map_err(|e| ProviderError::InvalidArgument(format!("upstream URL {upstream:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
+        // A lazy channel reconnects by itself when the upstream comes back.
+        let upstream = ReplicationClient::new(updraft_runtime::traced(ep.connect_lazy()))
+            .max_decoding_message_size(updraft_provider::MAX_MESSAGE_BYTES);
+        Ok(Self { shared, upstream, inflight: Mutex::new(HashMap::new()), outbox_ready: Notify::new(), wan_bytes: AtomicU64::new(0) })
+    }
+
+    async fn fetch(&self, content_hash: &str) -> Result<()> {
+        let part = self.shared.blobs.partial_path(content_hash)?;
+        let mut last_err = String::new();
+        for attempt in 0..FETCH_ATTEMPTS {
+            let offset = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
+            match self.fetch_from(content_hash, &part, offset).await {
+                Ok(()) => {
+                    self.shared.blobs.commit(&part, content_hash).await?;
+                    tracing::info!(%content_hash, "blob cached");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(%content_hash, attempt, offset, error = %e, "upstream fetch interrupted");
+                    last_err = e.to_string();
+                    tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+                }
+            }
+        }
+        Err(ProviderError::Upstream(format!("fetching {content_hash}: {last_err}")))
+    }
+
+    async fn fetch_from(&self, content_hash: &str, part: &std::path::Path, offset: u64) -> Result<()> {
+        let io = |e: std::io::Error| ProviderError::Io(format!("{}: {e}", part.display()));
+        let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(part).await.map_err(io)?;
+        let mut stream = self
+            .upstream
+            .clone()
+            .fetch_blob(BlobRequest { content_hash: content_hash.to_string(), offset })
+            .await
+            .map_err(|s| ProviderError::Upstream(s.message().to_string()))?
+            .into_inner();
+        let mut pos = offset;
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .map_err(|_| ProviderError::Upstream("upstream stalled for 60 s".into()))?
+        {
+            let chunk = chunk.map_err(|s| ProviderError::Upstream(s.message().to_string()))?;
+            if chunk.offset != pos {
+                return Err(ProviderError::Upstream(format!("chunk at {} but expected {pos}", chunk.offset)));
+            }
+            file.write_all(&chunk.data).await.map_err(io)?;
+            pos += chunk.data.len() as u64;
+            self.wan_bytes.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+        }
+        file.sync_all().await.map_err(io)?;
+        Ok(())
+    }
+
+    /// Fetches in the background, e.g. as soon as an update becomes GA.
+    fn prefetch(self: &Arc<Self>, content_hash: String) {
+        let me = self.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = me.ensure_blob(&content_hash).await {
+                    tracing::warn!(%content_hash, error = %e, "prefetch failed; will fetch on demand");
+                }
+            }
+            .instrument(tracing::info_span!("prefetch")),
+        );
+    }
+}
+
+impl Tier for SiteTier {
+    async fn ensure_blob(&self, content_hash: &str) -> Result<()> {
+        if self.shared.blobs.has(content_hash) {
+            return Ok(());
+        }
+        let lock = self.inflight.lock().await.entry(content_hash.to_string()).or_default().clone();
+        let _held = lock.lock().await;
+        // Whoever held the lock before us may have fetched it already.
+        let result = if self.shared.blobs.has(content_hash) { Ok(()) } else { self.fetch(content_hash).await };
+        self.inflight.lock().await.remove(content_hash);
+        result
+    }
+
+    async fn relay(&self, report: ForwardedReport) -> Result<()> {
+        self.shared.store.outbox_push(&report).await?;
+        self.outbox_ready.notify_one();
+        Ok(())
+    }
+}
+
+/// Follows the upstream catalog from the last sequence number stored, for ever.
+pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(250);
+    while !shutdown.is_cancelled() {
+        let after = tier.shared.store.catalog_seq().unwrap_or(0);
+        let req = FollowRequest { after_seq: after, site: tier.shared.config.name.clone() };
+        match tier.upstream.clone().follow_catalog(req).await {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    let ev = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        ev = stream.next() => ev,
+                    };
+                    match ev {
+                        Some(Ok(ev)) => {
+                            backoff = Duration::from_millis(250);
+                            if ev.caught_up && ev.change.is_none() {
+                                tracing::info!(seq = ev.seq, "catalog caught up with upstream");
+                            }
+                            if let Some(catalog_event::Change::Upsert(u)) = ev.change {
+                                if let Err(e) = tier.shared.store.apply_replicated(&u).await {
+                                    tracing::error!(error = %e, "cannot store replicated update");
+                                    break;
+                                }
+                                tier.shared.hub.publish(&u);
+                                if u.state == UpdateState::Ga.to_wire() && !tier.shared.blobs.has(&u.content_hash) {
+                                    tier.prefetch(u.content_hash.clone());
+                                }
+                            }
+                        }
+                        Some(Err(s)) => {
+                            tracing::warn!(error = %s.message(), "catalog stream broke");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            Err(s) => tracing::warn!(error = %s.message(), "upstream unreachable; serving from cache"),
+        }
+        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff + jitter) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+    }
+}
+
+/// Drains the outbox upstream in batches; a failed batch stays queued and is retried.
+pub async fn forward_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tier.outbox_ready.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        loop {
+            let batch = match tier.shared.store.outbox_peek(BATCH) {
+                Ok(b) if !b.is_empty() => b,
+                _ => break,
+            };
+            let span = tracing::info_span!("forward_reports", count = batch.len());
+            // The batch joins the trace of its first entry, so one check can be followed
+            // agent -> site -> centre.
+            updraft_runtime::telemetry::adopt_traceparent(&span, &batch[0].1.traceparent);
+            let keys: Vec<Vec<u8>> = batch.iter().map(|(k, _)| k.clone()).collect();
+            let req = ForwardRequest {
+                site: tier.shared.config.name.clone(),
+                via_address: String::new(),
+                reports: batch.into_iter().map(|(_, r)| r).collect(),
+                self_: Some(MachineInfo {
+                    name: tier.shared.config.name.clone(),
+                    hostname: updraft_runtime::hostname(),
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    ..Default::default()
+                }),
+            };
+            let sent = async { tier.upstream.clone().forward_reports(req).await }.instrument(span).await;
+            match sent {
+                Ok(_) => {
+                    backoff = Duration::from_millis(250);
+                    if let Err(e) = tier.shared.store.outbox_ack(&keys).await {
+                        tracing::error!(error = %e, "cannot clear forwarded reports");
+                        break;
+                    }
+                }
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), queued = tier.shared.store.outbox_len(), "upstream did not take reports; will retry");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    break;
+                }
+            }
+        }
+    }
+}
