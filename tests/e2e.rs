@@ -1,1 +1,281 @@
-//! e2e
+//! End-to-end tests: the real provider, remote-provider, agent and admin-cli binaries as
+//! separate processes talking gRPC over loopback, with real sled stores and real installs.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use updraft_core::keys::ReleaseKey;
+use updraft_core::package::{FileEntry, Manifest, write_package};
+use updraft_tests::rogue::Rogue;
+use updraft_tests::{World, stderr, wait_until};
+
+const T: Duration = Duration::from_secs(30);
+
+fn machines(w: &World, provider: &str) -> Vec<serde_json::Value> {
+    w.admin_json(provider, &["machine", "list"]).as_array().unwrap().clone()
+}
+
+fn machine<'a>(ms: &'a [serde_json::Value], name: &str) -> Option<&'a serde_json::Value> {
+    ms.iter().find(|m| m["name"] == name)
+}
+
+#[test]
+fn v1_through_the_provider_then_v2_through_a_remote_provider() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let (_r, rurl) = w.remote("site-a", &purl);
+    let v1 = w.publish(&purl, &w.package("editor", "1.0.0.0", &w.key));
+
+    let _a = w.agent("direct-1", &purl);
+    wait_until("v1 installed directly", T, || w.installed("direct-1", "editor").as_deref() == Some("1.0.0.0"));
+    assert!(w.root("direct-1").join("editor/bin/run").is_file());
+
+    let _b = w.agent("site-1", &rurl);
+    wait_until("v1 installed through the site", T, || w.installed("site-1", "editor").as_deref() == Some("1.0.0.0"));
+
+    // v2 is approved without priority: agents take it when they next check (here: by hand).
+    let v2 = w.publish(&purl, &w.package("editor", "2.0.0.0", &w.key));
+    // The site serves no admin API: it refuses rather than pretends.
+    let out = w.admin(&rurl, &["update", "list"]);
+    assert!(!out.status.success());
+    // `agent check` makes the daemon check now; the site may need a moment to follow the catalog.
+    let mut text = String::new();
+    wait_until("v2 installed through the site by a manual check", T, || {
+        let out = w.agent_cmd("site-1", &["check"]);
+        assert!(out.status.success(), "agent check failed: {}", stderr(&out));
+        text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.contains("installed editor 2.0.0.0")
+    });
+    assert_eq!(w.installed("site-1", "editor").as_deref(), Some("2.0.0.0"));
+    assert_eq!(std::fs::read_to_string(w.root("site-1").join("editor_old/VERSION")).unwrap(), "1.0.0.0");
+    assert!(!w.root("site-1").join("editor_update_pending").exists());
+
+    // agent status asks the daemon and shows the new version with its predecessor.
+    let st: serde_json::Value = serde_json::from_slice(&w.agent_cmd("site-1", &["status", "--json"]).stdout).unwrap();
+    assert_eq!(st["daemon_running"], true);
+    assert_eq!(st["installed"][0]["version"], "2.0.0.0");
+    assert_eq!(st["installed"][0]["previous_version"], "1.0.0.0");
+
+    // The centre sees both machines, the site one through the site, and the site itself.
+    wait_until("site report reaches the centre", T, || {
+        let ms = machines(&w, &purl);
+        machine(&ms, "site-1").is_some_and(|m| m["via"] == "site-a" && m["installed"][0]["version"] == "2.0.0.0")
+            && machine(&ms, "site-a").is_some_and(|m| m["is_remote_provider"] == true)
+            && machine(&ms, "direct-1").is_some_and(|m| m["via"] == "direct")
+    });
+    let acts = w.admin_json(&purl, &["activity", "--machine", "site-1"]);
+    assert!(
+        acts.as_array().unwrap().iter().any(|a| a["kind"] == "installed" && a["update_id"] == v2.as_str()),
+        "{acts}"
+    );
+    assert!(
+        acts.as_array().unwrap().iter().any(|a| a["kind"] == "installed" && a["update_id"] == v1.as_str()),
+        "{acts}"
+    );
+}
+
+#[test]
+fn high_priority_push_reaches_direct_and_site_agents_at_once() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let (_r, rurl) = w.remote("site-b", &purl);
+    w.publish(&purl, &w.package("viewer", "1.0.0.0", &w.key));
+    let _a = w.agent("d1", &purl);
+    let _b = w.agent("s1", &rurl);
+    wait_until("v1 everywhere", T, || {
+        w.installed("d1", "viewer").as_deref() == Some("1.0.0.0")
+            && w.installed("s1", "viewer").as_deref() == Some("1.0.0.0")
+    });
+    let v2 = w.publish(&purl, &w.package("viewer", "2.0.0.0", &w.key));
+    // Agents check hourly: without a push nothing moves.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(w.installed("d1", "viewer").as_deref(), Some("1.0.0.0"));
+    assert_eq!(w.installed("s1", "viewer").as_deref(), Some("1.0.0.0"));
+
+    let marked = w.admin_json(&purl, &["update", "priority", &v2, "high"]);
+    assert_eq!(marked[0]["high_priority"], true);
+    let start = std::time::Instant::now();
+    wait_until("pushed v2 everywhere", Duration::from_secs(15), || {
+        w.installed("d1", "viewer").as_deref() == Some("2.0.0.0")
+            && w.installed("s1", "viewer").as_deref() == Some("2.0.0.0")
+    });
+    eprintln!("push reached both agents in {:?}", start.elapsed());
+}
+
+#[test]
+fn package_signed_by_another_key_is_refused_and_reported() {
+    let w = World::new();
+    // The provider trusts no key, so it stores the package; the agent pins its own key.
+    let (_p, purl) = w.provider("centre", false);
+    let intruder = ReleaseKey::generate().unwrap();
+    let ikey = w.path("intruder");
+    intruder.save(&ikey).unwrap();
+    let id = w.publish(&purl, &w.package("tool", "1.0.0.0", &ikey.with_extension("key")));
+    let _a = w.agent("m", &purl);
+    wait_until("refusal reported", T, || {
+        let acts = w.admin_json(&purl, &["activity", "--machine", "m"]);
+        acts.as_array().unwrap().iter().any(|a| {
+            a["kind"] == "verify-failed"
+                && a["update_id"] == id.as_str()
+                && a["detail"].as_str().unwrap().contains("not signed by the trusted release key")
+        })
+    });
+    assert!(w.installed("m", "tool").is_none());
+    let entries: Vec<_> = std::fs::read_dir(w.root("m")).unwrap().collect();
+    assert!(entries.is_empty(), "nothing may be staged or installed: {entries:?}");
+    let st: serde_json::Value = serde_json::from_slice(&w.agent_cmd("m", &["status", "--json"]).stdout).unwrap();
+    assert!(st["last_error"].as_str().unwrap().contains("not signed"), "{st}");
+}
+
+/// A correctly signed package whose manifest names a path outside its folder.
+fn escaping_package(w: &World, path: &str) -> Vec<u8> {
+    let payload = b"owned\n".to_vec();
+    let manifest = Manifest {
+        format: 1,
+        product: "evil".into(),
+        version: "1.0.0.0".parse().unwrap(),
+        install_type: Default::default(),
+        product_line: String::new(),
+        upgrade_code: String::new(),
+        product_code: String::new(),
+        release_label: String::new(),
+        patch_label: String::new(),
+        doc_url: String::new(),
+        install_properties: BTreeMap::new(),
+        related_installs: vec![],
+        key_id: String::new(),
+        dirs: vec![],
+        files: vec![FileEntry {
+            path: path.into(),
+            mode: 0o644,
+            size: payload.len() as u64,
+            sha256: updraft_core::hash::sha256_hex(&payload),
+        }],
+    };
+    let out = w.path("evil.pkg");
+    let key = ReleaseKey::load(&w.key).unwrap();
+    write_package(&out, &manifest, &key, |wr, _| {
+        wr.write_all(&payload).map_err(|e| updraft_core::CoreError::io("payload", e))
+    })
+    .unwrap();
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn manifest_path_outside_its_folder_is_refused_everywhere() {
+    let w = World::new();
+    let bytes = escaping_package(&w, "../escaped.txt");
+
+    // admin-cli refuses it before uploading; the provider would refuse it too.
+    let (_p, purl) = w.provider("centre", true);
+    let out = w.admin(&purl, &["update", "add", w.path("evil.pkg").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("escapes its folder"), "{}", stderr(&out));
+    assert!(w.admin_json(&purl, &["update", "list"]).as_array().unwrap().is_empty(), "nothing imported");
+
+    // A rogue provider offers it anyway: the agent refuses and reports, writing nothing outside staging.
+    let rogue = Rogue::new("evil", "1.0.0.0", bytes);
+    let reports = rogue.reports.clone();
+    let url = rogue.spawn();
+    let _a = w.agent("victim", &url);
+    wait_until("refusal reported to the rogue", T, || {
+        reports.lock().unwrap().iter().any(|a| a.kind == 5 && a.detail.contains("escapes its folder"))
+    });
+    assert!(!w.root("victim").join("escaped.txt").exists());
+    assert!(!w.path("escaped.txt").exists());
+    assert!(w.installed("victim", "evil").is_none());
+    assert!(!w.root("victim").join("evil_update_pending").exists());
+}
+
+#[test]
+fn swapped_content_from_a_rogue_provider_is_refused() {
+    let w = World::new();
+    // Genuine v1 bytes offered as v2: signature is fine, the label is not.
+    let genuine = std::fs::read(w.package("app", "1.0.0.0", &w.key)).unwrap();
+    let rogue = Rogue::new("app", "2.0.0.0", genuine);
+    let reports = rogue.reports.clone();
+    let url = rogue.spawn();
+    let _a = w.agent("m", &url);
+    wait_until("mislabel refusal", T, || {
+        reports.lock().unwrap().iter().any(|a| a.kind == 5 && a.detail.contains("offered as app 2.0.0.0"))
+    });
+    assert!(w.installed("m", "app").is_none());
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let src = w.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let key = w.key.to_str().unwrap();
+
+    let out = w.admin(
+        &purl,
+        &[
+            "package",
+            "build",
+            "--product",
+            "x",
+            "--version",
+            "1.2.x.4",
+            "--from",
+            src.to_str().unwrap(),
+            "--key",
+            key,
+            "--out",
+            "/tmp/never",
+        ],
+    );
+    assert!(!out.status.success() && stderr(&out).contains("malformed version \"1.2.x.4\""), "{}", stderr(&out));
+
+    let pkg = w.package("x", "1.0.0.0", &w.key);
+    let id = w.admin_ok(&purl, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
+
+    let out = w.admin(&purl, &["update", "state", &id, "no-such-id", "ga"]);
+    assert!(!out.status.success() && stderr(&out).contains("no update with id \"no-such-id\""), "{}", stderr(&out));
+    let list = w.admin_json(&purl, &["update", "list"]);
+    assert_eq!(list[0]["state"], "pre-approval", "a failed multi-id change must change nothing");
+
+    let out = w.admin(&purl, &["update", "state", &id, "approved"]);
+    assert!(!out.status.success() && stderr(&out).contains("unknown update state"), "{}", stderr(&out));
+
+    let bytes = std::fs::read(&pkg).unwrap();
+    let cut = w.path("truncated.pkg");
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let out = w.admin(&purl, &["update", "add", cut.to_str().unwrap()]);
+    assert!(!out.status.success() && stderr(&out).contains("truncated.pkg"), "{}", stderr(&out));
+
+    let out = w.admin(&purl, &["update", "add", pkg.to_str().unwrap()]);
+    assert!(!out.status.success() && stderr(&out).contains("already in the catalog"), "{}", stderr(&out));
+    assert_eq!(w.admin_json(&purl, &["update", "list"]).as_array().unwrap().len(), 1);
+
+    let dead = format!("http://127.0.0.1:{}", updraft_tests::free_port());
+    let out = w.admin(&dead, &["update", "list"]);
+    assert!(!out.status.success() && stderr(&out).contains("cannot reach provider"), "{}", stderr(&out));
+
+    let out = w.agent_cmd("nobody", &["check"]);
+    assert!(!out.status.success() && stderr(&out).contains("no agent daemon"), "{}", stderr(&out));
+}
+
+#[test]
+fn acknowledged_admin_writes_survive_kill_9() {
+    let w = World::new();
+    let (mut p, purl) = w.provider("centre", true);
+    let pkg = w.package("db", "3.1.0.7", &w.key);
+    let id = w.publish(&purl, &pkg);
+    w.admin_ok(&purl, &["update", "priority", &id, "high"]);
+    p.kill9();
+    // Same store, same port.
+    let port = purl.rsplit(':').next().unwrap().to_string();
+    let _p2 = updraft_tests::Proc::start(
+        w.dir.path(),
+        "centre-again",
+        "provider",
+        &["--store", w.path("centre").to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")],
+    );
+    updraft_tests::wait_port(port.parse().unwrap());
+    let u = w.admin_json(&purl, &["update", "show", &id]);
+    assert_eq!(u["state"], "ga");
+    assert_eq!(u["high_priority"], true);
+    assert_eq!(u["version"], "3.1.0.7");
+}

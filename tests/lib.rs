@@ -1,1 +1,268 @@
-//! test helpers
+//! Harness for the workspace integration tests: starts the real binaries as processes on
+//! loopback ports, builds keys and packages with the real admin-cli, waits for conditions, and
+//! cleans up (processes are killed when their handle drops). Also a deliberately rogue agent
+//! API server, for checking what the agent refuses.
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub mod rogue;
+
+/// Directory holding the workspace's binaries (the one this test binary was built into).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>
+    exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps").to_path_buf()
+}
+
+/// Builds the workspace's binaries once per test process. `cargo test` does not build the
+/// binaries of packages that have no integration tests of their own, and a stale binary would
+/// test old code; cargo releases its build lock before running tests, so this is safe.
+fn ensure_built() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--bins", "--workspace", "--manifest-path"]).arg(&manifest);
+        if bin_dir().file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cannot run cargo to build the binaries");
+        assert!(status.success(), "building the workspace binaries failed");
+    });
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    ensure_built();
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds every binary",
+        p.display()
+    );
+    p
+}
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+pub fn wait_port(port: u16) {
+    wait_until(&format!("port {port}"), Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+}
+
+/// A running process, killed (SIGKILL) when dropped. Output goes to a log file in the test's
+/// directory, printed if the test fails.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn start(dir: &Path, name: &str, program: &str, args: &[&str]) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin(program))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Proc { name: name.into(), child: Some(child), log }
+    }
+
+    /// SIGKILL, as a crash or power loss would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("----- {} log -----\n{}", self.name, self.log_text());
+        }
+    }
+}
+
+/// One test's world: a temp directory, a release key, helpers to run admin-cli.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub key: PathBuf,
+    pub pubkey: PathBuf,
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl World {
+    pub fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("release");
+        let out = run_ok(Command::new(bin("admin-cli")).args(["key", "generate", "--out"]).arg(&prefix));
+        assert!(out.contains("key id"), "{out}");
+        World { key: prefix.with_extension("key"), pubkey: prefix.with_extension("pub"), dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Builds a signed package of `product` whose tree holds VERSION and bin/run.
+    pub fn package(&self, product: &str, version: &str, key: &Path) -> PathBuf {
+        let src = self.path(&format!("src-{product}-{version}"));
+        std::fs::create_dir_all(src.join("bin")).unwrap();
+        std::fs::write(src.join("VERSION"), version).unwrap();
+        std::fs::write(src.join("bin/run"), format!("#!/bin/sh\necho {product} {version}\n")).unwrap();
+        let out = self.path(&format!("{product}-{version}.pkg"));
+        run_ok(
+            Command::new(bin("admin-cli"))
+                .args(["package", "build", "--product", product, "--version", version, "--from"])
+                .arg(&src)
+                .arg("--key")
+                .arg(key)
+                .arg("--out")
+                .arg(&out),
+        );
+        out
+    }
+
+    pub fn provider(&self, name: &str, trust: bool) -> (Proc, String) {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let store = self.path(name);
+        let mut args = vec!["--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
+        let pubkey = self.pubkey.to_str().unwrap().to_string();
+        if trust {
+            args.extend(["--trust-key", &pubkey]);
+        }
+        let p = Proc::start(self.dir.path(), name, "provider", &args);
+        wait_port(port);
+        (p, format!("http://127.0.0.1:{port}"))
+    }
+
+    pub fn remote(&self, name: &str, upstream: &str) -> (Proc, String) {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let store = self.path(name);
+        let p = Proc::start(
+            self.dir.path(),
+            name,
+            "remote-provider",
+            &["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", &listen, "--name", name],
+        );
+        wait_port(port);
+        (p, format!("http://127.0.0.1:{port}"))
+    }
+
+    /// An agent that checks at start and then only when pushed or asked (interval one hour).
+    pub fn agent(&self, name: &str, provider: &str) -> Proc {
+        let root = self.path(&format!("{name}-root"));
+        let state = self.path(&format!("{name}-state"));
+        Proc::start(
+            self.dir.path(),
+            name,
+            "agent",
+            &[
+                "run",
+                "--provider",
+                provider,
+                "--install-root",
+                root.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--trust-key",
+                self.pubkey.to_str().unwrap(),
+                "--name",
+                name,
+                "--min-interval",
+                "3600",
+                "--request-timeout",
+                "10",
+            ],
+        )
+    }
+
+    pub fn root(&self, agent: &str) -> PathBuf {
+        self.path(&format!("{agent}-root"))
+    }
+
+    pub fn state(&self, agent: &str) -> PathBuf {
+        self.path(&format!("{agent}-state"))
+    }
+
+    /// The installed version of `product` on `agent`, read from disk.
+    pub fn installed(&self, agent: &str, product: &str) -> Option<String> {
+        std::fs::read_to_string(self.root(agent).join(product).join("VERSION")).ok()
+    }
+
+    pub fn admin(&self, provider: &str, args: &[&str]) -> Output {
+        Command::new(bin("admin-cli")).arg("--provider").arg(provider).args(args).output().unwrap()
+    }
+
+    pub fn admin_ok(&self, provider: &str, args: &[&str]) -> String {
+        run_ok(Command::new(bin("admin-cli")).arg("--provider").arg(provider).args(args))
+    }
+
+    pub fn admin_json(&self, provider: &str, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.admin_ok(provider, &all)).expect("admin-cli --json prints JSON")
+    }
+
+    /// Imports and approves a package; returns its id.
+    pub fn publish(&self, provider: &str, pkg: &Path) -> String {
+        let id = self.admin_ok(provider, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
+        self.admin_ok(provider, &["update", "state", &id, "ga"]);
+        id
+    }
+
+    pub fn agent_cmd(&self, agent: &str, args: &[&str]) -> Output {
+        Command::new(bin("agent")).args(args).arg("--state-dir").arg(self.state(agent)).output().unwrap()
+    }
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}

@@ -53,7 +53,7 @@ pub enum KeyCmd {
 #[derive(Subcommand)]
 pub enum PackageCmd {
     /// Pack a directory into a signed package.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Show a package's manifest and check its signature.
     Inspect {
         file: PathBuf,

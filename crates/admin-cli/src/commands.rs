@@ -54,7 +54,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("wrote {} and {} (key id {})", k.display(), p.display(), key.public().key_id());
             }
         }
-        Cmd::Package(PackageCmd::Build(args)) => build(args, cli.json)?,
+        Cmd::Package(PackageCmd::Build(args)) => build(*args, cli.json)?,
         Cmd::Package(PackageCmd::Inspect { file, key }) => {
             let pkg = Package::open(&file)?;
             let verified = match key {
@@ -76,7 +76,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 table(
                     &["MODE", "SIZE", "PATH"],
-                    &m.files.iter().map(|f| vec![format!("{:o}", f.mode), f.size.to_string(), f.path.clone()]).collect::<Vec<_>>(),
+                    &m.files
+                        .iter()
+                        .map(|f| vec![format!("{:o}", f.mode), f.size.to_string(), f.path.clone()])
+                        .collect::<Vec<_>>(),
                 );
             }
         }
@@ -97,9 +100,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|m| {
                         let info = m.info.clone().unwrap_or_default();
-                        let installed = info.installed.iter().map(|p| format!("{} {}", p.product, p.version)).collect::<Vec<_>>().join(", ");
+                        let installed = info
+                            .installed
+                            .iter()
+                            .map(|p| format!("{} {}", p.product, p.version))
+                            .collect::<Vec<_>>()
+                            .join(", ");
                         let kind = if m.is_remote_provider { "remote-provider" } else { "agent" };
-                        vec![info.name, kind.into(), m.via.clone(), age(m.last_contact_unix_ms), if installed.is_empty() { "-".into() } else { installed }]
+                        vec![
+                            info.name,
+                            kind.into(),
+                            m.via.clone(),
+                            age(m.last_contact_unix_ms),
+                            if installed.is_empty() { "-".into() } else { installed },
+                        ]
                     })
                     .collect();
                 table(&["MACHINE", "KIND", "VIA", "LAST CONTACT", "INSTALLED"], &rows);
@@ -126,7 +140,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let rows: Vec<Vec<String>> = acts
                     .iter()
-                    .map(|a| vec![age(a.at_unix_ms), a.machine.clone(), kind_name(a.kind), a.update_id.clone(), a.detail.clone()])
+                    .map(|a| {
+                        vec![
+                            age(a.at_unix_ms),
+                            a.machine.clone(),
+                            kind_name(a.kind),
+                            a.update_id.clone(),
+                            a.detail.clone(),
+                        ]
+                    })
                     .collect();
                 table(&["WHEN", "MACHINE", "EVENT", "UPDATE", "DETAIL"], &rows);
             }
@@ -158,9 +180,19 @@ fn build(a: BuildArgs, as_json: bool) -> anyhow::Result<()> {
     let m = package::build(&a.from, &meta, &key, &a.out)?;
     let size = std::fs::metadata(&a.out)?.len();
     if as_json {
-        print_json(&json!({"file": a.out, "product": m.product, "version": m.version.to_string(), "files": m.files.len(), "size": size, "key_id": m.key_id}));
+        print_json(
+            &json!({"file": a.out, "product": m.product, "version": m.version.to_string(), "files": m.files.len(), "size": size, "key_id": m.key_id}),
+        );
     } else {
-        println!("built {} ({} {}, {} files, {} bytes, key {})", a.out.display(), m.product, m.version, m.files.len(), size, m.key_id);
+        println!(
+            "built {} ({} {}, {} files, {} bytes, key {})",
+            a.out.display(),
+            m.product,
+            m.version,
+            m.files.len(),
+            size,
+            m.key_id
+        );
     }
     Ok(())
 }
@@ -212,7 +244,11 @@ async fn update(url: &str, cmd: UpdateCmd, as_json: bool) -> anyhow::Result<()> 
                     pkg.manifest.version,
                     u.id,
                     state_name(u.state),
-                    if u.signature_verified { ", signature verified" } else { ", signature not verified: the provider trusts no release key" }
+                    if u.signature_verified {
+                        ", signature verified"
+                    } else {
+                        ", signature not verified: the provider trusts no release key"
+                    }
                 );
             }
         }
@@ -272,7 +308,8 @@ async fn update(url: &str, cmd: UpdateCmd, as_json: bool) -> anyhow::Result<()> 
                 other => bail!("priority {other:?}: expected high or normal"),
             };
             let mut c = connect(url).await?;
-            let us = c.set_priority(SetPriorityRequest { ids: args, high }).await.map_err(rpc(url))?.into_inner().updates;
+            let us =
+                c.set_priority(SetPriorityRequest { ids: args, high }).await.map_err(rpc(url))?.into_inner().updates;
             if as_json {
                 print_json(&Value::Array(us.iter().map(update_json).collect()));
             } else {
@@ -289,7 +326,9 @@ fn progress(size: u64, quiet: bool) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(size);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
         bar.set_style(style);
     }
     bar

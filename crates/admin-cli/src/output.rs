@@ -35,7 +35,8 @@ pub fn age(at_ms: i64) -> String {
     if at_ms <= 0 {
         return "never".into();
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     let s = ((now - at_ms) / 1000).max(0);
     match s {
         0..=59 => format!("{s}s ago"),

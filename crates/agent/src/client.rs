@@ -55,8 +55,8 @@ impl Providers {
             match ep.connect().await {
                 Ok(ch) => {
                     self.current = idx;
-                    let client = AgentApiClient::new(updraft_runtime::traced(ch))
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+                    let client =
+                        AgentApiClient::new(updraft_runtime::traced(ch)).max_decoding_message_size(MAX_MESSAGE_BYTES);
                     return Ok((url, client));
                 }
                 Err(e) => {
@@ -84,7 +84,9 @@ pub async fn bounded<T>(
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(AgentError::Rpc { provider: provider.into(), what, message: s.message().to_string() }),
-        Err(_) => Err(AgentError::Rpc { provider: provider.into(), what, message: format!("no answer within {timeout:?}") }),
+        Err(_) => {
+            Err(AgentError::Rpc { provider: provider.into(), what, message: format!("no answer within {timeout:?}") })
+        }
     }
 }
 
@@ -103,10 +105,18 @@ pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Du
     if pos > update.size {
         pos = 0;
     }
-    let file = tokio::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&part).await.map_err(|e| AgentError::io(&part, e))?;
+    let file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&part)
+        .await
+        .map_err(|e| AgentError::io(&part, e))?;
     file.set_len(pos).await.map_err(|e| AgentError::io(&part, e))?;
     let mut file = tokio::io::BufWriter::new(file);
-    tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(pos)).await.map_err(|e| AgentError::io(&part, e))?;
+    tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(pos))
+        .await
+        .map_err(|e| AgentError::io(&part, e))?;
     if pos < update.size {
         tracing::info!(update = %update.id, offset = pos, size = update.size, "downloading");
         let mut stream = match tokio::time::timeout(
@@ -120,7 +130,9 @@ pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Du
             Err(_) => return Err(fail(format!("no answer within {idle:?}"))),
         };
         loop {
-            let next = tokio::time::timeout(idle, stream.next()).await.map_err(|_| fail(format!("stalled for {idle:?} at byte {pos}")))?;
+            let next = tokio::time::timeout(idle, stream.next())
+                .await
+                .map_err(|_| fail(format!("stalled for {idle:?} at byte {pos}")))?;
             let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|s| fail(s.message().to_string()))?;
             if chunk.offset != pos {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use updraft_core::keys::PublicKey;
 use updraft_proto::v1::{
-    Activity, ActionKind, ActivityKind, CheckRequest, InstalledProduct, MachineInfo, Offer, PushKind, ReportRequest,
+    ActionKind, Activity, ActivityKind, CheckRequest, InstalledProduct, MachineInfo, Offer, PushKind, ReportRequest,
     SubscribeRequest, Update,
 };
 
@@ -71,7 +71,12 @@ impl Agent {
         let state = AgentState::load(&cfg.state_dir)?;
         let providers = Providers::new(cfg.providers.clone())?;
         let interval = cfg.interval.unwrap_or((Duration::from_secs(1800), Duration::from_secs(3600)));
-        Ok(Arc::new(Self { state: Mutex::new(state), providers: Mutex::new(providers), interval: Mutex::new(interval), cfg }))
+        Ok(Arc::new(Self {
+            state: Mutex::new(state),
+            providers: Mutex::new(providers),
+            interval: Mutex::new(interval),
+            cfg,
+        }))
     }
 
     async fn machine_info(&self) -> MachineInfo {
@@ -84,7 +89,11 @@ impl Agent {
             installed: st
                 .installed
                 .iter()
-                .map(|(p, r)| InstalledProduct { product: p.clone(), version: r.version.clone(), update_id: r.update_id.clone() })
+                .map(|(p, r)| InstalledProduct {
+                    product: p.clone(),
+                    version: r.version.clone(),
+                    update_id: r.update_id.clone(),
+                })
                 .collect(),
         }
     }
@@ -126,7 +135,14 @@ impl Agent {
                 report.provider = url.clone();
                 let machine = self.machine_info().await;
                 let manual = matches!(reason, Reason::Manual);
-                let resp = match client::bounded(&url, "check", self.cfg.request_timeout, client.check(CheckRequest { machine: Some(machine), manual })).await {
+                let resp = match client::bounded(
+                    &url,
+                    "check",
+                    self.cfg.request_timeout,
+                    client.check(CheckRequest { machine: Some(machine), manual }),
+                )
+                .await
+                {
                     Ok(r) => r,
                     Err(e) => {
                         self.providers.lock().await.rotate();
@@ -182,7 +198,11 @@ impl Agent {
         let pkg_path = match client::download(client, u, &dir, self.cfg.request_timeout).await {
             Ok(p) => p,
             Err(e) => {
-                let kind = if matches!(e, AgentError::Verify { .. }) { ActivityKind::VerifyFailed } else { ActivityKind::DownloadFailed };
+                let kind = if matches!(e, AgentError::Verify { .. }) {
+                    ActivityKind::VerifyFailed
+                } else {
+                    ActivityKind::DownloadFailed
+                };
                 self.record(kind, u, e.to_string()).await;
                 return Err(e);
             }
@@ -203,16 +223,28 @@ impl Agent {
         // bad one must be fetched afresh.
         let _ = tokio::fs::remove_file(&pkg_path).await;
         if let Err(e) = result {
-            let kind = if matches!(e, AgentError::Verify { .. }) { ActivityKind::VerifyFailed } else { ActivityKind::InstallFailed };
+            let kind = if matches!(e, AgentError::Verify { .. }) {
+                ActivityKind::VerifyFailed
+            } else {
+                ActivityKind::InstallFailed
+            };
             self.record(kind, u, e.to_string()).await;
             return Err(e);
         }
         {
             let mut st = self.state.lock().await;
-            let previous = st.installed.get(&u.product).map(|r| PreviousRec { version: r.version.clone(), update_id: r.update_id.clone() });
+            let previous = st
+                .installed
+                .get(&u.product)
+                .map(|r| PreviousRec { version: r.version.clone(), update_id: r.update_id.clone() });
             st.installed.insert(
                 u.product.clone(),
-                InstalledRec { version: u.version.clone(), update_id: u.id.clone(), previous, installed_unix: now_ms() / 1000 },
+                InstalledRec {
+                    version: u.version.clone(),
+                    update_id: u.id.clone(),
+                    previous,
+                    installed_unix: now_ms() / 1000,
+                },
             );
         }
         self.save().await?;
@@ -225,11 +257,15 @@ impl Agent {
         let Some(rec) = rec else { return Ok(format!("{} is not installed", u.product)) };
         let root = self.cfg.install_root.clone();
         let product = u.product.clone();
-        let back = rec.previous.clone().filter(|p| !rollback_to.is_empty() && p.version == rollback_to && install::old_dir(&root, &product).is_dir());
+        let back = rec.previous.clone().filter(|p| {
+            !rollback_to.is_empty() && p.version == rollback_to && install::old_dir(&root, &product).is_dir()
+        });
         let to_old = back.is_some();
-        let result = tokio::task::spawn_blocking(move || if to_old { install::roll_back(&root, &product) } else { install::uninstall(&root, &product) })
-            .await
-            .map_err(|e| AgentError::Install { update: u.id.clone(), reason: e.to_string() })?;
+        let result = tokio::task::spawn_blocking(move || {
+            if to_old { install::roll_back(&root, &product) } else { install::uninstall(&root, &product) }
+        })
+        .await
+        .map_err(|e| AgentError::Install { update: u.id.clone(), reason: e.to_string() })?;
         if let Err(e) = result {
             self.record(ActivityKind::InstallFailed, u, format!("removal failed: {e}")).await;
             return Err(e);
@@ -238,7 +274,15 @@ impl Agent {
             let mut st = self.state.lock().await;
             match back {
                 Some(prev) => {
-                    st.installed.insert(u.product.clone(), InstalledRec { version: prev.version.clone(), update_id: prev.update_id, previous: None, installed_unix: now_ms() / 1000 });
+                    st.installed.insert(
+                        u.product.clone(),
+                        InstalledRec {
+                            version: prev.version.clone(),
+                            update_id: prev.update_id,
+                            previous: None,
+                            installed_unix: now_ms() / 1000,
+                        },
+                    );
                     format!("removed {} {}, back on {}", u.product, u.version, prev.version)
                 }
                 None => {
@@ -271,7 +315,14 @@ impl Agent {
             })
             .collect();
         let machine = Some(self.machine_info().await);
-        match client::bounded(url, "report", self.cfg.request_timeout, client.report(ReportRequest { machine, activities })).await {
+        match client::bounded(
+            url,
+            "report",
+            self.cfg.request_timeout,
+            client.report(ReportRequest { machine, activities }),
+        )
+        .await
+        {
             Ok(_) => {
                 let mut st = self.state.lock().await;
                 let n = pending.len().min(st.pending_activity.len());
@@ -328,8 +379,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| AgentError::io(&sock, e))?;
     tracing::info!(name = %agent.cfg.name, providers = ?agent.cfg.providers, socket = %sock.display(), "agent started");
 
-    tokio::spawn(control_loop(agent.clone(), listener, tx.clone(), shutdown.clone()).instrument(tracing::info_span!("control_socket")));
-    tokio::spawn(push_loop(agent.clone(), tx.clone(), shutdown.clone()).instrument(tracing::info_span!("push_subscriber")));
+    tokio::spawn(
+        control_loop(agent.clone(), listener, tx.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("control_socket")),
+    );
+    tokio::spawn(
+        push_loop(agent.clone(), tx.clone(), shutdown.clone()).instrument(tracing::info_span!("push_subscriber")),
+    );
 
     let mut next = tokio::time::Instant::now();
     loop {
@@ -355,7 +411,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     Ok(())
 }
 
-async fn control_loop(agent: Arc<Agent>, listener: tokio::net::UnixListener, tx: mpsc::Sender<Trigger>, shutdown: CancellationToken) {
+async fn control_loop(
+    agent: Arc<Agent>,
+    listener: tokio::net::UnixListener,
+    tx: mpsc::Sender<Trigger>,
+    shutdown: CancellationToken,
+) {
     loop {
         let conn = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -411,7 +472,9 @@ async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Trigger>, shutdown: Cance
                     let Some(Ok(ev)) = ev else { break };
                     let reason = match PushKind::try_from(ev.kind) {
                         Ok(PushKind::HighPriority) => Some(Reason::Push(ev.update_id.clone())),
-                        Ok(PushKind::Hello) if ev.catalog_seq != agent.state.lock().await.last_seen_seq => Some(Reason::Resync),
+                        Ok(PushKind::Hello) if ev.catalog_seq != agent.state.lock().await.last_seen_seq => {
+                            Some(Reason::Resync)
+                        }
                         _ => None,
                     };
                     if let Some(reason) = reason {

@@ -70,7 +70,10 @@ pub fn roll_back(root: &Path, product: &str) -> Result<()> {
     let live = live_dir(root, product);
     let old = old_dir(root, product);
     if !old.is_dir() {
-        return Err(AgentError::Install { update: product.to_string(), reason: format!("{} is missing", old.display()) });
+        return Err(AgentError::Install {
+            update: product.to_string(),
+            reason: format!("{} is missing", old.display()),
+        });
     }
     exchange(&old, &live)?;
     sync_dir(root)?;
@@ -116,15 +119,14 @@ fn remove_tree(p: &Path) -> Result<()> {
 
 /// Atomically exchanges two paths on the same filesystem.
 fn exchange(a: &Path, b: &Path) -> Result<()> {
-    let ca = CString::new(a.as_os_str().as_bytes()).map_err(|_| AgentError::Config(format!("{} has a NUL", a.display())))?;
-    let cb = CString::new(b.as_os_str().as_bytes()).map_err(|_| AgentError::Config(format!("{} has a NUL", b.display())))?;
+    let ca =
+        CString::new(a.as_os_str().as_bytes()).map_err(|_| AgentError::Config(format!("{} has a NUL", a.display())))?;
+    let cb =
+        CString::new(b.as_os_str().as_bytes()).map_err(|_| AgentError::Config(format!("{} has a NUL", b.display())))?;
     // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(AgentError::io(b, std::io::Error::last_os_error()))
-    }
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 { Ok(()) } else { Err(AgentError::io(b, std::io::Error::last_os_error())) }
 }
 
 #[cfg(test)]

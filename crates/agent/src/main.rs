@@ -8,7 +8,11 @@ use updraft_agent::control::{self, Request, Response, StatusReport};
 use updraft_core::keys::PublicKey;
 
 #[derive(Parser)]
-#[command(name = "agent", version, about = "Updraft agent: keeps this machine on the versions its administrators approve")]
+#[command(
+    name = "agent",
+    version,
+    about = "Updraft agent: keeps this machine on the versions its administrators approve"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -114,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
                     // No daemon: the state file still says what is installed.
                     let st = updraft_agent::state::AgentState::load(&dir)
                         .with_context(|| format!("no agent daemon at {} and no readable state", dir.display()))?;
-                    eprintln!("note: no agent daemon answered at {}; showing the saved state", control::socket_path(&dir).display());
+                    eprintln!(
+                        "note: no agent daemon answered at {}; showing the saved state",
+                        control::socket_path(&dir).display()
+                    );
                     updraft_agent::daemon::status_from_state("", &[], &st, false)
                 }
             };
@@ -171,8 +178,14 @@ fn print_status(s: &StatusReport) {
         println!("error     {e}");
     }
     println!();
-    println!("{:<24} {:<16} {:<16} {}", "PRODUCT", "VERSION", "PREVIOUS", "UPDATE");
+    println!("{:<24} {:<16} {:<16} UPDATE", "PRODUCT", "VERSION", "PREVIOUS");
     for i in &s.installed {
-        println!("{:<24} {:<16} {:<16} {}", i.product, i.version, i.previous_version.as_deref().unwrap_or("-"), i.update_id);
+        println!(
+            "{:<24} {:<16} {:<16} {}",
+            i.product,
+            i.version,
+            i.previous_version.as_deref().unwrap_or("-"),
+            i.update_id
+        );
     }
 }

@@ -97,7 +97,14 @@ mod tests {
         assert_eq!(AgentState::load(dir.path()).unwrap(), AgentState::default());
         let mut s = AgentState::default();
         for i in 0..MAX_PENDING_ACTIVITY + 5 {
-            s.record(ActivityRec { at_unix_ms: i as i64, kind: 1, update_id: String::new(), product: String::new(), version: String::new(), detail: String::new() });
+            s.record(ActivityRec {
+                at_unix_ms: i as i64,
+                kind: 1,
+                update_id: String::new(),
+                product: String::new(),
+                version: String::new(),
+                detail: String::new(),
+            });
         }
         assert_eq!(s.pending_activity.len(), MAX_PENDING_ACTIVITY);
         assert_eq!(s.pending_activity[0].at_unix_ms, 5);

@@ -103,8 +103,8 @@ fn with_suffix(prefix: &Path, ext: &str) -> PathBuf {
 
 fn read_hex32(path: &Path) -> Result<[u8; 32]> {
     let text = fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
-    let raw = hex::decode(text.trim())
-        .map_err(|e| CoreError::Key { path: path.into(), reason: format!("not hex: {e}") })?;
+    let raw =
+        hex::decode(text.trim()).map_err(|e| CoreError::Key { path: path.into(), reason: format!("not hex: {e}") })?;
     raw.try_into()
         .map_err(|v: Vec<u8>| CoreError::Key { path: path.into(), reason: format!("{} bytes, expected 32", v.len()) })
 }

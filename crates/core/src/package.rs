@@ -147,7 +147,8 @@ impl Manifest {
 /// A path from a manifest must be a plain relative path: no root, no `.`/`..`, no empty
 /// components, no NUL or backslash, bounded length.
 pub fn validate_path(path: &str) -> Result<()> {
-    let bad = |why: &str| Err(CoreError::Manifest(format!("path {:?} {why}", path.chars().take(200).collect::<String>())));
+    let bad =
+        |why: &str| Err(CoreError::Manifest(format!("path {:?} {why}", path.chars().take(200).collect::<String>())));
     if path.is_empty() {
         return bad("is empty");
     }
@@ -273,7 +274,10 @@ fn walk(root: &Path, dir: &Path, dirs: &mut Vec<DirEntry>, files: &mut Vec<FileE
             let size = copy_hashing(&mut f, &mut std::io::sink(), &mut hasher).map_err(|e| CoreError::io(&path, e))?;
             files.push(FileEntry { path: rel, mode, size, sha256: hasher.finish_hex() });
         } else {
-            return Err(CoreError::package(&path, "is a symlink or special file; packages hold only directories and regular files"));
+            return Err(CoreError::package(
+                &path,
+                "is a symlink or special file; packages hold only directories and regular files",
+            ));
         }
     }
     Ok(())

@@ -46,7 +46,8 @@ impl AdminService {
         let mut hasher = ContentHasher::new();
         let mut received = 0u64;
         while let Some(msg) = stream.next().await {
-            let msg = msg.map_err(|e| ProviderError::InvalidArgument(format!("upload interrupted: {}", e.message())))?;
+            let msg =
+                msg.map_err(|e| ProviderError::InvalidArgument(format!("upload interrupted: {}", e.message())))?;
             let Some(upload_chunk::Part::Data(data)) = msg.part else {
                 return Err(ProviderError::InvalidArgument("a second header in one upload".into()));
             };
@@ -129,7 +130,10 @@ impl Admin for AdminService {
         Ok(Response::new(self.import(request.into_inner()).await?))
     }
 
-    async fn list_updates(&self, request: Request<ListUpdatesRequest>) -> Result<Response<ListUpdatesResponse>, Status> {
+    async fn list_updates(
+        &self,
+        request: Request<ListUpdatesRequest>,
+    ) -> Result<Response<ListUpdatesResponse>, Status> {
         let req = request.into_inner();
         let mut updates: Vec<Update> = self
             .shared
@@ -159,25 +163,35 @@ impl Admin for AdminService {
         let state = UpdateState::from_wire(req.state).ok_or_else(|| {
             ProviderError::InvalidArgument(format!("unknown state number {}; expected {}", req.state, UpdateState::ALL))
         })?;
-        let updates = self.change_many(&req.ids, |u| {
-            u.state = state.to_wire();
-            Ok(())
-        }).await?;
+        let updates = self
+            .change_many(&req.ids, |u| {
+                u.state = state.to_wire();
+                Ok(())
+            })
+            .await?;
         tracing::info!(ids = ?req.ids, %state, "state changed");
         Ok(Response::new(ListUpdatesResponse { updates }))
     }
 
-    async fn set_priority(&self, request: Request<SetPriorityRequest>) -> Result<Response<ListUpdatesResponse>, Status> {
+    async fn set_priority(
+        &self,
+        request: Request<SetPriorityRequest>,
+    ) -> Result<Response<ListUpdatesResponse>, Status> {
         let req = request.into_inner();
-        let updates = self.change_many(&req.ids, |u| {
-            u.high_priority = req.high;
-            Ok(())
-        }).await?;
+        let updates = self
+            .change_many(&req.ids, |u| {
+                u.high_priority = req.high;
+                Ok(())
+            })
+            .await?;
         tracing::info!(ids = ?req.ids, high = req.high, subscribers = self.shared.hub.push_subscribers(), "priority changed");
         Ok(Response::new(ListUpdatesResponse { updates }))
     }
 
-    async fn list_machines(&self, request: Request<ListMachinesRequest>) -> Result<Response<ListMachinesResponse>, Status> {
+    async fn list_machines(
+        &self,
+        request: Request<ListMachinesRequest>,
+    ) -> Result<Response<ListMachinesResponse>, Status> {
         let f = request.into_inner().filter.to_lowercase();
         let machines = self
             .shared
@@ -194,7 +208,10 @@ impl Admin for AdminService {
         Ok(Response::new(ListMachinesResponse { machines }))
     }
 
-    async fn list_activity(&self, request: Request<ListActivityRequest>) -> Result<Response<ListActivityResponse>, Status> {
+    async fn list_activity(
+        &self,
+        request: Request<ListActivityRequest>,
+    ) -> Result<Response<ListActivityResponse>, Status> {
         let req = request.into_inner();
         let limit = if req.limit == 0 { 100 } else { req.limit.min(10_000) } as usize;
         let activities = self.shared.store.list_activity(&req.machine, &req.update_id, limit)?;

@@ -115,7 +115,13 @@ impl<T: Tier> AgentApi for AgentService<T> {
         let offers = offers_for(&catalog, &machine)?;
         self.shared.store.record_machine(&machine, "direct", now, false).await?;
         self.tier
-            .relay(ForwardedReport { machine: Some(machine), activities: vec![], at_unix_ms: now, is_check: true, traceparent: updraft_runtime::telemetry::current_traceparent() })
+            .relay(ForwardedReport {
+                machine: Some(machine),
+                activities: vec![],
+                at_unix_ms: now,
+                is_check: true,
+                traceparent: updraft_runtime::telemetry::current_traceparent(),
+            })
             .await?;
         Ok(Response::new(CheckResponse {
             catalog_seq: self.shared.store.catalog_seq()?,
@@ -137,7 +143,8 @@ impl<T: Tier> AgentApi for AgentService<T> {
 
     async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
         let req = request.into_inner();
-        let machine = req.machine.ok_or_else(|| ProviderError::InvalidArgument("report without machine info".into()))?;
+        let machine =
+            req.machine.ok_or_else(|| ProviderError::InvalidArgument("report without machine info".into()))?;
         validate_machine_name(&machine.name)?;
         if req.activities.len() > MAX_REPORT_ENTRIES {
             return Err(ProviderError::LimitReached(format!(
@@ -147,16 +154,27 @@ impl<T: Tier> AgentApi for AgentService<T> {
             .into());
         }
         // The reporting machine is who the entries are about, whatever they claim.
-        let activities: Vec<_> =
-            req.activities.into_iter().map(|mut a| {
+        let activities: Vec<_> = req
+            .activities
+            .into_iter()
+            .map(|mut a| {
                 a.machine = machine.name.clone();
                 a
-            }).collect();
+            })
+            .collect();
         let now = now_ms();
         self.shared.store.append_activity(&activities).await?;
         self.shared.store.record_machine(&machine, "direct", now, false).await?;
         let accepted = activities.len() as u32;
-        self.tier.relay(ForwardedReport { machine: Some(machine), activities, at_unix_ms: now, is_check: false, traceparent: updraft_runtime::telemetry::current_traceparent() }).await?;
+        self.tier
+            .relay(ForwardedReport {
+                machine: Some(machine),
+                activities,
+                at_unix_ms: now,
+                is_check: false,
+                traceparent: updraft_runtime::telemetry::current_traceparent(),
+            })
+            .await?;
         Ok(Response::new(ReportResponse { accepted }))
     }
 
@@ -167,7 +185,9 @@ impl<T: Tier> AgentApi for AgentService<T> {
         let max = self.shared.config.max_subscribers;
         if self.subscribers.fetch_add(1, Ordering::SeqCst) >= max {
             self.subscribers.fetch_sub(1, Ordering::SeqCst);
-            return Err(ProviderError::LimitReached(format!("this provider holds its maximum of {max} push streams")).into());
+            return Err(
+                ProviderError::LimitReached(format!("this provider holds its maximum of {max} push streams")).into()
+            );
         }
         let guard = SubscriberGuard(self.subscribers.clone());
         let mut rx = self.shared.hub.subscribe_push();

@@ -72,10 +72,7 @@ impl BlobStore {
     /// Size of a stored blob.
     pub async fn size(&self, content_hash: &str) -> Result<u64> {
         let p = self.path_of(content_hash)?;
-        tokio::fs::metadata(&p)
-            .await
-            .map(|m| m.len())
-            .map_err(|_| ProviderError::BlobMissing(content_hash.to_string()))
+        tokio::fs::metadata(&p).await.map(|m| m.len()).map_err(|_| ProviderError::BlobMissing(content_hash.to_string()))
     }
 }
 

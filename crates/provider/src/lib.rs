@@ -110,7 +110,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             ReplicationServer::new(ReplicationService::new(shared.clone(), tier))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(AdminServer::new(admin::AdminService::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(
+            AdminServer::new(admin::AdminService::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await
         .map_err(|e| ProviderError::Io(format!("server: {e}")))

@@ -44,7 +44,9 @@ async fn main() -> anyhow::Result<()> {
     config.min_check_secs = args.min_check_secs;
     config.max_check_secs = args.max_check_secs;
     config.max_upload_bytes = args.max_upload_bytes;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let result = updraft_provider::run(config, listener, updraft_runtime::shutdown_on_signals()).await;
     telemetry.shutdown().await;
     Ok(result?)

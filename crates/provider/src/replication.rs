@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use updraft_proto::v1::replication_server::Replication;
 use updraft_proto::v1::{
-    BlobRequest, CatalogEvent, FollowRequest, ForwardRequest, ForwardedReport, ForwardResponse, MachineInfo, catalog_event,
+    BlobRequest, CatalogEvent, FollowRequest, ForwardRequest, ForwardResponse, ForwardedReport, MachineInfo,
+    catalog_event,
 };
 
 use crate::Shared;
@@ -101,7 +102,8 @@ impl<T: Tier> Replication for ReplicationService<T> {
             return Err(ProviderError::LimitReached(format!("batch of {entries} entries is too large")).into());
         }
         let store = &self.shared.store;
-        let site_info = req.self_.clone().unwrap_or_else(|| MachineInfo { name: req.site.clone(), ..Default::default() });
+        let site_info =
+            req.self_.clone().unwrap_or_else(|| MachineInfo { name: req.site.clone(), ..Default::default() });
         store.record_machine(&site_info, "direct", crate::now_ms(), true).await?;
         let mut accepted = 0;
         for r in req.reports {
@@ -109,10 +111,14 @@ impl<T: Tier> Replication for ReplicationService<T> {
             if validate_machine_name(&machine.name).is_err() {
                 continue;
             }
-            let acts: Vec<_> = r.activities.into_iter().map(|mut a| {
-                a.machine = machine.name.clone();
-                a
-            }).collect();
+            let acts: Vec<_> = r
+                .activities
+                .into_iter()
+                .map(|mut a| {
+                    a.machine = machine.name.clone();
+                    a
+                })
+                .collect();
             store.append_activity(&acts).await?;
             store.record_machine(&machine, &req.site, r.at_unix_ms, false).await?;
             // A site in the middle of a chain passes its sites' reports further up.

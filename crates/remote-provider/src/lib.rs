@@ -33,11 +33,22 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: Cancellatio
     let tier = Arc::new(SiteTier::new(shared.clone(), &cfg.upstream)?);
     let addr = listener.local_addr().map_err(|e| ProviderError::Io(e.to_string()))?;
     tracing::info!(%addr, upstream = %cfg.upstream, site = %shared.config.name, seq = shared.store.catalog_seq()?, "remote provider listening");
-    tokio::spawn(site::follow_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("catalog_follow", upstream = %cfg.upstream)));
-    tokio::spawn(site::forward_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("report_forwarder", upstream = %cfg.upstream)));
+    tokio::spawn(
+        site::follow_loop(tier.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("catalog_follow", upstream = %cfg.upstream)),
+    );
+    tokio::spawn(
+        site::forward_loop(tier.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("report_forwarder", upstream = %cfg.upstream)),
+    );
     updraft_provider::grpc_server()
-        .add_service(AgentApiServer::new(AgentService::new(shared.clone(), tier.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(ReplicationServer::new(ReplicationService::new(shared, tier)).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(
+            AgentApiServer::new(AgentService::new(shared.clone(), tier.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ReplicationServer::new(ReplicationService::new(shared, tier)).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await
         .map_err(|e| ProviderError::Io(format!("server: {e}")))

@@ -29,7 +29,9 @@ async fn main() -> anyhow::Result<()> {
     let data_dir = args.store.unwrap_or_else(|| updraft_runtime::default_data_dir("remote-provider"));
     let provider = updraft_provider::Config::new(args.name.unwrap_or_else(updraft_runtime::hostname), data_dir);
     let cfg = updraft_remote_provider::RemoteConfig { provider, upstream: args.upstream };
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let result = updraft_remote_provider::run(cfg, listener, updraft_runtime::shutdown_on_signals()).await;
     telemetry.shutdown().await;
     Ok(result?)

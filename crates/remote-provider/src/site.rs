@@ -45,7 +45,13 @@ impl SiteTier {
         // A lazy channel reconnects by itself when the upstream comes back.
         let upstream = ReplicationClient::new(updraft_runtime::traced(ep.connect_lazy()))
             .max_decoding_message_size(updraft_provider::MAX_MESSAGE_BYTES);
-        Ok(Self { shared, upstream, inflight: Mutex::new(HashMap::new()), outbox_ready: Notify::new(), wan_bytes: AtomicU64::new(0) })
+        Ok(Self {
+            shared,
+            upstream,
+            inflight: Mutex::new(HashMap::new()),
+            outbox_ready: Notify::new(),
+            wan_bytes: AtomicU64::new(0),
+        })
     }
 
     async fn fetch(&self, content_hash: &str) -> Result<()> {

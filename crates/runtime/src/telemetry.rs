@@ -39,10 +39,8 @@ pub fn init(service_name: &'static str) -> Telemetry {
                 if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
                     resource = resource.with_service_name(service_name);
                 }
-                let p = SdkTracerProvider::builder()
-                    .with_batch_exporter(exporter)
-                    .with_resource(resource.build())
-                    .build();
+                let p =
+                    SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build();
                 let tracer = p.tracer("updraft");
                 opentelemetry::global::set_tracer_provider(p.clone());
                 provider = Some(p);
@@ -112,7 +110,9 @@ pub fn server_span(req: &http::Request<()>) -> Span {
 /// Client interceptor: puts the current span's context into the outgoing request.
 pub fn inject(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
     let cx = Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(req.metadata_mut())));
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut MetadataInjector(req.metadata_mut()))
+    });
     Ok(req)
 }
 

@@ -1,0 +1,96 @@
+//! A rogue provider: a real gRPC server that offers whatever package bytes it is given under
+//! whatever name, and records what agents report. Used to check that the agent, not the
+//! provider, is the last line of defence.
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use updraft_proto::v1::agent_api_server::{AgentApi, AgentApiServer};
+use updraft_proto::v1::{
+    ActionKind, Activity, BlobRequest, CheckRequest, CheckResponse, Chunk, Offer, PushEvent, PushKind, ReportRequest,
+    ReportResponse, SubscribeRequest, Update,
+};
+
+#[derive(Clone)]
+pub struct Rogue {
+    pub update: Update,
+    pub bytes: Arc<Vec<u8>>,
+    pub reports: Arc<Mutex<Vec<Activity>>>,
+}
+
+impl Rogue {
+    /// Offers `bytes` as `product` `version` (GA) to every machine that asks.
+    pub fn new(product: &str, version: &str, bytes: Vec<u8>) -> Rogue {
+        let mut h = updraft_core::hash::ContentHasher::new();
+        h.update(&bytes);
+        let update = Update {
+            id: format!("{product}-{version}-rogue"),
+            product: product.into(),
+            version: version.into(),
+            size: bytes.len() as u64,
+            content_hash: h.finish(),
+            state: 2,
+            install_type: 1,
+            ..Default::default()
+        };
+        Rogue { update, bytes: Arc::new(bytes), reports: Arc::default() }
+    }
+
+    /// Serves on a fresh loopback port in a background thread with its own runtime.
+    pub fn spawn(self) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(AgentApiServer::new(self))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+                    .await
+                    .unwrap();
+            });
+        });
+        format!("http://{addr}")
+    }
+}
+
+type S<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentApi for Rogue {
+    async fn check(&self, _r: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(CheckResponse {
+            catalog_seq: 1,
+            offers: vec![Offer {
+                action: ActionKind::Install as i32,
+                update: Some(self.update.clone()),
+                rollback_to_version: String::new(),
+            }],
+            min_check_interval_secs: 3600,
+            max_check_interval_secs: 3600,
+            served_by: "rogue".into(),
+        }))
+    }
+    type DownloadStream = S<Chunk>;
+    async fn download(&self, r: Request<BlobRequest>) -> Result<Response<S<Chunk>>, Status> {
+        let off = r.into_inner().offset as usize;
+        let data = self.bytes[off.min(self.bytes.len())..].to_vec();
+        let chunk = Chunk { offset: off as u64, data, total_size: self.bytes.len() as u64 };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(chunk)]))))
+    }
+    async fn report(&self, r: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
+        let acts = r.into_inner().activities;
+        let n = acts.len() as u32;
+        self.reports.lock().unwrap().extend(acts);
+        Ok(Response::new(ReportResponse { accepted: n }))
+    }
+    type SubscribeStream = S<PushEvent>;
+    async fn subscribe(&self, _r: Request<SubscribeRequest>) -> Result<Response<S<PushEvent>>, Status> {
+        let hello = PushEvent { kind: PushKind::Hello as i32, catalog_seq: 1, ..Default::default() };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(hello)]).chain(futures::stream::pending()))))
+    }
+}
