@@ -388,6 +388,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     );
 
     let mut next = tokio::time::Instant::now();
+    let mut failures = 0u32;
     loop {
         let trigger = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -396,6 +397,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         };
         let scheduled = matches!(trigger.reason, Reason::Schedule);
         let result = agent.check_once(trigger.reason).await;
+        let result_ok = result.is_ok();
         match &result {
             Ok(r) => tracing::info!(provider = %r.provider, done = ?r.done, errors = ?r.errors, "check finished"),
             Err(e) => tracing::warn!(error = %e, "check failed"),
@@ -403,8 +405,18 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         if let Some(reply) = trigger.reply {
             let _ = reply.send(result.map_err(|e| e.to_string()));
         }
-        if scheduled {
-            next = tokio::time::Instant::now() + agent.next_delay().await;
+        if scheduled || failures > 0 {
+            // A failed check is retried soon (2 s doubling, jittered, capped by the normal
+            // interval); a good one waits for the jittered interval.
+            failures = if result_ok { 0 } else { failures + 1 };
+            let normal = agent.next_delay().await;
+            let delay = if failures == 0 {
+                normal
+            } else {
+                let base = Duration::from_secs(2u64.saturating_pow(failures.min(10)));
+                (base + Duration::from_millis(fastrand::u64(0..=base.as_millis() as u64 / 2))).min(normal)
+            };
+            next = tokio::time::Instant::now() + delay;
         }
     }
     let _ = std::fs::remove_file(&sock);

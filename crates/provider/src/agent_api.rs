@@ -33,6 +33,11 @@ pub trait Tier: Send + Sync + 'static {
     fn ensure_blob(&self, content_hash: &str) -> impl Future<Output = Result<()>> + Send;
     /// Passes a recorded check or report on (a site queues it for its upstream).
     fn relay(&self, report: ForwardedReport) -> impl Future<Output = Result<()>> + Send;
+    /// Whether this tier can answer checks yet (a site that never synchronised its catalog
+    /// cannot: an empty answer would look like "nothing to do").
+    fn ready(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The local provider's tier: blobs are only what was imported; nothing is relayed.
@@ -105,6 +110,7 @@ pub async fn stream_blob(shared: &Shared, content_hash: &str, offset: u64) -> Re
 #[tonic::async_trait]
 impl<T: Tier> AgentApi for AgentService<T> {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        self.tier.ready()?;
         let req = request.into_inner();
         let machine = req.machine.ok_or_else(|| ProviderError::InvalidArgument("check without machine info".into()))?;
         validate_machine_name(&machine.name)?;

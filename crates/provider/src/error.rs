@@ -16,6 +16,8 @@ pub enum ProviderError {
     LimitReached(String),
     #[error("upstream provider unavailable: {0}")]
     Upstream(String),
+    #[error("not ready: {0}")]
+    NotReady(String),
     #[error("store error: {0}")]
     Store(String),
     #[error("{0}")]
@@ -46,7 +48,7 @@ impl From<ProviderError> for Status {
             ProviderError::InvalidArgument(_) => Code::InvalidArgument,
             ProviderError::Duplicate { .. } => Code::AlreadyExists,
             ProviderError::LimitReached(_) => Code::ResourceExhausted,
-            ProviderError::Upstream(_) => Code::Unavailable,
+            ProviderError::Upstream(_) | ProviderError::NotReady(_) => Code::Unavailable,
             ProviderError::Store(_) | ProviderError::Io(_) => Code::Internal,
             ProviderError::Core(c) => match c {
                 CoreError::Io { .. } => Code::Internal,

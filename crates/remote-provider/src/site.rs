@@ -3,7 +3,7 @@
 //! outbox.
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -33,6 +33,8 @@ pub struct SiteTier {
     outbox_ready: Notify,
     /// Bytes fetched from upstream (WAN bytes) since start.
     pub wan_bytes: AtomicU64,
+    /// Set once the catalog stream has caught up with the upstream.
+    synced: AtomicBool,
 }
 
 impl SiteTier {
@@ -51,6 +53,7 @@ impl SiteTier {
             inflight: Mutex::new(HashMap::new()),
             outbox_ready: Notify::new(),
             wan_bytes: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
         })
     }
 
@@ -134,6 +137,16 @@ impl Tier for SiteTier {
         self.outbox_ready.notify_one();
         Ok(())
     }
+
+    /// A site with a catalog from earlier answers from it (working alone); a site that has
+    /// never synchronised sends agents elsewhere until it has.
+    fn ready(&self) -> Result<()> {
+        if self.synced.load(Ordering::Relaxed) || self.shared.store.catalog_seq()? > 0 {
+            Ok(())
+        } else {
+            Err(ProviderError::NotReady("this site has not synchronised its catalog with its upstream yet".into()))
+        }
+    }
 }
 
 /// Follows the upstream catalog from the last sequence number stored, for ever.
@@ -154,6 +167,7 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                         Some(Ok(ev)) => {
                             backoff = Duration::from_millis(250);
                             if ev.caught_up && ev.change.is_none() {
+                                tier.synced.store(true, Ordering::Relaxed);
                                 tracing::info!(seq = ev.seq, "catalog caught up with upstream");
                             }
                             if let Some(catalog_event::Change::Upsert(u)) = ev.change {

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# A complete local Updraft fleet in a temporary directory, on embedded defaults: a provider, a
+# remote (site) provider and three agents; a sample package built, signed, approved and
+# installed; then v2 pushed with high priority; ending with the machine list.
+# Everything listens on 127.0.0.1 only. Ports: UPDRAFT_DEMO_PORT (default 18092) and the next.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --quiet --bins
+BIN="$PWD/target/debug"
+PORT="${UPDRAFT_DEMO_PORT:-18092}"
+P="http://127.0.0.1:$PORT"
+R="http://127.0.0.1:$((PORT + 1))"
+DEMO="$(mktemp -d -t updraft-demo.XXXXXX)"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; echo; echo "demo files kept in $DEMO (logs: *.log)"; }
+trap cleanup EXIT
+step() { printf '\n== %s\n' "$*"; }
+admin() { "$BIN/admin-cli" --provider "$P" "$@"; }
+wait_for() { for _ in $(seq 1 150); do if eval "$1"; then return 0; fi; sleep 0.1; done; echo "timed out: $1" >&2; exit 1; }
+
+cd "$DEMO"
+step "release key"
+"$BIN/admin-cli" key generate --out release
+
+step "sample product 'hello', versions 1.0.0.0 and 2.0.0.0"
+for v in 1.0.0.0 2.0.0.0; do
+  mkdir -p "src-$v/bin"
+  printf '#!/bin/sh\necho "hello from %s"\n' "$v" > "src-$v/bin/hello"; chmod 755 "src-$v/bin/hello"
+  echo "$v" > "src-$v/VERSION"
+  "$BIN/admin-cli" package build --product hello --version "$v" --from "src-$v" --key release.key --out "hello-$v.pkg" --release-label "Hello $v"
+done
+
+step "provider on $P, remote provider 'branch-1' on $R"
+"$BIN/provider" --store provider --listen "127.0.0.1:$PORT" --trust-key release.pub --name centre > provider.log 2>&1 & pids+=($!)
+wait_for "admin update list >/dev/null 2>&1"
+"$BIN/remote-provider" --upstream "$P" --store site --listen "127.0.0.1:$((PORT + 1))" --name branch-1 > site.log 2>&1 & pids+=($!)
+
+step "import v1 and approve it (ga)"
+V1=$(admin update add hello-1.0.0.0.pkg)
+admin update state "$V1" ga
+
+step "three agents: pc-1 direct, pc-2 and pc-3 behind branch-1"
+for a in pc-1:$P pc-2:$R pc-3:$R; do
+  name=${a%%:*}; url=${a#*:}
+  "$BIN/agent" run --provider "$url" --install-root "$name/apps" --state-dir "$name/state" --trust-key release.pub \
+    --name "$name" --min-interval 3600 > "$name.log" 2>&1 & pids+=($!)
+done
+wait_for '[ "$(cat pc-*/apps/hello/VERSION 2>/dev/null | grep -cx 1.0.0.0)" = 3 ]'
+"$BIN/agent" status --state-dir pc-2/state
+pc-2/apps/hello/bin/hello
+
+step "import v2, approve it and push it with high priority (agents otherwise check hourly)"
+V2=$(admin update add hello-2.0.0.0.pkg)
+admin update state "$V2" ga >/dev/null
+start=$(date +%s%N)
+admin update priority "$V2" high
+wait_for '[ "$(cat pc-*/apps/hello/VERSION 2>/dev/null | grep -cx 2.0.0.0)" = 3 ]'
+echo "all three agents on 2.0.0.0 $(( ($(date +%s%N) - start) / 1000000 )) ms after the push"
+pc-3/apps/hello/bin/hello
+ls pc-3/apps
+
+step "machine list (as the centre sees it: site machines arrive through branch-1)"
+wait_for '[ "$(admin machine list | grep -c 2.0.0.0)" = 3 ]'
+admin machine list
+step "recent activity"
+admin activity --limit 6
