@@ -279,3 +279,44 @@ fn acknowledged_admin_writes_survive_kill_9() {
     assert_eq!(u["high_priority"], true);
     assert_eq!(u["version"], "3.1.0.7");
 }
+
+#[test]
+fn one_check_is_one_trace_from_agent_through_site_to_centre() {
+    let collector = updraft_tests::collector::Collector::default();
+    let endpoint = collector.spawn();
+    let mut w = World::new();
+    w.env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint), ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())];
+    let (_p, purl) = w.provider("centre", true);
+    let (_r, rurl) = w.remote("site-t", &purl);
+    w.publish(&purl, &w.package("traced", "1.0.0.0", &w.key));
+    let _a = w.agent("t1", &rurl);
+    wait_until("install", T, || w.installed("t1", "traced").is_some());
+    let joined = |spans: &[updraft_tests::collector::SpanSeen]| {
+        spans.iter().filter(|s| s.service == "updraft-agent" && s.name == "check").any(|check| {
+            let in_trace = |service: &str, name: &str| {
+                spans.iter().any(|s| s.trace_id == check.trace_id && s.service == service && s.name == name)
+            };
+            in_trace("updraft-remote-provider", "/updraft.v1.AgentApi/Check")
+                && in_trace("updraft-provider", "/updraft.v1.Replication/ForwardReports")
+        })
+    };
+    let start = std::time::Instant::now();
+    while !joined(&collector.snapshot()) {
+        if start.elapsed() > T {
+            let seen: Vec<String> = collector
+                .snapshot()
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {} {}",
+                        s.service,
+                        s.name,
+                        s.trace_id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                    )
+                })
+                .collect();
+            panic!("no trace joins agent, site and centre; spans seen:\n{}", seen.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod collector;
 pub mod rogue;
 
 /// Directory holding the workspace's binaries (the one this test binary was built into).
@@ -77,11 +78,16 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(dir: &Path, name: &str, program: &str, args: &[&str]) -> Proc {
+        Self::start_env(dir, name, program, args, &[])
+    }
+
+    pub fn start_env(dir: &Path, name: &str, program: &str, args: &[&str], env: &[(String, String)]) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin(program))
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .spawn()
@@ -114,6 +120,8 @@ impl Drop for Proc {
 /// One test's world: a temp directory, a release key, helpers to run admin-cli.
 pub struct World {
     pub dir: tempfile::TempDir,
+    /// Extra environment for every process this world starts (e.g. OTEL_* variables).
+    pub env: Vec<(String, String)>,
     pub key: PathBuf,
     pub pubkey: PathBuf,
 }
@@ -130,7 +138,7 @@ impl World {
         let prefix = dir.path().join("release");
         let out = run_ok(Command::new(bin("admin-cli")).args(["key", "generate", "--out"]).arg(&prefix));
         assert!(out.contains("key id"), "{out}");
-        World { key: prefix.with_extension("key"), pubkey: prefix.with_extension("pub"), dir }
+        World { key: prefix.with_extension("key"), pubkey: prefix.with_extension("pub"), dir, env: vec![] }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -165,7 +173,7 @@ impl World {
         if trust {
             args.extend(["--trust-key", &pubkey]);
         }
-        let p = Proc::start(self.dir.path(), name, "provider", &args);
+        let p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env);
         wait_port(port);
         (p, format!("http://127.0.0.1:{port}"))
     }
@@ -174,11 +182,12 @@ impl World {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let store = self.path(name);
-        let p = Proc::start(
+        let p = Proc::start_env(
             self.dir.path(),
             name,
             "remote-provider",
             &["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", &listen, "--name", name],
+            &self.env,
         );
         wait_port(port);
         (p, format!("http://127.0.0.1:{port}"))
@@ -188,7 +197,7 @@ impl World {
     pub fn agent(&self, name: &str, provider: &str) -> Proc {
         let root = self.path(&format!("{name}-root"));
         let state = self.path(&format!("{name}-state"));
-        Proc::start(
+        Proc::start_env(
             self.dir.path(),
             name,
             "agent",
@@ -209,6 +218,7 @@ impl World {
                 "--request-timeout",
                 "10",
             ],
+            &self.env,
         )
     }
 
