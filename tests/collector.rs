@@ -21,22 +21,8 @@ pub struct Collector {
 impl Collector {
     /// Serves on a fresh loopback port in a background thread; returns the endpoint URL.
     pub fn spawn(&self) -> String {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
         let me = self.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(listener).unwrap();
-                tonic::transport::Server::builder()
-                    .add_service(TraceServiceServer::new(me))
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
-                    .await
-                    .unwrap();
-            });
-        });
-        format!("http://{addr}")
+        crate::serve_in_background(tonic::transport::Server::builder().add_service(TraceServiceServer::new(me)))
     }
 
     pub fn snapshot(&self) -> Vec<SpanSeen> {

@@ -1,6 +1,5 @@
 //! End-to-end tests: the real provider, remote-provider, agent and admin-cli binaries as
 //! separate processes talking gRPC over loopback, with real sled stores and real installs.
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use updraft_core::keys::ReleaseKey;
@@ -129,28 +128,13 @@ fn package_signed_by_another_key_is_refused_and_reported() {
 /// A correctly signed package whose manifest names a path outside its folder.
 fn escaping_package(w: &World, path: &str) -> Vec<u8> {
     let payload = b"owned\n".to_vec();
-    let manifest = Manifest {
-        format: 1,
-        product: "evil".into(),
-        version: "1.0.0.0".parse().unwrap(),
-        install_type: Default::default(),
-        product_line: String::new(),
-        upgrade_code: String::new(),
-        product_code: String::new(),
-        release_label: String::new(),
-        patch_label: String::new(),
-        doc_url: String::new(),
-        install_properties: BTreeMap::new(),
-        related_installs: vec![],
-        key_id: String::new(),
-        dirs: vec![],
-        files: vec![FileEntry {
-            path: path.into(),
-            mode: 0o644,
-            size: payload.len() as u64,
-            sha256: updraft_core::hash::sha256_hex(&payload),
-        }],
-    };
+    let mut manifest = Manifest::new("evil", "1.0.0.0".parse().unwrap());
+    manifest.files.push(FileEntry {
+        path: path.into(),
+        mode: 0o644,
+        size: payload.len() as u64,
+        sha256: updraft_core::hash::sha256_hex(&payload),
+    });
     let out = w.path("evil.pkg");
     let key = ReleaseKey::load(&w.key).unwrap();
     write_package(&out, &manifest, &key, |wr, _| {

@@ -261,6 +261,22 @@ impl World {
     }
 }
 
+/// Serves a tonic router on a fresh loopback port from a background thread with its own
+/// runtime (for the test doubles: a rogue provider, an OTLP collector); returns the URL.
+pub fn serve_in_background(router: tonic::transport::server::Router) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)).await.unwrap();
+        });
+    });
+    format!("http://{addr}")
+}
+
 /// Runs a command that must succeed; returns its stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.stdin(Stdio::null()).output().unwrap();

@@ -1,7 +1,6 @@
 //! A rogue provider: a real gRPC server that offers whatever package bytes it is given under
 //! whatever name, and records what agents report. Used to check that the agent, not the
 //! provider, is the last line of defence.
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -40,21 +39,7 @@ impl Rogue {
 
     /// Serves on a fresh loopback port in a background thread with its own runtime.
     pub fn spawn(self) -> String {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(listener).unwrap();
-                tonic::transport::Server::builder()
-                    .add_service(AgentApiServer::new(self))
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
-                    .await
-                    .unwrap();
-            });
-        });
-        format!("http://{addr}")
+        crate::serve_in_background(tonic::transport::Server::builder().add_service(AgentApiServer::new(self)))
     }
 }
 

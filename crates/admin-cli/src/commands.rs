@@ -264,11 +264,7 @@ async fn update(url: &str, cmd: UpdateCmd, as_json: bool) -> anyhow::Result<()> 
                 .map_err(rpc(url))?
                 .into_inner()
                 .updates;
-            if as_json {
-                print_json(&Value::Array(us.iter().map(update_json).collect()));
-            } else {
-                print_updates(&us);
-            }
+            print_updates(&us, as_json);
         }
         UpdateCmd::Show { id } => {
             let mut c = connect(url).await?;
@@ -295,11 +291,7 @@ async fn update(url: &str, cmd: UpdateCmd, as_json: bool) -> anyhow::Result<()> 
                 .map_err(rpc(url))?
                 .into_inner()
                 .updates;
-            if as_json {
-                print_json(&Value::Array(us.iter().map(update_json).collect()));
-            } else {
-                print_updates(&us);
-            }
+            print_updates(&us, as_json);
         }
         UpdateCmd::Priority { mut args } => {
             let high = match args.pop().expect("clap requires two or more").as_str() {
@@ -310,11 +302,7 @@ async fn update(url: &str, cmd: UpdateCmd, as_json: bool) -> anyhow::Result<()> 
             let mut c = connect(url).await?;
             let us =
                 c.set_priority(SetPriorityRequest { ids: args, high }).await.map_err(rpc(url))?.into_inner().updates;
-            if as_json {
-                print_json(&Value::Array(us.iter().map(update_json).collect()));
-            } else {
-                print_updates(&us);
-            }
+            print_updates(&us, as_json);
         }
     }
     Ok(())
@@ -334,7 +322,10 @@ fn progress(size: u64, quiet: bool) -> indicatif::ProgressBar {
     bar
 }
 
-fn print_updates(us: &[Update]) {
+fn print_updates(us: &[Update], as_json: bool) {
+    if as_json {
+        return print_json(&Value::Array(us.iter().map(update_json).collect()));
+    }
     let rows: Vec<Vec<String>> = us
         .iter()
         .map(|u| {

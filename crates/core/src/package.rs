@@ -102,6 +102,27 @@ pub struct PackageMeta {
 }
 
 impl Manifest {
+    /// A manifest for `product` `version` with no files and empty catalog metadata.
+    pub fn new(product: &str, version: Version) -> Self {
+        Self {
+            format: FORMAT,
+            product: product.to_string(),
+            version,
+            install_type: InstallType::Install,
+            product_line: String::new(),
+            upgrade_code: String::new(),
+            product_code: String::new(),
+            release_label: String::new(),
+            patch_label: String::new(),
+            doc_url: String::new(),
+            install_properties: BTreeMap::new(),
+            related_installs: vec![],
+            key_id: String::new(),
+            dirs: vec![],
+            files: vec![],
+        }
+    }
+
     /// Every rule a manifest must meet before anything in it is used.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(CoreError::Manifest(m));
@@ -185,9 +206,6 @@ pub fn build(from: &Path, meta: &PackageMeta, key: &ReleaseKey, out: &Path) -> R
     let mut files = Vec::new();
     walk(from, from, &mut dirs, &mut files)?;
     let manifest = Manifest {
-        format: FORMAT,
-        product: meta.product.clone(),
-        version,
         install_type: meta.install_type,
         product_line: meta.product_line.clone(),
         upgrade_code: meta.upgrade_code.clone(),
@@ -200,6 +218,7 @@ pub fn build(from: &Path, meta: &PackageMeta, key: &ReleaseKey, out: &Path) -> R
         key_id: key.public().key_id(),
         dirs,
         files,
+        ..Manifest::new(&meta.product, version)
     };
     manifest.validate()?;
     write_package(out, &manifest, key, |w, entry| {
@@ -498,23 +517,8 @@ mod tests {
     #[test]
     fn manifest_rules() {
         let file = |p: &str, mode| FileEntry { path: p.into(), mode, size: 0, sha256: "0".repeat(64) };
-        let mut m = Manifest {
-            format: 1,
-            product: "app".into(),
-            version: "1.0.0.0".parse().unwrap(),
-            install_type: InstallType::Install,
-            product_line: String::new(),
-            upgrade_code: String::new(),
-            product_code: String::new(),
-            release_label: String::new(),
-            patch_label: String::new(),
-            doc_url: String::new(),
-            install_properties: BTreeMap::new(),
-            related_installs: vec![],
-            key_id: String::new(),
-            dirs: vec![],
-            files: vec![file("a", 0o644)],
-        };
+        let mut m = Manifest::new("app", "1.0.0.0".parse().unwrap());
+        m.files.push(file("a", 0o644));
         m.validate().unwrap();
         m.files.push(file("a", 0o644));
         assert!(m.validate().unwrap_err().to_string().contains("twice"));

@@ -253,7 +253,17 @@ mod tests {
             let second = Store::open(dir.path()).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(second.contains("in use"), "{second}");
         }
-        let s = Store::open(dir.path()).unwrap();
+        // sled drops its file lock from a background thread a moment after the last handle
+        // goes, so a reopen within the same process may have to wait briefly.
+        let mut reopened = Store::open(dir.path());
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            reopened = Store::open(dir.path());
+        }
+        let s = reopened.unwrap_or_else(|e| panic!("reopen: {e}"));
         assert_eq!(s.catalog_seq().unwrap(), 3);
         let ids: Vec<_> = s.changes_after(0).unwrap().into_iter().map(|u| (u.id, u.catalog_seq)).collect();
         assert_eq!(ids, vec![("b".to_string(), 2), ("a".to_string(), 3)]);
