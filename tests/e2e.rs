@@ -304,3 +304,19 @@ fn one_check_is_one_trace_from_agent_through_site_to_centre() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn agent_falls_back_when_its_site_has_never_synchronised() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    w.publish(&purl, &w.package("fallback", "1.0.0.0", &w.key));
+    // A site whose upstream does not exist: it has no catalog and must not pretend otherwise.
+    let nowhere = format!("http://127.0.0.1:{}", updraft_tests::free_port());
+    let (_r, rurl) = w.remote("lonely-site", &nowhere);
+    let _a = w.agent("f1", &format!("{rurl},{purl}"));
+    wait_until("installed from the second provider", T, || w.installed("f1", "fallback").as_deref() == Some("1.0.0.0"));
+    let st: serde_json::Value = serde_json::from_slice(&w.agent_cmd("f1", &["status", "--json"]).stdout).unwrap();
+    assert_eq!(st["last_provider"], purl.as_str(), "{st}");
+    let acts = w.admin_json(&purl, &["activity", "--machine", "f1"]);
+    assert!(acts.as_array().unwrap().iter().any(|a| a["kind"] == "installed"), "{acts}");
+}

@@ -194,6 +194,7 @@ impl World {
     }
 
     /// An agent that checks at start and then only when pushed or asked (interval one hour).
+    /// `provider` may list several URLs, comma-separated, in order of preference.
     pub fn agent(&self, name: &str, provider: &str) -> Proc {
         let root = self.path(&format!("{name}-root"));
         let state = self.path(&format!("{name}-state"));
