@@ -7,6 +7,8 @@ use updraft_core::package::{FileEntry, Manifest, write_package};
 use updraft_tests::rogue::Rogue;
 use updraft_tests::{World, stderr, wait_until};
 
+mod catalog;
+
 const T: Duration = Duration::from_secs(30);
 
 fn machines(w: &World, provider: &str) -> Vec<serde_json::Value> {
@@ -28,6 +30,7 @@ fn v1_through_the_provider_then_v2_through_a_remote_provider() {
     wait_until("v1 installed directly", T, || w.installed("direct-1", "editor").as_deref() == Some("1.0.0.0"));
     assert!(w.root("direct-1").join("editor/bin/run").is_file());
 
+    updraft_tests::wait_site_has(&rurl, &v1);
     let _b = w.agent("site-1", &rurl);
     wait_until("v1 installed through the site", T, || w.installed("site-1", "editor").as_deref() == Some("1.0.0.0"));
 
@@ -77,7 +80,8 @@ fn high_priority_push_reaches_direct_and_site_agents_at_once() {
     let w = World::new();
     let (_p, purl) = w.provider("centre", true);
     let (_r, rurl) = w.remote("site-b", &purl);
-    w.publish(&purl, &w.package("viewer", "1.0.0.0", &w.key));
+    let v1 = w.publish(&purl, &w.package("viewer", "1.0.0.0", &w.key));
+    updraft_tests::wait_site_has(&rurl, &v1);
     let _a = w.agent("d1", &purl);
     let _b = w.agent("s1", &rurl);
     wait_until("v1 everywhere", T, || {
@@ -272,7 +276,8 @@ fn one_check_is_one_trace_from_agent_through_site_to_centre() {
     w.env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint), ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())];
     let (_p, purl) = w.provider("centre", true);
     let (_r, rurl) = w.remote("site-t", &purl);
-    w.publish(&purl, &w.package("traced", "1.0.0.0", &w.key));
+    let id = w.publish(&purl, &w.package("traced", "1.0.0.0", &w.key));
+    updraft_tests::wait_site_has(&rurl, &id);
     let _a = w.agent("t1", &rurl);
     wait_until("install", T, || w.installed("t1", "traced").is_some());
     let joined = |spans: &[updraft_tests::collector::SpanSeen]| {

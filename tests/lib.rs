@@ -147,6 +147,11 @@ impl World {
 
     /// Builds a signed package of `product` whose tree holds VERSION and bin/run.
     pub fn package(&self, product: &str, version: &str, key: &Path) -> PathBuf {
+        self.package_with(product, version, key, &[])
+    }
+
+    /// Like [`World::package`], with extra `package build` flags (install type, labels, ...).
+    pub fn package_with(&self, product: &str, version: &str, key: &Path, extra: &[&str]) -> PathBuf {
         let src = self.path(&format!("src-{product}-{version}"));
         std::fs::create_dir_all(src.join("bin")).unwrap();
         std::fs::write(src.join("VERSION"), version).unwrap();
@@ -159,20 +164,27 @@ impl World {
                 .arg("--key")
                 .arg(key)
                 .arg("--out")
-                .arg(&out),
+                .arg(&out)
+                .args(extra),
         );
         out
     }
 
+    /// A provider that trusts the world's release key (`trust`), or accepts unverified
+    /// packages (`!trust`), with the content scanner fast enough for tests.
     pub fn provider(&self, name: &str, trust: bool) -> (Proc, String) {
+        let pubkey = self.pubkey.to_str().unwrap().to_string();
+        let trust_args: Vec<&str> = if trust { vec!["--trust-key", &pubkey] } else { vec!["--allow-unverified"] };
+        self.provider_with(name, &trust_args)
+    }
+
+    pub fn provider_with(&self, name: &str, extra: &[&str]) -> (Proc, String) {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let store = self.path(name);
         let mut args = vec!["--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
-        let pubkey = self.pubkey.to_str().unwrap().to_string();
-        if trust {
-            args.extend(["--trust-key", &pubkey]);
-        }
+        args.extend(["--scan-delay-secs", "0", "--scan-interval-secs", "1", "--scan-quiet-secs", "1"]);
+        args.extend_from_slice(extra);
         let p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env);
         wait_port(port);
         (p, format!("http://127.0.0.1:{port}"))
@@ -292,4 +304,32 @@ pub fn run_ok(cmd: &mut Command) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// The update ids a provider or site holds, read from its own catalog stream.
+pub fn site_catalog(url: &str) -> Vec<String> {
+    use updraft_proto::v1::replication_client::ReplicationClient;
+    use updraft_proto::v1::{FollowRequest, catalog_event};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = ReplicationClient::connect(url.to_string()).await.unwrap();
+        let req = FollowRequest { after_seq: 0, site: "test".into() };
+        let mut stream = c.follow_catalog(req).await.unwrap().into_inner();
+        let mut ids = Vec::new();
+        while let Some(ev) = stream.message().await.unwrap() {
+            match ev.change {
+                Some(catalog_event::Change::Upsert(u)) => ids.push(u.id),
+                None if ev.caught_up => break,
+                _ => {}
+            }
+        }
+        ids
+    })
+}
+
+/// Waits until a site has replicated update `id`, so its agents' first check can see it.
+pub fn wait_site_has(url: &str, id: &str) {
+    wait_until(&format!("{url} to replicate {id}"), Duration::from_secs(30), || {
+        site_catalog(url).iter().any(|i| i == id)
+    });
 }

@@ -30,6 +30,12 @@ pub enum Cmd {
     /// Managed machines.
     #[command(subcommand)]
     Machine(MachineCmd),
+    /// Version caps per product line.
+    #[command(subcommand, name = "product-line")]
+    ProductLine(ProductLineCmd),
+    /// Folders the provider imports packages from.
+    #[command(subcommand)]
+    Watch(WatchCmd),
     /// The activity log.
     Activity {
         #[arg(long)]
@@ -105,12 +111,17 @@ pub struct BuildArgs {
 pub enum UpdateCmd {
     /// Import a package into the catalog (state pre-approval); prints its id.
     Add { file: PathBuf },
-    /// List the catalog.
+    /// List the catalog (warns when a release has more than one GA patch).
     List {
+        #[arg(long)]
+        product_line: Option<String>,
         #[arg(long)]
         product: Option<String>,
         #[arg(long)]
         state: Option<String>,
+        /// Group rows by a column: release, product, product-line, state, type.
+        #[arg(long, value_parser = ["release", "product", "product-line", "state", "type"])]
+        group_by: Option<String>,
     },
     /// Show one update in full.
     Show { id: String },
@@ -118,6 +129,30 @@ pub enum UpdateCmd {
     State {
         #[arg(required = true, num_args = 2.., value_name = "ID... STATE")]
         args: Vec<String>,
+        /// With ga on a patch: mark older GA patches of the same release inactive.
+        #[arg(long)]
+        retire_older: bool,
+    },
+    /// Delete updates from the provider (refused while machines depend on them, unless --force).
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Installing or updating these updates' product also installs PRODUCT.
+    Relate {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long = "installs", required = true)]
+        installs: Vec<String>,
+    },
+    /// Remove related installs (all of them unless --installs names some).
+    Unrelate {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long = "installs")]
+        installs: Vec<String>,
     },
     /// Mark or unmark high priority: ID... high|normal.
     Priority {
@@ -133,4 +168,32 @@ pub enum MachineCmd {
         #[arg(long)]
         filter: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ProductLineCmd {
+    /// Offer nothing above VERSION for this product line.
+    Cap { line: String, version: String },
+    /// Lift a product line's cap.
+    Uncap { line: String },
+    /// Show the caps.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum WatchCmd {
+    /// Watch a folder on the provider's machine (--auto: import in the background).
+    Add {
+        dir: PathBuf,
+        #[arg(long)]
+        auto: bool,
+    },
+    /// Show watched folders.
+    List,
+    /// Stop watching a folder.
+    Remove { dir: PathBuf },
+    /// Files waiting in watched folders.
+    Pending { dir: Option<PathBuf> },
+    /// Import waiting files (all files of manual folders when none are named).
+    Import { files: Vec<PathBuf> },
 }

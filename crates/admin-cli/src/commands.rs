@@ -11,18 +11,32 @@ use updraft_core::model::{InstallType, UpdateState};
 use updraft_core::package::{self, Package, PackageMeta};
 use updraft_proto::v1::admin_client::AdminClient;
 use updraft_proto::v1::{
-    ActivityKind, GetUpdateRequest, ListActivityRequest, ListMachinesRequest, ListUpdatesRequest, Machine,
-    SetPriorityRequest, SetUpdateStateRequest, Update, UploadChunk, UploadHeader, upload_chunk,
+    ActivityKind, DeleteUpdatesRequest, GetUpdateRequest, ImportPendingRequest, ListActivityRequest, ListCapsRequest,
+    ListMachinesRequest, ListPendingRequest, ListUpdatesRequest, ListUpdatesResponse, ListWatchesRequest, Machine,
+    ProductLineCap, RelatedInstallsRequest, RemoveWatchRequest, SetPriorityRequest, SetUpdateStateRequest, Update,
+    UpdateStatus, UploadChunk, UploadHeader, WatchFolder, upload_chunk,
 };
-use updraft_runtime::TracedChannel;
 
-use crate::cli::{BuildArgs, Cli, Cmd, KeyCmd, MachineCmd, PackageCmd, UpdateCmd};
+use crate::cli::{BuildArgs, Cli, Cmd, KeyCmd, MachineCmd, PackageCmd, ProductLineCmd, UpdateCmd, WatchCmd};
 use crate::output::{age, json as print_json, table};
 
 /// Upload chunk size: well under the provider's 4 MiB message limit.
 const UPLOAD_CHUNK: usize = 1 << 20;
 
-type Admin = AdminClient<TracedChannel>;
+/// Adds the caller's trace context and who is calling to every request. The provider logs the
+/// latter with each change until callers are authenticated by certificate.
+#[derive(Clone)]
+struct Caller(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Caller {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut req = updraft_runtime::telemetry::inject(req)?;
+        req.metadata_mut().insert("x-updraft-user", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Admin = AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Caller>>;
 
 async fn connect(url: &str) -> anyhow::Result<Admin> {
     let ep = Endpoint::from_shared(url.to_string()).with_context(|| format!("provider URL {url:?} is not valid"))?;
@@ -31,7 +45,10 @@ async fn connect(url: &str) -> anyhow::Result<Admin> {
         .connect()
         .await
         .map_err(|e| anyhow!("cannot reach provider {url}: {e}"))?;
-    Ok(AdminClient::new(updraft_runtime::traced(ch)).max_decoding_message_size(64 << 20))
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let caller = format!("{user}@{}", updraft_runtime::hostname()).replace(|c: char| !c.is_ascii_graphic(), "_");
+    let caller = Caller(caller.parse().unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("unknown")));
+    Ok(AdminClient::with_interceptor(ch, caller).max_decoding_message_size(64 << 20))
 }
 
 /// Turns a gRPC status into the provider's own message.
@@ -119,6 +136,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 table(&["MACHINE", "KIND", "VIA", "LAST CONTACT", "INSTALLED"], &rows);
             }
         }
+        Cmd::ProductLine(cmd) => {
+            let mut c = connect(url).await?;
+            let caps = match cmd {
+                ProductLineCmd::Cap { line, version } => {
+                    version.parse::<updraft_core::Version>()?;
+                    c.set_cap(ProductLineCap { product_line: line, version }).await
+                }
+                ProductLineCmd::Uncap { line } => {
+                    c.set_cap(ProductLineCap { product_line: line, version: String::new() }).await
+                }
+                ProductLineCmd::List => c.list_caps(ListCapsRequest {}).await,
+            }
+            .map_err(rpc(url))?
+            .into_inner()
+            .caps;
+            if cli.json {
+                print_json(&Value::Array(
+                    caps.iter().map(|c| json!({"product_line": c.product_line, "cap": c.version})).collect(),
+                ));
+            } else {
+                table(
+                    &["PRODUCT LINE", "CAP"],
+                    &caps.iter().map(|c| vec![c.product_line.clone(), c.version.clone()]).collect::<Vec<_>>(),
+                );
+            }
+        }
+        Cmd::Watch(cmd) => watch(url, cmd, cli.json).await?,
         Cmd::Activity { machine, update, limit } => {
             let mut c = connect(url).await?;
             let acts = c
@@ -153,6 +197,70 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 table(&["WHEN", "MACHINE", "EVENT", "UPDATE", "DETAIL"], &rows);
             }
         }
+    }
+    Ok(())
+}
+
+/// Paths are resolved here, where the operator typed them; the provider sees absolute paths.
+fn absolute(p: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::path::absolute(p).with_context(|| p.display().to_string())?.to_string_lossy().into_owned())
+}
+
+async fn watch(url: &str, cmd: WatchCmd, as_json: bool) -> anyhow::Result<()> {
+    let mut c = connect(url).await?;
+    let folders = match cmd {
+        WatchCmd::Add { dir, auto } => c.add_watch(WatchFolder { path: absolute(&dir)?, auto }).await,
+        WatchCmd::Remove { dir } => c.remove_watch(RemoveWatchRequest { path: absolute(&dir)? }).await,
+        WatchCmd::List => c.list_watches(ListWatchesRequest {}).await,
+        WatchCmd::Pending { dir } => {
+            let path = dir.map(|d| absolute(&d)).transpose()?.unwrap_or_default();
+            let files = c.list_pending(ListPendingRequest { path }).await.map_err(rpc(url))?.into_inner().files;
+            if as_json {
+                print_json(&Value::Array(
+                    files.iter().map(|f| json!({"path": f.path, "folder": f.folder, "size": f.size, "modified_unix": f.modified_unix})).collect(),
+                ));
+            } else {
+                let rows: Vec<Vec<String>> =
+                    files.iter().map(|f| vec![f.path.clone(), f.size.to_string(), age(f.modified_unix * 1000)]).collect();
+                table(&["FILE", "SIZE", "MODIFIED"], &rows);
+            }
+            return Ok(());
+        }
+        WatchCmd::Import { files } => {
+            let files = files.iter().map(|f| absolute(f)).collect::<anyhow::Result<Vec<_>>>()?;
+            let results = c.import_pending(ImportPendingRequest { files }).await.map_err(rpc(url))?.into_inner().results;
+            let failed = results.iter().filter(|r| !r.error.is_empty()).count();
+            if as_json {
+                print_json(&Value::Array(
+                    results.iter().map(|r| json!({"file": r.file, "update_id": r.update_id, "error": r.error})).collect(),
+                ));
+            } else {
+                for r in &results {
+                    if r.error.is_empty() {
+                        println!("imported {} as {}", r.file, r.update_id);
+                    } else {
+                        eprintln!("refused {}: {}", r.file, r.error);
+                    }
+                }
+                if results.is_empty() {
+                    println!("nothing to import");
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} file(s) not imported", results.len());
+            }
+            return Ok(());
+        }
+    }
+    .map_err(rpc(url))?
+    .into_inner()
+    .folders;
+    if as_json {
+        print_json(&Value::Array(folders.iter().map(|f| json!({"path": f.path, "auto": f.auto})).collect()));
+    } else {
+        let rows: Vec<Vec<String>> =
+            folders.iter().map(|f| vec![f.path.clone(), if f.auto { "auto" } else { "manual" }.to_string()]).collect();
+        table(&["FOLDER", "MODE"], &rows);
     }
     Ok(())
 }
@@ -252,46 +360,55 @@ async fn update(url: &str, cmd: UpdateCmd, as_json: bool) -> anyhow::Result<()> 
                 );
             }
         }
-        UpdateCmd::List { product, state } => {
+        UpdateCmd::List { product_line, product, state, group_by } => {
             let state = match state {
                 Some(s) => s.parse::<UpdateState>()?.to_wire(),
                 None => 0,
             };
             let mut c = connect(url).await?;
-            let us = c
-                .list_updates(ListUpdatesRequest { product: product.unwrap_or_default(), state })
+            let resp = c
+                .list_updates(ListUpdatesRequest {
+                    product: product.unwrap_or_default(),
+                    state,
+                    product_line: product_line.unwrap_or_default(),
+                })
                 .await
                 .map_err(rpc(url))?
-                .into_inner()
-                .updates;
-            print_updates(&us, as_json);
+                .into_inner();
+            for w in &resp.warnings {
+                eprintln!("warning: {w}");
+            }
+            print_updates(&resp, as_json, group_by.as_deref());
         }
         UpdateCmd::Show { id } => {
             let mut c = connect(url).await?;
-            let u = c.get_update(GetUpdateRequest { id }).await.map_err(rpc(url))?.into_inner();
-            let v = update_json(&u);
+            let detail = c.get_update(GetUpdateRequest { id }).await.map_err(rpc(url))?.into_inner();
+            let u = detail.update.unwrap_or_default();
+            let status = detail.status.unwrap_or_default();
+            let mut v = update_json(&u);
+            v["status"] = status_json(&status);
             if as_json {
                 print_json(&v);
             } else if let Value::Object(map) = v {
                 for (k, v) in map {
                     let shown = match v {
                         Value::String(s) => s,
+                        Value::Object(_) => status.notes.join("; "),
                         other => other.to_string(),
                     };
                     println!("{k:<20} {shown}");
                 }
             }
         }
-        UpdateCmd::State { mut args } => {
+        UpdateCmd::State { mut args, retire_older } => {
             let state: UpdateState = args.pop().expect("clap requires two or more").parse()?;
             let mut c = connect(url).await?;
-            let us = c
-                .set_update_state(SetUpdateStateRequest { ids: args, state: state.to_wire() })
+            let resp = c
+                .set_update_state(SetUpdateStateRequest { ids: args, state: state.to_wire(), retire_older })
                 .await
                 .map_err(rpc(url))?
-                .into_inner()
-                .updates;
-            print_updates(&us, as_json);
+                .into_inner();
+            print_updates(&resp, as_json, None);
         }
         UpdateCmd::Priority { mut args } => {
             let high = match args.pop().expect("clap requires two or more").as_str() {
@@ -300,9 +417,31 @@ async fn update(url: &str, cmd: UpdateCmd, as_json: bool) -> anyhow::Result<()> 
                 other => bail!("priority {other:?}: expected high or normal"),
             };
             let mut c = connect(url).await?;
-            let us =
-                c.set_priority(SetPriorityRequest { ids: args, high }).await.map_err(rpc(url))?.into_inner().updates;
-            print_updates(&us, as_json);
+            let resp = c.set_priority(SetPriorityRequest { ids: args, high }).await.map_err(rpc(url))?.into_inner();
+            print_updates(&resp, as_json, None);
+        }
+        UpdateCmd::Delete { ids, force } => {
+            let mut c = connect(url).await?;
+            let resp = c.delete_updates(DeleteUpdatesRequest { ids, force }).await.map_err(rpc(url))?.into_inner();
+            if as_json {
+                print_json(&Value::Array(resp.updates.iter().map(update_json).collect()));
+            } else {
+                for u in &resp.updates {
+                    println!("deleted {}", u.id);
+                }
+            }
+        }
+        UpdateCmd::Relate { ids, installs } => {
+            let mut c = connect(url).await?;
+            let req = RelatedInstallsRequest { ids, products: installs, remove: false };
+            let resp = c.set_related_installs(req).await.map_err(rpc(url))?.into_inner();
+            print_updates(&resp, as_json, None);
+        }
+        UpdateCmd::Unrelate { ids, installs } => {
+            let mut c = connect(url).await?;
+            let req = RelatedInstallsRequest { ids, products: installs, remove: true };
+            let resp = c.set_related_installs(req).await.map_err(rpc(url))?.into_inner();
+            print_updates(&resp, as_json, None);
         }
     }
     Ok(())
@@ -322,25 +461,79 @@ fn progress(size: u64, quiet: bool) -> indicatif::ProgressBar {
     bar
 }
 
-fn print_updates(us: &[Update], as_json: bool) {
+fn print_updates(resp: &ListUpdatesResponse, as_json: bool, group_by: Option<&str>) {
+    let status = |u: &Update| resp.statuses.iter().find(|s| s.id == u.id).cloned().unwrap_or_default();
     if as_json {
-        return print_json(&Value::Array(us.iter().map(update_json).collect()));
+        let rows = resp.updates.iter().map(|u| {
+            let mut v = update_json(u);
+            v["status"] = status_json(&status(u));
+            v
+        });
+        return print_json(&Value::Array(rows.collect()));
     }
-    let rows: Vec<Vec<String>> = us
-        .iter()
-        .map(|u| {
-            vec![
-                u.id.clone(),
-                u.product.clone(),
-                u.version.clone(),
-                InstallType::from_wire(u.install_type).unwrap_or_default().to_string(),
-                state_name(u.state),
-                if u.high_priority { "high".into() } else { "-".into() },
-                u.size.to_string(),
-            ]
-        })
-        .collect();
-    table(&["ID", "PRODUCT", "VERSION", "TYPE", "STATE", "PRIORITY", "SIZE"], &rows);
+    let headers = ["ID", "PRODUCT", "VERSION", "TYPE", "RELEASE", "STATE", "PRIORITY", "STATUS"];
+    let row = |u: &Update| {
+        let st = status(u);
+        let mut notes: Vec<String> = Vec::new();
+        if !st.held_by_cap.is_empty() {
+            notes.push(format!("held by cap {}", st.held_by_cap));
+        }
+        if st.installed_count > 0 {
+            notes.push(format!("{} installed", st.installed_count));
+        }
+        if !u.related_installs.is_empty() {
+            notes.push(format!("+{}", u.related_installs.join(",")));
+        }
+        vec![
+            u.id.clone(),
+            u.product.clone(),
+            u.version.clone(),
+            InstallType::from_wire(u.install_type).unwrap_or_default().to_string(),
+            release_of(u),
+            state_name(u.state),
+            if u.high_priority { "high".into() } else { "-".into() },
+            if notes.is_empty() { "-".into() } else { notes.join("; ") },
+        ]
+    };
+    let Some(column) = group_by else {
+        return table(&headers, &resp.updates.iter().map(row).collect::<Vec<_>>());
+    };
+    let key = |u: &Update| match column {
+        "release" => format!("{} {}", u.product, release_of(u)),
+        "product" => u.product.clone(),
+        "product-line" => {
+            if u.product_line.is_empty() {
+                "(none)".into()
+            } else {
+                u.product_line.clone()
+            }
+        }
+        "state" => state_name(u.state),
+        _ => InstallType::from_wire(u.install_type).unwrap_or_default().to_string(),
+    };
+    let mut groups: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
+    for u in &resp.updates {
+        groups.entry(key(u)).or_default().push(row(u));
+    }
+    for (i, (k, rows)) in groups.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        println!("{column}: {k} ({} update{})", rows.len(), if rows.len() == 1 { "" } else { "s" });
+        table(&headers, rows);
+    }
+}
+
+/// The release an update belongs to, as people name it: its label, else MM.mm.
+fn release_of(u: &Update) -> String {
+    if !u.release_label.is_empty() {
+        return u.release_label.clone();
+    }
+    u.version.split('.').take(2).collect::<Vec<_>>().join(".")
+}
+
+fn status_json(s: &UpdateStatus) -> Value {
+    json!({"installed_count": s.installed_count, "held_by_cap": s.held_by_cap, "notes": s.notes})
 }
 
 fn state_name(n: i32) -> String {
@@ -377,6 +570,6 @@ fn machine_json(m: &Machine) -> Value {
         "name": info.name, "hostname": info.hostname, "addresses": info.addresses,
         "agent_version": info.agent_version, "via": m.via, "is_remote_provider": m.is_remote_provider,
         "last_contact_unix_ms": m.last_contact_unix_ms, "last_error": m.last_error,
-        "installed": info.installed.iter().map(|p| json!({"product": p.product, "version": p.version, "update_id": p.update_id})).collect::<Vec<_>>(),
+        "installed": info.installed.iter().map(|p| json!({"product": p.product, "version": p.version, "update_id": p.update_id, "previous_version": p.previous_version})).collect::<Vec<_>>(),
     })
 }

@@ -93,6 +93,7 @@ impl Agent {
                     product: p.clone(),
                     version: r.version.clone(),
                     update_id: r.update_id.clone(),
+                    previous_version: r.previous.as_ref().map(|x| x.version.clone()).unwrap_or_default(),
                 })
                 .collect(),
         }

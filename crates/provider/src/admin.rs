@@ -1,133 +1,146 @@
-//! The administration API: importing packages, listing and changing the catalog, machines and
-//! activity. Every change validates all of its input before it changes anything.
+//! The administration API: importing packages, the catalog's states, priorities, relations,
+//! caps and deletions, watched folders, machines and activity. Every change validates all of
+//! its input before it changes anything, and is logged with who made it.
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use updraft_core::hash::ContentHasher;
-use updraft_core::model::UpdateState;
-use updraft_core::package::Package;
+use updraft_core::model::{InstallType, UpdateState, validate_product};
+use updraft_core::plan::release_key;
 use updraft_proto::v1::admin_server::Admin;
 use updraft_proto::v1::{
-    GetUpdateRequest, ListActivityRequest, ListActivityResponse, ListMachinesRequest, ListMachinesResponse,
-    ListUpdatesRequest, ListUpdatesResponse, SetPriorityRequest, SetUpdateStateRequest, Update, UploadChunk,
-    upload_chunk,
+    DeleteUpdatesRequest, GetUpdateRequest, ImportPendingRequest, ImportPendingResponse, ListActivityRequest,
+    ListActivityResponse, ListCapsRequest, ListCapsResponse, ListMachinesRequest, ListMachinesResponse,
+    ListPendingRequest, ListPendingResponse, ListUpdatesRequest, ListUpdatesResponse, ListWatchesRequest,
+    ListWatchesResponse, ProductLineCap, RelatedInstallsRequest, RemoveWatchRequest, SetPriorityRequest,
+    SetUpdateStateRequest, Update, UpdateDetail, UploadChunk, WatchFolder, upload_chunk,
 };
 
 use crate::Shared;
-use crate::blobs::append;
-use crate::catalog::record_from_manifest;
+use crate::catalog::{caps_map, dependents, ga_patch_warnings, install_type_of, item_of, status_of};
 use crate::error::{ProviderError, Result};
+use crate::import::{self, Receiver, record_catalog_activity};
+use crate::scanner::{self, ScanConfig};
+use crate::store::Change;
 
 pub struct AdminService {
     shared: Arc<Shared>,
+    scan: ScanConfig,
+}
+
+/// Who is asking. Until callers are authenticated (mutual TLS), this is what admin-cli says
+/// (`x-updraft-user`) and the peer address.
+fn who<T>(req: &Request<T>) -> String {
+    let user = req
+        .metadata()
+        .get("x-updraft-user")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().filter(|c| !c.is_control()).take(64).collect::<String>())
+        .unwrap_or_else(|| "unknown".into());
+    match req.remote_addr() {
+        Some(a) => format!("{user} ({a})"),
+        None => user,
+    }
 }
 
 impl AdminService {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub fn new(shared: Arc<Shared>, scan: ScanConfig) -> Self {
+        Self { shared, scan }
     }
 
-    async fn import(&self, mut stream: Streaming<UploadChunk>) -> Result<Update> {
-        let limit = self.shared.config.max_upload_bytes;
+    async fn upload(&self, mut stream: Streaming<UploadChunk>, who: &str) -> Result<Update> {
         let header = match stream.next().await {
             Some(Ok(UploadChunk { part: Some(upload_chunk::Part::Header(h)) })) => h,
             Some(Err(e)) => return Err(ProviderError::InvalidArgument(format!("upload failed: {}", e.message()))),
             _ => return Err(ProviderError::InvalidArgument("upload must start with a header".into())),
         };
+        let limit = self.shared.config.max_upload_bytes;
         if header.size > limit {
             return Err(ProviderError::LimitReached(format!(
                 "{}: {} bytes exceeds the upload limit of {limit} bytes",
                 header.file_name, header.size
             )));
         }
-        let tmp = self.shared.blobs.incoming()?;
-        let mut file = tokio::fs::File::from_std(tmp.reopen().map_err(|e| ProviderError::Io(e.to_string()))?);
-        let mut hasher = ContentHasher::new();
-        let mut received = 0u64;
+        let mut rx = Receiver::new(&self.shared)?;
         while let Some(msg) = stream.next().await {
             let msg =
                 msg.map_err(|e| ProviderError::InvalidArgument(format!("upload interrupted: {}", e.message())))?;
             let Some(upload_chunk::Part::Data(data)) = msg.part else {
                 return Err(ProviderError::InvalidArgument("a second header in one upload".into()));
             };
-            received += data.len() as u64;
-            if received > header.size {
+            if rx.received() + data.len() as u64 > header.size {
                 return Err(ProviderError::InvalidArgument(format!(
                     "{}: more data than the {} bytes announced",
                     header.file_name, header.size
                 )));
             }
-            hasher.update(&data);
-            append(&mut file, &data).await?;
+            rx.push(&data).await?;
         }
-        if received != header.size {
+        if rx.received() != header.size {
             return Err(ProviderError::InvalidArgument(format!(
-                "{}: upload ended after {received} of {} bytes",
-                header.file_name, header.size
+                "{}: upload ended after {} of {} bytes",
+                header.file_name,
+                rx.received(),
+                header.size
             )));
         }
-        file.sync_all().await.map_err(|e| ProviderError::Io(e.to_string()))?;
-        drop(file);
-        let content_hash = hasher.finish();
-
-        // Parse and check the package on the blocking pool: it reads the whole manifest.
-        let path = tmp.path().to_path_buf();
-        let name = header.file_name.clone();
-        let trusted = self.shared.config.trusted_keys.clone();
-        let (manifest, verified) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let pkg = Package::open(&path).map_err(|e| ProviderError::InvalidArgument(format!("{name}: {e}")))?;
-            let verified = if trusted.is_empty() {
-                false
-            } else if trusted.iter().any(|k| pkg.verify(k).is_ok()) {
-                true
-            } else {
-                return Err(ProviderError::InvalidArgument(format!(
-                    "{name}: signed by key {} which this provider does not trust",
-                    pkg.manifest.key_id
-                )));
-            };
-            Ok((pkg.manifest, verified))
-        })
-        .await
-        .map_err(|e| ProviderError::Io(e.to_string()))??;
-
-        let existing = self.shared.store.list_updates()?;
-        let version = manifest.version.to_string();
-        if let Some(dup) = existing.iter().find(|u| u.product == manifest.product && u.version == version) {
-            return Err(ProviderError::Duplicate { product: dup.product.clone(), version, id: dup.id.clone() });
-        }
-        let now = crate::now_ms() / 1000;
-        let rec = record_from_manifest(&manifest, &content_hash, received, verified, now);
-        self.shared.blobs.commit(tmp.path(), &content_hash).await?;
-        let stored = self.shared.store.change_update(&rec.id.clone(), Some(rec), |_| Ok(())).await?;
-        self.shared.hub.publish(&stored);
-        tracing::info!(id = %stored.id, size = received, verified, "imported update");
-        Ok(stored)
+        import::commit(&self.shared, rx.finish().await?, &header.file_name, who).await
     }
 
-    /// Applies `change` to every id, after checking that all of them exist.
+    /// Checks that every id exists, then applies `change` to each and publishes it.
     async fn change_many(&self, ids: &[String], change: impl Fn(&mut Update) -> Result<()>) -> Result<Vec<Update>> {
         if ids.is_empty() {
             return Err(ProviderError::InvalidArgument("no update ids given".into()));
         }
+        let mut probe = Vec::new();
         for id in ids {
-            self.shared.store.get_update(id)?;
+            let mut u = self.shared.store.get_update(id)?;
+            change(&mut u)?; // a change that would fail for one id fails before any is made
+            probe.push(u);
         }
         let mut out = Vec::new();
         for id in ids {
             let u = self.shared.store.change_update(id, None, &change).await?;
-            self.shared.hub.publish(&u);
+            self.shared.hub.publish(Change::Upsert(Box::new(u.clone())));
             out.push(u);
         }
         Ok(out)
     }
+
+    async fn log_each(&self, who: &str, updates: &[Update], what: impl Fn(&Update) -> String) -> Result<()> {
+        for u in updates {
+            record_catalog_activity(&self.shared, who, Some(u), what(u)).await?;
+        }
+        Ok(())
+    }
+
+    fn listing(&self, updates: Vec<Update>) -> Result<ListUpdatesResponse> {
+        let machines = self.shared.store.list_machines()?;
+        let caps = caps_map(&self.shared.store.list_caps()?);
+        let statuses = updates.iter().map(|u| status_of(u, &machines, &caps)).collect();
+        let warnings = ga_patch_warnings(&self.shared.store.list_updates()?);
+        Ok(ListUpdatesResponse { updates, statuses, warnings })
+    }
+
+    fn watches(&self) -> Result<ListWatchesResponse> {
+        Ok(ListWatchesResponse { folders: self.shared.store.list_watches()? })
+    }
+}
+
+fn sort_updates(us: &mut [Update]) {
+    us.sort_by(|a, b| {
+        let va = a.version.parse::<updraft_core::Version>().ok();
+        let vb = b.version.parse::<updraft_core::Version>().ok();
+        (&a.product, va).cmp(&(&b.product, vb))
+    });
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn add_update(&self, request: Request<Streaming<UploadChunk>>) -> Result<Response<Update>, Status> {
-        Ok(Response::new(self.import(request.into_inner()).await?))
+        let who = who(&request);
+        Ok(Response::new(self.upload(request.into_inner(), &who).await?))
     }
 
     async fn list_updates(
@@ -141,42 +154,76 @@ impl Admin for AdminService {
             .list_updates()?
             .into_iter()
             .filter(|u| req.product.is_empty() || u.product == req.product)
+            .filter(|u| req.product_line.is_empty() || u.product_line == req.product_line)
             .filter(|u| req.state == 0 || u.state == req.state)
             .collect();
-        updates.sort_by(|a, b| {
-            let va = a.version.parse::<updraft_core::Version>().ok();
-            let vb = b.version.parse::<updraft_core::Version>().ok();
-            (&a.product, va).cmp(&(&b.product, vb))
-        });
-        Ok(Response::new(ListUpdatesResponse { updates }))
+        sort_updates(&mut updates);
+        Ok(Response::new(self.listing(updates)?))
     }
 
-    async fn get_update(&self, request: Request<GetUpdateRequest>) -> Result<Response<Update>, Status> {
-        Ok(Response::new(self.shared.store.get_update(&request.into_inner().id)?))
+    async fn get_update(&self, request: Request<GetUpdateRequest>) -> Result<Response<UpdateDetail>, Status> {
+        let u = self.shared.store.get_update(&request.into_inner().id)?;
+        let machines = self.shared.store.list_machines()?;
+        let caps = caps_map(&self.shared.store.list_caps()?);
+        let status = status_of(&u, &machines, &caps);
+        Ok(Response::new(UpdateDetail { update: Some(u), status: Some(status) }))
     }
 
     async fn set_update_state(
         &self,
         request: Request<SetUpdateStateRequest>,
     ) -> Result<Response<ListUpdatesResponse>, Status> {
+        let who = who(&request);
         let req = request.into_inner();
         let state = UpdateState::from_wire(req.state).ok_or_else(|| {
             ProviderError::InvalidArgument(format!("unknown state number {}; expected {}", req.state, UpdateState::ALL))
         })?;
-        let updates = self
+        let mut changed = self
             .change_many(&req.ids, |u| {
                 u.state = state.to_wire();
                 Ok(())
             })
             .await?;
-        tracing::info!(ids = ?req.ids, %state, "state changed");
-        Ok(Response::new(ListUpdatesResponse { updates }))
+        self.log_each(&who, &changed, |_| format!("state set to {state}")).await?;
+        if req.retire_older && state == UpdateState::Ga {
+            // Older GA patches of the same release as each newly GA patch become inactive.
+            let all = self.shared.store.list_updates()?;
+            let mut retire = Vec::new();
+            for u in changed.iter().filter(|u| install_type_of(u) != InstallType::Install) {
+                let Some(item) = item_of(u) else { continue };
+                for o in &all {
+                    if let Some(oi) = item_of(o)
+                        && o.product == u.product
+                        && oi.install_type != InstallType::Install
+                        && oi.state == UpdateState::Ga
+                        && oi.version < item.version
+                        && release_key(&o.product_code, oi.version) == item.release_key()
+                        && !retire.contains(&o.id)
+                    {
+                        retire.push(o.id.clone());
+                    }
+                }
+            }
+            if !retire.is_empty() {
+                let retired = self
+                    .change_many(&retire, |u| {
+                        u.state = UpdateState::Inactive.to_wire();
+                        Ok(())
+                    })
+                    .await?;
+                self.log_each(&who, &retired, |_| "retired to inactive by a newer GA patch".into()).await?;
+                changed.extend(retired);
+            }
+        }
+        tracing::info!(ids = ?req.ids, %state, %who, "state changed");
+        Ok(Response::new(self.listing(changed)?))
     }
 
     async fn set_priority(
         &self,
         request: Request<SetPriorityRequest>,
     ) -> Result<Response<ListUpdatesResponse>, Status> {
+        let who = who(&request);
         let req = request.into_inner();
         let updates = self
             .change_many(&req.ids, |u| {
@@ -184,8 +231,206 @@ impl Admin for AdminService {
                 Ok(())
             })
             .await?;
+        self.log_each(&who, &updates, |_| {
+            if req.high { "marked high priority".into() } else { "priority back to normal".into() }
+        })
+        .await?;
         tracing::info!(ids = ?req.ids, high = req.high, subscribers = self.shared.hub.push_subscribers(), "priority changed");
-        Ok(Response::new(ListUpdatesResponse { updates }))
+        Ok(Response::new(self.listing(updates)?))
+    }
+
+    async fn delete_updates(
+        &self,
+        request: Request<DeleteUpdatesRequest>,
+    ) -> Result<Response<ListUpdatesResponse>, Status> {
+        let who = who(&request);
+        let req = request.into_inner();
+        if req.ids.is_empty() {
+            return Err(ProviderError::InvalidArgument("no update ids given".into()).into());
+        }
+        let machines = self.shared.store.list_machines()?;
+        let mut doomed = Vec::new();
+        for id in &req.ids {
+            let u = self.shared.store.get_update(id)?;
+            let deps = dependents(&u, &machines);
+            if !deps.is_empty() && !req.force {
+                return Err(ProviderError::InvalidArgument(format!(
+                    "{id} is installed on, or kept for rollback by, {} machine(s) ({}); mark it remove or inactive instead, or pass --force",
+                    deps.len(),
+                    deps.iter().take(5).copied().collect::<Vec<_>>().join(", ")
+                ))
+                .into());
+            }
+            doomed.push(u);
+        }
+        for u in &doomed {
+            let seq = self.shared.store.delete_update(&u.id).await?;
+            self.shared.hub.publish(Change::Deleted { id: u.id.clone(), seq });
+            record_catalog_activity(
+                &self.shared,
+                &who,
+                Some(u),
+                if req.force { "deleted (forced)".into() } else { "deleted".into() },
+            )
+            .await?;
+        }
+        // A blob goes once no remaining update uses it.
+        let remaining = self.shared.store.list_updates()?;
+        for u in &doomed {
+            if !remaining.iter().any(|r| r.content_hash == u.content_hash)
+                && let Ok(p) = self.shared.blobs.path_of(&u.content_hash)
+            {
+                let _ = tokio::fs::remove_file(p).await;
+            }
+        }
+        Ok(Response::new(ListUpdatesResponse { updates: doomed, statuses: vec![], warnings: vec![] }))
+    }
+
+    async fn set_related_installs(
+        &self,
+        request: Request<RelatedInstallsRequest>,
+    ) -> Result<Response<ListUpdatesResponse>, Status> {
+        let who = who(&request);
+        let req = request.into_inner();
+        for p in &req.products {
+            validate_product(p).map_err(ProviderError::from)?;
+        }
+        if !req.remove && req.products.is_empty() {
+            return Err(ProviderError::InvalidArgument("name at least one product to install alongside".into()).into());
+        }
+        let updates = self
+            .change_many(&req.ids, |u| {
+                if req.remove {
+                    if req.products.is_empty() {
+                        u.related_installs.clear();
+                    } else {
+                        u.related_installs.retain(|r| !req.products.contains(r));
+                    }
+                } else {
+                    for p in &req.products {
+                        if p == &u.product {
+                            return Err(ProviderError::InvalidArgument(format!(
+                                "{} cannot be related to itself",
+                                u.id
+                            )));
+                        }
+                        if !u.related_installs.contains(p) {
+                            u.related_installs.push(p.clone());
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        self.log_each(&who, &updates, |u| format!("related installs now [{}]", u.related_installs.join(", "))).await?;
+        Ok(Response::new(self.listing(updates)?))
+    }
+
+    async fn set_cap(&self, request: Request<ProductLineCap>) -> Result<Response<ListCapsResponse>, Status> {
+        let who = who(&request);
+        let cap = request.into_inner();
+        if cap.product_line.is_empty() {
+            return Err(ProviderError::InvalidArgument("a product line is required".into()).into());
+        }
+        if !cap.version.is_empty() {
+            cap.version.parse::<updraft_core::Version>().map_err(ProviderError::from)?;
+        }
+        let seq = self.shared.store.set_cap(&cap).await?;
+        self.shared.hub.publish(Change::Cap { cap: cap.clone(), seq });
+        let what = if cap.version.is_empty() {
+            format!("product line {:?} uncapped", cap.product_line)
+        } else {
+            format!("product line {:?} capped at {}", cap.product_line, cap.version)
+        };
+        record_catalog_activity(&self.shared, &who, None, what).await?;
+        Ok(Response::new(ListCapsResponse { caps: self.shared.store.list_caps()? }))
+    }
+
+    async fn list_caps(&self, _request: Request<ListCapsRequest>) -> Result<Response<ListCapsResponse>, Status> {
+        Ok(Response::new(ListCapsResponse { caps: self.shared.store.list_caps()? }))
+    }
+
+    async fn add_watch(&self, request: Request<WatchFolder>) -> Result<Response<ListWatchesResponse>, Status> {
+        let who = who(&request);
+        let req = request.into_inner();
+        let path = scanner::normalise_folder(&req.path)?;
+        let folder = WatchFolder { path: path.to_string_lossy().into_owned(), auto: req.auto };
+        self.shared.store.add_watch(&folder).await?;
+        let mode = if folder.auto { "auto" } else { "manual" };
+        record_catalog_activity(&self.shared, &who, None, format!("watching {} ({mode})", folder.path)).await?;
+        Ok(Response::new(self.watches()?))
+    }
+
+    async fn remove_watch(
+        &self,
+        request: Request<RemoveWatchRequest>,
+    ) -> Result<Response<ListWatchesResponse>, Status> {
+        let who = who(&request);
+        let path = request.into_inner().path;
+        // Accept the path as given or as it normalises, so a relative spelling still matches.
+        let canon = scanner::normalise_folder(&path).map(|p| p.to_string_lossy().into_owned()).unwrap_or(path.clone());
+        let removed = self.shared.store.remove_watch(&canon).await? || self.shared.store.remove_watch(&path).await?;
+        if !removed {
+            return Err(ProviderError::InvalidArgument(format!("{path:?} is not a watched folder")).into());
+        }
+        record_catalog_activity(&self.shared, &who, None, format!("stopped watching {canon}")).await?;
+        Ok(Response::new(self.watches()?))
+    }
+
+    async fn list_watches(
+        &self,
+        _request: Request<ListWatchesRequest>,
+    ) -> Result<Response<ListWatchesResponse>, Status> {
+        Ok(Response::new(self.watches()?))
+    }
+
+    async fn list_pending(
+        &self,
+        request: Request<ListPendingRequest>,
+    ) -> Result<Response<ListPendingResponse>, Status> {
+        let path = request.into_inner().path;
+        let mut files = Vec::new();
+        let folders = self.shared.store.list_watches()?;
+        let wanted =
+            if path.is_empty() { None } else { Some(scanner::normalise_folder(&path)?.to_string_lossy().into_owned()) };
+        if let Some(w) = &wanted
+            && !folders.iter().any(|f| &f.path == w)
+        {
+            return Err(ProviderError::InvalidArgument(format!("{path:?} is not a watched folder")).into());
+        }
+        for f in folders.iter().filter(|f| wanted.as_ref().is_none_or(|w| &f.path == w)) {
+            files.extend(scanner::pending_in(f)?);
+        }
+        Ok(Response::new(ListPendingResponse { files }))
+    }
+
+    async fn import_pending(
+        &self,
+        request: Request<ImportPendingRequest>,
+    ) -> Result<Response<ImportPendingResponse>, Status> {
+        let who = who(&request);
+        let req = request.into_inner();
+        let mut targets = Vec::new();
+        if req.files.is_empty() {
+            for f in self.shared.store.list_watches()?.into_iter().filter(|f| !f.auto) {
+                for p in scanner::pending_in(&f)? {
+                    targets.push((f.path.clone(), p.path));
+                }
+            }
+        } else {
+            // Resolve every name first: one outside the watched folders refuses the request.
+            for file in &req.files {
+                let (folder, path) = scanner::resolve(&self.shared, file)?;
+                targets.push((folder.path, path.to_string_lossy().into_owned()));
+            }
+        }
+        let mut results = Vec::new();
+        for (folder, file) in targets {
+            results.push(
+                scanner::import_one(&self.shared, Path::new(&folder), Path::new(&file), self.scan.quiet, &who).await,
+            );
+        }
+        Ok(Response::new(ImportPendingResponse { results }))
     }
 
     async fn list_machines(

@@ -118,7 +118,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
         let now = now_ms();
         // Answer first: a malformed inventory is refused before anything is recorded.
         let catalog = self.shared.store.list_updates()?;
-        let offers = offers_for(&catalog, &machine)?;
+        let offers = offers_for(&catalog, &self.shared.store.list_caps()?, &machine)?;
         self.shared.store.record_machine(&machine, "direct", now, false).await?;
         self.tier
             .relay(ForwardedReport {

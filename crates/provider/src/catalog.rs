@@ -1,11 +1,17 @@
 //! Catalog rules on top of the store: turning an imported package into a record, and answering
 //! a machine's check with the applicability engine.
+use std::collections::BTreeMap;
+
+use updraft_core::Version;
 use updraft_core::model::{InstallType, UpdateState};
 use updraft_core::package::Manifest;
-use updraft_core::plan::{self, Action, CatalogItem, InstalledItem};
-use updraft_proto::v1::{ActionKind, MachineInfo, Offer, Update};
+use updraft_core::plan::{self, Action, CatalogItem, InstalledItem, MachineView};
+use updraft_proto::v1::{
+    ActionKind, CatalogEvent, Machine, MachineInfo, Offer, ProductLineCap, Update, UpdateStatus, catalog_event,
+};
 
 use crate::error::{ProviderError, Result};
+use crate::store::Change;
 
 /// The catalog id of a package: readable, and unique per content.
 pub fn update_id(m: &Manifest, content_hash: &str) -> String {
@@ -46,28 +52,36 @@ pub fn install_type_of(u: &Update) -> InstallType {
     InstallType::from_wire(u.install_type).unwrap_or_default()
 }
 
+/// The engine's view of a catalog record; records with an unreadable version are skipped.
+pub fn item_of(u: &Update) -> Option<CatalogItem> {
+    Some(CatalogItem {
+        id: u.id.clone(),
+        product: u.product.clone(),
+        product_line: u.product_line.clone(),
+        version: u.version.parse().ok()?,
+        install_type: install_type_of(u),
+        product_code: u.product_code.clone(),
+        state: state_of(u)?,
+        related_installs: u.related_installs.clone(),
+    })
+}
+
+pub fn caps_map(caps: &[ProductLineCap]) -> BTreeMap<String, Version> {
+    caps.iter().filter_map(|c| Some((c.product_line.clone(), c.version.parse().ok()?))).collect()
+}
+
 /// What `machine` must install or remove, in order.
-pub fn offers_for(catalog: &[Update], machine: &MachineInfo) -> Result<Vec<Offer>> {
-    let items: Vec<CatalogItem> = catalog
-        .iter()
-        .filter_map(|u| {
-            Some(CatalogItem {
-                id: u.id.clone(),
-                product: u.product.clone(),
-                version: u.version.parse().ok()?,
-                state: state_of(u)?,
-            })
-        })
-        .collect();
-    let mut installed = Vec::new();
+pub fn offers_for(catalog: &[Update], caps: &[ProductLineCap], machine: &MachineInfo) -> Result<Vec<Offer>> {
+    let items: Vec<CatalogItem> = catalog.iter().filter_map(item_of).collect();
+    let mut view = MachineView { caps: caps_map(caps), ..Default::default() };
     for p in &machine.installed {
         let version = p.version.parse().map_err(|e: updraft_core::CoreError| {
             ProviderError::InvalidArgument(format!("inventory of {:?}, product {:?}: {e}", machine.name, p.product))
         })?;
-        installed.push(InstalledItem { product: p.product.clone(), version });
+        view.installed.push(InstalledItem { product: p.product.clone(), version });
     }
     let find = |id: &str| catalog.iter().find(|u| u.id == id).cloned();
-    Ok(plan::plan(&items, &installed)
+    Ok(plan::plan(&items, &view)
         .into_iter()
         .map(|a| match a {
             Action::Install { id } => {
@@ -80,6 +94,91 @@ pub fn offers_for(catalog: &[Update], machine: &MachineInfo) -> Result<Vec<Offer
             },
         })
         .collect())
+}
+
+/// Machines that have `u` installed, or keep it as the version they would roll back to.
+pub fn dependents<'a>(u: &Update, machines: &'a [Machine]) -> Vec<&'a str> {
+    machines
+        .iter()
+        .filter_map(|m| m.info.as_ref())
+        .filter(|i| {
+            i.installed
+                .iter()
+                .any(|p| p.product == u.product && (p.version == u.version || p.previous_version == u.version))
+        })
+        .map(|i| i.name.as_str())
+        .collect()
+}
+
+/// How an update is doing: installs, cap, priority, related installs.
+pub fn status_of(u: &Update, machines: &[Machine], caps: &BTreeMap<String, Version>) -> UpdateStatus {
+    let installed_count = machines
+        .iter()
+        .filter_map(|m| m.info.as_ref())
+        .filter(|i| i.installed.iter().any(|p| p.product == u.product && p.version == u.version))
+        .count() as u32;
+    let held = item_of(u).and_then(|i| plan::held_by_cap(&i, caps));
+    let mut notes = Vec::new();
+    if let Some(cap) = held {
+        notes.push(format!("held back: product line {:?} is capped at {cap}", u.product_line));
+    }
+    if installed_count > 0 {
+        notes.push(format!("installed on {installed_count} machine(s)"));
+    }
+    if u.high_priority {
+        notes.push("high priority".into());
+    }
+    if !u.related_installs.is_empty() {
+        notes.push(format!("also installs {}", u.related_installs.join(", ")));
+    }
+    UpdateStatus {
+        id: u.id.clone(),
+        installed_count,
+        held_by_cap: held.map(|v| v.to_string()).unwrap_or_default(),
+        notes,
+    }
+}
+
+/// Releases with more than one GA patch: only the latest should be GA.
+pub fn ga_patch_warnings(updates: &[Update]) -> Vec<String> {
+    let mut by_release: BTreeMap<(String, String), Vec<&Update>> = BTreeMap::new();
+    for u in updates {
+        if let Some(i) = item_of(u)
+            && i.state == UpdateState::Ga
+            && i.install_type != InstallType::Install
+        {
+            by_release.entry((u.product.clone(), i.release_key())).or_default().push(u);
+        }
+    }
+    by_release
+        .into_iter()
+        .filter(|(_, us)| us.len() > 1)
+        .map(|((product, release), us)| {
+            let ids: Vec<&str> = us.iter().map(|u| u.id.as_str()).collect();
+            format!(
+                "{product} release {release} has {} GA patches ({}); only the latest should be GA (use --retire-older)",
+                us.len(),
+                ids.join(", ")
+            )
+        })
+        .collect()
+}
+
+pub fn to_event(change: &Change, caught_up: bool) -> CatalogEvent {
+    let (seq, c) = match change {
+        Change::Upsert(u) => (u.catalog_seq, catalog_event::Change::Upsert((**u).clone())),
+        Change::Deleted { id, seq } => (*seq, catalog_event::Change::DeletedId(id.clone())),
+        Change::Cap { cap, seq } => (*seq, catalog_event::Change::Cap(cap.clone())),
+    };
+    CatalogEvent { seq, change: Some(c), caught_up }
+}
+
+pub fn from_event(ev: CatalogEvent) -> Option<Change> {
+    Some(match ev.change? {
+        catalog_event::Change::Upsert(u) => Change::Upsert(Box::new(u)),
+        catalog_event::Change::DeletedId(id) => Change::Deleted { id, seq: ev.seq },
+        catalog_event::Change::Cap(cap) => Change::Cap { cap, seq: ev.seq },
+    })
 }
 
 /// Machine names become store keys and log fields: keep them printable and bounded.

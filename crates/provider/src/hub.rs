@@ -2,14 +2,16 @@
 //! events, to subscribed agents.
 use tokio::sync::broadcast;
 use updraft_core::model::UpdateState;
-use updraft_proto::v1::{PushEvent, PushKind, Update};
+use updraft_proto::v1::{PushEvent, PushKind};
+
+use crate::store::Change;
 
 /// How many events a slow subscriber may fall behind before it is told to resynchronise.
 const CAPACITY: usize = 4096;
 
 #[derive(Clone)]
 pub struct Hub {
-    catalog: broadcast::Sender<Update>,
+    catalog: broadcast::Sender<Change>,
     push: broadcast::Sender<PushEvent>,
 }
 
@@ -22,19 +24,21 @@ impl Default for Hub {
 impl Hub {
     /// Announces a committed catalog change. A GA update marked high priority becomes an
     /// urgent push; anything else a plain "catalog changed" hint.
-    pub fn publish(&self, u: &Update) {
-        let _ = self.catalog.send(u.clone());
-        let urgent = u.high_priority && u.state == UpdateState::Ga.to_wire();
-        let kind = if urgent { PushKind::HighPriority } else { PushKind::CatalogChanged };
-        let _ = self.push.send(PushEvent {
-            kind: kind as i32,
-            catalog_seq: u.catalog_seq,
-            update_id: u.id.clone(),
-            product: u.product.clone(),
-        });
+    pub fn publish(&self, change: Change) {
+        let mut ev =
+            PushEvent { kind: PushKind::CatalogChanged as i32, catalog_seq: change.seq(), ..Default::default() };
+        if let Change::Upsert(u) = &change {
+            if u.high_priority && u.state == UpdateState::Ga.to_wire() {
+                ev.kind = PushKind::HighPriority as i32;
+            }
+            ev.update_id = u.id.clone();
+            ev.product = u.product.clone();
+        }
+        let _ = self.catalog.send(change);
+        let _ = self.push.send(ev);
     }
 
-    pub fn follow_catalog(&self) -> broadcast::Receiver<Update> {
+    pub fn follow_catalog(&self) -> broadcast::Receiver<Change> {
         self.catalog.subscribe()
     }
 

@@ -7,7 +7,9 @@ pub mod blobs;
 pub mod catalog;
 pub mod error;
 pub mod hub;
+pub mod import;
 pub mod replication;
+pub mod scanner;
 pub mod store;
 
 use std::path::PathBuf;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use updraft_core::keys::PublicKey;
 use updraft_proto::v1::admin_server::AdminServer;
 use updraft_proto::v1::agent_api_server::AgentApiServer;
@@ -38,8 +41,12 @@ pub struct Config {
     pub name: String,
     /// Directory holding the sled store (`db/`) and the blobs (`blobs/`).
     pub data_dir: PathBuf,
-    /// Release keys accepted on import; empty means "record signatures as unverified".
+    /// Release keys accepted on import.
     pub trusted_keys: Vec<PublicKey>,
+    /// Accept packages no trusted key verifies (recorded as unverified). Off by default.
+    pub allow_unverified: bool,
+    /// When the content scanner runs, and how long a file must be quiet to be imported.
+    pub scan: scanner::ScanConfig,
     pub min_check_secs: u32,
     pub max_check_secs: u32,
     pub max_upload_bytes: u64,
@@ -52,6 +59,8 @@ impl Config {
             name: name.into(),
             data_dir: data_dir.into(),
             trusted_keys: Vec::new(),
+            allow_unverified: false,
+            scan: scanner::ScanConfig::default(),
             min_check_secs: 30 * 60,
             max_check_secs: 60 * 60,
             max_upload_bytes: 16 << 30,
@@ -100,6 +109,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let shared = Shared::open(config)?;
     let tier = Arc::new(LocalTier { shared: shared.clone() });
     let addr = listener.local_addr().map_err(|e| ProviderError::Io(e.to_string()))?;
+    tokio::spawn(
+        scanner::scan_loop(shared.clone(), shared.config.scan, shutdown.clone())
+            .instrument(tracing::info_span!("content_scanner")),
+    );
     tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening");
     grpc_server()
         .add_service(
@@ -111,7 +124,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            AdminServer::new(admin::AdminService::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            AdminServer::new(admin::AdminService::new(shared.clone(), shared.config.scan))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await

@@ -1,6 +1,7 @@
 //! `provider`: command-line entry of the local provider.
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -21,6 +22,18 @@ struct Args {
     /// Release public key(s) accepted on import (repeat or comma-separate).
     #[arg(long = "trust-key", env = "UPDRAFT_PROVIDER_TRUST_KEYS", value_delimiter = ',')]
     trust_keys: Vec<PathBuf>,
+    /// Accept packages that no trusted key verifies (recorded as unverified). Off by default.
+    #[arg(long, env = "UPDRAFT_PROVIDER_ALLOW_UNVERIFIED")]
+    allow_unverified: bool,
+    /// Seconds after start before watched auto folders are first scanned.
+    #[arg(long, env = "UPDRAFT_SCAN_DELAY_SECS", default_value_t = 90)]
+    scan_delay_secs: u64,
+    /// Seconds between scans of watched auto folders.
+    #[arg(long, env = "UPDRAFT_SCAN_INTERVAL_SECS", default_value_t = 60)]
+    scan_interval_secs: u64,
+    /// A file modified within this many seconds is taken to be still being written.
+    #[arg(long, env = "UPDRAFT_SCAN_QUIET_SECS", default_value_t = 5)]
+    scan_quiet_secs: u64,
     /// Shortest interval agents wait between checks, in seconds.
     #[arg(long, env = "UPDRAFT_MIN_CHECK_SECS", default_value_t = 1800)]
     min_check_secs: u32,
@@ -41,6 +54,15 @@ async fn main() -> anyhow::Result<()> {
     for k in &args.trust_keys {
         config.trusted_keys.push(PublicKey::load(k)?);
     }
+    config.allow_unverified = args.allow_unverified;
+    if args.scan_interval_secs == 0 {
+        anyhow::bail!("--scan-interval-secs must be at least 1");
+    }
+    config.scan = updraft_provider::scanner::ScanConfig {
+        start_delay: Duration::from_secs(args.scan_delay_secs),
+        interval: Duration::from_secs(args.scan_interval_secs),
+        quiet: Duration::from_secs(args.scan_quiet_secs),
+    };
     config.min_check_secs = args.min_check_secs;
     config.max_check_secs = args.max_check_secs;
     config.max_upload_bytes = args.max_upload_bytes;

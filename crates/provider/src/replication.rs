@@ -11,12 +11,11 @@ use tracing::Instrument;
 use updraft_proto::v1::replication_server::Replication;
 use updraft_proto::v1::{
     BlobRequest, CatalogEvent, FollowRequest, ForwardRequest, ForwardResponse, ForwardedReport, MachineInfo,
-    catalog_event,
 };
 
 use crate::Shared;
 use crate::agent_api::{ChunkStream, MAX_REPORT_ENTRIES, Tier, stream_blob};
-use crate::catalog::validate_machine_name;
+use crate::catalog::{to_event, validate_machine_name};
 use crate::error::ProviderError;
 
 pub struct ReplicationService<T: Tier> {
@@ -28,10 +27,6 @@ impl<T: Tier> ReplicationService<T> {
     pub fn new(shared: Arc<Shared>, tier: Arc<T>) -> Self {
         Self { shared, tier }
     }
-}
-
-fn upsert(u: updraft_proto::v1::Update, caught_up: bool) -> CatalogEvent {
-    CatalogEvent { seq: u.catalog_seq, change: Some(catalog_event::Change::Upsert(u)), caught_up }
 }
 
 #[tonic::async_trait]
@@ -51,9 +46,9 @@ impl<T: Tier> Replication for ReplicationService<T> {
         tokio::spawn(
             async move {
                 let mut last = req.after_seq;
-                for u in backlog {
-                    last = last.max(u.catalog_seq);
-                    if tx.send(Ok(upsert(u, false))).await.is_err() {
+                for change in backlog {
+                    last = last.max(change.seq());
+                    if tx.send(Ok(to_event(&change, false))).await.is_err() {
                         return;
                     }
                 }
@@ -64,9 +59,9 @@ impl<T: Tier> Replication for ReplicationService<T> {
                 loop {
                     tokio::select! {
                         ev = live.recv() => match ev {
-                            Ok(u) if u.catalog_seq > last => {
-                                last = u.catalog_seq;
-                                if tx.send(Ok(upsert(u, true))).await.is_err() { return; }
+                            Ok(change) if change.seq() > last => {
+                                last = change.seq();
+                                if tx.send(Ok(to_event(&change, true))).await.is_err() { return; }
                             }
                             Ok(_) => {}
                             Err(broadcast::error::RecvError::Lagged(n)) => {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use prost::Message;
 use sled::Transactional;
-use updraft_proto::v1::{Activity, ForwardedReport, Machine, MachineInfo, Update};
+use updraft_proto::v1::{Activity, ForwardedReport, Machine, MachineInfo, ProductLineCap, Update, WatchFolder};
 
 use crate::error::{ProviderError, Result};
 
@@ -18,15 +18,70 @@ const CATALOG_SEQ: &[u8] = b"catalog_seq";
 pub const MAX_ACTIVITY: usize = 100_000;
 pub const MAX_OUTBOX: usize = 100_000;
 
+/// One entry of the catalog change log, as followers receive it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Upsert(Box<Update>),
+    Deleted { id: String, seq: u64 },
+    Cap { cap: ProductLineCap, seq: u64 },
+}
+
+impl Change {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Change::Upsert(u) => u.catalog_seq,
+            Change::Deleted { seq, .. } | Change::Cap { seq, .. } => *seq,
+        }
+    }
+}
+
+/// Logical keys in the change log: one per update id and one per product line cap, so the log
+/// holds the latest change of each thing once.
+fn update_key(id: &str) -> Vec<u8> {
+    [b"u".as_slice(), id.as_bytes()].concat()
+}
+fn cap_key(line: &str) -> Vec<u8> {
+    [b"c".as_slice(), line.as_bytes()].concat()
+}
+
+type TxResult<T> = std::result::Result<T, sled::transaction::ConflictableTransactionError<ProviderError>>;
+
+fn abort<T>(e: ProviderError) -> TxResult<T> {
+    Err(sled::transaction::ConflictableTransactionError::Abort(e))
+}
+
+/// Gives logical key `key` the next sequence number (or `seq`, for a replica), replacing its
+/// previous log entry. Returns the sequence number used.
+fn log_change(
+    log: &sled::transaction::TransactionalTree,
+    index: &sled::transaction::TransactionalTree,
+    meta: &sled::transaction::TransactionalTree,
+    key: &[u8],
+    seq: Option<u64>,
+) -> TxResult<u64> {
+    let current = meta.get(CATALOG_SEQ)?.map(|v| read_u64(&v)).unwrap_or(0);
+    let seq = seq.unwrap_or(current + 1);
+    if let Some(old) = index.get(key)? {
+        log.remove(old)?;
+    }
+    log.insert(&be(seq), key)?;
+    index.insert(key, &be(seq))?;
+    meta.insert(CATALOG_SEQ, &be(current.max(seq)))?;
+    Ok(seq)
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     updates: sled::Tree,
     log: sled::Tree,
+    log_index: sled::Tree,
+    caps: sled::Tree,
     meta: sled::Tree,
     machines: sled::Tree,
     activity: sled::Tree,
     outbox: sled::Tree,
+    watches: sled::Tree,
 }
 
 fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
@@ -56,10 +111,13 @@ impl Store {
         Ok(Self {
             updates: db.open_tree("updates")?,
             log: db.open_tree("catalog_log")?,
+            log_index: db.open_tree("catalog_log_index")?,
+            caps: db.open_tree("caps")?,
             meta: db.open_tree("meta")?,
             machines: db.open_tree("machines")?,
             activity: db.open_tree("activity")?,
             outbox: db.open_tree("outbox")?,
+            watches: db.open_tree("watches")?,
             db,
         })
     }
@@ -93,24 +151,14 @@ impl Store {
         fresh: Option<Update>,
         change: impl Fn(&mut Update) -> Result<()>,
     ) -> Result<Update> {
-        let out = (&self.updates, &self.log, &self.meta).transaction(|(u, l, m)| {
+        let out = (&self.updates, &self.log, &self.log_index, &self.meta).transaction(|(u, l, i, m)| {
             let mut rec: Update = match (u.get(id.as_bytes())?, &fresh) {
-                (Some(v), _) => decode(&v).map_err(sled::transaction::ConflictableTransactionError::Abort)?,
+                (Some(v), _) => decode(&v).or_else(abort)?,
                 (None, Some(f)) => f.clone(),
-                (None, None) => {
-                    return Err(sled::transaction::ConflictableTransactionError::Abort(ProviderError::UnknownUpdate(
-                        id.to_string(),
-                    )));
-                }
+                (None, None) => return abort(ProviderError::UnknownUpdate(id.to_string())),
             };
-            change(&mut rec).map_err(sled::transaction::ConflictableTransactionError::Abort)?;
-            let seq = m.get(CATALOG_SEQ)?.map(|v| read_u64(&v)).unwrap_or(0) + 1;
-            if rec.catalog_seq != 0 {
-                l.remove(&be(rec.catalog_seq))?;
-            }
-            rec.catalog_seq = seq;
-            m.insert(CATALOG_SEQ, &be(seq))?;
-            l.insert(&be(seq), id.as_bytes())?;
+            change(&mut rec).or_else(abort)?;
+            rec.catalog_seq = log_change(l, i, m, &update_key(id), None)?;
             u.insert(id.as_bytes(), rec.encode_to_vec())?;
             Ok(rec)
         })?;
@@ -118,34 +166,112 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores a record exactly as an upstream sent it (a site replica keeps the upstream's
-    /// sequence numbers, so every tier speaks of the same catalog version).
-    pub async fn apply_replicated(&self, rec: &Update) -> Result<()> {
-        let id = rec.id.clone();
-        (&self.updates, &self.log, &self.meta).transaction(|(u, l, m)| {
-            if let Some(old) = u.get(id.as_bytes())? {
-                let old: Update = decode(&old).map_err(sled::transaction::ConflictableTransactionError::Abort)?;
-                l.remove(&be(old.catalog_seq))?;
+    /// Removes an update from the catalog; followers learn of it as a deletion.
+    pub async fn delete_update(&self, id: &str) -> Result<u64> {
+        let seq = (&self.updates, &self.log, &self.log_index, &self.meta).transaction(|(u, l, i, m)| {
+            if u.remove(id.as_bytes())?.is_none() {
+                return abort(ProviderError::UnknownUpdate(id.to_string()));
             }
-            l.insert(&be(rec.catalog_seq), id.as_bytes())?;
-            u.insert(id.as_bytes(), rec.encode_to_vec())?;
-            let cur = m.get(CATALOG_SEQ)?.map(|v| read_u64(&v)).unwrap_or(0);
-            m.insert(CATALOG_SEQ, &be(cur.max(rec.catalog_seq)))?;
-            Ok(())
+            log_change(l, i, m, &update_key(id), None)
         })?;
+        self.flush().await?;
+        Ok(seq)
+    }
+
+    /// Sets (or, with an empty version, lifts) a product line's cap.
+    pub async fn set_cap(&self, cap: &ProductLineCap) -> Result<u64> {
+        self.apply_cap(cap, None).await
+    }
+
+    async fn apply_cap(&self, cap: &ProductLineCap, seq: Option<u64>) -> Result<u64> {
+        let seq = (&self.caps, &self.log, &self.log_index, &self.meta).transaction(|(c, l, i, m)| {
+            if cap.version.is_empty() {
+                c.remove(cap.product_line.as_bytes())?;
+            } else {
+                c.insert(cap.product_line.as_bytes(), cap.version.as_bytes())?;
+            }
+            log_change(l, i, m, &cap_key(&cap.product_line), seq)
+        })?;
+        self.flush().await?;
+        Ok(seq)
+    }
+
+    pub fn list_caps(&self) -> Result<Vec<ProductLineCap>> {
+        self.caps
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok(ProductLineCap {
+                    product_line: String::from_utf8_lossy(&k).into_owned(),
+                    version: String::from_utf8_lossy(&v).into_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// Stores a change exactly as an upstream sent it (a site replica keeps the upstream's
+    /// sequence numbers, so every tier speaks of the same catalog version).
+    pub async fn apply_replicated(&self, change: &Change) -> Result<()> {
+        match change {
+            Change::Upsert(rec) => {
+                (&self.updates, &self.log, &self.log_index, &self.meta).transaction(|(u, l, i, m)| {
+                    log_change(l, i, m, &update_key(&rec.id), Some(rec.catalog_seq))?;
+                    u.insert(rec.id.as_bytes(), rec.encode_to_vec())?;
+                    Ok(())
+                })?;
+            }
+            Change::Deleted { id, seq } => {
+                (&self.updates, &self.log, &self.log_index, &self.meta).transaction(|(u, l, i, m)| {
+                    u.remove(id.as_bytes())?;
+                    log_change(l, i, m, &update_key(id), Some(*seq))?;
+                    Ok(())
+                })?;
+            }
+            Change::Cap { cap, seq } => {
+                self.apply_cap(cap, Some(*seq)).await?;
+            }
+        }
         self.flush().await
     }
 
-    /// Catalog records changed after `after_seq`, oldest change first (one entry per update).
-    pub fn changes_after(&self, after_seq: u64) -> Result<Vec<Update>> {
+    /// Catalog changes after `after_seq`, oldest first (the latest change of each thing once).
+    pub fn changes_after(&self, after_seq: u64) -> Result<Vec<Change>> {
         let mut out = Vec::new();
         for kv in self.log.range(be(after_seq + 1)..) {
-            let (_, id) = kv?;
-            if let Some(v) = self.updates.get(&id)? {
-                out.push(decode(&v)?);
-            }
+            let (seq, key) = kv?;
+            let seq = read_u64(&seq);
+            let (kind, name) = key.split_at(1);
+            let name = String::from_utf8_lossy(name).into_owned();
+            out.push(match kind {
+                b"u" => match self.updates.get(name.as_bytes())? {
+                    Some(v) => Change::Upsert(Box::new(decode(&v)?)),
+                    None => Change::Deleted { id: name, seq },
+                },
+                _ => {
+                    let version = self.caps.get(name.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned());
+                    Change::Cap {
+                        cap: ProductLineCap { product_line: name, version: version.unwrap_or_default() },
+                        seq,
+                    }
+                }
+            });
         }
         Ok(out)
+    }
+
+    pub async fn add_watch(&self, folder: &WatchFolder) -> Result<()> {
+        self.watches.insert(folder.path.as_bytes(), folder.encode_to_vec())?;
+        self.flush().await
+    }
+
+    pub async fn remove_watch(&self, path: &str) -> Result<bool> {
+        let removed = self.watches.remove(path.as_bytes())?.is_some();
+        self.flush().await?;
+        Ok(removed)
+    }
+
+    pub fn list_watches(&self) -> Result<Vec<WatchFolder>> {
+        self.watches.iter().values().map(|v| decode(&v?)).collect()
     }
 
     /// Records a machine's contact; keeps fields the report does not carry.
@@ -265,8 +391,26 @@ mod tests {
         }
         let s = reopened.unwrap_or_else(|e| panic!("reopen: {e}"));
         assert_eq!(s.catalog_seq().unwrap(), 3);
-        let ids: Vec<_> = s.changes_after(0).unwrap().into_iter().map(|u| (u.id, u.catalog_seq)).collect();
+        let ids: Vec<_> = s
+            .changes_after(0)
+            .unwrap()
+            .into_iter()
+            .map(|c| match c {
+                Change::Upsert(u) => (u.id.clone(), u.catalog_seq),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
         assert_eq!(ids, vec![("b".to_string(), 2), ("a".to_string(), 3)]);
         assert_eq!(s.changes_after(2).unwrap().len(), 1);
+        // Deletions and caps are changes too, with their own sequence numbers.
+        assert_eq!(s.delete_update("b").await.unwrap(), 4);
+        let cap = ProductLineCap { product_line: "suite".into(), version: "2.0.0.0".into() };
+        assert_eq!(s.set_cap(&cap).await.unwrap(), 5);
+        assert_eq!(
+            s.changes_after(3).unwrap(),
+            vec![Change::Deleted { id: "b".into(), seq: 4 }, Change::Cap { cap: cap.clone(), seq: 5 }]
+        );
+        assert_eq!(s.list_caps().unwrap(), vec![cap]);
+        assert!(matches!(s.get_update("b"), Err(ProviderError::UnknownUpdate(_))));
     }
 }

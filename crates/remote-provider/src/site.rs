@@ -14,10 +14,11 @@ use tonic::transport::Endpoint;
 use tracing::Instrument;
 use updraft_core::model::UpdateState;
 use updraft_proto::v1::replication_client::ReplicationClient;
-use updraft_proto::v1::{BlobRequest, FollowRequest, ForwardRequest, ForwardedReport, MachineInfo, catalog_event};
+use updraft_proto::v1::{BlobRequest, FollowRequest, ForwardRequest, ForwardedReport, MachineInfo};
 use updraft_provider::Shared;
 use updraft_provider::agent_api::Tier;
 use updraft_provider::error::{ProviderError, Result};
+use updraft_provider::store::Change;
 use updraft_runtime::TracedChannel;
 
 /// Reports sent upstream in one batch at most.
@@ -170,16 +171,18 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                                 tier.synced.store(true, Ordering::Relaxed);
                                 tracing::info!(seq = ev.seq, "catalog caught up with upstream");
                             }
-                            if let Some(catalog_event::Change::Upsert(u)) = ev.change {
-                                if let Err(e) = tier.shared.store.apply_replicated(&u).await {
-                                    tracing::error!(error = %e, "cannot store replicated update");
-                                    break;
-                                }
-                                tier.shared.hub.publish(&u);
-                                if u.state == UpdateState::Ga.to_wire() && !tier.shared.blobs.has(&u.content_hash) {
-                                    tier.prefetch(u.content_hash.clone());
-                                }
+                            let Some(change) = updraft_provider::catalog::from_event(ev) else { continue };
+                            if let Err(e) = tier.shared.store.apply_replicated(&change).await {
+                                tracing::error!(error = %e, "cannot store replicated change");
+                                break;
                             }
+                            if let Change::Upsert(u) = &change
+                                && u.state == UpdateState::Ga.to_wire()
+                                && !tier.shared.blobs.has(&u.content_hash)
+                            {
+                                tier.prefetch(u.content_hash.clone());
+                            }
+                            tier.shared.hub.publish(change);
                         }
                         Some(Err(s)) => {
                             tracing::warn!(error = %s.message(), "catalog stream broke");

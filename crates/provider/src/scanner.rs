@@ -1,0 +1,170 @@
+//! The content scanner: watched folders whose packages are imported into the catalog, in the
+//! background (auto folders, after a start delay and then at an interval) or on request.
+//! Imported files are removed; refused ones go to `rejected/` with a `.reason` file beside
+//! them; a file modified within the quiet period is taken to be still being written.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use updraft_proto::v1::{ImportResult, PendingFile, WatchFolder};
+
+use crate::Shared;
+use crate::error::{ProviderError, Result};
+use crate::import;
+
+pub const REJECTED: &str = "rejected";
+
+#[derive(Clone, Copy, Debug)]
+pub struct ScanConfig {
+    pub start_delay: Duration,
+    pub interval: Duration,
+    /// A file modified less than this long ago is still being written.
+    pub quiet: Duration,
+}
+
+impl Default for ScanConfig {
+    fn default() -> Self {
+        Self { start_delay: Duration::from_secs(90), interval: Duration::from_secs(60), quiet: Duration::from_secs(5) }
+    }
+}
+
+/// Checks and normalises a folder to watch: absolute, existing, a directory.
+pub fn normalise_folder(path: &str) -> Result<PathBuf> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(ProviderError::InvalidArgument(format!("watch folder {path:?} must be an absolute path")));
+    }
+    let canon = p.canonicalize().map_err(|e| ProviderError::InvalidArgument(format!("watch folder {path:?}: {e}")))?;
+    if !canon.is_dir() {
+        return Err(ProviderError::InvalidArgument(format!("watch folder {path:?} is not a directory")));
+    }
+    Ok(canon)
+}
+
+fn is_candidate(name: &str) -> bool {
+    !name.starts_with('.') && !name.ends_with(".part") && !name.ends_with(".tmp") && !name.ends_with(".reason")
+}
+
+/// Files waiting in one folder (regular files only; hidden and partial names skipped).
+pub fn pending_in(folder: &WatchFolder) -> Result<Vec<PendingFile>> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(&folder.path).map_err(|e| ProviderError::Io(format!("{}: {e}", folder.path)))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = std::fs::symlink_metadata(e.path()) else { continue };
+        if !meta.is_file() || !is_candidate(&name) {
+            continue;
+        }
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() as i64);
+        out.push(PendingFile {
+            path: e.path().to_string_lossy().into_owned(),
+            folder: folder.path.clone(),
+            size: meta.len(),
+            modified_unix: modified.unwrap_or(0),
+        });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Resolves a file named by an administrator to a pending file of a watched folder; anything
+/// outside the watched folders is refused.
+pub fn resolve(shared: &Shared, file: &str) -> Result<(WatchFolder, PathBuf)> {
+    let canon = Path::new(file).canonicalize().map_err(|e| ProviderError::InvalidArgument(format!("{file:?}: {e}")))?;
+    let parent = canon.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let folder =
+        shared.store.list_watches()?.into_iter().find(|w| w.path == parent).ok_or_else(|| {
+            ProviderError::InvalidArgument(format!("{file:?} is not directly inside a watched folder"))
+        })?;
+    Ok((folder, canon))
+}
+
+/// Imports one file; removes it on success, moves it to `rejected/` when the package is bad,
+/// leaves it in place when the failure is the provider's own (disk, store).
+pub async fn import_one(shared: &Shared, folder: &Path, file: &Path, quiet: Duration, who: &str) -> ImportResult {
+    let name = file.to_string_lossy().into_owned();
+    let fail = |error: String| ImportResult { file: name.clone(), update_id: String::new(), error };
+    match std::fs::metadata(file).and_then(|m| m.modified()) {
+        Ok(m) => {
+            let age = SystemTime::now().duration_since(m).unwrap_or_default();
+            if age < quiet {
+                return fail(format!(
+                    "still being written (modified {:.1}s ago); try again shortly",
+                    age.as_secs_f32()
+                ));
+            }
+        }
+        Err(e) => return fail(e.to_string()),
+    }
+    let result = match import::stage_file(shared, file).await {
+        Ok(staged) => import::commit(shared, staged, &name, who).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(u) => {
+            if let Err(e) = std::fs::remove_file(file) {
+                tracing::warn!(file = %name, error = %e, "imported but could not remove from the watched folder");
+            }
+            ImportResult { file: name, update_id: u.id, error: String::new() }
+        }
+        Err(e @ (ProviderError::Io(_) | ProviderError::Store(_))) => fail(e.to_string()),
+        Err(e) => {
+            let reason = e.to_string();
+            if let Err(m) = reject(folder, file, &reason) {
+                return fail(format!("{reason} (and moving it to {REJECTED}/ failed: {m})"));
+            }
+            tracing::warn!(file = %name, %reason, "package rejected");
+            fail(reason)
+        }
+    }
+}
+
+fn reject(folder: &Path, file: &Path, reason: &str) -> std::io::Result<()> {
+    let dir = folder.join(REJECTED);
+    std::fs::create_dir_all(&dir)?;
+    let base = file.file_name().unwrap_or_default();
+    let dest = dir.join(base);
+    std::fs::rename(file, &dest)?;
+    let mut reason_path = dest.into_os_string();
+    reason_path.push(".reason");
+    std::fs::write(reason_path, format!("{reason}\n"))
+}
+
+/// Scans auto folders after `start_delay`, then every `interval`, until shutdown.
+pub async fn scan_loop(shared: Arc<Shared>, cfg: ScanConfig, shutdown: CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = tokio::time::sleep(cfg.start_delay) => {}
+    }
+    loop {
+        match shared.store.list_watches() {
+            Ok(folders) => {
+                for w in folders.into_iter().filter(|w| w.auto) {
+                    match pending_in(&w) {
+                        Ok(files) => {
+                            for f in files {
+                                let r =
+                                    import_one(&shared, Path::new(&w.path), Path::new(&f.path), cfg.quiet, "scanner")
+                                        .await;
+                                if r.error.is_empty() {
+                                    tracing::info!(file = %r.file, id = %r.update_id, "scanner imported");
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(folder = %w.path, error = %e, "cannot scan watched folder"),
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot list watched folders"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(cfg.interval) => {}
+        }
+    }
+}
