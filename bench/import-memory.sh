@@ -12,7 +12,7 @@ W="$(mktemp -d -t updraft-bench.XXXXXX)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 cd "$W"
 "$BIN/admin-cli" key generate --out k >/dev/null
-printf '%-10s %-12s %-14s %-14s %s\n' "PACKAGE" "IMPORT s" "RSS before" "PEAK RSS" "PEAK - BEFORE"
+printf '%-10s %-12s %-14s %-14s %s\n' "PACKAGE" "IMPORT" "RSS before" "PEAK RSS" "PEAK - BEFORE"
 for mib in "${SIZES[@]}"; do
   rm -rf src "p$mib" && mkdir src
   head -c $((mib * 1024 * 1024)) /dev/urandom > src/payload.bin
