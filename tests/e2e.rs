@@ -8,6 +8,7 @@ use updraft_tests::rogue::Rogue;
 use updraft_tests::{World, stderr, wait_until};
 
 mod catalog;
+mod fleet;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -88,6 +89,13 @@ fn high_priority_push_reaches_direct_and_site_agents_at_once() {
         w.installed("d1", "viewer").as_deref() == Some("1.0.0.0")
             && w.installed("s1", "viewer").as_deref() == Some("1.0.0.0")
     });
+    // Both push streams must be open first: a stream that opens after v2 exists reports the
+    // newer catalog, and the agent rightly checks at once.
+    wait_until("push streams open", T, || {
+        [&_a, &_b].iter().all(|p| p.log_text().contains("push stream open"))
+            && [&_a, &_b].iter().all(|p| p.log_text().matches("check finished").count() >= 1)
+    });
+    std::thread::sleep(Duration::from_millis(300));
     let v2 = w.publish(&purl, &w.package("viewer", "2.0.0.0", &w.key));
     // Agents check hourly: without a push nothing moves.
     std::thread::sleep(Duration::from_secs(2));

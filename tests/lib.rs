@@ -208,6 +208,11 @@ impl World {
     /// An agent that checks at start and then only when pushed or asked (interval one hour).
     /// `provider` may list several URLs, comma-separated, in order of preference.
     pub fn agent(&self, name: &str, provider: &str) -> Proc {
+        self.agent_with(name, provider, &["--min-interval", "3600"])
+    }
+
+    /// An agent with its own extra flags (e.g. a short check interval).
+    pub fn agent_with(&self, name: &str, provider: &str, extra: &[&str]) -> Proc {
         let root = self.path(&format!("{name}-root"));
         let state = self.path(&format!("{name}-state"));
         Proc::start_env(
@@ -226,11 +231,12 @@ impl World {
                 self.pubkey.to_str().unwrap(),
                 "--name",
                 name,
-                "--min-interval",
-                "3600",
                 "--request-timeout",
                 "10",
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
             &self.env,
         )
     }

@@ -54,10 +54,12 @@ impl AgentApi for Rogue {
                 action: ActionKind::Install as i32,
                 update: Some(self.update.clone()),
                 rollback_to_version: String::new(),
+                pinned: false,
             }],
             min_check_interval_secs: 3600,
             max_check_interval_secs: 3600,
             served_by: "rogue".into(),
+            policy: None,
         }))
     }
     type DownloadStream = S<Chunk>;

@@ -36,14 +36,28 @@ pub enum Cmd {
     /// Folders the provider imports packages from.
     #[command(subcommand)]
     Watch(WatchCmd),
-    /// The activity log.
+    /// The activity log (`activity clear` empties it).
     Activity {
+        #[command(subcommand)]
+        cmd: Option<ActivityCmd>,
         #[arg(long)]
         machine: Option<String>,
         #[arg(long)]
         update: Option<String>,
+        #[command(flatten)]
+        since: Since,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+    },
+    /// Groups of machines and their update policy.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// The fleet by status: error, needs-attention, up-to-date.
+    Report {
+        #[command(subcommand)]
+        cmd: Option<ReportCmd>,
+        #[command(flatten)]
+        since: Since,
     },
 }
 
@@ -163,10 +177,107 @@ pub enum UpdateCmd {
 
 #[derive(Subcommand)]
 pub enum MachineCmd {
-    /// List machines, optionally filtered by a name or address substring.
+    /// List machines, optionally filtered by a name or address substring, or by group.
     List {
         #[arg(long)]
         filter: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// One machine: group, effective settings, products (installed vs available), activity.
+    Show { name: String },
+    /// Fix a product's version on machines; they converge to it, up or down.
+    Pin {
+        #[arg(required = true)]
+        machines: Vec<String>,
+        #[arg(long)]
+        product: String,
+        #[arg(long)]
+        version: String,
+    },
+    /// Let machines follow GA updates of a product again.
+    Unpin {
+        #[arg(required = true)]
+        machines: Vec<String>,
+        #[arg(long)]
+        product: String,
+    },
+}
+
+/// Only what happened since a date (`--since 2026-11-01`) or in a recent span (`--last 2w`).
+#[derive(Args, Default)]
+pub struct Since {
+    /// A date, YYYY-MM-DD (UTC).
+    #[arg(long, conflicts_with = "last")]
+    pub since: Option<String>,
+    /// A span back from now: Nh, Nd, Nw or Nm (30-day months), e.g. 2w, 3m, 6m.
+    #[arg(long)]
+    pub last: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ActivityCmd {
+    /// Remove activity entries (all, or one machine's).
+    Clear {
+        #[arg(long)]
+        machine: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ReportCmd {
+    /// One machine's notes, last contact and installed products.
+    Show { name: String },
+}
+
+#[derive(Args, Default)]
+pub struct GroupSettingsArgs {
+    /// automatic, download, notify or manual.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// every-day or sunday..saturday.
+    #[arg(long)]
+    pub day: Option<String>,
+    /// Install hour 0-23 (machine's local time), or any.
+    #[arg(long)]
+    pub hour: Option<String>,
+    /// Assigned providers in order of preference (comma-separated URLs; empty string clears).
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    pub providers: Option<Vec<String>>,
+}
+
+#[derive(Subcommand)]
+pub enum GroupCmd {
+    /// Create a group.
+    Create {
+        name: String,
+        #[command(flatten)]
+        settings: GroupSettingsArgs,
+    },
+    /// Change a group's settings (the default group's too).
+    Set {
+        name: String,
+        #[command(flatten)]
+        settings: GroupSettingsArgs,
+    },
+    /// Remove a group; its machines return to the default group.
+    Remove {
+        name: String,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Move machines into a group, from wherever they were.
+    Assign {
+        group: String,
+        #[arg(required = true)]
+        machines: Vec<String>,
+    },
+    /// Return machines to the default group.
+    Unassign {
+        #[arg(required = true)]
+        machines: Vec<String>,
     },
 }
 

@@ -11,13 +11,13 @@ use updraft_core::model::{InstallType, UpdateState};
 use updraft_core::package::{self, Package, PackageMeta};
 use updraft_proto::v1::admin_client::AdminClient;
 use updraft_proto::v1::{
-    ActivityKind, DeleteUpdatesRequest, GetUpdateRequest, ImportPendingRequest, ListActivityRequest, ListCapsRequest,
-    ListMachinesRequest, ListPendingRequest, ListUpdatesRequest, ListUpdatesResponse, ListWatchesRequest, Machine,
-    ProductLineCap, RelatedInstallsRequest, RemoveWatchRequest, SetPriorityRequest, SetUpdateStateRequest, Update,
-    UpdateStatus, UploadChunk, UploadHeader, WatchFolder, upload_chunk,
+    ActivityKind, DeleteUpdatesRequest, GetUpdateRequest, ImportPendingRequest, ListCapsRequest, ListPendingRequest,
+    ListUpdatesRequest, ListUpdatesResponse, ListWatchesRequest, Machine, ProductLineCap, RelatedInstallsRequest,
+    RemoveWatchRequest, SetPriorityRequest, SetUpdateStateRequest, Update, UpdateStatus, UploadChunk, UploadHeader,
+    WatchFolder, upload_chunk,
 };
 
-use crate::cli::{BuildArgs, Cli, Cmd, KeyCmd, MachineCmd, PackageCmd, ProductLineCmd, UpdateCmd, WatchCmd};
+use crate::cli::{BuildArgs, Cli, Cmd, KeyCmd, PackageCmd, ProductLineCmd, UpdateCmd, WatchCmd};
 use crate::output::{age, json as print_json, table};
 
 /// Upload chunk size: well under the provider's 4 MiB message limit.
@@ -26,7 +26,7 @@ const UPLOAD_CHUNK: usize = 1 << 20;
 /// Adds the caller's trace context and who is calling to every request. The provider logs the
 /// latter with each change until callers are authenticated by certificate.
 #[derive(Clone)]
-struct Caller(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub(crate) struct Caller(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for Caller {
     fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
@@ -36,9 +36,9 @@ impl tonic::service::Interceptor for Caller {
     }
 }
 
-type Admin = AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Caller>>;
+pub(crate) type Admin = AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Caller>>;
 
-async fn connect(url: &str) -> anyhow::Result<Admin> {
+pub(crate) async fn connect(url: &str) -> anyhow::Result<Admin> {
     let ep = Endpoint::from_shared(url.to_string()).with_context(|| format!("provider URL {url:?} is not valid"))?;
     let ch = ep
         .connect_timeout(Duration::from_secs(5))
@@ -52,7 +52,7 @@ async fn connect(url: &str) -> anyhow::Result<Admin> {
 }
 
 /// Turns a gRPC status into the provider's own message.
-fn rpc(url: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
+pub(crate) fn rpc(url: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
     move |s| match s.code() {
         tonic::Code::Unavailable => anyhow!("cannot reach provider {url}: {}", s.message()),
         _ => anyhow!("{}", s.message()),
@@ -101,41 +101,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Update(cmd) => update(url, cmd, cli.json).await?,
-        Cmd::Machine(MachineCmd::List { filter }) => {
-            let mut c = connect(url).await?;
-            let mut ms = c
-                .list_machines(ListMachinesRequest { filter: filter.unwrap_or_default() })
-                .await
-                .map_err(rpc(url))?
-                .into_inner()
-                .machines;
-            ms.sort_by(|a, b| name_of(a).cmp(name_of(b)));
-            if cli.json {
-                print_json(&Value::Array(ms.iter().map(machine_json).collect()));
-            } else {
-                let rows: Vec<Vec<String>> = ms
-                    .iter()
-                    .map(|m| {
-                        let info = m.info.clone().unwrap_or_default();
-                        let installed = info
-                            .installed
-                            .iter()
-                            .map(|p| format!("{} {}", p.product, p.version))
-                            .collect::<Vec<_>>()
-                            .join(", ");
-                        let kind = if m.is_remote_provider { "remote-provider" } else { "agent" };
-                        vec![
-                            info.name,
-                            kind.into(),
-                            m.via.clone(),
-                            age(m.last_contact_unix_ms),
-                            if installed.is_empty() { "-".into() } else { installed },
-                        ]
-                    })
-                    .collect();
-                table(&["MACHINE", "KIND", "VIA", "LAST CONTACT", "INSTALLED"], &rows);
-            }
-        }
+        Cmd::Machine(cmd) => crate::fleet::machine(url, cmd, cli.json).await?,
+        Cmd::Group(cmd) => crate::fleet::group(url, cmd, cli.json).await?,
+        Cmd::Report { cmd, since } => crate::fleet::report(url, cmd, &since, cli.json).await?,
         Cmd::ProductLine(cmd) => {
             let mut c = connect(url).await?;
             let caps = match cmd {
@@ -163,39 +131,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Watch(cmd) => watch(url, cmd, cli.json).await?,
-        Cmd::Activity { machine, update, limit } => {
-            let mut c = connect(url).await?;
-            let acts = c
-                .list_activity(ListActivityRequest {
-                    machine: machine.unwrap_or_default(),
-                    update_id: update.unwrap_or_default(),
-                    limit,
-                })
-                .await
-                .map_err(rpc(url))?
-                .into_inner()
-                .activities;
-            if cli.json {
-                print_json(&Value::Array(
-                    acts.iter()
-                        .map(|a| json!({"at_unix_ms": a.at_unix_ms, "machine": a.machine, "kind": kind_name(a.kind), "update_id": a.update_id, "product": a.product, "version": a.version, "detail": a.detail}))
-                        .collect(),
-                ));
-            } else {
-                let rows: Vec<Vec<String>> = acts
-                    .iter()
-                    .map(|a| {
-                        vec![
-                            age(a.at_unix_ms),
-                            a.machine.clone(),
-                            kind_name(a.kind),
-                            a.update_id.clone(),
-                            a.detail.clone(),
-                        ]
-                    })
-                    .collect();
-                table(&["WHEN", "MACHINE", "EVENT", "UPDATE", "DETAIL"], &rows);
-            }
+        Cmd::Activity { cmd, machine, update, since, limit } => {
+            crate::fleet::activity(url, cmd, machine, update, &since, limit, cli.json).await?
         }
     }
     Ok(())
@@ -540,14 +477,10 @@ fn state_name(n: i32) -> String {
     UpdateState::from_wire(n).map(|s| s.to_string()).unwrap_or_else(|| format!("unknown({n})"))
 }
 
-fn kind_name(n: i32) -> String {
+pub(crate) fn kind_name(n: i32) -> String {
     ActivityKind::try_from(n)
         .map(|k| k.as_str_name().trim_start_matches("ACTIVITY_KIND_").to_lowercase().replace('_', "-"))
         .unwrap_or_else(|_| format!("unknown({n})"))
-}
-
-fn name_of(m: &Machine) -> &str {
-    m.info.as_ref().map(|i| i.name.as_str()).unwrap_or("")
 }
 
 fn update_json(u: &Update) -> Value {
@@ -564,12 +497,19 @@ fn update_json(u: &Update) -> Value {
     })
 }
 
-fn machine_json(m: &Machine) -> Value {
+pub(crate) fn machine_json(m: &Machine) -> Value {
     let info = m.info.clone().unwrap_or_default();
     json!({
         "name": info.name, "hostname": info.hostname, "addresses": info.addresses,
         "agent_version": info.agent_version, "via": m.via, "is_remote_provider": m.is_remote_provider,
         "last_contact_unix_ms": m.last_contact_unix_ms, "last_error": m.last_error,
+        "group": m.group, "status": m.status, "notes": m.notes, "problems": info.problems,
+        "restart_needed": info.restart_needed, "waiting": info.waiting,
         "installed": info.installed.iter().map(|p| json!({"product": p.product, "version": p.version, "update_id": p.update_id, "previous_version": p.previous_version})).collect::<Vec<_>>(),
     })
+}
+
+pub(crate) fn activity_json(a: &updraft_proto::v1::Activity) -> Value {
+    json!({"at_unix_ms": a.at_unix_ms, "machine": a.machine, "kind": kind_name(a.kind), "update_id": a.update_id,
+        "product": a.product, "version": a.version, "detail": a.detail})
 }

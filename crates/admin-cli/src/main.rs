@@ -1,6 +1,7 @@
 //! `admin-cli`: the operator's tool. Parses the command line and hands over to `commands`.
 mod cli;
 mod commands;
+mod fleet;
 mod output;
 
 use clap::Parser;

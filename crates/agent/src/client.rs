@@ -14,34 +14,70 @@ use crate::error::{AgentError, Result};
 
 pub type Client = AgentApiClient<TracedChannel>;
 
-/// Largest message the agent accepts from a provider.
+/// Largest message the agent accepts from a provider, unless configured otherwise.
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
 /// The providers an agent knows, in order of preference, and which one answered last.
 #[derive(Debug, Clone)]
 pub struct Providers {
+    /// The group's assigned providers (from the last check), tried first.
+    assigned: Vec<String>,
+    /// The agent's own list (flags or config file).
+    configured: Vec<String>,
     urls: Vec<String>,
     current: usize,
     pub connect_timeout: Duration,
+    pub max_message_bytes: usize,
 }
 
+/// One connection attempt that failed: which provider, and why.
+pub type Failure = (String, String);
+
 impl Providers {
-    pub fn new(urls: Vec<String>) -> Result<Self> {
+    pub fn new(urls: Vec<String>, max_message_bytes: usize) -> Result<Self> {
         if urls.is_empty() {
             return Err(AgentError::Config("no provider given (use --provider URL)".into()));
         }
         for u in &urls {
             Endpoint::from_shared(u.clone()).map_err(|e| AgentError::Config(format!("provider URL {u:?}: {e}")))?;
         }
-        Ok(Self { urls, current: 0, connect_timeout: Duration::from_secs(5) })
+        Ok(Self {
+            assigned: vec![],
+            urls: urls.clone(),
+            configured: urls,
+            current: 0,
+            connect_timeout: Duration::from_secs(5),
+            max_message_bytes,
+        })
     }
 
     pub fn urls(&self) -> &[String] {
         &self.urls
     }
 
-    /// Connects to the provider that answered last, else the next ones in order.
-    pub async fn connect(&mut self) -> Result<(String, Client)> {
+    /// Puts the group's assigned providers first; the configured ones remain as fallbacks.
+    pub fn set_assigned(&mut self, assigned: &[String]) {
+        let assigned: Vec<String> =
+            assigned.iter().filter(|u| Endpoint::from_shared((*u).clone()).is_ok()).cloned().collect();
+        if assigned == self.assigned {
+            return;
+        }
+        let current = self.urls.get(self.current).cloned();
+        self.assigned = assigned;
+        let mut urls = self.assigned.clone();
+        for u in &self.configured {
+            if !urls.contains(u) {
+                urls.push(u.clone());
+            }
+        }
+        self.urls = urls;
+        self.current = current.and_then(|c| self.urls.iter().position(|u| *u == c)).unwrap_or(0);
+    }
+
+    /// Connects to the provider that answered last, else the next ones in order. Also returns
+    /// the providers that failed on the way, so they can be reported.
+    pub async fn connect(&mut self) -> Result<(String, Client, Vec<Failure>)> {
+        let mut failures = Vec::new();
         let mut last = String::new();
         for i in 0..self.urls.len() {
             let idx = (self.current + i) % self.urls.len();
@@ -55,13 +91,14 @@ impl Providers {
             match ep.connect().await {
                 Ok(ch) => {
                     self.current = idx;
-                    let client =
-                        AgentApiClient::new(updraft_runtime::traced(ch)).max_decoding_message_size(MAX_MESSAGE_BYTES);
-                    return Ok((url, client));
+                    let client = AgentApiClient::new(updraft_runtime::traced(ch))
+                        .max_decoding_message_size(self.max_message_bytes);
+                    return Ok((url, client, failures));
                 }
                 Err(e) => {
                     tracing::warn!(provider = %url, error = %e, "provider unreachable");
                     last = format!("{url}: {e}");
+                    failures.push((url, e.to_string()));
                 }
             }
         }

@@ -19,7 +19,24 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    Check,
+    /// Check now; `later` leaves high-priority updates for the next install window.
+    Check {
+        #[serde(default)]
+        later: bool,
+    },
+    /// Install waiting updates now (only these ids, when given).
+    Apply {
+        #[serde(default)]
+        select: Vec<String>,
+    },
+    /// A default-group machine's own settings; unset fields are left alone.
+    Config {
+        mode: Option<String>,
+        install_day: Option<i32>,
+        install_hour: Option<i32>,
+        #[serde(default)]
+        reset: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,7 +44,17 @@ pub enum Request {
 pub enum Response {
     Status(StatusReport),
     Check(CheckReport),
+    Config(ConfigReport),
     Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigReport {
+    pub group: String,
+    pub mode: String,
+    pub install_day: String,
+    pub install_hour: String,
+    pub local: crate::state::LocalSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -41,6 +68,12 @@ pub struct InstalledView {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
     pub name: String,
+    pub group: Option<String>,
+    pub mode: Option<String>,
+    pub managed: bool,
+    pub waiting: Vec<crate::state::WaitingRec>,
+    pub problems: Vec<String>,
+    pub restart_needed: bool,
     /// False when read from the state file because no daemon answered.
     pub daemon_running: bool,
     pub providers: Vec<String>,
@@ -58,6 +91,8 @@ pub struct CheckReport {
     pub catalog_seq: u64,
     pub done: Vec<String>,
     pub errors: Vec<String>,
+    /// Updates the policy holds back, and why.
+    pub waiting: Vec<String>,
 }
 
 /// Sends one request to the daemon.

@@ -10,16 +10,20 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use updraft_core::keys::PublicKey;
+use updraft_core::policy::Mode;
 use updraft_proto::v1::{
-    ActionKind, Activity, ActivityKind, CheckRequest, InstalledProduct, MachineInfo, Offer, PushKind, ReportRequest,
-    SubscribeRequest, Update,
+    ActionKind, Activity, ActivityKind, CheckRequest, GroupSettings, InstalledProduct, LocalSettings, MachineInfo,
+    Offer, PushKind, ReportRequest, SubscribeRequest, Update,
 };
 
 use crate::client::{self, Client, Providers};
-use crate::control::{self, CheckReport, InstalledView, Request, Response, StatusReport};
+use crate::control::{self, CheckReport, ConfigReport, InstalledView, Request, Response, StatusReport};
 use crate::error::{AgentError, Result};
 use crate::install;
-use crate::state::{ActivityRec, AgentState, InstalledRec, PreviousRec};
+use crate::localtime;
+use crate::state::{
+    ActivityRec, AgentState, InstalledRec, LocalSettings as LocalRec, PolicyRec, PreviousRec, WaitingRec,
+};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -31,15 +35,58 @@ pub struct AgentConfig {
     /// Overrides the check interval the provider asks for.
     pub interval: Option<(Duration, Duration)>,
     pub request_timeout: Duration,
+    pub max_message_bytes: usize,
 }
 
 /// Why a check runs.
 #[derive(Debug, Clone)]
 pub enum Reason {
     Schedule,
-    Manual,
+    /// Someone ran `agent check`; `later` leaves high-priority updates for the install window.
+    Manual {
+        later: bool,
+    },
     Push(String),
     Resync,
+    /// Someone ran `agent apply`: install what waits (these ids only, when given).
+    Apply(Vec<String>),
+    /// The install window opened while updates were waiting.
+    Window,
+}
+
+/// What to do with one offer, given the mode, the window and why this check runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Apply,
+    /// Download now, install later (automatic outside its window, download mode).
+    Stage,
+    /// Only note that it waits (notify and manual modes, deferred high priority).
+    Note,
+}
+
+fn decide(mode: Mode, in_window: bool, reason: &Reason, offer: &Offer, deferred: &[String]) -> Decision {
+    let Some(u) = &offer.update else { return Decision::Note };
+    if offer.action == ActionKind::Remove as i32 {
+        return Decision::Apply; // a removal overrides local settings
+    }
+    let manual = matches!(reason, Reason::Manual { .. });
+    if u.high_priority {
+        if matches!(reason, Reason::Manual { later: true }) || (deferred.contains(&u.id) && !in_window) {
+            return Decision::Note;
+        }
+        return Decision::Apply; // high priority ignores mode and window
+    }
+    match reason {
+        Reason::Apply(ids) if ids.is_empty() || ids.contains(&u.id) => return Decision::Apply,
+        Reason::Apply(_) => return Decision::Note,
+        _ => {}
+    }
+    match mode {
+        Mode::Automatic if in_window || manual => Decision::Apply,
+        Mode::Automatic | Mode::Download => Decision::Stage,
+        Mode::Manual if manual => Decision::Apply,
+        Mode::Notify | Mode::Manual => Decision::Note,
+    }
 }
 
 struct Trigger {
@@ -53,6 +100,8 @@ pub struct Agent {
     providers: Mutex<Providers>,
     /// Provider's interval wish from the last check.
     interval: Mutex<(Duration, Duration)>,
+    /// One check at a time: installs must never interleave.
+    checking: Mutex<()>,
 }
 
 fn now_ms() -> i64 {
@@ -69,19 +118,29 @@ impl Agent {
             tracing::warn!(?cleaned, "removed leftovers of an interrupted install");
         }
         let state = AgentState::load(&cfg.state_dir)?;
-        let providers = Providers::new(cfg.providers.clone())?;
+        let providers = Providers::new(cfg.providers.clone(), cfg.max_message_bytes)?;
         let interval = cfg.interval.unwrap_or((Duration::from_secs(1800), Duration::from_secs(3600)));
         Ok(Arc::new(Self {
             state: Mutex::new(state),
             providers: Mutex::new(providers),
             interval: Mutex::new(interval),
+            checking: Mutex::new(()),
             cfg,
         }))
     }
 
     async fn machine_info(&self) -> MachineInfo {
         let st = self.state.lock().await;
+        let local = LocalSettings {
+            mode: st.local.mode.as_deref().and_then(|m| m.parse::<Mode>().ok()).map(Mode::to_wire).unwrap_or(0),
+            install_day: st.local.install_day,
+            install_hour: st.local.install_hour,
+        };
         MachineInfo {
+            problems: st.problems(),
+            restart_needed: st.restart_boot_id.as_deref().is_some_and(|b| b == localtime::boot_id()),
+            local: Some(local),
+            waiting: st.waiting.iter().map(|w| w.update_id.clone()).collect(),
             name: self.cfg.name.clone(),
             hostname: updraft_runtime::hostname(),
             addresses: vec![],
@@ -118,32 +177,20 @@ impl Agent {
         st.save(&self.cfg.state_dir)
     }
 
-    /// One full check: ask, apply, report. Removals are followed by another round so that a
-    /// machine returns to the previous version in the same check.
+    /// One full check: ask, act on each offer as the policy says, report. Removals are followed
+    /// by another round so that a machine returns to the previous version in the same check.
     pub async fn check_once(&self, reason: Reason) -> Result<CheckReport> {
         let span = tracing::info_span!("check", machine = %self.cfg.name, ?reason);
+        let _one_at_a_time = self.checking.lock().await;
         async {
             let mut report = CheckReport::default();
             for _round in 0..3 {
-                let (url, mut client) = match self.providers.lock().await.connect().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        self.state.lock().await.last_error = Some(e.to_string());
-                        let _ = self.save().await;
-                        return Err(e);
-                    }
-                };
+                let (url, mut client) = self.connect().await?;
                 report.provider = url.clone();
                 let machine = self.machine_info().await;
-                let manual = matches!(reason, Reason::Manual);
-                let resp = match client::bounded(
-                    &url,
-                    "check",
-                    self.cfg.request_timeout,
-                    client.check(CheckRequest { machine: Some(machine), manual }),
-                )
-                .await
-                {
+                let manual = matches!(reason, Reason::Manual { .. } | Reason::Apply(_));
+                let req = CheckRequest { machine: Some(machine), manual };
+                let resp = match client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await {
                     Ok(r) => r,
                     Err(e) => {
                         self.providers.lock().await.rotate();
@@ -157,16 +204,76 @@ impl Agent {
                     let max = resp.max_check_interval_secs.max(min);
                     *self.interval.lock().await = (Duration::from_secs(min.into()), Duration::from_secs(max.into()));
                 }
+                // A provider that states no policy gets the default group's: any time, automatic.
+                let policy = resp.policy.clone().unwrap_or_default();
+                let settings = policy.settings.clone().unwrap_or(GroupSettings {
+                    mode: Mode::Automatic.to_wire(),
+                    install_day: -1,
+                    install_hour: -1,
+                    providers: vec![],
+                });
+                let mode = Mode::from_wire(settings.mode).unwrap_or_default();
+                let window =
+                    updraft_core::policy::in_window(settings.install_day, settings.install_hour, localtime::now());
+                self.providers.lock().await.set_assigned(&settings.providers);
                 report.catalog_seq = resp.catalog_seq;
                 let had_removal = resp.offers.iter().any(|o| o.action == ActionKind::Remove as i32);
+                let deferred = self.state.lock().await.deferred.clone();
+                let mut waiting = Vec::new();
                 for offer in resp.offers {
-                    match self.apply(&mut client, offer).await {
-                        Ok(line) => report.done.push(line),
+                    let Some(u) = offer.update.clone() else { continue };
+                    let decision = decide(mode, window, &reason, &offer, &deferred);
+                    let result = match decision {
+                        Decision::Apply => self.apply(&mut client, offer).await.map(Some),
+                        Decision::Stage => self.stage_download(&mut client, &u).await.map(|_| None),
+                        Decision::Note => Ok(None),
+                    };
+                    match result {
+                        Ok(Some(line)) => report.done.push(line),
+                        Ok(None) => {
+                            let downloaded = decision == Decision::Stage;
+                            let why = match (decision, u.high_priority) {
+                                (_, true) => "high priority, left for the next install window",
+                                (Decision::Stage, _) if mode == Mode::Automatic => {
+                                    "downloaded; installs in the install window"
+                                }
+                                (Decision::Stage, _) => "downloaded; run `agent apply` to install",
+                                _ if mode == Mode::Notify => "waiting; run `agent apply` to install",
+                                _ => "waiting; run `agent check` or `agent apply`",
+                            };
+                            report.waiting.push(format!("{} {} ({why})", u.product, u.version));
+                            waiting.push(WaitingRec {
+                                update_id: u.id.clone(),
+                                product: u.product.clone(),
+                                version: u.version.clone(),
+                                downloaded,
+                                high_priority: u.high_priority,
+                            });
+                        }
                         Err(e) => report.errors.push(e.to_string()),
                     }
                 }
                 {
                     let mut st = self.state.lock().await;
+                    if let Reason::Manual { later: true } = reason {
+                        for w in waiting.iter().filter(|w| w.high_priority) {
+                            if !st.deferred.contains(&w.update_id) {
+                                st.deferred.push(w.update_id.clone());
+                            }
+                        }
+                    }
+                    // A deferral ends once its update is no longer waiting.
+                    st.deferred.retain(|d| waiting.iter().any(|w| &w.update_id == d));
+                    st.waiting = waiting;
+                    st.policy = Some(PolicyRec {
+                        group: policy.group.clone(),
+                        mode: mode.to_string(),
+                        install_day: settings.install_day,
+                        install_hour: settings.install_hour,
+                        providers: settings.providers.clone(),
+                        managed: policy.managed,
+                        served_by: resp.served_by.clone(),
+                    });
                     st.last_seen_seq = resp.catalog_seq;
                     st.last_check_unix = now_ms() / 1000;
                     st.last_provider = Some(url.clone());
@@ -182,6 +289,125 @@ impl Agent {
         }
         .instrument(span)
         .await
+    }
+
+    /// Connects to a provider, keeping track of the ones that could not be reached.
+    async fn connect(&self) -> Result<(String, Client)> {
+        let result = self.providers.lock().await.connect().await;
+        let mut st = self.state.lock().await;
+        let now = now_ms() / 1000;
+        let outcome = match result {
+            Ok((url, client, failures)) => {
+                for (failed, _) in failures {
+                    st.unreachable.entry(failed).or_insert(now);
+                }
+                st.unreachable.remove(&url);
+                Ok((url, client))
+            }
+            Err(e) => {
+                for url in self.providers.lock().await.urls() {
+                    st.unreachable.entry(url.clone()).or_insert(now);
+                }
+                st.last_error = Some(e.to_string());
+                Err(e)
+            }
+        };
+        let snapshot = st.clone();
+        drop(st);
+        snapshot.save(&self.cfg.state_dir)?;
+        outcome
+    }
+
+    /// Downloads an update for later, so the install itself is quick when its time comes.
+    async fn stage_download(&self, client: &mut Client, u: &Update) -> Result<()> {
+        let dir = self.cfg.state_dir.join("downloads");
+        let hex = u.content_hash.trim_start_matches(updraft_core::hash::PREFIX);
+        if dir.join(format!("{hex}.pkg")).is_file() {
+            return Ok(());
+        }
+        self.record(ActivityKind::DownloadStarted, u, format!("{} bytes, for later", u.size)).await;
+        match client::download(client, u, &dir, self.cfg.request_timeout).await {
+            Ok(path) => {
+                // Check it now, so a bad package is refused when it arrives, not when it is due.
+                let key = self.cfg.trust_key;
+                let (id, product, version, p) = (u.id.clone(), u.product.clone(), u.version.clone(), path.clone());
+                let verified =
+                    tokio::task::spawn_blocking(move || install::verify(&p, &key, &id, &product, &version).map(|_| ()))
+                        .await
+                        .map_err(|e| AgentError::Verify { update: u.id.clone(), reason: e.to_string() })?;
+                if let Err(e) = verified {
+                    let _ = tokio::fs::remove_file(&path).await;
+                    self.record(ActivityKind::VerifyFailed, u, e.to_string()).await;
+                    return Err(e);
+                }
+                self.record(ActivityKind::DownloadFinished, u, "verified; waiting to be applied").await;
+                Ok(())
+            }
+            Err(e) => {
+                self.record(ActivityKind::DownloadFailed, u, e.to_string()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Changes a default-group machine's own settings; refused when a group manages it.
+    pub async fn configure(
+        &self,
+        mode: Option<String>,
+        day: Option<i32>,
+        hour: Option<i32>,
+        reset: bool,
+    ) -> Result<ConfigReport> {
+        {
+            let mut st = self.state.lock().await;
+            if let Some(p) = st.policy.as_ref().filter(|p| p.managed) {
+                return Err(AgentError::Config(format!(
+                    "this machine is managed by group {:?} on provider {}; change its settings there (admin-cli group set)",
+                    p.group, p.served_by
+                )));
+            }
+            if let Some(m) = &mode {
+                m.parse::<Mode>()?;
+            }
+            if day.is_some_and(|d| !(-1..=6).contains(&d)) || hour.is_some_and(|h| !(-1..=23).contains(&h)) {
+                return Err(AgentError::Config("install day must be -1..6 and install hour -1..23".into()));
+            }
+            if reset {
+                st.local = LocalRec::default();
+            }
+            if mode.is_some() {
+                st.local.mode = mode;
+            }
+            if day.is_some() {
+                st.local.install_day = day;
+            }
+            if hour.is_some() {
+                st.local.install_hour = hour;
+            }
+        }
+        self.save().await?;
+        // Tell the provider, and take the effective settings it answers with.
+        let _ = self.check_once(Reason::Resync).await;
+        let st = self.state.lock().await;
+        let p = st.policy.clone();
+        Ok(ConfigReport {
+            group: p.as_ref().map(|p| p.group.clone()).unwrap_or_default(),
+            mode: p.as_ref().map(|p| p.mode.clone()).unwrap_or_default(),
+            install_day: updraft_core::policy::day_name(p.as_ref().map(|p| p.install_day).unwrap_or(-1)).into(),
+            install_hour: updraft_core::policy::hour_name(p.as_ref().map(|p| p.install_hour).unwrap_or(-1)),
+            local: st.local.clone(),
+        })
+    }
+
+    /// How long until the install window opens, if updates wait for it.
+    async fn window_wait(&self) -> Option<Duration> {
+        let st = self.state.lock().await;
+        let p = st.policy.as_ref()?;
+        if p.mode != Mode::Automatic.as_str() || st.waiting.is_empty() {
+            return None;
+        }
+        let minutes = updraft_core::policy::minutes_until_window(p.install_day, p.install_hour, localtime::now());
+        Some(Duration::from_secs(u64::from(minutes) * 60 + 5))
     }
 
     async fn apply(&self, client: &mut Client, offer: Offer) -> Result<String> {
@@ -350,6 +576,12 @@ impl Agent {
 pub fn status_from_state(name: &str, providers: &[String], st: &AgentState, daemon_running: bool) -> StatusReport {
     StatusReport {
         name: name.to_string(),
+        group: st.policy.as_ref().map(|p| p.group.clone()),
+        mode: st.policy.as_ref().map(|p| p.mode.clone()),
+        managed: st.policy.as_ref().is_some_and(|p| p.managed),
+        waiting: st.waiting.clone(),
+        problems: st.problems(),
+        restart_needed: st.restart_boot_id.as_deref().is_some_and(|b| b == localtime::boot_id()),
         daemon_running,
         providers: providers.to_vec(),
         last_provider: st.last_provider.clone(),
@@ -391,9 +623,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let mut next = tokio::time::Instant::now();
     let mut failures = 0u32;
     loop {
+        // Updates waiting for the install window wake the agent when it opens.
+        let window = match agent.window_wait().await {
+            Some(d) => tokio::time::Instant::now() + d,
+            None => next + Duration::from_secs(3600),
+        };
         let trigger = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep_until(next) => Trigger { reason: Reason::Schedule, reply: None },
+            _ = tokio::time::sleep_until(window), if window < next => Trigger { reason: Reason::Window, reply: None },
             Some(t) = rx.recv() => t,
         };
         let scheduled = matches!(trigger.reason, Reason::Schedule);
@@ -442,22 +680,31 @@ async fn control_loop(
             let (r, w) = stream.into_split();
             let resp = match control::read_request(r).await {
                 Ok(Request::Status) => Response::Status(agent.status(true).await),
-                Ok(Request::Check) => {
-                    let (reply, wait) = oneshot::channel();
-                    if tx.send(Trigger { reason: Reason::Manual, reply: Some(reply) }).await.is_err() {
-                        Response::Error { message: "agent is shutting down".into() }
-                    } else {
-                        match wait.await {
-                            Ok(Ok(r)) => Response::Check(r),
-                            Ok(Err(message)) => Response::Error { message },
-                            Err(_) => Response::Error { message: "check was abandoned".into() },
-                        }
+                Ok(Request::Check { later }) => run_now(&tx, Reason::Manual { later }).await,
+                Ok(Request::Apply { select }) => run_now(&tx, Reason::Apply(select)).await,
+                Ok(Request::Config { mode, install_day, install_hour, reset }) => {
+                    match agent.configure(mode, install_day, install_hour, reset).await {
+                        Ok(r) => Response::Config(r),
+                        Err(e) => Response::Error { message: e.to_string() },
                     }
                 }
                 Err(message) => Response::Error { message },
             };
             let _ = control::write_response(w, &resp).await;
         });
+    }
+}
+
+/// Queues a check for the main loop and waits for its outcome.
+async fn run_now(tx: &mpsc::Sender<Trigger>, reason: Reason) -> Response {
+    let (reply, wait) = oneshot::channel();
+    if tx.send(Trigger { reason, reply: Some(reply) }).await.is_err() {
+        return Response::Error { message: "agent is shutting down".into() };
+    }
+    match wait.await {
+        Ok(Ok(r)) => Response::Check(r),
+        Ok(Err(message)) => Response::Error { message },
+        Err(_) => Response::Error { message: "check was abandoned".into() },
     }
 }
 
@@ -469,7 +716,8 @@ async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Trigger>, shutdown: Cance
         if shutdown.is_cancelled() {
             return;
         }
-        let connected = agent.providers.lock().await.connect().await;
+        // Through the agent, so providers found unreachable here are reported too.
+        let connected = agent.connect().await;
         if let Ok((url, mut client)) = connected {
             let last_seen_seq = agent.state.lock().await.last_seen_seq;
             let req = SubscribeRequest { machine: agent.cfg.name.clone(), last_seen_seq };

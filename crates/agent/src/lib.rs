@@ -2,10 +2,12 @@
 //! downloads resumably, verifies against the pinned release key, installs by atomic exchange,
 //! and reports. `daemon` runs it; `control` is the local socket `agent status|check` use.
 pub mod client;
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod install;
+pub mod localtime;
 pub mod state;
 
 pub use daemon::{AgentConfig, run};

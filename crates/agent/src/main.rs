@@ -1,9 +1,9 @@
 //! `agent`: the daemon (`agent run`) and its local control commands.
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use updraft_agent::config::{self, FileConfig};
 use updraft_agent::control::{self, Request, Response, StatusReport};
 use updraft_core::keys::PublicKey;
 
@@ -23,6 +23,9 @@ struct StateDir {
     /// Agent state directory (state file, downloads, control socket).
     #[arg(long, env = "UPDRAFT_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    json: bool,
 }
 
 impl StateDir {
@@ -31,137 +34,196 @@ impl StateDir {
     }
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// Configuration file (TOML); flags and environment variables override it.
+    #[arg(long, env = "UPDRAFT_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Provider URL, e.g. http://127.0.0.1:8092 (repeat for fallbacks, in order).
+    #[arg(long = "provider", env = "UPDRAFT_AGENT_PROVIDERS", value_delimiter = ',')]
+    providers: Vec<String>,
+    /// Directory the products are installed under (ROOT/PRODUCT).
+    #[arg(long, env = "UPDRAFT_AGENT_INSTALL_ROOT")]
+    install_root: Option<PathBuf>,
+    /// Agent state directory.
+    #[arg(long, env = "UPDRAFT_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Pinned release public key; packages not signed by it are refused.
+    #[arg(long, env = "UPDRAFT_AGENT_TRUST_KEY")]
+    trust_key: Option<PathBuf>,
+    /// Machine name (default: host name); several hosts may share one.
+    #[arg(long, env = "UPDRAFT_AGENT_NAME")]
+    name: Option<String>,
+    /// Shortest wait between scheduled checks, seconds (default: what the provider says, 30 min).
+    #[arg(long, env = "UPDRAFT_AGENT_MIN_INTERVAL")]
+    min_interval: Option<u64>,
+    /// Longest wait between scheduled checks, seconds (default 60 min).
+    #[arg(long, env = "UPDRAFT_AGENT_MAX_INTERVAL")]
+    max_interval: Option<u64>,
+    /// Timeout of each request to a provider, seconds (default 60, at most 600).
+    #[arg(long, env = "UPDRAFT_AGENT_REQUEST_TIMEOUT")]
+    request_timeout: Option<u64>,
+    /// Largest message accepted from a provider, bytes (default 4 MiB).
+    #[arg(long, env = "UPDRAFT_AGENT_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent daemon.
-    Run {
-        /// Provider URL, e.g. http://127.0.0.1:8092 (repeat for fallbacks, in order).
-        #[arg(long = "provider", env = "UPDRAFT_AGENT_PROVIDERS", value_delimiter = ',', required = true)]
-        providers: Vec<String>,
-        /// Directory the products are installed under (ROOT/PRODUCT).
-        #[arg(long, env = "UPDRAFT_AGENT_INSTALL_ROOT")]
-        install_root: PathBuf,
-        #[command(flatten)]
-        state: StateDir,
-        /// Pinned release public key; packages not signed by it are refused.
-        #[arg(long, env = "UPDRAFT_AGENT_TRUST_KEY")]
-        trust_key: PathBuf,
-        /// Machine name (default: host name); several hosts may share one.
-        #[arg(long, env = "UPDRAFT_AGENT_NAME")]
-        name: Option<String>,
-        /// Shortest wait between scheduled checks, seconds (default: what the provider says).
-        #[arg(long, env = "UPDRAFT_AGENT_MIN_INTERVAL")]
-        min_interval: Option<u64>,
-        /// Longest wait between scheduled checks, seconds.
-        #[arg(long, env = "UPDRAFT_AGENT_MAX_INTERVAL")]
-        max_interval: Option<u64>,
-        /// Timeout of each request to a provider, seconds (at most 600).
-        #[arg(long, env = "UPDRAFT_AGENT_REQUEST_TIMEOUT", default_value_t = 60)]
-        request_timeout: u64,
-    },
-    /// Show installed products and the daemon's view.
-    Status {
-        #[command(flatten)]
-        state: StateDir,
-        #[arg(long)]
-        json: bool,
-    },
+    Run(Box<RunArgs>),
+    /// Show installed products, waiting updates, problems and the daemon's view.
+    Status(StateDir),
     /// Make the running daemon check now, and show what it did.
     Check {
         #[command(flatten)]
         state: StateDir,
+        /// Leave high-priority updates for the next install window instead of installing now.
         #[arg(long)]
-        json: bool,
+        later: bool,
+    },
+    /// Install the updates that wait (downloaded or not) now.
+    Apply {
+        #[command(flatten)]
+        state: StateDir,
+        /// Only these update ids.
+        #[arg(long = "select")]
+        select: Vec<String>,
+    },
+    /// Change this machine's own settings (machines in the default group only).
+    Config {
+        #[command(flatten)]
+        state: StateDir,
+        /// automatic, download, notify or manual.
+        #[arg(long)]
+        mode: Option<String>,
+        /// every-day or sunday..saturday.
+        #[arg(long)]
+        day: Option<String>,
+        /// 0-23, or any.
+        #[arg(long)]
+        hour: Option<String>,
+        /// Forget this machine's own settings and follow the default group again.
+        #[arg(long)]
+        reset: bool,
     },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Run { providers, install_root, state, trust_key, name, min_interval, max_interval, request_timeout } => {
-            let telemetry = updraft_runtime::telemetry::init("updraft-agent");
-            let interval = match (min_interval, max_interval) {
-                (None, None) => None,
-                (min, max) => {
-                    let min = min.or(max).unwrap_or(1);
-                    let max = max.unwrap_or(min).max(min);
-                    if min == 0 {
-                        bail!("--min-interval must be at least 1 second");
-                    }
-                    Some((Duration::from_secs(min), Duration::from_secs(max)))
-                }
-            };
-            if !(1..=600).contains(&request_timeout) {
-                bail!("--request-timeout must be between 1 and 600 seconds, got {request_timeout}");
+    match Cli::parse().cmd {
+        Cmd::Run(args) => run(*args).await,
+        Cmd::Status(state) => status(&state).await,
+        Cmd::Check { state, later } => act(&state, Request::Check { later }).await,
+        Cmd::Apply { state, select } => act(&state, Request::Apply { select }).await,
+        Cmd::Config { state, mode, day, hour, reset } => {
+            let install_day = day.map(|d| updraft_core::policy::parse_day(&d)).transpose()?;
+            let install_hour = hour.map(|h| updraft_core::policy::parse_hour(&h)).transpose()?;
+            if let Some(m) = &mode {
+                m.parse::<updraft_core::policy::Mode>()?;
             }
-            let cfg = updraft_agent::AgentConfig {
-                name: name.unwrap_or_else(updraft_runtime::hostname),
-                providers,
-                install_root,
-                state_dir: state.path(),
-                trust_key: PublicKey::load(&trust_key)?,
-                interval,
-                request_timeout: Duration::from_secs(request_timeout),
-            };
-            let result = updraft_agent::run(cfg, updraft_runtime::shutdown_on_signals()).await;
-            telemetry.shutdown().await;
-            Ok(result?)
+            act(&state, Request::Config { mode, install_day, install_hour, reset }).await
         }
-        Cmd::Status { state, json } => {
-            let dir = state.path();
-            let report = match control::call(&dir, &Request::Status).await {
-                Ok(Response::Status(s)) => s,
-                Ok(Response::Error { message }) => bail!("agent daemon: {message}"),
-                Ok(other) => bail!("agent daemon answered out of turn: {other:?}"),
-                Err(_) => {
-                    // No daemon: the state file still says what is installed.
-                    let st = updraft_agent::state::AgentState::load(&dir)
-                        .with_context(|| format!("no agent daemon at {} and no readable state", dir.display()))?;
-                    eprintln!(
-                        "note: no agent daemon answered at {}; showing the saved state",
-                        control::socket_path(&dir).display()
-                    );
-                    updraft_agent::daemon::status_from_state("", &[], &st, false)
-                }
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let telemetry = updraft_runtime::telemetry::init("updraft-agent");
+    let file = match &a.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let providers = if a.providers.is_empty() { file.providers.unwrap_or_default() } else { a.providers };
+    let install_root = a
+        .install_root
+        .or(file.install_root)
+        .context("no install root: use --install-root or install_root in the config file")?;
+    let trust_key =
+        a.trust_key.or(file.trust_key).context("no release key: use --trust-key or trust_key in the config file")?;
+    let state_dir = a.state_dir.or(file.state_dir).unwrap_or_else(|| updraft_runtime::default_data_dir("agent"));
+    let cfg = updraft_agent::AgentConfig {
+        name: a.name.or(file.name).unwrap_or_else(updraft_runtime::hostname),
+        providers,
+        install_root,
+        state_dir,
+        trust_key: PublicKey::load(&trust_key)?,
+        interval: config::interval(a.min_interval.or(file.min_interval), a.max_interval.or(file.max_interval))?,
+        request_timeout: config::request_timeout(a.request_timeout.or(file.request_timeout))?,
+        max_message_bytes: config::max_message_bytes(a.max_message_bytes.or(file.max_message_bytes))?,
+    };
+    let result = updraft_agent::run(cfg, updraft_runtime::shutdown_on_signals()).await;
+    telemetry.shutdown().await;
+    Ok(result?)
+}
+
+async fn status(state: &StateDir) -> anyhow::Result<()> {
+    let dir = state.path();
+    let report = match control::call(&dir, &Request::Status).await {
+        Ok(Response::Status(s)) => s,
+        Ok(Response::Error { message }) => bail!("agent daemon: {message}"),
+        Ok(other) => bail!("agent daemon answered out of turn: {other:?}"),
+        Err(_) => {
+            // No daemon: the state file still says what is installed.
+            let st = updraft_agent::state::AgentState::load(&dir)
+                .with_context(|| format!("no agent daemon at {} and no readable state", dir.display()))?;
+            eprintln!(
+                "note: no agent daemon answered at {}; showing the saved state",
+                control::socket_path(&dir).display()
+            );
+            updraft_agent::daemon::status_from_state("", &[], &st, false)
+        }
+    };
+    if state.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_status(&report);
+    }
+    Ok(())
+}
+
+/// Sends a request that makes the daemon act, and prints what it did.
+async fn act(state: &StateDir, req: Request) -> anyhow::Result<()> {
+    let dir = state.path();
+    let resp = control::call(&dir, &req)
+        .await
+        .with_context(|| format!("no agent daemon answered at {}", control::socket_path(&dir).display()))?;
+    match resp {
+        Response::Check(r) => {
+            if state.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                print_status(&report);
+                println!("checked with {} (catalog {})", r.provider, r.catalog_seq);
+                for d in &r.done {
+                    println!("  {d}");
+                }
+                for w in &r.waiting {
+                    println!("  waiting: {w}");
+                }
+                if r.done.is_empty() && r.errors.is_empty() && r.waiting.is_empty() {
+                    println!("  up to date");
+                }
+                for e in &r.errors {
+                    eprintln!("  error: {e}");
+                }
+            }
+            if !r.errors.is_empty() {
+                std::process::exit(1);
             }
             Ok(())
         }
-        Cmd::Check { state, json } => {
-            let dir = state.path();
-            let resp = control::call(&dir, &Request::Check)
-                .await
-                .with_context(|| format!("no agent daemon answered at {}", control::socket_path(&dir).display()))?;
-            match resp {
-                Response::Check(r) => {
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&r)?);
-                    } else {
-                        println!("checked with {} (catalog {})", r.provider, r.catalog_seq);
-                        for d in &r.done {
-                            println!("  {d}");
-                        }
-                        if r.done.is_empty() && r.errors.is_empty() {
-                            println!("  up to date");
-                        }
-                        for e in &r.errors {
-                            eprintln!("  error: {e}");
-                        }
-                    }
-                    if !r.errors.is_empty() {
-                        std::process::exit(1);
-                    }
-                    Ok(())
-                }
-                Response::Error { message } => bail!("check failed: {message}"),
-                other => bail!("agent daemon answered out of turn: {other:?}"),
+        Response::Config(c) => {
+            if state.json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                println!(
+                    "group {}: mode {}, install day {}, install hour {}",
+                    c.group, c.mode, c.install_day, c.install_hour
+                );
             }
+            Ok(())
         }
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("agent daemon answered out of turn: {other:?}"),
     }
 }
 
@@ -173,9 +235,20 @@ fn print_status(s: &StatusReport) {
     if let Some(p) = &s.last_provider {
         println!("provider  {p}");
     }
+    if let Some(g) = &s.group {
+        let managed =
+            if s.managed { " (managed by the provider)" } else { " (this machine may change its own settings)" };
+        println!("group     {g}{managed}, mode {}", s.mode.as_deref().unwrap_or("-"));
+    }
     println!("catalog   {}", s.catalog_seq);
     if let Some(e) = &s.last_error {
         println!("error     {e}");
+    }
+    for p in &s.problems {
+        println!("problem   {p}");
+    }
+    if s.restart_needed {
+        println!("restart   needed");
     }
     println!();
     println!("{:<24} {:<16} {:<16} UPDATE", "PRODUCT", "VERSION", "PREVIOUS");
@@ -187,5 +260,9 @@ fn print_status(s: &StatusReport) {
             i.previous_version.as_deref().unwrap_or("-"),
             i.update_id
         );
+    }
+    for w in &s.waiting {
+        let how = if w.downloaded { "downloaded" } else { "not downloaded" };
+        println!("waiting   {} {} ({how}) {}", w.product, w.version, w.update_id);
     }
 }

@@ -38,8 +38,57 @@ pub struct ActivityRec {
     pub detail: String,
 }
 
+/// Settings a machine in the default group chose for itself; unset fields follow the group.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct LocalSettings {
+    pub mode: Option<String>,
+    pub install_day: Option<i32>,
+    pub install_hour: Option<i32>,
+}
+
+/// The policy the provider gave with the last successful check.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PolicyRec {
+    pub group: String,
+    pub mode: String,
+    pub install_day: i32,
+    pub install_hour: i32,
+    pub providers: Vec<String>,
+    pub managed: bool,
+    pub served_by: String,
+}
+
+/// An update the policy holds back: downloaded (download/automatic modes) or only known
+/// (notify/manual), until someone applies it or the install window opens.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WaitingRec {
+    pub update_id: String,
+    pub product: String,
+    pub version: String,
+    pub downloaded: bool,
+    pub high_priority: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 pub struct AgentState {
+    #[serde(default)]
+    pub local: LocalSettings,
+    #[serde(default)]
+    pub policy: Option<PolicyRec>,
+    /// Providers that could not be reached, since when (unix seconds).
+    #[serde(default)]
+    pub unreachable: BTreeMap<String, i64>,
+    /// The last failed install per product, until that product installs again.
+    #[serde(default)]
+    pub install_errors: BTreeMap<String, String>,
+    /// High-priority updates someone chose to leave for the next install window.
+    #[serde(default)]
+    pub deferred: Vec<String>,
+    #[serde(default)]
+    pub waiting: Vec<WaitingRec>,
+    /// Boot id when an installed update asked for a restart; cleared by a reboot.
+    #[serde(default)]
+    pub restart_boot_id: Option<String>,
     #[serde(default)]
     pub installed: BTreeMap<String, InstalledRec>,
     #[serde(default)]
@@ -78,6 +127,17 @@ impl AgentState {
         std::fs::rename(&tmp, &path).map_err(|e| AgentError::io(&path, e))?;
         updraft_core::package::sync_dir(state_dir)?;
         Ok(())
+    }
+
+    /// What the agent knows is wrong, in words for the report.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .unreachable
+            .iter()
+            .map(|(url, since)| format!("cannot reach provider {url} (since unix time {since})"))
+            .collect();
+        out.extend(self.install_errors.values().cloned());
+        out
     }
 
     pub fn record(&mut self, a: ActivityRec) {

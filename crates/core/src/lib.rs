@@ -7,6 +7,7 @@ pub mod keys;
 pub mod model;
 pub mod package;
 pub mod plan;
+pub mod policy;
 pub mod version;
 
 pub use error::CoreError;

@@ -10,11 +10,13 @@ use updraft_core::model::{InstallType, UpdateState, validate_product};
 use updraft_core::plan::release_key;
 use updraft_proto::v1::admin_server::Admin;
 use updraft_proto::v1::{
-    DeleteUpdatesRequest, GetUpdateRequest, ImportPendingRequest, ImportPendingResponse, ListActivityRequest,
-    ListActivityResponse, ListCapsRequest, ListCapsResponse, ListMachinesRequest, ListMachinesResponse,
-    ListPendingRequest, ListPendingResponse, ListUpdatesRequest, ListUpdatesResponse, ListWatchesRequest,
-    ListWatchesResponse, ProductLineCap, RelatedInstallsRequest, RemoveWatchRequest, SetPriorityRequest,
-    SetUpdateStateRequest, Update, UpdateDetail, UploadChunk, WatchFolder, upload_chunk,
+    AssignRequest, ClearActivityRequest, ClearActivityResponse, DeleteUpdatesRequest, FleetReport, GetGroupRequest,
+    GetMachineRequest, GetUpdateRequest, GroupDetail, ImportPendingRequest, ImportPendingResponse, ListActivityRequest,
+    ListActivityResponse, ListCapsRequest, ListCapsResponse, ListGroupsRequest, ListGroupsResponse,
+    ListMachinesRequest, ListMachinesResponse, ListPendingRequest, ListPendingResponse, ListUpdatesRequest,
+    ListUpdatesResponse, ListWatchesRequest, ListWatchesResponse, MachineDetail, PinRequest, ProductLineCap,
+    PutGroupRequest, RelatedInstallsRequest, RemoveGroupRequest, RemoveWatchRequest, ReportRequest2,
+    SetPriorityRequest, SetUpdateStateRequest, Update, UpdateDetail, UploadChunk, WatchFolder, upload_chunk,
 };
 
 use crate::Shared;
@@ -25,13 +27,13 @@ use crate::scanner::{self, ScanConfig};
 use crate::store::Change;
 
 pub struct AdminService {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     scan: ScanConfig,
 }
 
 /// Who is asking. Until callers are authenticated (mutual TLS), this is what admin-cli says
 /// (`x-updraft-user`) and the peer address.
-fn who<T>(req: &Request<T>) -> String {
+pub(crate) fn who<T>(req: &Request<T>) -> String {
     let user = req
         .metadata()
         .get("x-updraft-user")
@@ -437,20 +439,46 @@ impl Admin for AdminService {
         &self,
         request: Request<ListMachinesRequest>,
     ) -> Result<Response<ListMachinesResponse>, Status> {
-        let f = request.into_inner().filter.to_lowercase();
-        let machines = self
-            .shared
-            .store
-            .list_machines()?
-            .into_iter()
-            .filter(|m| {
-                f.is_empty()
-                    || m.info.as_ref().is_some_and(|i| {
-                        i.name.to_lowercase().contains(&f) || i.addresses.iter().any(|a| a.contains(&f))
-                    })
-            })
-            .collect();
-        Ok(Response::new(ListMachinesResponse { machines }))
+        Ok(Response::new(self.do_list_machines(request.into_inner()).await?))
+    }
+
+    async fn get_machine(&self, request: Request<GetMachineRequest>) -> Result<Response<MachineDetail>, Status> {
+        Ok(Response::new(self.do_get_machine(request.into_inner()).await?))
+    }
+
+    async fn put_group(&self, request: Request<PutGroupRequest>) -> Result<Response<GroupDetail>, Status> {
+        Ok(Response::new(self.do_put_group(request).await?))
+    }
+
+    async fn remove_group(&self, request: Request<RemoveGroupRequest>) -> Result<Response<ListGroupsResponse>, Status> {
+        Ok(Response::new(self.do_remove_group(request).await?))
+    }
+
+    async fn list_groups(&self, _request: Request<ListGroupsRequest>) -> Result<Response<ListGroupsResponse>, Status> {
+        Ok(Response::new(self.do_list_groups().await?))
+    }
+
+    async fn get_group(&self, request: Request<GetGroupRequest>) -> Result<Response<GroupDetail>, Status> {
+        Ok(Response::new(self.do_get_group(request.into_inner()).await?))
+    }
+
+    async fn assign(&self, request: Request<AssignRequest>) -> Result<Response<ListMachinesResponse>, Status> {
+        Ok(Response::new(self.do_assign(request).await?))
+    }
+
+    async fn pin(&self, request: Request<PinRequest>) -> Result<Response<ListMachinesResponse>, Status> {
+        Ok(Response::new(self.do_pin(request).await?))
+    }
+
+    async fn report(&self, request: Request<ReportRequest2>) -> Result<Response<FleetReport>, Status> {
+        Ok(Response::new(self.do_report(request.into_inner()).await?))
+    }
+
+    async fn clear_activity(
+        &self,
+        request: Request<ClearActivityRequest>,
+    ) -> Result<Response<ClearActivityResponse>, Status> {
+        Ok(Response::new(self.do_clear_activity(request).await?))
     }
 
     async fn list_activity(
@@ -459,7 +487,7 @@ impl Admin for AdminService {
     ) -> Result<Response<ListActivityResponse>, Status> {
         let req = request.into_inner();
         let limit = if req.limit == 0 { 100 } else { req.limit.min(10_000) } as usize;
-        let activities = self.shared.store.list_activity(&req.machine, &req.update_id, limit)?;
+        let activities = self.shared.store.list_activity(&req.machine, &req.update_id, req.since_unix_ms, limit)?;
         Ok(Response::new(ListActivityResponse { activities }))
     }
 }

@@ -18,8 +18,9 @@ use updraft_proto::v1::{
     ReportResponse, SubscribeRequest,
 };
 
-use crate::catalog::{offers_for, validate_machine_name};
+use crate::catalog::validate_machine_name;
 use crate::error::{ProviderError, Result};
+use crate::policy;
 use crate::{Shared, now_ms};
 
 /// Bytes per download chunk: large enough to keep throughput high, far below message limits.
@@ -111,14 +112,21 @@ pub async fn stream_blob(shared: &Shared, content_hash: &str, offset: u64) -> Re
 impl<T: Tier> AgentApi for AgentService<T> {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         self.tier.ready()?;
+        let remote_ip = request.remote_addr().map(|a| a.ip().to_string());
         let req = request.into_inner();
         let machine = req.machine.ok_or_else(|| ProviderError::InvalidArgument("check without machine info".into()))?;
         validate_machine_name(&machine.name)?;
         tracing::info!(machine = %machine.name, manual = req.manual, "check");
         let now = now_ms();
         // Answer first: a malformed inventory is refused before anything is recorded.
+        let mut machine = machine;
+        // The address the provider sees is more trustworthy than what the agent could claim.
+        if let Some(addr) = remote_ip {
+            machine.addresses.retain(|a| a != &addr);
+            machine.addresses.insert(0, addr);
+        }
         let catalog = self.shared.store.list_updates()?;
-        let offers = offers_for(&catalog, &self.shared.store.list_caps()?, &machine)?;
+        let (offers, policy) = policy::answer(&self.shared.store, &catalog, &self.shared.store.list_caps()?, &machine)?;
         self.shared.store.record_machine(&machine, "direct", now, false).await?;
         self.tier
             .relay(ForwardedReport {
@@ -135,6 +143,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
             min_check_interval_secs: self.shared.config.min_check_secs,
             max_check_interval_secs: self.shared.config.max_check_secs,
             served_by: self.shared.config.name.clone(),
+            policy: Some(policy),
         }))
     }
 

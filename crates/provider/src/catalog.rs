@@ -7,7 +7,8 @@ use updraft_core::model::{InstallType, UpdateState};
 use updraft_core::package::Manifest;
 use updraft_core::plan::{self, Action, CatalogItem, InstalledItem, MachineView};
 use updraft_proto::v1::{
-    ActionKind, CatalogEvent, Machine, MachineInfo, Offer, ProductLineCap, Update, UpdateStatus, catalog_event,
+    ActionKind, CatalogEvent, Machine, MachineInfo, MachinePins, Offer, ProductLineCap, Update, UpdateStatus,
+    catalog_event,
 };
 
 use crate::error::{ProviderError, Result};
@@ -71,9 +72,19 @@ pub fn caps_map(caps: &[ProductLineCap]) -> BTreeMap<String, Version> {
 }
 
 /// What `machine` must install or remove, in order.
-pub fn offers_for(catalog: &[Update], caps: &[ProductLineCap], machine: &MachineInfo) -> Result<Vec<Offer>> {
+pub fn offers_for(
+    catalog: &[Update],
+    caps: &[ProductLineCap],
+    pins: &MachinePins,
+    machine: &MachineInfo,
+) -> Result<Vec<Offer>> {
     let items: Vec<CatalogItem> = catalog.iter().filter_map(item_of).collect();
     let mut view = MachineView { caps: caps_map(caps), ..Default::default() };
+    for (product, version) in &pins.pins {
+        if let Ok(v) = version.parse() {
+            view.pins.insert(product.clone(), v);
+        }
+    }
     for p in &machine.installed {
         let version = p.version.parse().map_err(|e: updraft_core::CoreError| {
             ProviderError::InvalidArgument(format!("inventory of {:?}, product {:?}: {e}", machine.name, p.product))
@@ -85,12 +96,15 @@ pub fn offers_for(catalog: &[Update], caps: &[ProductLineCap], machine: &Machine
         .into_iter()
         .map(|a| match a {
             Action::Install { id } => {
-                Offer { action: ActionKind::Install as i32, update: find(&id), rollback_to_version: String::new() }
+                let update = find(&id);
+                let pinned = update.as_ref().is_some_and(|u| view.pins.contains_key(&u.product));
+                Offer { action: ActionKind::Install as i32, update, rollback_to_version: String::new(), pinned }
             }
             Action::Remove { id, rollback_to } => Offer {
                 action: ActionKind::Remove as i32,
                 update: find(&id),
                 rollback_to_version: rollback_to.map(|v| v.to_string()).unwrap_or_default(),
+                pinned: false,
             },
         })
         .collect())
@@ -165,10 +179,15 @@ pub fn ga_patch_warnings(updates: &[Update]) -> Vec<String> {
 }
 
 pub fn to_event(change: &Change, caught_up: bool) -> CatalogEvent {
-    let (seq, c) = match change {
-        Change::Upsert(u) => (u.catalog_seq, catalog_event::Change::Upsert((**u).clone())),
-        Change::Deleted { id, seq } => (*seq, catalog_event::Change::DeletedId(id.clone())),
-        Change::Cap { cap, seq } => (*seq, catalog_event::Change::Cap(cap.clone())),
+    let seq = change.seq();
+    let c = match change {
+        Change::Upsert(u) => catalog_event::Change::Upsert((**u).clone()),
+        Change::Deleted { id, .. } => catalog_event::Change::DeletedId(id.clone()),
+        Change::Cap { cap, .. } => catalog_event::Change::Cap(cap.clone()),
+        Change::Group { group, .. } => catalog_event::Change::Group(group.clone()),
+        Change::GroupDeleted { name, .. } => catalog_event::Change::GroupDeleted(name.clone()),
+        Change::Assign { assignment, .. } => catalog_event::Change::Assignment(assignment.clone()),
+        Change::Pins { pins, .. } => catalog_event::Change::Pins(pins.clone()),
     };
     CatalogEvent { seq, change: Some(c), caught_up }
 }
@@ -178,6 +197,10 @@ pub fn from_event(ev: CatalogEvent) -> Option<Change> {
         catalog_event::Change::Upsert(u) => Change::Upsert(Box::new(u)),
         catalog_event::Change::DeletedId(id) => Change::Deleted { id, seq: ev.seq },
         catalog_event::Change::Cap(cap) => Change::Cap { cap, seq: ev.seq },
+        catalog_event::Change::Group(group) => Change::Group { group, seq: ev.seq },
+        catalog_event::Change::GroupDeleted(name) => Change::GroupDeleted { name, seq: ev.seq },
+        catalog_event::Change::Assignment(assignment) => Change::Assign { assignment, seq: ev.seq },
+        catalog_event::Change::Pins(pins) => Change::Pins { pins, seq: ev.seq },
     })
 }
 

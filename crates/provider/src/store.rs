@@ -8,7 +8,10 @@ use std::path::Path;
 
 use prost::Message;
 use sled::Transactional;
-use updraft_proto::v1::{Activity, ForwardedReport, Machine, MachineInfo, ProductLineCap, Update, WatchFolder};
+use updraft_proto::v1::{
+    Activity, Assignment, ForwardedReport, Group, Machine, MachineInfo, MachinePins, ProductLineCap, Update,
+    WatchFolder,
+};
 
 use crate::error::{ProviderError, Result};
 
@@ -24,16 +27,28 @@ pub enum Change {
     Upsert(Box<Update>),
     Deleted { id: String, seq: u64 },
     Cap { cap: ProductLineCap, seq: u64 },
+    Group { group: Group, seq: u64 },
+    GroupDeleted { name: String, seq: u64 },
+    Assign { assignment: Assignment, seq: u64 },
+    Pins { pins: MachinePins, seq: u64 },
 }
 
 impl Change {
     pub fn seq(&self) -> u64 {
         match self {
             Change::Upsert(u) => u.catalog_seq,
-            Change::Deleted { seq, .. } | Change::Cap { seq, .. } => *seq,
+            Change::Deleted { seq, .. }
+            | Change::Cap { seq, .. }
+            | Change::Group { seq, .. }
+            | Change::GroupDeleted { seq, .. }
+            | Change::Assign { seq, .. }
+            | Change::Pins { seq, .. } => *seq,
         }
     }
 }
+
+/// The name of the group every machine is in unless assigned elsewhere.
+pub const DEFAULT_GROUP: &str = "default";
 
 /// Logical keys in the change log: one per update id and one per product line cap, so the log
 /// holds the latest change of each thing once.
@@ -42,6 +57,24 @@ fn update_key(id: &str) -> Vec<u8> {
 }
 fn cap_key(line: &str) -> Vec<u8> {
     [b"c".as_slice(), line.as_bytes()].concat()
+}
+
+/// Policy records kept in their own tree and logged under a one-letter kind.
+#[derive(Clone, Copy)]
+enum Policy {
+    Group,
+    Assignment,
+    Pins,
+}
+
+impl Policy {
+    fn kind(self) -> &'static [u8] {
+        match self {
+            Policy::Group => b"g",
+            Policy::Assignment => b"a",
+            Policy::Pins => b"p",
+        }
+    }
 }
 
 type TxResult<T> = std::result::Result<T, sled::transaction::ConflictableTransactionError<ProviderError>>;
@@ -82,6 +115,9 @@ pub struct Store {
     activity: sled::Tree,
     outbox: sled::Tree,
     watches: sled::Tree,
+    groups: sled::Tree,
+    assignments: sled::Tree,
+    pins: sled::Tree,
 }
 
 fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
@@ -118,6 +154,9 @@ impl Store {
             activity: db.open_tree("activity")?,
             outbox: db.open_tree("outbox")?,
             watches: db.open_tree("watches")?,
+            groups: db.open_tree("groups")?,
+            assignments: db.open_tree("assignments")?,
+            pins: db.open_tree("pins")?,
             db,
         })
     }
@@ -230,6 +269,20 @@ impl Store {
             Change::Cap { cap, seq } => {
                 self.apply_cap(cap, Some(*seq)).await?;
             }
+            Change::Group { group, seq } => {
+                self.put_policy(Policy::Group, &group.name, Some(group.encode_to_vec()), Some(*seq)).await?;
+            }
+            Change::GroupDeleted { name, seq } => {
+                self.put_policy(Policy::Group, name, None, Some(*seq)).await?;
+            }
+            Change::Assign { assignment, seq } => {
+                let value = (!assignment.group.is_empty()).then(|| assignment.group.as_bytes().to_vec());
+                self.put_policy(Policy::Assignment, &assignment.machine, value, Some(*seq)).await?;
+            }
+            Change::Pins { pins, seq } => {
+                let value = (!pins.pins.is_empty()).then(|| pins.encode_to_vec());
+                self.put_policy(Policy::Pins, &pins.machine, value, Some(*seq)).await?;
+            }
         }
         self.flush().await
     }
@@ -247,6 +300,22 @@ impl Store {
                     Some(v) => Change::Upsert(Box::new(decode(&v)?)),
                     None => Change::Deleted { id: name, seq },
                 },
+                b"g" => match self.get_group(&name)? {
+                    Some(group) => Change::Group { group, seq },
+                    None => Change::GroupDeleted { name, seq },
+                },
+                b"a" => Change::Assign {
+                    assignment: Assignment {
+                        group: self
+                            .assignments
+                            .get(name.as_bytes())?
+                            .map(|v| String::from_utf8_lossy(&v).into_owned())
+                            .unwrap_or_default(),
+                        machine: name,
+                    },
+                    seq,
+                },
+                b"p" => Change::Pins { pins: self.pins_of(&name)?, seq },
                 _ => {
                     let version = self.caps.get(name.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned());
                     Change::Cap {
@@ -257,6 +326,73 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    fn policy_tree(&self, p: Policy) -> &sled::Tree {
+        match p {
+            Policy::Group => &self.groups,
+            Policy::Assignment => &self.assignments,
+            Policy::Pins => &self.pins,
+        }
+    }
+
+    /// Writes (or, with `None`, removes) a policy record and logs the change.
+    async fn put_policy(&self, p: Policy, name: &str, value: Option<Vec<u8>>, seq: Option<u64>) -> Result<u64> {
+        let key = [p.kind(), name.as_bytes()].concat();
+        let seq = (self.policy_tree(p), &self.log, &self.log_index, &self.meta).transaction(|(t, l, i, m)| {
+            match &value {
+                Some(v) => t.insert(name.as_bytes(), v.as_slice())?,
+                None => t.remove(name.as_bytes())?,
+            };
+            log_change(l, i, m, &key, seq)
+        })?;
+        self.flush().await?;
+        Ok(seq)
+    }
+
+    pub async fn put_group(&self, g: &Group) -> Result<u64> {
+        self.put_policy(Policy::Group, &g.name, Some(g.encode_to_vec()), None).await
+    }
+
+    pub async fn delete_group(&self, name: &str) -> Result<u64> {
+        self.put_policy(Policy::Group, name, None, None).await
+    }
+
+    pub fn get_group(&self, name: &str) -> Result<Option<Group>> {
+        self.groups.get(name.as_bytes())?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn list_groups(&self) -> Result<Vec<Group>> {
+        self.groups.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    /// Moves a machine to a group (the default group when `group` is empty).
+    pub async fn assign(&self, a: &Assignment) -> Result<u64> {
+        let value = (!a.group.is_empty() && a.group != DEFAULT_GROUP).then(|| a.group.as_bytes().to_vec());
+        self.put_policy(Policy::Assignment, &a.machine, value, None).await
+    }
+
+    /// The group a machine is in.
+    pub fn group_of(&self, machine: &str) -> Result<String> {
+        Ok(self
+            .assignments
+            .get(machine.as_bytes())?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_else(|| DEFAULT_GROUP.to_string()))
+    }
+
+    pub async fn set_pins(&self, p: &MachinePins) -> Result<u64> {
+        let value = (!p.pins.is_empty()).then(|| p.encode_to_vec());
+        self.put_policy(Policy::Pins, &p.machine, value, None).await
+    }
+
+    pub fn pins_of(&self, machine: &str) -> Result<MachinePins> {
+        Ok(self
+            .pins
+            .get(machine.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()?
+            .unwrap_or_else(|| MachinePins { machine: machine.to_string(), ..Default::default() }))
     }
 
     pub async fn add_watch(&self, folder: &WatchFolder) -> Result<()> {
@@ -307,10 +443,10 @@ impl Store {
         self.flush().await
     }
 
-    /// Newest first.
-    pub fn list_activity(&self, machine: &str, update_id: &str, limit: usize) -> Result<Vec<Activity>> {
+    /// Newest first; only entries at or after `since_ms`.
+    pub fn list_activity(&self, machine: &str, update_id: &str, since_ms: i64, limit: usize) -> Result<Vec<Activity>> {
         let mut out = Vec::new();
-        for v in self.activity.iter().values().rev() {
+        for v in self.activity.range(be(since_ms.max(0) as u64).to_vec()..).values().rev() {
             let a: Activity = decode(&v?)?;
             if (machine.is_empty() || a.machine == machine) && (update_id.is_empty() || a.update_id == update_id) {
                 out.push(a);
@@ -320,6 +456,21 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Removes activity entries (of one machine, or all). Returns how many.
+    pub async fn clear_activity(&self, machine: &str) -> Result<u32> {
+        let mut n = 0;
+        for kv in self.activity.iter() {
+            let (k, v) = kv?;
+            let a: Activity = decode(&v)?;
+            if machine.is_empty() || a.machine == machine {
+                self.activity.remove(k)?;
+                n += 1;
+            }
+        }
+        self.flush().await?;
+        Ok(n)
     }
 
     /// Queues a report for the upstream (site providers). Durable before it returns.

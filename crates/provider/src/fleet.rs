@@ -1,0 +1,309 @@
+//! The fleet half of the admin API: groups, assignments, pins, machine detail, the status
+//! report and activity clearing. Each refuses bad input before changing anything, publishes
+//! its change to sites, and is logged with who made it.
+use tonic::{Request, Status};
+use updraft_core::model::validate_product;
+use updraft_core::policy::{Health, Mode};
+use updraft_proto::v1::{
+    AssignRequest, Assignment, ClearActivityRequest, ClearActivityResponse, FleetReport, GetGroupRequest,
+    GetMachineRequest, Group, GroupDetail, GroupSummary, ListGroupsResponse, ListMachinesRequest, ListMachinesResponse,
+    Machine, MachineDetail, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportGroup, ReportRequest2,
+};
+
+use crate::admin::{AdminService, who};
+use crate::error::{ProviderError, Result};
+use crate::import::record_catalog_activity;
+use crate::policy;
+use crate::store::{Change, DEFAULT_GROUP};
+
+/// Group names are shown everywhere and stored as keys: keep them short and plain.
+fn validate_group_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProviderError::InvalidArgument(format!("group name {name:?} must be 1-64 of A-Z a-z 0-9 . _ -")))
+    }
+}
+
+fn bad(msg: String) -> Status {
+    ProviderError::InvalidArgument(msg).into()
+}
+
+impl AdminService {
+    /// Every machine with its group, status and the reasons for it.
+    fn assessed(&self) -> Result<Vec<Machine>> {
+        let store = &self.shared.store;
+        let catalog = store.list_updates()?;
+        let caps = store.list_caps()?;
+        let mut out = Vec::new();
+        for mut m in store.list_machines()? {
+            let name = m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+            let (health, notes, _, _) = policy::assess(store, &catalog, &caps, &m)?;
+            m.group = store.group_of(&name)?;
+            m.status = health.as_str().into();
+            m.notes = notes;
+            out.push(m);
+        }
+        out.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
+        Ok(out)
+    }
+
+    fn assessed_named(&self, names: &[String]) -> Result<Vec<Machine>> {
+        Ok(self.assessed()?.into_iter().filter(|m| m.info.as_ref().is_some_and(|i| names.contains(&i.name))).collect())
+    }
+
+    fn members(&self, group: &str) -> Result<Vec<String>> {
+        let store = &self.shared.store;
+        let mut out = Vec::new();
+        for m in store.list_machines()? {
+            let Some(info) = m.info else { continue };
+            if store.group_of(&info.name)? == group {
+                out.push(info.name);
+            }
+        }
+        Ok(out)
+    }
+
+    fn group_detail(&self, name: &str) -> Result<GroupDetail> {
+        let settings = policy::group_settings(&self.shared.store, name)?;
+        Ok(GroupDetail {
+            group: Some(Group { name: name.to_string(), settings: Some(settings) }),
+            members: self.members(name)?,
+        })
+    }
+
+    fn groups(&self) -> Result<ListGroupsResponse> {
+        let mut names = vec![DEFAULT_GROUP.to_string()];
+        names.extend(self.shared.store.list_groups()?.into_iter().map(|g| g.name).filter(|n| n != DEFAULT_GROUP));
+        let mut groups = Vec::new();
+        for n in names {
+            let d = self.group_detail(&n)?;
+            groups.push(GroupSummary { group: d.group, members: d.members.len() as u32 });
+        }
+        Ok(ListGroupsResponse { groups })
+    }
+
+    /// Every named machine must be known; otherwise nothing changes.
+    fn check_machines(&self, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Err(ProviderError::InvalidArgument("name at least one machine".into()));
+        }
+        let known: Vec<String> =
+            self.shared.store.list_machines()?.into_iter().filter_map(|m| m.info.map(|i| i.name)).collect();
+        let unknown: Vec<&str> = names.iter().filter(|n| !known.contains(n)).map(String::as_str).collect();
+        if !unknown.is_empty() {
+            return Err(ProviderError::InvalidArgument(format!("unknown machine(s): {}", unknown.join(", "))));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn do_list_machines(&self, req: ListMachinesRequest) -> Result<ListMachinesResponse> {
+        let f = req.filter.to_lowercase();
+        let machines = self
+            .assessed()?
+            .into_iter()
+            .filter(|m| {
+                f.is_empty()
+                    || m.info.as_ref().is_some_and(|i| {
+                        i.name.to_lowercase().contains(&f) || i.addresses.iter().any(|a| a.contains(&f))
+                    })
+            })
+            .filter(|m| req.group.is_empty() || m.group == req.group)
+            .collect();
+        Ok(ListMachinesResponse { machines })
+    }
+
+    pub(crate) async fn do_get_machine(&self, req: GetMachineRequest) -> Result<MachineDetail, Status> {
+        let name = req.name;
+        let store = &self.shared.store;
+        let Some(mut m) = store.list_machines()?.into_iter().find(|m| m.info.as_ref().is_some_and(|i| i.name == name))
+        else {
+            return Err(bad(format!("unknown machine {name:?}")));
+        };
+        let catalog = store.list_updates()?;
+        let caps = store.list_caps()?;
+        let (health, notes, products, pins) = policy::assess(store, &catalog, &caps, &m)?;
+        m.group = store.group_of(&name)?;
+        m.status = health.as_str().into();
+        m.notes = notes;
+        let pol = policy::effective(store, m.info.as_ref().expect("found by its info"))?;
+        let recent = store.list_activity(&name, "", 0, 20)?;
+        Ok(MachineDetail { machine: Some(m), policy: Some(pol), products, recent, pins: pins.pins })
+    }
+
+    pub(crate) async fn do_put_group(&self, request: Request<PutGroupRequest>) -> Result<GroupDetail, Status> {
+        let who = who(&request);
+        let req = request.into_inner();
+        validate_group_name(&req.name)?;
+        let store = &self.shared.store;
+        let exists = req.name == DEFAULT_GROUP || store.get_group(&req.name)?.is_some();
+        if req.create && exists {
+            return Err(bad(format!("group {:?} already exists", req.name)));
+        }
+        if !req.create && !exists {
+            return Err(bad(format!("unknown group {:?}", req.name)));
+        }
+        let mut settings = policy::group_settings(store, &req.name)?;
+        let new = req.settings.unwrap_or_default();
+        if req.set_mode {
+            Mode::from_wire(new.mode)
+                .ok_or_else(|| bad(format!("unknown download mode {}; expected {}", new.mode, Mode::ALL)))?;
+            settings.mode = new.mode;
+        }
+        if req.set_day {
+            if !(-1..=6).contains(&new.install_day) {
+                return Err(bad(format!("install day {} must be -1 (every day) or 0-6", new.install_day)));
+            }
+            settings.install_day = new.install_day;
+        }
+        if req.set_hour {
+            if !(-1..=23).contains(&new.install_hour) {
+                return Err(bad(format!("install hour {} must be -1 (any) or 0-23", new.install_hour)));
+            }
+            settings.install_hour = new.install_hour;
+        }
+        if req.set_providers {
+            for p in &new.providers {
+                p.parse::<tonic::codegen::http::Uri>()
+                    .ok()
+                    .filter(|u| u.scheme().is_some() && u.host().is_some())
+                    .ok_or_else(|| bad(format!("provider {p:?} is not a URL like http://host:8092")))?;
+            }
+            settings.providers = new.providers.clone();
+        }
+        let group = Group { name: req.name.clone(), settings: Some(settings.clone()) };
+        let seq = store.put_group(&group).await?;
+        self.shared.hub.publish(Change::Group { group, seq });
+        let what = format!(
+            "group {} {}: mode {}, day {}, hour {}, providers [{}]",
+            req.name,
+            if req.create { "created" } else { "changed" },
+            Mode::from_wire(settings.mode).unwrap_or_default(),
+            updraft_core::policy::day_name(settings.install_day),
+            updraft_core::policy::hour_name(settings.install_hour),
+            settings.providers.join(", ")
+        );
+        record_catalog_activity(&self.shared, &who, None, what).await?;
+        Ok(self.group_detail(&req.name)?)
+    }
+
+    pub(crate) async fn do_remove_group(
+        &self,
+        request: Request<RemoveGroupRequest>,
+    ) -> Result<ListGroupsResponse, Status> {
+        let who = who(&request);
+        let name = request.into_inner().name;
+        if name == DEFAULT_GROUP {
+            return Err(bad("the default group cannot be removed".into()));
+        }
+        let store = &self.shared.store;
+        if store.get_group(&name)?.is_none() {
+            return Err(bad(format!("unknown group {name:?}")));
+        }
+        // Its machines go back to the default group first, so none is left in a missing group.
+        for member in self.members(&name)? {
+            let assignment = Assignment { machine: member, group: String::new() };
+            let seq = store.assign(&assignment).await?;
+            self.shared.hub.publish(Change::Assign { assignment, seq });
+        }
+        let seq = store.delete_group(&name).await?;
+        self.shared.hub.publish(Change::GroupDeleted { name: name.clone(), seq });
+        record_catalog_activity(&self.shared, &who, None, format!("group {name} removed")).await?;
+        Ok(self.groups()?)
+    }
+
+    pub(crate) async fn do_list_groups(&self) -> Result<ListGroupsResponse> {
+        self.groups()
+    }
+
+    pub(crate) async fn do_get_group(&self, req: GetGroupRequest) -> Result<GroupDetail, Status> {
+        if req.name != DEFAULT_GROUP && self.shared.store.get_group(&req.name)?.is_none() {
+            return Err(bad(format!("unknown group {:?}", req.name)));
+        }
+        Ok(self.group_detail(&req.name)?)
+    }
+
+    pub(crate) async fn do_assign(&self, request: Request<AssignRequest>) -> Result<ListMachinesResponse, Status> {
+        let who = who(&request);
+        let req = request.into_inner();
+        let store = &self.shared.store;
+        let group = if req.group == DEFAULT_GROUP { String::new() } else { req.group.clone() };
+        if !group.is_empty() && store.get_group(&group)?.is_none() {
+            return Err(bad(format!("unknown group {:?}", req.group)));
+        }
+        self.check_machines(&req.machines)?;
+        for m in &req.machines {
+            let assignment = Assignment { machine: m.clone(), group: group.clone() };
+            let seq = store.assign(&assignment).await?;
+            self.shared.hub.publish(Change::Assign { assignment, seq });
+        }
+        let target = if group.is_empty() { DEFAULT_GROUP } else { group.as_str() };
+        record_catalog_activity(
+            &self.shared,
+            &who,
+            None,
+            format!("{} moved to group {target}", req.machines.join(", ")),
+        )
+        .await?;
+        Ok(ListMachinesResponse { machines: self.assessed_named(&req.machines)? })
+    }
+
+    pub(crate) async fn do_pin(&self, request: Request<PinRequest>) -> Result<ListMachinesResponse, Status> {
+        let who = who(&request);
+        let req = request.into_inner();
+        validate_product(&req.product).map_err(ProviderError::from)?;
+        if !req.version.is_empty() {
+            req.version.parse::<updraft_core::Version>().map_err(ProviderError::from)?;
+        }
+        self.check_machines(&req.machines)?;
+        let store = &self.shared.store;
+        for m in &req.machines {
+            let mut pins = store.pins_of(m)?;
+            if req.version.is_empty() {
+                pins.pins.remove(&req.product);
+            } else {
+                pins.pins.insert(req.product.clone(), req.version.clone());
+            }
+            let seq = store.set_pins(&pins).await?;
+            self.shared.hub.publish(Change::Pins { pins, seq });
+        }
+        let what = if req.version.is_empty() {
+            format!("{} unpinned from {}", req.machines.join(", "), req.product)
+        } else {
+            format!("{} pinned to {} {}", req.machines.join(", "), req.product, req.version)
+        };
+        record_catalog_activity(&self.shared, &who, None, what).await?;
+        Ok(ListMachinesResponse { machines: self.assessed_named(&req.machines)? })
+    }
+
+    pub(crate) async fn do_report(&self, req: ReportRequest2) -> Result<FleetReport> {
+        let mut groups: Vec<ReportGroup> = [Health::Error, Health::NeedsAttention, Health::UpToDate]
+            .iter()
+            .map(|h| ReportGroup { status: h.as_str().into(), machines: vec![] })
+            .collect();
+        for m in self.assessed()? {
+            if m.is_remote_provider || m.last_contact_unix_ms < req.since_unix_ms {
+                continue;
+            }
+            if let Some(g) = groups.iter_mut().find(|g| g.status == m.status) {
+                g.machines.push(m);
+            }
+        }
+        Ok(FleetReport { groups })
+    }
+
+    pub(crate) async fn do_clear_activity(
+        &self,
+        request: Request<ClearActivityRequest>,
+    ) -> Result<ClearActivityResponse> {
+        let who = who(&request);
+        let machine = request.into_inner().machine;
+        let removed = self.shared.store.clear_activity(&machine).await?;
+        let scope = if machine.is_empty() { "all activity".to_string() } else { format!("activity of {machine}") };
+        record_catalog_activity(&self.shared, &who, None, format!("cleared {scope} ({removed} entries)")).await?;
+        Ok(ClearActivityResponse { removed })
+    }
+}

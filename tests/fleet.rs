@@ -1,0 +1,214 @@
+//! End-to-end tests of groups and policy: agents in groups with different modes and windows,
+//! manual checks and applies, default-group self-configuration, high priority overriding
+//! everything, pins up and down, and the fleet report's three states.
+use std::time::Duration;
+
+use serde_json::Value;
+use updraft_tests::{World, stderr, wait_until};
+
+const T: Duration = Duration::from_secs(40);
+const FAST: &[&str] = &["--min-interval", "1", "--max-interval", "1"];
+
+fn status(w: &World, agent: &str) -> Value {
+    serde_json::from_slice(&w.agent_cmd(agent, &["status", "--json"]).stdout).unwrap()
+}
+
+fn machine<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array().unwrap().iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name} not in {list}"))
+}
+
+fn local_hour() -> i32 {
+    let out = std::process::Command::new("date").arg("+%H").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn agents_obey_their_groups_modes_and_windows() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let names = ["auto", "dl", "notify", "manual", "window", "self"];
+    let _agents: Vec<_> = names.iter().map(|n| w.agent_with(n, &purl, FAST)).collect();
+    wait_until("all machines registered", T, || {
+        w.admin_json(&purl, &["machine", "list"]).as_array().unwrap().len() == names.len()
+    });
+
+    let far_hour = ((local_hour() + 12) % 24).to_string();
+    for (group, flags) in [
+        ("g-auto", vec!["--mode", "automatic"]),
+        ("g-dl", vec!["--mode", "download"]),
+        ("g-notify", vec!["--mode", "notify"]),
+        ("g-manual", vec!["--mode", "manual"]),
+        ("g-window", vec!["--mode", "automatic", "--day", "every-day", "--hour", &far_hour]),
+    ] {
+        let mut args = vec!["group", "create", group];
+        args.extend(flags);
+        w.admin_ok(&purl, &args);
+    }
+    for (g, m) in
+        [("g-auto", "auto"), ("g-dl", "dl"), ("g-notify", "notify"), ("g-manual", "manual"), ("g-window", "window")]
+    {
+        w.admin_ok(&purl, &["group", "assign", g, m]);
+    }
+    // Bad input changes nothing.
+    let out = w.admin(&purl, &["group", "assign", "no-such-group", "auto"]);
+    assert!(!out.status.success() && stderr(&out).contains("unknown group"), "{}", stderr(&out));
+    let out = w.admin(&purl, &["group", "assign", "g-auto", "auto", "ghost"]);
+    assert!(!out.status.success() && stderr(&out).contains("unknown machine(s): ghost"), "{}", stderr(&out));
+    let out = w.admin(&purl, &["group", "create", "g-x", "--mode", "sometimes"]);
+    assert!(!out.status.success() && stderr(&out).contains("unknown download mode"), "{}", stderr(&out));
+    assert_eq!(w.admin_json(&purl, &["machine", "list", "--group", "g-auto"]).as_array().unwrap().len(), 1);
+
+    // A default-group machine may choose its own mode; a managed one may not.
+    wait_until("dl knows it is managed", T, || status(&w, "dl")["managed"] == true);
+    let out = w.agent_cmd("dl", &["config", "--mode", "automatic"]);
+    assert!(!out.status.success() && stderr(&out).contains("managed by group \"g-dl\""), "{}", stderr(&out));
+    let out = w.agent_cmd("self", &["config", "--mode", "notify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mode notify"));
+
+    let v1 = w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
+    wait_until("automatic installs at once", T, || w.installed("auto", "app").as_deref() == Some("1.0.0.0"));
+    wait_until("download mode downloads and waits", T, || status(&w, "dl")["waiting"][0]["downloaded"] == true);
+    wait_until("window mode downloads and waits for its hour", T, || {
+        status(&w, "window")["waiting"][0]["downloaded"] == true
+    });
+    wait_until("notify mode only reports", T, || status(&w, "notify")["waiting"][0]["update_id"] == v1.as_str());
+    wait_until("self-configured notify", T, || status(&w, "self")["waiting"][0]["update_id"] == v1.as_str());
+    assert_eq!(status(&w, "notify")["waiting"][0]["downloaded"], false);
+    for m in ["dl", "window", "notify", "manual", "self"] {
+        assert!(w.installed(m, "app").is_none(), "{m} must not install yet");
+    }
+
+    // The report shows who waits.
+    wait_until("report classifies waiting machines", T, || {
+        let r = w.admin_json(&purl, &["report"]);
+        let needs = r.as_array().unwrap().iter().find(|g| g["status"] == "needs-attention").unwrap();
+        needs["count"].as_u64().unwrap() >= 4
+    });
+
+    // Someone applies, or checks by hand; the window opens.
+    assert!(w.agent_cmd("dl", &["apply"]).status.success());
+    assert_eq!(w.installed("dl", "app").as_deref(), Some("1.0.0.0"));
+    let out = w.agent_cmd("notify", &["apply", "--select", &v1]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(w.installed("notify", "app").as_deref(), Some("1.0.0.0"));
+    let out = w.agent_cmd("manual", &["check"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("installed app 1.0.0.0"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    w.admin_ok(&purl, &["group", "set", "g-window", "--hour", "any"]);
+    wait_until("window opened", T, || w.installed("window", "app").as_deref() == Some("1.0.0.0"));
+
+    // High priority ignores mode and window.
+    w.admin_ok(&purl, &["group", "set", "g-window", "--hour", &far_hour]);
+    let v2 =
+        w.admin_ok(&purl, &["update", "add", w.package("app", "2.0.0.0", &w.key).to_str().unwrap()]).trim().to_string();
+    w.admin_ok(&purl, &["update", "priority", &v2, "high"]);
+    w.admin_ok(&purl, &["update", "state", &v2, "ga"]);
+    wait_until("high priority everywhere", T, || {
+        names.iter().all(|m| w.installed(m, "app").as_deref() == Some("2.0.0.0"))
+    });
+
+    // Removing a group returns its machines to the default group.
+    w.admin_ok(&purl, &["group", "remove", "g-dl"]);
+    assert_eq!(machine(&w.admin_json(&purl, &["machine", "list"]), "dl")["group"], "default");
+    let out = w.admin(&purl, &["group", "remove", "default"]);
+    assert!(!out.status.success() && stderr(&out).contains("cannot be removed"), "{}", stderr(&out));
+    let groups = w.admin_json(&purl, &["group", "list"]);
+    assert_eq!(groups[0]["name"], "default");
+}
+
+#[test]
+fn a_pin_moves_a_machine_down_and_unpinning_brings_it_back() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    w.publish(&purl, &w.package("db", "1.0.0.0", &w.key));
+    w.publish(&purl, &w.package("db", "2.0.0.0", &w.key));
+    let _a = w.agent_with("pinned", &purl, FAST);
+    let _b = w.agent_with("free", &purl, FAST);
+    wait_until("both on 2", T, || {
+        w.installed("pinned", "db").as_deref() == Some("2.0.0.0")
+            && w.installed("free", "db").as_deref() == Some("2.0.0.0")
+    });
+    let out = w.admin(&purl, &["machine", "pin", "pinned", "--product", "db", "--version", "one"]);
+    assert!(!out.status.success() && stderr(&out).contains("malformed version"), "{}", stderr(&out));
+    w.admin_ok(&purl, &["machine", "pin", "pinned", "--product", "db", "--version", "1.0.0.0"]);
+    wait_until("pinned machine goes down to 1", T, || w.installed("pinned", "db").as_deref() == Some("1.0.0.0"));
+    let show = w.admin_json(&purl, &["machine", "show", "pinned"]);
+    assert_eq!(show["pins"]["db"], "1.0.0.0");
+    assert_eq!(show["products"][0]["pinned_version"], "1.0.0.0");
+    // A newer GA release does not move it.
+    w.publish(&purl, &w.package("db", "3.0.0.0", &w.key));
+    wait_until("free machine takes 3", T, || w.installed("free", "db").as_deref() == Some("3.0.0.0"));
+    assert_eq!(w.installed("pinned", "db").as_deref(), Some("1.0.0.0"));
+    w.admin_ok(&purl, &["machine", "unpin", "pinned", "--product", "db"]);
+    wait_until("unpinned machine follows GA again", T, || w.installed("pinned", "db").as_deref() == Some("3.0.0.0"));
+}
+
+#[test]
+fn report_classifies_error_attention_and_up_to_date() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    w.publish(&purl, &w.package("tool", "1.0.0.0", &w.key));
+    let dead = format!("http://127.0.0.1:{}", updraft_tests::free_port());
+    let _ok = w.agent_with("fine", &purl, FAST);
+    let _bad = w.agent_with("broken", &format!("{dead},{purl}"), FAST);
+    let _wait = w.agent_with("waiting", &purl, FAST);
+    wait_until("fine installed", T, || w.installed("fine", "tool").is_some());
+    wait_until("waiting registered", T, || w.installed("waiting", "tool").is_some());
+    w.admin_ok(&purl, &["group", "create", "slow", "--mode", "notify"]);
+    w.admin_ok(&purl, &["group", "assign", "slow", "waiting"]);
+    w.publish(&purl, &w.package("tool", "1.1.0.0", &w.key));
+    w.admin_ok(&purl, &["group", "create", "hold", "--mode", "manual"]);
+    w.admin_ok(&purl, &["group", "assign", "hold", "fine"]);
+    // `fine` took 1.1 before the move, or holds still at 1.0 in manual mode; either way the
+    // report must say so.
+    wait_until("three states", T, || {
+        let r = w.admin_json(&purl, &["report", "--last", "1h"]);
+        let of = |s: &str| -> Vec<String> {
+            r.as_array().unwrap().iter().find(|g| g["status"] == s).unwrap()["machines"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        of("error") == ["broken"] && of("needs-attention").contains(&"waiting".to_string())
+    });
+    let broken = w.admin_json(&purl, &["report", "show", "broken"]);
+    assert!(broken["notes"][0].as_str().unwrap().contains(&format!("cannot reach provider {dead}")), "{broken}");
+    let text = w.admin_ok(&purl, &["report"]);
+    assert!(text.starts_with("error 1 | needs-attention"), "{text}");
+    // Bring `fine` up to date by hand: then all three states are populated.
+    w.agent_cmd("fine", &["check"]);
+    wait_until("fine up to date", T, || {
+        let r = w.admin_json(&purl, &["report"]);
+        r.as_array().unwrap().iter().find(|g| g["status"] == "up-to-date").unwrap()["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "fine")
+    });
+    let acts = w.admin_json(&purl, &["activity", "--machine", "fine", "--last", "1h"]);
+    assert!(!acts.as_array().unwrap().is_empty());
+    assert!(w.admin_ok(&purl, &["activity", "clear", "--machine", "fine"]).contains("removed"));
+    assert!(w.admin_json(&purl, &["activity", "--machine", "fine"]).as_array().unwrap().is_empty());
+    let out = w.admin(&purl, &["report", "--since", "yesterday"]);
+    assert!(!out.status.success() && stderr(&out).contains("expected YYYY-MM-DD"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_update_that_needs_a_restart_asks_for_attention() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    w.publish(&purl, &w.package_with("kernel-mod", "1.0.0.0", &w.key, &["--property", "restart=required"]));
+    let _a = w.agent_with("box", &purl, FAST);
+    wait_until("installed", T, || w.installed("box", "kernel-mod").is_some());
+    wait_until("restart needed reported", T, || {
+        let m = w.admin_json(&purl, &["machine", "show", "box"]);
+        m["status"] == "needs-attention" && m["notes"][0] == "restart needed"
+    });
+    assert_eq!(status(&w, "box")["restart_needed"], true);
+}
