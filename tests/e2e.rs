@@ -135,6 +135,11 @@ fn package_signed_by_another_key_is_refused_and_reported() {
     assert!(entries.is_empty(), "nothing may be staged or installed: {entries:?}");
     let st: serde_json::Value = serde_json::from_slice(&w.agent_cmd("m", &["status", "--json"]).stdout).unwrap();
     assert!(st["last_error"].as_str().unwrap().contains("not signed"), "{st}");
+    // The failed install puts the machine in the report's error group, with the reason.
+    wait_until("machine reported in error", T, || {
+        let m = w.admin_json(&purl, &["machine", "show", "m"]);
+        m["status"] == "error" && m["notes"][0].as_str().unwrap_or("").contains("install of tool 1.0.0.0 failed")
+    });
 }
 
 /// A correctly signed package whose manifest names a path outside its folder.

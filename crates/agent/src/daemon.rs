@@ -456,6 +456,11 @@ impl Agent {
                 ActivityKind::InstallFailed
             };
             self.record(kind, u, e.to_string()).await;
+            self.state
+                .lock()
+                .await
+                .install_errors
+                .insert(u.product.clone(), format!("install of {} {} failed: {e}", u.product, u.version));
             return Err(e);
         }
         {
@@ -473,6 +478,12 @@ impl Agent {
                     installed_unix: now_ms() / 1000,
                 },
             );
+            st.install_errors.remove(&u.product);
+            st.waiting.retain(|w| w.update_id != u.id);
+            // A package can say the machine must restart before the update takes full effect.
+            if u.install_properties.get("restart").is_some_and(|v| v == "required") {
+                st.restart_boot_id = Some(localtime::boot_id());
+            }
         }
         self.save().await?;
         self.record(ActivityKind::Installed, u, format!("{} {} is live", u.product, u.version)).await;
