@@ -446,6 +446,10 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8], path: &Path, what: &str) -> Res
 }
 
 #[cfg(test)]
+#[path = "corpus_tests.rs"]
+mod corpus_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
