@@ -81,10 +81,13 @@ fn signed(files: Vec<Value>, payload: &[u8]) -> impl FnOnce(&Path, &ReleaseKey) 
     move |p, k| craft(p, &m, &payload, Some(k))
 }
 
+/// Writes one crafted package.
+type Builder = Box<dyn FnOnce(&Path, &ReleaseKey)>;
+
 #[test]
 fn every_malicious_package_is_refused_before_anything_escapes() {
     let ok = b"payload".as_slice();
-    let cases: Vec<(&str, Box<dyn FnOnce(&Path, &ReleaseKey)>, &str)> = vec![
+    let cases: Vec<(&str, Builder, &str)> = vec![
         ("dot-dot path", Box::new(signed(vec![file("../escaped", ok)], ok)), "escapes its folder"),
         ("dot-dot inside a path", Box::new(signed(vec![file("a/../../escaped", ok)], ok)), "escapes its folder"),
         ("absolute path", Box::new(signed(vec![file("/tmp/escaped", ok)], ok)), "is absolute"),
