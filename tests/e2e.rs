@@ -9,6 +9,7 @@ use updraft_tests::{World, stderr, wait_until};
 
 mod catalog;
 mod fleet;
+mod install;
 
 const T: Duration = Duration::from_secs(30);
 

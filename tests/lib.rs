@@ -26,7 +26,18 @@ fn ensure_built() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--bins", "--workspace", "--manifest-path"]).arg(&manifest);
+        // Fail points are compiled in for the crash-point sweep; they do nothing unless
+        // UPDRAFT_FAILPOINT names one.
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "--workspace",
+            "--features",
+            "updraft-agent/failpoints",
+            "--manifest-path",
+        ])
+        .arg(&manifest);
         if bin_dir().file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -93,6 +104,21 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
         Proc { name: name.into(), child: Some(child), log }
+    }
+
+    /// Waits for the process to exit by itself; true if it did within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// SIGKILL, as a crash or power loss would.

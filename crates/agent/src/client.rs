@@ -180,6 +180,11 @@ pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Du
             }
             file.write_all(&chunk.data).await.map_err(|e| AgentError::io(&part, e))?;
             pos += chunk.data.len() as u64;
+            // Whole chunks reach the file, so a crash re-fetches at most the one in flight.
+            file.flush().await.map_err(|e| AgentError::io(&part, e))?;
+            if pos < update.size {
+                crate::failpoint::hit("download:mid");
+            }
         }
     }
     file.flush().await.map_err(|e| AgentError::io(&part, e))?;
@@ -200,6 +205,7 @@ pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Du
             reason: format!("content hash is {actual}, the catalog says {}", update.content_hash),
         });
     }
+    crate::failpoint::hit("download:done");
     tokio::fs::rename(&part, &done).await.map_err(|e| AgentError::io(&done, e))?;
     Ok(done)
 }

@@ -24,6 +24,7 @@ use crate::localtime;
 use crate::state::{
     ActivityRec, AgentState, InstalledRec, LocalSettings as LocalRec, PolicyRec, PreviousRec, WaitingRec,
 };
+use crate::{failpoint, journal};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -113,11 +114,34 @@ impl Agent {
         for d in [&cfg.install_root, &cfg.state_dir, &cfg.state_dir.join("downloads")] {
             std::fs::create_dir_all(d).map_err(|e| AgentError::io(d, e))?;
         }
+        let mut state = AgentState::load(&cfg.state_dir)?;
+        // Finish or undo what a crash interrupted, before anything else looks at ROOT.
+        if let Some(op) = journal::load(&cfg.state_dir)? {
+            match journal::recover(&cfg.install_root, &op)? {
+                journal::Outcome::RolledForward => {
+                    tracing::warn!(update = %op.update_id, step = ?op.step, "finished an install interrupted by a crash");
+                    state.installed.insert(
+                        op.product.clone(),
+                        InstalledRec {
+                            version: op.version.clone(),
+                            update_id: op.update_id.clone(),
+                            previous: op.previous.clone(),
+                            installed_unix: now_ms() / 1000,
+                        },
+                    );
+                    state.install_errors.remove(&op.product);
+                }
+                journal::Outcome::Abandoned => {
+                    tracing::warn!(update = %op.update_id, step = ?op.step, "undid an install interrupted by a crash; it will be retried");
+                }
+            }
+            state.save(&cfg.state_dir)?;
+            journal::clear(&cfg.state_dir)?;
+        }
         let cleaned = install::recover(&cfg.install_root)?;
         if !cleaned.is_empty() {
             tracing::warn!(?cleaned, "removed leftovers of an interrupted install");
         }
-        let state = AgentState::load(&cfg.state_dir)?;
         let providers = Providers::new(cfg.providers.clone(), cfg.max_message_bytes)?;
         let interval = cfg.interval.unwrap_or((Duration::from_secs(1800), Duration::from_secs(3600)));
         Ok(Arc::new(Self {
@@ -435,59 +459,99 @@ impl Agent {
             }
         };
         self.record(ActivityKind::DownloadFinished, u, "").await;
+        let previous = self
+            .state
+            .lock()
+            .await
+            .installed
+            .get(&u.product)
+            .map(|r| PreviousRec { version: r.version.clone(), update_id: r.update_id.clone() });
+        let mut op = journal::Op {
+            update_id: u.id.clone(),
+            product: u.product.clone(),
+            version: u.version.clone(),
+            previous,
+            step: journal::Step::Downloaded,
+            staged_inode: None,
+        };
         let root = self.cfg.install_root.clone();
+        let state_dir = self.cfg.state_dir.clone();
         let key = self.cfg.trust_key;
-        let (id, product, version) = (u.id.clone(), u.product.clone(), u.version.clone());
         let pkg2 = pkg_path.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<()> {
-            let pkg = install::verify(&pkg2, &key, &id, &product, &version)?;
-            install::stage(&pkg, &root, &id)?;
-            install::swap_in(&root, &product)
+        // Each step is made durable in the journal before the next begins.
+        let result = tokio::task::spawn_blocking(move || -> Result<journal::Op> {
+            journal::save(&state_dir, &op)?;
+            let pkg = install::verify(&pkg2, &key, &op.update_id, &op.product, &op.version)?;
+            op.step = journal::Step::Verified;
+            journal::save(&state_dir, &op)?;
+            failpoint::hit("verified");
+            let staged = install::stage(&pkg, &root, &op.update_id)?;
+            op.step = journal::Step::Staged;
+            op.staged_inode = journal::inode(&staged);
+            journal::save(&state_dir, &op)?;
+            failpoint::hit("staged");
+            let had_old = install::exchange_in(&root, &op.product)?;
+            failpoint::hit("swap:exchanged");
+            op.step = journal::Step::Swapped;
+            journal::save(&state_dir, &op)?;
+            failpoint::hit("swap:journaled");
+            if had_old {
+                install::keep_old(&root, &op.product)?;
+            }
+            failpoint::hit("swap:old-kept");
+            Ok(op)
         })
         .await
         .map_err(|e| AgentError::Install { update: u.id.clone(), reason: e.to_string() })?;
         // Whatever happened, this package file is done with: a verified one is installed, a
         // bad one must be fetched afresh.
         let _ = tokio::fs::remove_file(&pkg_path).await;
-        if let Err(e) = result {
-            let kind = if matches!(e, AgentError::Verify { .. }) {
-                ActivityKind::VerifyFailed
-            } else {
-                ActivityKind::InstallFailed
-            };
-            self.record(kind, u, e.to_string()).await;
-            self.state
-                .lock()
-                .await
-                .install_errors
-                .insert(u.product.clone(), format!("install of {} {} failed: {e}", u.product, u.version));
-            return Err(e);
-        }
+        let op = match result {
+            Ok(op) => op,
+            Err(e) => {
+                let _ = journal::clear(&self.cfg.state_dir);
+                let kind = if matches!(e, AgentError::Verify { .. }) {
+                    ActivityKind::VerifyFailed
+                } else {
+                    ActivityKind::InstallFailed
+                };
+                self.record(kind, u, e.to_string()).await;
+                self.state
+                    .lock()
+                    .await
+                    .install_errors
+                    .insert(u.product.clone(), format!("install of {} {} failed: {e}", u.product, u.version));
+                return Err(e);
+            }
+        };
+        self.commit_install(&op, u.install_properties.get("restart").is_some_and(|v| v == "required")).await?;
+        self.record(ActivityKind::Installed, u, format!("{} {} is live", u.product, u.version)).await;
+        Ok(format!("installed {} {}", u.product, u.version))
+    }
+
+    /// Records a swapped-in install as the machine's state, then closes its journal entry.
+    async fn commit_install(&self, op: &journal::Op, restart_required: bool) -> Result<()> {
         {
             let mut st = self.state.lock().await;
-            let previous = st
-                .installed
-                .get(&u.product)
-                .map(|r| PreviousRec { version: r.version.clone(), update_id: r.update_id.clone() });
             st.installed.insert(
-                u.product.clone(),
+                op.product.clone(),
                 InstalledRec {
-                    version: u.version.clone(),
-                    update_id: u.id.clone(),
-                    previous,
+                    version: op.version.clone(),
+                    update_id: op.update_id.clone(),
+                    previous: op.previous.clone(),
                     installed_unix: now_ms() / 1000,
                 },
             );
-            st.install_errors.remove(&u.product);
-            st.waiting.retain(|w| w.update_id != u.id);
+            st.install_errors.remove(&op.product);
+            st.waiting.retain(|w| w.update_id != op.update_id);
             // A package can say the machine must restart before the update takes full effect.
-            if u.install_properties.get("restart").is_some_and(|v| v == "required") {
+            if restart_required {
                 st.restart_boot_id = Some(localtime::boot_id());
             }
         }
         self.save().await?;
-        self.record(ActivityKind::Installed, u, format!("{} {} is live", u.product, u.version)).await;
-        Ok(format!("installed {} {}", u.product, u.version))
+        failpoint::hit("state:saved");
+        journal::clear(&self.cfg.state_dir)
     }
 
     async fn remove(&self, u: &Update, rollback_to: &str) -> Result<String> {

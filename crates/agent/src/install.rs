@@ -41,7 +41,14 @@ pub fn stage(pkg: &Package, root: &Path, update_id: &str) -> Result<PathBuf> {
     let product = &pkg.manifest.product;
     let pending = pending_dir(root, product);
     remove_tree(&pending)?;
-    if let Err(e) = pkg.unpack(&pending) {
+    let mut files = 0;
+    let unpacked = pkg.unpack_with(&pending, |_| {
+        files += 1;
+        if files == 2 {
+            crate::failpoint::hit("stage:mid");
+        }
+    });
+    if let Err(e) = unpacked {
         let _ = remove_tree(&pending);
         return Err(AgentError::Install { update: update_id.to_string(), reason: e.to_string() });
     }
@@ -50,17 +57,35 @@ pub fn stage(pkg: &Package, root: &Path, update_id: &str) -> Result<PathBuf> {
 
 /// Makes the staged tree the live one; the previous live tree becomes `P_old`.
 pub fn swap_in(root: &Path, product: &str) -> Result<()> {
+    if exchange_in(root, product)? {
+        keep_old(root, product)?;
+    }
+    Ok(())
+}
+
+/// The one step that changes `ROOT/P`: an atomic exchange with the staged tree (or a rename,
+/// for a first install). Returns whether there was a previous version, now in
+/// `P_update_pending`.
+pub fn exchange_in(root: &Path, product: &str) -> Result<bool> {
     let live = live_dir(root, product);
     let pending = pending_dir(root, product);
-    let old = old_dir(root, product);
-    if live.exists() {
+    let had_old = live.exists();
+    if had_old {
         exchange(&pending, &live)?;
-        // `pending` now holds the previous version.
-        remove_tree(&old)?;
-        std::fs::rename(&pending, &old).map_err(|e| AgentError::io(&old, e))?;
     } else {
         std::fs::rename(&pending, &live).map_err(|e| AgentError::io(&live, e))?;
     }
+    sync_dir(root)?;
+    Ok(had_old)
+}
+
+/// Moves the previous version (left in `P_update_pending` by the exchange) to `P_old`,
+/// replacing any older one.
+pub fn keep_old(root: &Path, product: &str) -> Result<()> {
+    let pending = pending_dir(root, product);
+    let old = old_dir(root, product);
+    remove_tree(&old)?;
+    std::fs::rename(&pending, &old).map_err(|e| AgentError::io(&old, e))?;
     sync_dir(root)?;
     Ok(())
 }

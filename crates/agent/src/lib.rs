@@ -6,7 +6,9 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod failpoint;
 pub mod install;
+pub mod journal;
 pub mod localtime;
 pub mod state;
 

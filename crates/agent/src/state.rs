@@ -103,6 +103,18 @@ pub struct AgentState {
     pub last_provider: Option<String>,
 }
 
+/// Replaces `dir/name` so that a crash leaves the old or the new content, never a mix: write a
+/// temp file, sync it, rename it over, sync the directory.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| AgentError::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| AgentError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| AgentError::io(&path, e))?;
+    updraft_core::package::sync_dir(dir)?;
+    Ok(())
+}
+
 pub fn state_path(state_dir: &Path) -> PathBuf {
     state_dir.join("state.json")
 }
@@ -119,14 +131,7 @@ impl AgentState {
     }
 
     pub fn save(&self, state_dir: &Path) -> Result<()> {
-        let path = state_path(state_dir);
-        let tmp = state_dir.join("state.json.tmp");
-        let bytes = serde_json::to_vec_pretty(self).expect("state serialises");
-        let mut f = std::fs::File::create(&tmp).map_err(|e| AgentError::io(&tmp, e))?;
-        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| AgentError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| AgentError::io(&path, e))?;
-        updraft_core::package::sync_dir(state_dir)?;
-        Ok(())
+        write_atomic(state_dir, "state.json", &serde_json::to_vec_pretty(self).expect("state serialises"))
     }
 
     /// What the agent knows is wrong, in words for the report.

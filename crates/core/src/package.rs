@@ -380,6 +380,11 @@ impl Package {
     /// it is written; on any error `dest` may hold a partial tree, which the caller discards.
     /// Files and directories are synced so that a later rename publishes complete content.
     pub fn unpack(&self, dest: &Path) -> Result<()> {
+        self.unpack_with(dest, |_| {})
+    }
+
+    /// [`Package::unpack`], calling `after_file` with each file's path once it is written.
+    pub fn unpack_with(&self, dest: &Path, mut after_file: impl FnMut(&str)) -> Result<()> {
         fs::create_dir(dest).map_err(|e| CoreError::io(dest, e))?;
         let mut f = File::open(&self.path).map_err(|e| CoreError::io(&self.path, e))?;
         f.seek(SeekFrom::Start(self.payload_offset)).map_err(|e| CoreError::io(&self.path, e))?;
@@ -413,6 +418,7 @@ impl Package {
             }
             out.set_permissions(fs::Permissions::from_mode(entry.mode)).map_err(|e| CoreError::io(&target, e))?;
             out.sync_all().map_err(|e| CoreError::io(&target, e))?;
+            after_file(&entry.path);
         }
         let mut extra = [0u8; 1];
         if r.read(&mut extra).map_err(|e| CoreError::io(&self.path, e))? != 0 {

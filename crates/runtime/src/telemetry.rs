@@ -30,7 +30,9 @@ pub fn otlp_requested() -> bool {
 pub fn init(service_name: &'static str) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    // Colours only on a terminal: log files and journald should get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
     let mut provider = None;
     let otel_layer = if otlp_requested() {
         match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {

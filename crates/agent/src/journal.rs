@@ -1,0 +1,96 @@
+//! The install journal (`STATE_DIR/journal.json`): which step of which install the agent is
+//! in, made durable at every boundary so that a crash at any instant can be finished or undone
+//! on the next start. `ROOT/P` only ever changes by one atomic exchange, so it is always whole;
+//! the journal decides whether the agent's records follow the new tree or the old.
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, Result};
+use crate::install;
+use crate::state::{PreviousRec, write_atomic};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    /// The package file is complete and hash-checked.
+    Downloaded,
+    /// Its signature and manifest are checked.
+    Verified,
+    /// `P_update_pending` holds the whole new tree, synced.
+    Staged,
+    /// `P` is the new tree (the exchange happened).
+    Swapped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Op {
+    pub update_id: String,
+    pub product: String,
+    pub version: String,
+    pub previous: Option<PreviousRec>,
+    pub step: Step,
+    /// Inode of the staged tree: after the exchange it is the inode of `P`.
+    pub staged_inode: Option<u64>,
+}
+
+const FILE: &str = "journal.json";
+
+pub fn load(state_dir: &Path) -> Result<Option<Op>> {
+    let path = state_dir.join(FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| AgentError::State { path, reason: format!("unreadable journal ({e})") }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AgentError::io(path, e)),
+    }
+}
+
+pub fn save(state_dir: &Path, op: &Op) -> Result<()> {
+    write_atomic(state_dir, FILE, &serde_json::to_vec_pretty(op).expect("journal serialises"))
+}
+
+pub fn clear(state_dir: &Path) -> Result<()> {
+    match std::fs::remove_file(state_dir.join(FILE)) {
+        Ok(()) => updraft_core::package::sync_dir(state_dir).map_err(Into::into),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::io(state_dir.join(FILE), e)),
+    }
+}
+
+pub fn inode(p: &Path) -> Option<u64> {
+    std::fs::symlink_metadata(p).ok().map(|m| m.ino())
+}
+
+/// What recovery decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The new version is live; the records must say so.
+    RolledForward,
+    /// The old version is still live; the install will be tried again.
+    Abandoned,
+}
+
+/// Finishes or undoes an interrupted install on disk. Returns what the records must now say.
+pub fn recover(root: &Path, op: &Op) -> Result<Outcome> {
+    let live = install::live_dir(root, &op.product);
+    let pending = install::pending_dir(root, &op.product);
+    let exchanged = match op.step {
+        Step::Downloaded | Step::Verified => false,
+        // The exchange may have happened after the journal said Staged: the inode tells.
+        Step::Staged => op.staged_inode.is_some() && inode(&live) == op.staged_inode,
+        Step::Swapped => true,
+    };
+    if exchanged {
+        // `pending` (if still there) holds the previous version: keep it as P_old.
+        if pending.exists() {
+            install::keep_old(root, &op.product)?;
+        }
+        Ok(Outcome::RolledForward)
+    } else {
+        install::recover(root)?; // drops the staged tree; P was never touched
+        Ok(Outcome::Abandoned)
+    }
+}

@@ -1,0 +1,134 @@
+//! The crash-point sweep: the agent is killed (SIGKILL from a fail point) at every boundary of
+//! an upgrade, including part way through the download and through staging. After each kill
+//! `ROOT/P` must be exactly the old or exactly the new tree, and a restarted agent must
+//! converge to the new version with the old one kept for rollback and nothing left over.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use updraft_tests::{World, wait_until};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Every boundary the install journal has, and two points inside long steps.
+const POINTS: &[&str] = &[
+    "download:mid",
+    "download:done",
+    "verified",
+    "stage:mid",
+    "staged",
+    "swap:exchanged",
+    "swap:journaled",
+    "swap:old-kept",
+    "state:saved",
+];
+
+/// Writes a product tree for `version`: several files, one large enough for several download
+/// chunks, and contents that differ in every file between versions.
+fn source(w: &World, version: &str) -> PathBuf {
+    let dir = w.path(&format!("src-{version}"));
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("VERSION"), version).unwrap();
+    std::fs::write(dir.join("bin/run"), format!("#!/bin/sh\necho {version}\n")).unwrap();
+    for i in 0..8 {
+        std::fs::write(dir.join(format!("data/part{i}")), format!("{version} part {i}\n").repeat(100)).unwrap();
+    }
+    let big: Vec<u8> = (0..700_000u32).map(|i| (i as u8) ^ version.as_bytes()[0]).collect();
+    std::fs::write(dir.join("data/big.bin"), big).unwrap();
+    dir
+}
+
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+            if p.is_dir() {
+                out.insert(format!("{rel}/"), vec![]);
+                walk(base, &p, out);
+            } else {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+#[test]
+fn a_kill_at_any_step_leaves_a_whole_version_and_the_agent_converges() {
+    let mut broken = 0;
+    for point in POINTS {
+        let mut w = World::new();
+        let (_p, purl) = w.provider("centre", true);
+        let (s1, s2) = (source(&w, "1.0.0.0"), source(&w, "2.0.0.0"));
+        let build = |src: &Path, v: &str| {
+            let out = w.path(&format!("app-{v}.pkg"));
+            updraft_tests::run_ok(
+                std::process::Command::new(updraft_tests::bin("admin-cli"))
+                    .args(["package", "build", "--product", "app", "--version", v, "--from"])
+                    .arg(src)
+                    .arg("--key")
+                    .arg(&w.key)
+                    .arg("--out")
+                    .arg(&out),
+            );
+            out
+        };
+        let (v1_tree, v2_tree) = (tree(&s1), tree(&s2));
+        w.publish(&purl, &build(&s1, "1.0.0.0"));
+        let live = w.root("m").join("app");
+        {
+            let _a = w.agent("m", &purl);
+            wait_until("v1 installed", T, || {
+                w.installed("m", "app").as_deref() == Some("1.0.0.0")
+                    && w.state("m").join("state.json").exists()
+                    && !w.state("m").join("journal.json").exists()
+            });
+        }
+        w.publish(&purl, &build(&s2, "2.0.0.0"));
+
+        // Upgrade with the fail point armed: the agent must die at that point.
+        w.env = vec![("UPDRAFT_FAILPOINT".into(), point.to_string())];
+        let mut crashing = w.agent("m", &purl);
+        w.env.clear();
+        assert!(crashing.wait_exit(T), "{point}: the agent did not reach its fail point\n{}", crashing.log_text());
+        let after_kill = tree(&live);
+        let whole = after_kill == v1_tree || after_kill == v2_tree;
+        if !whole {
+            broken += 1;
+            eprintln!("{point}: ROOT/app is neither v1 nor v2 after the kill");
+        }
+
+        // Restart: it must finish or undo, then converge to v2.
+        let a = w.agent("m", &purl);
+        wait_until(&format!("{point}: converged to v2"), T, || {
+            tree(&live) == v2_tree && w.installed("m", "app").as_deref() == Some("2.0.0.0")
+        });
+        wait_until(&format!("{point}: records say v2"), T, || {
+            let st: serde_json::Value =
+                serde_json::from_slice(&w.agent_cmd("m", &["status", "--json"]).stdout).unwrap_or_default();
+            st["daemon_running"] == true
+                && st["installed"][0]["version"] == "2.0.0.0"
+                && st["installed"][0]["previous_version"] == "1.0.0.0"
+        });
+        assert_eq!(tree(&w.root("m").join("app_old")), v1_tree, "{point}: the old version is kept for rollback");
+        assert!(!w.root("m").join("app_update_pending").exists(), "{point}: staging left behind");
+        assert!(!w.state("m").join("journal.json").exists(), "{point}: journal left open");
+        if *point == "download:mid" {
+            let log = a.log_text();
+            assert!(
+                log.contains("offset=262144") || log.contains("offset=524288"),
+                "{point}: the download did not resume\n{log}"
+            );
+        }
+        eprintln!(
+            "{point}: whole after the kill ({}), converged after restart",
+            if after_kill == v1_tree { "old" } else { "new" }
+        );
+    }
+    eprintln!("crash-point sweep: {} points x 1 run, {broken} broken installs", POINTS.len());
+    assert_eq!(broken, 0);
+}
