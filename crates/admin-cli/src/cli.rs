@@ -49,6 +49,9 @@ pub enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Remote (site) providers: WAN bytes, cache hits, upstream connection.
+    #[command(subcommand)]
+    Site(SiteCmd),
     /// Groups of machines and their update policy.
     #[command(subcommand)]
     Group(GroupCmd),
@@ -146,6 +149,13 @@ pub enum UpdateCmd {
         /// With ga on a patch: mark older GA patches of the same release inactive.
         #[arg(long)]
         retire_older: bool,
+    },
+    /// Have sites fetch these updates' content now, before they are GA (--off to stop).
+    Prestage {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        off: bool,
     },
     /// Delete updates from the provider (refused while machines depend on them, unless --force).
     Delete {
@@ -279,6 +289,14 @@ pub enum GroupCmd {
         #[arg(required = true)]
         machines: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum SiteCmd {
+    /// Every site as the central provider last heard from it.
+    List,
+    /// Ask the provider named by --provider (a site) for its own status.
+    Status,
 }
 
 #[derive(Subcommand)]

@@ -12,9 +12,9 @@ use updraft_core::package::{self, Package, PackageMeta};
 use updraft_proto::v1::admin_client::AdminClient;
 use updraft_proto::v1::{
     ActivityKind, DeleteUpdatesRequest, GetUpdateRequest, ImportPendingRequest, ListCapsRequest, ListPendingRequest,
-    ListUpdatesRequest, ListUpdatesResponse, ListWatchesRequest, Machine, ProductLineCap, RelatedInstallsRequest,
-    RemoveWatchRequest, SetPriorityRequest, SetUpdateStateRequest, Update, UpdateStatus, UploadChunk, UploadHeader,
-    WatchFolder, upload_chunk,
+    ListUpdatesRequest, ListUpdatesResponse, ListWatchesRequest, Machine, PrestageRequest, ProductLineCap,
+    RelatedInstallsRequest, RemoveWatchRequest, SetPriorityRequest, SetUpdateStateRequest, Update, UpdateStatus,
+    UploadChunk, UploadHeader, WatchFolder, upload_chunk,
 };
 
 use crate::cli::{BuildArgs, Cli, Cmd, KeyCmd, PackageCmd, ProductLineCmd, UpdateCmd, WatchCmd};
@@ -103,6 +103,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Update(cmd) => update(url, cmd, cli.json).await?,
         Cmd::Machine(cmd) => crate::fleet::machine(url, cmd, cli.json).await?,
         Cmd::Group(cmd) => crate::fleet::group(url, cmd, cli.json).await?,
+        Cmd::Site(cmd) => crate::fleet::site(url, cmd, cli.json).await?,
         Cmd::Report { cmd, since } => crate::fleet::report(url, cmd, &since, cli.json).await?,
         Cmd::ProductLine(cmd) => {
             let mut c = connect(url).await?;
@@ -355,6 +356,11 @@ async fn update(url: &str, cmd: UpdateCmd, as_json: bool) -> anyhow::Result<()> 
             };
             let mut c = connect(url).await?;
             let resp = c.set_priority(SetPriorityRequest { ids: args, high }).await.map_err(rpc(url))?.into_inner();
+            print_updates(&resp, as_json, None);
+        }
+        UpdateCmd::Prestage { ids, off } => {
+            let mut c = connect(url).await?;
+            let resp = c.prestage(PrestageRequest { ids, off }).await.map_err(rpc(url))?.into_inner();
             print_updates(&resp, as_json, None);
         }
         UpdateCmd::Delete { ids, force } => {

@@ -5,9 +5,10 @@ use updraft_core::policy::{Mode, day_name, hour_name, parse_day, parse_hour};
 use updraft_proto::v1::{
     AssignRequest, ClearActivityRequest, GetGroupRequest, GetMachineRequest, GroupSettings, ListActivityRequest,
     ListGroupsRequest, ListMachinesRequest, Machine, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportRequest2,
+    SiteStats, SiteStatusRequest, replication_client::ReplicationClient,
 };
 
-use crate::cli::{ActivityCmd, GroupCmd, GroupSettingsArgs, MachineCmd, ReportCmd, Since};
+use crate::cli::{ActivityCmd, GroupCmd, GroupSettingsArgs, MachineCmd, ReportCmd, Since, SiteCmd};
 use crate::commands::{activity_json, connect, kind_name, machine_json, rpc};
 use crate::output::{age, json as print_json, table};
 
@@ -370,6 +371,85 @@ pub async fn activity(
             })
             .collect();
         table(&["WHEN", "MACHINE", "EVENT", "UPDATE", "DETAIL"], &rows);
+    }
+    Ok(())
+}
+
+fn stats_json(s: &SiteStats) -> Value {
+    let total = s.cache_hits + s.cache_misses;
+    json!({
+        "site": s.site, "upstream": s.upstream, "upstream_connected": s.upstream_connected,
+        "upstream_since_unix_ms": s.upstream_since_unix_ms, "catalog_seq": s.catalog_seq,
+        "wan_bytes": s.wan_bytes, "served_bytes": s.served_bytes, "cache_hits": s.cache_hits,
+        "cache_misses": s.cache_misses,
+        "cache_hit_ratio": if total == 0 { Value::Null } else { json!(s.cache_hits as f64 / total as f64) },
+    })
+}
+
+fn ratio(s: &SiteStats) -> String {
+    let total = s.cache_hits + s.cache_misses;
+    if total == 0 { "-".into() } else { format!("{:.2}", s.cache_hits as f64 / total as f64) }
+}
+
+pub async fn site(url: &str, cmd: SiteCmd, as_json: bool) -> anyhow::Result<()> {
+    match cmd {
+        SiteCmd::List => {
+            let mut c = connect(url).await?;
+            let ms = c.list_machines(ListMachinesRequest::default()).await.map_err(rpc(url))?.into_inner().machines;
+            let sites: Vec<&Machine> = ms.iter().filter(|m| m.is_remote_provider).collect();
+            if as_json {
+                let rows = sites.iter().map(|m| {
+                    let mut v = stats_json(&m.site_stats.clone().unwrap_or_default());
+                    v["last_contact_unix_ms"] = json!(m.last_contact_unix_ms);
+                    v["site"] = json!(m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default());
+                    v
+                });
+                print_json(&Value::Array(rows.collect()));
+            } else {
+                let rows: Vec<Vec<String>> = sites
+                    .iter()
+                    .map(|m| {
+                        let s = m.site_stats.clone().unwrap_or_default();
+                        vec![
+                            m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default(),
+                            age(m.last_contact_unix_ms),
+                            if s.upstream_connected { "connected".into() } else { "working alone".into() },
+                            s.wan_bytes.to_string(),
+                            s.served_bytes.to_string(),
+                            ratio(&s),
+                        ]
+                    })
+                    .collect();
+                table(&["SITE", "LAST CONTACT", "UPSTREAM", "WAN BYTES", "SERVED BYTES", "CACHE HIT RATIO"], &rows);
+            }
+        }
+        SiteCmd::Status => {
+            let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .connect()
+                .await
+                .map_err(|e| anyhow!("cannot reach provider {url}: {e}"))?;
+            let s = ReplicationClient::new(ch).site_status(SiteStatusRequest {}).await.map_err(rpc(url))?.into_inner();
+            if as_json {
+                print_json(&stats_json(&s));
+            } else {
+                println!("site          {}", s.site);
+                if s.upstream.is_empty() {
+                    println!("upstream      - (a local provider)");
+                } else {
+                    let state = if s.upstream_connected {
+                        "connected"
+                    } else {
+                        "unreachable: working alone from cache and the last catalog"
+                    };
+                    println!("upstream      {} ({state} since {})", s.upstream, age(s.upstream_since_unix_ms));
+                }
+                println!("catalog       {}", s.catalog_seq);
+                println!("wan bytes     {}", s.wan_bytes);
+                println!("served bytes  {}", s.served_bytes);
+                println!("cache         {} hits, {} misses (hit ratio {})", s.cache_hits, s.cache_misses, ratio(&s));
+            }
+        }
     }
     Ok(())
 }

@@ -26,9 +26,14 @@ pub struct Providers {
     configured: Vec<String>,
     urls: Vec<String>,
     current: usize,
+    /// When the most preferred provider was last tried while on a fallback.
+    last_probe: Option<std::time::Instant>,
     pub connect_timeout: Duration,
     pub max_message_bytes: usize,
 }
+
+/// How often an agent on a fallback provider tries its preferred one again.
+pub const PREFERRED_PROBE: Duration = Duration::from_secs(10);
 
 /// One connection attempt that failed: which provider, and why.
 pub type Failure = (String, String);
@@ -46,6 +51,7 @@ impl Providers {
             urls: urls.clone(),
             configured: urls,
             current: 0,
+            last_probe: None,
             connect_timeout: Duration::from_secs(5),
             max_message_bytes,
         })
@@ -79,6 +85,11 @@ impl Providers {
     pub async fn connect(&mut self) -> Result<(String, Client, Vec<Failure>)> {
         let mut failures = Vec::new();
         let mut last = String::new();
+        // Stick to the provider that works, but go back to the preferred one once it recovers.
+        if self.current != 0 && self.last_probe.is_none_or(|t| t.elapsed() >= PREFERRED_PROBE) {
+            self.last_probe = Some(std::time::Instant::now());
+            self.current = 0;
+        }
         for i in 0..self.urls.len() {
             let idx = (self.current + i) % self.urls.len();
             let url = self.urls[idx].clone();

@@ -14,8 +14,8 @@ use updraft_proto::v1::{
     GetMachineRequest, GetUpdateRequest, GroupDetail, ImportPendingRequest, ImportPendingResponse, ListActivityRequest,
     ListActivityResponse, ListCapsRequest, ListCapsResponse, ListGroupsRequest, ListGroupsResponse,
     ListMachinesRequest, ListMachinesResponse, ListPendingRequest, ListPendingResponse, ListUpdatesRequest,
-    ListUpdatesResponse, ListWatchesRequest, ListWatchesResponse, MachineDetail, PinRequest, ProductLineCap,
-    PutGroupRequest, RelatedInstallsRequest, RemoveGroupRequest, RemoveWatchRequest, ReportRequest2,
+    ListUpdatesResponse, ListWatchesRequest, ListWatchesResponse, MachineDetail, PinRequest, PrestageRequest,
+    ProductLineCap, PutGroupRequest, RelatedInstallsRequest, RemoveGroupRequest, RemoveWatchRequest, ReportRequest2,
     SetPriorityRequest, SetUpdateStateRequest, Update, UpdateDetail, UploadChunk, WatchFolder, upload_chunk,
 };
 
@@ -238,6 +238,20 @@ impl Admin for AdminService {
         })
         .await?;
         tracing::info!(ids = ?req.ids, high = req.high, subscribers = self.shared.hub.push_subscribers(), "priority changed");
+        Ok(Response::new(self.listing(updates)?))
+    }
+
+    async fn prestage(&self, request: Request<PrestageRequest>) -> Result<Response<ListUpdatesResponse>, Status> {
+        let who = who(&request);
+        let req = request.into_inner();
+        let updates = self
+            .change_many(&req.ids, |u| {
+                u.prestage = !req.off;
+                Ok(())
+            })
+            .await?;
+        self.log_each(&who, &updates, |_| if req.off { "prestage off".into() } else { "prestaged to sites".into() })
+            .await?;
         Ok(Response::new(self.listing(updates)?))
     }
 

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use updraft_proto::v1::agent_api_server::AgentApi;
 use updraft_proto::v1::{
     BlobRequest, CheckRequest, CheckResponse, Chunk, ForwardedReport, PushEvent, PushKind, ReportRequest,
-    ReportResponse, SubscribeRequest,
+    ReportResponse, SiteStats, SubscribeRequest,
 };
 
 use crate::catalog::validate_machine_name;
@@ -39,6 +39,10 @@ pub trait Tier: Send + Sync + 'static {
     fn ready(&self) -> Result<()> {
         Ok(())
     }
+    /// Counts bytes sent to this tier's agents (and sites).
+    fn served(&self, _bytes: u64) {}
+    /// This tier's own status: upstream, connection, counters.
+    fn status(&self) -> SiteStats;
 }
 
 /// The local provider's tier: blobs are only what was imported; nothing is relayed.
@@ -52,6 +56,14 @@ impl Tier for LocalTier {
     }
     async fn relay(&self, _report: ForwardedReport) -> Result<()> {
         Ok(())
+    }
+    fn status(&self) -> SiteStats {
+        SiteStats {
+            site: self.shared.config.name.clone(),
+            upstream_connected: true,
+            catalog_seq: self.shared.store.catalog_seq().unwrap_or(0),
+            ..Default::default()
+        }
     }
 }
 
@@ -153,7 +165,10 @@ impl<T: Tier> AgentApi for AgentService<T> {
         let req = request.into_inner();
         updraft_core::hash::validate(&req.content_hash).map_err(ProviderError::from)?;
         self.tier.ensure_blob(&req.content_hash).await?;
-        Ok(Response::new(stream_blob(&self.shared, &req.content_hash, req.offset).await?))
+        let stream = stream_blob(&self.shared, &req.content_hash, req.offset).await?;
+        let size = self.shared.blobs.size(&req.content_hash).await?;
+        self.tier.served(size.saturating_sub(req.offset));
+        Ok(Response::new(stream))
     }
 
     async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {

@@ -42,6 +42,7 @@ pub fn record_from_manifest(m: &Manifest, content_hash: &str, size: u64, verifie
         inserted_unix: now_unix,
         related_installs: m.related_installs.clone(),
         catalog_seq: 0,
+        prestage: false,
     }
 }
 

@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use updraft_proto::v1::replication_server::Replication;
 use updraft_proto::v1::{
-    BlobRequest, CatalogEvent, FollowRequest, ForwardRequest, ForwardResponse, ForwardedReport, MachineInfo,
+    BlobRequest, CatalogEvent, FollowRequest, ForwardRequest, ForwardResponse, ForwardedReport, MachineInfo, SiteStats,
+    SiteStatusRequest,
 };
 
 use crate::Shared;
@@ -86,7 +87,14 @@ impl<T: Tier> Replication for ReplicationService<T> {
         let req = request.into_inner();
         updraft_core::hash::validate(&req.content_hash).map_err(ProviderError::from)?;
         self.tier.ensure_blob(&req.content_hash).await?;
-        Ok(Response::new(stream_blob(&self.shared, &req.content_hash, req.offset).await?))
+        let stream = stream_blob(&self.shared, &req.content_hash, req.offset).await?;
+        let size = self.shared.blobs.size(&req.content_hash).await?;
+        self.tier.served(size.saturating_sub(req.offset));
+        Ok(Response::new(stream))
+    }
+
+    async fn site_status(&self, _request: Request<SiteStatusRequest>) -> Result<Response<SiteStats>, Status> {
+        Ok(Response::new(self.tier.status()))
     }
 
     async fn forward_reports(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
@@ -100,6 +108,9 @@ impl<T: Tier> Replication for ReplicationService<T> {
         let site_info =
             req.self_.clone().unwrap_or_else(|| MachineInfo { name: req.site.clone(), ..Default::default() });
         store.record_machine(&site_info, "direct", crate::now_ms(), true).await?;
+        if let Some(stats) = req.stats.clone() {
+            store.set_site_stats(&site_info.name, stats).await?;
+        }
         let mut accepted = 0;
         for r in req.reports {
             let Some(machine) = r.machine else { continue };

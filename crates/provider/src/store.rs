@@ -9,7 +9,7 @@ use std::path::Path;
 use prost::Message;
 use sled::Transactional;
 use updraft_proto::v1::{
-    Activity, Assignment, ForwardedReport, Group, Machine, MachineInfo, MachinePins, ProductLineCap, Update,
+    Activity, Assignment, ForwardedReport, Group, Machine, MachineInfo, MachinePins, ProductLineCap, SiteStats, Update,
     WatchFolder,
 };
 
@@ -422,6 +422,15 @@ impl Store {
         m.via = via.to_string();
         m.is_remote_provider |= remote_provider;
         self.machines.insert(key, m.encode_to_vec())?;
+        self.flush().await
+    }
+
+    /// Keeps a site's last reported counters on its machine record.
+    pub async fn set_site_stats(&self, site: &str, stats: SiteStats) -> Result<()> {
+        let Some(v) = self.machines.get(site.as_bytes())? else { return Ok(()) };
+        let mut m: Machine = decode(&v)?;
+        m.site_stats = Some(stats);
+        self.machines.insert(site.as_bytes(), m.encode_to_vec())?;
         self.flush().await
     }
 

@@ -3,7 +3,7 @@
 //! outbox.
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -14,7 +14,7 @@ use tonic::transport::Endpoint;
 use tracing::Instrument;
 use updraft_core::model::UpdateState;
 use updraft_proto::v1::replication_client::ReplicationClient;
-use updraft_proto::v1::{BlobRequest, FollowRequest, ForwardRequest, ForwardedReport, MachineInfo};
+use updraft_proto::v1::{BlobRequest, FollowRequest, ForwardRequest, ForwardedReport, MachineInfo, SiteStats};
 use updraft_provider::Shared;
 use updraft_provider::agent_api::Tier;
 use updraft_provider::error::{ProviderError, Result};
@@ -32,14 +32,21 @@ pub struct SiteTier {
     /// One lock per blob being fetched: concurrent requests wait for the single transfer.
     inflight: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     outbox_ready: Notify,
+    upstream_url: String,
     /// Bytes fetched from upstream (WAN bytes) since start.
     pub wan_bytes: AtomicU64,
+    served_bytes: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    upstream_connected: AtomicBool,
+    upstream_since_ms: AtomicI64,
     /// Set once the catalog stream has caught up with the upstream.
     synced: AtomicBool,
 }
 
 impl SiteTier {
     pub fn new(shared: Arc<Shared>, upstream: &str) -> Result<Self> {
+        let upstream_url = upstream.to_string();
         let ep = Endpoint::from_shared(upstream.to_string())
             .map_err(|e| ProviderError::InvalidArgument(format!("upstream URL {upstream:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
@@ -53,7 +60,13 @@ impl SiteTier {
             upstream,
             inflight: Mutex::new(HashMap::new()),
             outbox_ready: Notify::new(),
+            upstream_url,
             wan_bytes: AtomicU64::new(0),
+            served_bytes: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            upstream_connected: AtomicBool::new(false),
+            upstream_since_ms: AtomicI64::new(updraft_provider::now_ms()),
             synced: AtomicBool::new(false),
         })
     }
@@ -106,6 +119,15 @@ impl SiteTier {
         Ok(())
     }
 
+    fn set_connected(&self, up: bool) {
+        if self.upstream_connected.swap(up, Ordering::Relaxed) != up {
+            self.upstream_since_ms.store(updraft_provider::now_ms(), Ordering::Relaxed);
+            if !up {
+                tracing::warn!(upstream = %self.upstream_url, "working alone: serving this site from cache and the last catalog");
+            }
+        }
+    }
+
     /// Fetches in the background, e.g. as soon as an update becomes GA.
     fn prefetch(self: &Arc<Self>, content_hash: String) {
         let me = self.clone();
@@ -123,8 +145,10 @@ impl SiteTier {
 impl Tier for SiteTier {
     async fn ensure_blob(&self, content_hash: &str) -> Result<()> {
         if self.shared.blobs.has(content_hash) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        self.cache_misses.fetch_add(1, Ordering::Relaxed);
         let lock = self.inflight.lock().await.entry(content_hash.to_string()).or_default().clone();
         let _held = lock.lock().await;
         // Whoever held the lock before us may have fetched it already.
@@ -137,6 +161,24 @@ impl Tier for SiteTier {
         self.shared.store.outbox_push(&report).await?;
         self.outbox_ready.notify_one();
         Ok(())
+    }
+
+    fn served(&self, bytes: u64) {
+        self.served_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn status(&self) -> SiteStats {
+        SiteStats {
+            site: self.shared.config.name.clone(),
+            upstream: self.upstream_url.clone(),
+            upstream_connected: self.upstream_connected.load(Ordering::Relaxed),
+            upstream_since_unix_ms: self.upstream_since_ms.load(Ordering::Relaxed),
+            catalog_seq: self.shared.store.catalog_seq().unwrap_or(0),
+            wan_bytes: self.wan_bytes.load(Ordering::Relaxed),
+            served_bytes: self.served_bytes.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_misses: self.cache_misses.load(Ordering::Relaxed),
+        }
     }
 
     /// A site with a catalog from earlier answers from it (working alone); a site that has
@@ -158,6 +200,7 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
         let req = FollowRequest { after_seq: after, site: tier.shared.config.name.clone() };
         match tier.upstream.clone().follow_catalog(req).await {
             Ok(resp) => {
+                tier.set_connected(true);
                 let mut stream = resp.into_inner();
                 loop {
                     let ev = tokio::select! {
@@ -177,7 +220,7 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                                 break;
                             }
                             if let Change::Upsert(u) = &change
-                                && u.state == UpdateState::Ga.to_wire()
+                                && (u.state == UpdateState::Ga.to_wire() || u.prestage)
                                 && !tier.shared.blobs.has(&u.content_hash)
                             {
                                 tier.prefetch(u.content_hash.clone());
@@ -194,6 +237,7 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
             }
             Err(s) => tracing::warn!(error = %s.message(), "upstream unreachable; serving from cache"),
         }
+        tier.set_connected(false);
         let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -207,20 +251,27 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
 pub async fn forward_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        tokio::select! {
+        let heartbeat = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tier.outbox_ready.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
+            _ = tier.outbox_ready.notified() => false,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => true,
+        };
+        let mut first = true;
         loop {
+            // Counters travel with every batch; when nothing is queued, a heartbeat carries them.
             let batch = match tier.shared.store.outbox_peek(BATCH) {
                 Ok(b) if !b.is_empty() => b,
+                _ if heartbeat && first => vec![],
                 _ => break,
             };
+            first = false;
             let span = tracing::info_span!("forward_reports", count = batch.len());
             // The batch joins the trace of its first entry, so one check can be followed
             // agent -> site -> centre.
-            updraft_runtime::telemetry::adopt_traceparent(&span, &batch[0].1.traceparent);
+            if let Some((_, r)) = batch.first() {
+                updraft_runtime::telemetry::adopt_traceparent(&span, &r.traceparent);
+            }
+            let empty = batch.is_empty();
             let keys: Vec<Vec<u8>> = batch.iter().map(|(k, _)| k.clone()).collect();
             let req = ForwardRequest {
                 site: tier.shared.config.name.clone(),
@@ -232,6 +283,7 @@ pub async fn forward_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
                     ..Default::default()
                 }),
+                stats: Some(tier.status()),
             };
             let sent = async { tier.upstream.clone().forward_reports(req).await }.instrument(span).await;
             match sent {
@@ -239,6 +291,9 @@ pub async fn forward_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                     backoff = Duration::from_millis(250);
                     if let Err(e) = tier.shared.store.outbox_ack(&keys).await {
                         tracing::error!(error = %e, "cannot clear forwarded reports");
+                        break;
+                    }
+                    if empty {
                         break;
                     }
                 }
