@@ -106,6 +106,16 @@ impl Proc {
         Proc { name: name.into(), child: Some(child), log }
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Resident memory now, in kB (from /proc).
+    pub fn rss_kb(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// Waits for the process to exit by itself; true if it did within `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let start = Instant::now();
