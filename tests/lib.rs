@@ -13,8 +13,10 @@ pub mod rogue;
 /// Directory holding the workspace's binaries (the one this test binary was built into).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/e2e-<hash> -> target/<profile>
-    exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps").to_path_buf()
+    // Tests run from target/<profile>/deps/e2e-<hash>, programs like bench from target/<profile>.
+    let dir = exe.parent().expect("the executable has a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") { dir.parent().expect("deps has a parent") } else { dir }
+        .to_path_buf()
 }
 
 /// Builds the workspace's binaries once per test process. `cargo test` does not build the

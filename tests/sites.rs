@@ -178,3 +178,26 @@ fn agents_fall_back_when_their_site_dies_and_return_when_it_is_back() {
     assert!(!log.contains(" seq=0\n") && log.contains("remote provider listening"), "{log}");
     let _ = Path::new(&store);
 }
+
+#[test]
+fn a_site_can_follow_another_site() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let (_r1, r1) = w.remote("region", &purl);
+    let (_r2, r2) = w.remote("branch", &r1);
+    let id = w.publish(&purl, &w.package("chain", "1.0.0.0", &w.key));
+    updraft_tests::wait_site_has(&r2, &id);
+    let _a = w.agent("leaf", &r2);
+    wait_until("installed two tiers down", T, || w.installed("leaf", "chain").as_deref() == Some("1.0.0.0"));
+    // The leaf's inventory climbs both tiers to the centre.
+    wait_until("the centre sees the leaf", T, || {
+        w.admin_json(&purl, &["machine", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "leaf" && m["installed"][0]["version"] == "1.0.0.0")
+    });
+    let size = w.admin_json(&purl, &["update", "show", &id])["size"].as_u64().unwrap();
+    assert_eq!(site_status(&w, &r2)["wan_bytes"].as_u64().unwrap(), size);
+    assert_eq!(site_status(&w, &r1)["wan_bytes"].as_u64().unwrap(), size);
+}

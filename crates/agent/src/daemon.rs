@@ -120,16 +120,7 @@ impl Agent {
             match journal::recover(&cfg.install_root, &op)? {
                 journal::Outcome::RolledForward => {
                     tracing::warn!(update = %op.update_id, step = ?op.step, "finished an install interrupted by a crash");
-                    state.installed.insert(
-                        op.product.clone(),
-                        InstalledRec {
-                            version: op.version.clone(),
-                            update_id: op.update_id.clone(),
-                            previous: op.previous.clone(),
-                            installed_unix: now_ms() / 1000,
-                        },
-                    );
-                    state.install_errors.remove(&op.product);
+                    journal::record_install(&mut state, &op, now_ms() / 1000);
                 }
                 journal::Outcome::Abandoned => {
                     tracing::warn!(update = %op.update_id, step = ?op.step, "undid an install interrupted by a crash; it will be retried");
@@ -209,20 +200,40 @@ impl Agent {
         async {
             let mut report = CheckReport::default();
             for _round in 0..3 {
-                let (url, mut client) = self.connect().await?;
-                report.provider = url.clone();
-                let machine = self.machine_info().await;
+                // Fall back within this check: a provider may accept the connection but refuse
+                // the check (a site that has not synchronised), and the next one should answer.
+                let attempts = self.providers.lock().await.urls().len();
                 let manual = matches!(reason, Reason::Manual { .. } | Reason::Apply(_));
-                let req = CheckRequest { machine: Some(machine), manual };
-                let resp = match client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.providers.lock().await.rotate();
-                        self.state.lock().await.last_error = Some(e.to_string());
-                        let _ = self.save().await;
-                        return Err(e);
+                let mut answered = None;
+                let mut last_err = None;
+                for _ in 0..attempts {
+                    let (url, mut client) = match self.connect().await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            last_err = Some(e);
+                            break; // connect already tried every provider
+                        }
+                    };
+                    let req = CheckRequest { machine: Some(self.machine_info().await), manual };
+                    match client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await {
+                        Ok(r) => {
+                            answered = Some((url, client, r));
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(provider = %url, error = %e, "check refused; trying the next provider");
+                            self.providers.lock().await.rotate();
+                            last_err = Some(e);
+                        }
                     }
+                }
+                let Some((url, mut client, resp)) = answered else {
+                    let e = last_err.unwrap_or_else(|| AgentError::Config("no provider configured".into()));
+                    self.state.lock().await.last_error = Some(e.to_string());
+                    let _ = self.save().await;
+                    return Err(e);
                 };
+                report.provider = url.clone();
                 if self.cfg.interval.is_none() && resp.min_check_interval_secs > 0 {
                     let min = resp.min_check_interval_secs;
                     let max = resp.max_check_interval_secs.max(min);
@@ -533,17 +544,7 @@ impl Agent {
     async fn commit_install(&self, op: &journal::Op, restart_required: bool) -> Result<()> {
         {
             let mut st = self.state.lock().await;
-            st.installed.insert(
-                op.product.clone(),
-                InstalledRec {
-                    version: op.version.clone(),
-                    update_id: op.update_id.clone(),
-                    previous: op.previous.clone(),
-                    installed_unix: now_ms() / 1000,
-                },
-            );
-            st.install_errors.remove(&op.product);
-            st.waiting.retain(|w| w.update_id != op.update_id);
+            journal::record_install(&mut st, op, now_ms() / 1000);
             // A package can say the machine must restart before the update takes full effect.
             if restart_required {
                 st.restart_boot_id = Some(localtime::boot_id());

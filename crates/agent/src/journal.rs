@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{AgentError, Result};
 use crate::install;
-use crate::state::{PreviousRec, write_atomic};
+use crate::state::{AgentState, InstalledRec, PreviousRec, write_atomic};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -62,6 +62,21 @@ pub fn clear(state_dir: &Path) -> Result<()> {
 
 pub fn inode(p: &Path) -> Option<u64> {
     std::fs::symlink_metadata(p).ok().map(|m| m.ino())
+}
+
+/// Records a swapped-in install as what the machine runs.
+pub fn record_install(state: &mut AgentState, op: &Op, now_unix: i64) {
+    state.installed.insert(
+        op.product.clone(),
+        InstalledRec {
+            version: op.version.clone(),
+            update_id: op.update_id.clone(),
+            previous: op.previous.clone(),
+            installed_unix: now_unix,
+        },
+    );
+    state.install_errors.remove(&op.product);
+    state.waiting.retain(|w| w.update_id != op.update_id);
 }
 
 /// What recovery decided.

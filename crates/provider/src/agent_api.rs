@@ -120,6 +120,17 @@ pub async fn stream_blob(shared: &Shared, content_hash: &str, offset: u64) -> Re
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
+/// Serves a blob download (to an agent or a site): validated, fetched by the tier if needed,
+/// counted as served.
+pub async fn serve_blob<T: Tier>(shared: &Shared, tier: &T, req: BlobRequest) -> Result<ChunkStream> {
+    updraft_core::hash::validate(&req.content_hash)?;
+    tier.ensure_blob(&req.content_hash).await?;
+    let stream = stream_blob(shared, &req.content_hash, req.offset).await?;
+    let size = shared.blobs.size(&req.content_hash).await?;
+    tier.served(size.saturating_sub(req.offset));
+    Ok(stream)
+}
+
 #[tonic::async_trait]
 impl<T: Tier> AgentApi for AgentService<T> {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
@@ -162,13 +173,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
     type DownloadStream = ChunkStream;
 
     async fn download(&self, request: Request<BlobRequest>) -> Result<Response<ChunkStream>, Status> {
-        let req = request.into_inner();
-        updraft_core::hash::validate(&req.content_hash).map_err(ProviderError::from)?;
-        self.tier.ensure_blob(&req.content_hash).await?;
-        let stream = stream_blob(&self.shared, &req.content_hash, req.offset).await?;
-        let size = self.shared.blobs.size(&req.content_hash).await?;
-        self.tier.served(size.saturating_sub(req.offset));
-        Ok(Response::new(stream))
+        Ok(Response::new(serve_blob(&self.shared, &*self.tier, request.into_inner()).await?))
     }
 
     async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {

@@ -15,7 +15,7 @@ use updraft_proto::v1::{
 };
 
 use crate::Shared;
-use crate::agent_api::{ChunkStream, MAX_REPORT_ENTRIES, Tier, stream_blob};
+use crate::agent_api::{ChunkStream, MAX_REPORT_ENTRIES, Tier, serve_blob};
 use crate::catalog::{to_event, validate_machine_name};
 use crate::error::ProviderError;
 
@@ -84,13 +84,7 @@ impl<T: Tier> Replication for ReplicationService<T> {
     type FetchBlobStream = ChunkStream;
 
     async fn fetch_blob(&self, request: Request<BlobRequest>) -> Result<Response<ChunkStream>, Status> {
-        let req = request.into_inner();
-        updraft_core::hash::validate(&req.content_hash).map_err(ProviderError::from)?;
-        self.tier.ensure_blob(&req.content_hash).await?;
-        let stream = stream_blob(&self.shared, &req.content_hash, req.offset).await?;
-        let size = self.shared.blobs.size(&req.content_hash).await?;
-        self.tier.served(size.saturating_sub(req.offset));
-        Ok(Response::new(stream))
+        Ok(Response::new(serve_blob(&self.shared, &*self.tier, request.into_inner()).await?))
     }
 
     async fn site_status(&self, _request: Request<SiteStatusRequest>) -> Result<Response<SiteStats>, Status> {
