@@ -30,16 +30,13 @@ fn ensure_built() {
         let mut cmd = Command::new(cargo);
         // Fail points are compiled in for the crash-point sweep; they do nothing unless
         // UPDRAFT_FAILPOINT names one.
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "--workspace",
-            "--features",
-            "updraft-agent/failpoints",
-            "--manifest-path",
-        ])
-        .arg(&manifest);
+        cmd.args(["build", "--quiet", "--bins", "--features", "updraft-agent/failpoints", "--manifest-path"])
+            .arg(&manifest);
+        // Exactly the product binaries: building other packages' binaries (bench) here would
+        // unify features differently from `cargo test` and rebuild half the tree every run.
+        for p in ["updraft-provider", "updraft-remote-provider", "updraft-agent", "updraft-admin-cli"] {
+            cmd.args(["-p", p]);
+        }
         if bin_dir().file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use updraft_tests::{Proc, World, wait_until};
 
-const T: Duration = Duration::from_secs(40);
+const T: Duration = Duration::from_secs(60);
 
 fn site_status(w: &World, url: &str) -> Value {
     w.admin_json(url, &["site", "status"])
