@@ -340,3 +340,25 @@ fn agent_falls_back_when_its_site_has_never_synchronised() {
     let acts = w.admin_json(&purl, &["activity", "--machine", "f1"]);
     assert!(acts.as_array().unwrap().iter().any(|a| a["kind"] == "installed"), "{acts}");
 }
+
+#[test]
+fn an_install_that_keeps_failing_the_same_way_stops_being_retried() {
+    let w = World::new();
+    let genuine = std::fs::read(w.package("app", "1.0.0.0", &w.key)).unwrap();
+    let rogue = Rogue::new("app", "2.0.0.0", genuine);
+    let id = rogue.update.id.clone();
+    let reports = rogue.reports.clone();
+    let url = rogue.spawn();
+    let _a = w.agent_with("m", &url, &["--min-interval", "1", "--max-interval", "1"]);
+    let failures = || reports.lock().unwrap().iter().filter(|a| a.kind == 5 && a.update_id == id).count();
+    wait_until("three identical failures", T, || failures() == 3);
+    std::thread::sleep(Duration::from_secs(4)); // several more checks
+    assert_eq!(failures(), 3, "the agent must stop retrying");
+    let st: serde_json::Value = serde_json::from_slice(&w.agent_cmd("m", &["status", "--json"]).stdout).unwrap();
+    assert!(st["problems"][0].as_str().unwrap().contains("gave up on app 2.0.0.0 after 3 identical failures"), "{st}");
+    assert!(w.installed("m", "app").is_none());
+    // Asking for it by id tries again.
+    let out = w.agent_cmd("m", &["apply", "--select", &id]);
+    assert!(!out.status.success(), "the retry fails the same way");
+    wait_until("a fourth attempt", T, || failures() == 4);
+}

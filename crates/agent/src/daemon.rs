@@ -257,7 +257,18 @@ impl Agent {
                 let mut waiting = Vec::new();
                 for offer in resp.offers {
                     let Some(u) = offer.update.clone() else { continue };
-                    let decision = decide(mode, window, &reason, &offer, &deferred);
+                    let mut decision = decide(mode, window, &reason, &offer, &deferred);
+                    // Crash-loop guard: an update that failed the same way too often waits for
+                    // someone to ask for it by id.
+                    let asked = matches!(&reason, Reason::Apply(ids) if ids.contains(&u.id));
+                    if decision == Decision::Apply && offer.action == ActionKind::Install as i32 {
+                        let mut st = self.state.lock().await;
+                        if asked {
+                            st.failures.remove(&u.id);
+                        } else if st.given_up(&u.id) {
+                            decision = Decision::Note;
+                        }
+                    }
                     let result = match decision {
                         Decision::Apply => self.apply(&mut client, offer).await.map(Some),
                         Decision::Stage => self.stage_download(&mut client, &u).await.map(|_| None),
@@ -267,7 +278,9 @@ impl Agent {
                         Ok(Some(line)) => report.done.push(line),
                         Ok(None) => {
                             let downloaded = decision == Decision::Stage;
+                            let gave_up = self.state.lock().await.given_up(&u.id);
                             let why = match (decision, u.high_priority) {
+                                _ if gave_up => "stopped retrying after repeated identical failures; `agent apply --select ID` tries again",
                                 (_, true) => "high priority, left for the next install window",
                                 (Decision::Stage, _) if mode == Mode::Automatic => {
                                     "downloaded; installs in the install window"
@@ -527,11 +540,20 @@ impl Agent {
                     ActivityKind::InstallFailed
                 };
                 self.record(kind, u, e.to_string()).await;
-                self.state
-                    .lock()
-                    .await
-                    .install_errors
-                    .insert(u.product.clone(), format!("install of {} {} failed: {e}", u.product, u.version));
+                let mut st = self.state.lock().await;
+                let detail = e.to_string();
+                let gave_up = st.count_failure(&u.id, &detail);
+                let message = if gave_up {
+                    format!(
+                        "gave up on {} {} after {} identical failures: {detail}",
+                        u.product,
+                        u.version,
+                        crate::state::GIVE_UP_AFTER
+                    )
+                } else {
+                    format!("install of {} {} failed: {detail}", u.product, u.version)
+                };
+                st.install_errors.insert(u.product.clone(), message);
                 return Err(e);
             }
         };

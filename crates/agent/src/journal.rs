@@ -77,6 +77,7 @@ pub fn record_install(state: &mut AgentState, op: &Op, now_unix: i64) {
     );
     state.install_errors.remove(&op.product);
     state.waiting.retain(|w| w.update_id != op.update_id);
+    state.failures.remove(&op.update_id);
 }
 
 /// What recovery decided.

@@ -9,6 +9,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{AgentError, Result};
 
+/// Identical failures in a row after which an update stops being retried automatically.
+pub const GIVE_UP_AFTER: u32 = 3;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FailureRec {
+    pub error: String,
+    pub count: u32,
+}
+
 /// Undelivered activity kept at most; the oldest is dropped beyond it.
 pub const MAX_PENDING_ACTIVITY: usize = 1000;
 
@@ -86,6 +95,9 @@ pub struct AgentState {
     pub deferred: Vec<String>,
     #[serde(default)]
     pub waiting: Vec<WaitingRec>,
+    /// Consecutive identical failures per update id; at [`GIVE_UP_AFTER`] it is not retried.
+    #[serde(default)]
+    pub failures: BTreeMap<String, FailureRec>,
     /// Boot id when an installed update asked for a restart; cleared by a reboot.
     #[serde(default)]
     pub restart_boot_id: Option<String>,
@@ -146,6 +158,22 @@ impl AgentState {
             .collect();
         out.extend(self.install_errors.values().cloned());
         out
+    }
+
+    /// Counts a failure of `update_id`; returns true when it has now failed the same way
+    /// [`GIVE_UP_AFTER`] times in a row.
+    pub fn count_failure(&mut self, update_id: &str, error: &str) -> bool {
+        let rec = self.failures.entry(update_id.to_string()).or_insert(FailureRec { error: error.into(), count: 0 });
+        if rec.error == error {
+            rec.count += 1;
+        } else {
+            *rec = FailureRec { error: error.into(), count: 1 };
+        }
+        rec.count >= GIVE_UP_AFTER
+    }
+
+    pub fn given_up(&self, update_id: &str) -> bool {
+        self.failures.get(update_id).is_some_and(|f| f.count >= GIVE_UP_AFTER)
     }
 
     pub fn record(&mut self, a: ActivityRec) {
