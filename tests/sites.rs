@@ -199,3 +199,19 @@ fn a_site_can_follow_another_site() {
     assert_eq!(site_status(&w, &r2)["wan_bytes"].as_u64().unwrap(), size);
     assert_eq!(site_status(&w, &r1)["wan_bytes"].as_u64().unwrap(), size);
 }
+
+#[test]
+fn the_download_cache_has_a_limit() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let id = w.publish(&purl, &big_package(&w, "large", "1.0.0.0", 2));
+    let _a = w.agent_with("small-disk", &purl, &["--min-interval", "3600", "--download-cache-bytes", "1048576"]);
+    wait_until("refusal reported", T, || {
+        w.admin_json(&purl, &["activity", "--machine", "small-disk"]).as_array().unwrap().iter().any(|a| {
+            a["kind"] == "download-failed"
+                && a["update_id"] == id.as_str()
+                && a["detail"].as_str().unwrap().contains("download cache limit of 1048576 bytes")
+        })
+    });
+    assert!(w.installed("small-disk", "large").is_none());
+}

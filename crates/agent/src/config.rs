@@ -30,6 +30,7 @@ pub struct FileConfig {
     pub max_interval: Option<u64>,
     pub request_timeout: Option<u64>,
     pub max_message_bytes: Option<usize>,
+    pub download_cache_bytes: Option<u64>,
 }
 
 impl FileConfig {
@@ -63,6 +64,15 @@ pub fn request_timeout(secs: Option<u64>) -> Result<Duration> {
         return Err(AgentError::Config(format!("request timeout must be between 1 and 600 seconds, got {secs}")));
     }
     Ok(Duration::from_secs(secs))
+}
+
+/// The download cache limit: 8 GiB by default, at least 1 MiB.
+pub fn download_cache_bytes(n: Option<u64>) -> Result<u64> {
+    let n = n.unwrap_or(8 << 30);
+    if n < (1 << 20) {
+        return Err(AgentError::Config(format!("download cache limit must be at least 1 MiB, got {n} bytes")));
+    }
+    Ok(n)
 }
 
 /// The largest message accepted from a provider: 4 MiB by default, between 1 MiB and 64 MiB.

@@ -37,6 +37,8 @@ pub struct AgentConfig {
     pub interval: Option<(Duration, Duration)>,
     pub request_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Most bytes the download cache may hold.
+    pub download_cache_bytes: u64,
 }
 
 /// Why a check runs.
@@ -292,6 +294,7 @@ impl Agent {
                             report.waiting.push(format!("{} {} ({why})", u.product, u.version));
                             waiting.push(WaitingRec {
                                 update_id: u.id.clone(),
+                                content_hash: u.content_hash.clone(),
                                 product: u.product.clone(),
                                 version: u.version.clone(),
                                 downloaded,
@@ -372,6 +375,10 @@ impl Agent {
         let hex = u.content_hash.trim_start_matches(updraft_core::hash::PREFIX);
         if dir.join(format!("{hex}.pkg")).is_file() {
             return Ok(());
+        }
+        if let Err(e) = self.make_room(u).await {
+            self.record(ActivityKind::DownloadFailed, u, e.to_string()).await;
+            return Err(e);
         }
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes, for later", u.size)).await;
         match client::download(client, u, &dir, self.cfg.request_timeout).await {
@@ -467,7 +474,63 @@ impl Agent {
         }
     }
 
+    /// Frees room in the download cache for `u`: files no waiting update needs go first, oldest
+    /// first. Fails when the package cannot fit under the limit.
+    async fn make_room(&self, u: &Update) -> Result<()> {
+        let dir = self.cfg.state_dir.join("downloads");
+        let hex = u.content_hash.trim_start_matches(updraft_core::hash::PREFIX).to_string();
+        let waiting_hashes: Vec<String> = {
+            let st = self.state.lock().await;
+            st.waiting
+                .iter()
+                .filter(|w| w.downloaded)
+                .map(|w| w.content_hash.trim_start_matches(updraft_core::hash::PREFIX).to_string())
+                .filter(|h| !h.is_empty())
+                .collect()
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, std::path::PathBuf, bool)> = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let Ok(m) = e.metadata() else { continue };
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ours = name.starts_with(&hex);
+                let protected = ours || waiting_hashes.iter().any(|h| name.starts_with(h));
+                files.push((m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len(), e.path(), protected));
+            }
+        }
+        let have_of_this: u64 = files
+            .iter()
+            .filter(|f| f.2.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&hex)))
+            .map(|f| f.1)
+            .sum();
+        let need = u.size.saturating_sub(have_of_this);
+        let mut used: u64 = files.iter().map(|f| f.1).sum();
+        files.sort_by_key(|f| f.0);
+        for (_, len, path, protected) in &files {
+            if used + need <= self.cfg.download_cache_bytes {
+                break;
+            }
+            if !protected && std::fs::remove_file(path).is_ok() {
+                used -= len;
+            }
+        }
+        if used + need > self.cfg.download_cache_bytes {
+            return Err(AgentError::Download {
+                update: u.id.clone(),
+                reason: format!(
+                    "download cache limit of {} bytes reached: {need} more bytes needed, {used} in use by updates still waiting",
+                    self.cfg.download_cache_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
+
     async fn install(&self, client: &mut Client, u: &Update) -> Result<String> {
+        if let Err(e) = self.make_room(u).await {
+            self.record(ActivityKind::DownloadFailed, u, e.to_string()).await;
+            return Err(e);
+        }
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes", u.size)).await;
         let dir = self.cfg.state_dir.join("downloads");
         let pkg_path = match client::download(client, u, &dir, self.cfg.request_timeout).await {

@@ -66,6 +66,9 @@ struct RunArgs {
     /// Largest message accepted from a provider, bytes (default 4 MiB).
     #[arg(long, env = "UPDRAFT_AGENT_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<usize>,
+    /// Most bytes the download cache may hold (default 8 GiB).
+    #[arg(long, env = "UPDRAFT_AGENT_DOWNLOAD_CACHE_BYTES")]
+    download_cache_bytes: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -150,6 +153,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         interval: config::interval(a.min_interval.or(file.min_interval), a.max_interval.or(file.max_interval))?,
         request_timeout: config::request_timeout(a.request_timeout.or(file.request_timeout))?,
         max_message_bytes: config::max_message_bytes(a.max_message_bytes.or(file.max_message_bytes))?,
+        download_cache_bytes: config::download_cache_bytes(a.download_cache_bytes.or(file.download_cache_bytes))?,
     };
     let result = updraft_agent::run(cfg, updraft_runtime::shutdown_on_signals()).await;
     telemetry.shutdown().await;

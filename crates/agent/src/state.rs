@@ -72,6 +72,9 @@ pub struct PolicyRec {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WaitingRec {
     pub update_id: String,
+    /// Names the downloaded file, which the cache limit must not evict.
+    #[serde(default)]
+    pub content_hash: String,
     pub product: String,
     pub version: String,
     pub downloaded: bool,
