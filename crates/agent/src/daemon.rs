@@ -345,7 +345,9 @@ impl Agent {
     /// Connects to a provider, keeping track of the ones that could not be reached.
     async fn connect(&self) -> Result<(String, Client)> {
         let result = self.providers.lock().await.connect().await;
+        let urls = self.providers.lock().await.urls().to_vec();
         let mut st = self.state.lock().await;
+        let before = st.unreachable.clone();
         let now = now_ms() / 1000;
         let outcome = match result {
             Ok((url, client, failures)) => {
@@ -356,16 +358,21 @@ impl Agent {
                 Ok((url, client))
             }
             Err(e) => {
-                for url in self.providers.lock().await.urls() {
-                    st.unreachable.entry(url.clone()).or_insert(now);
+                for url in urls {
+                    st.unreachable.entry(url).or_insert(now);
                 }
                 st.last_error = Some(e.to_string());
                 Err(e)
             }
         };
-        let snapshot = st.clone();
-        drop(st);
-        snapshot.save(&self.cfg.state_dir)?;
+        // Written only when reachability changed: connecting happens on every check.
+        if st.unreachable != before {
+            let snapshot = st.clone();
+            drop(st);
+            if let Err(e) = snapshot.save(&self.cfg.state_dir) {
+                tracing::warn!(error = %e, "could not save which providers are unreachable");
+            }
+        }
         outcome
     }
 
