@@ -41,26 +41,36 @@ impl BlobStore {
     }
 
     /// Publishes a complete file (in the incoming directory) under its content hash, after
-    /// checking it really has that hash; a file with the wrong content is deleted. Idempotent:
-    /// an existing blob with that name is kept.
-    pub async fn commit(&self, src: &Path, content_hash: &str) -> Result<PathBuf> {
-        let dest = self.path_of(content_hash)?;
+    /// reading it back to check it really has that hash; a file with the wrong content is
+    /// deleted. For content that arrived in pieces (a resumed upstream fetch).
+    pub async fn commit_checked(&self, src: &Path, content_hash: &str) -> Result<PathBuf> {
         let expected = content_hash.to_string();
-        let dest2 = dest.clone();
-        let src = src.to_path_buf();
+        let file = src.to_path_buf();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let actual = hash::hash_file(&src).map_err(|e| ProviderError::Io(e.to_string()))?;
+            let actual = hash::hash_file(&file).map_err(|e| ProviderError::Io(e.to_string()))?;
             if actual != expected {
-                let _ = std::fs::remove_file(&src);
+                let _ = std::fs::remove_file(&file);
                 return Err(ProviderError::InvalidArgument(format!(
                     "content hash mismatch: expected {expected}, got {actual}"
                 )));
             }
-            std::fs::File::open(&src).and_then(|f| f.sync_all()).map_err(|e| ProviderError::Io(e.to_string()))?;
+            std::fs::File::open(&file).and_then(|f| f.sync_all()).map_err(|e| ProviderError::Io(e.to_string()))
+        })
+        .await
+        .map_err(|e| ProviderError::Io(e.to_string()))??;
+        self.commit_hashed(src, content_hash).await
+    }
+
+    /// Publishes a complete, synced file whose hash the caller computed over exactly the bytes
+    /// it wrote (an upload), so reading it back would only repeat that work. Idempotent: an
+    /// existing blob with that name is kept.
+    pub async fn commit_hashed(&self, src: &Path, content_hash: &str) -> Result<PathBuf> {
+        let dest = self.path_of(content_hash)?;
+        let (src, dest2) = (src.to_path_buf(), dest.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
             if !dest2.exists() {
                 std::fs::rename(&src, &dest2).map_err(|e| ProviderError::Io(e.to_string()))?;
-                let parent = dest2.parent().expect("blob path has a parent");
-                updraft_core::package::sync_dir(parent)?;
+                updraft_core::package::sync_dir(dest2.parent().expect("blob path has a parent"))?;
             }
             Ok(())
         })

@@ -110,7 +110,7 @@ pub async fn commit(shared: &Shared, staged: Staged, name: &str, who: &str) -> R
         return Err(ProviderError::Duplicate { product: dup.product, version, id: dup.id });
     }
     let rec = record_from_manifest(&manifest, &staged.content_hash, staged.size, verified, now_ms() / 1000);
-    shared.blobs.commit(staged.tmp.path(), &staged.content_hash).await?;
+    shared.blobs.commit_hashed(staged.tmp.path(), &staged.content_hash).await?;
     let stored = shared.store.change_update(&rec.id.clone(), Some(rec), |_| Ok(())).await?;
     shared.hub.publish(Change::Upsert(Box::new(stored.clone())));
     record_catalog_activity(shared, who, Some(&stored), format!("imported {name} ({} bytes)", staged.size)).await?;

@@ -78,7 +78,7 @@ impl SiteTier {
             let offset = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
             match self.fetch_from(content_hash, &part, offset).await {
                 Ok(()) => {
-                    self.shared.blobs.commit(&part, content_hash).await?;
+                    self.shared.blobs.commit_checked(&part, content_hash).await?;
                     tracing::info!(%content_hash, "blob cached");
                     return Ok(());
                 }
