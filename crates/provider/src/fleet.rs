@@ -55,16 +55,19 @@ impl AdminService {
         Ok(self.assessed()?.into_iter().filter(|m| m.info.as_ref().is_some_and(|i| names.contains(&i.name))).collect())
     }
 
-    fn members(&self, group: &str) -> Result<Vec<String>> {
+    /// Every machine's group, read once: group -> member names.
+    fn membership(&self) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
         let store = &self.shared.store;
-        let mut out = Vec::new();
+        let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for m in store.list_machines()? {
             let Some(info) = m.info else { continue };
-            if store.group_of(&info.name)? == group {
-                out.push(info.name);
-            }
+            out.entry(store.group_of(&info.name)?).or_default().push(info.name);
         }
         Ok(out)
+    }
+
+    fn members(&self, group: &str) -> Result<Vec<String>> {
+        Ok(self.membership()?.remove(group).unwrap_or_default())
     }
 
     fn group_detail(&self, name: &str) -> Result<GroupDetail> {
@@ -76,12 +79,15 @@ impl AdminService {
     }
 
     fn groups(&self) -> Result<ListGroupsResponse> {
+        let store = &self.shared.store;
+        let membership = self.membership()?;
         let mut names = vec![DEFAULT_GROUP.to_string()];
-        names.extend(self.shared.store.list_groups()?.into_iter().map(|g| g.name).filter(|n| n != DEFAULT_GROUP));
+        names.extend(store.list_groups()?.into_iter().map(|g| g.name).filter(|n| n != DEFAULT_GROUP));
         let mut groups = Vec::new();
-        for n in names {
-            let d = self.group_detail(&n)?;
-            groups.push(GroupSummary { group: d.group, members: d.members.len() as u32 });
+        for name in names {
+            let settings = policy::group_settings(store, &name)?;
+            let members = membership.get(&name).map_or(0, Vec::len) as u32;
+            groups.push(GroupSummary { group: Some(Group { name, settings: Some(settings) }), members });
         }
         Ok(ListGroupsResponse { groups })
     }
