@@ -269,14 +269,7 @@ fn acknowledged_admin_writes_survive_kill_9() {
     w.admin_ok(&purl, &["update", "priority", &id, "high"]);
     p.kill9();
     // Same store, same port.
-    let port = purl.rsplit(':').next().unwrap().to_string();
-    let _p2 = updraft_tests::Proc::start(
-        w.dir.path(),
-        "centre-again",
-        "provider",
-        &["--store", w.path("centre").to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")],
-    );
-    updraft_tests::wait_port(port.parse().unwrap());
+    let _p2 = w.restart_provider("centre", &purl);
     let u = w.admin_json(&purl, &["update", "show", &id]);
     assert_eq!(u["state"], "ga");
     assert_eq!(u["high_priority"], true);

@@ -225,6 +225,28 @@ impl World {
         (p, format!("http://127.0.0.1:{port}"))
     }
 
+    /// Starts provider `name` again on the same store and URL (after a kill); its log is
+    /// `NAME-again.log`.
+    pub fn restart_provider(&self, name: &str, url: &str) -> Proc {
+        let port = url.rsplit(':').next().unwrap().to_string();
+        let (store, listen, pubkey) =
+            (self.path(name), format!("127.0.0.1:{port}"), self.pubkey.to_str().unwrap().to_string());
+        let args = ["--store", store.to_str().unwrap(), "--listen", &listen, "--name", name, "--trust-key", &pubkey];
+        let p = Proc::start_env(self.dir.path(), &format!("{name}-again"), "provider", &args, &self.env);
+        wait_port(port.parse().unwrap());
+        p
+    }
+
+    /// Starts site `name` again on the same store and URL; its log is `NAME-again.log`.
+    pub fn restart_remote(&self, name: &str, upstream: &str, url: &str) -> Proc {
+        let port = url.rsplit(':').next().unwrap().to_string();
+        let (store, listen) = (self.path(name), format!("127.0.0.1:{port}"));
+        let args = ["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
+        let p = Proc::start_env(self.dir.path(), &format!("{name}-again"), "remote-provider", &args, &self.env);
+        wait_port(port.parse().unwrap());
+        p
+    }
+
     pub fn remote(&self, name: &str, upstream: &str) -> (Proc, String) {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");

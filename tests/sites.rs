@@ -40,28 +40,6 @@ fn big_package(w: &World, product: &str, version: &str, mib: usize) -> std::path
     out
 }
 
-fn restart_provider(w: &World, name: &str, url: &str) -> Proc {
-    let port = url.rsplit(':').next().unwrap().to_string();
-    let store = w.path(name);
-    let p = Proc::start(
-        w.dir.path(),
-        &format!("{name}-again"),
-        "provider",
-        &[
-            "--store",
-            store.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--name",
-            name,
-            "--trust-key",
-            w.pubkey.to_str().unwrap(),
-        ],
-    );
-    updraft_tests::wait_port(port.parse().unwrap());
-    p
-}
-
 #[test]
 fn two_sites_fetch_each_byte_once_and_account_for_it() {
     let w = World::new();
@@ -111,7 +89,7 @@ fn a_cut_upstream_resumes_the_transfer_and_a_down_upstream_leaves_the_site_worki
     wait_until("transfer under way", T, || std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0 && m.len() < size));
     p.kill9();
     let cut_at = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
-    let _p2 = restart_provider(&w, "centre", &purl);
+    let _p2 = w.restart_provider("centre", &purl);
     wait_until("the site finished the transfer", T, || w.path("site").join("blobs/sha256").join(&hex).is_file());
     let wan = site_status(&w, &surl)["wan_bytes"].as_u64().unwrap();
     assert!(wan < size + (1 << 20), "resumed, not restarted: {wan} WAN bytes for {size} (cut at {cut_at})");
@@ -154,23 +132,7 @@ fn agents_fall_back_when_their_site_dies_and_return_when_it_is_back() {
     assert_eq!(last_provider(&w), purl);
 
     // The site comes back (same store, same port): the agent returns to it.
-    let port = surl.rsplit(':').next().unwrap().to_string();
-    let store = w.path("site");
-    let _s2 = Proc::start(
-        w.dir.path(),
-        "site-again",
-        "remote-provider",
-        &[
-            "--upstream",
-            &purl,
-            "--store",
-            store.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--name",
-            "site",
-        ],
-    );
+    let _s2 = w.restart_remote("site", &purl, &surl);
     wait_until("back on the preferred site", T, || last_provider(&w) == surl);
     // It resumed its catalog where it stopped instead of reloading it.
     let log = std::fs::read_to_string(w.dir.path().join("site-again.log")).unwrap();
