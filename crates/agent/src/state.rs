@@ -2,7 +2,6 @@
 //! version seen, and activity not yet delivered to a provider. Written atomically (temp file,
 //! fsync, rename, fsync of the directory) so a crash leaves the old or the new state whole.
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -121,16 +120,7 @@ pub struct AgentState {
 /// Replaces `dir/name` so that a crash leaves the old or the new content, never a mix: write a
 /// temp file, sync it, rename it over, sync the directory.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    // A temp name of its own per write: the push loop and a check may save at the same time.
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = dir.join(name);
-    let tmp = dir.join(format!("{name}.{}.{n}.tmp", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| AgentError::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| AgentError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| AgentError::io(&path, e))?;
-    updraft_core::package::sync_dir(dir)?;
-    Ok(())
+    Ok(updraft_core::package::write_atomic(dir, name, bytes)?)
 }
 
 pub fn state_path(state_dir: &Path) -> PathBuf {

@@ -441,6 +441,20 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| CoreError::io(dir, e))
 }
 
+/// Replaces `dir/name` with `bytes` so that a crash leaves either the old file or the new one:
+/// written to a temp file, fsynced, renamed over, then the directory fsynced.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    // A temp name of its own per write: two tasks of one process may save at the same time.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.{}.{n}.tmp", std::process::id()));
+    let mut f = File::create(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| CoreError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| CoreError::io(&path, e))?;
+    sync_dir(dir)
+}
+
 fn read_exact(r: &mut impl Read, buf: &mut [u8], path: &Path, what: &str) -> Result<()> {
     r.read_exact(buf).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
