@@ -55,6 +55,12 @@ pub enum Cmd {
     /// Groups of machines and their update policy.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Provider servers: the switchover pair, and the providers groups can assign.
+    #[command(subcommand)]
+    Provider(ProviderCmd),
+    /// Whether providers announce themselves on mDNS (off by default).
+    #[command(subcommand)]
+    Discovery(DiscoveryCmd),
     /// The fleet by status: error, needs-attention, up-to-date.
     Report {
         #[command(subcommand)]
@@ -289,6 +295,44 @@ pub enum GroupCmd {
         #[arg(required = true)]
         machines: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ProviderCmd {
+    /// The providers started on this store: which one is active, which are standby.
+    Pair,
+    /// Add (or change) a provider server that groups can assign with `group set --providers NAME`.
+    Add {
+        name: String,
+        /// Host name or IP address agents use.
+        #[arg(long)]
+        address: String,
+        #[arg(long, default_value_t = 8092)]
+        port: u32,
+        /// Agents connect with TLS (https).
+        #[arg(long)]
+        tls: bool,
+        /// Path prefix when the provider is behind a reverse proxy, e.g. /updraft.
+        #[arg(long, default_value = "")]
+        path: String,
+    },
+    /// Remove a provider server (refused while a group assigns it).
+    Remove { name: String },
+    /// Show the provider servers.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum DiscoveryCmd {
+    /// Local and remote providers announce themselves with KEY; agents with that key find them.
+    On {
+        #[arg(long, default_value = "Production")]
+        key: String,
+    },
+    /// Stop announcing.
+    Off,
+    /// Show the setting.
+    Status,
 }
 
 #[derive(Subcommand)]

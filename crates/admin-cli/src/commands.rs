@@ -104,6 +104,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Machine(cmd) => crate::fleet::machine(url, cmd, cli.json).await?,
         Cmd::Group(cmd) => crate::fleet::group(url, cmd, cli.json).await?,
         Cmd::Site(cmd) => crate::fleet::site(url, cmd, cli.json).await?,
+        Cmd::Provider(cmd) => crate::servers::provider(url, cmd, cli.json).await?,
+        Cmd::Discovery(cmd) => crate::servers::discovery(url, cmd, cli.json).await?,
         Cmd::Report { cmd, since } => crate::fleet::report(url, cmd, &since, cli.json).await?,
         Cmd::ProductLine(cmd) => {
             let mut c = connect(url).await?;

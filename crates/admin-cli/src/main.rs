@@ -3,6 +3,7 @@ mod cli;
 mod commands;
 mod fleet;
 mod output;
+mod servers;
 
 use clap::Parser;
 

@@ -10,7 +10,8 @@ use updraft_core::model::{InstallType, UpdateState, validate_product};
 use updraft_core::plan::release_key;
 use updraft_proto::v1::admin_server::Admin;
 use updraft_proto::v1::{
-    AssignRequest, ClearActivityRequest, ClearActivityResponse, DeleteUpdatesRequest, FleetReport, GetGroupRequest,
+    AssignRequest, ClearActivityRequest, Discovery, GetDiscoveryRequest, GetPairRequest, ListPeersRequest,
+    ListPeersResponse, PairReply, Peer, RemovePeerRequest, ClearActivityResponse, DeleteUpdatesRequest, FleetReport, GetGroupRequest,
     GetMachineRequest, GetUpdateRequest, GroupDetail, ImportPendingRequest, ImportPendingResponse, ListActivityRequest,
     ListActivityResponse, ListCapsRequest, ListCapsResponse, ListGroupsRequest, ListGroupsResponse,
     ListMachinesRequest, ListMachinesResponse, ListPendingRequest, ListPendingResponse, ListUpdatesRequest,
@@ -486,6 +487,31 @@ impl Admin for AdminService {
 
     async fn report(&self, request: Request<ReportRequest2>) -> Result<Response<FleetReport>, Status> {
         Ok(Response::new(self.do_report(request.into_inner()).await?))
+    }
+
+    async fn get_pair(&self, _request: Request<GetPairRequest>) -> Result<Response<PairReply>, Status> {
+        Ok(Response::new(self.do_get_pair()?))
+    }
+
+    async fn put_peer(&self, request: Request<Peer>) -> Result<Response<ListPeersResponse>, Status> {
+        Ok(Response::new(self.do_put_peer(request).await?))
+    }
+
+    async fn remove_peer(&self, request: Request<RemovePeerRequest>) -> Result<Response<ListPeersResponse>, Status> {
+        let request = request.map(|r| r.name);
+        Ok(Response::new(self.do_remove_peer(request).await?))
+    }
+
+    async fn list_peers(&self, _request: Request<ListPeersRequest>) -> Result<Response<ListPeersResponse>, Status> {
+        Ok(Response::new(self.peers()?))
+    }
+
+    async fn set_discovery(&self, request: Request<Discovery>) -> Result<Response<Discovery>, Status> {
+        Ok(Response::new(self.do_set_discovery(request).await?))
+    }
+
+    async fn get_discovery(&self, _request: Request<GetDiscoveryRequest>) -> Result<Response<Discovery>, Status> {
+        Ok(Response::new(self.shared.store.discovery()?))
     }
 
     async fn clear_activity(

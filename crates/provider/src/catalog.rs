@@ -189,6 +189,9 @@ pub fn to_event(change: &Change, caught_up: bool) -> CatalogEvent {
         Change::GroupDeleted { name, .. } => catalog_event::Change::GroupDeleted(name.clone()),
         Change::Assign { assignment, .. } => catalog_event::Change::Assignment(assignment.clone()),
         Change::Pins { pins, .. } => catalog_event::Change::Pins(pins.clone()),
+        Change::Peer { peer, .. } => catalog_event::Change::Peer(peer.clone()),
+        Change::PeerRemoved { name, .. } => catalog_event::Change::PeerRemoved(name.clone()),
+        Change::Discovery { discovery, .. } => catalog_event::Change::Discovery(discovery.clone()),
     };
     CatalogEvent { seq, change: Some(c), caught_up }
 }
@@ -202,6 +205,9 @@ pub fn from_event(ev: CatalogEvent) -> Option<Change> {
         catalog_event::Change::GroupDeleted(name) => Change::GroupDeleted { name, seq: ev.seq },
         catalog_event::Change::Assignment(assignment) => Change::Assign { assignment, seq: ev.seq },
         catalog_event::Change::Pins(pins) => Change::Pins { pins, seq: ev.seq },
+        catalog_event::Change::Peer(peer) => Change::Peer { peer, seq: ev.seq },
+        catalog_event::Change::PeerRemoved(name) => Change::PeerRemoved { name, seq: ev.seq },
+        catalog_event::Change::Discovery(discovery) => Change::Discovery { discovery, seq: ev.seq },
     })
 }
 

@@ -21,6 +21,13 @@ pub enum ProviderError {
     #[error("store error: {0}")]
     Store(String),
     #[error("{0}")]
+    StoreInUse(String),
+    #[error(
+        "this provider was superseded: it took over the store at epoch {mine}, the store is at epoch {current}; \
+         another provider is active"
+    )]
+    Fenced { mine: u64, current: u64 },
+    #[error("{0}")]
     Io(String),
     #[error(transparent)]
     Core(#[from] CoreError),
@@ -48,7 +55,10 @@ impl From<ProviderError> for Status {
             ProviderError::InvalidArgument(_) => Code::InvalidArgument,
             ProviderError::Duplicate { .. } => Code::AlreadyExists,
             ProviderError::LimitReached(_) => Code::ResourceExhausted,
-            ProviderError::Upstream(_) | ProviderError::NotReady(_) => Code::Unavailable,
+            ProviderError::Upstream(_)
+            | ProviderError::NotReady(_)
+            | ProviderError::StoreInUse(_)
+            | ProviderError::Fenced { .. } => Code::Unavailable,
             ProviderError::Store(_) | ProviderError::Io(_) => Code::Internal,
             ProviderError::Core(c) => match c {
                 CoreError::Io { .. } => Code::Internal,

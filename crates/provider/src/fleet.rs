@@ -173,10 +173,16 @@ impl AdminService {
         }
         if req.set_providers {
             for p in &new.providers {
-                p.parse::<tonic::codegen::http::Uri>()
-                    .ok()
-                    .filter(|u| u.scheme().is_some() && u.host().is_some())
-                    .ok_or_else(|| bad(format!("provider {p:?} is not a URL like http://host:8092")))?;
+                if p.contains("://") {
+                    p.parse::<tonic::codegen::http::Uri>()
+                        .ok()
+                        .filter(|u| u.scheme().is_some() && u.host().is_some())
+                        .ok_or_else(|| bad(format!("provider {p:?} is not a URL like http://host:8092")))?;
+                } else if store.get_peer(p)?.is_none() {
+                    return Err(bad(format!(
+                        "provider {p:?} is neither a URL nor a provider server (see `admin-cli provider list`)"
+                    )));
+                }
             }
             settings.providers = new.providers.clone();
         }

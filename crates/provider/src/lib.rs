@@ -7,11 +7,14 @@ pub mod blobs;
 pub mod catalog;
 pub mod error;
 pub mod fleet;
+pub mod forward;
 pub mod hub;
 pub mod import;
+pub mod pair;
 pub mod policy;
 pub mod replication;
 pub mod scanner;
+pub mod servers;
 pub mod store;
 
 use std::path::PathBuf;
@@ -30,7 +33,9 @@ use updraft_proto::v1::replication_server::ReplicationServer;
 use crate::agent_api::{AgentService, LocalTier};
 use crate::blobs::BlobStore;
 use crate::error::{ProviderError, Result};
+use crate::forward::{ActiveLink, Forward};
 use crate::hub::Hub;
+use crate::pair::{Member, PairDir, Role};
 use crate::replication::ReplicationService;
 use crate::store::Store;
 
@@ -53,6 +58,9 @@ pub struct Config {
     pub max_check_secs: u32,
     pub max_upload_bytes: u64,
     pub max_subscribers: usize,
+    /// The URL other members of a switchover pair use to reach this one (default: the
+    /// listening address, with the host name for a wildcard address).
+    pub advertise: Option<String>,
 }
 
 impl Config {
@@ -67,6 +75,7 @@ impl Config {
             max_check_secs: 60 * 60,
             max_upload_bytes: 16 << 30,
             max_subscribers: 100_000,
+            advertise: None,
         }
     }
 }
@@ -77,6 +86,7 @@ pub struct Shared {
     pub store: Store,
     pub blobs: BlobStore,
     pub hub: Hub,
+    pub pair: PairDir,
 }
 
 impl Shared {
@@ -89,7 +99,8 @@ impl Shared {
         }
         let store = Store::open(&config.data_dir)?;
         let blobs = BlobStore::open(&config.data_dir.join("blobs"))?;
-        Ok(Arc::new(Self { config, store, blobs, hub: Hub::default() }))
+        let pair = PairDir::open(&config.data_dir)?;
+        Ok(Arc::new(Self { config, store, blobs, hub: Hub::default(), pair }))
     }
 }
 
@@ -106,16 +117,119 @@ pub fn grpc_server() -> tonic::transport::Server<tower_layer::Identity> {
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
 
+fn io(e: std::io::Error) -> ProviderError {
+    ProviderError::Io(e.to_string())
+}
+
+/// The URL a member of a pair gives the others: the listening address, or the host name when
+/// listening on every address.
+pub fn advertised_url(config: &Config, addr: std::net::SocketAddr) -> String {
+    config.advertise.clone().unwrap_or_else(|| {
+        if addr.ip().is_unspecified() {
+            format!("http://{}:{}", updraft_runtime::hostname(), addr.port())
+        } else {
+            format!("http://{addr}")
+        }
+    })
+}
+
 /// Serves the agent, replication and admin APIs on `listener` until `shutdown` is cancelled.
+///
+/// When another provider holds the store (the other member of a switchover pair), this one is
+/// standby: it forwards every RPC to the active one and takes over the store as soon as its
+/// lock is free.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
-    let shared = Shared::open(config)?;
+    // The standby's server and the active's share the socket, so clients never see it close.
+    let listener = listener.into_std().map_err(io)?;
+    let addr = listener.local_addr().map_err(io)?;
+    let url = advertised_url(&config, addr);
+    let shared = match Shared::open(config.clone()) {
+        Ok(s) => s,
+        Err(ProviderError::StoreInUse(why)) => {
+            tracing::info!(%addr, %why, "standby: another provider holds the store");
+            let standby_listener = listener.try_clone().map_err(io)?;
+            match standby(&config, &url, standby_listener, &shutdown).await? {
+                Some(s) => s,
+                None => return Ok(()),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    active(shared, &url, TcpListener::from_std(listener).map_err(io)?, shutdown).await
+}
+
+/// Forwards every RPC to the active member until this one can take the store (returned), or
+/// until `shutdown` (None).
+async fn standby(
+    config: &Config,
+    url: &str,
+    listener: std::net::TcpListener,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<Shared>>> {
+    let pair = PairDir::open(&config.data_dir)?;
+    let link = ActiveLink::default();
+    let name = config.name.as_str();
+    let stop = shutdown.child_token();
+    let server = grpc_server()
+        .add_service(Forward::<AgentApiServer<()>>::new(link.clone(), name))
+        .add_service(Forward::<ReplicationServer<()>>::new(link.clone(), name))
+        .add_service(Forward::<AdminServer<()>>::new(link.clone(), name))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(TcpListener::from_std(listener).map_err(io)?),
+            stop.clone().cancelled_owned(),
+        );
+    tokio::spawn(
+        async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "standby server failed");
+            }
+        }
+        .instrument(tracing::info_span!("standby_forwarder")),
+    );
+    let me = Member::new(name, url, Role::Standby, 0);
+    let mut last_beat = std::time::Instant::now() - pair::HEARTBEAT;
+    let span = tracing::info_span!("standby_watch");
+    loop {
+        if let Some(active) = pair.active() {
+            link.point_at(&active.url);
+        }
+        if last_beat.elapsed() >= pair::HEARTBEAT {
+            pair.heartbeat(&me);
+            last_beat = std::time::Instant::now();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(pair::TAKEOVER_POLL) => {}
+        }
+        match Shared::open(config.clone()) {
+            Ok(s) => {
+                span.in_scope(|| tracing::info!("the store is free: taking over"));
+                stop.cancel();
+                return Ok(Some(s));
+            }
+            Err(ProviderError::StoreInUse(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Serves from the store this process holds, after raising the fencing epoch.
+async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    let epoch = shared.pair.take_over(&shared.config.name, url)?;
+    let fence = shared.pair.fence(epoch);
+    shared.store.set_fence(fence.clone());
     let tier = Arc::new(LocalTier { shared: shared.clone() });
-    let addr = listener.local_addr().map_err(|e| ProviderError::Io(e.to_string()))?;
+    let addr = listener.local_addr().map_err(io)?;
     tokio::spawn(
         scanner::scan_loop(shared.clone(), shared.config.scan, shutdown.clone())
             .instrument(tracing::info_span!("content_scanner")),
     );
-    tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening");
+    let fenced = shutdown.child_token();
+    tokio::spawn(
+        heartbeat_loop(shared.clone(), Member::new(&shared.config.name, url, Role::Active, epoch), fenced.clone())
+            .instrument(tracing::info_span!("pair_heartbeat", epoch)),
+    );
+    tracing::info!(%addr, %url, epoch, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening (active)");
     grpc_server()
         .add_service(
             AgentApiServer::new(AgentService::new(shared.clone(), tier.clone()))
@@ -129,7 +243,33 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             AdminServer::new(admin::AdminService::new(shared.clone(), shared.config.scan))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), fenced.cancelled())
         .await
-        .map_err(|e| ProviderError::Io(format!("server: {e}")))
+        .map_err(|e| ProviderError::Io(format!("server: {e}")))?;
+    if !shutdown.is_cancelled()
+        && let Err(e) = fence.check()
+    {
+        // Dropping the store would flush writes the fence refused to acknowledge; never drop it.
+        std::mem::forget(shared);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The active member's heartbeat, and its watch on the fence: once another provider has
+/// taken over, stop serving (cancel `fenced`) so nothing more is acknowledged.
+async fn heartbeat_loop(shared: Arc<Shared>, me: Member, fenced: CancellationToken) {
+    let fence = shared.pair.fence(me.epoch);
+    loop {
+        if let Err(e) = fence.check() {
+            tracing::error!(error = %e, "stepping down");
+            fenced.cancel();
+            return;
+        }
+        shared.pair.heartbeat(&me);
+        tokio::select! {
+            _ = fenced.cancelled() => return,
+            _ = tokio::time::sleep(pair::HEARTBEAT) => {}
+        }
+    }
 }

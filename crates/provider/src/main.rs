@@ -40,6 +40,9 @@ struct Args {
     /// Longest interval agents wait between checks, in seconds.
     #[arg(long, env = "UPDRAFT_MAX_CHECK_SECS", default_value_t = 3600)]
     max_check_secs: u32,
+    /// URL the other member of a switchover pair reaches this one at (default: from --listen).
+    #[arg(long, env = "UPDRAFT_PROVIDER_ADVERTISE")]
+    advertise: Option<String>,
     /// Largest package accepted by `update add`, in bytes.
     #[arg(long, env = "UPDRAFT_MAX_UPLOAD_BYTES", default_value_t = 16 << 30)]
     max_upload_bytes: u64,
@@ -66,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
     config.min_check_secs = args.min_check_secs;
     config.max_check_secs = args.max_check_secs;
     config.max_upload_bytes = args.max_upload_bytes;
+    config.advertise = args.advertise;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

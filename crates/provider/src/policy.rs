@@ -42,6 +42,8 @@ pub fn effective(store: &Store, machine: &MachineInfo) -> Result<Policy> {
             settings.install_hour = h;
         }
     }
+    // Groups may name provider servers; agents get their URLs.
+    settings.providers = crate::servers::resolve_providers(store, &settings.providers)?;
     Ok(Policy { group, settings: Some(settings), managed })
 }
 

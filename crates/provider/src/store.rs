@@ -9,11 +9,12 @@ use std::path::Path;
 use prost::Message;
 use sled::Transactional;
 use updraft_proto::v1::{
-    Activity, Assignment, ForwardedReport, Group, Machine, MachineInfo, MachinePins, ProductLineCap, SiteStats, Update,
-    WatchFolder,
+    Activity, Assignment, Discovery, ForwardedReport, Group, Machine, MachineInfo, MachinePins, Peer, ProductLineCap,
+    SiteStats, Update, WatchFolder,
 };
 
 use crate::error::{ProviderError, Result};
+use crate::pair::Fence;
 
 const CATALOG_SEQ: &[u8] = b"catalog_seq";
 
@@ -31,6 +32,9 @@ pub enum Change {
     GroupDeleted { name: String, seq: u64 },
     Assign { assignment: Assignment, seq: u64 },
     Pins { pins: MachinePins, seq: u64 },
+    Peer { peer: Peer, seq: u64 },
+    PeerRemoved { name: String, seq: u64 },
+    Discovery { discovery: Discovery, seq: u64 },
 }
 
 impl Change {
@@ -42,7 +46,10 @@ impl Change {
             | Change::Group { seq, .. }
             | Change::GroupDeleted { seq, .. }
             | Change::Assign { seq, .. }
-            | Change::Pins { seq, .. } => *seq,
+            | Change::Pins { seq, .. }
+            | Change::Peer { seq, .. }
+            | Change::PeerRemoved { seq, .. }
+            | Change::Discovery { seq, .. } => *seq,
         }
     }
 }
@@ -65,6 +72,9 @@ enum Policy {
     Group,
     Assignment,
     Pins,
+    Peer,
+    /// Provider-wide settings, by name (discovery).
+    Setting,
 }
 
 impl Policy {
@@ -73,9 +83,13 @@ impl Policy {
             Policy::Group => b"g",
             Policy::Assignment => b"a",
             Policy::Pins => b"p",
+            Policy::Peer => b"r",
+            Policy::Setting => b"s",
         }
     }
 }
+
+const DISCOVERY: &str = "discovery";
 
 type TxResult<T> = std::result::Result<T, sled::transaction::ConflictableTransactionError<ProviderError>>;
 
@@ -118,6 +132,9 @@ pub struct Store {
     groups: sled::Tree,
     assignments: sled::Tree,
     pins: sled::Tree,
+    peers: sled::Tree,
+    settings: sled::Tree,
+    fence: std::sync::Arc<std::sync::OnceLock<Fence>>,
 }
 
 fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
@@ -136,10 +153,12 @@ impl Store {
     /// Opens (or creates) the store at `dir`. Fails at once if another process holds it.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| ProviderError::Io(format!("{}: {e}", dir.display())))?;
-        let db = sled::Config::new().path(dir.join("db")).open().map_err(|e| {
+        // No background flushes: data reaches the disk only through `flush`, which checks the
+        // fence first, so a provider that lost the store cannot commit anything.
+        let db = sled::Config::new().path(dir.join("db")).flush_every_ms(None).open().map_err(|e| {
             let text = e.to_string();
             if text.contains("could not acquire lock") {
-                ProviderError::Store(format!("store {} is in use by another process", dir.display()))
+                ProviderError::StoreInUse(format!("store {} is in use by another process", dir.display()))
             } else {
                 ProviderError::Store(format!("cannot open store {}: {text}", dir.display()))
             }
@@ -157,11 +176,22 @@ impl Store {
             groups: db.open_tree("groups")?,
             assignments: db.open_tree("assignments")?,
             pins: db.open_tree("pins")?,
+            peers: db.open_tree("peers")?,
+            settings: db.open_tree("settings")?,
+            fence: Default::default(),
             db,
         })
     }
 
+    /// From now on, refuse to acknowledge writes once `fence` says another provider took over.
+    pub fn set_fence(&self, fence: Fence) {
+        let _ = self.fence.set(fence);
+    }
+
     async fn flush(&self) -> Result<()> {
+        if let Some(f) = self.fence.get() {
+            f.check()?;
+        }
         self.db.flush_async().await?;
         Ok(())
     }
@@ -283,6 +313,15 @@ impl Store {
                 let value = (!pins.pins.is_empty()).then(|| pins.encode_to_vec());
                 self.put_policy(Policy::Pins, &pins.machine, value, Some(*seq)).await?;
             }
+            Change::Peer { peer, seq } => {
+                self.put_policy(Policy::Peer, &peer.name, Some(peer.encode_to_vec()), Some(*seq)).await?;
+            }
+            Change::PeerRemoved { name, seq } => {
+                self.put_policy(Policy::Peer, name, None, Some(*seq)).await?;
+            }
+            Change::Discovery { discovery, seq } => {
+                self.put_policy(Policy::Setting, DISCOVERY, Some(discovery.encode_to_vec()), Some(*seq)).await?;
+            }
         }
         self.flush().await
     }
@@ -316,6 +355,11 @@ impl Store {
                     seq,
                 },
                 b"p" => Change::Pins { pins: self.pins_of(&name)?, seq },
+                b"r" => match self.get_peer(&name)? {
+                    Some(peer) => Change::Peer { peer, seq },
+                    None => Change::PeerRemoved { name, seq },
+                },
+                b"s" => Change::Discovery { discovery: self.discovery()?, seq },
                 _ => {
                     let version = self.caps.get(name.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned());
                     Change::Cap {
@@ -333,6 +377,8 @@ impl Store {
             Policy::Group => &self.groups,
             Policy::Assignment => &self.assignments,
             Policy::Pins => &self.pins,
+            Policy::Peer => &self.peers,
+            Policy::Setting => &self.settings,
         }
     }
 
@@ -393,6 +439,31 @@ impl Store {
             .map(|v| decode(&v))
             .transpose()?
             .unwrap_or_else(|| MachinePins { machine: machine.to_string(), ..Default::default() }))
+    }
+
+    pub async fn put_peer(&self, p: &Peer) -> Result<u64> {
+        self.put_policy(Policy::Peer, &p.name, Some(p.encode_to_vec()), None).await
+    }
+
+    pub async fn remove_peer(&self, name: &str) -> Result<u64> {
+        self.put_policy(Policy::Peer, name, None, None).await
+    }
+
+    pub fn get_peer(&self, name: &str) -> Result<Option<Peer>> {
+        self.peers.get(name.as_bytes())?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn list_peers(&self) -> Result<Vec<Peer>> {
+        self.peers.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    pub async fn set_discovery(&self, d: &Discovery) -> Result<u64> {
+        self.put_policy(Policy::Setting, DISCOVERY, Some(d.encode_to_vec()), None).await
+    }
+
+    /// Whether providers announce themselves (off until an admin turns it on).
+    pub fn discovery(&self) -> Result<Discovery> {
+        Ok(self.settings.get(DISCOVERY.as_bytes())?.map(|v| decode(&v)).transpose()?.unwrap_or_default())
     }
 
     pub async fn add_watch(&self, folder: &WatchFolder) -> Result<()> {

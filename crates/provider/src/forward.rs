@@ -1,0 +1,104 @@
+//! The standby's side of a switchover pair: every RPC it receives, of any service, is passed
+//! untouched (headers, streams, trailers) to the active provider over one HTTP/2 channel, so
+//! admins and agents can use either member's address.
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::NamedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the active provider is, as the standby last read it from the pair directory.
+#[derive(Clone, Default)]
+pub struct ActiveLink {
+    inner: Arc<Mutex<Option<(String, Channel)>>>,
+}
+
+impl ActiveLink {
+    /// Points the link at `url`; keeps the open channel when it is already there.
+    pub fn point_at(&self, url: &str) {
+        let mut inner = self.inner.lock().expect("active link lock");
+        if inner.as_ref().is_some_and(|(u, _)| u == url) {
+            return;
+        }
+        match Endpoint::from_shared(url.to_string()) {
+            Ok(ep) => {
+                let ch = ep
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_keepalive(Some(Duration::from_secs(30)))
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect_lazy();
+                tracing::info!(active = %url, "forwarding to the active provider");
+                *inner = Some((url.to_string(), ch));
+            }
+            Err(e) => {
+                tracing::warn!(active = %url, error = %e, "the active provider's address is unusable");
+                *inner = None;
+            }
+        }
+    }
+
+    fn get(&self) -> Option<(String, Channel)> {
+        self.inner.lock().expect("active link lock").clone()
+    }
+}
+
+/// Forwards service `S`'s RPCs (routed by `S`'s name) to the active provider.
+pub struct Forward<S> {
+    link: ActiveLink,
+    standby: Arc<str>,
+    _service: PhantomData<fn() -> S>,
+}
+
+impl<S> Forward<S> {
+    pub fn new(link: ActiveLink, standby: &str) -> Self {
+        Self { link, standby: standby.into(), _service: PhantomData }
+    }
+}
+
+impl<S> Clone for Forward<S> {
+    fn clone(&self) -> Self {
+        Self { link: self.link.clone(), standby: self.standby.clone(), _service: PhantomData }
+    }
+}
+
+impl<S: NamedService> NamedService for Forward<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for Forward<S> {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let link = self.link.clone();
+        let standby = self.standby.clone();
+        Box::pin(async move {
+            let Some((url, mut channel)) = link.get() else {
+                return Ok(tonic::Status::unavailable(format!(
+                    "{standby} is a standby and does not know the active provider yet"
+                ))
+                .into_http());
+            };
+            let result = async {
+                std::future::poll_fn(|cx| Service::poll_ready(&mut channel, cx)).await?;
+                Service::call(&mut channel, req).await
+            }
+            .await;
+            Ok(result.unwrap_or_else(|e| {
+                tonic::Status::unavailable(format!("{standby} is a standby; the active provider {url} is unreachable: {e}"))
+                    .into_http()
+            }))
+        })
+    }
+}
