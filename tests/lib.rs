@@ -8,6 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod collector;
+pub mod netns;
 pub mod rogue;
 
 /// Directory holding the workspace's binaries (the one this test binary was built into).
@@ -92,16 +93,21 @@ impl Proc {
     }
 
     pub fn start_env(dir: &Path, name: &str, program: &str, args: &[&str], env: &[(String, String)]) -> Proc {
+        let mut cmd = Command::new(bin(program));
+        cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+        Self::spawn(dir, name, cmd)
+    }
+
+    /// Starts `cmd` with its output in `dir/NAME.log`.
+    pub fn spawn(dir: &Path, name: &str, mut cmd: Command) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin(program))
-            .args(args)
+        let child = cmd
             .env("RUST_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
         Proc { name: name.into(), child: Some(child), log }
     }
 

@@ -1,7 +1,7 @@
 //! admin-cli's provider-server commands: the switchover pair, peer providers, discovery.
 use serde_json::{Value, json};
 use updraft_proto::v1::{
-    Discovery, GetDiscoveryRequest, GetPairRequest, ListPeersRequest, Peer, PairMember, RemovePeerRequest,
+    Discovery, GetDiscoveryRequest, GetPairRequest, ListPeersRequest, PairMember, Peer, RemovePeerRequest,
 };
 
 use crate::cli::{DiscoveryCmd, ProviderCmd};

@@ -1,7 +1,12 @@
-//! Talking to providers: connecting with fallback across the configured list, bounded unary
-//! calls, and resumable downloads that verify size and hash before anything uses the file.
+//! Talking to providers: the list the agent knows (assigned, discovered, configured) with
+//! fallback, stickiness and backoff; bounded unary calls; and resumable downloads that verify
+//! size and hash before anything uses the file.
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
@@ -17,108 +22,238 @@ pub type Client = AgentApiClient<TracedChannel>;
 /// Largest message the agent accepts from a provider, unless configured otherwise.
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
-/// The providers an agent knows, in order of preference, and which one answered last.
+/// Where the agent learned of a provider; also the order it tries them in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The machine's group names it (from the last check).
+    Assigned,
+    /// Announced on mDNS with this machine's discovery key.
+    Discovered,
+    /// The agent's own flags or config file.
+    Configured,
+}
+
+/// One provider the agent knows of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Known {
+    pub name: String,
+    pub url: String,
+    pub source: Source,
+    /// For discovered providers: `local` or `remote`, and the site.
+    pub role: String,
+    pub site: String,
+}
+
+/// Providers found by mDNS, by announcement; filled by the browsing task.
+pub type Discovered = Arc<std::sync::Mutex<BTreeMap<String, Known>>>;
+
 #[derive(Debug, Clone)]
+struct Backoff {
+    failures: u32,
+    until: Instant,
+    last_error: String,
+}
+
+/// The providers an agent knows, in order of preference (assigned, discovered, configured),
+/// which one answered last, and which are backing off after failures.
+#[derive(Debug)]
 pub struct Providers {
-    /// The group's assigned providers (from the last check), tried first.
     assigned: Vec<String>,
-    /// The agent's own list (flags or config file).
+    discovered: Discovered,
     configured: Vec<String>,
-    urls: Vec<String>,
-    current: usize,
-    /// When the most preferred provider was last tried while on a fallback.
-    last_probe: Option<std::time::Instant>,
+    /// The provider that answered last: stuck to until it fails.
+    current: Option<String>,
+    /// When the most preferred provider was last tried while on another.
+    last_probe: Option<Instant>,
+    backoff: HashMap<String, Backoff>,
     pub connect_timeout: Duration,
     pub max_message_bytes: usize,
+    /// The discovery key, when the agent browses.
+    pub discovery_key: Option<String>,
 }
 
 /// How often an agent on a fallback provider tries its preferred one again.
 pub const PREFERRED_PROBE: Duration = Duration::from_secs(10);
+/// A failing provider is skipped for 1 s, doubling per failure up to this, with jitter.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// One connection attempt that failed: which provider, and why.
 pub type Failure = (String, String);
 
+fn valid_url(u: &str) -> bool {
+    Endpoint::from_shared(u.to_string()).is_ok()
+}
+
 impl Providers {
-    pub fn new(urls: Vec<String>, max_message_bytes: usize) -> Result<Self> {
-        if urls.is_empty() {
-            return Err(AgentError::Config("no provider given (use --provider URL)".into()));
+    /// `configured` may be empty when the agent discovers its providers.
+    pub fn new(configured: Vec<String>, max_message_bytes: usize, discovery_key: Option<String>) -> Result<Self> {
+        if configured.is_empty() && discovery_key.is_none() {
+            return Err(AgentError::Config(
+                "no provider given: use --provider URL, or --discover to find providers on the network".into(),
+            ));
         }
-        for u in &urls {
+        for u in &configured {
             Endpoint::from_shared(u.clone()).map_err(|e| AgentError::Config(format!("provider URL {u:?}: {e}")))?;
         }
         Ok(Self {
             assigned: vec![],
-            urls: urls.clone(),
-            configured: urls,
-            current: 0,
+            discovered: Discovered::default(),
+            configured,
+            current: None,
             last_probe: None,
+            backoff: HashMap::new(),
             connect_timeout: Duration::from_secs(5),
             max_message_bytes,
+            discovery_key,
         })
     }
 
-    pub fn urls(&self) -> &[String] {
-        &self.urls
+    /// The map the mDNS browser fills.
+    pub fn discovered(&self) -> Discovered {
+        self.discovered.clone()
     }
 
-    /// Puts the group's assigned providers first; the configured ones remain as fallbacks.
-    pub fn set_assigned(&mut self, assigned: &[String]) {
-        let assigned: Vec<String> =
-            assigned.iter().filter(|u| Endpoint::from_shared((*u).clone()).is_ok()).cloned().collect();
-        if assigned == self.assigned {
-            return;
-        }
-        let current = self.urls.get(self.current).cloned();
-        self.assigned = assigned;
-        let mut urls = self.assigned.clone();
-        for u in &self.configured {
-            if !urls.contains(u) {
-                urls.push(u.clone());
+    /// Every provider known, in the order they are tried, each URL once.
+    pub fn known(&self) -> Vec<Known> {
+        let mut out: Vec<Known> = Vec::new();
+        let mut push = |k: Known| {
+            if !out.iter().any(|o| o.url == k.url) {
+                out.push(k);
             }
+        };
+        for u in &self.assigned {
+            push(Known { name: u.clone(), url: u.clone(), source: Source::Assigned, role: "".into(), site: "".into() });
         }
-        self.urls = urls;
-        self.current = current.and_then(|c| self.urls.iter().position(|u| *u == c)).unwrap_or(0);
+        let mut found: Vec<Known> = self.discovered.lock().expect("discovered lock").values().cloned().collect();
+        // A site's own provider before the centre, then by name, so every machine agrees.
+        found.sort_by(|a, b| (a.role != "remote", &a.name).cmp(&(b.role != "remote", &b.name)));
+        for k in found {
+            push(k);
+        }
+        for u in &self.configured {
+            push(Known {
+                name: u.clone(),
+                url: u.clone(),
+                source: Source::Configured,
+                role: "".into(),
+                site: "".into(),
+            });
+        }
+        out
     }
 
-    /// Connects to the provider that answered last, else the next ones in order. Also returns
-    /// the providers that failed on the way, so they can be reported.
+    pub fn urls(&self) -> Vec<String> {
+        self.known().into_iter().map(|k| k.url).collect()
+    }
+
+    pub fn current(&self) -> Option<&str> {
+        self.current.as_deref()
+    }
+
+    /// Why a provider is being skipped, and for how much longer.
+    pub fn backing_off(&self, url: &str) -> Option<(Duration, String)> {
+        let b = self.backoff.get(url)?;
+        let left = b.until.checked_duration_since(Instant::now())?;
+        Some((left, b.last_error.clone()))
+    }
+
+    /// The group's assigned providers (from the last check) go first.
+    pub fn set_assigned(&mut self, assigned: &[String]) {
+        self.assigned = assigned.iter().filter(|u| valid_url(u)).cloned().collect();
+    }
+
+    fn failed(&mut self, url: &str, error: String) {
+        let b = self.backoff.entry(url.to_string()).or_insert(Backoff {
+            failures: 0,
+            until: Instant::now(),
+            last_error: String::new(),
+        });
+        b.failures = b.failures.saturating_add(1);
+        let base = Duration::from_secs(1u64 << (b.failures - 1).min(6)).min(MAX_BACKOFF);
+        // Up to half again at random, so a fleet does not retry in step.
+        let jitter = Duration::from_millis(fastrand::u64(0..=base.as_millis() as u64 / 2));
+        b.until = Instant::now() + base + jitter;
+        b.last_error = error;
+        if self.current.as_deref() == Some(url) {
+            self.current = None;
+        }
+    }
+
+    /// The order to try providers in now: the sticky one first (or the preferred one when a
+    /// probe is due), then the rest in preference order; providers backing off come last.
+    fn attempt_order(&mut self) -> Vec<String> {
+        let urls = self.urls();
+        let preferred = urls.first().cloned();
+        let mut first = self.current.clone().filter(|c| urls.contains(c));
+        if first.is_some() && first != preferred && self.last_probe.is_none_or(|t| t.elapsed() >= PREFERRED_PROBE) {
+            // Go back to the preferred one once it recovers.
+            self.last_probe = Some(Instant::now());
+            first = preferred;
+        }
+        let mut order: Vec<String> = first.into_iter().collect();
+        let (ready, waiting): (Vec<String>, Vec<String>) =
+            urls.into_iter().filter(|u| !order.contains(u)).partition(|u| self.backing_off(u).is_none());
+        order.extend(ready);
+        order.extend(waiting);
+        order
+    }
+
+    /// Connects to the provider that answered last, else the next ones in order, each
+    /// attempt bounded by the connect timeout. Also returns the providers that failed on the
+    /// way, so they can be reported.
     pub async fn connect(&mut self) -> Result<(String, Client, Vec<Failure>)> {
         let mut failures = Vec::new();
-        let mut last = String::new();
-        // Stick to the provider that works, but go back to the preferred one once it recovers.
-        if self.current != 0 && self.last_probe.is_none_or(|t| t.elapsed() >= PREFERRED_PROBE) {
-            self.last_probe = Some(std::time::Instant::now());
-            self.current = 0;
+        let order = self.attempt_order();
+        if order.is_empty() {
+            let key = self.discovery_key.as_deref().unwrap_or("-");
+            return Err(AgentError::Unreachable {
+                tried: "none".into(),
+                last: format!("no provider known yet: none assigned or configured, none discovered with key {key}"),
+            });
         }
-        for i in 0..self.urls.len() {
-            let idx = (self.current + i) % self.urls.len();
-            let url = self.urls[idx].clone();
-            let ep = Endpoint::from_shared(url.clone())
-                .map_err(|e| AgentError::Config(e.to_string()))?
-                .connect_timeout(self.connect_timeout)
-                .tcp_keepalive(Some(Duration::from_secs(30)))
-                .http2_keep_alive_interval(Duration::from_secs(20))
-                .keep_alive_timeout(Duration::from_secs(10));
-            match ep.connect().await {
-                Ok(ch) => {
-                    self.current = idx;
-                    let client = AgentApiClient::new(updraft_runtime::traced(ch))
-                        .max_decoding_message_size(self.max_message_bytes);
-                    return Ok((url, client, failures));
+        let mut last = String::new();
+        for url in &order {
+            match self.connect_to(url).await {
+                Ok(client) => {
+                    self.current = Some(url.clone());
+                    self.backoff.remove(url);
+                    return Ok((url.clone(), client, failures));
                 }
                 Err(e) => {
                     tracing::warn!(provider = %url, error = %e, "provider unreachable");
                     last = format!("{url}: {e}");
-                    failures.push((url, e.to_string()));
+                    self.failed(url, e.clone());
+                    failures.push((url.clone(), e));
                 }
             }
         }
-        Err(AgentError::Unreachable { tried: self.urls.join(", "), last })
+        Err(AgentError::Unreachable { tried: order.join(", "), last })
     }
 
-    /// Prefer the next provider on the following connect.
-    pub fn rotate(&mut self) {
-        self.current = (self.current + 1) % self.urls.len();
+    /// One connection attempt to `url`, bounded by the connect timeout.
+    pub async fn connect_to(&self, url: &str) -> std::result::Result<Client, String> {
+        let ep = Endpoint::from_shared(url.to_string())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(self.connect_timeout)
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
+        match tokio::time::timeout(self.connect_timeout, ep.connect()).await {
+            Ok(Ok(ch)) => {
+                Ok(AgentApiClient::new(updraft_runtime::traced(ch)).max_decoding_message_size(self.max_message_bytes))
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no connection within {:?}", self.connect_timeout)),
+        }
+    }
+
+    /// The provider that answered last failed after connecting (refused a check, dropped the
+    /// push stream): back off from it and prefer the next one.
+    pub fn rotate(&mut self, why: &str) {
+        if let Some(c) = self.current.clone() {
+            self.failed(&c, why.to_string());
+        }
     }
 }
 

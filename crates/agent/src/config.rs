@@ -10,6 +10,8 @@
 //! max_interval = 3600
 //! request_timeout = 60     # seconds, at most 600
 //! max_message_bytes = 4194304
+//! discover = true          # find providers on the local network (mDNS)
+//! discovery_key = "Production"
 //! ```
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -31,6 +33,8 @@ pub struct FileConfig {
     pub request_timeout: Option<u64>,
     pub max_message_bytes: Option<usize>,
     pub download_cache_bytes: Option<u64>,
+    pub discover: Option<bool>,
+    pub discovery_key: Option<String>,
 }
 
 impl FileConfig {
@@ -73,6 +77,20 @@ pub fn download_cache_bytes(n: Option<u64>) -> Result<u64> {
         return Err(AgentError::Config(format!("download cache limit must be at least 1 MiB, got {n} bytes")));
     }
     Ok(n)
+}
+
+/// The discovery key to browse for: None unless discovery is asked for (a key implies it).
+pub fn discovery_key(discover: bool, key: Option<String>) -> Result<Option<String>> {
+    if !discover && key.is_none() {
+        return Ok(None);
+    }
+    let key = key.unwrap_or_else(|| "Production".into());
+    if key.is_empty() || key.len() > 64 || !key.bytes().all(|b| b.is_ascii_graphic() && b != b'=') {
+        return Err(AgentError::Config(format!(
+            "discovery key {key:?} must be 1-64 printable characters, no spaces or '='"
+        )));
+    }
+    Ok(Some(key))
 }
 
 /// The largest message accepted from a provider: 4 MiB by default, between 1 MiB and 64 MiB.

@@ -29,6 +29,12 @@ pub enum Request {
         #[serde(default)]
         select: Vec<String>,
     },
+    /// The providers the agent knows, and where each came from.
+    Providers,
+    /// Try one provider now (by name or URL).
+    TestProvider {
+        target: String,
+    },
     /// A default-group machine's own settings; unset fields are left alone.
     Config {
         mode: Option<String>,
@@ -45,7 +51,30 @@ pub enum Response {
     Status(StatusReport),
     Check(CheckReport),
     Config(ConfigReport),
+    Providers(Vec<ProviderView>),
+    Tested(TestReport),
     Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProviderView {
+    #[serde(flatten)]
+    pub known: crate::client::Known,
+    /// The one the agent uses now.
+    pub current: bool,
+    /// Seconds it is still skipped after failing, and why it failed.
+    pub backoff_secs: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TestReport {
+    pub name: String,
+    pub url: String,
+    pub served_by: String,
+    pub catalog_seq: u64,
+    pub offers: usize,
+    pub millis: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -17,7 +17,9 @@ use updraft_proto::v1::{
 };
 
 use crate::client::{self, Client, Providers};
-use crate::control::{self, CheckReport, ConfigReport, InstalledView, Request, Response, StatusReport};
+use crate::control::{
+    self, CheckReport, ConfigReport, InstalledView, ProviderView, Request, Response, StatusReport, TestReport,
+};
 use crate::error::{AgentError, Result};
 use crate::install;
 use crate::localtime;
@@ -39,6 +41,8 @@ pub struct AgentConfig {
     pub max_message_bytes: usize,
     /// Most bytes the download cache may hold.
     pub download_cache_bytes: u64,
+    /// Browse mDNS for providers announced with this key (None: do not browse).
+    pub discovery_key: Option<String>,
 }
 
 /// Why a check runs.
@@ -135,7 +139,7 @@ impl Agent {
         if !cleaned.is_empty() {
             tracing::warn!(?cleaned, "removed leftovers of an interrupted install");
         }
-        let providers = Providers::new(cfg.providers.clone(), cfg.max_message_bytes)?;
+        let providers = Providers::new(cfg.providers.clone(), cfg.max_message_bytes, cfg.discovery_key.clone())?;
         let interval = cfg.interval.unwrap_or((Duration::from_secs(1800), Duration::from_secs(3600)));
         Ok(Arc::new(Self {
             state: Mutex::new(state),
@@ -204,7 +208,7 @@ impl Agent {
             for _round in 0..3 {
                 // Fall back within this check: a provider may accept the connection but refuse
                 // the check (a site that has not synchronised), and the next one should answer.
-                let attempts = self.providers.lock().await.urls().len();
+                let attempts = self.providers.lock().await.urls().len().max(1);
                 let manual = matches!(reason, Reason::Manual { .. } | Reason::Apply(_));
                 let mut answered = None;
                 let mut last_err = None;
@@ -224,7 +228,7 @@ impl Agent {
                         }
                         Err(e) => {
                             tracing::warn!(provider = %url, error = %e, "check refused; trying the next provider");
-                            self.providers.lock().await.rotate();
+                            self.providers.lock().await.rotate(&e.to_string());
                             last_err = Some(e);
                         }
                     }
@@ -730,8 +734,58 @@ impl Agent {
     }
 
     pub async fn status(&self, daemon_running: bool) -> StatusReport {
+        let providers = self.providers.lock().await.urls();
         let st = self.state.lock().await;
-        status_from_state(&self.cfg.name, &self.cfg.providers, &st, daemon_running)
+        status_from_state(&self.cfg.name, &providers, &st, daemon_running)
+    }
+
+    /// Every provider the agent knows, where it came from, and how it is doing.
+    pub async fn providers_view(&self) -> Vec<ProviderView> {
+        let p = self.providers.lock().await;
+        p.known()
+            .into_iter()
+            .map(|k| {
+                let backoff = p.backing_off(&k.url);
+                ProviderView {
+                    current: p.current() == Some(k.url.as_str()),
+                    backoff_secs: backoff.as_ref().map(|(d, _)| d.as_secs_f64()),
+                    last_error: backoff.map(|(_, e)| e),
+                    known: k,
+                }
+            })
+            .collect()
+    }
+
+    /// Tries one provider (by name or URL) with a real check, without acting on the answer.
+    pub async fn test_provider(&self, target: &str) -> Result<TestReport> {
+        let (url, name) = {
+            let p = self.providers.lock().await;
+            let known = p.known();
+            match known.iter().find(|k| k.name == target || k.url == target) {
+                Some(k) => (k.url.clone(), k.name.clone()),
+                None if target.contains("://") => (target.to_string(), target.to_string()),
+                None => {
+                    let names: Vec<String> = known.iter().map(|k| k.name.clone()).collect();
+                    return Err(AgentError::Config(format!(
+                        "no provider {target:?} known (known: {}); give a URL to try any",
+                        if names.is_empty() { "none".into() } else { names.join(", ") }
+                    )));
+                }
+            }
+        };
+        let start = std::time::Instant::now();
+        let client = self.providers.lock().await.connect_to(&url).await;
+        let mut client = client.map_err(|e| AgentError::Unreachable { tried: url.clone(), last: e })?;
+        let req = CheckRequest { machine: Some(self.machine_info().await), manual: false };
+        let resp = client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await?;
+        Ok(TestReport {
+            name,
+            url,
+            served_by: resp.served_by,
+            catalog_seq: resp.catalog_seq,
+            offers: resp.offers.len(),
+            millis: start.elapsed().as_millis() as u64,
+        })
     }
 
     async fn next_delay(&self) -> Duration {
@@ -787,6 +841,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     tokio::spawn(
         push_loop(agent.clone(), tx.clone(), shutdown.clone()).instrument(tracing::info_span!("push_subscriber")),
     );
+    if let Some(key) = agent.cfg.discovery_key.clone() {
+        let found = agent.providers.lock().await.discovered();
+        tokio::spawn(
+            browse_loop(key.clone(), found, tx.clone(), shutdown.clone())
+                .instrument(tracing::info_span!("mdns_browse", %key)),
+        );
+    }
 
     let mut next = tokio::time::Instant::now();
     let mut failures = 0u32;
@@ -848,6 +909,11 @@ async fn control_loop(
             let (r, w) = stream.into_split();
             let resp = match control::read_request(r).await {
                 Ok(Request::Status) => Response::Status(agent.status(true).await),
+                Ok(Request::Providers) => Response::Providers(agent.providers_view().await),
+                Ok(Request::TestProvider { target }) => match agent.test_provider(&target).await {
+                    Ok(r) => Response::Tested(r),
+                    Err(e) => Response::Error { message: e.to_string() },
+                },
                 Ok(Request::Check { later }) => run_now(&tx, Reason::Manual { later }).await,
                 Ok(Request::Apply { select }) => run_now(&tx, Reason::Apply(select)).await,
                 Ok(Request::Config { mode, install_day, install_hour, reset }) => {
@@ -873,6 +939,55 @@ async fn run_now(tx: &mpsc::Sender<Trigger>, reason: Reason) -> Response {
         Ok(Ok(r)) => Response::Check(r),
         Ok(Err(message)) => Response::Error { message },
         Err(_) => Response::Error { message: "check was abandoned".into() },
+    }
+}
+
+/// Browses mDNS for providers announced with this machine's key; the first one found while
+/// the agent knows no provider at all triggers a check at once.
+async fn browse_loop(key: String, found: client::Discovered, tx: mpsc::Sender<Trigger>, shutdown: CancellationToken) {
+    let browser = match updraft_runtime::mdns::Browser::start() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "discovery is configured but mDNS cannot start");
+            return;
+        }
+    };
+    loop {
+        let seen = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            s = browser.next() => s,
+        };
+        match seen {
+            None => return,
+            Some(updraft_runtime::mdns::Seen::Up(f)) if f.key == key => {
+                let known = client::Known {
+                    name: f.name.clone(),
+                    url: f.url.clone(),
+                    source: client::Source::Discovered,
+                    role: f.role.clone(),
+                    site: f.site.clone(),
+                };
+                let was_empty = {
+                    let mut map = found.lock().expect("discovered lock");
+                    let was_empty = map.is_empty();
+                    if map.insert(f.fullname.clone(), known.clone()).as_ref() != Some(&known) {
+                        tracing::info!(provider = %f.name, url = %f.url, role = %f.role, "discovered a provider");
+                    }
+                    was_empty
+                };
+                if was_empty {
+                    let _ = tx.try_send(Trigger { reason: Reason::Resync, reply: None });
+                }
+            }
+            Some(updraft_runtime::mdns::Seen::Up(f)) => {
+                tracing::debug!(provider = %f.name, their_key = %f.key, "ignoring a provider with another discovery key");
+            }
+            Some(updraft_runtime::mdns::Seen::Gone { fullname }) => {
+                if let Some(k) = found.lock().expect("discovered lock").remove(&fullname) {
+                    tracing::info!(provider = %k.name, "a discovered provider went away");
+                }
+            }
+        }
     }
 }
 
@@ -913,7 +1028,7 @@ async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Trigger>, shutdown: Cance
                     }
                 }
                 tracing::warn!(provider = %url, "push stream closed");
-                agent.providers.lock().await.rotate();
+                agent.providers.lock().await.rotate("push stream closed");
             }
         }
         let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));

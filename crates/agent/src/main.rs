@@ -69,6 +69,12 @@ struct RunArgs {
     /// Most bytes the download cache may hold (default 8 GiB).
     #[arg(long, env = "UPDRAFT_AGENT_DOWNLOAD_CACHE_BYTES")]
     download_cache_bytes: Option<u64>,
+    /// Find providers on the local network (mDNS) announced with this machine's discovery key.
+    #[arg(long, env = "UPDRAFT_AGENT_DISCOVER")]
+    discover: bool,
+    /// The discovery key to accept (default Production); implies --discover.
+    #[arg(long, env = "UPDRAFT_AGENT_DISCOVERY_KEY")]
+    discovery_key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +99,13 @@ enum Cmd {
         #[arg(long = "select")]
         select: Vec<String>,
     },
+    /// The providers this agent knows (assigned, discovered, configured) and how each is doing.
+    Providers {
+        #[command(flatten)]
+        state: StateDir,
+        #[command(subcommand)]
+        cmd: Option<ProvidersCmd>,
+    },
     /// Change this machine's own settings (machines in the default group only).
     Config {
         #[command(flatten)]
@@ -112,6 +125,12 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum ProvidersCmd {
+    /// Try one provider now with a check (by the name `agent providers` shows, or a URL).
+    Test { target: String },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
@@ -119,6 +138,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Status(state) => status(&state).await,
         Cmd::Check { state, later } => act(&state, Request::Check { later }).await,
         Cmd::Apply { state, select } => act(&state, Request::Apply { select }).await,
+        Cmd::Providers { state, cmd: None } => act(&state, Request::Providers).await,
+        Cmd::Providers { state, cmd: Some(ProvidersCmd::Test { target }) } => {
+            act(&state, Request::TestProvider { target }).await
+        }
         Cmd::Config { state, mode, day, hour, reset } => {
             let install_day = day.map(|d| updraft_core::policy::parse_day(&d)).transpose()?;
             let install_hour = hour.map(|h| updraft_core::policy::parse_hour(&h)).transpose()?;
@@ -154,6 +177,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         request_timeout: config::request_timeout(a.request_timeout.or(file.request_timeout))?,
         max_message_bytes: config::max_message_bytes(a.max_message_bytes.or(file.max_message_bytes))?,
         download_cache_bytes: config::download_cache_bytes(a.download_cache_bytes.or(file.download_cache_bytes))?,
+        discovery_key: config::discovery_key(
+            a.discover || file.discover.unwrap_or(false),
+            a.discovery_key.or(file.discovery_key),
+        )?,
     };
     let result = updraft_agent::run(cfg, updraft_runtime::shutdown_on_signals()).await;
     telemetry.shutdown().await;
@@ -222,6 +249,39 @@ async fn act(state: &StateDir, req: Request) -> anyhow::Result<()> {
                 println!(
                     "group {}: mode {}, install day {}, install hour {}",
                     c.group, c.mode, c.install_day, c.install_hour
+                );
+            }
+            Ok(())
+        }
+        Response::Providers(list) => {
+            if state.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<3}{:<24} {:<11} {:<32} STATE", "", "NAME", "SOURCE", "URL");
+                for p in &list {
+                    let source = serde_json::to_value(p.known.source)?.as_str().unwrap_or_default().to_string();
+                    let how = match (&p.backoff_secs, &p.last_error) {
+                        (Some(s), Some(e)) => format!("failed, retried in {s:.0} s: {e}"),
+                        _ if p.current => "in use".into(),
+                        _ => "ok".into(),
+                    };
+                    let name = match p.known.site.as_str() {
+                        "" => p.known.name.clone(),
+                        site => format!("{} ({site})", p.known.name),
+                    };
+                    let mark = if p.current { "*" } else { "" };
+                    println!("{mark:<3}{name:<24} {source:<11} {:<32} {how}", p.known.url);
+                }
+            }
+            Ok(())
+        }
+        Response::Tested(t) => {
+            if state.json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!(
+                    "{} ({}) answered in {} ms: served by {}, catalog {}, {} offer(s)",
+                    t.name, t.url, t.millis, t.served_by, t.catalog_seq, t.offers
                 );
             }
             Ok(())

@@ -10,14 +10,15 @@ use updraft_core::model::{InstallType, UpdateState, validate_product};
 use updraft_core::plan::release_key;
 use updraft_proto::v1::admin_server::Admin;
 use updraft_proto::v1::{
-    AssignRequest, ClearActivityRequest, Discovery, GetDiscoveryRequest, GetPairRequest, ListPeersRequest,
-    ListPeersResponse, PairReply, Peer, RemovePeerRequest, ClearActivityResponse, DeleteUpdatesRequest, FleetReport, GetGroupRequest,
-    GetMachineRequest, GetUpdateRequest, GroupDetail, ImportPendingRequest, ImportPendingResponse, ListActivityRequest,
-    ListActivityResponse, ListCapsRequest, ListCapsResponse, ListGroupsRequest, ListGroupsResponse,
-    ListMachinesRequest, ListMachinesResponse, ListPendingRequest, ListPendingResponse, ListUpdatesRequest,
-    ListUpdatesResponse, ListWatchesRequest, ListWatchesResponse, MachineDetail, PinRequest, PrestageRequest,
-    ProductLineCap, PutGroupRequest, RelatedInstallsRequest, RemoveGroupRequest, RemoveWatchRequest, ReportRequest2,
-    SetPriorityRequest, SetUpdateStateRequest, Update, UpdateDetail, UploadChunk, WatchFolder, upload_chunk,
+    AssignRequest, ClearActivityRequest, ClearActivityResponse, DeleteUpdatesRequest, Discovery, FleetReport,
+    GetDiscoveryRequest, GetGroupRequest, GetMachineRequest, GetPairRequest, GetUpdateRequest, GroupDetail,
+    ImportPendingRequest, ImportPendingResponse, ListActivityRequest, ListActivityResponse, ListCapsRequest,
+    ListCapsResponse, ListGroupsRequest, ListGroupsResponse, ListMachinesRequest, ListMachinesResponse,
+    ListPeersRequest, ListPeersResponse, ListPendingRequest, ListPendingResponse, ListUpdatesRequest,
+    ListUpdatesResponse, ListWatchesRequest, ListWatchesResponse, MachineDetail, PairReply, Peer, PinRequest,
+    PrestageRequest, ProductLineCap, PutGroupRequest, RelatedInstallsRequest, RemoveGroupRequest, RemovePeerRequest,
+    RemoveWatchRequest, ReportRequest2, SetPriorityRequest, SetUpdateStateRequest, Update, UpdateDetail, UploadChunk,
+    WatchFolder, upload_chunk,
 };
 
 use crate::Shared;

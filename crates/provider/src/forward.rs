@@ -96,8 +96,10 @@ impl<S> Service<http::Request<Body>> for Forward<S> {
             }
             .await;
             Ok(result.unwrap_or_else(|e| {
-                tonic::Status::unavailable(format!("{standby} is a standby; the active provider {url} is unreachable: {e}"))
-                    .into_http()
+                tonic::Status::unavailable(format!(
+                    "{standby} is a standby; the active provider {url} is unreachable: {e}"
+                ))
+                .into_http()
             }))
         })
     }

@@ -3,6 +3,7 @@
 //! its store, agent API and replication API with a different [`agent_api::Tier`].
 pub mod admin;
 pub mod agent_api;
+pub mod announce;
 pub mod blobs;
 pub mod catalog;
 pub mod error;
@@ -225,6 +226,10 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
             .instrument(tracing::info_span!("content_scanner")),
     );
     let fenced = shutdown.child_token();
+    tokio::spawn(
+        announce::announce_loop(shared.clone(), "local", String::new(), addr, fenced.clone())
+            .instrument(tracing::info_span!("mdns_announce")),
+    );
     tokio::spawn(
         heartbeat_loop(shared.clone(), Member::new(&shared.config.name, url, Role::Active, epoch), fenced.clone())
             .instrument(tracing::info_span!("pair_heartbeat", epoch)),

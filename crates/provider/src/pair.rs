@@ -47,15 +47,7 @@ pub struct Member {
 impl Member {
     pub fn new(name: &str, url: &str, role: Role, epoch: u64) -> Self {
         let now = now_ms();
-        Self {
-            name: name.into(),
-            url: url.into(),
-            role,
-            epoch,
-            pid: std::process::id(),
-            seen_ms: now,
-            since_ms: now,
-        }
+        Self { name: name.into(), url: url.into(), role, epoch, pid: std::process::id(), seen_ms: now, since_ms: now }
     }
 }
 

@@ -40,7 +40,8 @@ pub fn validate_peer(p: &Peer) -> Result<()> {
         )));
     }
     let url = peer_url(p);
-    url.parse::<tonic::codegen::http::Uri>().map_err(|e| bad(format!("provider {}: {url} is not a URL: {e}", p.name)))?;
+    url.parse::<tonic::codegen::http::Uri>()
+        .map_err(|e| bad(format!("provider {}: {url} is not a URL: {e}", p.name)))?;
     Ok(())
 }
 

@@ -23,23 +23,29 @@ pub use site::SiteTier;
 pub struct RemoteConfig {
     /// The site provider's own settings (name = site name, data directory, check intervals).
     pub provider: updraft_provider::Config,
-    /// URL of the provider this site follows (a local provider or another site).
-    pub upstream: String,
+    /// URLs of the provider this site follows (a local provider, both members of a switchover
+    /// pair, or another site).
+    pub upstream: Vec<String>,
 }
 
 /// Serves the site until `shutdown` is cancelled; follows the upstream meanwhile.
 pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let shared = Shared::open(cfg.provider.clone())?;
     let tier = Arc::new(SiteTier::new(shared.clone(), &cfg.upstream)?);
+    let upstream = cfg.upstream.join(",");
     let addr = listener.local_addr().map_err(|e| ProviderError::Io(e.to_string()))?;
-    tracing::info!(%addr, upstream = %cfg.upstream, site = %shared.config.name, seq = shared.store.catalog_seq()?, "remote provider listening");
+    tracing::info!(%addr, %upstream, site = %shared.config.name, seq = shared.store.catalog_seq()?, "remote provider listening");
     tokio::spawn(
-        site::follow_loop(tier.clone(), shutdown.clone())
-            .instrument(tracing::info_span!("catalog_follow", upstream = %cfg.upstream)),
+        site::follow_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("catalog_follow", %upstream)),
     );
     tokio::spawn(
         site::forward_loop(tier.clone(), shutdown.clone())
-            .instrument(tracing::info_span!("report_forwarder", upstream = %cfg.upstream)),
+            .instrument(tracing::info_span!("report_forwarder", %upstream)),
+    );
+    let site = shared.config.name.clone();
+    tokio::spawn(
+        updraft_provider::announce::announce_loop(shared.clone(), "remote", site, addr, shutdown.clone())
+            .instrument(tracing::info_span!("mdns_announce")),
     );
     updraft_provider::grpc_server()
         .add_service(

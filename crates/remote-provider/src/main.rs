@@ -8,9 +8,10 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(name = "remote-provider", version, about = "Updraft site provider: caches an upstream provider for one site")]
 struct Args {
-    /// URL of the provider to follow, e.g. http://10.0.0.5:8092.
-    #[arg(long, env = "UPDRAFT_REMOTE_UPSTREAM")]
-    upstream: String,
+    /// URL of the provider to follow, e.g. http://10.0.0.5:8092 (repeat or comma-separate for
+    /// both members of a switchover pair).
+    #[arg(long, env = "UPDRAFT_REMOTE_UPSTREAM", value_delimiter = ',', required = true)]
+    upstream: Vec<String>,
     /// Data directory (sled store and blob cache).
     #[arg(long, env = "UPDRAFT_REMOTE_STORE")]
     store: Option<PathBuf>,

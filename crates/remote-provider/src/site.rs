@@ -45,15 +45,30 @@ pub struct SiteTier {
 }
 
 impl SiteTier {
-    pub fn new(shared: Arc<Shared>, upstream: &str) -> Result<Self> {
-        let upstream_url = upstream.to_string();
-        let ep = Endpoint::from_shared(upstream.to_string())
-            .map_err(|e| ProviderError::InvalidArgument(format!("upstream URL {upstream:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10));
-        // A lazy channel reconnects by itself when the upstream comes back.
-        let upstream = ReplicationClient::new(updraft_runtime::traced(ep.connect_lazy()))
+    /// `upstreams`: one provider, or several that serve the same catalog (both members of a
+    /// switchover pair); requests go to whichever of them is reachable.
+    pub fn new(shared: Arc<Shared>, upstreams: &[String]) -> Result<Self> {
+        if upstreams.is_empty() {
+            return Err(ProviderError::InvalidArgument("no upstream provider given (use --upstream URL)".into()));
+        }
+        let upstream_url = upstreams.join(",");
+        let mut endpoints = Vec::new();
+        for u in upstreams {
+            endpoints.push(
+                Endpoint::from_shared(u.clone())
+                    .map_err(|e| ProviderError::InvalidArgument(format!("upstream URL {u:?}: {e}")))?
+                    .connect_timeout(Duration::from_secs(5))
+                    .http2_keep_alive_interval(Duration::from_secs(20))
+                    .keep_alive_timeout(Duration::from_secs(10)),
+            );
+        }
+        // A lazy channel reconnects by itself when the upstream comes back; a balanced one
+        // sends each request to a member that is up.
+        let channel = match endpoints.len() {
+            1 => endpoints.remove(0).connect_lazy(),
+            _ => tonic::transport::Channel::balance_list(endpoints.into_iter()),
+        };
+        let upstream = ReplicationClient::new(updraft_runtime::traced(channel))
             .max_decoding_message_size(updraft_provider::MAX_MESSAGE_BYTES);
         Ok(Self {
             shared,

@@ -1,5 +1,6 @@
 //! Process glue shared by every Updraft binary: telemetry, shutdown on signals, the host name
 //! and default data directories. Nothing domain-specific lives here.
+pub mod mdns;
 pub mod telemetry;
 
 use std::path::PathBuf;
