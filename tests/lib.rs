@@ -276,32 +276,24 @@ impl World {
 
     /// An agent with its own extra flags (e.g. a short check interval).
     pub fn agent_with(&self, name: &str, provider: &str, extra: &[&str]) -> Proc {
+        let mut args = self.agent_args(name, extra);
+        args.extend(["--provider".to_string(), provider.to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::start_env(self.dir.path(), name, "agent", &args, &self.env)
+    }
+
+    /// `agent run` arguments for agent `name` in this world (install root, state, key), with
+    /// no provider: callers add `--provider` or `--discover`.
+    pub fn agent_args(&self, name: &str, extra: &[&str]) -> Vec<String> {
         let root = self.path(&format!("{name}-root"));
         let state = self.path(&format!("{name}-state"));
-        Proc::start_env(
-            self.dir.path(),
-            name,
-            "agent",
-            &[
-                "run",
-                "--provider",
-                provider,
-                "--install-root",
-                root.to_str().unwrap(),
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--trust-key",
-                self.pubkey.to_str().unwrap(),
-                "--name",
-                name,
-                "--request-timeout",
-                "10",
-            ]
-            .into_iter()
-            .chain(extra.iter().copied())
-            .collect::<Vec<_>>(),
-            &self.env,
-        )
+        let mut args: Vec<String> =
+            ["run", "--install-root", root.to_str().unwrap(), "--state-dir"].iter().map(|s| s.to_string()).collect();
+        args.push(state.to_str().unwrap().into());
+        args.extend(["--trust-key".into(), self.pubkey.to_str().unwrap().into(), "--name".into(), name.into()]);
+        args.extend(["--request-timeout".into(), "10".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
     }
 
     pub fn root(&self, agent: &str) -> PathBuf {

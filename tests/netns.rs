@@ -78,7 +78,7 @@ impl Lab {
         ip(&["netns", "add", &ns]);
         self.hosts.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        let mut wire = |bridge: &str, dev: &str, net: u8| -> String {
+        let wire = |bridge: &str, dev: &str, net: u8| -> String {
             // The switch end is named after the host number: unique in the switch, short
             // enough for the kernel's 15 characters.
             let peer = format!("{bridge}{n}");

@@ -51,7 +51,8 @@ pub enum Response {
     Status(StatusReport),
     Check(CheckReport),
     Config(ConfigReport),
-    Providers(Vec<ProviderView>),
+    // A struct variant: an internally tagged enum cannot carry a bare list.
+    Providers { providers: Vec<ProviderView> },
     Tested(TestReport),
     Error { message: String },
 }

@@ -909,7 +909,7 @@ async fn control_loop(
             let (r, w) = stream.into_split();
             let resp = match control::read_request(r).await {
                 Ok(Request::Status) => Response::Status(agent.status(true).await),
-                Ok(Request::Providers) => Response::Providers(agent.providers_view().await),
+                Ok(Request::Providers) => Response::Providers { providers: agent.providers_view().await },
                 Ok(Request::TestProvider { target }) => match agent.test_provider(&target).await {
                     Ok(r) => Response::Tested(r),
                     Err(e) => Response::Error { message: e.to_string() },

@@ -21,10 +21,10 @@ struct Cli {
 #[derive(Args)]
 struct StateDir {
     /// Agent state directory (state file, downloads, control socket).
-    #[arg(long, env = "UPDRAFT_AGENT_STATE_DIR")]
+    #[arg(long, env = "UPDRAFT_AGENT_STATE_DIR", global = true)]
     state_dir: Option<PathBuf>,
     /// Machine-readable JSON output.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
 }
 
@@ -253,7 +253,7 @@ async fn act(state: &StateDir, req: Request) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Response::Providers(list) => {
+        Response::Providers { providers: list } => {
             if state.json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {

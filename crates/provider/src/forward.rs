@@ -12,13 +12,31 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::pair::PairDir;
+
+/// How long a request waits for a standby that has just started to learn the active's
+/// address (the active writes it right after taking the store's lock).
+const WAIT_FOR_ACTIVE: Duration = Duration::from_secs(3);
+
 /// Where the active provider is, as the standby last read it from the pair directory.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ActiveLink {
+    pair: PairDir,
     inner: Arc<Mutex<Option<(String, Channel)>>>,
 }
 
 impl ActiveLink {
+    pub fn new(pair: PairDir) -> Self {
+        Self { pair, inner: Arc::default() }
+    }
+
+    /// Re-reads who is active.
+    pub fn refresh(&self) {
+        if let Some(active) = self.pair.active() {
+            self.point_at(&active.url);
+        }
+    }
+
     /// Points the link at `url`; keeps the open channel when it is already there.
     pub fn point_at(&self, url: &str) {
         let mut inner = self.inner.lock().expect("active link lock");
@@ -84,7 +102,14 @@ impl<S> Service<http::Request<Body>> for Forward<S> {
         let link = self.link.clone();
         let standby = self.standby.clone();
         Box::pin(async move {
-            let Some((url, mut channel)) = link.get() else {
+            let start = tokio::time::Instant::now();
+            let mut known = link.get();
+            while known.is_none() && start.elapsed() < WAIT_FOR_ACTIVE {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                link.refresh();
+                known = link.get();
+            }
+            let Some((url, mut channel)) = known else {
                 return Ok(tonic::Status::unavailable(format!(
                     "{standby} is a standby and does not know the active provider yet"
                 ))

@@ -168,7 +168,7 @@ async fn standby(
     shutdown: &CancellationToken,
 ) -> Result<Option<Arc<Shared>>> {
     let pair = PairDir::open(&config.data_dir)?;
-    let link = ActiveLink::default();
+    let link = ActiveLink::new(pair.clone());
     let name = config.name.as_str();
     let stop = shutdown.child_token();
     let server = grpc_server()
@@ -191,9 +191,7 @@ async fn standby(
     let mut last_beat = std::time::Instant::now() - pair::HEARTBEAT;
     let span = tracing::info_span!("standby_watch");
     loop {
-        if let Some(active) = pair.active() {
-            link.point_at(&active.url);
-        }
+        link.refresh();
         if last_beat.elapsed() >= pair::HEARTBEAT {
             pair.heartbeat(&me);
             last_beat = std::time::Instant::now();

@@ -1,0 +1,292 @@
+//! Multi-host cases in network namespaces: a switchover pair losing its active under load, an
+//! active cut off from the agents' network, and mDNS discovery with keys. Every process runs
+//! inside a namespace the test creates; nothing touches the machine's own network. (The
+//! fencing case needs only one host and runs on loopback.)
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use updraft_tests::netns::{Host, Lab, command_in};
+use updraft_tests::{Proc, World, run_ok, wait_until};
+
+const T: Duration = Duration::from_secs(40);
+const PORT: u16 = 8092;
+
+fn url(addr: &str) -> String {
+    format!("http://{addr}:{PORT}")
+}
+
+fn admin_in(host: &Host, provider: &str, args: &[&str]) -> Output {
+    command_in(host, "admin-cli").arg("--provider").arg(provider).args(args).output().unwrap()
+}
+
+fn admin_in_ok(host: &Host, provider: &str, args: &[&str]) -> String {
+    run_ok(command_in(host, "admin-cli").arg("--provider").arg(provider).args(args))
+}
+
+fn admin_in_json(host: &Host, provider: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&admin_in_ok(host, provider, &all)).expect("admin-cli --json prints JSON")
+}
+
+/// Imports and approves a package through `provider`, from inside `host`.
+fn publish_in(host: &Host, provider: &str, pkg: &std::path::Path) -> String {
+    let id = admin_in_ok(host, provider, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
+    admin_in_ok(host, provider, &["update", "state", &id, "ga"]);
+    id
+}
+
+/// A provider on `host` listening on every address, reachable by its pair peer at its back
+/// address.
+fn provider_on(w: &World, lab: &Lab, host: &Host, name: &str, store: &str, extra: &[&str]) -> Proc {
+    let advertise = url(host.back.as_deref().unwrap_or(&host.lan));
+    let listen = format!("0.0.0.0:{PORT}");
+    let pubkey = w.pubkey.to_str().unwrap();
+    let mut args = vec!["--store", store, "--listen", &listen, "--name", name, "--advertise", &advertise];
+    args.extend(["--trust-key", pubkey]);
+    args.extend_from_slice(extra);
+    let p = Proc::start_in(w.dir.path(), host, name, "provider", &args);
+    lab.wait_port(host, &host.lan, PORT);
+    p
+}
+
+fn agent_on(w: &World, host: &Host, name: &str, extra: &[&str]) -> Proc {
+    let args = w.agent_args(name, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::start_in(w.dir.path(), host, name, "agent", &args)
+}
+
+fn agent_json(w: &World, agent: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = w.agent_cmd(agent, &all);
+    assert!(out.status.success(), "agent {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("agent --json prints JSON")
+}
+
+fn last_provider(w: &World, agent: &str) -> String {
+    agent_json(w, agent, &["status"])["last_provider"].as_str().unwrap_or_default().to_string()
+}
+
+fn pair_roles(host: &Host, provider: &str) -> Vec<(String, String)> {
+    let p = admin_in_json(host, provider, &["provider", "pair"]);
+    p["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap().into(), m["role"].as_str().unwrap().into()))
+        .collect()
+}
+
+#[test]
+fn the_pair_survives_kill_9_of_its_active_under_admin_writes_and_agent_checks() {
+    let w = World::new();
+    let mut lab = Lab::new();
+    let (ha, hb, ops) = (lab.host("pa", true), lab.host("pb", true), lab.host("ops", false));
+    let (m1, m2) = (lab.host("m1", false), lab.host("m2", false));
+    let store = w.path("shared-store");
+    let store = store.to_str().unwrap();
+    let mut a = provider_on(&w, &lab, &ha, "centre-a", store, &[]);
+    let _b = provider_on(&w, &lab, &hb, "centre-b", store, &[]);
+    let (aurl, burl) = (url(&ha.lan), url(&hb.lan));
+    wait_until("B to be standby", T, || pair_roles(&ops, &burl).contains(&("centre-b".into(), "standby".into())));
+    assert!(pair_roles(&ops, &aurl).contains(&("centre-a".into(), "active".into())));
+
+    let v1 = publish_in(&ops, &burl, &w.package("editor", "1.0.0.0", &w.key));
+    let both = format!("{aurl},{burl}");
+    let _a1 = agent_on(&w, &m1, "m1", &["--provider", &both, "--min-interval", "1"]);
+    let _a2 = agent_on(&w, &m2, "m2", &["--provider", &both, "--min-interval", "1"]);
+    wait_until("both agents on v1", T, || {
+        w.installed("m1", "editor").as_deref() == Some("1.0.0.0")
+            && w.installed("m2", "editor").as_deref() == Some("1.0.0.0")
+    });
+
+    // A steady stream of admin writes, alternating between the two members' addresses.
+    // Each acknowledged write, with when it was sent.
+    let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, ops, urls) = (acked.clone(), stop.clone(), ops.clone(), [aurl.clone(), burl.clone()]);
+        std::thread::spawn(move || {
+            let mut refused = 0;
+            for i in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    return refused;
+                }
+                let name = format!("w{i}");
+                let started = Instant::now();
+                let out = admin_in(&ops, &urls[i % 2], &["group", "create", &name]);
+                if out.status.success() {
+                    acked.lock().unwrap().push((name, started));
+                } else {
+                    refused += 1;
+                }
+            }
+            refused
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let before = acked.lock().unwrap().len();
+    let killed = Instant::now();
+    a.kill9();
+    wait_until("a write sent after the kill to be acknowledged", T, || {
+        acked.lock().unwrap().iter().any(|(_, t)| *t > killed)
+    });
+    // An upper bound on the takeover: the first write sent after the kill that was acknowledged
+    // was sent this long after it.
+    let takeover = acked.lock().unwrap().iter().find(|(_, t)| *t > killed).map(|(_, t)| *t - killed).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    let refused = writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "pair: {} writes acknowledged ({before} before the kill), {refused} refused; first acknowledged write sent {takeover:?} after the kill",
+        acked.len()
+    );
+    assert!(takeover < Duration::from_secs(10), "standby took {takeover:?} to take over");
+
+    // Every acknowledged write is in the store the standby now holds.
+    let groups = admin_in_json(&ops, &burl, &["group", "list"]);
+    let names: Vec<&str> = groups.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    for (g, _) in &acked {
+        assert!(names.contains(&g.as_str()), "acknowledged group {g} was lost");
+    }
+    assert_eq!(admin_in_json(&ops, &burl, &["provider", "pair"])["active"], "centre-b");
+
+    // Agents carry on through B: a new version reaches both.
+    let v2 = publish_in(&ops, &burl, &w.package("editor", "2.0.0.0", &w.key));
+    wait_until("both agents on v2 through B", T, || {
+        w.installed("m1", "editor").as_deref() == Some("2.0.0.0")
+            && w.installed("m2", "editor").as_deref() == Some("2.0.0.0")
+    });
+    assert_eq!(last_provider(&w, "m1"), burl);
+    assert_ne!(v1, v2);
+
+    // The former active comes back as standby: the store stays with B, at a higher epoch.
+    let _a_again = provider_on(&w, &lab, &ha, "centre-a", store, &[]);
+    wait_until("A back as standby", T, || pair_roles(&ops, &burl).contains(&("centre-a".into(), "standby".into())));
+    let pair = admin_in_json(&ops, &aurl, &["provider", "pair"]);
+    assert_eq!(pair["active"], "centre-b", "{pair}");
+    assert_eq!(pair["epoch"], 2, "{pair}");
+}
+
+#[test]
+fn agents_move_to_the_standby_when_the_active_is_cut_off_their_network() {
+    let w = World::new();
+    let mut lab = Lab::new();
+    let (ha, hb, ops) = (lab.host("pa", true), lab.host("pb", true), lab.host("ops", false));
+    let m1 = lab.host("m1", false);
+    let store = w.path("shared-store");
+    let store = store.to_str().unwrap();
+    let _a = provider_on(&w, &lab, &ha, "centre-a", store, &[]);
+    let _b = provider_on(&w, &lab, &hb, "centre-b", store, &[]);
+    let (aurl, burl) = (url(&ha.lan), url(&hb.lan));
+    wait_until("B to be standby", T, || pair_roles(&ops, &burl).contains(&("centre-b".into(), "standby".into())));
+    publish_in(&ops, &aurl, &w.package("editor", "1.0.0.0", &w.key));
+    let both = format!("{aurl},{burl}");
+    let _agent = agent_on(&w, &m1, "m1", &["--provider", &both, "--min-interval", "1"]);
+    wait_until("v1 through A", T, || w.installed("m1", "editor").as_deref() == Some("1.0.0.0"));
+    assert_eq!(last_provider(&w, "m1"), aurl);
+
+    lab.cut_lan(&ha);
+    // Settings entered on the standby reach the active over the back network.
+    publish_in(&ops, &burl, &w.package("editor", "2.0.0.0", &w.key));
+    wait_until("v2 through B", T, || w.installed("m1", "editor").as_deref() == Some("2.0.0.0"));
+    assert_eq!(last_provider(&w, "m1"), burl);
+    let pair = admin_in_json(&ops, &burl, &["provider", "pair"]);
+    assert_eq!(pair["active"], "centre-a", "A still holds the store: {pair}");
+    let providers = agent_json(&w, "m1", &["providers"]);
+    let a_entry = providers.as_array().unwrap().iter().find(|p| p["url"] == aurl.as_str()).unwrap().clone();
+    assert!(a_entry["last_error"].is_string(), "A should be backing off: {providers}");
+}
+
+#[test]
+fn agents_discover_providers_with_their_key_and_ignore_the_others() {
+    let w = World::new();
+    let mut lab = Lab::new();
+    let (hp, hl, hs, ops) =
+        (lab.host("prod", false), lab.host("lab", false), lab.host("site", false), lab.host("ops", false));
+    let (m1, m2) = (lab.host("m1", false), lab.host("m2", false));
+    let (prod_store, lab_store) = (w.path("prod"), w.path("labstore"));
+    let _prod = provider_on(&w, &lab, &hp, "centre", prod_store.to_str().unwrap(), &[]);
+    let _labp = provider_on(&w, &lab, &hl, "lab-centre", lab_store.to_str().unwrap(), &[]);
+    let (purl, lurl) = (url(&hp.lan), url(&hl.lan));
+    let site_store = w.path("site-store");
+    let listen = format!("0.0.0.0:{PORT}");
+    let _site = Proc::start_in(
+        w.dir.path(),
+        &hs,
+        "site-a",
+        "remote-provider",
+        &["--upstream", &purl, "--store", site_store.to_str().unwrap(), "--listen", &listen, "--name", "site-a"],
+    );
+    lab.wait_port(&hs, &hs.lan, PORT);
+    publish_in(&ops, &purl, &w.package("editor", "1.0.0.0", &w.key));
+    publish_in(&ops, &lurl, &w.package("editor", "9.0.0.0", &w.key));
+
+    let _a1 = agent_on(&w, &m1, "m1", &["--discover", "--min-interval", "2"]);
+    let _a2 = agent_on(&w, &m2, "m2", &["--discovery-key", "Lab", "--min-interval", "2"]);
+    // Discovery is off until an admin turns it on: nothing is announced, nothing found.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agent_json(&w, "m1", &["providers"]).as_array().unwrap().len(), 0);
+    assert_eq!(admin_in_ok(&ops, &purl, &["discovery", "status"]).trim(), "discovery off");
+
+    admin_in_ok(&ops, &purl, &["discovery", "on"]);
+    admin_in_ok(&ops, &lurl, &["discovery", "on", "--key", "Lab"]);
+    let names = |agent: &str| -> Vec<String> {
+        let list = agent_json(&w, agent, &["providers"]);
+        list.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect()
+    };
+    // The site learns the setting from the centre's change log and announces itself too.
+    wait_until("m1 to discover the centre and its site", T, || {
+        let n = names("m1");
+        n.contains(&"centre".to_string()) && n.contains(&"site-a".to_string())
+    });
+    wait_until("m2 to discover the lab provider", T, || names("m2").contains(&"lab-centre".to_string()));
+    wait_until("both agents to install from their own providers", T, || {
+        w.installed("m1", "editor").as_deref() == Some("1.0.0.0")
+            && w.installed("m2", "editor").as_deref() == Some("9.0.0.0")
+    });
+    let m1_list = agent_json(&w, "m1", &["providers"]);
+    assert!(!names("m1").contains(&"lab-centre".to_string()), "m1 took a provider with another key: {m1_list}");
+    assert!(!names("m2").contains(&"centre".to_string()));
+    // A site's provider comes before the centre.
+    assert_eq!(m1_list[0]["name"], "site-a", "{m1_list}");
+    assert_eq!(m1_list[0]["source"], "discovered");
+    assert_eq!(m1_list[0]["role"], "remote");
+    let tested = agent_json(&w, "m1", &["providers", "test", "centre"]);
+    assert_eq!(tested["served_by"], "centre", "{tested}");
+    let unknown = w.agent_cmd("m1", &["providers", "test", "lab-centre"]);
+    assert!(!unknown.status.success());
+
+    // Turned off, the announcements are withdrawn and the agents forget them.
+    admin_in_ok(&ops, &purl, &["discovery", "off"]);
+    wait_until("m1 to forget the withdrawn providers", T, || names("m1").is_empty());
+}
+
+/// The fencing epoch, on loopback: a provider whose store was taken over behind its back (as a
+/// shared file system that loses locks would allow) acknowledges nothing more and stops.
+#[test]
+fn a_superseded_active_cannot_commit_and_steps_down() {
+    let w = World::new();
+    let (mut p, url) = w.provider("centre", true);
+    w.admin_ok(&url, &["group", "create", "before"]);
+    let epoch_file = w.path("centre/pair/epoch");
+    assert_eq!(std::fs::read_to_string(&epoch_file).unwrap().trim(), "1");
+    // Another provider took over: the epoch in the store moved on.
+    std::fs::write(&epoch_file, "2").unwrap();
+    let out = w.admin(&url, &["group", "create", "after"]);
+    assert!(!out.status.success(), "a superseded provider acknowledged a write");
+    let err = updraft_tests::stderr(&out);
+    assert!(err.contains("superseded") && err.contains("epoch 1"), "{err}");
+    assert!(p.wait_exit(Duration::from_secs(10)), "the superseded provider kept running");
+    assert!(p.log_text().contains("superseded"), "{}", p.log_text());
+
+    let _again = w.restart_provider("centre", &url);
+    let groups = w.admin_json(&url, &["group", "list"]);
+    let names: Vec<&str> = groups.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"before") && !names.contains(&"after"), "{names:?}");
+    assert_eq!(std::fs::read_to_string(&epoch_file).unwrap().trim(), "3");
+}
