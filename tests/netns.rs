@@ -55,6 +55,12 @@ pub struct Lab {
     next_host: u8,
 }
 
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Lab {
     pub fn new() -> Lab {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
