@@ -290,3 +290,44 @@ fn a_superseded_active_cannot_commit_and_steps_down() {
     assert!(names.contains(&"before") && !names.contains(&"after"), "{names:?}");
     assert_eq!(std::fs::read_to_string(&epoch_file).unwrap().trim(), "3");
 }
+
+/// Store management with the provider binary: a store moved to a new location keeps its
+/// catalog, groups and machines, and the old location refuses to start; a separate store
+/// merged into it brings its machines along.
+#[test]
+fn stores_move_and_merge_with_the_provider_binary() {
+    let w = World::new();
+    let (mut one, url) = w.provider("one", true);
+    let id = w.publish(&url, &w.package("editor", "1.0.0.0", &w.key));
+    w.admin_ok(&url, &["group", "create", "lab"]);
+    let mut m1 = w.agent("m1", &url);
+    wait_until("m1 on v1", T, || w.installed("m1", "editor").as_deref() == Some("1.0.0.0"));
+    let (mut other, other_url) = w.provider("other", true);
+    let mut m2 = w.agent("m2", &other_url);
+    wait_until("m2 known to the other provider", T, || {
+        w.admin_json(&other_url, &["machine", "list"]).as_array().unwrap().iter().any(|m| m["name"] == "m2")
+    });
+    for p in [&mut m1, &mut m2, &mut one, &mut other] {
+        p.kill9();
+    }
+
+    let provider = |args: &[&str]| {
+        let out = std::process::Command::new(updraft_tests::bin("provider")).args(args).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), updraft_tests::stderr(&out)))
+    };
+    let (from, to, sep) = (w.path("one"), w.path("two"), w.path("other"));
+    let (ok, text) = provider(&["store", "move", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let (ok, text) = provider(&["store", "merge", "--from", sep.to_str().unwrap(), "--into", to.to_str().unwrap()]);
+    assert!(ok && text.contains("\"machines_added\": 1"), "{text}");
+    let (ok, text) = provider(&["--store", from.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert!(!ok && text.contains("was moved to"), "{text}");
+
+    let _two = w.restart_provider("two", &url);
+    assert_eq!(w.admin_json(&url, &["update", "show", &id])["id"], id.as_str());
+    let groups = w.admin_json(&url, &["group", "list"]);
+    assert!(groups.as_array().unwrap().iter().any(|g| g["name"] == "lab"), "{groups}");
+    let machines = w.admin_json(&url, &["machine", "list"]);
+    let names: Vec<&str> = machines.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"m1") && names.contains(&"m2"), "{names:?}");
+}

@@ -79,6 +79,31 @@ impl BlobStore {
         Ok(dest)
     }
 
+    /// Copies `content_hash` from another blob store, checking its content on the way.
+    /// Returns false when this store already had it.
+    pub async fn copy_from(&self, other: &BlobStore, content_hash: &str) -> Result<bool> {
+        if self.has(content_hash) {
+            return Ok(false);
+        }
+        let src = other.path_of(content_hash)?;
+        let tmp = self.incoming()?;
+        let tmp_path = tmp.path().to_path_buf();
+        tokio::fs::copy(&src, &tmp_path).await.map_err(|e| ProviderError::Io(format!("{}: {e}", src.display())))?;
+        self.commit_checked(&tmp_path, content_hash).await?;
+        Ok(true)
+    }
+
+    /// Every content hash stored here.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("sha256");
+        let entries = std::fs::read_dir(&dir).map_err(|e| ProviderError::Io(format!("{}: {e}", dir.display())))?;
+        Ok(entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(|n| format!("{}{n}", hash::PREFIX)))
+            .filter(|h| hash::validate(h).is_ok())
+            .collect())
+    }
+
     /// Size of a stored blob.
     pub async fn size(&self, content_hash: &str) -> Result<u64> {
         let p = self.path_of(content_hash)?;

@@ -16,6 +16,7 @@ pub mod policy;
 pub mod replication;
 pub mod scanner;
 pub mod servers;
+pub mod storage;
 pub mod store;
 
 use std::path::PathBuf;

@@ -4,12 +4,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use updraft_core::keys::PublicKey;
 
 #[derive(Parser)]
-#[command(name = "provider", version, about = "Updraft local provider: catalog, machines and the gRPC APIs")]
+#[command(
+    name = "provider",
+    version,
+    about = "Updraft local provider: catalog, machines and the gRPC APIs",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Data directory (sled store and blobs).
     #[arg(long, env = "UPDRAFT_PROVIDER_STORE")]
     store: Option<PathBuf>,
@@ -48,9 +55,60 @@ struct Args {
     max_upload_bytes: u64,
 }
 
+#[derive(Subcommand)]
+enum Cmd {
+    /// Manage stores (with no provider running on them).
+    #[command(subcommand)]
+    Store(StoreCmd),
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Copy the store to a new location; the old one then refuses to start.
+    Move {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Merge a provider's separate store into a shared one (most recent machine records win).
+    Merge {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        into: PathBuf,
+    },
+}
+
+async fn store_cmd(cmd: StoreCmd) -> anyhow::Result<()> {
+    match cmd {
+        StoreCmd::Move { from, to } => {
+            let r = updraft_provider::storage::move_store(&from, &to).await?;
+            println!(
+                "moved {} to {}: {} updates, {} blobs, {} machines; start the provider(s) with --store {}",
+                from.display(),
+                to.display(),
+                r.updates,
+                r.blobs,
+                r.machines,
+                to.display()
+            );
+        }
+        StoreCmd::Merge { from, into } => {
+            let r = updraft_provider::storage::merge_store(&from, &into).await?;
+            println!("merged {} into {}:", from.display(), into.display());
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Cmd::Store(cmd)) = args.cmd {
+        return store_cmd(cmd).await;
+    }
     let telemetry = updraft_runtime::telemetry::init("updraft-provider");
     let data_dir = args.store.unwrap_or_else(|| updraft_runtime::default_data_dir("provider"));
     let mut config = updraft_provider::Config::new(args.name.unwrap_or_else(updraft_runtime::hostname), data_dir);

@@ -83,6 +83,15 @@ impl PairDir {
         read_epoch(&self.dir.join(EPOCH))
     }
 
+    /// Makes this store's epoch at least `epoch` (a moved or merged store keeps fencing
+    /// everything that held its source).
+    pub fn raise_epoch_to(&self, epoch: u64) -> Result<()> {
+        if self.epoch()? < epoch {
+            updraft_core::package::write_atomic(&self.dir, EPOCH, epoch.to_string().as_bytes())?;
+        }
+        Ok(())
+    }
+
     /// Called once the store's lock is held: raises the epoch and records `me` as active, both
     /// durably, before anything is served. Returns the new epoch.
     pub fn take_over(&self, name: &str, url: &str) -> Result<u64> {

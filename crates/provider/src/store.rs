@@ -17,6 +17,8 @@ use crate::error::{ProviderError, Result};
 use crate::pair::Fence;
 
 const CATALOG_SEQ: &[u8] = b"catalog_seq";
+/// Left in a store's directory once it has been moved: holds the new location.
+pub const MOVED_TO: &str = "MOVED-TO";
 
 /// Bounds on what the store keeps, so a chatty fleet cannot fill the disk.
 pub const MAX_ACTIVITY: usize = 100_000;
@@ -150,8 +152,17 @@ fn read_u64(v: &[u8]) -> u64 {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `dir`. Fails at once if another process holds it.
+    /// Opens (or creates) the store at `dir`. Fails at once if another process holds it, or if
+    /// the store was moved elsewhere (so no provider keeps using a stale copy).
     pub fn open(dir: &Path) -> Result<Self> {
+        if let Ok(to) = std::fs::read_to_string(dir.join(MOVED_TO)) {
+            return Err(ProviderError::InvalidArgument(format!(
+                "store {} was moved to {}; start the provider with --store {}",
+                dir.display(),
+                to.trim(),
+                to.trim()
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(|e| ProviderError::Io(format!("{}: {e}", dir.display())))?;
         // No background flushes: data reaches the disk only through `flush`, which checks the
         // fence first, so a provider that lost the store cannot commit anything.
@@ -503,6 +514,47 @@ impl Store {
         m.site_stats = Some(stats);
         self.machines.insert(site.as_bytes(), m.encode_to_vec())?;
         self.flush().await
+    }
+
+    pub fn get_machine(&self, name: &str) -> Result<Option<Machine>> {
+        self.machines.get(name.as_bytes())?.map(|v| decode(&v)).transpose()
+    }
+
+    /// Replaces a machine's record whole (store merges).
+    pub async fn put_machine(&self, m: &Machine) -> Result<()> {
+        let name = m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+        self.machines.insert(name.as_bytes(), m.encode_to_vec())?;
+        self.flush().await
+    }
+
+    /// Every machine moved out of the default group, with its group.
+    pub fn list_assignments(&self) -> Result<Vec<Assignment>> {
+        self.assignments
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok(Assignment {
+                    machine: String::from_utf8_lossy(&k).into_owned(),
+                    group: String::from_utf8_lossy(&v).into_owned(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn list_pins(&self) -> Result<Vec<MachinePins>> {
+        self.pins.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    /// Copies this whole store (every tree, as it is now) into a new, empty store at `dir`.
+    pub async fn copy_to(&self, dir: &Path) -> Result<Store> {
+        self.flush().await?;
+        let dest = Store::open(dir)?;
+        if dest.db.tree_names().iter().any(|t| dest.db.open_tree(t).is_ok_and(|t| !t.is_empty())) {
+            return Err(ProviderError::InvalidArgument(format!("{} already holds a store", dir.display())));
+        }
+        dest.db.import(self.db.export());
+        dest.flush().await?;
+        Ok(dest)
     }
 
     pub fn list_machines(&self) -> Result<Vec<Machine>> {
