@@ -331,3 +331,65 @@ fn stores_move_and_merge_with_the_provider_binary() {
     let names: Vec<&str> = machines.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"m1") && names.contains(&"m2"), "{names:?}");
 }
+
+/// A provider server behind a reverse proxy (a real nginx, passing `/updraft/...` to the
+/// provider): a group assigned to it sends its machines' checks and downloads through it.
+#[test]
+fn a_group_assigned_to_a_provider_behind_a_reverse_proxy_goes_through_it() {
+    let w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    let port = url.rsplit(':').next().unwrap();
+    let proxy_port = updraft_tests::free_port();
+    let _nginx = nginx(&w, proxy_port, port);
+    let proxy_port = proxy_port.to_string();
+    w.admin_ok(
+        &url,
+        &["provider", "add", "proxy", "--address", "127.0.0.1", "--port", &proxy_port, "--path", "/updraft"],
+    );
+    let listed = w.admin_json(&url, &["provider", "list"]);
+    assert_eq!(listed[0]["path"], "/updraft", "{listed}");
+    let bad = w.admin(&url, &["group", "create", "lab", "--providers", "nosuch"]);
+    assert!(updraft_tests::stderr(&bad).contains("neither a URL nor a provider server"));
+    w.admin_ok(&url, &["group", "create", "lab", "--providers", "proxy"]);
+    let removed = w.admin(&url, &["provider", "remove", "proxy"]);
+    assert!(updraft_tests::stderr(&removed).contains("assigned to group(s) lab"));
+
+    let _m1 = w.agent("m1", &url);
+    wait_until("m1 known", T, || {
+        w.admin_json(&url, &["machine", "list"]).as_array().unwrap().iter().any(|m| m["name"] == "m1")
+    });
+    w.admin_ok(&url, &["group", "assign", "lab", "m1"]);
+    let via_proxy = format!("http://127.0.0.1:{proxy_port}/updraft");
+    wait_until("m1 to learn its assigned provider", T, || {
+        w.agent_cmd("m1", &["check"]).status.success() && last_provider(&w, "m1") == via_proxy
+    });
+    w.publish(&url, &w.package("editor", "1.0.0.0", &w.key));
+    let out = w.agent_cmd("m1", &["check"]);
+    assert!(out.status.success(), "{}", updraft_tests::stderr(&out));
+    assert_eq!(w.installed("m1", "editor").as_deref(), Some("1.0.0.0"));
+    let log = std::fs::read_to_string(w.path("nginx/access.log")).unwrap();
+    assert!(log.contains("/updraft/updraft.v1.AgentApi/Check"), "{log}");
+    assert!(log.contains("/updraft/updraft.v1.AgentApi/Download"), "{log}");
+}
+
+/// nginx as a gRPC reverse proxy on `port`: `/updraft/X` goes to `127.0.0.1:upstream/X`.
+fn nginx(w: &World, port: u16, upstream: &str) -> Proc {
+    let dir = w.path("nginx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n\
+         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           server {{\n    listen 127.0.0.1:{port} http2;\n    location /updraft/ {{\n\
+               rewrite ^/updraft/(.*)$ /$1 break;\n      grpc_pass grpc://127.0.0.1:{upstream};\n    }}\n  }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists());
+    let nginx = nginx.expect("nginx is needed for the reverse-proxy test (apt-get install nginx-light; .ci/run does)");
+    let mut cmd = std::process::Command::new(nginx);
+    cmd.arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir);
+    let p = Proc::spawn(w.dir.path(), "nginx", cmd);
+    updraft_tests::wait_port(port);
+    p
+}

@@ -241,7 +241,10 @@ impl Providers {
             .keep_alive_timeout(Duration::from_secs(10));
         match tokio::time::timeout(self.connect_timeout, ep.connect()).await {
             Ok(Ok(ch)) => {
-                Ok(AgentApiClient::new(updraft_runtime::traced(ch)).max_decoding_message_size(self.max_message_bytes))
+                // A provider behind a reverse proxy is reached under the URL's path.
+                let path = url.parse::<tonic::codegen::http::Uri>().map(|u| u.path().to_string()).unwrap_or_default();
+                Ok(AgentApiClient::new(updraft_runtime::traced_under(ch, &path))
+                    .max_decoding_message_size(self.max_message_bytes))
             }
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no connection within {:?}", self.connect_timeout)),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
 
-pub use telemetry::{Telemetry, TracedChannel, traced};
+pub use telemetry::{Telemetry, TracedChannel, traced, traced_under};
 
 /// A token cancelled on SIGINT or SIGTERM, for graceful shutdown.
 pub fn shutdown_on_signals() -> CancellationToken {

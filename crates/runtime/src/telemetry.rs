@@ -121,11 +121,79 @@ pub fn inject(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::
 /// The type of the interceptor above, for naming client types.
 pub type InjectFn = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
 
-/// A channel whose every request carries the caller's trace context.
-pub type TracedChannel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, InjectFn>;
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value)) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// A client channel whose every request carries the caller's trace context and, for a
+/// provider behind a reverse proxy, the proxy's path prefix (`/updraft` turns
+/// `/updraft.v1.AgentApi/Check` into `/updraft/updraft.v1.AgentApi/Check`).
+#[derive(Clone, Debug)]
+pub struct TracedChannel {
+    inner: tonic::transport::Channel,
+    prefix: Option<std::sync::Arc<str>>,
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for TracedChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        tonic::codegen::Service::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        let cx = Span::current().context();
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut HeaderInjector(req.headers_mut()))
+        });
+        if let Some(prefix) = &self.prefix {
+            *req.uri_mut() = prefixed(req.uri(), prefix);
+        }
+        Box::pin(tonic::codegen::Service::call(&mut self.inner, req))
+    }
+}
+
+/// `uri` with `prefix` put in front of its path.
+fn prefixed(uri: &http::Uri, prefix: &str) -> http::Uri {
+    let pq = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+    let mut parts = uri.clone().into_parts();
+    match format!("{prefix}{pq}").parse() {
+        Ok(p) => {
+            parts.path_and_query = Some(p);
+            http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+        }
+        Err(_) => uri.clone(),
+    }
+}
 
 pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
-    tonic::service::interceptor::InterceptedService::new(channel, inject as InjectFn)
+    TracedChannel { inner: channel, prefix: None }
+}
+
+/// A traced channel to a provider whose URL has a path (behind a reverse proxy): every RPC's
+/// path is put under it. An empty path or `/` means none.
+pub fn traced_under(channel: tonic::transport::Channel, path: &str) -> TracedChannel {
+    let path = path.trim_end_matches('/');
+    TracedChannel { inner: channel, prefix: (!path.is_empty()).then(|| path.into()) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefixes_keep_scheme_authority_and_query() {
+        let u: super::http::Uri = "http://gw:443/updraft.v1.AgentApi/Check".parse().unwrap();
+        assert_eq!(super::prefixed(&u, "/updraft").to_string(), "http://gw:443/updraft/updraft.v1.AgentApi/Check");
+        let u: super::http::Uri = "/a/B?x=1".parse().unwrap();
+        assert_eq!(super::prefixed(&u, "/p/q").to_string(), "/p/q/a/B?x=1");
+    }
 }
 
 /// The current span's context as a W3C `traceparent` value (empty when not sampled or when no
