@@ -185,17 +185,6 @@ pub fn traced_under(channel: tonic::transport::Channel, path: &str) -> TracedCha
     TracedChannel { inner: channel, prefix: (!path.is_empty()).then(|| path.into()) }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn prefixes_keep_scheme_authority_and_query() {
-        let u: super::http::Uri = "http://gw:443/updraft.v1.AgentApi/Check".parse().unwrap();
-        assert_eq!(super::prefixed(&u, "/updraft").to_string(), "http://gw:443/updraft/updraft.v1.AgentApi/Check");
-        let u: super::http::Uri = "/a/B?x=1".parse().unwrap();
-        assert_eq!(super::prefixed(&u, "/p/q").to_string(), "/p/q/a/B?x=1");
-    }
-}
-
 /// The current span's context as a W3C `traceparent` value (empty when not sampled or when no
 /// exporter is configured), for carrying a trace through a queue.
 pub fn current_traceparent() -> String {
@@ -214,4 +203,15 @@ pub fn adopt_traceparent(span: &Span, traceparent: &str) {
         [("traceparent".to_string(), traceparent.to_string())].into_iter().collect();
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
     let _ = span.set_parent(cx);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefixes_keep_scheme_authority_and_query() {
+        let u: super::http::Uri = "http://gw:443/updraft.v1.AgentApi/Check".parse().unwrap();
+        assert_eq!(super::prefixed(&u, "/updraft").to_string(), "http://gw:443/updraft/updraft.v1.AgentApi/Check");
+        let u: super::http::Uri = "/a/B?x=1".parse().unwrap();
+        assert_eq!(super::prefixed(&u, "/p/q").to_string(), "/p/q/a/B?x=1");
+    }
 }
