@@ -1008,10 +1008,21 @@ async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Trigger>, shutdown: Cance
                 tracing::info!(provider = %url, "push stream open");
                 backoff = Duration::from_millis(500);
                 let mut stream = resp.into_inner();
+                let mut moved = false;
+                let mut probe = tokio::time::interval(client::PREFERRED_PROBE);
+                probe.tick().await;
                 loop {
                     let ev = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         ev = stream.next() => ev,
+                        _ = probe.tick() => {
+                            // Checks went back to a preferred provider: follow them there.
+                            if agent.providers.lock().await.current().is_some_and(|c| c != url) {
+                                moved = true;
+                                break;
+                            }
+                            continue;
+                        }
                     };
                     let Some(Ok(ev)) = ev else { break };
                     let reason = match PushKind::try_from(ev.kind) {
@@ -1026,6 +1037,10 @@ async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Trigger>, shutdown: Cance
                         // A full queue already holds a check that will see this change.
                         let _ = tx.try_send(Trigger { reason, reply: None });
                     }
+                }
+                if moved {
+                    tracing::info!(provider = %url, "moving the push stream to the provider checks use");
+                    continue;
                 }
                 tracing::warn!(provider = %url, "push stream closed");
                 agent.providers.lock().await.rotate("push stream closed");
