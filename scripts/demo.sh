@@ -8,19 +8,26 @@ cd "$(dirname "$0")/.."
 cargo build --quiet --bins
 BIN="$PWD/target/debug"
 PORT="${UPDRAFT_DEMO_PORT:-18092}"
-P="http://127.0.0.1:$PORT"
-R="http://127.0.0.1:$((PORT + 1))"
+P="https://127.0.0.1:$PORT"
+R="https://127.0.0.1:$((PORT + 1))"
 DEMO="$(mktemp -d -t updraft-demo.XXXXXX)"
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; echo; echo "demo files kept in $DEMO (logs: *.log)"; }
 trap cleanup EXIT
 step() { printf '\n== %s\n' "$*"; }
-admin() { "$BIN/admin-cli" --provider "$P" "$@"; }
+# Every process gets its own certificate from the demo's CA (mutual TLS, as in production).
+tls() { echo --tls-ca pki/ca.crt --tls-cert "pki/$1.crt" --tls-key "pki/$1.key"; }
+admin() { "$BIN/admin-cli" --provider "$P" $(tls ops) "$@"; }
 wait_for() { for _ in $(seq 1 150); do if eval "$1"; then return 0; fi; sleep 0.1; done; echo "timed out: $1" >&2; exit 1; }
 
 cd "$DEMO"
-step "release key"
+step "release key, and a private CA with certificates for every process"
 "$BIN/admin-cli" key generate --out release
+"$BIN/admin-cli" pki init --dir pki
+"$BIN/admin-cli" pki issue centre --role provider --dir pki
+"$BIN/admin-cli" pki issue branch-1 --role remote-provider --dir pki
+"$BIN/admin-cli" pki issue ops --role admin --dir pki
+for a in pc-1 pc-2 pc-3; do "$BIN/admin-cli" pki issue "$a" --role agent --dir pki; done
 
 step "sample product 'hello', versions 1.0.0.0 and 2.0.0.0"
 for v in 1.0.0.0 2.0.0.0; do
@@ -31,9 +38,11 @@ for v in 1.0.0.0 2.0.0.0; do
 done
 
 step "provider on $P, remote provider 'branch-1' on $R"
-"$BIN/provider" --store provider --listen "127.0.0.1:$PORT" --trust-key release.pub --name centre > provider.log 2>&1 & pids+=($!)
+"$BIN/provider" --store provider --listen "127.0.0.1:$PORT" --trust-key release.pub --name centre $(tls centre) \
+  --bootstrap-admin ops > provider.log 2>&1 & pids+=($!)
 wait_for "admin update list >/dev/null 2>&1"
-"$BIN/remote-provider" --upstream "$P" --store site --listen "127.0.0.1:$((PORT + 1))" --name branch-1 > site.log 2>&1 & pids+=($!)
+"$BIN/remote-provider" --upstream "$P" --store site --listen "127.0.0.1:$((PORT + 1))" --name branch-1 $(tls branch-1) \
+  > site.log 2>&1 & pids+=($!)
 
 step "import v1 and approve it (ga)"
 V1=$(admin update add hello-1.0.0.0.pkg)
@@ -43,7 +52,7 @@ step "three agents: pc-1 direct, pc-2 and pc-3 behind branch-1"
 for a in pc-1:$P pc-2:$R pc-3:$R; do
   name=${a%%:*}; url=${a#*:}
   "$BIN/agent" run --provider "$url" --install-root "$name/apps" --state-dir "$name/state" --trust-key release.pub \
-    --name "$name" --min-interval 3600 > "$name.log" 2>&1 & pids+=($!)
+    --name "$name" --min-interval 3600 $(tls "$name") > "$name.log" 2>&1 & pids+=($!)
 done
 wait_for '[ "$(cat pc-*/apps/hello/VERSION 2>/dev/null | grep -cx 1.0.0.0)" = 3 ]'
 "$BIN/agent" status --state-dir pc-2/state

@@ -120,7 +120,8 @@ async fn push_latency(
 
 #[tokio::main]
 async fn main() {
-    let w = World::new();
+    // Plaintext: the subscribers below are raw streams, not agents with certificates.
+    let w = World::insecure();
     let (p, purl) = w.provider("centre", true);
     let (s, surl) = w.remote("site", &purl);
     wait_until("site synchronised", Duration::from_secs(30), || {

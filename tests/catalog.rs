@@ -149,7 +149,7 @@ fn related_installs_remove_with_rollback_and_guarded_delete() {
     let (_p, purl) = w.provider("centre", true);
     let (_r, rurl) = w.remote("site", &purl);
     let a1 = w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
-    updraft_tests::wait_site_has(&rurl, &a1);
+    w.wait_site_has(&rurl, &a1);
     let _a = w.agent("m", &rurl);
     wait_until("app 1 via the site", T, || w.installed("m", "app").as_deref() == Some("1.0.0.0"));
 
@@ -199,7 +199,7 @@ fn related_installs_remove_with_rollback_and_guarded_delete() {
     let out = w.admin(&purl, &["update", "show", &h]);
     assert!(!out.status.success() && stderr(&out).contains("no update with id"), "{}", stderr(&out));
     wait_until("the site's catalog drops the deleted update", T, || {
-        let ids = updraft_tests::site_catalog(&rurl);
+        let ids = w.site_catalog(&rurl);
         !ids.contains(&h) && ids.contains(&a1)
     });
 }

@@ -22,7 +22,10 @@ impl Collector {
     /// Serves on a fresh loopback port in a background thread; returns the endpoint URL.
     pub fn spawn(&self) -> String {
         let me = self.clone();
-        crate::serve_in_background(tonic::transport::Server::builder().add_service(TraceServiceServer::new(me)))
+        format!(
+            "http://{}",
+            crate::serve_in_background(tonic::transport::Server::builder().add_service(TraceServiceServer::new(me)))
+        )
     }
 
     pub fn snapshot(&self) -> Vec<SpanSeen> {

@@ -34,7 +34,7 @@ fn v1_through_the_provider_then_v2_through_a_remote_provider() {
     wait_until("v1 installed directly", T, || w.installed("direct-1", "editor").as_deref() == Some("1.0.0.0"));
     assert!(w.root("direct-1").join("editor/bin/run").is_file());
 
-    updraft_tests::wait_site_has(&rurl, &v1);
+    w.wait_site_has(&rurl, &v1);
     let _b = w.agent("site-1", &rurl);
     wait_until("v1 installed through the site", T, || w.installed("site-1", "editor").as_deref() == Some("1.0.0.0"));
 
@@ -85,7 +85,7 @@ fn high_priority_push_reaches_direct_and_site_agents_at_once() {
     let (_p, purl) = w.provider("centre", true);
     let (_r, rurl) = w.remote("site-b", &purl);
     let v1 = w.publish(&purl, &w.package("viewer", "1.0.0.0", &w.key));
-    updraft_tests::wait_site_has(&rurl, &v1);
+    w.wait_site_has(&rurl, &v1);
     let _a = w.agent("d1", &purl);
     let _b = w.agent("s1", &rurl);
     wait_until("v1 everywhere", T, || {
@@ -179,7 +179,7 @@ fn manifest_path_outside_its_folder_is_refused_everywhere() {
     // A rogue provider offers it anyway: the agent refuses and reports, writing nothing outside staging.
     let rogue = Rogue::new("evil", "1.0.0.0", bytes);
     let reports = rogue.reports.clone();
-    let url = rogue.spawn();
+    let url = rogue.spawn(&w);
     let _a = w.agent("victim", &url);
     wait_until("refusal reported to the rogue", T, || {
         reports.lock().unwrap().iter().any(|a| a.kind == 5 && a.detail.contains("escapes its folder"))
@@ -197,7 +197,7 @@ fn swapped_content_from_a_rogue_provider_is_refused() {
     let genuine = std::fs::read(w.package("app", "1.0.0.0", &w.key)).unwrap();
     let rogue = Rogue::new("app", "2.0.0.0", genuine);
     let reports = rogue.reports.clone();
-    let url = rogue.spawn();
+    let url = rogue.spawn(&w);
     let _a = w.agent("m", &url);
     wait_until("mislabel refusal", T, || {
         reports.lock().unwrap().iter().any(|a| a.kind == 5 && a.detail.contains("offered as app 2.0.0.0"))
@@ -253,7 +253,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert!(!out.status.success() && stderr(&out).contains("already in the catalog"), "{}", stderr(&out));
     assert_eq!(w.admin_json(&purl, &["update", "list"]).as_array().unwrap().len(), 1);
 
-    let dead = format!("http://127.0.0.1:{}", updraft_tests::free_port());
+    let dead = format!("{}://127.0.0.1:{}", w.scheme(), updraft_tests::free_port());
     let out = w.admin(&dead, &["update", "list"]);
     assert!(!out.status.success() && stderr(&out).contains("cannot reach provider"), "{}", stderr(&out));
 
@@ -286,7 +286,7 @@ fn one_check_is_one_trace_from_agent_through_site_to_centre() {
     let (_p, purl) = w.provider("centre", true);
     let (_r, rurl) = w.remote("site-t", &purl);
     let id = w.publish(&purl, &w.package("traced", "1.0.0.0", &w.key));
-    updraft_tests::wait_site_has(&rurl, &id);
+    w.wait_site_has(&rurl, &id);
     let _a = w.agent("t1", &rurl);
     wait_until("install", T, || w.installed("t1", "traced").is_some());
     let joined = |spans: &[updraft_tests::collector::SpanSeen]| {
@@ -325,7 +325,7 @@ fn agent_falls_back_when_its_site_has_never_synchronised() {
     let (_p, purl) = w.provider("centre", true);
     w.publish(&purl, &w.package("fallback", "1.0.0.0", &w.key));
     // A site whose upstream does not exist: it has no catalog and must not pretend otherwise.
-    let nowhere = format!("http://127.0.0.1:{}", updraft_tests::free_port());
+    let nowhere = format!("{}://127.0.0.1:{}", w.scheme(), updraft_tests::free_port());
     let (_r, rurl) = w.remote("lonely-site", &nowhere);
     let _a = w.agent("f1", &format!("{rurl},{purl}"));
     wait_until("installed from the second provider", T, || w.installed("f1", "fallback").as_deref() == Some("1.0.0.0"));
@@ -342,7 +342,7 @@ fn an_install_that_keeps_failing_the_same_way_stops_being_retried() {
     let rogue = Rogue::new("app", "2.0.0.0", genuine);
     let id = rogue.update.id.clone();
     let reports = rogue.reports.clone();
-    let url = rogue.spawn();
+    let url = rogue.spawn(&w);
     let _a = w.agent_with("m", &url, &["--min-interval", "1", "--max-interval", "1"]);
     let failures = || reports.lock().unwrap().iter().filter(|a| a.kind == 5 && a.update_id == id).count();
     wait_until("three identical failures", T, || failures() == 3);

@@ -152,7 +152,7 @@ fn report_classifies_error_attention_and_up_to_date() {
     let w = World::new();
     let (_p, purl) = w.provider("centre", true);
     w.publish(&purl, &w.package("tool", "1.0.0.0", &w.key));
-    let dead = format!("http://127.0.0.1:{}", updraft_tests::free_port());
+    let dead = format!("{}://127.0.0.1:{}", w.scheme(), updraft_tests::free_port());
     let _ok = w.agent_with("fine", &purl, FAST);
     let _bad = w.agent_with("broken", &format!("{dead},{purl}"), FAST);
     let _wait = w.agent_with("waiting", &purl, FAST);

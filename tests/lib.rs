@@ -158,14 +158,20 @@ impl Drop for Proc {
     }
 }
 
-/// One test's world: a temp directory, a release key, helpers to run admin-cli.
+/// One test's world: a temp directory, a release key, a private CA that issues every
+/// process its certificate (mutual TLS, as in production), helpers to run admin-cli.
 pub struct World {
     pub dir: tempfile::TempDir,
     /// Extra environment for every process this world starts (e.g. OTEL_* variables).
     pub env: Vec<(String, String)>,
     pub key: PathBuf,
     pub pubkey: PathBuf,
+    /// Plaintext (`--insecure`) instead of mutual TLS, for the few cases that need it.
+    pub insecure: bool,
 }
+
+/// The certificate name admin-cli uses in tests.
+pub const ADMIN: &str = "ops";
 
 impl Default for World {
     fn default() -> Self {
@@ -179,7 +185,114 @@ impl World {
         let prefix = dir.path().join("release");
         let out = run_ok(Command::new(bin("admin-cli")).args(["key", "generate", "--out"]).arg(&prefix));
         assert!(out.contains("key id"), "{out}");
-        World { key: prefix.with_extension("key"), pubkey: prefix.with_extension("pub"), dir, env: vec![] }
+        run_ok(Command::new(bin("admin-cli")).args(["pki", "init", "--dir"]).arg(dir.path().join("pki")));
+        World {
+            key: prefix.with_extension("key"),
+            pubkey: prefix.with_extension("pub"),
+            dir,
+            env: vec![],
+            insecure: false,
+        }
+    }
+
+    /// A world whose processes talk plaintext (`--insecure`).
+    pub fn insecure() -> World {
+        World { insecure: true, ..World::new() }
+    }
+
+    pub fn scheme(&self) -> &'static str {
+        if self.insecure { "http" } else { "https" }
+    }
+
+    /// The transport environment for a process called `name` with `role`: its certificate
+    /// (issued on first use, for `sans` when it serves) or `UPDRAFT_INSECURE`.
+    pub fn tls_env(&self, name: &str, role: &str, sans: &[&str]) -> Vec<(String, String)> {
+        if self.insecure {
+            return vec![("UPDRAFT_INSECURE".into(), "true".into())];
+        }
+        let pki = self.path("pki");
+        let crt = pki.join(format!("{name}.crt"));
+        if !crt.exists() {
+            let mut cmd = Command::new(bin("admin-cli"));
+            cmd.args(["pki", "issue", name, "--role", role, "--dir"]).arg(&pki);
+            if !sans.is_empty() {
+                cmd.arg("--san").arg(sans.join(","));
+            }
+            run_ok(&mut cmd);
+        }
+        vec![
+            ("UPDRAFT_TLS_CA".into(), pki.join("ca.crt").display().to_string()),
+            ("UPDRAFT_TLS_CERT".into(), crt.display().to_string()),
+            ("UPDRAFT_TLS_KEY".into(), pki.join(format!("{name}.key")).display().to_string()),
+        ]
+    }
+
+    /// The environment of a process: the world's extra variables and its transport.
+    pub fn env_for(&self, name: &str, role: &str, sans: &[&str]) -> Vec<(String, String)> {
+        let mut env = self.env.clone();
+        env.extend(self.tls_env(name, role, sans));
+        env
+    }
+
+    /// The transport of an in-test client or server called `name` with `role`.
+    pub fn transport(&self, name: &str, role: &str) -> updraft_runtime::tls::Transport {
+        if self.insecure {
+            return updraft_runtime::tls::Transport::Insecure;
+        }
+        let env = self.tls_env(name, role, &[]);
+        let p = |i: usize| PathBuf::from(&env[i].1);
+        updraft_runtime::tls::Transport::from_flags("test", Some(&p(0)), Some(&p(1)), Some(&p(2)), false).unwrap()
+    }
+
+    /// A server builder with this world's TLS for an in-test server called `name` (a rogue
+    /// provider holds a valid provider certificate, but not the release key).
+    pub fn server(&self, name: &str) -> tonic::transport::Server {
+        let b = tonic::transport::Server::builder();
+        match self.transport(name, "provider") {
+            updraft_runtime::tls::Transport::Tls(c) => b.tls_config(c.server_config()).unwrap(),
+            updraft_runtime::tls::Transport::Insecure => b,
+        }
+    }
+
+    /// Serves a tonic router (a test double) on a fresh loopback port; returns its URL.
+    pub fn serve(&self, router: tonic::transport::server::Router) -> String {
+        format!("{}://{}", self.scheme(), serve_in_background(router))
+    }
+
+    /// The update ids a provider or site holds, read from its own catalog stream (as a site).
+    pub fn site_catalog(&self, url: &str) -> Vec<String> {
+        use updraft_proto::v1::replication_client::ReplicationClient;
+        use updraft_proto::v1::{FollowRequest, catalog_event};
+        let ep = self.transport("test-site", "remote-provider").endpoint(url).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut c = ReplicationClient::new(ep.connect().await.unwrap());
+            let req = FollowRequest { after_seq: 0, site: "test".into() };
+            let mut stream = c.follow_catalog(req).await.unwrap().into_inner();
+            let mut ids = Vec::new();
+            while let Some(ev) = stream.message().await.unwrap() {
+                match ev.change {
+                    Some(catalog_event::Change::Upsert(u)) => ids.push(u.id),
+                    None if ev.caught_up => break,
+                    _ => {}
+                }
+            }
+            ids
+        })
+    }
+
+    /// Waits until a site has replicated update `id`, so its agents' first check can see it.
+    pub fn wait_site_has(&self, url: &str, id: &str) {
+        wait_until(&format!("{url} to replicate {id}"), Duration::from_secs(30), || {
+            self.site_catalog(url).iter().any(|i| i == id)
+        });
+    }
+
+    /// admin-cli with the world's admin certificate.
+    pub fn admin_cli(&self) -> Command {
+        let mut c = Command::new(bin("admin-cli"));
+        c.envs(self.tls_env(ADMIN, "admin", &[]));
+        c
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -201,6 +314,7 @@ impl World {
         run_ok(
             Command::new(bin("admin-cli"))
                 .args(["package", "build", "--product", product, "--version", version, "--from"])
+                .env_remove("UPDRAFT_INSECURE")
                 .arg(&src)
                 .arg("--key")
                 .arg(key)
@@ -226,9 +340,9 @@ impl World {
         let mut args = vec!["--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
         args.extend(["--scan-delay-secs", "0", "--scan-interval-secs", "1", "--scan-quiet-secs", "1"]);
         args.extend_from_slice(extra);
-        let p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env);
+        let p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env_for(name, "provider", &[]));
         wait_port(port);
-        (p, format!("http://127.0.0.1:{port}"))
+        (p, format!("{}://127.0.0.1:{port}", self.scheme()))
     }
 
     /// Starts provider `name` again on the same store and URL (after a kill); its log is
@@ -238,7 +352,8 @@ impl World {
         let (store, listen, pubkey) =
             (self.path(name), format!("127.0.0.1:{port}"), self.pubkey.to_str().unwrap().to_string());
         let args = ["--store", store.to_str().unwrap(), "--listen", &listen, "--name", name, "--trust-key", &pubkey];
-        let p = Proc::start_env(self.dir.path(), &format!("{name}-again"), "provider", &args, &self.env);
+        let env = self.env_for(name, "provider", &[]);
+        let p = Proc::start_env(self.dir.path(), &format!("{name}-again"), "provider", &args, &env);
         wait_port(port.parse().unwrap());
         p
     }
@@ -248,7 +363,8 @@ impl World {
         let port = url.rsplit(':').next().unwrap().to_string();
         let (store, listen) = (self.path(name), format!("127.0.0.1:{port}"));
         let args = ["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
-        let p = Proc::start_env(self.dir.path(), &format!("{name}-again"), "remote-provider", &args, &self.env);
+        let env = self.env_for(name, "remote-provider", &[]);
+        let p = Proc::start_env(self.dir.path(), &format!("{name}-again"), "remote-provider", &args, &env);
         wait_port(port.parse().unwrap());
         p
     }
@@ -262,10 +378,10 @@ impl World {
             name,
             "remote-provider",
             &["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", &listen, "--name", name],
-            &self.env,
+            &self.env_for(name, "remote-provider", &[]),
         );
         wait_port(port);
-        (p, format!("http://127.0.0.1:{port}"))
+        (p, format!("{}://127.0.0.1:{port}", self.scheme()))
     }
 
     /// An agent that checks at start and then only when pushed or asked (interval one hour).
@@ -279,7 +395,7 @@ impl World {
         let mut args = self.agent_args(name, extra);
         args.extend(["--provider".to_string(), provider.to_string()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::start_env(self.dir.path(), name, "agent", &args, &self.env)
+        Proc::start_env(self.dir.path(), name, "agent", &args, &self.env_for(name, "agent", &[]))
     }
 
     /// `agent run` arguments for agent `name` in this world (install root, state, key), with
@@ -310,11 +426,11 @@ impl World {
     }
 
     pub fn admin(&self, provider: &str, args: &[&str]) -> Output {
-        Command::new(bin("admin-cli")).arg("--provider").arg(provider).args(args).output().unwrap()
+        self.admin_cli().arg("--provider").arg(provider).args(args).output().unwrap()
     }
 
     pub fn admin_ok(&self, provider: &str, args: &[&str]) -> String {
-        run_ok(Command::new(bin("admin-cli")).arg("--provider").arg(provider).args(args))
+        run_ok(self.admin_cli().arg("--provider").arg(provider).args(args))
     }
 
     pub fn admin_json(&self, provider: &str, args: &[&str]) -> serde_json::Value {
@@ -336,7 +452,7 @@ impl World {
 }
 
 /// Serves a tonic router on a fresh loopback port from a background thread with its own
-/// runtime (for the test doubles: a rogue provider, an OTLP collector); returns the URL.
+/// runtime (for the test doubles: a rogue provider, an OTLP collector); returns host:port.
 pub fn serve_in_background(router: tonic::transport::server::Router) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -348,7 +464,7 @@ pub fn serve_in_background(router: tonic::transport::server::Router) -> String {
             router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)).await.unwrap();
         });
     });
-    format!("http://{addr}")
+    addr.to_string()
 }
 
 /// Runs a command that must succeed; returns its stdout.
@@ -365,32 +481,4 @@ pub fn run_ok(cmd: &mut Command) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// The update ids a provider or site holds, read from its own catalog stream.
-pub fn site_catalog(url: &str) -> Vec<String> {
-    use updraft_proto::v1::replication_client::ReplicationClient;
-    use updraft_proto::v1::{FollowRequest, catalog_event};
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut c = ReplicationClient::connect(url.to_string()).await.unwrap();
-        let req = FollowRequest { after_seq: 0, site: "test".into() };
-        let mut stream = c.follow_catalog(req).await.unwrap().into_inner();
-        let mut ids = Vec::new();
-        while let Some(ev) = stream.message().await.unwrap() {
-            match ev.change {
-                Some(catalog_event::Change::Upsert(u)) => ids.push(u.id),
-                None if ev.caught_up => break,
-                _ => {}
-            }
-        }
-        ids
-    })
-}
-
-/// Waits until a site has replicated update `id`, so its agents' first check can see it.
-pub fn wait_site_has(url: &str, id: &str) {
-    wait_until(&format!("{url} to replicate {id}"), Duration::from_secs(30), || {
-        site_catalog(url).iter().any(|i| i == id)
-    });
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{Proc, bin};
+use crate::bin;
 
 const PREFIX: &str = "updt";
 
@@ -137,14 +137,4 @@ pub fn command_in(host: &Host, program: &str) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &host.ns]).arg(bin(program));
     c
-}
-
-impl Proc {
-    /// Starts a workspace binary inside `host`'s namespace. `ip netns exec` execs the program
-    /// itself, so the process handle is the program's and `kill9` kills it.
-    pub fn start_in(dir: &Path, host: &Host, name: &str, program: &str, args: &[&str]) -> Proc {
-        let mut cmd = command_in(host, program);
-        cmd.args(args);
-        Proc::spawn(dir, name, cmd)
-    }
 }

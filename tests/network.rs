@@ -2,7 +2,6 @@
 //! active cut off from the agents' network, and mDNS discovery with keys. Every process runs
 //! inside a namespace the test creates; nothing touches the machine's own network. (The
 //! fencing case needs only one host and runs on loopback.)
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,27 +13,29 @@ const T: Duration = Duration::from_secs(40);
 const PORT: u16 = 8092;
 
 fn url(addr: &str) -> String {
-    format!("http://{addr}:{PORT}")
+    format!("https://{addr}:{PORT}")
 }
 
-fn admin_in(host: &Host, provider: &str, args: &[&str]) -> Output {
-    command_in(host, "admin-cli").arg("--provider").arg(provider).args(args).output().unwrap()
+fn admin_cmd(w: &World, host: &Host, provider: &str, args: &[&str]) -> std::process::Command {
+    let mut c = command_in(host, "admin-cli");
+    c.envs(w.tls_env(updraft_tests::ADMIN, "admin", &[])).arg("--provider").arg(provider).args(args);
+    c
 }
 
-fn admin_in_ok(host: &Host, provider: &str, args: &[&str]) -> String {
-    run_ok(command_in(host, "admin-cli").arg("--provider").arg(provider).args(args))
+fn admin_in_ok(w: &World, host: &Host, provider: &str, args: &[&str]) -> String {
+    run_ok(&mut admin_cmd(w, host, provider, args))
 }
 
-fn admin_in_json(host: &Host, provider: &str, args: &[&str]) -> serde_json::Value {
+fn admin_in_json(w: &World, host: &Host, provider: &str, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
-    serde_json::from_str(&admin_in_ok(host, provider, &all)).expect("admin-cli --json prints JSON")
+    serde_json::from_str(&admin_in_ok(w, host, provider, &all)).expect("admin-cli --json prints JSON")
 }
 
 /// Imports and approves a package through `provider`, from inside `host`.
-fn publish_in(host: &Host, provider: &str, pkg: &std::path::Path) -> String {
-    let id = admin_in_ok(host, provider, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
-    admin_in_ok(host, provider, &["update", "state", &id, "ga"]);
+fn publish_in(w: &World, host: &Host, provider: &str, pkg: &std::path::Path) -> String {
+    let id = admin_in_ok(w, host, provider, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
+    admin_in_ok(w, host, provider, &["update", "state", &id, "ga"]);
     id
 }
 
@@ -47,15 +48,19 @@ fn provider_on(w: &World, lab: &Lab, host: &Host, name: &str, store: &str, extra
     let mut args = vec!["--store", store, "--listen", &listen, "--name", name, "--advertise", &advertise];
     args.extend(["--trust-key", pubkey]);
     args.extend_from_slice(extra);
-    let p = Proc::start_in(w.dir.path(), host, name, "provider", &args);
+    let mut sans = vec![host.lan.as_str()];
+    sans.extend(host.back.as_deref());
+    let mut cmd = command_in(host, "provider");
+    cmd.args(&args).envs(w.env_for(name, "provider", &sans));
+    let p = Proc::spawn(w.dir.path(), name, cmd);
     lab.wait_port(host, &host.lan, PORT);
     p
 }
 
 fn agent_on(w: &World, host: &Host, name: &str, extra: &[&str]) -> Proc {
-    let args = w.agent_args(name, extra);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::start_in(w.dir.path(), host, name, "agent", &args)
+    let mut cmd = command_in(host, "agent");
+    cmd.args(w.agent_args(name, extra)).envs(w.env_for(name, "agent", &[]));
+    Proc::spawn(w.dir.path(), name, cmd)
 }
 
 fn agent_json(w: &World, agent: &str, args: &[&str]) -> serde_json::Value {
@@ -70,8 +75,8 @@ fn last_provider(w: &World, agent: &str) -> String {
     agent_json(w, agent, &["status"])["last_provider"].as_str().unwrap_or_default().to_string()
 }
 
-fn pair_roles(host: &Host, provider: &str) -> Vec<(String, String)> {
-    let p = admin_in_json(host, provider, &["provider", "pair"]);
+fn pair_roles(w: &World, host: &Host, provider: &str) -> Vec<(String, String)> {
+    let p = admin_in_json(w, host, provider, &["provider", "pair"]);
     p["members"]
         .as_array()
         .unwrap()
@@ -91,10 +96,10 @@ fn the_pair_survives_kill_9_of_its_active_under_admin_writes_and_agent_checks() 
     let mut a = provider_on(&w, &lab, &ha, "centre-a", store, &[]);
     let _b = provider_on(&w, &lab, &hb, "centre-b", store, &[]);
     let (aurl, burl) = (url(&ha.lan), url(&hb.lan));
-    wait_until("B to be standby", T, || pair_roles(&ops, &burl).contains(&("centre-b".into(), "standby".into())));
-    assert!(pair_roles(&ops, &aurl).contains(&("centre-a".into(), "active".into())));
+    wait_until("B to be standby", T, || pair_roles(&w, &ops, &burl).contains(&("centre-b".into(), "standby".into())));
+    assert!(pair_roles(&w, &ops, &aurl).contains(&("centre-a".into(), "active".into())));
 
-    let v1 = publish_in(&ops, &burl, &w.package("editor", "1.0.0.0", &w.key));
+    let v1 = publish_in(&w, &ops, &burl, &w.package("editor", "1.0.0.0", &w.key));
     let both = format!("{aurl},{burl}");
     let _a1 = agent_on(&w, &m1, "m1", &["--provider", &both, "--min-interval", "1"]);
     let _a2 = agent_on(&w, &m2, "m2", &["--provider", &both, "--min-interval", "1"]);
@@ -109,6 +114,7 @@ fn the_pair_survives_kill_9_of_its_active_under_admin_writes_and_agent_checks() 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (acked, stop, ops, urls) = (acked.clone(), stop.clone(), ops.clone(), [aurl.clone(), burl.clone()]);
+        let env = w.tls_env(updraft_tests::ADMIN, "admin", &[]);
         std::thread::spawn(move || {
             let mut refused = 0;
             for i in 0.. {
@@ -117,7 +123,9 @@ fn the_pair_survives_kill_9_of_its_active_under_admin_writes_and_agent_checks() 
                 }
                 let name = format!("w{i}");
                 let started = Instant::now();
-                let out = admin_in(&ops, &urls[i % 2], &["group", "create", &name]);
+                let mut cmd = command_in(&ops, "admin-cli");
+                cmd.envs(env.clone()).args(["--provider", &urls[i % 2], "group", "create", &name]);
+                let out = cmd.output().unwrap();
                 if out.status.success() {
                     acked.lock().unwrap().push((name, started));
                 } else {
@@ -148,15 +156,15 @@ fn the_pair_survives_kill_9_of_its_active_under_admin_writes_and_agent_checks() 
     assert!(takeover < Duration::from_secs(10), "standby took {takeover:?} to take over");
 
     // Every acknowledged write is in the store the standby now holds.
-    let groups = admin_in_json(&ops, &burl, &["group", "list"]);
+    let groups = admin_in_json(&w, &ops, &burl, &["group", "list"]);
     let names: Vec<&str> = groups.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
     for (g, _) in &acked {
         assert!(names.contains(&g.as_str()), "acknowledged group {g} was lost");
     }
-    assert_eq!(admin_in_json(&ops, &burl, &["provider", "pair"])["active"], "centre-b");
+    assert_eq!(admin_in_json(&w, &ops, &burl, &["provider", "pair"])["active"], "centre-b");
 
     // Agents carry on through B: a new version reaches both.
-    let v2 = publish_in(&ops, &burl, &w.package("editor", "2.0.0.0", &w.key));
+    let v2 = publish_in(&w, &ops, &burl, &w.package("editor", "2.0.0.0", &w.key));
     wait_until("both agents on v2 through B", T, || {
         w.installed("m1", "editor").as_deref() == Some("2.0.0.0")
             && w.installed("m2", "editor").as_deref() == Some("2.0.0.0")
@@ -166,8 +174,8 @@ fn the_pair_survives_kill_9_of_its_active_under_admin_writes_and_agent_checks() 
 
     // The former active comes back as standby: the store stays with B, at a higher epoch.
     let _a_again = provider_on(&w, &lab, &ha, "centre-a", store, &[]);
-    wait_until("A back as standby", T, || pair_roles(&ops, &burl).contains(&("centre-a".into(), "standby".into())));
-    let pair = admin_in_json(&ops, &aurl, &["provider", "pair"]);
+    wait_until("A back as standby", T, || pair_roles(&w, &ops, &burl).contains(&("centre-a".into(), "standby".into())));
+    let pair = admin_in_json(&w, &ops, &aurl, &["provider", "pair"]);
     assert_eq!(pair["active"], "centre-b", "{pair}");
     assert_eq!(pair["epoch"], 2, "{pair}");
 }
@@ -183,8 +191,8 @@ fn agents_move_to_the_standby_when_the_active_is_cut_off_their_network() {
     let _a = provider_on(&w, &lab, &ha, "centre-a", store, &[]);
     let _b = provider_on(&w, &lab, &hb, "centre-b", store, &[]);
     let (aurl, burl) = (url(&ha.lan), url(&hb.lan));
-    wait_until("B to be standby", T, || pair_roles(&ops, &burl).contains(&("centre-b".into(), "standby".into())));
-    publish_in(&ops, &aurl, &w.package("editor", "1.0.0.0", &w.key));
+    wait_until("B to be standby", T, || pair_roles(&w, &ops, &burl).contains(&("centre-b".into(), "standby".into())));
+    publish_in(&w, &ops, &aurl, &w.package("editor", "1.0.0.0", &w.key));
     let both = format!("{aurl},{burl}");
     let _agent = agent_on(&w, &m1, "m1", &["--provider", &both, "--min-interval", "1"]);
     wait_until("v1 through A", T, || w.installed("m1", "editor").as_deref() == Some("1.0.0.0"));
@@ -192,10 +200,10 @@ fn agents_move_to_the_standby_when_the_active_is_cut_off_their_network() {
 
     lab.cut_lan(&ha);
     // Settings entered on the standby reach the active over the back network.
-    publish_in(&ops, &burl, &w.package("editor", "2.0.0.0", &w.key));
+    publish_in(&w, &ops, &burl, &w.package("editor", "2.0.0.0", &w.key));
     wait_until("v2 through B", T, || w.installed("m1", "editor").as_deref() == Some("2.0.0.0"));
     assert_eq!(last_provider(&w, "m1"), burl);
-    let pair = admin_in_json(&ops, &burl, &["provider", "pair"]);
+    let pair = admin_in_json(&w, &ops, &burl, &["provider", "pair"]);
     assert_eq!(pair["active"], "centre-a", "A still holds the store: {pair}");
     let providers = agent_json(&w, "m1", &["providers"]);
     let a_entry = providers.as_array().unwrap().iter().find(|p| p["url"] == aurl.as_str()).unwrap().clone();
@@ -215,26 +223,23 @@ fn agents_discover_providers_with_their_key_and_ignore_the_others() {
     let (purl, lurl) = (url(&hp.lan), url(&hl.lan));
     let site_store = w.path("site-store");
     let listen = format!("0.0.0.0:{PORT}");
-    let _site = Proc::start_in(
-        w.dir.path(),
-        &hs,
-        "site-a",
-        "remote-provider",
-        &["--upstream", &purl, "--store", site_store.to_str().unwrap(), "--listen", &listen, "--name", "site-a"],
-    );
+    let mut site = command_in(&hs, "remote-provider");
+    site.args(["--upstream", &purl, "--store", site_store.to_str().unwrap(), "--listen", &listen, "--name", "site-a"])
+        .envs(w.env_for("site-a", "remote-provider", &[&hs.lan]));
+    let _site = Proc::spawn(w.dir.path(), "site-a", site);
     lab.wait_port(&hs, &hs.lan, PORT);
-    publish_in(&ops, &purl, &w.package("editor", "1.0.0.0", &w.key));
-    publish_in(&ops, &lurl, &w.package("editor", "9.0.0.0", &w.key));
+    publish_in(&w, &ops, &purl, &w.package("editor", "1.0.0.0", &w.key));
+    publish_in(&w, &ops, &lurl, &w.package("editor", "9.0.0.0", &w.key));
 
     let _a1 = agent_on(&w, &m1, "m1", &["--discover", "--min-interval", "2"]);
     let _a2 = agent_on(&w, &m2, "m2", &["--discovery-key", "Lab", "--min-interval", "2"]);
     // Discovery is off until an admin turns it on: nothing is announced, nothing found.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(agent_json(&w, "m1", &["providers"]).as_array().unwrap().len(), 0);
-    assert_eq!(admin_in_ok(&ops, &purl, &["discovery", "status"]).trim(), "discovery off");
+    assert_eq!(admin_in_ok(&w, &ops, &purl, &["discovery", "status"]).trim(), "discovery off");
 
-    admin_in_ok(&ops, &purl, &["discovery", "on"]);
-    admin_in_ok(&ops, &lurl, &["discovery", "on", "--key", "Lab"]);
+    admin_in_ok(&w, &ops, &purl, &["discovery", "on"]);
+    admin_in_ok(&w, &ops, &lurl, &["discovery", "on", "--key", "Lab"]);
     let names = |agent: &str| -> Vec<String> {
         let list = agent_json(&w, agent, &["providers"]);
         list.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect()
@@ -262,7 +267,7 @@ fn agents_discover_providers_with_their_key_and_ignore_the_others() {
     assert!(!unknown.status.success());
 
     // Turned off, the announcements are withdrawn and the agents forget them.
-    admin_in_ok(&ops, &purl, &["discovery", "off"]);
+    admin_in_ok(&w, &ops, &purl, &["discovery", "off"]);
     wait_until("m1 to forget the withdrawn providers", T, || names("m1").is_empty());
 }
 
@@ -320,7 +325,7 @@ fn stores_move_and_merge_with_the_provider_binary() {
     assert!(ok, "{text}");
     let (ok, text) = provider(&["store", "merge", "--from", sep.to_str().unwrap(), "--into", to.to_str().unwrap()]);
     assert!(ok && text.contains("\"machines_added\": 1"), "{text}");
-    let (ok, text) = provider(&["--store", from.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    let (ok, text) = provider(&["--store", from.to_str().unwrap(), "--listen", "127.0.0.1:0", "--insecure"]);
     assert!(!ok && text.contains("was moved to"), "{text}");
 
     let _two = w.restart_provider("two", &url);
@@ -336,7 +341,9 @@ fn stores_move_and_merge_with_the_provider_binary() {
 /// provider): a group assigned to it sends its machines' checks and downloads through it.
 #[test]
 fn a_group_assigned_to_a_provider_behind_a_reverse_proxy_goes_through_it() {
-    let w = World::new();
+    // nginx here proxies plaintext HTTP/2; a proxy that terminates TLS would present its own
+    // certificate to the provider, so with mutual TLS a proxy passes TLS through instead.
+    let w = World::insecure();
     let (_p, url) = w.provider("centre", true);
     let port = url.rsplit(':').next().unwrap();
     let proxy_port = updraft_tests::free_port();

@@ -37,9 +37,10 @@ impl Rogue {
         Rogue { update, bytes: Arc::new(bytes), reports: Arc::default() }
     }
 
-    /// Serves on a fresh loopback port in a background thread with its own runtime.
-    pub fn spawn(self) -> String {
-        crate::serve_in_background(tonic::transport::Server::builder().add_service(AgentApiServer::new(self)))
+    /// Serves on a fresh loopback port in a background thread with its own runtime, with a
+    /// provider certificate from the world's CA (it can pass for a provider; it cannot sign).
+    pub fn spawn(self, w: &crate::World) -> String {
+        w.serve(w.server("rogue").add_service(AgentApiServer::new(self)))
     }
 }
 

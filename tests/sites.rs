@@ -47,8 +47,8 @@ fn two_sites_fetch_each_byte_once_and_account_for_it() {
     let (_a, aurl) = w.remote("site-a", &purl);
     let (_b, burl) = w.remote("site-b", &purl);
     let id = w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
-    updraft_tests::wait_site_has(&aurl, &id);
-    updraft_tests::wait_site_has(&burl, &id);
+    w.wait_site_has(&aurl, &id);
+    w.wait_site_has(&burl, &id);
     let size = w.admin_json(&purl, &["update", "show", &id])["size"].as_u64().unwrap();
     let agents: Vec<Proc> =
         (0..3).flat_map(|i| [w.agent(&format!("a{i}"), &aurl), w.agent(&format!("b{i}"), &burl)]).collect();
@@ -97,7 +97,7 @@ fn a_cut_upstream_resumes_the_transfer_and_a_down_upstream_leaves_the_site_worki
 
     // GA day moves no WAN bytes: the content is already there.
     w.admin_ok(&purl, &["update", "state", &id, "ga"]);
-    updraft_tests::wait_site_has(&surl, &id);
+    w.wait_site_has(&surl, &id);
     let _a = w.agent("m1", &surl);
     wait_until("installed from the prestaged cache", T, || w.installed("m1", "big").as_deref() == Some("1.0.0.0"));
     assert_eq!(site_status(&w, &surl)["wan_bytes"].as_u64().unwrap(), wan);
@@ -117,7 +117,7 @@ fn agents_fall_back_when_their_site_dies_and_return_when_it_is_back() {
     let (_p, purl) = w.provider("centre", true);
     let (mut s, surl) = w.remote("site", &purl);
     let v1 = w.publish(&purl, &w.package("tool", "1.0.0.0", &w.key));
-    updraft_tests::wait_site_has(&surl, &v1);
+    w.wait_site_has(&surl, &v1);
     let _a = w.agent_with("m", &format!("{surl},{purl}"), &["--min-interval", "1", "--max-interval", "1"]);
     wait_until("installed via the site", T, || w.installed("m", "tool").is_some());
     let last_provider = |w: &World| -> String {
@@ -146,7 +146,7 @@ fn a_site_can_follow_another_site() {
     let (_r1, r1) = w.remote("region", &purl);
     let (_r2, r2) = w.remote("branch", &r1);
     let id = w.publish(&purl, &w.package("chain", "1.0.0.0", &w.key));
-    updraft_tests::wait_site_has(&r2, &id);
+    w.wait_site_has(&r2, &id);
     let _a = w.agent("leaf", &r2);
     wait_until("installed two tiers down", T, || w.installed("leaf", "chain").as_deref() == Some("1.0.0.0"));
     // The leaf's inventory climbs both tiers to the centre.

@@ -6,9 +6,11 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "admin-cli", version, about = "Administer an Updraft fleet: keys, packages, updates, machines")]
 pub struct Cli {
-    /// Provider to talk to.
-    #[arg(long, global = true, env = "UPDRAFT_PROVIDER", default_value = "http://127.0.0.1:8092")]
-    pub provider: String,
+    /// Provider to talk to (default https://127.0.0.1:8092, or http:// with --insecure).
+    #[arg(long, global = true, env = "UPDRAFT_PROVIDER")]
+    pub provider: Option<String>,
+    #[command(flatten)]
+    pub tls: updraft_runtime::tls::TlsArgs,
     /// Machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -21,6 +23,9 @@ pub enum Cmd {
     /// Release signing keys.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// The private CA for mutual TLS, and certificates for providers, sites, agents and admins.
+    #[command(subcommand)]
+    Pki(PkiCmd),
     /// Build signed packages.
     #[command(subcommand)]
     Package(PackageCmd),
@@ -76,6 +81,35 @@ pub enum KeyCmd {
     Generate {
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PkiCmd {
+    /// Create the CA in DIR (ca.crt, and ca.key readable by you only).
+    Init {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// The CA's name.
+        #[arg(long, default_value = "Updraft CA")]
+        name: String,
+    },
+    /// Issue a certificate for NAME (a machine, provider, site or administrator): DIR/NAME.crt
+    /// and DIR/NAME.key.
+    Issue {
+        name: String,
+        /// provider, remote-provider, agent or admin.
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Host names and IP addresses a provider or site is reached at (default: NAME,
+        /// localhost, 127.0.0.1).
+        #[arg(long, value_delimiter = ',')]
+        san: Vec<String>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 

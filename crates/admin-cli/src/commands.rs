@@ -5,7 +5,6 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
-use tonic::transport::Endpoint;
 use updraft_core::keys::{PublicKey, ReleaseKey};
 use updraft_core::model::{InstallType, UpdateState};
 use updraft_core::package::{self, Package, PackageMeta};
@@ -17,7 +16,7 @@ use updraft_proto::v1::{
     UploadChunk, UploadHeader, WatchFolder, upload_chunk,
 };
 
-use crate::cli::{BuildArgs, Cli, Cmd, KeyCmd, PackageCmd, ProductLineCmd, UpdateCmd, WatchCmd};
+use crate::cli::{BuildArgs, Cli, Cmd, KeyCmd, PackageCmd, PkiCmd, ProductLineCmd, UpdateCmd, WatchCmd};
 use crate::output::{age, json as print_json, table};
 
 /// Upload chunk size: well under the provider's 4 MiB message limit.
@@ -38,13 +37,26 @@ impl tonic::service::Interceptor for Caller {
 
 pub(crate) type Admin = AdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Caller>>;
 
-pub(crate) async fn connect(url: &str) -> anyhow::Result<Admin> {
-    let ep = Endpoint::from_shared(url.to_string()).with_context(|| format!("provider URL {url:?} is not valid"))?;
-    let ch = ep
+/// The transport flags of this invocation; turned into a transport (and checked) only by
+/// commands that talk to a provider.
+static TLS: std::sync::OnceLock<updraft_runtime::tls::TlsArgs> = std::sync::OnceLock::new();
+
+fn transport() -> anyhow::Result<updraft_runtime::tls::Transport> {
+    Ok(TLS.get().cloned().unwrap_or_default().transport("admin-cli")?)
+}
+
+/// A channel to the provider at `url`, with this invocation's transport.
+pub(crate) async fn channel(url: &str) -> anyhow::Result<tonic::transport::Channel> {
+    transport()?
+        .endpoint(url)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .map_err(|e| anyhow!("cannot reach provider {url}: {e}"))?;
+        .map_err(|e| anyhow!("cannot reach provider {url}: {}", updraft_runtime::tls::describe(&e)))
+}
+
+pub(crate) async fn connect(url: &str) -> anyhow::Result<Admin> {
+    let ch = channel(url).await?;
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     let caller = format!("{user}@{}", updraft_runtime::hostname()).replace(|c: char| !c.is_ascii_graphic(), "_");
     let caller = Caller(caller.parse().unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("unknown")));
@@ -60,7 +72,10 @@ pub(crate) fn rpc(url: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let url = cli.provider.as_str();
+    let default_url = format!("{}://127.0.0.1:8092", if cli.tls.insecure { "http" } else { "https" });
+    let url = cli.provider.clone().unwrap_or(default_url);
+    let url = url.as_str();
+    let _ = TLS.set(cli.tls.clone());
     match cli.cmd {
         Cmd::Key(KeyCmd::Generate { out }) => {
             let key = ReleaseKey::generate()?;
@@ -69,6 +84,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&json!({"key": k, "pub": p, "key_id": key.public().key_id()}));
             } else {
                 println!("wrote {} and {} (key id {})", k.display(), p.display(), key.public().key_id());
+            }
+        }
+        Cmd::Pki(PkiCmd::Init { dir, name }) => {
+            let crt = updraft_runtime::tls::pki::init(&dir, &name)?;
+            if cli.json {
+                print_json(&json!({"ca": crt}));
+            } else {
+                println!("created CA {} (its key, {}, stays with you)", crt.display(), dir.join("ca.key").display());
+            }
+        }
+        Cmd::Pki(PkiCmd::Issue { name, role, dir, san, days }) => {
+            let role: updraft_runtime::tls::Role = role.parse()?;
+            if !(1..=3650).contains(&days) {
+                bail!("--days must be 1-3650, got {days}");
+            }
+            let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
+            let valid = Duration::from_secs(u64::from(days) * 86_400);
+            let (crt, key) = updraft_runtime::tls::pki::issue(&dir, role, &name, &san, now, valid, &dir.join(&name))?;
+            if cli.json {
+                print_json(&json!({"cert": crt, "key": key, "role": role.as_str(), "name": name}));
+            } else {
+                println!("issued {} and {} ({role} {name}, {days} days)", crt.display(), key.display());
             }
         }
         Cmd::Package(PackageCmd::Build(args)) => build(*args, cli.json)?,

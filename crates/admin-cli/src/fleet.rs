@@ -424,11 +424,7 @@ pub async fn site(url: &str, cmd: SiteCmd, as_json: bool) -> anyhow::Result<()> 
             }
         }
         SiteCmd::Status => {
-            let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
-                .connect_timeout(std::time::Duration::from_secs(5))
-                .connect()
-                .await
-                .map_err(|e| anyhow!("cannot reach provider {url}: {e}"))?;
+            let ch = crate::commands::channel(url).await?;
             let s = ReplicationClient::new(ch).site_status(SiteStatusRequest {}).await.map_err(rpc(url))?.into_inner();
             if as_json {
                 print_json(&stats_json(&s));

@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
-use tonic::transport::Endpoint;
 use updraft_proto::v1::agent_api_client::AgentApiClient;
 use updraft_proto::v1::{BlobRequest, Update};
 use updraft_runtime::TracedChannel;
+use updraft_runtime::tls::Transport;
 
 use crate::error::{AgentError, Result};
 
@@ -71,6 +71,7 @@ pub struct Providers {
     pub max_message_bytes: usize,
     /// The discovery key, when the agent browses.
     pub discovery_key: Option<String>,
+    transport: Transport,
 }
 
 /// How often an agent on a fallback provider tries its preferred one again.
@@ -81,20 +82,21 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// One connection attempt that failed: which provider, and why.
 pub type Failure = (String, String);
 
-fn valid_url(u: &str) -> bool {
-    Endpoint::from_shared(u.to_string()).is_ok()
-}
-
 impl Providers {
     /// `configured` may be empty when the agent discovers its providers.
-    pub fn new(configured: Vec<String>, max_message_bytes: usize, discovery_key: Option<String>) -> Result<Self> {
+    pub fn new(
+        configured: Vec<String>,
+        max_message_bytes: usize,
+        discovery_key: Option<String>,
+        transport: Transport,
+    ) -> Result<Self> {
         if configured.is_empty() && discovery_key.is_none() {
             return Err(AgentError::Config(
                 "no provider given: use --provider URL, or --discover to find providers on the network".into(),
             ));
         }
         for u in &configured {
-            Endpoint::from_shared(u.clone()).map_err(|e| AgentError::Config(format!("provider URL {u:?}: {e}")))?;
+            transport.endpoint(u).map_err(|e| AgentError::Config(e.to_string()))?;
         }
         Ok(Self {
             assigned: vec![],
@@ -106,6 +108,7 @@ impl Providers {
             connect_timeout: Duration::from_secs(5),
             max_message_bytes,
             discovery_key,
+            transport,
         })
     }
 
@@ -160,7 +163,7 @@ impl Providers {
 
     /// The group's assigned providers (from the last check) go first.
     pub fn set_assigned(&mut self, assigned: &[String]) {
-        self.assigned = assigned.iter().filter(|u| valid_url(u)).cloned().collect();
+        self.assigned = assigned.iter().filter(|u| self.transport.endpoint(u).is_ok()).cloned().collect();
     }
 
     fn failed(&mut self, url: &str, error: String) {
@@ -233,7 +236,9 @@ impl Providers {
 
     /// One connection attempt to `url`, bounded by the connect timeout.
     pub async fn connect_to(&self, url: &str) -> std::result::Result<Client, String> {
-        let ep = Endpoint::from_shared(url.to_string())
+        let ep = self
+            .transport
+            .endpoint(url)
             .map_err(|e| e.to_string())?
             .connect_timeout(self.connect_timeout)
             .tcp_keepalive(Some(Duration::from_secs(30)))
@@ -246,7 +251,7 @@ impl Providers {
                 Ok(AgentApiClient::new(updraft_runtime::traced_under(ch, &path))
                     .max_decoding_message_size(self.max_message_bytes))
             }
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(updraft_runtime::tls::describe(&e)),
             Err(_) => Err(format!("no connection within {:?}", self.connect_timeout)),
         }
     }

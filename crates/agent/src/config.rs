@@ -12,6 +12,9 @@
 //! max_message_bytes = 4194304
 //! discover = true          # find providers on the local network (mDNS)
 //! discovery_key = "Production"
+//! tls_ca = "/etc/updraft/ca.crt"       # mutual TLS (admin-cli pki issue --role agent NAME)
+//! tls_cert = "/etc/updraft/agent.crt"
+//! tls_key = "/etc/updraft/agent.key"
 //! ```
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,6 +38,10 @@ pub struct FileConfig {
     pub download_cache_bytes: Option<u64>,
     pub discover: Option<bool>,
     pub discovery_key: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub insecure: Option<bool>,
 }
 
 impl FileConfig {

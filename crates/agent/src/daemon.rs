@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub download_cache_bytes: u64,
     /// Browse mDNS for providers announced with this key (None: do not browse).
     pub discovery_key: Option<String>,
+    /// Mutual TLS with providers, or plaintext when explicitly asked for.
+    pub transport: updraft_runtime::tls::Transport,
 }
 
 /// Why a check runs.
@@ -139,7 +141,12 @@ impl Agent {
         if !cleaned.is_empty() {
             tracing::warn!(?cleaned, "removed leftovers of an interrupted install");
         }
-        let providers = Providers::new(cfg.providers.clone(), cfg.max_message_bytes, cfg.discovery_key.clone())?;
+        let providers = Providers::new(
+            cfg.providers.clone(),
+            cfg.max_message_bytes,
+            cfg.discovery_key.clone(),
+            cfg.transport.clone(),
+        )?;
         let interval = cfg.interval.unwrap_or((Duration::from_secs(1800), Duration::from_secs(3600)));
         Ok(Arc::new(Self {
             state: Mutex::new(state),

@@ -75,6 +75,8 @@ struct RunArgs {
     /// The discovery key to accept (default Production); implies --discover.
     #[arg(long, env = "UPDRAFT_AGENT_DISCOVERY_KEY")]
     discovery_key: Option<String>,
+    #[command(flatten)]
+    tls: updraft_runtime::tls::TlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -177,6 +179,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         request_timeout: config::request_timeout(a.request_timeout.or(file.request_timeout))?,
         max_message_bytes: config::max_message_bytes(a.max_message_bytes.or(file.max_message_bytes))?,
         download_cache_bytes: config::download_cache_bytes(a.download_cache_bytes.or(file.download_cache_bytes))?,
+        transport: updraft_runtime::tls::TlsArgs {
+            tls_ca: a.tls.tls_ca.or(file.tls_ca),
+            tls_cert: a.tls.tls_cert.or(file.tls_cert),
+            tls_key: a.tls.tls_key.or(file.tls_key),
+            insecure: a.tls.insecure || file.insecure.unwrap_or(false),
+        }
+        .transport("agent")?,
         discovery_key: config::discovery_key(
             a.discover || file.discover.unwrap_or(false),
             a.discovery_key.or(file.discovery_key),

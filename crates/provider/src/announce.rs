@@ -48,7 +48,7 @@ pub async fn announce_loop(
                     site: site.clone(),
                     port: addr.port(),
                     ip: Some(addr.ip()).filter(|ip| !ip.is_unspecified()),
-                    tls: false,
+                    tls: shared.config.transport.is_tls(),
                 };
                 match Announcer::start(&a) {
                     Ok(announcer) => {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+use updraft_runtime::tls::Transport;
 
 use crate::pair::PairDir;
 
@@ -22,12 +23,13 @@ const WAIT_FOR_ACTIVE: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 pub struct ActiveLink {
     pair: PairDir,
+    transport: Transport,
     inner: Arc<Mutex<Option<(String, Channel)>>>,
 }
 
 impl ActiveLink {
-    pub fn new(pair: PairDir) -> Self {
-        Self { pair, inner: Arc::default() }
+    pub fn new(pair: PairDir, transport: Transport) -> Self {
+        Self { pair, transport, inner: Arc::default() }
     }
 
     /// Re-reads who is active.
@@ -43,7 +45,7 @@ impl ActiveLink {
         if inner.as_ref().is_some_and(|(u, _)| u == url) {
             return;
         }
-        match Endpoint::from_shared(url.to_string()) {
+        match self.transport.endpoint(url) {
             Ok(ep) => {
                 let ch = ep
                     .connect_timeout(Duration::from_secs(2))

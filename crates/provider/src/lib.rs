@@ -31,6 +31,7 @@ use updraft_core::keys::PublicKey;
 use updraft_proto::v1::admin_server::AdminServer;
 use updraft_proto::v1::agent_api_server::AgentApiServer;
 use updraft_proto::v1::replication_server::ReplicationServer;
+pub use updraft_runtime::tls::Transport;
 
 use crate::agent_api::{AgentService, LocalTier};
 use crate::blobs::BlobStore;
@@ -63,6 +64,8 @@ pub struct Config {
     /// The URL other members of a switchover pair use to reach this one (default: the
     /// listening address, with the host name for a wildcard address).
     pub advertise: Option<String>,
+    /// Mutual TLS (or, when asked for, plaintext) for the server and for calls to peers.
+    pub transport: Transport,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
             max_upload_bytes: 16 << 30,
             max_subscribers: 100_000,
             advertise: None,
+            transport: Transport::Insecure,
         }
     }
 }
@@ -110,13 +114,21 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A gRPC server with Updraft's limits and a span per RPC.
-pub fn grpc_server() -> tonic::transport::Server<tower_layer::Identity> {
-    tonic::transport::Server::builder()
+/// A gRPC server with Updraft's limits, a span per RPC, and mutual TLS unless the transport
+/// is explicitly insecure.
+pub fn grpc_server(transport: &Transport) -> Result<tonic::transport::Server<tower_layer::Identity>> {
+    let server = tonic::transport::Server::builder();
+    let server = match transport {
+        Transport::Tls(c) => {
+            server.tls_config(c.server_config()).map_err(|e| ProviderError::InvalidArgument(format!("TLS: {e}")))?
+        }
+        Transport::Insecure => server,
+    };
+    Ok(server
         .trace_fn(updraft_runtime::telemetry::server_span)
         .max_concurrent_streams(Some(1024))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10))))
 }
 
 fn io(e: std::io::Error) -> ProviderError {
@@ -126,11 +138,12 @@ fn io(e: std::io::Error) -> ProviderError {
 /// The URL a member of a pair gives the others: the listening address, or the host name when
 /// listening on every address.
 pub fn advertised_url(config: &Config, addr: std::net::SocketAddr) -> String {
+    let scheme = config.transport.scheme();
     config.advertise.clone().unwrap_or_else(|| {
         if addr.ip().is_unspecified() {
-            format!("http://{}:{}", updraft_runtime::hostname(), addr.port())
+            format!("{scheme}://{}:{}", updraft_runtime::hostname(), addr.port())
         } else {
-            format!("http://{addr}")
+            format!("{scheme}://{addr}")
         }
     })
 }
@@ -169,10 +182,10 @@ async fn standby(
     shutdown: &CancellationToken,
 ) -> Result<Option<Arc<Shared>>> {
     let pair = PairDir::open(&config.data_dir)?;
-    let link = ActiveLink::new(pair.clone());
+    let link = ActiveLink::new(pair.clone(), config.transport.clone());
     let name = config.name.as_str();
     let stop = shutdown.child_token();
-    let server = grpc_server()
+    let server = grpc_server(&config.transport)?
         .add_service(Forward::<AgentApiServer<()>>::new(link.clone(), name))
         .add_service(Forward::<ReplicationServer<()>>::new(link.clone(), name))
         .add_service(Forward::<AdminServer<()>>::new(link.clone(), name))
@@ -234,7 +247,7 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
             .instrument(tracing::info_span!("pair_heartbeat", epoch)),
     );
     tracing::info!(%addr, %url, epoch, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening (active)");
-    grpc_server()
+    grpc_server(&shared.config.transport)?
         .add_service(
             AgentApiServer::new(AgentService::new(shared.clone(), tier.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

@@ -17,6 +17,8 @@ use updraft_core::keys::PublicKey;
 struct Args {
     #[command(subcommand)]
     cmd: Option<Cmd>,
+    #[command(flatten)]
+    tls: updraft_runtime::tls::TlsArgs,
     /// Data directory (sled store and blobs).
     #[arg(long, env = "UPDRAFT_PROVIDER_STORE")]
     store: Option<PathBuf>,
@@ -128,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
     config.max_check_secs = args.max_check_secs;
     config.max_upload_bytes = args.max_upload_bytes;
     config.advertise = args.advertise;
+    config.transport = args.tls.transport("provider")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -47,7 +47,7 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: Cancellatio
         updraft_provider::announce::announce_loop(shared.clone(), "remote", site, addr, shutdown.clone())
             .instrument(tracing::info_span!("mdns_announce")),
     );
-    updraft_provider::grpc_server()
+    updraft_provider::grpc_server(&shared.config.transport)?
         .add_service(
             AgentApiServer::new(AgentService::new(shared.clone(), tier.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

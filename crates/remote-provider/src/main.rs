@@ -21,6 +21,8 @@ struct Args {
     /// Site name, shown upstream in the machine list (default: host name).
     #[arg(long, env = "UPDRAFT_REMOTE_NAME")]
     name: Option<String>,
+    #[command(flatten)]
+    tls: updraft_runtime::tls::TlsArgs,
 }
 
 #[tokio::main]
@@ -28,7 +30,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let telemetry = updraft_runtime::telemetry::init("updraft-remote-provider");
     let data_dir = args.store.unwrap_or_else(|| updraft_runtime::default_data_dir("remote-provider"));
-    let provider = updraft_provider::Config::new(args.name.unwrap_or_else(updraft_runtime::hostname), data_dir);
+    let mut provider = updraft_provider::Config::new(args.name.unwrap_or_else(updraft_runtime::hostname), data_dir);
+    provider.transport = args.tls.transport("remote-provider")?;
     let cfg = updraft_remote_provider::RemoteConfig { provider, upstream: args.upstream };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

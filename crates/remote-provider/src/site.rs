@@ -10,7 +10,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, Notify};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tracing::Instrument;
 use updraft_core::model::UpdateState;
 use updraft_proto::v1::replication_client::ReplicationClient;
@@ -55,8 +54,11 @@ impl SiteTier {
         let mut endpoints = Vec::new();
         for u in upstreams {
             endpoints.push(
-                Endpoint::from_shared(u.clone())
-                    .map_err(|e| ProviderError::InvalidArgument(format!("upstream URL {u:?}: {e}")))?
+                shared
+                    .config
+                    .transport
+                    .endpoint(u)
+                    .map_err(|e| ProviderError::InvalidArgument(format!("upstream: {e}")))?
                     .connect_timeout(Duration::from_secs(5))
                     .http2_keep_alive_interval(Duration::from_secs(20))
                     .keep_alive_timeout(Duration::from_secs(10)),

@@ -2,6 +2,7 @@
 //! and default data directories. Nothing domain-specific lives here.
 pub mod mdns;
 pub mod telemetry;
+pub mod tls;
 
 use std::path::PathBuf;
 
