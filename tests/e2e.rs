@@ -11,6 +11,7 @@ mod catalog;
 mod fleet;
 mod install;
 mod network;
+mod security;
 mod sites;
 
 const T: Duration = Duration::from_secs(30);

@@ -339,6 +339,7 @@ impl World {
         let store = self.path(name);
         let mut args = vec!["--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
         args.extend(["--scan-delay-secs", "0", "--scan-interval-secs", "1", "--scan-quiet-secs", "1"]);
+        args.extend(["--bootstrap-admin", ADMIN]);
         args.extend_from_slice(extra);
         let p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env_for(name, "provider", &[]));
         wait_port(port);

@@ -46,7 +46,7 @@ fn provider_on(w: &World, lab: &Lab, host: &Host, name: &str, store: &str, extra
     let listen = format!("0.0.0.0:{PORT}");
     let pubkey = w.pubkey.to_str().unwrap();
     let mut args = vec!["--store", store, "--listen", &listen, "--name", name, "--advertise", &advertise];
-    args.extend(["--trust-key", pubkey]);
+    args.extend(["--trust-key", pubkey, "--bootstrap-admin", updraft_tests::ADMIN]);
     args.extend_from_slice(extra);
     let mut sans = vec![host.lan.as_str()];
     sans.extend(host.back.as_deref());

@@ -66,6 +66,12 @@ pub enum Cmd {
     /// Whether providers announce themselves on mDNS (off by default).
     #[command(subcommand)]
     Discovery(DiscoveryCmd),
+    /// Who may use the admin API (the names in their admin certificates) and how.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// The append-only, hash-chained log of every admin change and every refusal.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// The fleet by status: error, needs-attention, up-to-date.
     Report {
         #[command(subcommand)]
@@ -354,6 +360,37 @@ pub enum ProviderCmd {
     Remove { name: String },
     /// Show the provider servers.
     List,
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Authorize NAME (the name in their admin certificate), or change their role.
+    Add {
+        name: String,
+        /// admin (may change things) or viewer (may only look).
+        #[arg(long, default_value = "viewer")]
+        role: String,
+    },
+    /// Take NAME's authorization away (the last admin cannot be removed).
+    Remove {
+        name: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Show the log, oldest first.
+    List {
+        /// Only entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Fetch the whole log and check its hash chain here, independently of the provider.
+    Verify,
 }
 
 #[derive(Subcommand)]

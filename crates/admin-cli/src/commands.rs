@@ -66,7 +66,10 @@ pub(crate) async fn connect(url: &str) -> anyhow::Result<Admin> {
 /// Turns a gRPC status into the provider's own message.
 pub(crate) fn rpc(url: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
     move |s| match s.code() {
-        tonic::Code::Unavailable => anyhow!("cannot reach provider {url}: {}", s.message()),
+        // A refused certificate surfaces as a bare "transport error": the reason is in its causes.
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            anyhow!("cannot reach provider {url}: {}", updraft_runtime::tls::describe(&s))
+        }
         _ => anyhow!("{}", s.message()),
     }
 }
@@ -143,6 +146,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Site(cmd) => crate::fleet::site(url, cmd, cli.json).await?,
         Cmd::Provider(cmd) => crate::servers::provider(url, cmd, cli.json).await?,
         Cmd::Discovery(cmd) => crate::servers::discovery(url, cmd, cli.json).await?,
+        Cmd::User(cmd) => crate::access::user(url, cmd, cli.json).await?,
+        Cmd::Audit(cmd) => crate::access::audit(url, cmd, cli.json).await?,
         Cmd::Report { cmd, since } => crate::fleet::report(url, cmd, &since, cli.json).await?,
         Cmd::ProductLine(cmd) => {
             let mut c = connect(url).await?;

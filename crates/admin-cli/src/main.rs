@@ -1,4 +1,5 @@
 //! `admin-cli`: the operator's tool. Parses the command line and hands over to `commands`.
+mod access;
 mod cli;
 mod commands;
 mod fleet;

@@ -1,6 +1,7 @@
 //! Pure domain of Updraft: versions, update states, release keys, the signed package format
 //! and the applicability plan. No networking and no store here; every other crate builds on it.
 
+pub mod audit;
 pub mod error;
 pub mod hash;
 pub mod keys;

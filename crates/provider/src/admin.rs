@@ -20,6 +20,9 @@ use updraft_proto::v1::{
     RemoveWatchRequest, ReportRequest2, SetPriorityRequest, SetUpdateStateRequest, Update, UpdateDetail, UploadChunk,
     WatchFolder, upload_chunk,
 };
+use updraft_proto::v1::{
+    ListAuditRequest, ListAuditResponse, ListUsersRequest, ListUsersResponse, RemoveUserRequest, User,
+};
 
 use crate::Shared;
 use crate::catalog::{caps_map, dependents, ga_patch_warnings, install_type_of, item_of, status_of};
@@ -33,9 +36,12 @@ pub struct AdminService {
     scan: ScanConfig,
 }
 
-/// Who is asking. Until callers are authenticated (mutual TLS), this is what admin-cli says
-/// (`x-updraft-user`) and the peer address.
+/// Who is asking: the name and role in the caller's certificate (see `auth`), or, on a
+/// plaintext (`--insecure`) provider, what admin-cli claims.
 pub(crate) fn who<T>(req: &Request<T>) -> String {
+    if let Some(c) = crate::auth::Caller::of(req) {
+        return c.describe();
+    }
     let user = req
         .metadata()
         .get("x-updraft-user")
@@ -51,6 +57,17 @@ pub(crate) fn who<T>(req: &Request<T>) -> String {
 impl AdminService {
     pub fn new(shared: Arc<Shared>, scan: ScanConfig) -> Self {
         Self { shared, scan }
+    }
+
+    /// Refuses a change that would leave no admin (no one could manage users any more short
+    /// of restarting the provider with --bootstrap-admin).
+    fn guard_last_admin(&self, name: &str, new_role: &str) -> Result<()> {
+        let users = self.shared.store.list_users()?;
+        let admins: Vec<&User> = users.iter().filter(|u| u.role == "admin").collect();
+        if new_role != "admin" && admins.len() == 1 && admins[0].name == name {
+            return Err(ProviderError::InvalidArgument(format!("{name} is the last admin; add another admin first")));
+        }
+        Ok(())
     }
 
     async fn upload(&self, mut stream: Streaming<UploadChunk>, who: &str) -> Result<Update> {
@@ -513,6 +530,49 @@ impl Admin for AdminService {
 
     async fn get_discovery(&self, _request: Request<GetDiscoveryRequest>) -> Result<Response<Discovery>, Status> {
         Ok(Response::new(self.shared.store.discovery()?))
+    }
+
+    async fn put_user(&self, request: Request<User>) -> Result<Response<ListUsersResponse>, Status> {
+        let who = who(&request);
+        let u = request.into_inner();
+        let plain = !u.name.is_empty()
+            && u.name.len() <= 64
+            && u.name.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c));
+        if !plain {
+            return Err(ProviderError::InvalidArgument(format!(
+                "user name {:?} must be 1-64 of A-Z a-z 0-9 . _ - @ (the name in their admin certificate)",
+                u.name
+            ))
+            .into());
+        }
+        if !crate::auth::USER_ROLES.contains(&u.role.as_str()) {
+            return Err(ProviderError::InvalidArgument(format!("role {:?} must be admin or viewer", u.role)).into());
+        }
+        self.guard_last_admin(&u.name, &u.role)?;
+        self.shared.store.put_user(&u).await?;
+        record_catalog_activity(&self.shared, &who, None, format!("user {} is {}", u.name, u.role)).await?;
+        Ok(Response::new(ListUsersResponse { users: self.shared.store.list_users()? }))
+    }
+
+    async fn remove_user(&self, request: Request<RemoveUserRequest>) -> Result<Response<ListUsersResponse>, Status> {
+        let who = who(&request);
+        let name = request.into_inner().name;
+        if self.shared.store.get_user(&name)?.is_none() {
+            return Err(ProviderError::InvalidArgument(format!("no user {name:?}")).into());
+        }
+        self.guard_last_admin(&name, "")?;
+        self.shared.store.remove_user(&name).await?;
+        record_catalog_activity(&self.shared, &who, None, format!("user {name} removed")).await?;
+        Ok(Response::new(ListUsersResponse { users: self.shared.store.list_users()? }))
+    }
+
+    async fn list_users(&self, _request: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
+        Ok(Response::new(ListUsersResponse { users: self.shared.store.list_users()? }))
+    }
+
+    async fn list_audit(&self, request: Request<ListAuditRequest>) -> Result<Response<ListAuditResponse>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(ListAuditResponse { entries: self.shared.store.list_audit(r.after_seq, r.limit as usize)? }))
     }
 
     async fn clear_activity(

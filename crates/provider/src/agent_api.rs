@@ -136,9 +136,11 @@ impl<T: Tier> AgentApi for AgentService<T> {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         self.tier.ready()?;
         let remote_ip = request.remote_addr().map(|a| a.ip().to_string());
+        let caller = crate::auth::Caller::of(&request).cloned();
         let req = request.into_inner();
         let machine = req.machine.ok_or_else(|| ProviderError::InvalidArgument("check without machine info".into()))?;
         validate_machine_name(&machine.name)?;
+        crate::auth::ensure_machine(caller.as_ref(), &machine.name)?;
         tracing::info!(machine = %machine.name, manual = req.manual, "check");
         let now = now_ms();
         // Answer first: a malformed inventory is refused before anything is recorded.
@@ -177,10 +179,12 @@ impl<T: Tier> AgentApi for AgentService<T> {
     }
 
     async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
+        let caller = crate::auth::Caller::of(&request).cloned();
         let req = request.into_inner();
         let machine =
             req.machine.ok_or_else(|| ProviderError::InvalidArgument("report without machine info".into()))?;
         validate_machine_name(&machine.name)?;
+        crate::auth::ensure_machine(caller.as_ref(), &machine.name)?;
         if req.activities.len() > MAX_REPORT_ENTRIES {
             return Err(ProviderError::LimitReached(format!(
                 "report has {} entries, at most {MAX_REPORT_ENTRIES} allowed",
@@ -216,7 +220,9 @@ impl<T: Tier> AgentApi for AgentService<T> {
     type SubscribeStream = PushStream;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<PushStream>, Status> {
+        let caller = crate::auth::Caller::of(&request).cloned();
         let req = request.into_inner();
+        crate::auth::ensure_machine(caller.as_ref(), &req.machine)?;
         let max = self.shared.config.max_subscribers;
         if self.subscribers.fetch_add(1, Ordering::SeqCst) >= max {
             self.subscribers.fetch_sub(1, Ordering::SeqCst);

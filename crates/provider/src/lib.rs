@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod agent_api;
 pub mod announce;
+pub mod auth;
 pub mod blobs;
 pub mod catalog;
 pub mod error;
@@ -66,6 +67,9 @@ pub struct Config {
     pub advertise: Option<String>,
     /// Mutual TLS (or, when asked for, plaintext) for the server and for calls to peers.
     pub transport: Transport,
+    /// Users made admins at start (the provider host's owner bootstrapping the first user, or
+    /// recovering access).
+    pub bootstrap_admins: Vec<String>,
 }
 
 impl Config {
@@ -82,6 +86,7 @@ impl Config {
             max_subscribers: 100_000,
             advertise: None,
             transport: Transport::Insecure,
+            bootstrap_admins: Vec::new(),
         }
     }
 }
@@ -186,6 +191,7 @@ async fn standby(
     let name = config.name.as_str();
     let stop = shutdown.child_token();
     let server = grpc_server(&config.transport)?
+        .layer(auth::AuthLayer::new(config.transport.clone(), None))
         .add_service(Forward::<AgentApiServer<()>>::new(link.clone(), name))
         .add_service(Forward::<ReplicationServer<()>>::new(link.clone(), name))
         .add_service(Forward::<AdminServer<()>>::new(link.clone(), name))
@@ -229,6 +235,13 @@ async fn standby(
 /// Serves from the store this process holds, after raising the fencing epoch.
 async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let epoch = shared.pair.take_over(&shared.config.name, url)?;
+    for name in &shared.config.bootstrap_admins {
+        let u = updraft_proto::v1::User { name: name.clone(), role: "admin".into() };
+        if shared.store.get_user(name)?.as_ref() != Some(&u) {
+            shared.store.put_user(&u).await?;
+            tracing::warn!(user = %name, "made an admin by --bootstrap-admin");
+        }
+    }
     let fence = shared.pair.fence(epoch);
     shared.store.set_fence(fence.clone());
     let tier = Arc::new(LocalTier { shared: shared.clone() });
@@ -248,6 +261,7 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
     );
     tracing::info!(%addr, %url, epoch, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening (active)");
     grpc_server(&shared.config.transport)?
+        .layer(auth::AuthLayer::new(shared.config.transport.clone(), Some(shared.clone())))
         .add_service(
             AgentApiServer::new(AgentService::new(shared.clone(), tier.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

@@ -49,6 +49,10 @@ struct Args {
     /// Longest interval agents wait between checks, in seconds.
     #[arg(long, env = "UPDRAFT_MAX_CHECK_SECS", default_value_t = 3600)]
     max_check_secs: u32,
+    /// Make this admin-certificate name an admin user at start (bootstrapping the first user,
+    /// or recovering access); repeatable.
+    #[arg(long = "bootstrap-admin", env = "UPDRAFT_BOOTSTRAP_ADMIN", value_delimiter = ',')]
+    bootstrap_admins: Vec<String>,
     /// URL the other member of a switchover pair reaches this one at (default: from --listen).
     #[arg(long, env = "UPDRAFT_PROVIDER_ADVERTISE")]
     advertise: Option<String>,
@@ -131,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
     config.max_upload_bytes = args.max_upload_bytes;
     config.advertise = args.advertise;
     config.transport = args.tls.transport("provider")?;
+    config.bootstrap_admins = args.bootstrap_admins;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

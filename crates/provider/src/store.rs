@@ -9,8 +9,8 @@ use std::path::Path;
 use prost::Message;
 use sled::Transactional;
 use updraft_proto::v1::{
-    Activity, Assignment, Discovery, ForwardedReport, Group, Machine, MachineInfo, MachinePins, Peer, ProductLineCap,
-    SiteStats, Update, WatchFolder,
+    Activity, Assignment, AuditEntry, Discovery, ForwardedReport, Group, Machine, MachineInfo, MachinePins, Peer,
+    ProductLineCap, SiteStats, Update, User, WatchFolder,
 };
 
 use crate::error::{ProviderError, Result};
@@ -136,7 +136,24 @@ pub struct Store {
     pins: sled::Tree,
     peers: sled::Tree,
     settings: sled::Tree,
+    users: sled::Tree,
+    audit: sled::Tree,
+    /// Audit appends read the last entry to chain the next: one at a time.
+    audit_lock: std::sync::Arc<std::sync::Mutex<()>>,
     fence: std::sync::Arc<std::sync::OnceLock<Fence>>,
+}
+
+/// The chained fields of an audit entry.
+pub fn audit_fields(e: &AuditEntry) -> updraft_core::audit::Fields<'_> {
+    updraft_core::audit::Fields {
+        seq: e.seq,
+        at_unix_ms: e.at_unix_ms,
+        who: &e.who,
+        role: &e.role,
+        action: &e.action,
+        outcome: &e.outcome,
+        prev_hash: &e.prev_hash,
+    }
 }
 
 fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
@@ -189,6 +206,9 @@ impl Store {
             pins: db.open_tree("pins")?,
             peers: db.open_tree("peers")?,
             settings: db.open_tree("settings")?,
+            users: db.open_tree("users")?,
+            audit: db.open_tree("audit")?,
+            audit_lock: Default::default(),
             fence: Default::default(),
             db,
         })
@@ -477,6 +497,46 @@ impl Store {
         Ok(self.settings.get(DISCOVERY.as_bytes())?.map(|v| decode(&v)).transpose()?.unwrap_or_default())
     }
 
+    pub async fn put_user(&self, u: &User) -> Result<()> {
+        self.users.insert(u.name.as_bytes(), u.encode_to_vec())?;
+        self.flush().await
+    }
+
+    pub async fn remove_user(&self, name: &str) -> Result<bool> {
+        let removed = self.users.remove(name.as_bytes())?.is_some();
+        self.flush().await?;
+        Ok(removed)
+    }
+
+    pub fn get_user(&self, name: &str) -> Result<Option<User>> {
+        self.users.get(name.as_bytes())?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn list_users(&self) -> Result<Vec<User>> {
+        self.users.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    /// Appends to the audit log, chaining the entry to the last one (seq and hashes are
+    /// filled in here). Durable before it returns.
+    pub async fn append_audit(&self, mut e: AuditEntry) -> Result<AuditEntry> {
+        {
+            let _one = self.audit_lock.lock().map_err(|_| ProviderError::Store("audit lock poisoned".into()))?;
+            let last: Option<AuditEntry> = self.audit.last()?.map(|(_, v)| decode(&v)).transpose()?;
+            e.seq = last.as_ref().map(|l| l.seq + 1).unwrap_or(1);
+            e.prev_hash = last.map(|l| l.hash).unwrap_or_default();
+            e.hash = updraft_core::audit::chain_hash(&audit_fields(&e));
+            self.audit.insert(be(e.seq), e.encode_to_vec())?;
+        }
+        self.flush().await?;
+        Ok(e)
+    }
+
+    /// Audit entries after `after_seq`, oldest first, at most `limit` (0: all).
+    pub fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        self.audit.range(be(after_seq + 1)..).values().take(limit).map(|v| decode(&v?)).collect()
+    }
+
     pub async fn add_watch(&self, folder: &WatchFolder) -> Result<()> {
         self.watches.insert(folder.path.as_bytes(), folder.encode_to_vec())?;
         self.flush().await
@@ -695,5 +755,25 @@ mod tests {
         );
         assert_eq!(s.list_caps().unwrap(), vec![cap]);
         assert!(matches!(s.get_update("b"), Err(ProviderError::UnknownUpdate(_))));
+    }
+
+    #[tokio::test]
+    async fn the_audit_chain_detects_an_edited_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for (who, outcome) in [("ops", "ok"), ("pc-1", "refused: agent certificate"), ("ops", "ok")] {
+            let e = AuditEntry { who: who.into(), outcome: outcome.into(), action: "a".into(), ..Default::default() };
+            s.append_audit(e).await.unwrap();
+        }
+        let verify = |entries: &[AuditEntry]| {
+            updraft_core::audit::verify(entries.iter().map(|e| (audit_fields(e), e.hash.as_str()))).map_err(|e| e.0)
+        };
+        let all = s.list_audit(0, 0).unwrap();
+        assert_eq!(verify(&all), Ok(3));
+        // Someone with the store edits the refusal away.
+        let mut edited = all[1].clone();
+        edited.outcome = "ok".into();
+        s.audit.insert(be(2), edited.encode_to_vec()).unwrap();
+        assert_eq!(verify(&s.list_audit(0, 0).unwrap()), Err(2));
     }
 }

@@ -48,6 +48,7 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: Cancellatio
             .instrument(tracing::info_span!("mdns_announce")),
     );
     updraft_provider::grpc_server(&shared.config.transport)?
+        .layer(updraft_provider::auth::AuthLayer::new(shared.config.transport.clone(), Some(shared.clone())))
         .add_service(
             AgentApiServer::new(AgentService::new(shared.clone(), tier.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

@@ -1,0 +1,326 @@
+//! Who may call what. A tower layer in front of every service identifies the caller from its
+//! certificate (with `--insecure`, from what it claims), applies the role rules — agents call
+//! the agent API, sites and providers the replication API, admins the admin API, and of those
+//! only authorized users, viewers read-only — and records every admin change and every
+//! refusal in the audit log. Handlers find the [`Caller`] in the request's extensions.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::{Code, Status};
+use updraft_proto::v1::AuditEntry;
+use updraft_runtime::tls::{Role, Transport, peer_of};
+
+use crate::{Shared, now_ms};
+
+/// Set by a standby on what it forwards: who the original caller is. Believed only from a
+/// peer whose certificate says it is a provider.
+pub const FORWARDED_NAME: &str = "x-updraft-forwarded-name";
+pub const FORWARDED_ROLE: &str = "x-updraft-forwarded-role";
+/// What admin-cli says about its user; the only identity there is with `--insecure`.
+pub const CLAIMED_USER: &str = "x-updraft-user";
+
+/// Roles of the admin API's users.
+pub const USER_ROLES: [&str; 2] = ["admin", "viewer"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    /// None: unauthenticated (the server runs with `--insecure`).
+    pub role: Option<Role>,
+    /// The standby provider that forwarded the call, if any.
+    pub via: Option<String>,
+    pub addr: Option<SocketAddr>,
+}
+
+impl Caller {
+    pub fn describe(&self) -> String {
+        let mut s = match self.role {
+            Some(r) => format!("{} ({r})", self.name),
+            None => format!("{} (unauthenticated)", self.name),
+        };
+        if let Some(v) = &self.via {
+            s.push_str(&format!(" via {v}"));
+        }
+        if let Some(a) = self.addr {
+            s.push_str(&format!(" from {a}"));
+        }
+        s
+    }
+
+    /// The caller of a request that went through the layer.
+    pub fn of<T>(req: &tonic::Request<T>) -> Option<&Caller> {
+        req.extensions().get::<Caller>()
+    }
+}
+
+/// An agent may only speak for the machine its certificate names.
+pub fn ensure_machine(caller: Option<&Caller>, machine: &str) -> Result<(), Status> {
+    match caller {
+        Some(c) if c.role == Some(Role::Agent) && c.name != machine => Err(Status::permission_denied(format!(
+            "the certificate is for machine {:?}, the request speaks for {machine:?}",
+            c.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Agent,
+    Site,
+    /// A site's own status: admins may read it too (sites keep no users).
+    Status,
+    Read,
+    Write,
+}
+
+fn access_of(path: &str) -> Option<Access> {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (service, method) = (parts.next()?, parts.next()?);
+    Some(match service {
+        "updraft.v1.AgentApi" => Access::Agent,
+        "updraft.v1.Replication" if method == "SiteStatus" => Access::Status,
+        "updraft.v1.Replication" => Access::Site,
+        "updraft.v1.Admin" if ["List", "Get", "Report"].iter().any(|p| method.starts_with(p)) => Access::Read,
+        "updraft.v1.Admin" => Access::Write,
+        _ => return None,
+    })
+}
+
+fn header(req: &http::Request<Body>, name: &str) -> Option<String> {
+    req.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(128).collect())
+}
+
+/// Who is calling, from the connection's certificate (or the claim, without TLS).
+fn identify(transport: &Transport, req: &http::Request<Body>) -> Result<Caller, Status> {
+    let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+    let addr = info
+        .and_then(|i| i.get_ref().remote_addr())
+        .or_else(|| req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()));
+    let Transport::Tls(_) = transport else {
+        let name = header(req, CLAIMED_USER).unwrap_or_else(|| "anonymous".into());
+        return Ok(Caller { name, role: None, via: None, addr });
+    };
+    let certs = info.and_then(|i| i.peer_certs()).ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let peer = peer_of(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+    if peer.role == Role::Provider
+        && let (Some(name), Some(role)) = (header(req, FORWARDED_NAME), header(req, FORWARDED_ROLE))
+    {
+        let role = role.parse().map_err(|_| Status::unauthenticated(format!("forwarded role {role:?}")))?;
+        return Ok(Caller { name, role: Some(role), via: Some(peer.name), addr });
+    }
+    Ok(Caller { name: peer.name, role: Some(peer.role), via: None, addr })
+}
+
+/// The role rules, and (on the provider that holds the store) the admin users.
+fn authorize(caller: &Caller, access: Access, shared: Option<&Shared>) -> Result<(), Status> {
+    let Some(role) = caller.role else { return Ok(()) };
+    let ok = match access {
+        Access::Agent => role == Role::Agent,
+        Access::Site => matches!(role, Role::RemoteProvider | Role::Provider),
+        Access::Status => matches!(role, Role::RemoteProvider | Role::Provider | Role::Admin),
+        Access::Read | Access::Write => role == Role::Admin,
+    };
+    if !ok {
+        let what = match access {
+            Access::Agent => "the agent API",
+            Access::Site | Access::Status => "the replication API",
+            Access::Read | Access::Write => "the admin API",
+        };
+        return Err(Status::permission_denied(format!("a {role} certificate ({}) may not call {what}", caller.name)));
+    }
+    if let (Some(shared), Access::Read | Access::Write) = (shared, access) {
+        let user = shared.store.get_user(&caller.name).map_err(Status::from)?;
+        match user {
+            None if shared.store.list_users().map_err(Status::from)?.is_empty() => {
+                return Err(Status::permission_denied(
+                    "no authorized users yet: start the provider with --bootstrap-admin NAME",
+                ));
+            }
+            None => {
+                return Err(Status::permission_denied(format!(
+                    "{} is not an authorized user (an admin can run `admin-cli user add {} --role viewer|admin`)",
+                    caller.name, caller.name
+                )));
+            }
+            Some(u) if access == Access::Write && u.role != "admin" => {
+                return Err(Status::permission_denied(format!("{} is a {}: it may look, not change", u.name, u.role)));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn audit(shared: &Shared, caller: &Caller, action: &str, outcome: String) {
+    let entry = AuditEntry {
+        at_unix_ms: now_ms(),
+        who: caller.name.clone(),
+        role: caller.role.map(|r| r.to_string()).unwrap_or_else(|| "unauthenticated".into()),
+        action: action.to_string(),
+        outcome,
+        ..Default::default()
+    };
+    if let Err(e) = shared.store.append_audit(entry).await {
+        tracing::error!(error = %e, %action, "cannot write the audit log");
+    }
+}
+
+/// `shared` is the store of the provider that holds it; None on a standby (which checks roles,
+/// then forwards with the caller's identity) .
+#[derive(Clone)]
+pub struct AuthLayer {
+    transport: Transport,
+    shared: Option<Arc<Shared>>,
+}
+
+impl AuthLayer {
+    pub fn new(transport: Transport, shared: Option<Arc<Shared>>) -> Self {
+        Self { transport, shared }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth { inner, transport: self.transport.clone(), shared: self.shared.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    transport: Transport,
+    shared: Option<Arc<Shared>>,
+}
+
+impl<S> Service<http::Request<Body>> for Auth<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // The clone is not ready; the one that was polled is (tower's usual swap).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (transport, shared) = (self.transport.clone(), self.shared.clone());
+        Box::pin(async move {
+            let path = req.uri().path().to_string();
+            let Some(access) = access_of(&path) else { return inner.call(req).await };
+            let caller = match identify(&transport, &req) {
+                Ok(c) => c,
+                Err(status) => {
+                    tracing::warn!(%path, reason = %status.message(), "refused an unidentified caller");
+                    if let Some(s) = &shared {
+                        let nobody = Caller { name: "unknown".into(), role: None, via: None, addr: None };
+                        audit(s, &nobody, &path, format!("refused: {}", status.message())).await;
+                    }
+                    return Ok(status.into_http());
+                }
+            };
+            if let Err(status) = authorize(&caller, access, shared.as_deref()) {
+                tracing::warn!(%path, caller = %caller.describe(), reason = %status.message(), "refused");
+                if let Some(s) = &shared {
+                    audit(s, &caller, &path, format!("refused: {}", status.message())).await;
+                }
+                return Ok(status.into_http());
+            }
+            // Only a standby's own forwarding may carry these; never a client's.
+            req.headers_mut().remove(FORWARDED_NAME);
+            req.headers_mut().remove(FORWARDED_ROLE);
+            if shared.is_none()
+                && let Some(role) = caller.role
+                && let (Ok(n), Ok(r)) = (caller.name.parse(), role.as_str().parse())
+            {
+                req.headers_mut().insert(FORWARDED_NAME, n);
+                req.headers_mut().insert(FORWARDED_ROLE, r);
+            }
+            req.extensions_mut().insert(caller.clone());
+            let resp = inner.call(req).await?;
+            if access == Access::Write
+                && let Some(s) = &shared
+            {
+                // Failures the handler returns travel in the headers (a trailers-only reply).
+                let code = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(Code::from_i32)
+                    .unwrap_or(Code::Ok);
+                let outcome = match code {
+                    Code::Ok => "ok".to_string(),
+                    c => {
+                        let msg = resp.headers().get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("");
+                        let msg = percent_decode(msg);
+                        if c == Code::PermissionDenied { format!("refused: {msg}") } else { format!("failed: {msg}") }
+                    }
+                };
+                audit(s, &caller, &path, outcome).await;
+            }
+            Ok(resp)
+        })
+    }
+}
+
+/// grpc-message is percent-encoded.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_map_to_access() {
+        assert_eq!(access_of("/updraft.v1.AgentApi/Check"), Some(Access::Agent));
+        assert_eq!(access_of("/updraft.v1.Replication/FetchBlob"), Some(Access::Site));
+        assert_eq!(access_of("/updraft.v1.Admin/ListUpdates"), Some(Access::Read));
+        assert_eq!(access_of("/updraft.v1.Admin/GetPair"), Some(Access::Read));
+        assert_eq!(access_of("/updraft.v1.Admin/SetUpdateState"), Some(Access::Write));
+        assert_eq!(access_of("/updraft.v1.Admin/PutUser"), Some(Access::Write));
+        assert_eq!(access_of("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(percent_decode("a%20b%3A"), "a b:");
+    }
+
+    #[test]
+    fn roles_meet_services() {
+        let c = |role| Caller { name: "x".into(), role: Some(role), via: None, addr: None };
+        assert!(authorize(&c(Role::Agent), Access::Agent, None).is_ok());
+        assert!(authorize(&c(Role::Agent), Access::Read, None).is_err());
+        assert!(authorize(&c(Role::Agent), Access::Site, None).is_err());
+        assert!(authorize(&c(Role::RemoteProvider), Access::Site, None).is_ok());
+        assert!(authorize(&c(Role::Admin), Access::Write, None).is_ok());
+        assert!(authorize(&c(Role::Admin), Access::Agent, None).is_err());
+    }
+}

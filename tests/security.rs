@@ -1,0 +1,141 @@
+//! Security end to end: the mutual-TLS negative matrix (no certificate, another CA, an
+//! expired certificate, an agent certificate calling the admin API, a viewer changing state,
+//! an agent speaking for another machine), authorized users, and the audit log recording
+//! every change and every refusal in a hash chain that admin-cli verifies.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use updraft_proto::v1::agent_api_client::AgentApiClient;
+use updraft_proto::v1::{CheckRequest, MachineInfo};
+use updraft_runtime::tls::{Role, pki};
+use updraft_tests::{World, stderr};
+
+/// admin-cli against `url` with the certificate `name` from `dir` (and `ca` to trust).
+fn admin_as(ca: &Path, dir: &Path, name: &str, url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(updraft_tests::bin("admin-cli"))
+        .env("UPDRAFT_TLS_CA", ca)
+        .env("UPDRAFT_TLS_CERT", dir.join(format!("{name}.crt")))
+        .env("UPDRAFT_TLS_KEY", dir.join(format!("{name}.key")))
+        .arg("--provider")
+        .arg(url)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn refused(out: &std::process::Output, why: &str) {
+    assert!(!out.status.success(), "should have been refused ({why})");
+    let err = stderr(out);
+    assert!(err.contains(why), "expected {why:?} in: {err}");
+}
+
+fn issue(pki_dir: &Path, role: Role, name: &str, from_days_ago: i64, valid: Duration) -> PathBuf {
+    let from = time::OffsetDateTime::now_utc() - time::Duration::days(from_days_ago);
+    pki::issue(pki_dir, role, name, &[], from, valid, &pki_dir.join(name)).unwrap();
+    pki_dir.to_path_buf()
+}
+
+#[test]
+fn mutual_tls_refuses_every_wrong_caller_and_the_audit_log_shows_it() {
+    let w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    let pki_dir = w.path("pki");
+    let ca = pki_dir.join("ca.crt");
+    w.admin_ok(&url, &["group", "create", "lab"]);
+
+    // A client with no certificate: the handshake succeeds, the first RPC does not.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let no_cert = rt.block_on(async {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(&ca).unwrap()));
+        let ch = Endpoint::from_shared(url.clone()).unwrap().tls_config(tls).unwrap().connect().await;
+        match ch {
+            Err(e) => updraft_runtime::tls::describe(&e),
+            Ok(ch) => {
+                let req = CheckRequest {
+                    machine: Some(MachineInfo { name: "x".into(), ..Default::default() }),
+                    manual: false,
+                };
+                match AgentApiClient::new(ch).check(req).await {
+                    Ok(_) => "accepted".to_string(),
+                    Err(s) => format!("{} {}", s.code(), updraft_runtime::tls::describe(&s)),
+                }
+            }
+        }
+    });
+    assert_ne!(no_cert, "accepted", "a client without a certificate got an answer");
+
+    // A certificate from another CA.
+    let other = w.path("other-pki");
+    pki::init(&other, "Mallory CA").unwrap();
+    issue(&other, Role::Admin, "ops", 1, Duration::from_secs(7 * 86400));
+    refused(&admin_as(&ca, &other, "ops", &url, &["group", "list"]), "cannot reach provider");
+
+    // An expired certificate from the right CA (valid for a day, ten days ago).
+    issue(&pki_dir, Role::Admin, "old-ops", 10, Duration::from_secs(86400));
+    refused(&admin_as(&ca, &pki_dir, "old-ops", &url, &["group", "list"]), "cannot reach provider");
+
+    // An agent certificate calling the admin API.
+    issue(&pki_dir, Role::Agent, "pc-1", 1, Duration::from_secs(7 * 86400));
+    refused(
+        &admin_as(&ca, &pki_dir, "pc-1", &url, &["group", "list"]),
+        "agent certificate (pc-1) may not call the admin API",
+    );
+
+    // An admin certificate whose holder is not an authorized user, then a viewer.
+    issue(&pki_dir, Role::Admin, "val", 1, Duration::from_secs(7 * 86400));
+    refused(&admin_as(&ca, &pki_dir, "val", &url, &["group", "list"]), "val is not an authorized user");
+    w.admin_ok(&url, &["user", "add", "val", "--role", "viewer"]);
+    let listed = admin_as(&ca, &pki_dir, "val", &url, &["group", "list"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    refused(&admin_as(&ca, &pki_dir, "val", &url, &["group", "create", "mine"]), "val is a viewer");
+    refused(&admin_as(&ca, &pki_dir, "val", &url, &["user", "add", "val", "--role", "admin"]), "val is a viewer");
+    // The last admin stays.
+    refused(&w.admin(&url, &["user", "remove", "ops"]), "last admin");
+
+    // An agent speaking for another machine.
+    let spoof = rt.block_on(async {
+        let t = updraft_runtime::tls::Transport::from_flags(
+            "t",
+            Some(&ca),
+            Some(&pki_dir.join("pc-1.crt")),
+            Some(&pki_dir.join("pc-1.key")),
+            false,
+        )
+        .unwrap();
+        let ch = t.endpoint(&url).unwrap().connect().await.unwrap();
+        let req =
+            CheckRequest { machine: Some(MachineInfo { name: "pc-2".into(), ..Default::default() }), manual: false };
+        AgentApiClient::new(ch).check(req).await.map(|_| ()).map_err(|s| s.message().to_string())
+    });
+    let err = spoof.unwrap_err();
+    assert!(err.contains("certificate is for machine \"pc-1\""), "{err}");
+
+    // Plaintext against a TLS provider gets nowhere.
+    let plain = url.replace("https://", "http://");
+    let out = std::process::Command::new(updraft_tests::bin("admin-cli"))
+        .args(["--insecure", "--provider", &plain, "group", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // A provider with neither credentials nor --insecure does not start.
+    let out = std::process::Command::new(updraft_tests::bin("provider"))
+        .args(["--store", w.path("nostart").to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    refused(&out, "no TLS credentials");
+
+    // The audit log holds the changes and the refusals, and its chain verifies.
+    let audit = w.admin_json(&url, &["audit", "list"]);
+    let entries = audit.as_array().unwrap();
+    let has = |who: &str, outcome: &str| {
+        entries.iter().any(|e| e["who"] == who && e["outcome"].as_str().unwrap().starts_with(outcome))
+    };
+    assert!(has("ops", "ok"), "{audit}");
+    assert!(has("pc-1", "refused"), "{audit}");
+    assert!(has("val", "refused"), "{audit}");
+    assert!(entries.iter().any(|e| e["action"].as_str().unwrap().ends_with("/PutGroup") && e["who"] == "ops"));
+    let verified = w.admin_json(&url, &["audit", "verify"]);
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(verified["entries"].as_u64().unwrap() as usize, entries.len());
+}
