@@ -87,8 +87,11 @@ fn high_priority_push_reaches_direct_and_site_agents_at_once() {
     let (_r, rurl) = w.remote("site-b", &purl);
     let v1 = w.publish(&purl, &w.package("viewer", "1.0.0.0", &w.key));
     w.wait_site_has(&rurl, &v1);
-    let _a = w.agent("d1", &purl);
-    let _b = w.agent("s1", &rurl);
+    // Both agents pin the centre's catalog key: the site passes on the centre's signed
+    // statement, and a push must not outrun it.
+    let pin = ["--catalog-key", w.catalog_pub.to_str().unwrap(), "--min-interval", "3600"];
+    let _a = w.agent_with("d1", &purl, &pin);
+    let _b = w.agent_with("s1", &rurl, &pin);
     wait_until("v1 everywhere", T, || {
         w.installed("d1", "viewer").as_deref() == Some("1.0.0.0")
             && w.installed("s1", "viewer").as_deref() == Some("1.0.0.0")
@@ -114,6 +117,9 @@ fn high_priority_push_reaches_direct_and_site_agents_at_once() {
             && w.installed("s1", "viewer").as_deref() == Some("2.0.0.0")
     });
     eprintln!("push reached both agents in {:?}", start.elapsed());
+    for agent in [&_a, &_b] {
+        assert!(!agent.log_text().contains("answer refused"), "{}", agent.log_text());
+    }
 }
 
 #[test]

@@ -168,6 +168,9 @@ pub struct World {
     pub pubkey: PathBuf,
     /// Plaintext (`--insecure`) instead of mutual TLS, for the few cases that need it.
     pub insecure: bool,
+    /// The key providers sign catalog statements with, and its public half agents may pin.
+    pub catalog_key: PathBuf,
+    pub catalog_pub: PathBuf,
 }
 
 /// The certificate name admin-cli uses in tests.
@@ -186,7 +189,11 @@ impl World {
         let out = run_ok(Command::new(bin("admin-cli")).args(["key", "generate", "--out"]).arg(&prefix));
         assert!(out.contains("key id"), "{out}");
         run_ok(Command::new(bin("admin-cli")).args(["pki", "init", "--dir"]).arg(dir.path().join("pki")));
+        let catalog = dir.path().join("catalog");
+        run_ok(Command::new(bin("admin-cli")).args(["key", "generate", "--out"]).arg(&catalog));
         World {
+            catalog_key: catalog.with_extension("key"),
+            catalog_pub: catalog.with_extension("pub"),
             key: prefix.with_extension("key"),
             pubkey: prefix.with_extension("pub"),
             dir,
@@ -339,7 +346,7 @@ impl World {
         let store = self.path(name);
         let mut args = vec!["--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
         args.extend(["--scan-delay-secs", "0", "--scan-interval-secs", "1", "--scan-quiet-secs", "1"]);
-        args.extend(["--bootstrap-admin", ADMIN]);
+        args.extend(["--bootstrap-admin", ADMIN, "--catalog-key", self.catalog_key.to_str().unwrap()]);
         args.extend_from_slice(extra);
         let p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env_for(name, "provider", &[]));
         wait_port(port);
@@ -352,7 +359,19 @@ impl World {
         let port = url.rsplit(':').next().unwrap().to_string();
         let (store, listen, pubkey) =
             (self.path(name), format!("127.0.0.1:{port}"), self.pubkey.to_str().unwrap().to_string());
-        let args = ["--store", store.to_str().unwrap(), "--listen", &listen, "--name", name, "--trust-key", &pubkey];
+        let catalog = self.catalog_key.to_str().unwrap();
+        let args = [
+            "--store",
+            store.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--name",
+            name,
+            "--trust-key",
+            &pubkey,
+            "--catalog-key",
+            catalog,
+        ];
         let env = self.env_for(name, "provider", &[]);
         let p = Proc::start_env(self.dir.path(), &format!("{name}-again"), "provider", &args, &env);
         wait_port(port.parse().unwrap());

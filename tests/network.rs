@@ -47,6 +47,7 @@ fn provider_on(w: &World, lab: &Lab, host: &Host, name: &str, store: &str, extra
     let pubkey = w.pubkey.to_str().unwrap();
     let mut args = vec!["--store", store, "--listen", &listen, "--name", name, "--advertise", &advertise];
     args.extend(["--trust-key", pubkey, "--bootstrap-admin", updraft_tests::ADMIN]);
+    args.extend(["--catalog-key", w.catalog_key.to_str().unwrap()]);
     args.extend_from_slice(extra);
     let mut sans = vec![host.lan.as_str()];
     sans.extend(host.back.as_deref());

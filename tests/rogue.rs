@@ -1,5 +1,6 @@
 //! A rogue provider: a real gRPC server that offers whatever package bytes it is given under
-//! whatever name, and records what agents report. Used to check that the agent, not the
+//! whatever name, attaches whatever (replayed) catalog statement it was given, can stream
+//! endless data, and records what agents report. Used to check that the agent, not the
 //! provider, is the last line of defence.
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ use tonic::{Request, Response, Status};
 use updraft_proto::v1::agent_api_server::{AgentApi, AgentApiServer};
 use updraft_proto::v1::{
     ActionKind, Activity, BlobRequest, CheckRequest, CheckResponse, Chunk, Offer, PushEvent, PushKind, ReportRequest,
-    ReportResponse, SubscribeRequest, Update,
+    ReportResponse, SignedStatement, SubscribeRequest, Update,
 };
 
 #[derive(Clone)]
@@ -17,6 +18,10 @@ pub struct Rogue {
     pub update: Update,
     pub bytes: Arc<Vec<u8>>,
     pub reports: Arc<Mutex<Vec<Activity>>>,
+    /// A genuine statement captured earlier, replayed with every answer.
+    pub statement: Option<SignedStatement>,
+    /// Downloads never end (more bytes than any catalog lists).
+    pub endless: bool,
 }
 
 impl Rogue {
@@ -34,7 +39,23 @@ impl Rogue {
             install_type: 1,
             ..Default::default()
         };
-        Rogue { update, bytes: Arc::new(bytes), reports: Arc::default() }
+        Rogue { update, bytes: Arc::new(bytes), reports: Arc::default(), statement: None, endless: false }
+    }
+
+    /// Offers a genuine catalog record (its id, hash and size) instead of one made up.
+    pub fn offering(mut self, update: Update) -> Rogue {
+        self.update = update;
+        self
+    }
+
+    pub fn replaying(mut self, statement: SignedStatement) -> Rogue {
+        self.statement = Some(statement);
+        self
+    }
+
+    pub fn endless(mut self) -> Rogue {
+        self.endless = true;
+        self
     }
 
     /// Serves on a fresh loopback port in a background thread with its own runtime, with a
@@ -61,11 +82,18 @@ impl AgentApi for Rogue {
             max_check_interval_secs: 3600,
             served_by: "rogue".into(),
             policy: None,
+            statement: self.statement.clone(),
         }))
     }
     type DownloadStream = S<Chunk>;
     async fn download(&self, r: Request<BlobRequest>) -> Result<Response<S<Chunk>>, Status> {
         let off = r.into_inner().offset as usize;
+        if self.endless {
+            let chunks = futures::stream::iter(0u64..).map(move |i| {
+                Ok(Chunk { offset: off as u64 + i * 65536, data: vec![0u8; 65536], total_size: u64::MAX })
+            });
+            return Ok(Response::new(Box::pin(chunks)));
+        }
         let data = self.bytes[off.min(self.bytes.len())..].to_vec();
         let chunk = Chunk { offset: off as u64, data, total_size: self.bytes.len() as u64 };
         Ok(Response::new(Box::pin(futures::stream::iter([Ok(chunk)]))))

@@ -139,3 +139,87 @@ fn mutual_tls_refuses_every_wrong_caller_and_the_audit_log_shows_it() {
     assert_eq!(verified["ok"], true, "{verified}");
     assert_eq!(verified["entries"].as_u64().unwrap() as usize, entries.len());
 }
+
+/// A genuine answer from `url`, as machine `name` (an agent certificate) would get it.
+fn genuine_answer(w: &World, url: &str, name: &str) -> updraft_proto::v1::CheckResponse {
+    let ep = w.transport(name, "agent").endpoint(url).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let req =
+            CheckRequest { machine: Some(MachineInfo { name: name.into(), ..Default::default() }), manual: false };
+        AgentApiClient::new(ep.connect().await.unwrap()).check(req).await.unwrap().into_inner()
+    })
+}
+
+#[test]
+fn a_pinned_agent_refuses_lying_providers_reports_why_and_moves_on() {
+    use updraft_tests::rogue::Rogue;
+    let w = World::new();
+    // Statements live 3 s here, so a captured one can be replayed after it expired.
+    let (_p, url) =
+        w.provider_with("centre", &["--trust-key", w.pubkey.to_str().unwrap(), "--catalog-expiry-secs", "3"]);
+    let pkg1 = w.package("app", "1.0.0.0", &w.key);
+    let v1 = w.publish(&url, &pkg1);
+    let old = genuine_answer(&w, &url, "spy");
+    let old_statement = old.statement.clone().expect("the centre signs its answers");
+    let v1_record = old.offers[0].update.clone().unwrap();
+    assert_eq!(v1_record.id, v1);
+    let pin = ["--catalog-key", w.catalog_pub.to_str().unwrap(), "--min-interval", "3600"];
+
+    // 1. Mix-and-match: a fresh genuine statement, but the offered package's bytes are not the
+    //    ones it lists. The agent refuses the answer, says why, and installs from the centre.
+    let swapped = Rogue::new("app", "1.0.0.0", b"not the real package".to_vec())
+        .replaying(genuine_answer(&w, &url, "spy").statement.unwrap());
+    let swapped_url = swapped.spawn(&w);
+    let mut m1 = w.agent_with("m1", &format!("{swapped_url},{url}"), &pin);
+    updraft_tests::wait_until("m1 on v1 from the centre", Duration::from_secs(30), || {
+        w.installed("m1", "app").as_deref() == Some("1.0.0.0")
+    });
+    let st: serde_json::Value = serde_json::from_slice(&w.agent_cmd("m1", &["status", "--json"]).stdout).unwrap();
+    assert_eq!(st["last_provider"], url.as_str(), "{st}");
+    let problems = st["problems"].to_string();
+    assert!(problems.contains("does not list") && problems.contains(&swapped_url), "{problems}");
+    assert!(
+        std::fs::read(w.root("m1").join("app/VERSION")).unwrap() == b"1.0.0.0",
+        "the swapped content must never be installed"
+    );
+
+    // 2. Rollback: after v2, the v1-era statement is older than what m1 has seen.
+    w.publish(&url, &w.package("app", "2.0.0.0", &w.key));
+    assert!(w.agent_cmd("m1", &["check"]).status.success());
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("2.0.0.0"));
+    let replay = Rogue::new("app", "1.0.0.0", std::fs::read(&pkg1).unwrap()).offering(v1_record.clone());
+    let rollback_url = replay.clone().replaying(old_statement.clone()).spawn(&w);
+    let out = w.agent_cmd("m1", &["providers", "test", &rollback_url]);
+    refused(&out, "rollback");
+
+    // 3. Freeze: the same replay to an agent that has seen nothing newer, once the statement
+    //    has expired.
+    std::thread::sleep(Duration::from_secs(4));
+    let frozen_url = replay.clone().replaying(old_statement).spawn(&w);
+    let _m2 = w.agent_with("m2", &frozen_url, &pin);
+    updraft_tests::wait_until("m2's control socket", Duration::from_secs(10), || {
+        w.state("m2").join("agent.sock").exists()
+    });
+    refused(&w.agent_cmd("m2", &["providers", "test", &frozen_url]), "expired");
+
+    // 4. No statement at all.
+    let bare_url = replay.clone().spawn(&w);
+    refused(&w.agent_cmd("m2", &["providers", "test", &bare_url]), "carries no signed catalog statement");
+
+    // 5. Endless data for a listed update: never more than the catalog's size is accepted.
+    let fresh = genuine_answer(&w, &url, "spy");
+    let v2_record = fresh.offers.iter().filter_map(|o| o.update.clone()).find(|u| u.version == "2.0.0.0").unwrap();
+    let endless_url = Rogue::new("app", "2.0.0.0", vec![])
+        .offering(v2_record)
+        .replaying(fresh.statement.unwrap())
+        .endless()
+        .spawn(&w);
+    m1.kill9();
+    let _m3 = w.agent_with("m3", &endless_url, &pin);
+    updraft_tests::wait_until("m3 to give up on the endless download", Duration::from_secs(30), || {
+        let st: serde_json::Value =
+            serde_json::from_slice(&w.agent_cmd("m3", &["status", "--json"]).stdout).unwrap_or_default();
+        st["last_error"].as_str().is_some_and(|e| e.contains("more than the"))
+    });
+    assert_eq!(w.installed("m3", "app"), None);
+}

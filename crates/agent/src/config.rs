@@ -42,6 +42,7 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub insecure: Option<bool>,
+    pub catalog_keys: Option<Vec<PathBuf>>,
 }
 
 impl FileConfig {

@@ -12,8 +12,8 @@ use tracing::Instrument;
 use updraft_core::keys::PublicKey;
 use updraft_core::policy::Mode;
 use updraft_proto::v1::{
-    ActionKind, Activity, ActivityKind, CheckRequest, GroupSettings, InstalledProduct, LocalSettings, MachineInfo,
-    Offer, PushKind, ReportRequest, SubscribeRequest, Update,
+    ActionKind, Activity, ActivityKind, CheckRequest, CheckResponse, GroupSettings, InstalledProduct, LocalSettings,
+    MachineInfo, Offer, PushKind, ReportRequest, SubscribeRequest, Update,
 };
 
 use crate::client::{self, Client, Providers};
@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub discovery_key: Option<String>,
     /// Mutual TLS with providers, or plaintext when explicitly asked for.
     pub transport: updraft_runtime::tls::Transport,
+    /// Pinned catalog keys: when set, every answer must carry a fresh statement signed by one
+    /// of them that lists every offer.
+    pub catalog_keys: Vec<PublicKey>,
 }
 
 /// Why a check runs.
@@ -228,10 +231,21 @@ impl Agent {
                         }
                     };
                     let req = CheckRequest { machine: Some(self.machine_info().await), manual };
-                    match client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await {
+                    let answer = match client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await {
+                        Ok(r) => self.verify_answer(&url, r).await,
+                        Err(e) => Err(e),
+                    };
+                    match answer {
                         Ok(r) => {
+                            self.state.lock().await.refused_answers.remove(&url);
                             answered = Some((url, client, r));
                             break;
+                        }
+                        Err(e @ AgentError::Verify { .. }) => {
+                            tracing::warn!(provider = %url, error = %e, "answer refused; trying the next provider");
+                            self.state.lock().await.refused_answers.insert(url.clone(), e.to_string());
+                            self.providers.lock().await.rotate(&e.to_string());
+                            last_err = Some(e);
                         }
                         Err(e) => {
                             tracing::warn!(provider = %url, error = %e, "check refused; trying the next provider");
@@ -351,6 +365,36 @@ impl Agent {
         }
         .instrument(span)
         .await
+    }
+
+    /// With pinned catalog keys, an answer counts only if it carries a statement signed by one
+    /// of them, not older than what this agent has seen, not expired, and listing every
+    /// offered update with exactly the offered hash and size.
+    async fn verify_answer(&self, url: &str, resp: CheckResponse) -> Result<CheckResponse> {
+        if self.cfg.catalog_keys.is_empty() {
+            return Ok(resp);
+        }
+        let refuse = |reason: String| AgentError::Verify { update: format!("the answer of {url}"), reason };
+        let Some(signed) = &resp.statement else {
+            return Err(refuse("it carries no signed catalog statement".into()));
+        };
+        let seen = self.state.lock().await.catalog_version;
+        let st =
+            updraft_core::freshness::verify(&self.cfg.catalog_keys, &signed.body, &signed.signature, seen, now_ms())
+                .map_err(|e| refuse(e.to_string()))?;
+        for o in &resp.offers {
+            if let Some(u) = &o.update
+                && !st.lists(&u.id, &u.content_hash, u.size)
+            {
+                return Err(refuse(format!(
+                    "it offers {} ({} bytes, {}), which the signed catalog version {} does not list so",
+                    u.id, u.size, u.content_hash, st.version
+                )));
+            }
+        }
+        let mut s = self.state.lock().await;
+        s.catalog_version = s.catalog_version.max(st.version);
+        Ok(resp)
     }
 
     /// Connects to a provider, keeping track of the ones that could not be reached.
@@ -785,6 +829,7 @@ impl Agent {
         let mut client = client.map_err(|e| AgentError::Unreachable { tried: url.clone(), last: e })?;
         let req = CheckRequest { machine: Some(self.machine_info().await), manual: false };
         let resp = client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await?;
+        let resp = self.verify_answer(&url, resp).await?;
         Ok(TestReport {
             name,
             url,

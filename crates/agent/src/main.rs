@@ -75,6 +75,9 @@ struct RunArgs {
     /// The discovery key to accept (default Production); implies --discover.
     #[arg(long, env = "UPDRAFT_AGENT_DISCOVERY_KEY")]
     discovery_key: Option<String>,
+    /// Pinned catalog key(s) (.pub): answers must carry a fresh statement signed by one.
+    #[arg(long = "catalog-key", env = "UPDRAFT_AGENT_CATALOG_KEYS", value_delimiter = ',')]
+    catalog_keys: Vec<PathBuf>,
     #[command(flatten)]
     tls: updraft_runtime::tls::TlsArgs,
 }
@@ -186,6 +189,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             insecure: a.tls.insecure || file.insecure.unwrap_or(false),
         }
         .transport("agent")?,
+        catalog_keys: {
+            let paths = if a.catalog_keys.is_empty() { file.catalog_keys.unwrap_or_default() } else { a.catalog_keys };
+            paths.iter().map(|p| PublicKey::load(p)).collect::<Result<_, _>>()?
+        },
         discovery_key: config::discovery_key(
             a.discover || file.discover.unwrap_or(false),
             a.discovery_key.or(file.discovery_key),

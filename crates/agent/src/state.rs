@@ -107,6 +107,12 @@ pub struct AgentState {
     pub installed: BTreeMap<String, InstalledRec>,
     #[serde(default)]
     pub last_seen_seq: u64,
+    /// The highest signed catalog version accepted: anything older is a rollback.
+    #[serde(default)]
+    pub catalog_version: u64,
+    /// Providers whose last answer was refused, and why (reported until one of theirs passes).
+    #[serde(default)]
+    pub refused_answers: BTreeMap<String, String>,
     #[serde(default)]
     pub pending_activity: Vec<ActivityRec>,
     #[serde(default)]
@@ -149,6 +155,7 @@ impl AgentState {
             .iter()
             .map(|(url, since)| format!("cannot reach provider {url} (since unix time {since})"))
             .collect();
+        out.extend(self.refused_answers.iter().map(|(url, why)| format!("refused the answer of {url}: {why}")));
         out.extend(self.install_errors.values().cloned());
         out
     }

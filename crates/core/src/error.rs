@@ -19,6 +19,8 @@ pub enum CoreError {
     Manifest(String),
     #[error("signature check failed: {0}")]
     Signature(String),
+    #[error("catalog statement refused: {0}")]
+    Freshness(String),
 }
 
 impl CoreError {

@@ -16,9 +16,19 @@ use crate::hash::sha256_hex;
 /// Prefixed to every signed message so a signature over a manifest can never be replayed as a
 /// signature over anything else Updraft signs later.
 const MANIFEST_DOMAIN: &[u8] = b"updraft-manifest-v1\0";
+/// Catalog statements are signed under their own domain, so a signature over one can never
+/// pass for a signature over the other.
+const CATALOG_DOMAIN: &[u8] = b"updraft-catalog-v1\0";
 
 pub struct ReleaseKey {
     signing: SigningKey,
+}
+
+impl std::fmt::Debug for ReleaseKey {
+    /// Never the secret: only which key it is.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReleaseKey({})", self.public().key_id())
+    }
 }
 
 impl ReleaseKey {
@@ -61,8 +71,16 @@ impl ReleaseKey {
     }
 
     pub fn sign_manifest(&self, manifest: &[u8]) -> [u8; 64] {
-        let mut msg = MANIFEST_DOMAIN.to_vec();
-        msg.extend_from_slice(manifest);
+        self.sign_in(MANIFEST_DOMAIN, manifest)
+    }
+
+    pub fn sign_statement(&self, body: &[u8]) -> [u8; 64] {
+        self.sign_in(CATALOG_DOMAIN, body)
+    }
+
+    fn sign_in(&self, domain: &[u8], body: &[u8]) -> [u8; 64] {
+        let mut msg = domain.to_vec();
+        msg.extend_from_slice(body);
         self.signing.sign(&msg).to_bytes()
     }
 }
@@ -80,6 +98,17 @@ impl PublicKey {
 
     pub fn key_id(&self) -> String {
         sha256_hex(self.0.as_bytes())[..16].to_string()
+    }
+
+    pub fn verify_statement(&self, body: &[u8], signature: &[u8]) -> Result<()> {
+        let sig: [u8; 64] = signature
+            .try_into()
+            .map_err(|_| CoreError::Signature(format!("signature is {} bytes, expected 64", signature.len())))?;
+        let mut msg = CATALOG_DOMAIN.to_vec();
+        msg.extend_from_slice(body);
+        self.0.verify_strict(&msg, &Signature::from_bytes(&sig)).map_err(|_| {
+            CoreError::Signature(format!("catalog statement is not signed by the pinned catalog key {}", self.key_id()))
+        })
     }
 
     pub fn verify_manifest(&self, manifest: &[u8], signature: &[u8]) -> Result<()> {

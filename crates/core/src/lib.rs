@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod error;
+pub mod freshness;
 pub mod hash;
 pub mod keys;
 pub mod model;

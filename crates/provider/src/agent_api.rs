@@ -169,6 +169,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
             max_check_interval_secs: self.shared.config.max_check_secs,
             served_by: self.shared.config.name.clone(),
             policy: Some(policy),
+            statement: crate::statement::for_answer(&self.shared)?,
         }))
     }
 

@@ -192,6 +192,7 @@ pub fn to_event(change: &Change, caught_up: bool) -> CatalogEvent {
         Change::Peer { peer, .. } => catalog_event::Change::Peer(peer.clone()),
         Change::PeerRemoved { name, .. } => catalog_event::Change::PeerRemoved(name.clone()),
         Change::Discovery { discovery, .. } => catalog_event::Change::Discovery(discovery.clone()),
+        Change::Statement { statement, .. } => catalog_event::Change::Statement(statement.clone()),
     };
     CatalogEvent { seq, change: Some(c), caught_up }
 }
@@ -208,6 +209,7 @@ pub fn from_event(ev: CatalogEvent) -> Option<Change> {
         catalog_event::Change::Peer(peer) => Change::Peer { peer, seq: ev.seq },
         catalog_event::Change::PeerRemoved(name) => Change::PeerRemoved { name, seq: ev.seq },
         catalog_event::Change::Discovery(discovery) => Change::Discovery { discovery, seq: ev.seq },
+        catalog_event::Change::Statement(statement) => Change::Statement { statement, seq: ev.seq },
     })
 }
 

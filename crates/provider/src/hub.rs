@@ -25,6 +25,11 @@ impl Hub {
     /// Announces a committed catalog change. A GA update marked high priority becomes an
     /// urgent push; anything else a plain "catalog changed" hint.
     pub fn publish(&self, change: Change) {
+        if matches!(change, Change::Statement { .. }) {
+            // For followers only: agents get the statement with their next answer.
+            let _ = self.catalog.send(change);
+            return;
+        }
         let mut ev =
             PushEvent { kind: PushKind::CatalogChanged as i32, catalog_seq: change.seq(), ..Default::default() };
         if let Change::Upsert(u) = &change {

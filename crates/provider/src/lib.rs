@@ -17,6 +17,7 @@ pub mod policy;
 pub mod replication;
 pub mod scanner;
 pub mod servers;
+pub mod statement;
 pub mod storage;
 pub mod store;
 
@@ -70,6 +71,11 @@ pub struct Config {
     /// Users made admins at start (the provider host's owner bootstrapping the first user, or
     /// recovering access).
     pub bootstrap_admins: Vec<String>,
+    /// The key this provider signs catalog statements with (the centre; pair members share
+    /// it). Sites have none: they pass on the centre's.
+    pub catalog_key: Option<std::sync::Arc<updraft_core::keys::ReleaseKey>>,
+    /// How long a signed statement stays valid.
+    pub statement_ttl: Duration,
 }
 
 impl Config {
@@ -87,6 +93,8 @@ impl Config {
             advertise: None,
             transport: Transport::Insecure,
             bootstrap_admins: Vec::new(),
+            catalog_key: None,
+            statement_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -98,6 +106,7 @@ pub struct Shared {
     pub blobs: BlobStore,
     pub hub: Hub,
     pub pair: PairDir,
+    pub signer: Option<statement::Signer>,
 }
 
 impl Shared {
@@ -111,7 +120,8 @@ impl Shared {
         let store = Store::open(&config.data_dir)?;
         let blobs = BlobStore::open(&config.data_dir.join("blobs"))?;
         let pair = PairDir::open(&config.data_dir)?;
-        Ok(Arc::new(Self { config, store, blobs, hub: Hub::default(), pair }))
+        let signer = config.catalog_key.clone().map(|k| statement::Signer::new(k, config.statement_ttl));
+        Ok(Arc::new(Self { config, store, blobs, hub: Hub::default(), pair, signer }))
     }
 }
 
@@ -251,6 +261,9 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
             .instrument(tracing::info_span!("content_scanner")),
     );
     let fenced = shutdown.child_token();
+    tokio::spawn(
+        statement::statement_loop(shared.clone(), fenced.clone()).instrument(tracing::info_span!("catalog_statement")),
+    );
     tokio::spawn(
         announce::announce_loop(shared.clone(), "local", String::new(), addr, fenced.clone())
             .instrument(tracing::info_span!("mdns_announce")),

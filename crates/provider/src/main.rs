@@ -53,6 +53,13 @@ struct Args {
     /// or recovering access); repeatable.
     #[arg(long = "bootstrap-admin", env = "UPDRAFT_BOOTSTRAP_ADMIN", value_delimiter = ',')]
     bootstrap_admins: Vec<String>,
+    /// Key to sign catalog statements with (`admin-cli key generate`); agents pin its .pub with
+    /// --catalog-key. Both members of a pair use the same one.
+    #[arg(long, env = "UPDRAFT_CATALOG_KEY")]
+    catalog_key: Option<PathBuf>,
+    /// How long a signed catalog statement stays valid; agents refuse older ones as frozen.
+    #[arg(long, env = "UPDRAFT_CATALOG_EXPIRY_SECS", default_value_t = 86_400)]
+    catalog_expiry_secs: u64,
     /// URL the other member of a switchover pair reaches this one at (default: from --listen).
     #[arg(long, env = "UPDRAFT_PROVIDER_ADVERTISE")]
     advertise: Option<String>,
@@ -136,6 +143,13 @@ async fn main() -> anyhow::Result<()> {
     config.advertise = args.advertise;
     config.transport = args.tls.transport("provider")?;
     config.bootstrap_admins = args.bootstrap_admins;
+    if let Some(k) = &args.catalog_key {
+        config.catalog_key = Some(std::sync::Arc::new(updraft_core::keys::ReleaseKey::load(k)?));
+    }
+    if !(2..=30 * 86_400).contains(&args.catalog_expiry_secs) {
+        anyhow::bail!("--catalog-expiry-secs must be 2 to 2592000 (30 days)");
+    }
+    config.statement_ttl = Duration::from_secs(args.catalog_expiry_secs);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -18,6 +18,7 @@ use crate::Shared;
 use crate::agent_api::{ChunkStream, MAX_REPORT_ENTRIES, Tier, serve_blob};
 use crate::catalog::{to_event, validate_machine_name};
 use crate::error::ProviderError;
+use crate::store::Change;
 
 pub struct ReplicationService<T: Tier> {
     shared: Arc<Shared>,
@@ -43,6 +44,7 @@ impl<T: Tier> Replication for ReplicationService<T> {
         let mut live = self.shared.hub.follow_catalog();
         let backlog = self.shared.store.changes_after(req.after_seq)?;
         let current = self.shared.store.catalog_seq()?;
+        let statement = crate::statement::for_answer(&self.shared)?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(
             async move {
@@ -53,6 +55,12 @@ impl<T: Tier> Replication for ReplicationService<T> {
                         return;
                     }
                 }
+                if let Some(st) = statement {
+                    let ev = to_event(&Change::Statement { statement: st, seq: last.max(current) }, false);
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
                 let marker = CatalogEvent { seq: last.max(current), change: None, caught_up: true };
                 if tx.send(Ok(marker)).await.is_err() {
                     return;
@@ -60,6 +68,9 @@ impl<T: Tier> Replication for ReplicationService<T> {
                 loop {
                     tokio::select! {
                         ev = live.recv() => match ev {
+                            Ok(change @ Change::Statement { .. }) => {
+                                if tx.send(Ok(to_event(&change, true))).await.is_err() { return; }
+                            }
                             Ok(change) if change.seq() > last => {
                                 last = change.seq();
                                 if tx.send(Ok(to_event(&change, true))).await.is_err() { return; }

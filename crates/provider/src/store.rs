@@ -10,13 +10,14 @@ use prost::Message;
 use sled::Transactional;
 use updraft_proto::v1::{
     Activity, Assignment, AuditEntry, Discovery, ForwardedReport, Group, Machine, MachineInfo, MachinePins, Peer,
-    ProductLineCap, SiteStats, Update, User, WatchFolder,
+    ProductLineCap, SignedStatement, SiteStats, Update, User, WatchFolder,
 };
 
 use crate::error::{ProviderError, Result};
 use crate::pair::Fence;
 
 const CATALOG_SEQ: &[u8] = b"catalog_seq";
+const STATEMENT: &[u8] = b"statement";
 /// Left in a store's directory once it has been moved: holds the new location.
 pub const MOVED_TO: &str = "MOVED-TO";
 
@@ -28,15 +29,47 @@ pub const MAX_OUTBOX: usize = 100_000;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     Upsert(Box<Update>),
-    Deleted { id: String, seq: u64 },
-    Cap { cap: ProductLineCap, seq: u64 },
-    Group { group: Group, seq: u64 },
-    GroupDeleted { name: String, seq: u64 },
-    Assign { assignment: Assignment, seq: u64 },
-    Pins { pins: MachinePins, seq: u64 },
-    Peer { peer: Peer, seq: u64 },
-    PeerRemoved { name: String, seq: u64 },
-    Discovery { discovery: Discovery, seq: u64 },
+    Deleted {
+        id: String,
+        seq: u64,
+    },
+    Cap {
+        cap: ProductLineCap,
+        seq: u64,
+    },
+    Group {
+        group: Group,
+        seq: u64,
+    },
+    GroupDeleted {
+        name: String,
+        seq: u64,
+    },
+    Assign {
+        assignment: Assignment,
+        seq: u64,
+    },
+    Pins {
+        pins: MachinePins,
+        seq: u64,
+    },
+    Peer {
+        peer: Peer,
+        seq: u64,
+    },
+    PeerRemoved {
+        name: String,
+        seq: u64,
+    },
+    Discovery {
+        discovery: Discovery,
+        seq: u64,
+    },
+    /// The centre's signed catalog statement: sent to followers, never in the log.
+    Statement {
+        statement: SignedStatement,
+        seq: u64,
+    },
 }
 
 impl Change {
@@ -51,7 +84,8 @@ impl Change {
             | Change::Pins { seq, .. }
             | Change::Peer { seq, .. }
             | Change::PeerRemoved { seq, .. }
-            | Change::Discovery { seq, .. } => *seq,
+            | Change::Discovery { seq, .. }
+            | Change::Statement { seq, .. } => *seq,
         }
     }
 }
@@ -353,6 +387,7 @@ impl Store {
             Change::Discovery { discovery, seq } => {
                 self.put_policy(Policy::Setting, DISCOVERY, Some(discovery.encode_to_vec()), Some(*seq)).await?;
             }
+            Change::Statement { statement, .. } => return self.put_statement(statement).await,
         }
         self.flush().await
     }
@@ -486,6 +521,16 @@ impl Store {
 
     pub fn list_peers(&self) -> Result<Vec<Peer>> {
         self.peers.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    /// Keeps the latest signed catalog statement (a site's copy of the centre's).
+    pub async fn put_statement(&self, s: &SignedStatement) -> Result<()> {
+        self.meta.insert(STATEMENT, s.encode_to_vec())?;
+        self.flush().await
+    }
+
+    pub fn statement(&self) -> Result<Option<SignedStatement>> {
+        self.meta.get(STATEMENT)?.map(|v| decode(&v)).transpose()
     }
 
     pub async fn set_discovery(&self, d: &Discovery) -> Result<u64> {

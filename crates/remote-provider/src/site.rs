@@ -209,6 +209,57 @@ impl Tier for SiteTier {
     }
 }
 
+/// Changes waiting for the statement that covers them. Once the upstream signs statements, a
+/// change is passed on to this site's agents and sites only with (right after) a statement
+/// that lists it, so a pushed agent's check never meets an offer its statement does not list.
+struct Held {
+    signed: bool,
+    version: u64,
+    changes: Vec<Change>,
+    since: Option<std::time::Instant>,
+}
+
+/// How long a change waits for its statement before it is passed on anyway.
+const HOLD_AT_MOST: Duration = Duration::from_secs(3);
+
+fn statement_version(st: &updraft_proto::v1::SignedStatement) -> u64 {
+    updraft_core::freshness::claimed_version(&st.body).unwrap_or(0)
+}
+
+impl Held {
+    fn new(last: Option<&updraft_proto::v1::SignedStatement>) -> Self {
+        Self { signed: last.is_some(), version: last.map(statement_version).unwrap_or(0), changes: vec![], since: None }
+    }
+
+    fn pass(&mut self, hub: &updraft_provider::hub::Hub, change: Change) {
+        match change {
+            Change::Statement { ref statement, .. } => {
+                self.signed = true;
+                self.version = self.version.max(statement_version(statement));
+                let version = self.version;
+                let (ready, wait): (Vec<Change>, Vec<Change>) =
+                    self.changes.drain(..).partition(|c| c.seq() <= version);
+                self.changes = wait;
+                hub.publish(change);
+                for c in ready {
+                    hub.publish(c);
+                }
+            }
+            c if self.signed && c.seq() > self.version => {
+                self.since.get_or_insert_with(std::time::Instant::now);
+                self.changes.push(c);
+            }
+            c => hub.publish(c),
+        }
+        if self.since.is_some_and(|t| t.elapsed() >= HOLD_AT_MOST) || self.changes.is_empty() {
+            for c in self.changes.drain(..) {
+                hub.publish(c);
+            }
+            self.since = None;
+        }
+    }
+}
+
 /// Follows the upstream catalog from the last sequence number stored, for ever.
 pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(250);
@@ -219,6 +270,7 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
             Ok(resp) => {
                 tier.set_connected(true);
                 let mut stream = resp.into_inner();
+                let mut held = Held::new(tier.shared.store.statement().ok().flatten().as_ref());
                 loop {
                     let ev = tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -242,7 +294,7 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                             {
                                 tier.prefetch(u.content_hash.clone());
                             }
-                            tier.shared.hub.publish(change);
+                            held.pass(&tier.shared.hub, change);
                         }
                         Some(Err(s)) => {
                             tracing::warn!(error = %s.message(), "catalog stream broke");
