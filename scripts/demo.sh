@@ -23,6 +23,7 @@ wait_for() { for _ in $(seq 1 150); do if eval "$1"; then return 0; fi; sleep 0.
 cd "$DEMO"
 step "release key, and a private CA with certificates for every process"
 "$BIN/admin-cli" key generate --out release
+"$BIN/admin-cli" key generate --out catalog
 "$BIN/admin-cli" pki init --dir pki
 "$BIN/admin-cli" pki issue centre --role provider --dir pki
 "$BIN/admin-cli" pki issue branch-1 --role remote-provider --dir pki
@@ -38,7 +39,7 @@ for v in 1.0.0.0 2.0.0.0; do
 done
 
 step "provider on $P, remote provider 'branch-1' on $R"
-"$BIN/provider" --store provider --listen "127.0.0.1:$PORT" --trust-key release.pub --name centre $(tls centre) \
+"$BIN/provider" --store provider --listen "127.0.0.1:$PORT" --trust-key release.pub --name centre $(tls centre) --catalog-key catalog.key \
   --bootstrap-admin ops > provider.log 2>&1 & pids+=($!)
 wait_for "admin update list >/dev/null 2>&1"
 "$BIN/remote-provider" --upstream "$P" --store site --listen "127.0.0.1:$((PORT + 1))" --name branch-1 $(tls branch-1) \
@@ -52,7 +53,7 @@ step "three agents: pc-1 direct, pc-2 and pc-3 behind branch-1"
 for a in pc-1:$P pc-2:$R pc-3:$R; do
   name=${a%%:*}; url=${a#*:}
   "$BIN/agent" run --provider "$url" --install-root "$name/apps" --state-dir "$name/state" --trust-key release.pub \
-    --name "$name" --min-interval 3600 $(tls "$name") > "$name.log" 2>&1 & pids+=($!)
+    --name "$name" --min-interval 3600 $(tls "$name") --catalog-key catalog.pub > "$name.log" 2>&1 & pids+=($!)
 done
 wait_for '[ "$(cat pc-*/apps/hello/VERSION 2>/dev/null | grep -cx 1.0.0.0)" = 3 ]'
 "$BIN/agent" status --state-dir pc-2/state
