@@ -223,3 +223,39 @@ fn a_pinned_agent_refuses_lying_providers_reports_why_and_moves_on() {
     });
     assert_eq!(w.installed("m3", "app"), None);
 }
+
+#[test]
+fn limits_refuse_with_clear_errors_and_change_nothing() {
+    let w = World::new();
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    // Disk reserve: a provider that must keep a petabyte free refuses every upload.
+    let (_p, url) = w.provider_with(
+        "centre",
+        &["--trust-key", &pubkey, "--disk-reserve-bytes", "1000000000000000", "--max-connections-per-peer", "4"],
+    );
+    let pkg = w.package("tool", "1.0.0.0", &w.key);
+    refused(&w.admin(&url, &["update", "add", pkg.to_str().unwrap()]), "not enough disk space");
+    assert_eq!(w.admin_json(&url, &["update", "list"]).as_array().unwrap().len(), 0);
+
+    // Connections per peer: with four held open, a fifth is turned away; freed, it gets in.
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let held: Vec<std::net::TcpStream> =
+        (0..4).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    refused(&w.admin(&url, &["update", "list"]), "cannot reach provider");
+    drop(held);
+    updraft_tests::wait_until("a connection to be let in again", Duration::from_secs(10), || {
+        w.admin(&url, &["update", "list"]).status.success()
+    });
+    assert!(_p.log_text().contains("too many open from this peer"), "{}", _p.log_text());
+
+    // An agent that must keep a petabyte free does not download, and says why.
+    let (_p2, url2) = w.provider("second", true);
+    w.publish(&url2, &pkg);
+    let _a = w.agent_with("m1", &url2, &["--disk-reserve-bytes", "1000000000000000", "--min-interval", "3600"]);
+    updraft_tests::wait_until("the agent to report the disk guard", Duration::from_secs(20), || {
+        let out = w.agent_cmd("m1", &["status", "--json"]);
+        String::from_utf8_lossy(&out.stdout).contains("not enough disk space")
+    });
+    assert_eq!(w.installed("m1", "tool"), None);
+}

@@ -43,6 +43,7 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub insecure: Option<bool>,
     pub catalog_keys: Option<Vec<PathBuf>>,
+    pub disk_reserve_bytes: Option<u64>,
 }
 
 impl FileConfig {

@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub download_cache_bytes: u64,
     /// Browse mDNS for providers announced with this key (None: do not browse).
     pub discovery_key: Option<String>,
+    /// Disk space always left free: downloads and installs that would eat into it are refused.
+    pub disk_reserve_bytes: u64,
     /// Mutual TLS with providers, or plaintext when explicitly asked for.
     pub transport: updraft_runtime::tls::Transport,
     /// Pinned catalog keys: when set, every answer must carry a fresh statement signed by one
@@ -585,7 +587,11 @@ impl Agent {
                 ),
             });
         }
-        Ok(())
+        // The download, then the staged tree (about as big again) in the install root.
+        let reserve = self.cfg.disk_reserve_bytes;
+        updraft_runtime::ensure_room(&dir, need, reserve)
+            .and_then(|_| updraft_runtime::ensure_room(&self.cfg.install_root, u.size, reserve))
+            .map_err(|reason| AgentError::Download { update: u.id.clone(), reason })
     }
 
     async fn install(&self, client: &mut Client, u: &Update) -> Result<String> {

@@ -75,6 +75,9 @@ struct RunArgs {
     /// The discovery key to accept (default Production); implies --discover.
     #[arg(long, env = "UPDRAFT_AGENT_DISCOVERY_KEY")]
     discovery_key: Option<String>,
+    /// Disk space always left free (default 256 MiB); downloads that would eat into it wait.
+    #[arg(long, env = "UPDRAFT_AGENT_DISK_RESERVE_BYTES")]
+    disk_reserve_bytes: Option<u64>,
     /// Pinned catalog key(s) (.pub): answers must carry a fresh statement signed by one.
     #[arg(long = "catalog-key", env = "UPDRAFT_AGENT_CATALOG_KEYS", value_delimiter = ',')]
     catalog_keys: Vec<PathBuf>,
@@ -189,6 +192,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             insecure: a.tls.insecure || file.insecure.unwrap_or(false),
         }
         .transport("agent")?,
+        disk_reserve_bytes: a.disk_reserve_bytes.or(file.disk_reserve_bytes).unwrap_or(256 << 20),
         catalog_keys: {
             let paths = if a.catalog_keys.is_empty() { file.catalog_keys.unwrap_or_default() } else { a.catalog_keys };
             paths.iter().map(|p| PublicKey::load(p)).collect::<Result<_, _>>()?

@@ -83,6 +83,8 @@ impl AdminService {
                 header.file_name, header.size
             )));
         }
+        updraft_runtime::ensure_room(&self.shared.config.data_dir, header.size, self.shared.config.disk_reserve_bytes)
+            .map_err(ProviderError::LimitReached)?;
         let mut rx = Receiver::new(&self.shared)?;
         while let Some(msg) = stream.next().await {
             let msg =

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, http};
@@ -177,18 +178,20 @@ async fn audit(shared: &Shared, caller: &Caller, action: &str, outcome: String) 
 pub struct AuthLayer {
     transport: Transport,
     shared: Option<Arc<Shared>>,
+    timeout: Duration,
 }
 
 impl AuthLayer {
-    pub fn new(transport: Transport, shared: Option<Arc<Shared>>) -> Self {
-        Self { transport, shared }
+    /// `timeout` bounds how long any request but an upload may take to be answered.
+    pub fn new(transport: Transport, shared: Option<Arc<Shared>>, timeout: Duration) -> Self {
+        Self { transport, shared, timeout }
     }
 }
 
 impl<S> tower_layer::Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth { inner, transport: self.transport.clone(), shared: self.shared.clone() }
+        Auth { inner, transport: self.transport.clone(), shared: self.shared.clone(), timeout: self.timeout }
     }
 }
 
@@ -197,7 +200,11 @@ pub struct Auth<S> {
     inner: S,
     transport: Transport,
     shared: Option<Arc<Shared>>,
+    timeout: Duration,
 }
+
+/// Client-streamed uploads last as long as the package takes to send.
+const UNTIMED: [&str; 1] = ["/updraft.v1.Admin/AddUpdate"];
 
 impl<S> Service<http::Request<Body>> for Auth<S>
 where
@@ -217,7 +224,7 @@ where
         // The clone is not ready; the one that was polled is (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (transport, shared) = (self.transport.clone(), self.shared.clone());
+        let (transport, shared, timeout) = (self.transport.clone(), self.shared.clone(), self.timeout);
         Box::pin(async move {
             let path = req.uri().path().to_string();
             let Some(access) = access_of(&path) else { return inner.call(req).await };
@@ -250,7 +257,17 @@ where
                 req.headers_mut().insert(FORWARDED_ROLE, r);
             }
             req.extensions_mut().insert(caller.clone());
-            let resp = inner.call(req).await?;
+            let resp = if UNTIMED.contains(&path.as_str()) {
+                inner.call(req).await?
+            } else {
+                match tokio::time::timeout(timeout, inner.call(req)).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        tracing::warn!(%path, ?timeout, "request timed out");
+                        Status::deadline_exceeded(format!("{path} was not answered within {timeout:?}")).into_http()
+                    }
+                }
+            };
             if access == Access::Write
                 && let Some(s) = &shared
             {

@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod forward;
 pub mod hub;
 pub mod import;
+pub mod limits;
 pub mod pair;
 pub mod policy;
 pub mod replication;
@@ -26,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use updraft_core::keys::PublicKey;
@@ -76,6 +76,13 @@ pub struct Config {
     pub catalog_key: Option<std::sync::Arc<updraft_core::keys::ReleaseKey>>,
     /// How long a signed statement stays valid.
     pub statement_ttl: Duration,
+    /// Open connections allowed from one peer address.
+    pub max_connections_per_peer: usize,
+    /// Longest a request may take to be answered (uploads excepted: they take what they take).
+    pub request_timeout: Duration,
+    /// Disk space always left free under the store: uploads and fetches that would eat into it
+    /// are refused.
+    pub disk_reserve_bytes: u64,
 }
 
 impl Config {
@@ -95,6 +102,9 @@ impl Config {
             bootstrap_admins: Vec::new(),
             catalog_key: None,
             statement_ttl: Duration::from_secs(24 * 3600),
+            max_connections_per_peer: 256,
+            request_timeout: Duration::from_secs(60),
+            disk_reserve_bytes: 1 << 30,
         }
     }
 }
@@ -201,12 +211,12 @@ async fn standby(
     let name = config.name.as_str();
     let stop = shutdown.child_token();
     let server = grpc_server(&config.transport)?
-        .layer(auth::AuthLayer::new(config.transport.clone(), None))
+        .layer(auth::AuthLayer::new(config.transport.clone(), None, config.request_timeout))
         .add_service(Forward::<AgentApiServer<()>>::new(link.clone(), name))
         .add_service(Forward::<ReplicationServer<()>>::new(link.clone(), name))
         .add_service(Forward::<AdminServer<()>>::new(link.clone(), name))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(TcpListener::from_std(listener).map_err(io)?),
+            limits::incoming(TcpListener::from_std(listener).map_err(io)?, config.max_connections_per_peer),
             stop.clone().cancelled_owned(),
         );
     tokio::spawn(
@@ -274,7 +284,11 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
     );
     tracing::info!(%addr, %url, epoch, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening (active)");
     grpc_server(&shared.config.transport)?
-        .layer(auth::AuthLayer::new(shared.config.transport.clone(), Some(shared.clone())))
+        .layer(auth::AuthLayer::new(
+            shared.config.transport.clone(),
+            Some(shared.clone()),
+            shared.config.request_timeout,
+        ))
         .add_service(
             AgentApiServer::new(AgentService::new(shared.clone(), tier.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -287,7 +301,10 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
             AdminServer::new(admin::AdminService::new(shared.clone(), shared.config.scan))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), fenced.cancelled())
+        .serve_with_incoming_shutdown(
+            limits::incoming(listener, shared.config.max_connections_per_peer),
+            fenced.cancelled(),
+        )
         .await
         .map_err(|e| ProviderError::Io(format!("server: {e}")))?;
     if !shutdown.is_cancelled()

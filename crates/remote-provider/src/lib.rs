@@ -7,7 +7,6 @@ pub mod site;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use updraft_proto::v1::agent_api_server::AgentApiServer;
@@ -48,15 +47,23 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: Cancellatio
             .instrument(tracing::info_span!("mdns_announce")),
     );
     updraft_provider::grpc_server(&shared.config.transport)?
-        .layer(updraft_provider::auth::AuthLayer::new(shared.config.transport.clone(), Some(shared.clone())))
+        .layer(updraft_provider::auth::AuthLayer::new(
+            shared.config.transport.clone(),
+            Some(shared.clone()),
+            shared.config.request_timeout,
+        ))
         .add_service(
             AgentApiServer::new(AgentService::new(shared.clone(), tier.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            ReplicationServer::new(ReplicationService::new(shared, tier)).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            ReplicationServer::new(ReplicationService::new(shared.clone(), tier))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .serve_with_incoming_shutdown(
+            updraft_provider::limits::incoming(listener, shared.config.max_connections_per_peer),
+            shutdown.cancelled(),
+        )
         .await
         .map_err(|e| ProviderError::Io(format!("server: {e}")))
 }

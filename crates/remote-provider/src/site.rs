@@ -89,6 +89,8 @@ impl SiteTier {
     }
 
     async fn fetch(&self, content_hash: &str) -> Result<()> {
+        let reserve = self.shared.config.disk_reserve_bytes;
+        updraft_runtime::ensure_room(&self.shared.config.data_dir, 0, reserve).map_err(ProviderError::LimitReached)?;
         let part = self.shared.blobs.partial_path(content_hash)?;
         let mut last_err = String::new();
         for attempt in 0..FETCH_ATTEMPTS {

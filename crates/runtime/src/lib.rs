@@ -47,3 +47,32 @@ pub fn default_data_dir(component: &str) -> PathBuf {
         None => PathBuf::from("/var/lib/updraft").join(component),
     }
 }
+
+/// Bytes free for unprivileged use on the file system holding `path` (statvfs).
+pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Refuses to write `incoming` more bytes under `path` if that would leave less than
+/// `reserve` bytes free: a full disk breaks everything else on the machine, so it is refused
+/// up front with a message saying how much is missing.
+pub fn ensure_room(path: &std::path::Path, incoming: u64, reserve: u64) -> Result<(), String> {
+    let free = free_bytes(path).map_err(|e| format!("{}: cannot read free space: {e}", path.display()))?;
+    let need = incoming.saturating_add(reserve);
+    if free < need {
+        return Err(format!(
+            "not enough disk space under {}: {incoming} bytes would leave less than the {reserve} bytes kept free \
+             ({free} bytes free)",
+            path.display()
+        ));
+    }
+    Ok(())
+}

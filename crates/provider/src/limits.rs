@@ -1,0 +1,102 @@
+//! Connection limits: at most so many open connections per peer address, so one machine (or
+//! one misbehaving site) cannot take every socket a provider has. Beyond the limit a new
+//! connection is closed at once and the refusal logged; the peer sees the connection reset.
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// An accepted connection, counted against its peer until dropped.
+pub struct Limited {
+    stream: TcpStream,
+    ip: IpAddr,
+    counts: Counts,
+}
+
+impl Drop for Limited {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("connection counts");
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Connected for Limited {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The connections `listener` accepts, at most `per_peer` open at once from one address.
+pub fn incoming(listener: TcpListener, per_peer: usize) -> impl Stream<Item = io::Result<Limited>> {
+    let counts: Counts = Arc::default();
+    futures::stream::unfold((listener, counts), move |(listener, counts)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, addr)) => {
+                    let ip = addr.ip();
+                    {
+                        let mut c = counts.lock().expect("connection counts");
+                        let n = c.entry(ip).or_default();
+                        if *n >= per_peer {
+                            tracing::warn!(peer = %ip, limit = per_peer, "refused a connection: too many open from this peer");
+                            continue;
+                        }
+                        *n += 1;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let conn = Limited { stream, ip, counts: counts.clone() };
+                    return Some((Ok(conn), (listener, counts)));
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: keep serving the connections there are.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
