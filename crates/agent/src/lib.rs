@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod failpoint;
+pub mod fuzzing;
 pub mod install;
 pub mod journal;
 pub mod localtime;

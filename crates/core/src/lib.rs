@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod error;
 pub mod freshness;
+pub mod fuzzing;
 pub mod hash;
 pub mod keys;
 pub mod model;
