@@ -26,7 +26,7 @@ pub fn check_response(data: &[u8]) {
     }
 }
 
-pub const TARGETS: [(&str, fn(&[u8])); 3] =
+pub const TARGETS: [updraft_core::fuzzing::Target; 3] =
     [("config", config), ("control_request", control_request), ("check_response", check_response)];
 
 #[cfg(test)]

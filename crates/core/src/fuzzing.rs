@@ -63,12 +63,15 @@ pub fn statement(data: &[u8]) {
     let _ = freshness::verify(&[key], body, sig, 0, 0);
 }
 
+/// A fuzz target: its name (the corpus directory) and entry point.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target by name, for the corpus replay.
-pub const TARGETS: [(&str, fn(&[u8])); 4] =
+pub const TARGETS: [Target; 4] =
     [("package", package), ("manifest", manifest), ("version", version), ("statement", statement)];
 
 /// Runs every file of `fuzz/corpus/<target>/` through its entry point.
-pub fn replay(targets: &[(&str, fn(&[u8]))]) -> Vec<(String, usize)> {
+pub fn replay(targets: &[Target]) -> Vec<(String, usize)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
     targets
         .iter()
