@@ -10,6 +10,7 @@ use updraft_tests::{World, stderr, wait_until};
 mod catalog;
 mod fleet;
 mod install;
+mod lifecycle;
 mod network;
 mod security;
 mod sites;

@@ -168,6 +168,33 @@ pub struct BuildArgs {
     /// Product installed together with this one (repeatable).
     #[arg(long = "related")]
     pub related: Vec<String>,
+    /// Hook run from the staged tree before anything is stopped (a file of the package).
+    #[arg(long)]
+    pub pre_install: Option<String>,
+    /// Hook that stops the application before the swap.
+    #[arg(long)]
+    pub stop_hook: Option<String>,
+    /// Hook run from the new tree right after the swap.
+    #[arg(long)]
+    pub post_install: Option<String>,
+    /// Hook that starts the application after the swap.
+    #[arg(long)]
+    pub start_hook: Option<String>,
+    /// Health check run after the swap; failing swaps the previous version back.
+    #[arg(long)]
+    pub health_check: Option<String>,
+    /// Seconds each hook may take (default 60).
+    #[arg(long, default_value_t = 0)]
+    pub hook_timeout: u32,
+    /// The install waits while a process of this name runs (repeatable).
+    #[arg(long = "process")]
+    pub processes: Vec<String>,
+    /// The install waits while this file exists on the machine (absolute path).
+    #[arg(long)]
+    pub lock_file: Option<String>,
+    /// now, or restart: install only when the agent next starts.
+    #[arg(long, default_value = "now", value_parser = ["now", "restart"])]
+    pub apply_at: String,
 }
 
 #[derive(Subcommand)]

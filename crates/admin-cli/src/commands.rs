@@ -249,6 +249,10 @@ async fn watch(url: &str, cmd: WatchCmd, as_json: bool) -> anyhow::Result<()> {
 
 fn build(a: BuildArgs, as_json: bool) -> anyhow::Result<()> {
     let mut props = BTreeMap::new();
+    if a.apply_at == "restart" {
+        // In the catalog record too, so agents know before they download.
+        props.insert(package::APPLY_AT.to_string(), "restart".to_string());
+    }
     for p in &a.properties {
         let (k, v) = p.split_once('=').ok_or_else(|| anyhow!("--property {p:?}: expected KEY=VALUE"))?;
         props.insert(k.to_string(), v.to_string());
@@ -265,6 +269,16 @@ fn build(a: BuildArgs, as_json: bool) -> anyhow::Result<()> {
         doc_url: a.doc_url,
         install_properties: props,
         related_installs: a.related,
+        lifecycle: package::Lifecycle {
+            pre_install: a.pre_install,
+            stop: a.stop_hook,
+            post_install: a.post_install,
+            start: a.start_hook,
+            health: a.health_check,
+            hook_timeout_secs: a.hook_timeout,
+            processes: a.processes,
+            lock_file: a.lock_file,
+        },
     };
     let key = ReleaseKey::load(&a.key)?;
     let m = package::build(&a.from, &meta, &key, &a.out)?;

@@ -26,7 +26,18 @@ use crate::localtime;
 use crate::state::{
     ActivityRec, AgentState, InstalledRec, LocalSettings as LocalRec, PolicyRec, PreviousRec, WaitingRec,
 };
-use crate::{failpoint, journal};
+use crate::{failpoint, journal, lifecycle};
+
+/// What every hook is told about the install it runs in.
+fn hook_env(op: &journal::Op, root: &std::path::Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("UPDRAFT_PRODUCT", op.product.clone()),
+        ("UPDRAFT_VERSION", op.version.clone()),
+        ("UPDRAFT_PREVIOUS_VERSION", op.previous.as_ref().map(|p| p.version.clone()).unwrap_or_default()),
+        ("UPDRAFT_UPDATE_ID", op.update_id.clone()),
+        ("UPDRAFT_ROOT", root.display().to_string()),
+    ]
+}
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -56,6 +67,9 @@ pub struct AgentConfig {
 #[derive(Debug, Clone)]
 pub enum Reason {
     Schedule,
+    /// The first check after the agent starts: the one moment `apply-at restart` packages
+    /// may be installed.
+    Startup,
     /// Someone ran `agent check`; `later` leaves high-priority updates for the install window.
     Manual {
         later: bool,
@@ -78,10 +92,18 @@ enum Decision {
     Note,
 }
 
+/// A package that may only be installed when the agent starts (`--apply-at restart`).
+fn restart_only(u: &Update) -> bool {
+    u.install_properties.get(updraft_core::package::APPLY_AT).is_some_and(|v| v == "restart")
+}
+
 fn decide(mode: Mode, in_window: bool, reason: &Reason, offer: &Offer, deferred: &[String]) -> Decision {
     let Some(u) = &offer.update else { return Decision::Note };
     if offer.action == ActionKind::Remove as i32 {
         return Decision::Apply; // a removal overrides local settings
+    }
+    if restart_only(u) && !matches!(reason, Reason::Startup) {
+        return Decision::Stage; // downloaded now, installed when the agent next starts
     }
     let manual = matches!(reason, Reason::Manual { .. });
     if u.high_priority {
@@ -137,6 +159,9 @@ impl Agent {
                 }
                 journal::Outcome::Abandoned => {
                     tracing::warn!(update = %op.update_id, step = ?op.step, "undid an install interrupted by a crash; it will be retried");
+                }
+                journal::Outcome::RolledBack => {
+                    tracing::warn!(update = %op.update_id, "a crash came before the new version passed its health check: swapped back");
                 }
             }
             state.save(&cfg.state_dir)?;
@@ -310,6 +335,9 @@ impl Agent {
                             let gave_up = self.state.lock().await.given_up(&u.id);
                             let why = match (decision, u.high_priority) {
                                 _ if gave_up => "stopped retrying after repeated identical failures; `agent apply --select ID` tries again",
+                                (Decision::Stage, _) if restart_only(&u) => {
+                                    "downloaded; installs when the agent next starts (apply-at restart)"
+                                }
                                 (_, true) => "high priority, left for the next install window",
                                 (Decision::Stage, _) if mode == Mode::Automatic => {
                                     "downloaded; installs in the install window"
@@ -628,6 +656,7 @@ impl Agent {
             previous,
             step: journal::Step::Downloaded,
             staged_inode: None,
+            needs_health: false,
         };
         let root = self.cfg.install_root.clone();
         let state_dir = self.cfg.state_dir.clone();
@@ -643,8 +672,31 @@ impl Agent {
             let staged = install::stage(&pkg, &root, &op.update_id)?;
             op.step = journal::Step::Staged;
             op.staged_inode = journal::inode(&staged);
+            let lc = pkg.manifest.lifecycle.clone();
+            op.needs_health = lc.post_install.is_some() || lc.start.is_some() || lc.health.is_some();
             journal::save(&state_dir, &op)?;
             failpoint::hit("staged");
+            // Before the swap: pre-install and stop hooks from the staged tree, then the gate.
+            let env = hook_env(&op, &root);
+            let log = lifecycle::log_path(&state_dir, &op.update_id);
+            let before = |name: &str, hook: &Option<String>| match hook {
+                Some(rel) => lifecycle::run_hook(name, rel, &staged, &env, lc.hook_timeout(), &log),
+                None => Ok(()),
+            };
+            let gate = before("pre-install", &lc.pre_install)
+                .map_err(|reason| AgentError::Install { update: op.update_id.clone(), reason })
+                .and_then(|_| {
+                    before("stop", &lc.stop)
+                        .map_err(|reason| AgentError::Install { update: op.update_id.clone(), reason })
+                })
+                .and_then(|_| {
+                    lifecycle::wait_gate(&lc, lc.hook_timeout())
+                        .map_err(|reason| AgentError::Deferred { update: op.update_id.clone(), reason })
+                });
+            if let Err(e) = gate {
+                install::recover(&root)?; // drop the staged tree; P was never touched
+                return Err(e);
+            }
             let had_old = install::exchange_in(&root, &op.product)?;
             failpoint::hit("swap:exchanged");
             op.step = journal::Step::Swapped;
@@ -654,6 +706,34 @@ impl Agent {
                 install::keep_old(&root, &op.product)?;
             }
             failpoint::hit("swap:old-kept");
+            // After the swap: post-install and start hooks and the health check, from the new
+            // tree. Only a healthy install counts; otherwise the previous version goes back.
+            let live = install::live_dir(&root, &op.product);
+            let after = |name: &str, hook: &Option<String>| match hook {
+                Some(rel) => lifecycle::run_hook(name, rel, &live, &env, lc.hook_timeout(), &log),
+                None => Ok(()),
+            };
+            let healthy = after("post-install", &lc.post_install)
+                .and_then(|_| after("start", &lc.start))
+                .and_then(|_| after("health", &lc.health));
+            if let Err(reason) = healthy {
+                let back = match &op.previous {
+                    Some(p) if had_old => {
+                        install::roll_back(&root, &op.product)?;
+                        format!("swapped back to {}", p.version)
+                    }
+                    _ => {
+                        install::uninstall(&root, &op.product)?;
+                        "removed it (there was no earlier version)".to_string()
+                    }
+                };
+                journal::clear(&state_dir)?;
+                return Err(AgentError::Install { update: op.update_id.clone(), reason: format!("{reason}; {back}") });
+            }
+            if op.needs_health {
+                op.step = journal::Step::Healthy;
+                journal::save(&state_dir, &op)?;
+            }
             Ok(op)
         })
         .await
@@ -665,6 +745,11 @@ impl Agent {
             Ok(op) => op,
             Err(e) => {
                 let _ = journal::clear(&self.cfg.state_dir);
+                if matches!(e, AgentError::Deferred { .. }) {
+                    // Not a failure: the application is in use; the next check tries again.
+                    self.record(ActivityKind::InstallFailed, u, e.to_string()).await;
+                    return Err(e);
+                }
                 let kind = if matches!(e, AgentError::Verify { .. }) {
                     ActivityKind::VerifyFailed
                 } else {
@@ -693,7 +778,8 @@ impl Agent {
         Ok(format!("installed {} {}", u.product, u.version))
     }
 
-    /// Records a swapped-in install as the machine's state, then closes its journal entry.
+    /// Records a swapped-in, healthy install as the machine's state, then closes its journal
+    /// entry.
     async fn commit_install(&self, op: &journal::Op, restart_required: bool) -> Result<()> {
         {
             let mut st = self.state.lock().await;
@@ -909,6 +995,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
 
     let mut next = tokio::time::Instant::now();
     let mut failures = 0u32;
+    let mut starting = true;
     loop {
         // Updates waiting for the install window wake the agent when it opens.
         let window = match agent.window_wait().await {
@@ -917,11 +1004,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         };
         let trigger = tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep_until(next) => Trigger { reason: Reason::Schedule, reply: None },
+            _ = tokio::time::sleep_until(next) => {
+                let reason = if std::mem::take(&mut starting) { Reason::Startup } else { Reason::Schedule };
+                Trigger { reason, reply: None }
+            }
             _ = tokio::time::sleep_until(window), if window < next => Trigger { reason: Reason::Window, reply: None },
             Some(t) = rx.recv() => t,
         };
-        let scheduled = matches!(trigger.reason, Reason::Schedule);
+        let scheduled = matches!(trigger.reason, Reason::Schedule | Reason::Startup);
         let result = agent.check_once(trigger.reason).await;
         let result_ok = result.is_ok();
         match &result {

@@ -5,6 +5,8 @@ pub enum AgentError {
     Unreachable { tried: String, last: String },
     #[error("provider {provider} refused {what}: {message}")]
     Rpc { provider: String, what: &'static str, message: String },
+    #[error("install of {update} deferred: {reason}")]
+    Deferred { update: String, reason: String },
     #[error("download of {update} failed: {reason}")]
     Download { update: String, reason: String },
     #[error("verification of {update} failed: {reason}")]

@@ -22,6 +22,8 @@ pub enum Step {
     Staged,
     /// `P` is the new tree (the exchange happened).
     Swapped,
+    /// The new version's post-install and start hooks and health check passed.
+    Healthy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +35,10 @@ pub struct Op {
     pub step: Step,
     /// Inode of the staged tree: after the exchange it is the inode of `P`.
     pub staged_inode: Option<u64>,
+    /// The package has hooks or a health check to pass after the swap: until the journal says
+    /// Healthy, a crash means the new version never proved itself, and recovery swaps back.
+    #[serde(default)]
+    pub needs_health: bool,
 }
 
 const FILE: &str = "journal.json";
@@ -87,6 +93,8 @@ pub enum Outcome {
     RolledForward,
     /// The old version is still live; the install will be tried again.
     Abandoned,
+    /// The new version was live but never passed its health check: the old one is back.
+    RolledBack,
 }
 
 /// Finishes or undoes an interrupted install on disk. Returns what the records must now say.
@@ -97,8 +105,19 @@ pub fn recover(root: &Path, op: &Op) -> Result<Outcome> {
         Step::Downloaded | Step::Verified => false,
         // The exchange may have happened after the journal said Staged: the inode tells.
         Step::Staged => op.staged_inode.is_some() && inode(&live) == op.staged_inode,
-        Step::Swapped => true,
+        Step::Swapped | Step::Healthy => true,
     };
+    if exchanged && op.needs_health && op.step != Step::Healthy {
+        if pending.exists() {
+            install::keep_old(root, &op.product)?;
+        }
+        if op.previous.is_some() && install::old_dir(root, &op.product).is_dir() {
+            install::roll_back(root, &op.product)?;
+        } else {
+            install::uninstall(root, &op.product)?;
+        }
+        return Ok(Outcome::RolledBack);
+    }
     if exchanged {
         // `pending` (if still there) holds the previous version: keep it as P_old.
         if pending.exists() {

@@ -10,6 +10,7 @@ pub mod failpoint;
 pub mod fuzzing;
 pub mod install;
 pub mod journal;
+pub mod lifecycle;
 pub mod localtime;
 pub mod state;
 

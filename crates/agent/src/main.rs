@@ -114,6 +114,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Option<ProvidersCmd>,
     },
+    /// What an update's hooks printed (pre-install, stop, post-install, start, health).
+    Log {
+        #[command(flatten)]
+        state: StateDir,
+        /// The update id (as `agent status` shows it).
+        update: String,
+    },
     /// Change this machine's own settings (machines in the default group only).
     Config {
         #[command(flatten)]
@@ -147,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Check { state, later } => act(&state, Request::Check { later }).await,
         Cmd::Apply { state, select } => act(&state, Request::Apply { select }).await,
         Cmd::Providers { state, cmd: None } => act(&state, Request::Providers).await,
+        Cmd::Log { state, update } => show_log(&state, &update),
         Cmd::Providers { state, cmd: Some(ProvidersCmd::Test { target }) } => {
             act(&state, Request::TestProvider { target }).await
         }
@@ -205,6 +213,33 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let result = updraft_agent::run(cfg, updraft_runtime::shutdown_on_signals()).await;
     telemetry.shutdown().await;
     Ok(result?)
+}
+
+fn show_log(state: &StateDir, update: &str) -> anyhow::Result<()> {
+    if update.is_empty() || update.contains('/') || update.starts_with('.') {
+        bail!("{update:?} is not an update id");
+    }
+    let path = updraft_agent::lifecycle::log_path(&state.path(), update);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            print!("{text}");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = path.parent().expect("log dir");
+            let known: Vec<String> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log").map(str::to_string))
+                .collect();
+            bail!(
+                "no hook output for {update} (updates with hook output: {})",
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            )
+        }
+        Err(e) => Err(e).with_context(|| path.display().to_string()),
+    }
 }
 
 async fn status(state: &StateDir) -> anyhow::Result<()> {

@@ -83,6 +83,96 @@ pub struct Manifest {
     #[serde(default)]
     pub dirs: Vec<DirEntry>,
     pub files: Vec<FileEntry>,
+    /// Hooks, health check and process gate, signed with the rest.
+    #[serde(default, skip_serializing_if = "Lifecycle::is_empty")]
+    pub lifecycle: Lifecycle,
+}
+
+/// Install property saying when an install may happen: `restart` means at the agent's next
+/// start only (for software that cannot be replaced while the machine is in use).
+pub const APPLY_AT: &str = "apply-at";
+
+/// How an install of this package is run on the machine. Hook paths are files of the package
+/// (run from the installed tree, or the staged one before the swap); each hook is bounded by
+/// `hook_timeout_secs` and its output kept for `agent log UPDATE`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    /// Runs from the staged tree before anything is stopped; failing aborts the install.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_install: Option<String>,
+    /// Stops the running application before the swap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<String>,
+    /// Runs from the new tree right after the swap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_install: Option<String>,
+    /// Starts the application after the swap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    /// Must exit 0 once the new version runs; otherwise the machine swaps back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    /// Seconds each hook may take (default 60).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hook_timeout_secs: u32,
+    /// The install waits while a process with one of these names runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<String>,
+    /// The install waits while this file (an absolute path on the machine) exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_file: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Lifecycle {
+    pub fn is_empty(&self) -> bool {
+        *self == Lifecycle::default()
+    }
+
+    pub fn hook_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(if self.hook_timeout_secs == 0 { 60 } else { self.hook_timeout_secs.into() })
+    }
+
+    /// The hooks in the order an install runs them, with their names.
+    pub fn hooks(&self) -> [(&'static str, Option<&str>); 5] {
+        [
+            ("pre-install", self.pre_install.as_deref()),
+            ("stop", self.stop.as_deref()),
+            ("post-install", self.post_install.as_deref()),
+            ("start", self.start.as_deref()),
+            ("health", self.health.as_deref()),
+        ]
+    }
+
+    fn validate(&self, files: &[FileEntry]) -> Result<()> {
+        let bad = |m: String| Err(CoreError::Manifest(m));
+        for (name, path) in self.hooks() {
+            let Some(path) = path else { continue };
+            match files.iter().find(|f| f.path == path) {
+                Some(f) if f.mode & 0o100 != 0 => {}
+                Some(_) => return bad(format!("{name} hook {path:?} is not executable")),
+                None => return bad(format!("{name} hook {path:?} is not a file of the package")),
+            }
+        }
+        if self.hook_timeout_secs > 3600 {
+            return bad(format!("hook timeout {} s is over the 3600 s allowed", self.hook_timeout_secs));
+        }
+        if self.processes.len() > 16
+            || self.processes.iter().any(|p| p.is_empty() || p.len() > 15 || p.contains('/') || p.contains('\0'))
+        {
+            return bad("processes: at most 16 names of 1-15 characters, no '/'".into());
+        }
+        if let Some(l) = &self.lock_file
+            && (!l.starts_with('/') || l.contains('\0') || l.len() > 4096 || l.split('/').any(|c| c == ".."))
+        {
+            return bad(format!("lock file {l:?} must be an absolute path without '..'"));
+        }
+        Ok(())
+    }
 }
 
 /// Catalog metadata given to [`build`]; the file list comes from the directory.
@@ -99,6 +189,7 @@ pub struct PackageMeta {
     pub doc_url: String,
     pub install_properties: BTreeMap<String, String>,
     pub related_installs: Vec<String>,
+    pub lifecycle: Lifecycle,
 }
 
 impl Manifest {
@@ -120,6 +211,7 @@ impl Manifest {
             key_id: String::new(),
             dirs: vec![],
             files: vec![],
+            lifecycle: Lifecycle::default(),
         }
     }
 
@@ -157,7 +249,7 @@ impl Manifest {
                 return bad(format!("{:?} has a malformed sha256", f.path));
             }
         }
-        Ok(())
+        self.lifecycle.validate(&self.files)
     }
 
     pub fn payload_size(&self) -> Option<u64> {
@@ -218,6 +310,7 @@ pub fn build(from: &Path, meta: &PackageMeta, key: &ReleaseKey, out: &Path) -> R
         key_id: key.public().key_id(),
         dirs,
         files,
+        lifecycle: meta.lifecycle.clone(),
         ..Manifest::new(&meta.product, version)
     };
     manifest.validate()?;

@@ -1,0 +1,191 @@
+//! A package's lifecycle on the machine: the process gate (named processes, a lock file), the
+//! hooks with a timeout and captured output, and the health check. Each hook's output is
+//! appended to `STATE_DIR/logs/UPDATE.log`, which `agent log UPDATE` prints.
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use updraft_core::package::Lifecycle;
+
+/// Output kept per hook run, so a chatty hook cannot fill the disk.
+pub const MAX_OUTPUT: usize = 64 * 1024;
+
+pub fn log_path(state_dir: &Path, update_id: &str) -> PathBuf {
+    state_dir.join("logs").join(format!("{update_id}.log"))
+}
+
+/// What keeps the install from going ahead now: running processes the package names, or its
+/// lock file.
+pub fn blockers(lc: &Lifecycle) -> Vec<String> {
+    let mut out = Vec::new();
+    if !lc.processes.is_empty()
+        && let Ok(procs) = std::fs::read_dir("/proc")
+    {
+        for p in procs.flatten() {
+            let name = p.file_name();
+            let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+            let Ok(comm) = std::fs::read_to_string(p.path().join("comm")) else { continue };
+            let comm = comm.trim();
+            if lc.processes.iter().any(|w| w == comm) {
+                out.push(format!("process {comm} (pid {pid}) is running"));
+            }
+        }
+    }
+    if let Some(l) = &lc.lock_file
+        && Path::new(l).exists()
+    {
+        out.push(format!("lock file {l} exists"));
+    }
+    out
+}
+
+/// Waits up to `max` for the gate to open; returns what still blocks it otherwise.
+pub fn wait_gate(lc: &Lifecycle, max: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let b = blockers(lc);
+        if b.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() >= max {
+            return Err(b.join("; "));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let room = MAX_OUTPUT.saturating_sub(kept.len());
+            kept.extend_from_slice(&buf[..n.min(room)]);
+        }
+        kept
+    })
+}
+
+/// Appends to an update's hook log; a log that cannot be written must not fail the install.
+fn append_log(log: &Path, text: &str) {
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    match std::fs::OpenOptions::new().create(true).append(true).open(log) {
+        Ok(mut f) => {
+            let _ = f.write_all(text.as_bytes());
+        }
+        Err(e) => tracing::warn!(log = %log.display(), error = %e, "cannot write the hook log"),
+    }
+}
+
+/// Runs hook `name` (`rel`, a file of the package) in `tree` with `env`, for at most
+/// `timeout`; appends its output to `log`. Fails on a non-zero exit or the timeout, with the
+/// end of its output.
+pub fn run_hook(
+    name: &str,
+    rel: &str,
+    tree: &Path,
+    env: &[(&str, String)],
+    timeout: Duration,
+    log: &Path,
+) -> Result<(), String> {
+    // Absolute: the hook runs with the tree as its working directory.
+    let tree = std::path::absolute(tree).map_err(|e| format!("{name} hook {rel}: {}: {e}", tree.display()))?;
+    let program = tree.join(rel);
+    let start = Instant::now();
+    let mut child = Command::new(&program)
+        .current_dir(&tree)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a timeout kills whatever it started too.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| {
+            let msg = format!("{name} hook {rel}: cannot start: {e}");
+            append_log(log, &format!("== {msg}\n"));
+            msg
+        })?;
+    let (out, err) = (drain(child.stdout.take().expect("piped")), drain(child.stderr.take().expect("piped")));
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break Some(s);
+        }
+        if start.elapsed() >= timeout {
+            // SAFETY: kill(2) on our child's process group; no memory is involved.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut output = out.join().unwrap_or_default();
+    output.extend(err.join().unwrap_or_default());
+    let text = String::from_utf8_lossy(&output).into_owned();
+    let verdict = match status {
+        Some(s) if s.success() => "exit 0".to_string(),
+        Some(s) => format!("exit {}", s.code().map(|c| c.to_string()).unwrap_or_else(|| "by signal".into())),
+        None => format!("killed after the {} s timeout", timeout.as_secs()),
+    };
+    let mut entry = format!("== {name} hook {rel}: {verdict} after {:.1} s\n{text}", start.elapsed().as_secs_f64());
+    if !entry.ends_with('\n') {
+        entry.push('\n');
+    }
+    append_log(log, &entry);
+    if status.is_some_and(|s| s.success()) {
+        return Ok(());
+    }
+    let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
+    Err(format!(
+        "{name} hook {rel} failed ({verdict}){}",
+        if tail.is_empty() { String::new() } else { format!(": {tail}") }
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn script(dir: &Path, name: &str, body: &str) {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn hooks_are_bounded_and_their_output_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("logs/u.log");
+        script(dir.path(), "ok", "echo hello from $UPDRAFT_VERSION");
+        script(dir.path(), "bad", "echo broken >&2; exit 3");
+        script(dir.path(), "slow", "sleep 30");
+        let env = [("UPDRAFT_VERSION", "2.0.0.0".to_string())];
+        run_hook("post-install", "ok", dir.path(), &env, Duration::from_secs(5), &log).unwrap();
+        let e = run_hook("health", "bad", dir.path(), &env, Duration::from_secs(5), &log).unwrap_err();
+        assert!(e.contains("exit 3") && e.contains("broken"), "{e}");
+        let start = Instant::now();
+        let e = run_hook("stop", "slow", dir.path(), &env, Duration::from_millis(300), &log).unwrap_err();
+        assert!(e.contains("timeout") && start.elapsed() < Duration::from_secs(5), "{e}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("hello from 2.0.0.0") && text.contains("== health hook bad: exit 3"), "{text}");
+    }
+
+    #[test]
+    fn the_gate_waits_for_a_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("app.lock");
+        std::fs::write(&lock, "").unwrap();
+        let lc = Lifecycle { lock_file: Some(lock.display().to_string()), ..Default::default() };
+        assert!(wait_gate(&lc, Duration::from_millis(300)).unwrap_err().contains("exists"));
+        std::fs::remove_file(&lock).unwrap();
+        wait_gate(&lc, Duration::from_millis(300)).unwrap();
+    }
+}

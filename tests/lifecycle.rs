@@ -1,0 +1,128 @@
+//! A package's lifecycle on a real agent: hooks with captured output (`agent log`), a health
+//! check that fails and swaps the previous version back, the process gate (a lock file), and
+//! an update that may only be installed when the agent next starts.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use updraft_tests::{World, run_ok, stderr, wait_until};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Builds `app` `version` with these hook scripts (name, shell body) and extra build flags.
+fn package(w: &World, version: &str, hooks: &[(&str, &str)], flags: &[&str]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let src = w.path(&format!("lc-src-{version}"));
+    std::fs::create_dir_all(src.join("hooks")).unwrap();
+    std::fs::write(src.join("VERSION"), version).unwrap();
+    for (name, body) in hooks {
+        let p = src.join("hooks").join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = w.path(&format!("app-{version}.pkg"));
+    run_ok(
+        std::process::Command::new(updraft_tests::bin("admin-cli"))
+            .args(["package", "build", "--product", "app", "--version", version, "--from"])
+            .arg(&src)
+            .arg("--key")
+            .arg(&w.key)
+            .arg("--out")
+            .arg(&out)
+            .args(flags),
+    );
+    out
+}
+
+fn check(w: &World, agent: &str) -> std::process::Output {
+    w.agent_cmd(agent, &["check"])
+}
+
+fn status(w: &World, agent: &str) -> serde_json::Value {
+    serde_json::from_slice(&w.agent_cmd(agent, &["status", "--json"]).stdout).unwrap()
+}
+
+/// The version the agent records as installed (after its health check).
+fn recorded(w: &World, agent: &str) -> String {
+    let out = w.agent_cmd(agent, &["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    st["installed"][0]["version"].as_str().unwrap_or_default().to_string()
+}
+
+fn wait_socket(w: &World, agent: &str) {
+    wait_until("the agent's control socket", T, || w.state(agent).join("agent.sock").exists());
+}
+
+#[test]
+fn hooks_health_check_gate_and_apply_at_restart() {
+    let w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    let marker = w.path("post-install-ran");
+    let m = marker.display();
+
+    // v1: hooks run and are logged; the health check passes.
+    let v1 = w.publish(
+        &url,
+        &package(
+            &w,
+            "1.0.0.0",
+            &[("post", &format!("echo post-install of $UPDRAFT_VERSION; touch {m}")), ("health", "echo healthy")],
+            &["--post-install", "hooks/post", "--health-check", "hooks/health"],
+        ),
+    );
+    let mut agent = w.agent("m1", &url);
+    // Installed means swapped and healthy: the agent's records, not just the tree on disk.
+    wait_until("v1 installed and healthy", T, || recorded(&w, "m1") == "1.0.0.0");
+    assert!(marker.exists());
+    let log = run_ok(
+        std::process::Command::new(updraft_tests::bin("agent")).args(["log", &v1, "--state-dir"]).arg(w.state("m1")),
+    );
+    assert!(log.contains("post-install of 1.0.0.0") && log.contains("== health hook hooks/health: exit 0"), "{log}");
+
+    // v2: the health check fails, so v1 goes back and the failure is reported.
+    let v2 = w.publish(
+        &url,
+        &package(
+            &w,
+            "2.0.0.0",
+            &[("health", "echo database unreachable >&2; exit 1")],
+            &["--health-check", "hooks/health"],
+        ),
+    );
+    let out = check(&w, "m1");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("database unreachable") && err.contains("swapped back to 1.0.0.0"), "{err}");
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("1.0.0.0"));
+    assert!(!w.root("m1").join("app_update_pending").exists());
+    let st = status(&w, "m1");
+    assert_eq!(st["installed"][0]["version"], "1.0.0.0", "{st}");
+    let log = run_ok(
+        std::process::Command::new(updraft_tests::bin("agent")).args(["log", &v2, "--state-dir"]).arg(w.state("m1")),
+    );
+    assert!(log.contains("exit 1") && log.contains("database unreachable"), "{log}");
+    w.admin_ok(&url, &["update", "state", &v2, "inactive"]);
+
+    // v3: waits while the application's lock file exists; goes in once it is gone.
+    let lock = w.path("app.lock");
+    std::fs::write(&lock, "").unwrap();
+    let lock_s = lock.display().to_string();
+    w.publish(&url, &package(&w, "3.0.0.0", &[], &["--lock-file", &lock_s, "--hook-timeout", "1"]));
+    let out = check(&w, "m1");
+    assert!(stderr(&out).contains("deferred") && stderr(&out).contains("app.lock exists"), "{}", stderr(&out));
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("1.0.0.0"));
+    std::fs::remove_file(&lock).unwrap();
+    assert!(check(&w, "m1").status.success());
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("3.0.0.0"));
+
+    // v4: only at the agent's next start. A check downloads it and says so; a restart installs.
+    w.publish(&url, &package(&w, "4.0.0.0", &[], &["--apply-at", "restart"]));
+    let out = check(&w, "m1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("installs when the agent next starts"), "{text}");
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("3.0.0.0"));
+    agent.kill9();
+    let _again = w.agent("m1", &url);
+    wait_socket(&w, "m1");
+    wait_until("v4 installed at start", T, || recorded(&w, "m1") == "4.0.0.0");
+}
