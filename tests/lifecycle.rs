@@ -126,3 +126,27 @@ fn hooks_health_check_gate_and_apply_at_restart() {
     wait_socket(&w, "m1");
     wait_until("v4 installed at start", T, || recorded(&w, "m1") == "4.0.0.0");
 }
+
+/// A crash after the swap but before the health check passed: on restart the agent swaps the
+/// previous version back (the new one never proved itself), then installs it again properly.
+#[test]
+fn a_crash_before_the_health_check_swaps_back_then_converges() {
+    let mut w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    w.publish(&url, &package(&w, "1.0.0.0", &[], &[]));
+    {
+        let _a = w.agent("m1", &url);
+        wait_until("v1 recorded", T, || recorded(&w, "m1") == "1.0.0.0");
+    }
+    w.publish(&url, &package(&w, "2.0.0.0", &[("health", "echo ok")], &["--health-check", "hooks/health"]));
+    w.env.push(("UPDRAFT_FAILPOINT".into(), "health:before".into()));
+    let mut crashing = w.agent("m1", &url);
+    w.env.pop();
+    assert!(crashing.wait_exit(T), "the agent did not reach its fail point\n{}", crashing.log_text());
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("2.0.0.0"), "swapped, not yet healthy");
+    let again = w.agent("m1", &url);
+    wait_until("v2 recorded after a healthy install", T, || recorded(&w, "m1") == "2.0.0.0");
+    let log = again.log_text();
+    assert!(log.contains("never passed") || log.contains("swapped back"), "{log}");
+    assert!(!w.state("m1").join("journal.json").exists());
+}

@@ -713,6 +713,7 @@ impl Agent {
                 Some(rel) => lifecycle::run_hook(name, rel, &live, &env, lc.hook_timeout(), &log),
                 None => Ok(()),
             };
+            failpoint::hit("health:before");
             let healthy = after("post-install", &lc.post_install)
                 .and_then(|_| after("start", &lc.start))
                 .and_then(|_| after("health", &lc.health));

@@ -121,7 +121,7 @@ pub fn uninstall(root: &Path, product: &str) -> Result<()> {
 /// Clears what an interrupted run may have left: staging and removal leftovers. `P` itself
 /// is always whole, because it only ever changes by atomic exchange.
 pub fn recover(root: &Path) -> Result<Vec<String>> {
-    let mut cleaned = Vec::new();
+    let mut cleaned = finish_ordered(root)?;
     let Ok(entries) = std::fs::read_dir(root) else { return Ok(cleaned) };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -142,8 +142,61 @@ fn remove_tree(p: &Path) -> Result<()> {
     }
 }
 
-/// Atomically exchanges two paths on the same filesystem.
+/// Whether the ordered-rename fallback is forced (test builds only: the crash-point sweep
+/// runs it on kernels that do have the exchange).
+fn fallback_forced() -> bool {
+    cfg!(feature = "failpoints") && std::env::var("UPDRAFT_NO_EXCHANGE").is_ok_and(|v| v == "1")
+}
+
+/// Where `live` waits while ordered renames move the new tree in.
+fn swapping_dir(live: &Path) -> PathBuf {
+    let mut name = live.file_name().unwrap_or_default().to_os_string();
+    name.push("_swapping");
+    live.with_file_name(name)
+}
+
+/// The fallback where the kernel or file system has no exchange: `b` moves aside, `a` takes
+/// its name, and the displaced `b` takes `a`'s. Each rename is synced; a crash between them
+/// leaves `b` missing for a moment, and [`finish_ordered`] on the next start puts things
+/// right from what is on disk.
+fn ordered_exchange(a: &Path, b: &Path) -> Result<()> {
+    let parent = b.parent().unwrap_or(Path::new("."));
+    let mid = swapping_dir(b);
+    std::fs::rename(b, &mid).map_err(|e| AgentError::io(b, e))?;
+    sync_dir(parent)?;
+    crate::failpoint::hit("swap:moved-out");
+    std::fs::rename(a, b).map_err(|e| AgentError::io(b, e))?;
+    sync_dir(parent)?;
+    std::fs::rename(&mid, a).map_err(|e| AgentError::io(a, e))?;
+    sync_dir(parent)?;
+    Ok(())
+}
+
+/// Finishes or undoes ordered renames a crash interrupted: a `P_swapping` tree goes back to
+/// `P` when `P` is missing (the new tree never arrived), else on to `P_update_pending` (the
+/// new tree is live; the journal decides what the displaced one becomes).
+pub fn finish_ordered(root: &Path) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else { return Ok(done) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(product) = name.strip_suffix("_swapping") else { continue };
+        let live = live_dir(root, product);
+        let to = if live.exists() { pending_dir(root, product) } else { live };
+        remove_tree(&to).ok();
+        std::fs::rename(e.path(), &to).map_err(|err| AgentError::io(&to, err))?;
+        sync_dir(root)?;
+        done.push(format!("{name} -> {}", to.file_name().unwrap_or_default().to_string_lossy()));
+    }
+    Ok(done)
+}
+
+/// Exchanges two paths on the same file system: atomically where the kernel can, otherwise by
+/// ordered renames.
 fn exchange(a: &Path, b: &Path) -> Result<()> {
+    if fallback_forced() {
+        return ordered_exchange(a, b);
+    }
     let ca =
         CString::new(a.as_os_str().as_bytes()).map_err(|_| AgentError::Config(format!("{} has a NUL", a.display())))?;
     let cb =
@@ -151,7 +204,17 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
     // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
     let rc =
         unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
-    if rc == 0 { Ok(()) } else { Err(AgentError::io(b, std::io::Error::last_os_error())) }
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
+            tracing::warn!(path = %b.display(), error = %err, "no atomic exchange here: using ordered renames");
+            ordered_exchange(a, b)
+        }
+        _ => Err(AgentError::io(b, err)),
+    }
 }
 
 #[cfg(test)]

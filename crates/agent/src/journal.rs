@@ -99,6 +99,8 @@ pub enum Outcome {
 
 /// Finishes or undoes an interrupted install on disk. Returns what the records must now say.
 pub fn recover(root: &Path, op: &Op) -> Result<Outcome> {
+    // First make `P` whole again if ordered renames were interrupted.
+    install::finish_ordered(root)?;
     let live = install::live_dir(root, &op.product);
     let pending = install::pending_dir(root, &op.product);
     let exchanged = match op.step {
