@@ -150,3 +150,85 @@ fn a_crash_before_the_health_check_swaps_back_then_converges() {
     assert!(log.contains("never passed") || log.contains("swapped back"), "{log}");
     assert!(!w.state("m1").join("journal.json").exists());
 }
+
+/// Builds an `updraft-agent` package whose bin/agent is `binary` (copied) or a shell script.
+fn agent_package(w: &World, version: &str, binary: Result<&std::path::Path, &str>) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let src = w.path(&format!("agent-src-{version}"));
+    std::fs::create_dir_all(src.join("bin")).unwrap();
+    let bin = src.join("bin/agent");
+    match binary {
+        Ok(real) => {
+            std::fs::copy(real, &bin).unwrap();
+        }
+        Err(script) => std::fs::write(&bin, format!("#!/bin/sh\n{script}\n")).unwrap(),
+    }
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = w.path(&format!("updraft-agent-{version}.pkg"));
+    run_ok(
+        std::process::Command::new(updraft_tests::bin("admin-cli"))
+            .args(["package", "build", "--product", "updraft-agent", "--version", version, "--from"])
+            .arg(&src)
+            .arg("--key")
+            .arg(&w.key)
+            .arg("--out")
+            .arg(&out),
+    );
+    out
+}
+
+fn recorded_product(w: &World, agent: &str, product: &str) -> Option<String> {
+    let out = w.agent_cmd(agent, &["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    st["installed"].as_array()?.iter().find(|i| i["product"] == product)?["version"].as_str().map(str::to_string)
+}
+
+/// The agent updates itself: v2 (a real agent) is staged, swapped in and exec'd in place of the
+/// running process, and confirms itself by reporting in; v3 passes its self-test but never
+/// reports in, so the watchdog swaps v2 back and restarts it; v4 does not even start, so it is
+/// refused before the swap.
+#[test]
+fn the_agent_updates_itself_and_goes_back_when_the_new_one_does_not_report_in() {
+    let w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    let mut agent = w.agent_with("m1", &url, &["--min-interval", "2", "--self-update-deadline-secs", "5"]);
+    let pid = agent.pid().unwrap();
+    wait_until("the agent's first check", T, || w.state("m1").join("state.json").exists());
+
+    let v2 = w.publish(&url, &agent_package(&w, "2.0.0.0", Ok(&updraft_tests::bin("agent"))));
+    wait_until("v2 confirmed", T, || recorded_product(&w, "m1", "updraft-agent").as_deref() == Some("2.0.0.0"));
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe, w.root("m1").join("updraft-agent/bin/agent"), "the same process now runs the new binary");
+    wait_until("the trial journal closed", T, || !w.state("m1").join("journal.json").exists());
+
+    // v3 answers --version but then never reports in.
+    let v3 = w.publish(
+        &url,
+        &agent_package(&w, "3.0.0.0", Err("[ \"$1\" = --version ] && { echo agent 3; exit 0; }; exec sleep 600")),
+    );
+    wait_until("the watchdog to bring v2 back", Duration::from_secs(60), || {
+        let out = w.agent_cmd("m1", &["status", "--json"]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        st["daemon_running"] == true && st["problems"].to_string().contains("did not report in")
+    });
+    assert_eq!(recorded_product(&w, "m1", "updraft-agent").as_deref(), Some("2.0.0.0"));
+    let tree = std::fs::read(w.root("m1").join("updraft-agent/bin/agent")).unwrap();
+    assert!(tree.len() > 1_000_000, "ROOT/updraft-agent is the real v2 agent again");
+    // It is not retried by itself.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(recorded_product(&w, "m1", "updraft-agent").as_deref(), Some("2.0.0.0"));
+    w.admin_ok(&url, &["update", "state", &v3, "inactive"]);
+
+    // v4 does not start at all: refused before anything is swapped.
+    w.publish(&url, &agent_package(&w, "4.0.0.0", Err("exit 1")));
+    let out = w.agent_cmd("m1", &["check"]);
+    assert!(stderr(&out).contains("fails its self-test"), "{}", stderr(&out));
+    assert_eq!(recorded_product(&w, "m1", "updraft-agent").as_deref(), Some("2.0.0.0"));
+    let _ = v2;
+
+    // The agent now running was started by the watchdog: stop it by its pid.
+    agent.kill9();
+    if let Ok(pids) = std::fs::read_to_string(w.state("m1").join("agent.pid")) {
+        let _ = std::process::Command::new("kill").arg("-9").arg(pids.trim()).status();
+    }
+}

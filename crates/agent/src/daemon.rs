@@ -26,7 +26,7 @@ use crate::localtime;
 use crate::state::{
     ActivityRec, AgentState, InstalledRec, LocalSettings as LocalRec, PolicyRec, PreviousRec, WaitingRec,
 };
-use crate::{failpoint, journal, lifecycle};
+use crate::{failpoint, journal, lifecycle, selfupdate};
 
 /// What every hook is told about the install it runs in.
 fn hook_env(op: &journal::Op, root: &std::path::Path) -> Vec<(&'static str, String)> {
@@ -58,6 +58,12 @@ pub struct AgentConfig {
     pub disk_reserve_bytes: u64,
     /// Mutual TLS with providers, or plaintext when explicitly asked for.
     pub transport: updraft_runtime::tls::Transport,
+    /// The product that is this agent (its own updates replace the running binary).
+    pub self_product: String,
+    /// How long a new agent has to report in before the previous one comes back.
+    pub self_update_deadline: Duration,
+    /// This process's command line, to start the new (or previous) agent with.
+    pub argv: Vec<std::ffi::OsString>,
     /// Pinned catalog keys: when set, every answer must carry a fresh statement signed by one
     /// of them that lists every offer.
     pub catalog_keys: Vec<PublicKey>,
@@ -138,6 +144,8 @@ pub struct Agent {
     interval: Mutex<(Duration, Duration)>,
     /// One check at a time: installs must never interleave.
     checking: Mutex<()>,
+    /// Set while this process is a new agent on trial (see `selfupdate`).
+    trial: std::sync::Mutex<Option<journal::Op>>,
 }
 
 fn now_ms() -> i64 {
@@ -150,8 +158,19 @@ impl Agent {
             std::fs::create_dir_all(d).map_err(|e| AgentError::io(d, e))?;
         }
         let mut state = AgentState::load(&cfg.state_dir)?;
+        let mut trial = None;
         // Finish or undo what a crash interrupted, before anything else looks at ROOT.
-        if let Some(op) = journal::load(&cfg.state_dir)? {
+        if let Some(op) = journal::load(&cfg.state_dir)?
+            && op.self_update
+            && std::env::var(selfupdate::TRIAL_ENV).is_ok_and(|id| id == op.update_id)
+        {
+            // This process is the new agent that op installed: it confirms itself by reporting in.
+            tracing::warn!(update = %op.update_id, "running as the new agent, on trial until it reports in");
+            // Its checks must say what runs now, or the provider would offer it again.
+            journal::record_install(&mut state, &op, now_ms() / 1000);
+            state.save(&cfg.state_dir)?;
+            trial = Some(op);
+        } else if let Some(op) = journal::load(&cfg.state_dir)? {
             match journal::recover(&cfg.install_root, &op)? {
                 journal::Outcome::RolledForward => {
                     tracing::warn!(update = %op.update_id, step = ?op.step, "finished an install interrupted by a crash");
@@ -183,6 +202,7 @@ impl Agent {
             providers: Mutex::new(providers),
             interval: Mutex::new(interval),
             checking: Mutex::new(()),
+            trial: std::sync::Mutex::new(trial),
             cfg,
         }))
     }
@@ -657,10 +677,12 @@ impl Agent {
             step: journal::Step::Downloaded,
             staged_inode: None,
             needs_health: false,
+            self_update: false,
         };
         let root = self.cfg.install_root.clone();
         let state_dir = self.cfg.state_dir.clone();
         let key = self.cfg.trust_key;
+        let self_product = self.cfg.self_product.clone();
         let pkg2 = pkg_path.clone();
         // Each step is made durable in the journal before the next begins.
         let result = tokio::task::spawn_blocking(move || -> Result<journal::Op> {
@@ -677,6 +699,12 @@ impl Agent {
             journal::save(&state_dir, &op)?;
             failpoint::hit("staged");
             // Before the swap: pre-install and stop hooks from the staged tree, then the gate.
+            if op.product == self_product
+                && let Err(reason) = selfupdate::self_test(&staged)
+            {
+                install::recover(&root)?;
+                return Err(AgentError::Install { update: op.update_id.clone(), reason });
+            }
             let env = hook_env(&op, &root);
             let log = lifecycle::log_path(&state_dir, &op.update_id);
             let before = |name: &str, hook: &Option<String>| match hook {
@@ -774,9 +802,58 @@ impl Agent {
                 return Err(e);
             }
         };
+        if op.product == self.cfg.self_product {
+            return Err(self.become_new(op).await);
+        }
         self.commit_install(&op, u.install_properties.get("restart").is_some_and(|v| v == "required")).await?;
         self.record(ActivityKind::Installed, u, format!("{} {} is live", u.product, u.version)).await;
         Ok(format!("installed {} {}", u.product, u.version))
+    }
+
+    /// The new agent is live on disk: start the watchdog and become it. Returns only on failure
+    /// (then the previous version is swapped back).
+    async fn become_new(&self, mut op: journal::Op) -> AgentError {
+        op.self_update = true;
+        op.needs_health = true;
+        op.step = journal::Step::Swapped;
+        if let Err(e) = journal::save(&self.cfg.state_dir, &op) {
+            return e;
+        }
+        let _ = self.save().await;
+        let root = &self.cfg.install_root;
+        // The watchdog must be a binary known to work: the previous agent's.
+        let old = selfupdate::binary_in(&install::old_dir(root, &op.product));
+        let watchdog = if old.is_file() {
+            old
+        } else {
+            std::env::current_exe().unwrap_or_else(|_| PathBuf::from(&self.cfg.argv[0]))
+        };
+        let live = install::live_dir(root, &op.product);
+        let err = selfupdate::become_new(
+            &watchdog,
+            &live,
+            &self.cfg.state_dir,
+            root,
+            self.cfg.self_update_deadline,
+            &self.cfg.argv,
+            &op.update_id,
+        );
+        // Still here: the exec failed. Undo the swap.
+        let _ = journal::recover(root, &op);
+        let _ = journal::clear(&self.cfg.state_dir);
+        err
+    }
+
+    /// A new agent on trial has reported in: it is the agent now.
+    async fn confirm_self_update(&self) {
+        let op = self.trial.lock().expect("trial lock").take();
+        if let Some(mut op) = op {
+            op.step = journal::Step::Healthy;
+            match self.commit_install(&op, false).await {
+                Ok(()) => tracing::info!(update = %op.update_id, "self-update confirmed: this is the agent now"),
+                Err(e) => tracing::error!(error = %e, "cannot confirm the self-update"),
+            }
+        }
     }
 
     /// Records a swapped-in, healthy install as the machine's state, then closes its journal
@@ -977,6 +1054,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| AgentError::io(&sock, e))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(|e| AgentError::io(&sock, e))?;
+    // Which process is the agent (it changes when the agent updates itself or comes back).
+    crate::state::write_atomic(&agent.cfg.state_dir, "agent.pid", std::process::id().to_string().as_bytes())?;
     tracing::info!(name = %agent.cfg.name, providers = ?agent.cfg.providers, socket = %sock.display(), "agent started");
 
     tokio::spawn(
@@ -1015,6 +1094,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         let scheduled = matches!(trigger.reason, Reason::Schedule | Reason::Startup);
         let result = agent.check_once(trigger.reason).await;
         let result_ok = result.is_ok();
+        if result_ok {
+            agent.confirm_self_update().await;
+        }
         match &result {
             Ok(r) => tracing::info!(provider = %r.provider, done = ?r.done, errors = ?r.errors, "check finished"),
             Err(e) => tracing::warn!(error = %e, "check failed"),

@@ -39,6 +39,9 @@ pub struct Op {
     /// Healthy, a crash means the new version never proved itself, and recovery swaps back.
     #[serde(default)]
     pub needs_health: bool,
+    /// The agent is replacing itself: the new binary is on trial until it reports in.
+    #[serde(default)]
+    pub self_update: bool,
 }
 
 const FILE: &str = "journal.json";

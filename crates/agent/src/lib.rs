@@ -12,6 +12,7 @@ pub mod install;
 pub mod journal;
 pub mod lifecycle;
 pub mod localtime;
+pub mod selfupdate;
 pub mod state;
 
 pub use daemon::{AgentConfig, run};

@@ -78,6 +78,12 @@ struct RunArgs {
     /// Disk space always left free (default 256 MiB); downloads that would eat into it wait.
     #[arg(long, env = "UPDRAFT_AGENT_DISK_RESERVE_BYTES")]
     disk_reserve_bytes: Option<u64>,
+    /// The product that is this agent: its updates replace this binary (default updraft-agent).
+    #[arg(long, env = "UPDRAFT_AGENT_SELF_PRODUCT")]
+    self_product: Option<String>,
+    /// Seconds a new agent has to report in before the previous one comes back (default 120).
+    #[arg(long, env = "UPDRAFT_AGENT_SELF_UPDATE_DEADLINE_SECS")]
+    self_update_deadline_secs: Option<u64>,
     /// Pinned catalog key(s) (.pub): answers must carry a fresh statement signed by one.
     #[arg(long = "catalog-key", env = "UPDRAFT_AGENT_CATALOG_KEYS", value_delimiter = ',')]
     catalog_keys: Vec<PathBuf>,
@@ -113,6 +119,20 @@ enum Cmd {
         state: StateDir,
         #[command(subcommand)]
         cmd: Option<ProvidersCmd>,
+    },
+    /// (internal) Watches a new agent on trial; started by the agent itself.
+    #[command(hide = true, name = "self-update-watch")]
+    SelfUpdateWatch {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        install_root: PathBuf,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        deadline_secs: u64,
+        #[arg(last = true)]
+        argv: Vec<std::ffi::OsString>,
     },
     /// What an update's hooks printed (pre-install, stop, post-install, start, health).
     Log {
@@ -155,6 +175,15 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Apply { state, select } => act(&state, Request::Apply { select }).await,
         Cmd::Providers { state, cmd: None } => act(&state, Request::Providers).await,
         Cmd::Log { state, update } => show_log(&state, &update),
+        Cmd::SelfUpdateWatch { state_dir, install_root, pid, deadline_secs, argv } => {
+            Ok(updraft_agent::selfupdate::watch(
+                &state_dir,
+                &install_root,
+                pid,
+                std::time::Duration::from_secs(deadline_secs),
+                &argv,
+            )?)
+        }
         Cmd::Providers { state, cmd: Some(ProvidersCmd::Test { target }) } => {
             act(&state, Request::TestProvider { target }).await
         }
@@ -200,6 +229,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             insecure: a.tls.insecure || file.insecure.unwrap_or(false),
         }
         .transport("agent")?,
+        self_product: a.self_product.unwrap_or_else(|| "updraft-agent".into()),
+        self_update_deadline: std::time::Duration::from_secs(a.self_update_deadline_secs.unwrap_or(120).clamp(1, 3600)),
+        argv: std::env::args_os().collect(),
         disk_reserve_bytes: a.disk_reserve_bytes.or(file.disk_reserve_bytes).unwrap_or(256 << 20),
         catalog_keys: {
             let paths = if a.catalog_keys.is_empty() { file.catalog_keys.unwrap_or_default() } else { a.catalog_keys };
