@@ -232,3 +232,33 @@ fn the_agent_updates_itself_and_goes_back_when_the_new_one_does_not_report_in() 
         let _ = std::process::Command::new("kill").arg("-9").arg(pids.trim()).status();
     }
 }
+
+/// A removal is journaled: killed after `ROOT/P` went back to the previous version but before
+/// the records followed, the agent finishes it on restart.
+#[test]
+fn a_removal_interrupted_by_a_crash_is_finished_on_restart() {
+    let mut w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    w.publish(&url, &package(&w, "1.0.0.0", &[], &[]));
+    {
+        let _a = w.agent("m1", &url);
+        wait_until("v1 recorded", T, || recorded(&w, "m1") == "1.0.0.0");
+    }
+    let v2 = w.publish(&url, &package(&w, "2.0.0.0", &[], &[]));
+    {
+        let _a = w.agent("m1", &url);
+        wait_until("v2 recorded", T, || recorded(&w, "m1") == "2.0.0.0");
+    }
+    w.admin_ok(&url, &["update", "state", &v2, "remove"]);
+    w.env.push(("UPDRAFT_FAILPOINT".into(), "remove:done".into()));
+    let mut crashing = w.agent("m1", &url);
+    w.env.pop();
+    assert!(crashing.wait_exit(T), "the agent did not reach its fail point\n{}", crashing.log_text());
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("1.0.0.0"), "ROOT/app is back on v1");
+    assert!(w.state("m1").join("removal.json").exists(), "the removal is journaled");
+    let again = w.agent("m1", &url);
+    wait_until("records back on v1", T, || recorded(&w, "m1") == "1.0.0.0");
+    assert!(again.log_text().contains("finished a removal interrupted by a crash"), "{}", again.log_text());
+    assert!(!w.state("m1").join("removal.json").exists());
+    assert!(!w.root("m1").join("app_old").exists(), "the removed version is gone");
+}

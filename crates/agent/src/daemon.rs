@@ -186,6 +186,13 @@ impl Agent {
             state.save(&cfg.state_dir)?;
             journal::clear(&cfg.state_dir)?;
         }
+        if let Some(r) = journal::load_removal(&cfg.state_dir)? {
+            if journal::recover_removal(&cfg.install_root, &r, &mut state)? {
+                tracing::warn!(product = %r.product, version = %r.version, "finished a removal interrupted by a crash");
+            }
+            state.save(&cfg.state_dir)?;
+            journal::clear_removal(&cfg.state_dir)?;
+        }
         let cleaned = install::recover(&cfg.install_root)?;
         if !cleaned.is_empty() {
             tracing::warn!(?cleaned, "removed leftovers of an interrupted install");
@@ -881,15 +888,28 @@ impl Agent {
             !rollback_to.is_empty() && p.version == rollback_to && install::old_dir(&root, &product).is_dir()
         });
         let to_old = back.is_some();
+        // Journaled first: a crash between the change on disk and the records is finished on
+        // the next start instead of leaving the records on the removed version.
+        let removal = journal::Removal {
+            product: u.product.clone(),
+            update_id: u.id.clone(),
+            version: u.version.clone(),
+            back: back.clone(),
+            old_inode: journal::inode(&install::old_dir(&root, &product)),
+        };
+        journal::save_removal(&self.cfg.state_dir, &removal)?;
         let result = tokio::task::spawn_blocking(move || {
+            failpoint::hit("remove:before");
             if to_old { install::roll_back(&root, &product) } else { install::uninstall(&root, &product) }
         })
         .await
         .map_err(|e| AgentError::Install { update: u.id.clone(), reason: e.to_string() })?;
         if let Err(e) = result {
+            let _ = journal::clear_removal(&self.cfg.state_dir);
             self.record(ActivityKind::InstallFailed, u, format!("removal failed: {e}")).await;
             return Err(e);
         }
+        failpoint::hit("remove:done");
         let line = {
             let mut st = self.state.lock().await;
             match back {
@@ -912,6 +932,7 @@ impl Agent {
             }
         };
         self.save().await?;
+        journal::clear_removal(&self.cfg.state_dir)?;
         self.record(ActivityKind::Removed, u, line.clone()).await;
         Ok(line)
     }

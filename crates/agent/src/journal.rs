@@ -134,3 +134,81 @@ pub fn recover(root: &Path, op: &Op) -> Result<Outcome> {
         Ok(Outcome::Abandoned)
     }
 }
+
+/// A removal in progress (`STATE_DIR/removal.json`): what is being removed and what the
+/// machine goes back to, written before `ROOT/P` changes so that a crash between the change
+/// and the records can be finished on the next start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Removal {
+    pub product: String,
+    pub update_id: String,
+    pub version: String,
+    /// The version in `P_old` that becomes live again, if any (else the product is uninstalled).
+    pub back: Option<PreviousRec>,
+    /// Inode of `P_old` before the removal: once it is `P`'s, the roll-back happened.
+    pub old_inode: Option<u64>,
+}
+
+const REMOVAL: &str = "removal.json";
+
+pub fn save_removal(state_dir: &Path, r: &Removal) -> Result<()> {
+    write_atomic(state_dir, REMOVAL, &serde_json::to_vec_pretty(r).expect("removal serialises"))
+}
+
+pub fn load_removal(state_dir: &Path) -> Result<Option<Removal>> {
+    let path = state_dir.join(REMOVAL);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| AgentError::State { path, reason: format!("unreadable removal record ({e})") }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AgentError::io(path, e)),
+    }
+}
+
+pub fn clear_removal(state_dir: &Path) -> Result<()> {
+    match std::fs::remove_file(state_dir.join(REMOVAL)) {
+        Ok(()) => updraft_core::package::sync_dir(state_dir).map_err(Into::into),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::io(state_dir.join(REMOVAL), e)),
+    }
+}
+
+/// Makes the records follow a removal a crash interrupted: if `ROOT/P` already changed, the
+/// removal is finished (on disk and in `state`); otherwise nothing happened and the next check
+/// asks again. Returns whether it had happened.
+pub fn recover_removal(root: &Path, r: &Removal, state: &mut AgentState) -> Result<bool> {
+    let live = install::live_dir(root, &r.product);
+    let happened = match &r.back {
+        Some(_) => r.old_inode.is_some() && inode(&live) == r.old_inode,
+        None => !live.exists(),
+    };
+    if !happened {
+        return Ok(false);
+    }
+    // Finish what the interrupted step left: the removed version's tree, removal leftovers.
+    if r.back.is_some() {
+        let old = install::old_dir(root, &r.product);
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| AgentError::io(&old, e))?;
+        }
+    }
+    install::recover(root)?;
+    match &r.back {
+        Some(prev) => {
+            state.installed.insert(
+                r.product.clone(),
+                InstalledRec {
+                    version: prev.version.clone(),
+                    update_id: prev.update_id.clone(),
+                    previous: None,
+                    installed_unix: 0,
+                },
+            );
+        }
+        None => {
+            state.installed.remove(&r.product);
+        }
+    }
+    Ok(true)
+}
