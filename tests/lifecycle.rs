@@ -262,3 +262,34 @@ fn a_removal_interrupted_by_a_crash_is_finished_on_restart() {
     assert!(!w.state("m1").join("removal.json").exists());
     assert!(!w.root("m1").join("app_old").exists(), "the removed version is gone");
 }
+
+/// Health as a process that must stay up: a start hook that launches a daemon which keeps
+/// running passes; one whose daemon dies within the window is swapped back.
+#[test]
+fn a_health_process_must_stay_up_for_its_window() {
+    let w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    let with_daemon = |version: &str, runs_for: &str| {
+        let src = w.path(&format!("lc-src-{version}"));
+        std::fs::create_dir_all(src.join("bin")).unwrap();
+        // A process with a name of its own: a copy of sleep(1).
+        std::fs::copy("/bin/sleep", src.join("bin/updraftdemo")).unwrap();
+        package(
+            &w,
+            version,
+            &[("start", &format!("nohup ./bin/updraftdemo {runs_for} >/dev/null 2>&1 &"))],
+            &["--start-hook", "hooks/start", "--health-process", "updraftdemo", "--health-window", "2"],
+        )
+    };
+    w.publish(&url, &with_daemon("1.0.0.0", "30"));
+    let _a = w.agent("m1", &url);
+    wait_until("v1 healthy", T, || recorded(&w, "m1") == "1.0.0.0");
+    let _ = std::process::Command::new("pkill").args(["-x", "updraftdemo"]).status();
+
+    w.publish(&url, &with_daemon("2.0.0.0", "0.5"));
+    let out = check(&w, "m1");
+    let err = stderr(&out);
+    assert!(err.contains("process updraftdemo is not running") && err.contains("swapped back to 1.0.0.0"), "{err}");
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("1.0.0.0"));
+    let _ = std::process::Command::new("pkill").args(["-x", "updraftdemo"]).status();
+}

@@ -183,6 +183,12 @@ pub struct BuildArgs {
     /// Health check run after the swap; failing swaps the previous version back.
     #[arg(long)]
     pub health_check: Option<String>,
+    /// Health as a process: one of this name must run, and keep running for --health-window.
+    #[arg(long)]
+    pub health_process: Option<String>,
+    /// Seconds the health process must stay up.
+    #[arg(long, default_value_t = 0)]
+    pub health_window: u32,
     /// Seconds each hook may take (default 60).
     #[arg(long, default_value_t = 0)]
     pub hook_timeout: u32,

@@ -275,6 +275,8 @@ fn build(a: BuildArgs, as_json: bool) -> anyhow::Result<()> {
             post_install: a.post_install,
             start: a.start_hook,
             health: a.health_check,
+            health_process: a.health_process,
+            health_window_secs: a.health_window,
             hook_timeout_secs: a.hook_timeout,
             processes: a.processes,
             lock_file: a.lock_file,

@@ -702,7 +702,8 @@ impl Agent {
             op.step = journal::Step::Staged;
             op.staged_inode = journal::inode(&staged);
             let lc = pkg.manifest.lifecycle.clone();
-            op.needs_health = lc.post_install.is_some() || lc.start.is_some() || lc.health.is_some();
+            op.needs_health =
+                lc.post_install.is_some() || lc.start.is_some() || lc.health.is_some() || lc.health_process.is_some();
             journal::save(&state_dir, &op)?;
             failpoint::hit("staged");
             // Before the swap: pre-install and stop hooks from the staged tree, then the gate.
@@ -751,7 +752,13 @@ impl Agent {
             failpoint::hit("health:before");
             let healthy = after("post-install", &lc.post_install)
                 .and_then(|_| after("start", &lc.start))
-                .and_then(|_| after("health", &lc.health));
+                .and_then(|_| after("health", &lc.health))
+                .and_then(|_| match &lc.health_process {
+                    Some(name) => {
+                        lifecycle::watch_process(name, Duration::from_secs(lc.health_window_secs.into()), &log)
+                    }
+                    None => Ok(()),
+                });
             if let Err(reason) = healthy {
                 let back = match &op.previous {
                     Some(p) if had_old => {

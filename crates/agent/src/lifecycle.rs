@@ -28,7 +28,10 @@ pub fn blockers(lc: &Lifecycle) -> Vec<String> {
             let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
             let Ok(comm) = std::fs::read_to_string(p.path().join("comm")) else { continue };
             let comm = comm.trim();
-            if lc.processes.iter().any(|w| w == comm) {
+            // A zombie has exited; only its parent has not collected it yet.
+            let zombie = std::fs::read_to_string(p.path().join("stat"))
+                .is_ok_and(|st| st.rsplit(')').next().and_then(|r| r.split_whitespace().next()) == Some("Z"));
+            if !zombie && lc.processes.iter().any(|w| w == comm) {
                 out.push(format!("process {comm} (pid {pid}) is running"));
             }
         }
@@ -39,6 +42,33 @@ pub fn blockers(lc: &Lifecycle) -> Vec<String> {
         out.push(format!("lock file {l} exists"));
     }
     out
+}
+
+/// Pids of running processes called `name`.
+fn running(name: &str) -> Vec<String> {
+    let lc = Lifecycle { processes: vec![name.to_string()], ..Default::default() };
+    blockers(&lc)
+}
+
+/// The health process must be running now and at every look for `window`.
+pub fn watch_process(name: &str, window: Duration, log: &Path) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        if running(name).is_empty() {
+            let msg = format!(
+                "health: process {name} is not running ({:.1} s into the {} s window)",
+                start.elapsed().as_secs_f64(),
+                window.as_secs()
+            );
+            append_log(log, &format!("== {msg}\n"));
+            return Err(msg);
+        }
+        if start.elapsed() >= window {
+            append_log(log, &format!("== health: process {name} stayed up for {} s\n", window.as_secs()));
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Waits up to `max` for the gate to open; returns what still blocks it otherwise.

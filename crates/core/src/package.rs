@@ -116,6 +116,12 @@ pub struct Lifecycle {
     /// Seconds each hook may take (default 60).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub hook_timeout_secs: u32,
+    /// Health as a process: one with this name must be running, and stay running for
+    /// `health_window_secs`, after the start hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_process: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub health_window_secs: u32,
     /// The install waits while a process with one of these names runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<String>,
@@ -160,6 +166,14 @@ impl Lifecycle {
         }
         if self.hook_timeout_secs > 3600 {
             return bad(format!("hook timeout {} s is over the 3600 s allowed", self.hook_timeout_secs));
+        }
+        if let Some(p) = &self.health_process
+            && (p.is_empty() || p.len() > 15 || p.contains('/'))
+        {
+            return bad(format!("health process {p:?} must be a process name of 1-15 characters"));
+        }
+        if self.health_window_secs > 3600 {
+            return bad(format!("health window {} s is over the 3600 s allowed", self.health_window_secs));
         }
         if self.processes.len() > 16
             || self.processes.iter().any(|p| p.is_empty() || p.len() > 15 || p.contains('/') || p.contains('\0'))
