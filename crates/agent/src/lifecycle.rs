@@ -16,6 +16,13 @@ pub fn log_path(state_dir: &Path, update_id: &str) -> PathBuf {
     state_dir.join("logs").join(format!("{update_id}.log"))
 }
 
+/// Whether the process at `/proc/PID` (given as that directory) has exited and only waits for
+/// its parent to collect it: a zombie is not running.
+pub fn is_zombie(proc_dir: &Path) -> bool {
+    std::fs::read_to_string(proc_dir.join("stat"))
+        .is_ok_and(|st| st.rsplit(')').next().and_then(|r| r.split_whitespace().next()) == Some("Z"))
+}
+
 /// What keeps the install from going ahead now: running processes the package names, or its
 /// lock file.
 pub fn blockers(lc: &Lifecycle) -> Vec<String> {
@@ -28,10 +35,7 @@ pub fn blockers(lc: &Lifecycle) -> Vec<String> {
             let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
             let Ok(comm) = std::fs::read_to_string(p.path().join("comm")) else { continue };
             let comm = comm.trim();
-            // A zombie has exited; only its parent has not collected it yet.
-            let zombie = std::fs::read_to_string(p.path().join("stat"))
-                .is_ok_and(|st| st.rsplit(')').next().and_then(|r| r.split_whitespace().next()) == Some("Z"));
-            if !zombie && lc.processes.iter().any(|w| w == comm) {
+            if !is_zombie(&p.path()) && lc.processes.iter().any(|w| w == comm) {
                 out.push(format!("process {comm} (pid {pid}) is running"));
             }
         }

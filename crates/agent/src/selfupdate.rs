@@ -104,10 +104,8 @@ pub fn become_new(
 
 fn alive(pid: u32) -> bool {
     // A killed child of someone else's lingers as a zombie until reaped: that is not alive.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"),
-        Err(_) => false,
-    }
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    dir.exists() && !crate::lifecycle::is_zombie(&dir)
 }
 
 /// The watchdog's life: wait for the new agent (`pid`) to confirm itself; otherwise undo.
