@@ -195,7 +195,7 @@ fn the_agent_updates_itself_and_goes_back_when_the_new_one_does_not_report_in() 
     let pid = agent.pid().unwrap();
     wait_until("the agent's first check", T, || w.state("m1").join("state.json").exists());
 
-    let v2 = w.publish(&url, &agent_package(&w, "2.0.0.0", Ok(&updraft_tests::bin("agent"))));
+    w.publish(&url, &agent_package(&w, "2.0.0.0", Ok(&updraft_tests::bin("agent"))));
     wait_until("v2 confirmed", T, || recorded_product(&w, "m1", "updraft-agent").as_deref() == Some("2.0.0.0"));
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe, w.root("m1").join("updraft-agent/bin/agent"), "the same process now runs the new binary");
@@ -224,7 +224,6 @@ fn the_agent_updates_itself_and_goes_back_when_the_new_one_does_not_report_in() 
     let out = w.agent_cmd("m1", &["check"]);
     assert!(stderr(&out).contains("fails its self-test"), "{}", stderr(&out));
     assert_eq!(recorded_product(&w, "m1", "updraft-agent").as_deref(), Some("2.0.0.0"));
-    let _ = v2;
 
     // The agent now running was started by the watchdog: stop it by its pid.
     agent.kill9();
