@@ -73,7 +73,9 @@ fn mutual_tls_refuses_every_wrong_caller_and_the_audit_log_shows_it() {
 
     // An expired certificate from the right CA (valid for a day, ten days ago).
     issue(&pki_dir, Role::Admin, "old-ops", 10, Duration::from_secs(86400));
-    refused(&admin_as(&ca, &pki_dir, "old-ops", &url, &["group", "list"]), "cannot reach provider");
+    let expired = admin_as(&ca, &pki_dir, "old-ops", &url, &["group", "list"]);
+    refused(&expired, "cannot reach provider");
+    eprintln!("expired certificate: {}", stderr(&expired).trim());
 
     // An agent certificate calling the admin API.
     issue(&pki_dir, Role::Agent, "pc-1", 1, Duration::from_secs(7 * 86400));

@@ -67,7 +67,14 @@ pub(crate) async fn connect(url: &str) -> anyhow::Result<Admin> {
 pub(crate) fn rpc(url: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
     move |s| match s.code() {
         // A refused certificate surfaces as a bare "transport error": the reason is in its causes.
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+        tonic::Code::Cancelled => {
+            anyhow!(
+                "cannot reach provider {url}: {} ({})",
+                updraft_runtime::tls::describe(&s),
+                updraft_runtime::tls::REFUSED_HINT
+            )
+        }
+        tonic::Code::Unavailable | tonic::Code::Unknown => {
             anyhow!("cannot reach provider {url}: {}", updraft_runtime::tls::describe(&s))
         }
         _ => anyhow!("{}", s.message()),

@@ -274,6 +274,11 @@ pub async fn bounded<T>(
 ) -> Result<T> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) if s.code() == tonic::Code::Cancelled => Err(AgentError::Rpc {
+            provider: provider.into(),
+            what,
+            message: format!("{} ({})", s.message(), updraft_runtime::tls::REFUSED_HINT),
+        }),
         Ok(Err(s)) => Err(AgentError::Rpc { provider: provider.into(), what, message: s.message().to_string() }),
         Err(_) => {
             Err(AgentError::Rpc { provider: provider.into(), what, message: format!("no answer within {timeout:?}") })

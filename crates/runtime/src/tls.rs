@@ -249,6 +249,11 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// What to say when a TLS 1.3 server dropped the connection right after the handshake: that is
+/// how a refused client certificate looks from the client's side.
+pub const REFUSED_HINT: &str = "the provider closed the connection: it may have refused this certificate \
+     (signed by another CA, expired, or not yet valid; check --tls-cert and --tls-ca)";
+
 /// The private CA and the certificates it issues.
 pub mod pki {
     use super::*;
