@@ -283,6 +283,32 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
             .instrument(tracing::info_span!("pair_heartbeat", epoch)),
     );
     tracing::info!(%addr, %url, epoch, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening (active)");
+    serve(shared.clone(), tier, true, listener, fenced.cancelled()).await?;
+    if !shutdown.is_cancelled()
+        && let Err(e) = fence.check()
+    {
+        // Dropping the store would flush writes the fence refused to acknowledge; never drop it.
+        std::mem::forget(shared);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Serves the agent and replication APIs (and, on a local provider, the admin API) from
+/// `shared` on `listener`, behind the auth layer and the connection limits, until `stop`. The
+/// one server set-up of every tier that holds a store.
+pub async fn serve<T: agent_api::Tier>(
+    shared: Arc<Shared>,
+    tier: Arc<T>,
+    with_admin: bool,
+    listener: TcpListener,
+    stop: impl Future<Output = ()>,
+) -> Result<()> {
+    let admin = with_admin.then(|| {
+        AdminServer::new(admin::AdminService::new(shared.clone(), shared.config.scan))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    });
+    let limit = shared.config.max_connections_per_peer;
     grpc_server(&shared.config.transport)?
         .layer(auth::AuthLayer::new(
             shared.config.transport.clone(),
@@ -294,27 +320,12 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            ReplicationServer::new(ReplicationService::new(shared.clone(), tier))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            ReplicationServer::new(ReplicationService::new(shared, tier)).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(
-            AdminServer::new(admin::AdminService::new(shared.clone(), shared.config.scan))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(
-            limits::incoming(listener, shared.config.max_connections_per_peer),
-            fenced.cancelled(),
-        )
+        .add_optional_service(admin)
+        .serve_with_incoming_shutdown(limits::incoming(listener, limit), stop)
         .await
-        .map_err(|e| ProviderError::Io(format!("server: {e}")))?;
-    if !shutdown.is_cancelled()
-        && let Err(e) = fence.check()
-    {
-        // Dropping the store would flush writes the fence refused to acknowledge; never drop it.
-        std::mem::forget(shared);
-        return Err(e);
-    }
-    Ok(())
+        .map_err(|e| ProviderError::Io(format!("server: {e}")))
 }
 
 /// The active member's heartbeat, and its watch on the fence: once another provider has

@@ -9,12 +9,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use updraft_proto::v1::agent_api_server::AgentApiServer;
-use updraft_proto::v1::replication_server::ReplicationServer;
-use updraft_provider::agent_api::AgentService;
+use updraft_provider::Shared;
 use updraft_provider::error::{ProviderError, Result};
-use updraft_provider::replication::ReplicationService;
-use updraft_provider::{MAX_MESSAGE_BYTES, Shared};
 
 pub use site::SiteTier;
 
@@ -46,24 +42,6 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: Cancellatio
         updraft_provider::announce::announce_loop(shared.clone(), "remote", site, addr, shutdown.clone())
             .instrument(tracing::info_span!("mdns_announce")),
     );
-    updraft_provider::grpc_server(&shared.config.transport)?
-        .layer(updraft_provider::auth::AuthLayer::new(
-            shared.config.transport.clone(),
-            Some(shared.clone()),
-            shared.config.request_timeout,
-        ))
-        .add_service(
-            AgentApiServer::new(AgentService::new(shared.clone(), tier.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            ReplicationServer::new(ReplicationService::new(shared.clone(), tier))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(
-            updraft_provider::limits::incoming(listener, shared.config.max_connections_per_peer),
-            shutdown.cancelled(),
-        )
-        .await
-        .map_err(|e| ProviderError::Io(format!("server: {e}")))
+    // Sites keep no users: no admin API here (`site status` is on the replication API).
+    updraft_provider::serve(shared, tier, false, listener, shutdown.cancelled()).await
 }
