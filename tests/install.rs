@@ -89,19 +89,7 @@ fn sweep(points: &[&str], env: &[(String, String)]) -> usize {
         let mut w = World::new();
         let (_p, purl) = w.provider("centre", true);
         let (s1, s2) = (source(&w, "1.0.0.0"), source(&w, "2.0.0.0"));
-        let build = |src: &Path, v: &str| {
-            let out = w.path(&format!("app-{v}.pkg"));
-            updraft_tests::run_ok(
-                std::process::Command::new(updraft_tests::bin("admin-cli"))
-                    .args(["package", "build", "--product", "app", "--version", v, "--from"])
-                    .arg(src)
-                    .arg("--key")
-                    .arg(&w.key)
-                    .arg("--out")
-                    .arg(&out),
-            );
-            out
-        };
+        let build = |src: &Path, v: &str| w.build_package(src, "app", v, &w.key, &[]);
         let (v1_tree, v2_tree) = (tree(&s1), tree(&s2));
         w.publish(&purl, &build(&s1, "1.0.0.0"));
         let pkg2 = build(&s2, "2.0.0.0");

@@ -317,12 +317,18 @@ impl World {
         std::fs::create_dir_all(src.join("bin")).unwrap();
         std::fs::write(src.join("VERSION"), version).unwrap();
         std::fs::write(src.join("bin/run"), format!("#!/bin/sh\necho {product} {version}\n")).unwrap();
+        self.build_package(&src, product, version, key, extra)
+    }
+
+    /// Packs `src` as `product` `version`, signed with `key`, into `NAME-VERSION.pkg` in the
+    /// world's directory, with extra `package build` flags.
+    pub fn build_package(&self, src: &Path, product: &str, version: &str, key: &Path, extra: &[&str]) -> PathBuf {
         let out = self.path(&format!("{product}-{version}.pkg"));
         run_ok(
             Command::new(bin("admin-cli"))
                 .args(["package", "build", "--product", product, "--version", version, "--from"])
                 .env_remove("UPDRAFT_INSECURE")
-                .arg(&src)
+                .arg(src)
                 .arg("--key")
                 .arg(key)
                 .arg("--out")

@@ -19,18 +19,7 @@ fn package(w: &World, version: &str, hooks: &[(&str, &str)], flags: &[&str]) -> 
         std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let out = w.path(&format!("app-{version}.pkg"));
-    run_ok(
-        std::process::Command::new(updraft_tests::bin("admin-cli"))
-            .args(["package", "build", "--product", "app", "--version", version, "--from"])
-            .arg(&src)
-            .arg("--key")
-            .arg(&w.key)
-            .arg("--out")
-            .arg(&out)
-            .args(flags),
-    );
-    out
+    w.build_package(&src, "app", version, &w.key, flags)
 }
 
 fn check(w: &World, agent: &str) -> std::process::Output {
@@ -164,17 +153,7 @@ fn agent_package(w: &World, version: &str, binary: Result<&std::path::Path, &str
         Err(script) => std::fs::write(&bin, format!("#!/bin/sh\n{script}\n")).unwrap(),
     }
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = w.path(&format!("updraft-agent-{version}.pkg"));
-    run_ok(
-        std::process::Command::new(updraft_tests::bin("admin-cli"))
-            .args(["package", "build", "--product", "updraft-agent", "--version", version, "--from"])
-            .arg(&src)
-            .arg("--key")
-            .arg(&w.key)
-            .arg("--out")
-            .arg(&out),
-    );
-    out
+    w.build_package(&src, "updraft-agent", version, &w.key, &[])
 }
 
 fn recorded_product(w: &World, agent: &str, product: &str) -> Option<String> {

@@ -27,17 +27,7 @@ fn big_package(w: &World, product: &str, version: &str, mib: usize) -> std::path
     }
     std::fs::write(src.join("payload.bin"), data).unwrap();
     std::fs::write(src.join("VERSION"), version).unwrap();
-    let out = w.path(&format!("{product}-{version}.pkg"));
-    updraft_tests::run_ok(
-        std::process::Command::new(updraft_tests::bin("admin-cli"))
-            .args(["package", "build", "--product", product, "--version", version, "--from"])
-            .arg(&src)
-            .arg("--key")
-            .arg(&w.key)
-            .arg("--out")
-            .arg(&out),
-    );
-    out
+    w.build_package(&src, product, version, &w.key, &[])
 }
 
 #[test]
