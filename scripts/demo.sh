@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A complete local Updraft fleet in a temporary directory, on embedded defaults: a provider, a
-# remote (site) provider and three agents; a sample package built, signed, approved and
-# installed; then v2 pushed with high priority; ending with the machine list.
+# remote (site) provider and three agents; a sample package built, signed, approved, deployed to
+# the agents' group and installed (a second approved product that nobody has or is given stays
+# off every machine); then v2 pushed with high priority; ending with the machine list.
 # Everything listens on 127.0.0.1 only. Ports: UPDRAFT_DEMO_PORT (default 18092) and the next.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +31,14 @@ step "release key, and a private CA with certificates for every process"
 "$BIN/admin-cli" pki issue ops --role admin --dir pki
 for a in pc-1 pc-2 pc-3; do "$BIN/admin-cli" pki issue "$a" --role agent --dir pki; done
 
-step "sample product 'hello', versions 1.0.0.0 and 2.0.0.0"
+step "sample product 'hello', versions 1.0.0.0 and 2.0.0.0; and 'tools' 1.0.0.0"
 for v in 1.0.0.0 2.0.0.0; do
   mkdir -p "src-$v/bin"
   printf '#!/bin/sh\necho "hello from %s"\n' "$v" > "src-$v/bin/hello"; chmod 755 "src-$v/bin/hello"
   echo "$v" > "src-$v/VERSION"
   "$BIN/admin-cli" package build --product hello --version "$v" --from "src-$v" --key release.key --out "hello-$v.pkg" --release-label "Hello $v"
 done
+"$BIN/admin-cli" package build --product tools --version 1.0.0.0 --from src-1.0.0.0 --key release.key --out tools.pkg
 
 step "provider on $P, remote provider 'branch-1' on $R"
 "$BIN/provider" --store provider --listen "127.0.0.1:$PORT" --trust-key release.pub --name centre $(tls centre) --catalog-key catalog.key \
@@ -45,9 +47,15 @@ wait_for "admin update list >/dev/null 2>&1"
 "$BIN/remote-provider" --upstream "$P" --store site --listen "127.0.0.1:$((PORT + 1))" --name branch-1 $(tls branch-1) \
   > site.log 2>&1 & pids+=($!)
 
-step "import v1 and approve it (ga)"
+step "import hello v1 and tools, approve both (ga); deploy hello to the agents' group (default)"
 V1=$(admin update add hello-1.0.0.0.pkg)
 admin update state "$V1" ga
+TOOLS=$(admin update add tools.pkg)
+admin update state "$TOOLS" ga >/dev/null
+admin deploy hello --group default
+# The site answers its agents' checks from its replica: let it catch up first.
+catalog_of() { "$BIN/admin-cli" --provider "$1" $(tls ops) --json site status 2>/dev/null | tr -d ' \n' | grep -o '"catalog_seq":[0-9]*' | cut -d: -f2; }
+wait_for '[ -n "$(catalog_of "$R")" ] && [ "$(catalog_of "$R")" = "$(catalog_of "$P")" ]'
 
 step "three agents: pc-1 direct, pc-2 and pc-3 behind branch-1"
 for a in pc-1:$P pc-2:$R pc-3:$R; do
@@ -57,6 +65,7 @@ for a in pc-1:$P pc-2:$R pc-3:$R; do
 done
 wait_for '[ "$(cat pc-*/apps/hello/VERSION 2>/dev/null | grep -cx 1.0.0.0)" = 3 ]'
 "$BIN/agent" status --state-dir pc-2/state
+echo "tools: approved, but no machine has or is given it: $(ls pc-*/apps | grep -c '^tools$' || true) installs"
 pc-2/apps/hello/bin/hello
 
 step "import v2, approve it and push it with high priority (agents otherwise check hourly)"

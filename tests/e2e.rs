@@ -7,6 +7,7 @@ use updraft_core::package::{FileEntry, Manifest, write_package};
 use updraft_tests::rogue::Rogue;
 use updraft_tests::{World, stderr, wait_until};
 
+mod applicability;
 mod catalog;
 mod fleet;
 mod install;

@@ -66,6 +66,9 @@ fn agents_obey_their_groups_modes_and_windows() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("mode notify"));
 
+    for g in ["g-auto", "g-dl", "g-notify", "g-manual", "g-window"] {
+        w.admin_ok(&purl, &["deploy", "app", "--group", g]);
+    }
     let v1 = w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
     wait_until("automatic installs at once", T, || w.installed("auto", "app").as_deref() == Some("1.0.0.0"));
     wait_until("download mode downloads and waits", T, || status(&w, "dl")["waiting"][0]["downloaded"] == true);

@@ -295,6 +295,14 @@ impl World {
         });
     }
 
+    /// Waits until a site holds every catalog change its upstream has made so far (deployments
+    /// and states included), so its agents' next check sees them.
+    pub fn wait_site_caught_up(&self, site: &str, upstream: &str) {
+        let seq = |url: &str| self.admin_json(url, &["site", "status"])["catalog_seq"].as_u64().unwrap_or(0);
+        let target = seq(upstream);
+        wait_until(&format!("{site} to reach catalog {target}"), Duration::from_secs(30), || seq(site) >= target);
+    }
+
     /// admin-cli with the world's admin certificate.
     pub fn admin_cli(&self) -> Command {
         let mut c = Command::new(bin("admin-cli"));
@@ -465,10 +473,21 @@ impl World {
         serde_json::from_str(&self.admin_ok(provider, &all)).expect("admin-cli --json prints JSON")
     }
 
-    /// Imports and approves a package; returns its id.
-    pub fn publish(&self, provider: &str, pkg: &Path) -> String {
+    /// Imports and approves a package; returns its id. Machines get it only if they have its
+    /// product or are given it (see [`World::publish`]).
+    pub fn approve(&self, provider: &str, pkg: &Path) -> String {
         let id = self.admin_ok(provider, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
         self.admin_ok(provider, &["update", "state", &id, "ga"]);
+        id
+    }
+
+    /// Imports and approves a package and deploys its product to the default group, so every
+    /// machine there takes it: what most tests want. Returns the update id.
+    pub fn publish(&self, provider: &str, pkg: &Path) -> String {
+        let id = self.approve(provider, pkg);
+        // Ids are "<product>-<version>-<hash prefix>"; versions hold no '-'.
+        let product = id.rsplitn(3, '-').nth(2).expect("an update id names its product");
+        self.admin_ok(provider, &["deploy", product, "--group", "default"]);
         id
     }
 

@@ -32,10 +32,13 @@ fn admin_in_json(w: &World, host: &Host, provider: &str, args: &[&str]) -> serde
     serde_json::from_str(&admin_in_ok(w, host, provider, &all)).expect("admin-cli --json prints JSON")
 }
 
-/// Imports and approves a package through `provider`, from inside `host`.
+/// Imports and approves a package through `provider`, from inside `host`, and deploys its
+/// product to the default group (like [`World::publish`]).
 fn publish_in(w: &World, host: &Host, provider: &str, pkg: &std::path::Path) -> String {
     let id = admin_in_ok(w, host, provider, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
     admin_in_ok(w, host, provider, &["update", "state", &id, "ga"]);
+    let product = id.rsplitn(3, '-').nth(2).expect("an update id names its product");
+    admin_in_ok(w, host, provider, &["deploy", product, "--group", "default"]);
     id
 }
 
@@ -372,6 +375,7 @@ fn a_group_assigned_to_a_provider_behind_a_reverse_proxy_goes_through_it() {
         w.agent_cmd("m1", &["check"]).status.success() && last_provider(&w, "m1") == via_proxy
     });
     w.publish(&url, &w.package("editor", "1.0.0.0", &w.key));
+    w.admin_ok(&url, &["deploy", "editor", "--group", "lab"]);
     let out = w.agent_cmd("m1", &["check"]);
     assert!(out.status.success(), "{}", updraft_tests::stderr(&out));
     assert_eq!(w.installed("m1", "editor").as_deref(), Some("1.0.0.0"));

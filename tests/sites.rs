@@ -86,8 +86,9 @@ fn a_cut_upstream_resumes_the_transfer_and_a_down_upstream_leaves_the_site_worki
     assert!(cut_at > 0, "the cut happened mid-transfer");
 
     // GA day moves no WAN bytes: the content is already there.
+    w.admin_ok(&purl, &["deploy", "big", "--group", "default"]);
     w.admin_ok(&purl, &["update", "state", &id, "ga"]);
-    w.wait_site_has(&surl, &id);
+    w.wait_site_caught_up(&surl, &purl);
     let _a = w.agent("m1", &surl);
     wait_until("installed from the prestaged cache", T, || w.installed("m1", "big").as_deref() == Some("1.0.0.0"));
     assert_eq!(site_status(&w, &surl)["wan_bytes"].as_u64().unwrap(), wan);

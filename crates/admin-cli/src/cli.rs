@@ -38,6 +38,22 @@ pub enum Cmd {
     /// Version caps per product line.
     #[command(subcommand, name = "product-line")]
     ProductLine(ProductLineCmd),
+    /// Give a product to the machines of a group (or one machine) that do not have it yet;
+    /// `deploy list` shows what is deployed where. Machines are only ever offered the products
+    /// they have, the ones deployed to them, their pins and related installs.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Deploy {
+        #[command(subcommand)]
+        cmd: Option<DeployCmd>,
+        #[command(flatten)]
+        target: DeployTarget,
+    },
+    /// Stop giving a product to a group or machine (nothing is uninstalled: machines that took
+    /// it keep it and its updates; mark an update `remove` to take it away).
+    Undeploy {
+        #[command(flatten)]
+        target: DeployTarget,
+    },
     /// Folders the provider imports packages from.
     #[command(subcommand)]
     Watch(WatchCmd),
@@ -156,6 +172,10 @@ pub struct BuildArgs {
     pub upgrade_code: String,
     #[arg(long, default_value = "")]
     pub product_code: String,
+    /// For an ES (--install-type es): the patch version it sits on (default: the patch with
+    /// the ES's MM.mm.PP).
+    #[arg(long)]
+    pub requires: Option<String>,
     #[arg(long, default_value = "")]
     pub release_label: String,
     #[arg(long, default_value = "")]
@@ -264,6 +284,25 @@ pub enum UpdateCmd {
     },
 }
 
+#[derive(Args)]
+pub struct DeployTarget {
+    #[arg(required = true)]
+    pub product: Option<String>,
+    #[arg(long, conflicts_with = "machine", required_unless_present = "machine")]
+    pub group: Option<String>,
+    #[arg(long)]
+    pub machine: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum DeployCmd {
+    /// What is deployed to which group or machine.
+    List {
+        #[arg(long)]
+        product: Option<String>,
+    },
+}
+
 #[derive(Subcommand)]
 pub enum MachineCmd {
     /// List machines, optionally filtered by a name or address substring, or by group.
@@ -291,6 +330,10 @@ pub enum MachineCmd {
         #[arg(long)]
         product: String,
     },
+    /// Set a machine's role: workstation, server or site (`agent`: what its agent's
+    /// configuration says). Product lines capped with --follow-role keep other roles at or
+    /// below the lowest version their machines of that role run.
+    Role { machine: String, role: String },
 }
 
 /// Only what happened since a date (`--since 2026-11-01`) or in a recent span (`--last 2w`).
@@ -449,8 +492,16 @@ pub enum SiteCmd {
 
 #[derive(Subcommand)]
 pub enum ProductLineCmd {
-    /// Offer nothing above VERSION for this product line.
-    Cap { line: String, version: String },
+    /// Offer nothing above VERSION for this product line; with --follow-role server, machines
+    /// of other roles get nothing above the lowest version any server runs (recomputed as
+    /// servers report).
+    Cap {
+        line: String,
+        #[arg(required_unless_present = "follow_role")]
+        version: Option<String>,
+        #[arg(long)]
+        follow_role: Option<String>,
+    },
     /// Lift a product line's cap.
     Uncap { line: String },
     /// Show the caps.

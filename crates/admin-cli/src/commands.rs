@@ -16,7 +16,7 @@ use updraft_proto::v1::{
     UploadChunk, UploadHeader, WatchFolder, upload_chunk,
 };
 
-use crate::cli::{BuildArgs, Cli, Cmd, KeyCmd, PackageCmd, PkiCmd, ProductLineCmd, UpdateCmd, WatchCmd};
+use crate::cli::{BuildArgs, Cli, Cmd, DeployCmd, KeyCmd, PackageCmd, PkiCmd, ProductLineCmd, UpdateCmd, WatchCmd};
 use crate::output::{age, json as print_json, table};
 
 /// Upload chunk size: well under the provider's 4 MiB message limit.
@@ -156,15 +156,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::User(cmd) => crate::access::user(url, cmd, cli.json).await?,
         Cmd::Audit(cmd) => crate::access::audit(url, cmd, cli.json).await?,
         Cmd::Report { cmd, since } => crate::fleet::report(url, cmd, &since, cli.json).await?,
+        Cmd::Deploy { cmd: Some(DeployCmd::List { product }), .. } => {
+            crate::fleet::deploy_list(url, product.unwrap_or_default(), cli.json).await?
+        }
+        Cmd::Deploy { cmd: None, target } => crate::fleet::deploy(url, target, false, cli.json).await?,
+        Cmd::Undeploy { target } => crate::fleet::deploy(url, target, true, cli.json).await?,
         Cmd::ProductLine(cmd) => {
             let mut c = connect(url).await?;
             let caps = match cmd {
-                ProductLineCmd::Cap { line, version } => {
-                    version.parse::<updraft_core::Version>()?;
-                    c.set_cap(ProductLineCap { product_line: line, version }).await
+                ProductLineCmd::Cap { line, version, follow_role } => {
+                    let version = version.unwrap_or_default();
+                    if !version.is_empty() {
+                        version.parse::<updraft_core::Version>()?;
+                    }
+                    let follow_role = follow_role.unwrap_or_default();
+                    if !follow_role.is_empty() {
+                        follow_role.parse::<updraft_core::model::Role>()?;
+                    }
+                    c.set_cap(ProductLineCap { product_line: line, version, follow_role, ceiling: String::new() }).await
                 }
                 ProductLineCmd::Uncap { line } => {
-                    c.set_cap(ProductLineCap { product_line: line, version: String::new() }).await
+                    c.set_cap(ProductLineCap { product_line: line, ..Default::default() }).await
                 }
                 ProductLineCmd::List => c.list_caps(ListCapsRequest {}).await,
             }
@@ -173,13 +185,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .caps;
             if cli.json {
                 print_json(&Value::Array(
-                    caps.iter().map(|c| json!({"product_line": c.product_line, "cap": c.version})).collect(),
+                    caps.iter()
+                        .map(|c| {
+                            json!({"product_line": c.product_line, "cap": c.version, "follow_role": c.follow_role,
+                                "ceiling": c.ceiling})
+                        })
+                        .collect(),
                 ));
             } else {
-                table(
-                    &["PRODUCT LINE", "CAP"],
-                    &caps.iter().map(|c| vec![c.product_line.clone(), c.version.clone()]).collect::<Vec<_>>(),
-                );
+                let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+                let rows: Vec<Vec<String>> = caps
+                    .iter()
+                    .map(|c| {
+                        let ceiling = match (c.follow_role.as_str(), c.ceiling.as_str()) {
+                            ("", _) => "-".to_string(),
+                            (role, "") => format!("none yet (no {role} runs it)"),
+                            (_, v) => v.to_string(),
+                        };
+                        vec![c.product_line.clone(), dash(&c.version), dash(&c.follow_role), ceiling]
+                    })
+                    .collect();
+                table(&["PRODUCT LINE", "CAP", "FOLLOWS ROLE", "CEILING"], &rows);
             }
         }
         Cmd::Watch(cmd) => watch(url, cmd, cli.json).await?,
@@ -276,6 +302,7 @@ fn build(a: BuildArgs, as_json: bool) -> anyhow::Result<()> {
         doc_url: a.doc_url,
         install_properties: props,
         related_installs: a.related,
+        requires: a.requires.as_deref().map(str::parse).transpose()?,
         lifecycle: package::Lifecycle {
             pre_install: a.pre_install,
             stop: a.stop_hook,
@@ -488,6 +515,12 @@ fn print_updates(resp: &ListUpdatesResponse, as_json: bool, group_by: Option<&st
         if !st.held_by_cap.is_empty() {
             notes.push(format!("held by cap {}", st.held_by_cap));
         }
+        if st.applicable_count > 0 || st.offered_count > 0 {
+            notes.push(format!("offered {}/{}", st.offered_count, st.applicable_count));
+        }
+        if st.held_count > 0 {
+            notes.push(format!("held on {}", st.held_count));
+        }
         if st.installed_count > 0 {
             notes.push(format!("{} installed", st.installed_count));
         }
@@ -543,7 +576,9 @@ fn release_of(u: &Update) -> String {
 }
 
 fn status_json(s: &UpdateStatus) -> Value {
-    json!({"installed_count": s.installed_count, "held_by_cap": s.held_by_cap, "notes": s.notes})
+    json!({"installed_count": s.installed_count, "held_by_cap": s.held_by_cap, "notes": s.notes,
+        "applicable_count": s.applicable_count, "offered_count": s.offered_count, "held_count": s.held_count,
+        "held": s.held})
 }
 
 fn state_name(n: i32) -> String {
@@ -567,6 +602,7 @@ fn update_json(u: &Update) -> Value {
         "signature_verified": u.signature_verified, "state": state_name(u.state),
         "high_priority": u.high_priority, "inserted_unix": u.inserted_unix,
         "related_installs": u.related_installs, "catalog_seq": u.catalog_seq,
+        "requires_version": u.requires_version,
     })
 }
 
@@ -578,7 +614,10 @@ pub(crate) fn machine_json(m: &Machine) -> Value {
         "last_contact_unix_ms": m.last_contact_unix_ms, "last_error": m.last_error,
         "group": m.group, "status": m.status, "notes": m.notes, "problems": info.problems,
         "restart_needed": info.restart_needed, "waiting": info.waiting,
-        "installed": info.installed.iter().map(|p| json!({"product": p.product, "version": p.version, "update_id": p.update_id, "previous_version": p.previous_version})).collect::<Vec<_>>(),
+        "role": m.role,
+        "installed": info.installed.iter().map(|p| json!({"product": p.product, "version": p.version, "update_id": p.update_id,
+            "previous_version": p.previous_version, "upgrade_code": p.upgrade_code, "product_code": p.product_code,
+            "adopted": p.adopted})).collect::<Vec<_>>(),
     })
 }
 

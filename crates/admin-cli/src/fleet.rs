@@ -1,14 +1,16 @@
-//! admin-cli's fleet commands: groups, machine detail and pins, the status report, activity.
+//! admin-cli's fleet commands: groups, deployments, machine detail, pins and roles, the status
+//! report, activity.
 use anyhow::{Context, anyhow, bail};
 use serde_json::{Value, json};
 use updraft_core::policy::{Mode, day_name, hour_name, parse_day, parse_hour};
 use updraft_proto::v1::{
-    AssignRequest, ClearActivityRequest, GetGroupRequest, GetMachineRequest, GroupSettings, ListActivityRequest,
-    ListGroupsRequest, ListMachinesRequest, Machine, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportRequest2,
-    SiteStats, SiteStatusRequest, replication_client::ReplicationClient,
+    AssignRequest, ClearActivityRequest, DeployRequest, GetGroupRequest, GetMachineRequest, GroupSettings,
+    ListActivityRequest, ListDeploymentsRequest, ListDeploymentsResponse, ListGroupsRequest, ListMachinesRequest,
+    Machine, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportRequest2, SetRoleRequest, SiteStats,
+    SiteStatusRequest, replication_client::ReplicationClient,
 };
 
-use crate::cli::{ActivityCmd, GroupCmd, GroupSettingsArgs, MachineCmd, ReportCmd, Since, SiteCmd};
+use crate::cli::{ActivityCmd, DeployTarget, GroupCmd, GroupSettingsArgs, MachineCmd, ReportCmd, Since, SiteCmd};
 use crate::commands::{activity_json, connect, kind_name, machine_json, rpc};
 use crate::output::{age, json as print_json, table};
 
@@ -212,6 +214,7 @@ pub async fn machine(url: &str, cmd: MachineCmd, as_json: bool) -> anyhow::Resul
                 v["products"] = Value::Array(d.products.iter().map(|ps| json!({
                     "product": ps.product, "installed_version": ps.installed_version,
                     "available_version": ps.available_version, "pinned_version": ps.pinned_version, "status": ps.status,
+                    "held": ps.held, "adopted": ps.adopted,
                 })).collect());
                 v["pins"] = json!(d.pins);
                 v["recent"] = Value::Array(d.recent.iter().map(activity_json).collect());
@@ -223,6 +226,7 @@ pub async fn machine(url: &str, cmd: MachineCmd, as_json: bool) -> anyhow::Resul
             println!("host          {}", info.hostname);
             println!("addresses     {}", info.addresses.join(", "));
             println!("agent         {}", info.agent_version);
+            println!("role          {}", m.role);
             println!("via           {}", m.via);
             println!("last contact  {}", age(m.last_contact_unix_ms));
             println!(
@@ -243,16 +247,22 @@ pub async fn machine(url: &str, cmd: MachineCmd, as_json: bool) -> anyhow::Resul
                 .iter()
                 .map(|ps| {
                     let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+                    let installed = if ps.adopted {
+                        format!("{} (adopted)", ps.installed_version)
+                    } else {
+                        or_dash(&ps.installed_version)
+                    };
                     vec![
                         ps.product.clone(),
-                        or_dash(&ps.installed_version),
+                        installed,
                         or_dash(&ps.available_version),
                         or_dash(&ps.pinned_version),
                         ps.status.clone(),
+                        if ps.held.is_empty() { "-".into() } else { ps.held.join("; ") },
                     ]
                 })
                 .collect();
-            table(&["PRODUCT", "INSTALLED", "AVAILABLE", "PINNED", "STATUS"], &rows);
+            table(&["PRODUCT", "INSTALLED", "AVAILABLE", "PINNED", "STATUS", "HELD"], &rows);
             println!();
             let rows: Vec<Vec<String>> = d
                 .recent
@@ -267,6 +277,13 @@ pub async fn machine(url: &str, cmd: MachineCmd, as_json: bool) -> anyhow::Resul
             let ms = c.pin(PinRequest { machines, product, version }).await.map_err(rpc(url))?.into_inner().machines;
             print_machines(&ms, as_json)
         }
+        MachineCmd::Role { machine, role } => {
+            let role =
+                if role == "agent" { String::new() } else { role.parse::<updraft_core::model::Role>()?.to_string() };
+            let req = SetRoleRequest { machines: vec![machine], role };
+            let ms = c.set_role(req).await.map_err(rpc(url))?.into_inner().machines;
+            print_machines(&ms, as_json)
+        }
         MachineCmd::Unpin { machines, product } => {
             let ms = c
                 .pin(PinRequest { machines, product, version: String::new() })
@@ -277,6 +294,52 @@ pub async fn machine(url: &str, cmd: MachineCmd, as_json: bool) -> anyhow::Resul
             print_machines(&ms, as_json)
         }
     }
+}
+
+fn print_deployments(resp: &ListDeploymentsResponse, as_json: bool) {
+    for w in &resp.warnings {
+        eprintln!("warning: {w}");
+    }
+    if as_json {
+        print_json(&Value::Array(
+            resp.deployments
+                .iter()
+                .map(|d| json!({"product": d.product, "group": d.group, "machine": d.machine}))
+                .collect(),
+        ));
+        return;
+    }
+    let rows: Vec<Vec<String>> = resp
+        .deployments
+        .iter()
+        .map(|d| {
+            let to = if d.machine.is_empty() { format!("group {}", d.group) } else { format!("machine {}", d.machine) };
+            vec![d.product.clone(), to]
+        })
+        .collect();
+    table(&["PRODUCT", "DEPLOYED TO"], &rows);
+}
+
+pub async fn deploy_list(url: &str, product: String, as_json: bool) -> anyhow::Result<()> {
+    let mut c = connect(url).await?;
+    let resp = c.list_deployments(ListDeploymentsRequest { product }).await.map_err(rpc(url))?.into_inner();
+    print_deployments(&resp, as_json);
+    Ok(())
+}
+
+pub async fn deploy(url: &str, target: DeployTarget, remove: bool, as_json: bool) -> anyhow::Result<()> {
+    let product = target.product.unwrap_or_default();
+    updraft_core::model::validate_product(&product)?;
+    let mut c = connect(url).await?;
+    let req = DeployRequest {
+        product,
+        group: target.group.unwrap_or_default(),
+        machine: target.machine.unwrap_or_default(),
+        remove,
+    };
+    let resp = c.deploy(req).await.map_err(rpc(url))?.into_inner();
+    print_deployments(&resp, as_json);
+    Ok(())
 }
 
 pub async fn report(url: &str, cmd: Option<ReportCmd>, since: &Since, as_json: bool) -> anyhow::Result<()> {
@@ -383,6 +446,7 @@ fn stats_json(s: &SiteStats) -> Value {
         "wan_bytes": s.wan_bytes, "served_bytes": s.served_bytes, "cache_hits": s.cache_hits,
         "cache_misses": s.cache_misses,
         "cache_hit_ratio": if total == 0 { Value::Null } else { json!(s.cache_hits as f64 / total as f64) },
+        "prefetch_passes": s.prefetch_passes, "prefetch_failed": s.prefetch_failed,
     })
 }
 
@@ -444,6 +508,15 @@ pub async fn site(url: &str, cmd: SiteCmd, as_json: bool) -> anyhow::Result<()> 
                 println!("wan bytes     {}", s.wan_bytes);
                 println!("served bytes  {}", s.served_bytes);
                 println!("cache         {} hits, {} misses (hit ratio {})", s.cache_hits, s.cache_misses, ratio(&s));
+                println!(
+                    "prefetch      {} passes{}",
+                    s.prefetch_passes,
+                    if s.prefetch_failed == 0 {
+                        String::new()
+                    } else {
+                        format!(", {} failed in the last", s.prefetch_failed)
+                    }
+                );
             }
         }
     }

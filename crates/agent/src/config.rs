@@ -12,6 +12,7 @@
 //! max_message_bytes = 4194304
 //! discover = true          # find providers on the local network (mDNS)
 //! discovery_key = "Production"
+//! role = "workstation"     # or server, site (the server version ceiling; admin-cli machine role overrides)
 //! tls_ca = "/etc/updraft/ca.crt"       # mutual TLS (admin-cli pki issue --role agent NAME)
 //! tls_cert = "/etc/updraft/agent.crt"
 //! tls_key = "/etc/updraft/agent.key"
@@ -44,6 +45,7 @@ pub struct FileConfig {
     pub insecure: Option<bool>,
     pub catalog_keys: Option<Vec<PathBuf>>,
     pub disk_reserve_bytes: Option<u64>,
+    pub role: Option<String>,
 }
 
 impl FileConfig {

@@ -35,6 +35,13 @@ pub enum Request {
     TestProvider {
         target: String,
     },
+    /// Declare a product installed by other means (see `agent adopt`).
+    Adopt {
+        product: String,
+        version: String,
+        #[serde(default)]
+        upgrade_code: String,
+    },
     /// A default-group machine's own settings; unset fields are left alone.
     Config {
         mode: Option<String>,
@@ -54,6 +61,7 @@ pub enum Response {
     // A struct variant: an internally tagged enum cannot carry a bare list.
     Providers { providers: Vec<ProviderView> },
     Tested(TestReport),
+    Done { message: String },
     Error { message: String },
 }
 
@@ -93,6 +101,10 @@ pub struct InstalledView {
     pub version: String,
     pub update_id: String,
     pub previous_version: Option<String>,
+    #[serde(default)]
+    pub upgrade_code: String,
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -67,6 +67,8 @@ pub struct AgentConfig {
     /// Pinned catalog keys: when set, every answer must carry a fresh statement signed by one
     /// of them that lists every offer.
     pub catalog_keys: Vec<PublicKey>,
+    /// What this machine is (for the server version ceiling); an administrator may override it.
+    pub role: updraft_core::model::Role,
 }
 
 /// Why a check runs.
@@ -230,6 +232,8 @@ impl Agent {
             hostname: updraft_runtime::hostname(),
             addresses: vec![],
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            role: self.cfg.role.as_str().to_string(),
+            agent_product: self.cfg.self_product.clone(),
             installed: st
                 .installed
                 .iter()
@@ -238,6 +242,10 @@ impl Agent {
                     version: r.version.clone(),
                     update_id: r.update_id.clone(),
                     previous_version: r.previous.as_ref().map(|x| x.version.clone()).unwrap_or_default(),
+                    upgrade_code: r.upgrade_code.clone(),
+                    product_code: r.product_code.clone(),
+                    adopted: r.adopted,
+                    installed_unix: r.installed_unix,
                 })
                 .collect(),
         }
@@ -336,8 +344,33 @@ impl Agent {
                 let had_removal = resp.offers.iter().any(|o| o.action == ActionKind::Remove as i32);
                 let deferred = self.state.lock().await.deferred.clone();
                 let mut waiting = Vec::new();
+                let mut foreign = std::collections::BTreeMap::new();
+                let mut held_with: std::collections::BTreeMap<String, String> = Default::default();
                 for offer in resp.offers {
                     let Some(u) = offer.update.clone() else { continue };
+                    // A directory this agent has no receipt for is someone else's: never touched.
+                    // What it would have brought along waits with it.
+                    if offer.action == ActionKind::Install as i32 {
+                        let refused = self.state.lock().await.not_ours(&self.cfg.install_root, &u.product);
+                        if let Some(problem) = refused {
+                            tracing::warn!(product = %u.product, "{problem}");
+                            // Once in the activity log (and so at once in the report), not every check.
+                            if !self.state.lock().await.foreign.contains_key(&u.product) {
+                                self.record(ActivityKind::Error, &u, problem.clone()).await;
+                            }
+                            report.errors.push(problem.clone());
+                            foreign.insert(u.product.clone(), problem);
+                            held_with.extend(u.related_installs.iter().map(|r| (r.clone(), u.product.clone())));
+                            continue;
+                        }
+                        if let Some(by) = held_with.get(&u.product) {
+                            report.waiting.push(format!(
+                                "{} {} (brought in by {by}, which cannot be installed here)",
+                                u.product, u.version
+                            ));
+                            continue;
+                        }
+                    }
                     let mut decision = decide(mode, window, &reason, &offer, &deferred);
                     // Crash-loop guard: an update that failed the same way too often waits for
                     // someone to ask for it by id.
@@ -398,6 +431,7 @@ impl Agent {
                     // A deferral ends once its update is no longer waiting.
                     st.deferred.retain(|d| waiting.iter().any(|w| &w.update_id == d));
                     st.waiting = waiting;
+                    st.foreign = foreign;
                     st.policy = Some(PolicyRec {
                         group: policy.group.clone(),
                         mode: mode.to_string(),
@@ -522,6 +556,48 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// Declares `product` at `version`, installed under the install root by other means: a
+    /// receipt is written and nothing on disk changes. Its first update keeps the tree as
+    /// `P_old`, like any update. Refused for a product Updraft installed itself.
+    pub async fn adopt(&self, product: &str, version: &str, upgrade_code: &str) -> Result<String> {
+        updraft_core::model::validate_product(product)?;
+        let v: updraft_core::Version = version.parse()?;
+        let live = install::live_dir(&self.cfg.install_root, product);
+        match std::fs::symlink_metadata(&live) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(AgentError::Config(format!("{} is not a directory", live.display()))),
+            Err(e) => return Err(AgentError::io(&live, e)),
+        }
+        // Not while an install runs: the receipt and the tree must agree.
+        let _one_at_a_time = self.checking.lock().await;
+        {
+            let mut st = self.state.lock().await;
+            if let Some(r) = st.installed.get(product).filter(|r| !r.adopted) {
+                return Err(AgentError::Config(format!(
+                    "{product} {} was installed by Updraft ({}); there is nothing to adopt",
+                    r.version, r.update_id
+                )));
+            }
+            st.installed.insert(
+                product.to_string(),
+                InstalledRec {
+                    version: v.to_string(),
+                    installed_unix: now_ms() / 1000,
+                    upgrade_code: upgrade_code.to_string(),
+                    adopted: true,
+                    ..Default::default()
+                },
+            );
+            st.foreign.remove(product);
+        }
+        self.save().await?;
+        tracing::info!(%product, version = %v, "adopted");
+        Ok(format!(
+            "adopted {product} {v} at {}: its updates come with the next check (`agent check` looks now)",
+            live.display()
+        ))
     }
 
     /// Changes a default-group machine's own settings; refused when a group manages it.
@@ -685,6 +761,8 @@ impl Agent {
             staged_inode: None,
             needs_health: false,
             self_update: false,
+            upgrade_code: u.upgrade_code.clone(),
+            product_code: u.product_code.clone(),
         };
         let root = self.cfg.install_root.clone();
         let state_dir = self.cfg.state_dir.clone();
@@ -732,6 +810,19 @@ impl Agent {
             if let Err(e) = gate {
                 install::recover(&root)?; // drop the staged tree; P was never touched
                 return Err(e);
+            }
+            // The exchange replaces only a tree a receipt describes: one that appeared under
+            // the root since the check is someone else's.
+            if op.previous.is_none() && std::fs::symlink_metadata(install::live_dir(&root, &op.product)).is_ok() {
+                install::recover(&root)?;
+                let live = install::live_dir(&root, &op.product);
+                return Err(AgentError::Install {
+                    update: op.update_id.clone(),
+                    reason: format!(
+                        "{} appeared during the install and was not installed by Updraft: left alone",
+                        live.display()
+                    ),
+                });
             }
             let had_old = install::exchange_in(&root, &op.product)?;
             failpoint::hit("swap:exchanged");
@@ -921,15 +1012,7 @@ impl Agent {
             let mut st = self.state.lock().await;
             match back {
                 Some(prev) => {
-                    st.installed.insert(
-                        u.product.clone(),
-                        InstalledRec {
-                            version: prev.version.clone(),
-                            update_id: prev.update_id,
-                            previous: None,
-                            installed_unix: now_ms() / 1000,
-                        },
-                    );
+                    st.back_to_previous(&u.product, &prev, now_ms() / 1000);
                     format!("removed {} {}, back on {}", u.product, u.version, prev.version)
                 }
                 None => {
@@ -1069,6 +1152,8 @@ pub fn status_from_state(name: &str, providers: &[String], st: &AgentState, daem
                 version: r.version.clone(),
                 update_id: r.update_id.clone(),
                 previous_version: r.previous.as_ref().map(|x| x.version.clone()),
+                upgrade_code: r.upgrade_code.clone(),
+                adopted: r.adopted,
             })
             .collect(),
     }
@@ -1175,6 +1260,12 @@ async fn control_loop(
                 },
                 Ok(Request::Check { later }) => run_now(&tx, Reason::Manual { later }).await,
                 Ok(Request::Apply { select }) => run_now(&tx, Reason::Apply(select)).await,
+                Ok(Request::Adopt { product, version, upgrade_code }) => {
+                    match agent.adopt(&product, &version, &upgrade_code).await {
+                        Ok(message) => Response::Done { message },
+                        Err(e) => Response::Error { message: e.to_string() },
+                    }
+                }
                 Ok(Request::Config { mode, install_day, install_hour, reset }) => {
                     match agent.configure(mode, install_day, install_hour, reset).await {
                         Ok(r) => Response::Config(r),

@@ -42,6 +42,11 @@ pub struct Op {
     /// The agent is replacing itself: the new binary is on trial until it reports in.
     #[serde(default)]
     pub self_update: bool,
+    /// For the receipt.
+    #[serde(default)]
+    pub upgrade_code: String,
+    #[serde(default)]
+    pub product_code: String,
 }
 
 const FILE: &str = "journal.json";
@@ -82,6 +87,9 @@ pub fn record_install(state: &mut AgentState, op: &Op, now_unix: i64) {
             update_id: op.update_id.clone(),
             previous: op.previous.clone(),
             installed_unix: now_unix,
+            upgrade_code: op.upgrade_code.clone(),
+            product_code: op.product_code.clone(),
+            adopted: false,
         },
     );
     state.install_errors.remove(&op.product);
@@ -195,17 +203,7 @@ pub fn recover_removal(root: &Path, r: &Removal, state: &mut AgentState) -> Resu
     }
     install::recover(root)?;
     match &r.back {
-        Some(prev) => {
-            state.installed.insert(
-                r.product.clone(),
-                InstalledRec {
-                    version: prev.version.clone(),
-                    update_id: prev.update_id.clone(),
-                    previous: None,
-                    installed_unix: 0,
-                },
-            );
-        }
+        Some(prev) => state.back_to_previous(&r.product, prev, 0),
         None => {
             state.installed.remove(&r.product);
         }

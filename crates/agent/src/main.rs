@@ -84,6 +84,10 @@ struct RunArgs {
     /// Seconds a new agent has to report in before the previous one comes back (default 120).
     #[arg(long, env = "UPDRAFT_AGENT_SELF_UPDATE_DEADLINE_SECS")]
     self_update_deadline_secs: Option<u64>,
+    /// What this machine is: workstation (default), server or site. Product lines that follow
+    /// the server role keep workstations at or below their servers' version.
+    #[arg(long, env = "UPDRAFT_AGENT_ROLE")]
+    role: Option<String>,
     /// Pinned catalog key(s) (.pub): answers must carry a fresh statement signed by one.
     #[arg(long = "catalog-key", env = "UPDRAFT_AGENT_CATALOG_KEYS", value_delimiter = ',')]
     catalog_keys: Vec<PathBuf>,
@@ -141,6 +145,20 @@ enum Cmd {
         /// The update id (as `agent status` shows it).
         update: String,
     },
+    /// Declare a product installed by other means under the install root, so Updraft updates it
+    /// (files untouched; its first update keeps the existing tree as PRODUCT_old).
+    Adopt {
+        #[command(flatten)]
+        state: StateDir,
+        /// The directory name under the install root.
+        product: String,
+        /// The version installed there (MM.mm.PP.BB).
+        #[arg(long)]
+        version: String,
+        /// The product's upgrade code, when it has one.
+        #[arg(long, default_value = "")]
+        upgrade_code: String,
+    },
     /// Change this machine's own settings (machines in the default group only).
     Config {
         #[command(flatten)]
@@ -186,6 +204,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Providers { state, cmd: Some(ProvidersCmd::Test { target }) } => {
             act(&state, Request::TestProvider { target }).await
+        }
+        Cmd::Adopt { state, product, version, upgrade_code } => {
+            updraft_core::model::validate_product(&product)?;
+            version.parse::<updraft_core::Version>()?;
+            act(&state, Request::Adopt { product, version, upgrade_code }).await
         }
         Cmd::Config { state, mode, day, hour, reset } => {
             let install_day = day.map(|d| updraft_core::policy::parse_day(&d)).transpose()?;
@@ -237,6 +260,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             let paths = if a.catalog_keys.is_empty() { file.catalog_keys.unwrap_or_default() } else { a.catalog_keys };
             paths.iter().map(|p| PublicKey::load(p)).collect::<Result<_, _>>()?
         },
+        role: updraft_core::model::Role::from_wire(a.role.or(file.role).as_deref().unwrap_or(""))?,
         discovery_key: config::discovery_key(
             a.discover || file.discover.unwrap_or(false),
             a.discovery_key.or(file.discovery_key),
@@ -362,6 +386,14 @@ async fn act(state: &StateDir, req: Request) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Response::Done { message } => {
+            if state.json {
+                println!("{}", serde_json::json!({ "message": message }));
+            } else {
+                println!("{message}");
+            }
+            Ok(())
+        }
         Response::Tested(t) => {
             if state.json {
                 println!("{}", serde_json::to_string_pretty(&t)?);
@@ -409,7 +441,7 @@ fn print_status(s: &StatusReport) {
             i.product,
             i.version,
             i.previous_version.as_deref().unwrap_or("-"),
-            i.update_id
+            if i.adopted { "(adopted)" } else { i.update_id.as_str() }
         );
     }
     for w in &s.waiting {

@@ -148,17 +148,7 @@ pub fn watch(state_dir: &Path, root: &Path, pid: u32, deadline: Duration, argv: 
     );
     // The new agent recorded itself as installed when it started: put the previous one back.
     match &op.previous {
-        Some(p) => {
-            st.installed.insert(
-                op.product.clone(),
-                crate::state::InstalledRec {
-                    version: p.version.clone(),
-                    update_id: p.update_id.clone(),
-                    previous: None,
-                    installed_unix: 0,
-                },
-            );
-        }
+        Some(p) => st.back_to_previous(&op.product, p, 0),
         None => {
             st.installed.remove(&op.product);
         }

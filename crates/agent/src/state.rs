@@ -20,14 +20,25 @@ pub struct FailureRec {
 /// Undelivered activity kept at most; the oldest is dropped beyond it.
 pub const MAX_PENDING_ACTIVITY: usize = 1000;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// The receipt for `ROOT/P`: written by the agent with each install (or by `agent adopt`, for a
+/// product installed by other means). A directory under the install root without one is never
+/// overwritten or moved. Receipts written before upgrade codes existed read with empty codes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct InstalledRec {
     pub version: String,
+    /// Empty for an adopted product.
     pub update_id: String,
     /// The version kept in `ROOT/P_old`, if any.
     #[serde(default)]
     pub previous: Option<PreviousRec>,
     pub installed_unix: i64,
+    #[serde(default)]
+    pub upgrade_code: String,
+    #[serde(default)]
+    pub product_code: String,
+    /// Installed by other means and declared with `agent adopt`.
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -92,6 +103,10 @@ pub struct AgentState {
     /// The last failed install per product, until that product installs again.
     #[serde(default)]
     pub install_errors: BTreeMap<String, String>,
+    /// Products offered to this machine whose directory under the install root has no
+    /// receipt, and what to do about it (as of the last check).
+    #[serde(default)]
+    pub foreign: BTreeMap<String, String>,
     /// High-priority updates someone chose to leave for the next install window.
     #[serde(default)]
     pub deferred: Vec<String>,
@@ -148,6 +163,37 @@ impl AgentState {
         write_atomic(state_dir, "state.json", &serde_json::to_vec_pretty(self).expect("state serialises"))
     }
 
+    /// The receipt after `ROOT/P_old` became `ROOT/P` again (a removal, a failed self-update):
+    /// the previous version, with the product's codes; adopted if that version was.
+    pub fn back_to_previous(&mut self, product: &str, prev: &PreviousRec, now_unix: i64) {
+        let codes = self.installed.get(product).cloned().unwrap_or_default();
+        self.installed.insert(
+            product.to_string(),
+            InstalledRec {
+                version: prev.version.clone(),
+                update_id: prev.update_id.clone(),
+                previous: None,
+                installed_unix: now_unix,
+                upgrade_code: codes.upgrade_code,
+                product_code: codes.product_code,
+                adopted: prev.update_id.is_empty(),
+            },
+        );
+    }
+
+    /// The problem with offering `product` to this machine, if `ROOT/product` is a directory the
+    /// agent has no receipt for: it was put there by someone else and is never touched.
+    pub fn not_ours(&self, root: &Path, product: &str) -> Option<String> {
+        let live = root.join(product);
+        let exists = std::fs::symlink_metadata(&live).is_ok();
+        (exists && !self.installed.contains_key(product)).then(|| {
+            format!(
+                "{} was not installed by Updraft: adopt it (`agent adopt {product} --version V`) or move it",
+                live.display()
+            )
+        })
+    }
+
     /// What the agent knows is wrong, in words for the report.
     pub fn problems(&self) -> Vec<String> {
         let mut out: Vec<String> = self
@@ -157,6 +203,7 @@ impl AgentState {
             .collect();
         out.extend(self.refused_answers.iter().map(|(url, why)| format!("refused the answer of {url}: {why}")));
         out.extend(self.install_errors.values().cloned());
+        out.extend(self.foreign.values().cloned());
         out
     }
 
@@ -186,6 +233,37 @@ impl AgentState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receipts_from_before_upgrade_codes_still_count() {
+        // A state file an older agent wrote: receipts without codes or the adopted mark.
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"{"installed": {"editor": {"version": "1.0.0.0", "update_id": "editor-1.0.0.0-abc",
+            "previous": null, "installed_unix": 5}}, "last_seen_seq": 7}"#;
+        std::fs::write(state_path(dir.path()), old).unwrap();
+        let st = AgentState::load(dir.path()).unwrap();
+        let rec = &st.installed["editor"];
+        assert_eq!((rec.version.as_str(), rec.upgrade_code.as_str(), rec.adopted), ("1.0.0.0", "", false));
+        // The product is ours: its directory is not foreign; another one without a receipt is.
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("editor")).unwrap();
+        std::fs::create_dir(root.path().join("client")).unwrap();
+        assert_eq!(st.not_ours(root.path(), "editor"), None);
+        assert!(st.not_ours(root.path(), "client").unwrap().contains("was not installed by Updraft"));
+        assert_eq!(st.not_ours(root.path(), "absent"), None, "nothing there: nothing to protect");
+    }
+
+    #[test]
+    fn back_to_previous_keeps_the_products_codes() {
+        let mut st = AgentState::default();
+        st.installed.insert(
+            "app".into(),
+            InstalledRec { version: "2.0.0.0".into(), upgrade_code: "UC".into(), ..Default::default() },
+        );
+        st.back_to_previous("app", &PreviousRec { version: "1.0.0.0".into(), update_id: String::new() }, 9);
+        let rec = &st.installed["app"];
+        assert_eq!((rec.version.as_str(), rec.upgrade_code.as_str(), rec.adopted), ("1.0.0.0", "UC", true));
+    }
 
     #[test]
     fn save_load_round_trip_and_bounded_activity() {

@@ -126,6 +126,53 @@ impl fmt::Display for InstallType {
     }
 }
 
+/// What a machine is in the fleet, for the server version ceiling (seed 001: clients never run
+/// ahead of their server; seed 002: off-servers, then the server, then workstations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    #[default]
+    Workstation,
+    Server,
+    /// The machine of a branch site's remote provider.
+    Site,
+}
+
+impl Role {
+    pub const ALL: &'static str = "workstation, server, site";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Workstation => "workstation",
+            Role::Server => "server",
+            Role::Site => "site",
+        }
+    }
+
+    /// The role a wire string names; empty (not said) is the default, workstation.
+    pub fn from_wire(s: &str) -> Result<Self, CoreError> {
+        if s.is_empty() { Ok(Role::default()) } else { s.parse() }
+    }
+}
+
+impl FromStr for Role {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "workstation" => Role::Workstation,
+            "server" => Role::Server,
+            "site" => Role::Site,
+            _ => return Err(CoreError::UnknownName { what: "machine role", input: s.into(), expected: Self::ALL }),
+        })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Checks a product name: it becomes a directory name under the install root, so it must be a
 /// single safe path component.
 pub fn validate_product(name: &str) -> Result<(), CoreError> {
@@ -158,6 +205,11 @@ mod tests {
             assert_eq!(UpdateState::from_wire(s.to_wire()), Some(s));
         }
         assert!("approved".parse::<UpdateState>().unwrap_err().to_string().contains("pre-approval, ga"));
+        for r in [Role::Workstation, Role::Server, Role::Site] {
+            assert_eq!(Role::from_wire(r.as_str()).unwrap(), r);
+        }
+        assert_eq!(Role::from_wire("").unwrap(), Role::Workstation);
+        assert!(Role::from_wire("laptop").unwrap_err().to_string().contains("workstation, server, site"));
     }
 
     #[test]

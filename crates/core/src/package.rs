@@ -77,6 +77,10 @@ pub struct Manifest {
     pub install_properties: BTreeMap<String, String>,
     #[serde(default)]
     pub related_installs: Vec<String>,
+    /// For an ES: the patch version it sits on. Absent from manifests that do not set it, so
+    /// they read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requires: Option<Version>,
     /// Id of the release key that signed this manifest (informational; the agent checks
     /// against the key it pins, whatever this says).
     pub key_id: String,
@@ -203,6 +207,8 @@ pub struct PackageMeta {
     pub doc_url: String,
     pub install_properties: BTreeMap<String, String>,
     pub related_installs: Vec<String>,
+    /// For an ES: the patch version it sits on.
+    pub requires: Option<Version>,
     pub lifecycle: Lifecycle,
 }
 
@@ -222,6 +228,7 @@ impl Manifest {
             doc_url: String::new(),
             install_properties: BTreeMap::new(),
             related_installs: vec![],
+            requires: None,
             key_id: String::new(),
             dirs: vec![],
             files: vec![],
@@ -236,6 +243,17 @@ impl Manifest {
             return bad(format!("format {} is not supported (this build reads format {FORMAT})", self.format));
         }
         validate_product(&self.product).map_err(|e| CoreError::Manifest(e.to_string()))?;
+        if let Some(r) = self.requires {
+            if self.install_type != InstallType::Es {
+                return bad(format!("requires {r}: only an ES names the patch it sits on"));
+            }
+            if r >= self.version || (r.major, r.minor) != (self.version.major, self.version.minor) {
+                return bad(format!(
+                    "requires {r}: an ES sits on an earlier patch of its own release ({}.{}.x.x, below {})",
+                    self.version.major, self.version.minor, self.version
+                ));
+            }
+        }
         if self.files.len() + self.dirs.len() > MAX_FILES {
             return bad(format!("{} entries, at most {MAX_FILES} allowed", self.files.len() + self.dirs.len()));
         }
@@ -321,6 +339,7 @@ pub fn build(from: &Path, meta: &PackageMeta, key: &ReleaseKey, out: &Path) -> R
         doc_url: meta.doc_url.clone(),
         install_properties: meta.install_properties.clone(),
         related_installs: meta.related_installs.clone(),
+        requires: meta.requires,
         key_id: key.public().key_id(),
         dirs,
         files,

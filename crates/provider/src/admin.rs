@@ -21,13 +21,15 @@ use updraft_proto::v1::{
     WatchFolder, upload_chunk,
 };
 use updraft_proto::v1::{
-    ListAuditRequest, ListAuditResponse, ListUsersRequest, ListUsersResponse, RemoveUserRequest, User,
+    DeployRequest, ListAuditRequest, ListAuditResponse, ListDeploymentsRequest, ListDeploymentsResponse,
+    ListUsersRequest, ListUsersResponse, RemoveUserRequest, SetRoleRequest, User,
 };
 
 use crate::Shared;
 use crate::catalog::{caps_map, dependents, ga_patch_warnings, install_type_of, item_of, status_of};
 use crate::error::{ProviderError, Result};
 use crate::import::{self, Receiver, record_catalog_activity};
+use crate::policy;
 use crate::scanner::{self, ScanConfig};
 use crate::store::Change;
 
@@ -139,9 +141,11 @@ impl AdminService {
     }
 
     fn listing(&self, updates: Vec<Update>) -> Result<ListUpdatesResponse> {
-        let machines = self.shared.store.list_machines()?;
-        let caps = caps_map(&self.shared.store.list_caps()?);
-        let statuses = updates.iter().map(|u| status_of(u, &machines, &caps)).collect();
+        let store = &self.shared.store;
+        let all_caps = store.list_caps()?;
+        let fleet = policy::fleet_plans(store, &store.list_updates()?, &all_caps)?;
+        let caps = caps_map(&all_caps);
+        let statuses = updates.iter().map(|u| status_of(u, &fleet, &caps)).collect();
         let warnings = ga_patch_warnings(&self.shared.store.list_updates()?);
         Ok(ListUpdatesResponse { updates, statuses, warnings })
     }
@@ -185,10 +189,11 @@ impl Admin for AdminService {
     }
 
     async fn get_update(&self, request: Request<GetUpdateRequest>) -> Result<Response<UpdateDetail>, Status> {
-        let u = self.shared.store.get_update(&request.into_inner().id)?;
-        let machines = self.shared.store.list_machines()?;
-        let caps = caps_map(&self.shared.store.list_caps()?);
-        let status = status_of(&u, &machines, &caps);
+        let store = &self.shared.store;
+        let u = store.get_update(&request.into_inner().id)?;
+        let all_caps = store.list_caps()?;
+        let fleet = policy::fleet_plans(store, &store.list_updates()?, &all_caps)?;
+        let status = status_of(&u, &fleet, &caps_map(&all_caps));
         Ok(Response::new(UpdateDetail { update: Some(u), status: Some(status) }))
     }
 
@@ -365,20 +370,30 @@ impl Admin for AdminService {
 
     async fn set_cap(&self, request: Request<ProductLineCap>) -> Result<Response<ListCapsResponse>, Status> {
         let who = who(&request);
-        let cap = request.into_inner();
+        let mut cap = request.into_inner();
         if cap.product_line.is_empty() {
             return Err(ProviderError::InvalidArgument("a product line is required".into()).into());
         }
         if !cap.version.is_empty() {
             cap.version.parse::<updraft_core::Version>().map_err(ProviderError::from)?;
         }
+        if !cap.follow_role.is_empty() {
+            let role: updraft_core::model::Role = cap.follow_role.parse().map_err(ProviderError::from)?;
+            cap.follow_role = role.as_str().to_string();
+        }
+        // The ceiling is the centre's to compute, never a caller's to set.
+        cap.ceiling = String::new();
         let seq = self.shared.store.set_cap(&cap).await?;
         self.shared.hub.publish(Change::Cap { cap: cap.clone(), seq });
-        let what = if cap.version.is_empty() {
-            format!("product line {:?} uncapped", cap.product_line)
-        } else {
-            format!("product line {:?} capped at {}", cap.product_line, cap.version)
+        crate::ceiling::refresh(&self.shared).await?;
+        let mut what = match (cap.version.is_empty(), cap.follow_role.is_empty()) {
+            (true, true) => format!("product line {:?} uncapped", cap.product_line),
+            (false, _) => format!("product line {:?} capped at {}", cap.product_line, cap.version),
+            (true, false) => format!("product line {:?}", cap.product_line),
         };
+        if !cap.follow_role.is_empty() {
+            what.push_str(&format!(" follows role {}", cap.follow_role));
+        }
         record_catalog_activity(&self.shared, &who, None, what).await?;
         Ok(Response::new(ListCapsResponse { caps: self.shared.store.list_caps()? }))
     }
@@ -507,6 +522,21 @@ impl Admin for AdminService {
 
     async fn report(&self, request: Request<ReportRequest2>) -> Result<Response<FleetReport>, Status> {
         Ok(Response::new(self.do_report(request.into_inner()).await?))
+    }
+
+    async fn deploy(&self, request: Request<DeployRequest>) -> Result<Response<ListDeploymentsResponse>, Status> {
+        Ok(Response::new(self.do_deploy(request).await?))
+    }
+
+    async fn list_deployments(
+        &self,
+        request: Request<ListDeploymentsRequest>,
+    ) -> Result<Response<ListDeploymentsResponse>, Status> {
+        Ok(Response::new(self.deployments(&request.into_inner().product)?))
+    }
+
+    async fn set_role(&self, request: Request<SetRoleRequest>) -> Result<Response<ListMachinesResponse>, Status> {
+        Ok(Response::new(self.do_set_role(request).await?))
     }
 
     async fn get_pair(&self, _request: Request<GetPairRequest>) -> Result<Response<PairReply>, Status> {

@@ -32,7 +32,8 @@ pub const MAX_REPORT_ENTRIES: usize = 1000;
 pub trait Tier: Send + Sync + 'static {
     /// Makes sure the blob is stored locally, fetching it if this tier can.
     fn ensure_blob(&self, content_hash: &str) -> impl Future<Output = Result<()>> + Send;
-    /// Passes a recorded check or report on (a site queues it for its upstream).
+    /// What this tier does with a recorded check or report: a site queues it for its
+    /// upstream; the centre keeps role ceilings current.
     fn relay(&self, report: ForwardedReport) -> impl Future<Output = Result<()>> + Send;
     /// Whether this tier can answer checks yet (a site that never synchronised its catalog
     /// cannot: an empty answer would look like "nothing to do").
@@ -54,8 +55,11 @@ impl Tier for LocalTier {
     async fn ensure_blob(&self, content_hash: &str) -> Result<()> {
         if self.shared.blobs.has(content_hash) { Ok(()) } else { Err(ProviderError::BlobMissing(content_hash.into())) }
     }
-    async fn relay(&self, _report: ForwardedReport) -> Result<()> {
-        Ok(())
+    async fn relay(&self, report: ForwardedReport) -> Result<()> {
+        match &report.machine {
+            Some(m) => crate::ceiling::after_report(&self.shared, m).await,
+            None => Ok(()),
+        }
     }
     fn status(&self) -> SiteStats {
         SiteStats {
@@ -65,6 +69,21 @@ impl Tier for LocalTier {
             ..Default::default()
         }
     }
+}
+
+/// What an agent says about its machine must be readable before it is recorded or acted on:
+/// its role, and every receipt's product name and version.
+pub fn validate_inventory(m: &updraft_proto::v1::MachineInfo) -> Result<()> {
+    updraft_core::model::Role::from_wire(&m.role)
+        .map_err(|e| ProviderError::InvalidArgument(format!("machine {:?}: {e}", m.name)))?;
+    for p in &m.installed {
+        let bad = |e: updraft_core::CoreError| {
+            ProviderError::InvalidArgument(format!("inventory of {:?}, product {:?}: {e}", m.name, p.product))
+        };
+        updraft_core::model::validate_product(&p.product).map_err(bad)?;
+        p.version.parse::<updraft_core::Version>().map_err(bad)?;
+    }
+    Ok(())
 }
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
@@ -141,6 +160,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
         let machine = req.machine.ok_or_else(|| ProviderError::InvalidArgument("check without machine info".into()))?;
         validate_machine_name(&machine.name)?;
         crate::auth::ensure_machine(caller.as_ref(), &machine.name)?;
+        validate_inventory(&machine)?;
         tracing::info!(machine = %machine.name, manual = req.manual, "check");
         let now = now_ms();
         // Answer first: a malformed inventory is refused before anything is recorded.
@@ -186,6 +206,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
             req.machine.ok_or_else(|| ProviderError::InvalidArgument("report without machine info".into()))?;
         validate_machine_name(&machine.name)?;
         crate::auth::ensure_machine(caller.as_ref(), &machine.name)?;
+        validate_inventory(&machine)?;
         if req.activities.len() > MAX_REPORT_ENTRIES {
             return Err(ProviderError::LimitReached(format!(
                 "report has {} entries, at most {MAX_REPORT_ENTRIES} allowed",

@@ -1,11 +1,11 @@
 //! Catalog rules on top of the store: turning an imported package into a record, and answering
 //! a machine's check with the applicability engine.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use updraft_core::Version;
-use updraft_core::model::{InstallType, UpdateState};
+use updraft_core::model::{InstallType, Role, UpdateState};
 use updraft_core::package::Manifest;
-use updraft_core::plan::{self, Action, CatalogItem, InstalledItem, MachineView};
+use updraft_core::plan::{self, Action, CatalogItem, Ceiling, InstalledItem, MachineView, Plan};
 use updraft_proto::v1::{
     ActionKind, CatalogEvent, Machine, MachineInfo, MachinePins, Offer, ProductLineCap, Update, UpdateStatus,
     catalog_event,
@@ -43,6 +43,7 @@ pub fn record_from_manifest(m: &Manifest, content_hash: &str, size: u64, verifie
         related_installs: m.related_installs.clone(),
         catalog_seq: 0,
         prestage: false,
+        requires_version: m.requires.map(|v| v.to_string()).unwrap_or_default(),
     }
 }
 
@@ -63,25 +64,48 @@ pub fn item_of(u: &Update) -> Option<CatalogItem> {
         version: u.version.parse().ok()?,
         install_type: install_type_of(u),
         product_code: u.product_code.clone(),
+        upgrade_code: u.upgrade_code.clone(),
+        requires: u.requires_version.parse().ok(),
         state: state_of(u)?,
         related_installs: u.related_installs.clone(),
     })
 }
 
+/// Plain version caps (product line -> highest version offered).
 pub fn caps_map(caps: &[ProductLineCap]) -> BTreeMap<String, Version> {
     caps.iter().filter_map(|c| Some((c.product_line.clone(), c.version.parse().ok()?))).collect()
 }
 
-/// What `machine` must install or remove, in order.
-pub fn offers_for(
-    catalog: &[Update],
-    caps: &[ProductLineCap],
-    pins: &MachinePins,
-    machine: &MachineInfo,
-) -> Result<Vec<Offer>> {
-    let items: Vec<CatalogItem> = catalog.iter().filter_map(item_of).collect();
-    let mut view = MachineView { caps: caps_map(caps), ..Default::default() };
-    for (product, version) in &pins.pins {
+/// Role ceilings (product line -> the role it follows and that role's lowest version).
+pub fn ceilings_map(caps: &[ProductLineCap]) -> BTreeMap<String, Ceiling> {
+    caps.iter()
+        .filter_map(|c| {
+            let role = Role::from_wire(&c.follow_role).ok().filter(|_| !c.follow_role.is_empty())?;
+            Some((c.product_line.clone(), Ceiling { role, version: c.ceiling.parse().ok() }))
+        })
+        .collect()
+}
+
+/// What the fleet's administrators decided for one machine, besides the catalog: its pins,
+/// the products deployed to it and its effective role.
+#[derive(Debug, Clone, Default)]
+pub struct Given {
+    pub pins: MachinePins,
+    pub deployed: BTreeSet<String>,
+    pub role: Role,
+}
+
+/// The engine's view of one machine. A malformed inventory is refused with what is wrong.
+pub fn view_of(caps: &[ProductLineCap], given: &Given, machine: &MachineInfo) -> Result<MachineView> {
+    let mut view = MachineView {
+        caps: caps_map(caps),
+        ceilings: ceilings_map(caps),
+        deployed: given.deployed.clone(),
+        role: given.role,
+        self_product: (!machine.agent_product.is_empty()).then(|| machine.agent_product.clone()),
+        ..Default::default()
+    };
+    for (product, version) in &given.pins.pins {
         if let Ok(v) = version.parse() {
             view.pins.insert(product.clone(), v);
         }
@@ -90,25 +114,44 @@ pub fn offers_for(
         let version = p.version.parse().map_err(|e: updraft_core::CoreError| {
             ProviderError::InvalidArgument(format!("inventory of {:?}, product {:?}: {e}", machine.name, p.product))
         })?;
-        view.installed.push(InstalledItem { product: p.product.clone(), version });
+        view.installed.push(InstalledItem {
+            product: p.product.clone(),
+            version,
+            upgrade_code: p.upgrade_code.clone(),
+        });
     }
+    Ok(view)
+}
+
+/// The engine's plan for `machine`, and its offers in order.
+pub fn plan_for(
+    catalog: &[Update],
+    caps: &[ProductLineCap],
+    given: &Given,
+    machine: &MachineInfo,
+) -> Result<(Vec<Offer>, Plan)> {
+    let items: Vec<CatalogItem> = catalog.iter().filter_map(item_of).collect();
+    let view = view_of(caps, given, machine)?;
+    let plan = plan::plan(&items, &view);
     let find = |id: &str| catalog.iter().find(|u| u.id == id).cloned();
-    Ok(plan::plan(&items, &view)
-        .into_iter()
+    let offers = plan
+        .actions
+        .iter()
         .map(|a| match a {
             Action::Install { id } => {
-                let update = find(&id);
+                let update = find(id);
                 let pinned = update.as_ref().is_some_and(|u| view.pins.contains_key(&u.product));
                 Offer { action: ActionKind::Install as i32, update, rollback_to_version: String::new(), pinned }
             }
             Action::Remove { id, rollback_to } => Offer {
                 action: ActionKind::Remove as i32,
-                update: find(&id),
+                update: find(id),
                 rollback_to_version: rollback_to.map(|v| v.to_string()).unwrap_or_default(),
                 pinned: false,
             },
         })
-        .collect())
+        .collect();
+    Ok((offers, plan))
 }
 
 /// Machines that have `u` installed, or keep it as the version they would roll back to.
@@ -125,21 +168,39 @@ pub fn dependents<'a>(u: &Update, machines: &'a [Machine]) -> Vec<&'a str> {
         .collect()
 }
 
-/// How an update is doing: installs, cap, priority, related installs.
-pub fn status_of(u: &Update, machines: &[Machine], caps: &BTreeMap<String, Version>) -> UpdateStatus {
-    let installed_count = machines
+/// One machine's plan, as update statuses count it.
+pub struct MachinePlan {
+    pub info: MachineInfo,
+    pub plan: Plan,
+}
+
+/// How an update is doing across the fleet: installs, machines it applies to, is offered to,
+/// and the rules that hold it from the others; cap, priority, related installs.
+pub fn status_of(u: &Update, fleet: &[MachinePlan], caps: &BTreeMap<String, Version>) -> UpdateStatus {
+    let installed_count = fleet
         .iter()
-        .filter_map(|m| m.info.as_ref())
-        .filter(|i| i.installed.iter().any(|p| p.product == u.product && p.version == u.version))
+        .filter(|m| m.info.installed.iter().any(|p| p.product == u.product && p.version == u.version))
         .count() as u32;
-    let held = item_of(u).and_then(|i| plan::held_by_cap(&i, caps));
+    let applicable_count = fleet.iter().filter(|m| m.plan.products.contains(&u.product)).count() as u32;
+    let offered_count = fleet.iter().filter(|m| m.plan.actions.iter().any(|a| a.id() == u.id)).count() as u32;
+    let mut by_rule: BTreeMap<String, u32> = BTreeMap::new();
+    for m in fleet {
+        for h in m.plan.held.iter().filter(|h| h.id == u.id) {
+            *by_rule.entry(h.hold.to_string()).or_default() += 1;
+        }
+    }
+    let held_count = by_rule.values().sum();
+    let held: Vec<String> = by_rule.into_iter().map(|(rule, n)| format!("{rule} ({n} machine(s))")).collect();
+    let capped = item_of(u).and_then(|i| plan::held_by_cap(&i, caps));
     let mut notes = Vec::new();
-    if let Some(cap) = held {
+    if let Some(cap) = capped {
         notes.push(format!("held back: product line {:?} is capped at {cap}", u.product_line));
     }
     if installed_count > 0 {
         notes.push(format!("installed on {installed_count} machine(s)"));
     }
+    notes.push(format!("{applicable_count} machine(s) have or are given {}; offered to {offered_count}", u.product));
+    notes.extend(held.iter().map(|h| format!("held: {h}")));
     if u.high_priority {
         notes.push("high priority".into());
     }
@@ -149,8 +210,12 @@ pub fn status_of(u: &Update, machines: &[Machine], caps: &BTreeMap<String, Versi
     UpdateStatus {
         id: u.id.clone(),
         installed_count,
-        held_by_cap: held.map(|v| v.to_string()).unwrap_or_default(),
+        held_by_cap: capped.map(|v| v.to_string()).unwrap_or_default(),
         notes,
+        applicable_count,
+        offered_count,
+        held_count,
+        held,
     }
 }
 
@@ -192,6 +257,9 @@ pub fn to_event(change: &Change, caught_up: bool) -> CatalogEvent {
         Change::Peer { peer, .. } => catalog_event::Change::Peer(peer.clone()),
         Change::PeerRemoved { name, .. } => catalog_event::Change::PeerRemoved(name.clone()),
         Change::Discovery { discovery, .. } => catalog_event::Change::Discovery(discovery.clone()),
+        Change::Deployed { deployment, .. } => catalog_event::Change::Deployed(deployment.clone()),
+        Change::Undeployed { deployment, .. } => catalog_event::Change::Undeployed(deployment.clone()),
+        Change::Role { role, .. } => catalog_event::Change::Role(role.clone()),
         Change::Statement { statement, .. } => catalog_event::Change::Statement(statement.clone()),
     };
     CatalogEvent { seq, change: Some(c), caught_up }
@@ -209,6 +277,9 @@ pub fn from_event(ev: CatalogEvent) -> Option<Change> {
         catalog_event::Change::Peer(peer) => Change::Peer { peer, seq: ev.seq },
         catalog_event::Change::PeerRemoved(name) => Change::PeerRemoved { name, seq: ev.seq },
         catalog_event::Change::Discovery(discovery) => Change::Discovery { discovery, seq: ev.seq },
+        catalog_event::Change::Deployed(deployment) => Change::Deployed { deployment, seq: ev.seq },
+        catalog_event::Change::Undeployed(deployment) => Change::Undeployed { deployment, seq: ev.seq },
+        catalog_event::Change::Role(role) => Change::Role { role, seq: ev.seq },
         catalog_event::Change::Statement(statement) => Change::Statement { statement, seq: ev.seq },
     })
 }

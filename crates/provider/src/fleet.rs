@@ -2,12 +2,13 @@
 //! report and activity clearing. Each refuses bad input before changing anything, publishes
 //! its change to sites, and is logged with who made it.
 use tonic::{Request, Status};
-use updraft_core::model::validate_product;
+use updraft_core::model::{Role, validate_product};
 use updraft_core::policy::{Health, Mode};
 use updraft_proto::v1::{
-    AssignRequest, Assignment, ClearActivityRequest, ClearActivityResponse, FleetReport, GetGroupRequest,
-    GetMachineRequest, Group, GroupDetail, GroupSummary, ListGroupsResponse, ListMachinesRequest, ListMachinesResponse,
-    Machine, MachineDetail, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportGroup, ReportRequest2,
+    AssignRequest, Assignment, ClearActivityRequest, ClearActivityResponse, DeployRequest, Deployment, FleetReport,
+    GetGroupRequest, GetMachineRequest, Group, GroupDetail, GroupSummary, ListDeploymentsResponse, ListGroupsResponse,
+    ListMachinesRequest, ListMachinesResponse, Machine, MachineDetail, MachineRole, PinRequest, PutGroupRequest,
+    RemoveGroupRequest, ReportGroup, ReportRequest2, SetRoleRequest,
 };
 
 use crate::admin::{AdminService, who};
@@ -45,6 +46,7 @@ impl AdminService {
             m.group = store.group_of(&name)?;
             m.status = health.as_str().into();
             m.notes = notes;
+            m.role = m.info.as_ref().map_or(Ok(Role::default()), |i| policy::role_of(store, i))?.to_string();
             out.push(m);
         }
         out.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
@@ -135,6 +137,7 @@ impl AdminService {
         m.group = store.group_of(&name)?;
         m.status = health.as_str().into();
         m.notes = notes;
+        m.role = policy::role_of(store, m.info.as_ref().expect("found by its info"))?.to_string();
         let pol = policy::effective(store, m.info.as_ref().expect("found by its info"))?;
         let recent = store.list_activity(&name, "", 0, 20)?;
         Ok(MachineDetail { machine: Some(m), policy: Some(pol), products, recent, pins: pins.pins })
@@ -221,6 +224,11 @@ impl AdminService {
             let seq = store.assign(&assignment).await?;
             self.shared.hub.publish(Change::Assign { assignment, seq });
         }
+        // Its deployments go with it.
+        for deployment in store.list_deployments()?.into_iter().filter(|d| d.group == name) {
+            let seq = store.deploy(&deployment, true).await?;
+            self.shared.hub.publish(Change::Undeployed { deployment, seq });
+        }
         let seq = store.delete_group(&name).await?;
         self.shared.hub.publish(Change::GroupDeleted { name: name.clone(), seq });
         record_catalog_activity(&self.shared, &who, None, format!("group {name} removed")).await?;
@@ -286,6 +294,98 @@ impl AdminService {
             format!("{} unpinned from {}", req.machines.join(", "), req.product)
         } else {
             format!("{} pinned to {} {}", req.machines.join(", "), req.product, req.version)
+        };
+        record_catalog_activity(&self.shared, &who, None, what).await?;
+        Ok(ListMachinesResponse { machines: self.assessed_named(&req.machines)? })
+    }
+
+    pub(crate) fn deployments(&self, product: &str) -> Result<ListDeploymentsResponse> {
+        let store = &self.shared.store;
+        let catalog = store.list_updates()?;
+        let mut deployments: Vec<Deployment> =
+            store.list_deployments()?.into_iter().filter(|d| product.is_empty() || d.product == product).collect();
+        deployments.sort_by(|a, b| (&a.product, &a.group, &a.machine).cmp(&(&b.product, &b.group, &b.machine)));
+        let mut warnings = Vec::new();
+        for d in &deployments {
+            if !catalog.iter().any(|u| u.product == d.product && u.state == 2) {
+                warnings
+                    .push(format!("{} has no GA update yet: nothing is installed until one is approved", d.product));
+            }
+        }
+        warnings.dedup();
+        Ok(ListDeploymentsResponse { deployments, warnings })
+    }
+
+    /// Gives a product to a group's or a machine's machines that lack it (or stops giving it).
+    /// Undeploying uninstalls nothing: machines that took it keep it and get its updates.
+    pub(crate) async fn do_deploy(&self, request: Request<DeployRequest>) -> Result<ListDeploymentsResponse, Status> {
+        let who = who(&request);
+        let req = request.into_inner();
+        validate_product(&req.product).map_err(ProviderError::from)?;
+        let store = &self.shared.store;
+        let (target, deployment) = match (req.group.is_empty(), req.machine.is_empty()) {
+            (false, true) => {
+                if req.group != DEFAULT_GROUP && store.get_group(&req.group)?.is_none() {
+                    return Err(bad(format!("unknown group {:?}", req.group)));
+                }
+                (
+                    format!("group {}", req.group),
+                    Deployment { product: req.product.clone(), group: req.group, machine: String::new() },
+                )
+            }
+            (true, false) => {
+                crate::catalog::validate_machine_name(&req.machine)?;
+                if !req.remove {
+                    self.check_machines(std::slice::from_ref(&req.machine))?;
+                }
+                (
+                    format!("machine {}", req.machine),
+                    Deployment { product: req.product.clone(), group: String::new(), machine: req.machine },
+                )
+            }
+            _ => return Err(bad("name exactly one of --group and --machine".into())),
+        };
+        let exists = store.list_deployments()?.contains(&deployment);
+        if req.remove && !exists {
+            return Err(bad(format!("{} is not deployed to {target}", req.product)));
+        }
+        if !req.remove && exists {
+            return Ok(self.deployments("")?);
+        }
+        let seq = store.deploy(&deployment, req.remove).await?;
+        let change =
+            if req.remove { Change::Undeployed { deployment, seq } } else { Change::Deployed { deployment, seq } };
+        self.shared.hub.publish(change);
+        let what = if req.remove {
+            format!("{} no longer deployed to {target}", req.product)
+        } else {
+            format!("{} deployed to {target}", req.product)
+        };
+        record_catalog_activity(&self.shared, &who, None, what).await?;
+        Ok(self.deployments("")?)
+    }
+
+    /// Sets (or clears) the role of machines; role ceilings follow at once.
+    pub(crate) async fn do_set_role(&self, request: Request<SetRoleRequest>) -> Result<ListMachinesResponse, Status> {
+        let who = who(&request);
+        let req = request.into_inner();
+        let role = if req.role.is_empty() {
+            String::new()
+        } else {
+            req.role.parse::<Role>().map_err(ProviderError::from)?.as_str().to_string()
+        };
+        self.check_machines(&req.machines)?;
+        let store = &self.shared.store;
+        for m in &req.machines {
+            let r = MachineRole { machine: m.clone(), role: role.clone() };
+            let seq = store.set_role(&r).await?;
+            self.shared.hub.publish(Change::Role { role: r, seq });
+        }
+        crate::ceiling::refresh(&self.shared).await?;
+        let what = if role.is_empty() {
+            format!("{}: role back to what the agent says", req.machines.join(", "))
+        } else {
+            format!("{}: role {role}", req.machines.join(", "))
         };
         record_catalog_activity(&self.shared, &who, None, what).await?;
         Ok(ListMachinesResponse { machines: self.assessed_named(&req.machines)? })

@@ -7,6 +7,7 @@ pub mod announce;
 pub mod auth;
 pub mod blobs;
 pub mod catalog;
+pub mod ceiling;
 pub mod error;
 pub mod fleet;
 pub mod forward;
@@ -117,6 +118,8 @@ pub struct Shared {
     pub hub: Hub,
     pub pair: PairDir,
     pub signer: Option<statement::Signer>,
+    /// Machines the role ceilings were last computed from (see `ceiling`).
+    pub ceiling_sources: ceiling::Sources,
 }
 
 impl Shared {
@@ -131,7 +134,15 @@ impl Shared {
         let blobs = BlobStore::open(&config.data_dir.join("blobs"))?;
         let pair = PairDir::open(&config.data_dir)?;
         let signer = config.catalog_key.clone().map(|k| statement::Signer::new(k, config.statement_ttl));
-        Ok(Arc::new(Self { config, store, blobs, hub: Hub::default(), pair, signer }))
+        Ok(Arc::new(Self {
+            config,
+            store,
+            blobs,
+            hub: Hub::default(),
+            pair,
+            signer,
+            ceiling_sources: Default::default(),
+        }))
     }
 }
 

@@ -1,13 +1,16 @@
-//! Who gets what and when: a machine's group and effective settings, the offers its check gets
-//! (catalog, caps and pins through the engine), and its status for the fleet report.
+//! Who gets what and when: a machine's group and effective settings, what administrators gave
+//! it (pins, deployments, role), the offers its check gets (through the engine), and its
+//! status for the fleet report.
 use std::collections::{BTreeMap, BTreeSet};
 
+use updraft_core::model::Role;
 use updraft_core::policy::{Health, Mode, classify};
 use updraft_proto::v1::{
-    ActionKind, GroupSettings, Machine, MachineInfo, MachinePins, Offer, Policy, ProductLineCap, ProductState, Update,
+    ActionKind, GroupSettings, InstalledProduct, Machine, MachineInfo, MachinePins, Offer, Policy, ProductLineCap,
+    ProductState, Update,
 };
 
-use crate::catalog::offers_for;
+use crate::catalog::{Given, MachinePlan, plan_for};
 use crate::error::Result;
 use crate::store::{DEFAULT_GROUP, Store};
 
@@ -47,6 +50,25 @@ pub fn effective(store: &Store, machine: &MachineInfo) -> Result<Policy> {
     Ok(Policy { group, settings: Some(settings), managed })
 }
 
+/// A machine's effective role: an administrator's choice, else what its agent's configuration
+/// says (workstation when it says nothing).
+pub fn role_of(store: &Store, machine: &MachineInfo) -> Result<Role> {
+    match store.role_of(&machine.name)? {
+        Some(r) => Ok(Role::from_wire(&r)?),
+        None => Ok(Role::from_wire(&machine.role)?),
+    }
+}
+
+/// What administrators decided for `machine`: pins, deployments (its own and its group's), role.
+pub fn given(store: &Store, machine: &MachineInfo) -> Result<Given> {
+    let group = store.group_of(&machine.name)?;
+    Ok(Given {
+        pins: store.pins_of(&machine.name)?,
+        deployed: store.deployed_to(&machine.name, &group)?,
+        role: role_of(store, machine)?,
+    })
+}
+
 /// The offers and policy for one machine's check.
 pub fn answer(
     store: &Store,
@@ -54,9 +76,24 @@ pub fn answer(
     caps: &[ProductLineCap],
     machine: &MachineInfo,
 ) -> Result<(Vec<Offer>, Policy)> {
-    let pins = store.pins_of(&machine.name)?;
-    let offers = offers_for(catalog, caps, &pins, machine)?;
+    let (offers, _) = plan_for(catalog, caps, &given(store, machine)?, machine)?;
     Ok((offers, effective(store, machine)?))
+}
+
+/// Every known machine's plan, for update statuses.
+pub fn fleet_plans(store: &Store, catalog: &[Update], caps: &[ProductLineCap]) -> Result<Vec<MachinePlan>> {
+    let mut out = Vec::new();
+    for m in store.list_machines()? {
+        let Some(info) = m.info else { continue };
+        if m.is_remote_provider {
+            continue;
+        }
+        // One unreadable record must not hide the rest of the fleet.
+        let Ok(given) = given(store, &info) else { continue };
+        let Ok((_, plan)) = plan_for(catalog, caps, &given, &info) else { continue };
+        out.push(MachinePlan { info, plan });
+    }
+    Ok(out)
 }
 
 /// Problems the provider sees that the agent cannot: pins the catalog cannot meet.
@@ -70,7 +107,8 @@ fn provider_problems(catalog: &[Update], pins: &MachinePins) -> Vec<String> {
         .collect()
 }
 
-/// Status, reasons and per-product state of a machine, as the report and `machine show` give.
+/// Status, reasons and per-product state of a machine, as the report and `machine show` give:
+/// only the products it has or is given, each with the rules that hold approved updates back.
 pub fn assess(
     store: &Store,
     catalog: &[Update],
@@ -78,8 +116,9 @@ pub fn assess(
     m: &Machine,
 ) -> Result<(Health, Vec<String>, Vec<ProductState>, MachinePins)> {
     let info = m.info.clone().unwrap_or_default();
-    let pins = store.pins_of(&info.name)?;
-    let offers = offers_for(catalog, caps, &pins, &info).unwrap_or_default();
+    let given = given(store, &info)?;
+    let (offers, plan) = plan_for(catalog, caps, &given, &info).unwrap_or_default();
+    let pins = given.pins;
     let mut problems = info.problems.clone();
     problems.extend(provider_problems(catalog, &pins));
     let mut waiting: Vec<String> = offers.iter().filter_map(|o| o.update.as_ref().map(|u| u.id.clone())).collect();
@@ -94,13 +133,12 @@ pub fn assess(
         classify(&problems, &waiting, info.restart_needed)
     };
 
-    let installed: BTreeMap<&str, &str> =
-        info.installed.iter().map(|p| (p.product.as_str(), p.version.as_str())).collect();
+    let installed: BTreeMap<&str, &InstalledProduct> = info.installed.iter().map(|p| (p.product.as_str(), p)).collect();
     let mut products: BTreeSet<String> = installed.keys().map(|p| p.to_string()).collect();
+    products.extend(plan.products.iter().filter(|p| catalog.iter().any(|u| &u.product == *p)).cloned());
     let mut target: BTreeMap<String, (String, &'static str)> = BTreeMap::new();
     for o in &offers {
         let Some(u) = &o.update else { continue };
-        products.insert(u.product.clone());
         if o.action == ActionKind::Remove as i32 {
             target.insert(u.product.clone(), (o.rollback_to_version.clone(), "removal-waiting"));
         } else {
@@ -110,19 +148,25 @@ pub fn assess(
     let states = products
         .into_iter()
         .map(|p| {
-            let inst = installed.get(p.as_str()).map(|s| s.to_string()).unwrap_or_default();
+            let inst = installed.get(p.as_str());
+            let inst_v = inst.map(|i| i.version.clone()).unwrap_or_default();
             let pinned = pins.pins.get(&p).cloned().unwrap_or_default();
+            let held: Vec<String> =
+                plan.held.iter().filter(|h| h.product == p).map(|h| format!("{}: {}", h.id, h.hold)).collect();
             let (available, status) = match target.get(&p) {
                 Some((v, s)) => (v.clone(), *s),
-                None if !pinned.is_empty() => (inst.clone(), "pinned"),
-                None => (inst.clone(), "up-to-date"),
+                None if !pinned.is_empty() => (inst_v.clone(), "pinned"),
+                None if !held.is_empty() => (inst_v.clone(), "held"),
+                None => (inst_v.clone(), "up-to-date"),
             };
             ProductState {
                 product: p,
-                installed_version: inst,
+                installed_version: inst_v,
                 available_version: available,
                 pinned_version: pinned,
                 status: status.into(),
+                held,
+                adopted: inst.is_some_and(|i| i.adopted),
             }
         })
         .collect();

@@ -15,7 +15,7 @@ use updraft_proto::v1::{
 };
 
 use crate::Shared;
-use crate::agent_api::{ChunkStream, MAX_REPORT_ENTRIES, Tier, serve_blob};
+use crate::agent_api::{ChunkStream, MAX_REPORT_ENTRIES, Tier, serve_blob, validate_inventory};
 use crate::catalog::{to_event, validate_machine_name};
 use crate::error::ProviderError;
 use crate::store::Change;
@@ -119,7 +119,7 @@ impl<T: Tier> Replication for ReplicationService<T> {
         let mut accepted = 0;
         for r in req.reports {
             let Some(machine) = r.machine else { continue };
-            if validate_machine_name(&machine.name).is_err() {
+            if validate_machine_name(&machine.name).is_err() || validate_inventory(&machine).is_err() {
                 continue;
             }
             let acts: Vec<_> = r

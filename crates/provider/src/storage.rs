@@ -26,6 +26,7 @@ pub struct MergeReport {
     pub caps_added: usize,
     pub peers_added: usize,
     pub watches_added: usize,
+    pub deployments_added: usize,
     /// Machines only the source knew.
     pub machines_added: usize,
     /// Machines both knew, where the source had the more recent contact.
@@ -64,7 +65,7 @@ pub async fn move_store(from: &Path, to: &Path) -> Result<MoveReport> {
 }
 
 /// Merges the store at `from` into the store at `into`. What `into` already has wins, except
-/// machines: each machine's most recent record (and its group and pins) wins.
+/// machines: each machine's most recent record (and its group, pins and role) wins.
 pub async fn merge_store(from: &Path, into: &Path) -> Result<MergeReport> {
     if std::fs::canonicalize(from).map_err(|e| io(from, e))? == std::fs::canonicalize(into).map_err(|e| io(into, e))? {
         return Err(ProviderError::InvalidArgument("cannot merge a store into itself".into()));
@@ -110,6 +111,13 @@ pub async fn merge_store(from: &Path, into: &Path) -> Result<MergeReport> {
             r.watches_added += 1;
         }
     }
+    let deployments = dst.list_deployments()?;
+    for d in src.list_deployments()? {
+        if !deployments.contains(&d) {
+            dst.deploy(&d, false).await?;
+            r.deployments_added += 1;
+        }
+    }
     if !dst.discovery()?.enabled && src.discovery()?.enabled {
         dst.set_discovery(&src.discovery()?).await?;
     }
@@ -143,6 +151,8 @@ pub async fn merge_store(from: &Path, into: &Path) -> Result<MergeReport> {
                 dst.assign(&updraft_proto::v1::Assignment { machine: name.clone(), group }).await?;
             }
             dst.set_pins(&src.pins_of(&name)?).await?;
+            let role = src.role_of(&name)?.unwrap_or_default();
+            dst.set_role(&updraft_proto::v1::MachineRole { machine: name.clone(), role }).await?;
         }
     }
     let activity = src.list_activity("", "", 0, crate::store::MAX_ACTIVITY)?;

@@ -9,8 +9,8 @@ use std::path::Path;
 use prost::Message;
 use sled::Transactional;
 use updraft_proto::v1::{
-    Activity, Assignment, AuditEntry, Discovery, ForwardedReport, Group, Machine, MachineInfo, MachinePins, Peer,
-    ProductLineCap, SignedStatement, SiteStats, Update, User, WatchFolder,
+    Activity, Assignment, AuditEntry, Deployment, Discovery, ForwardedReport, Group, Machine, MachineInfo, MachinePins,
+    MachineRole, Peer, ProductLineCap, SignedStatement, SiteStats, Update, User, WatchFolder,
 };
 
 use crate::error::{ProviderError, Result};
@@ -18,6 +18,10 @@ use crate::pair::Fence;
 
 const CATALOG_SEQ: &[u8] = b"catalog_seq";
 const STATEMENT: &[u8] = b"statement";
+const SCHEMA: &[u8] = b"schema";
+/// The layout this code writes. 1: caps held bare version strings (before deployments and
+/// role ceilings); 2: caps are `ProductLineCap` messages, deployments and roles have trees.
+pub const SCHEMA_VERSION: u64 = 2;
 /// Left in a store's directory once it has been moved: holds the new location.
 pub const MOVED_TO: &str = "MOVED-TO";
 
@@ -65,6 +69,18 @@ pub enum Change {
         discovery: Discovery,
         seq: u64,
     },
+    Deployed {
+        deployment: Deployment,
+        seq: u64,
+    },
+    Undeployed {
+        deployment: Deployment,
+        seq: u64,
+    },
+    Role {
+        role: MachineRole,
+        seq: u64,
+    },
     /// The centre's signed catalog statement: sent to followers, never in the log.
     Statement {
         statement: SignedStatement,
@@ -85,6 +101,9 @@ impl Change {
             | Change::Peer { seq, .. }
             | Change::PeerRemoved { seq, .. }
             | Change::Discovery { seq, .. }
+            | Change::Deployed { seq, .. }
+            | Change::Undeployed { seq, .. }
+            | Change::Role { seq, .. }
             | Change::Statement { seq, .. } => *seq,
         }
     }
@@ -111,6 +130,10 @@ enum Policy {
     Peer,
     /// Provider-wide settings, by name (discovery).
     Setting,
+    /// Products deployed to a group or machine, by [`deployment_name`].
+    Deployment,
+    /// An administrator's choice of a machine's role, by machine name.
+    Role,
 }
 
 impl Policy {
@@ -121,11 +144,35 @@ impl Policy {
             Policy::Pins => b"p",
             Policy::Peer => b"r",
             Policy::Setting => b"s",
+            Policy::Deployment => b"d",
+            Policy::Role => b"o",
         }
     }
 }
 
 const DISCOVERY: &str = "discovery";
+
+/// The record name of a deployment: its target and product, NUL-separated (names never hold
+/// a NUL), so one product deployed to a group and to a machine are two records.
+fn deployment_name(d: &Deployment) -> String {
+    if d.machine.is_empty() {
+        format!("g\0{}\0{}", d.group, d.product)
+    } else {
+        format!("m\0{}\0{}", d.machine, d.product)
+    }
+}
+
+fn deployment_of_name(name: &str) -> Option<Deployment> {
+    let mut parts = name.splitn(3, '\0');
+    let (kind, target, product) = (parts.next()?, parts.next()?, parts.next()?);
+    let mut d = Deployment { product: product.to_string(), ..Default::default() };
+    match kind {
+        "g" => d.group = target.to_string(),
+        "m" => d.machine = target.to_string(),
+        _ => return None,
+    }
+    Some(d)
+}
 
 type TxResult<T> = std::result::Result<T, sled::transaction::ConflictableTransactionError<ProviderError>>;
 
@@ -170,6 +217,8 @@ pub struct Store {
     pins: sled::Tree,
     peers: sled::Tree,
     settings: sled::Tree,
+    deployments: sled::Tree,
+    roles: sled::Tree,
     users: sled::Tree,
     audit: sled::Tree,
     /// Audit appends read the last entry to chain the next: one at a time.
@@ -225,7 +274,7 @@ impl Store {
                 ProviderError::Store(format!("cannot open store {}: {text}", dir.display()))
             }
         })?;
-        Ok(Self {
+        let store = Self {
             updates: db.open_tree("updates")?,
             log: db.open_tree("catalog_log")?,
             log_index: db.open_tree("catalog_log_index")?,
@@ -240,12 +289,67 @@ impl Store {
             pins: db.open_tree("pins")?,
             peers: db.open_tree("peers")?,
             settings: db.open_tree("settings")?,
+            deployments: db.open_tree("deployments")?,
+            roles: db.open_tree("roles")?,
             users: db.open_tree("users")?,
             audit: db.open_tree("audit")?,
             audit_lock: Default::default(),
             fence: Default::default(),
             db,
-        })
+        };
+        store.migrate(dir)?;
+        Ok(store)
+    }
+
+    /// Brings a store written by an older provider to [`SCHEMA_VERSION`], durably, before
+    /// anything reads it; refuses one written by a newer provider.
+    fn migrate(&self, dir: &Path) -> Result<()> {
+        let found = match self.meta.get(SCHEMA)? {
+            Some(v) => read_u64(&v),
+            // No schema mark: a new store, or one from before schema versions (1).
+            None if self.updates.is_empty() && self.caps.is_empty() && self.machines.is_empty() => SCHEMA_VERSION,
+            None => 1,
+        };
+        if found > SCHEMA_VERSION {
+            return Err(ProviderError::Store(format!(
+                "store {} has schema {found}, newer than this provider's {SCHEMA_VERSION}: run a newer provider",
+                dir.display()
+            )));
+        }
+        if found < 2 {
+            // Caps were bare version strings.
+            for kv in self.caps.iter() {
+                let (k, v) = kv?;
+                let cap = ProductLineCap {
+                    product_line: String::from_utf8_lossy(&k).into_owned(),
+                    version: String::from_utf8_lossy(&v).into_owned(),
+                    ..Default::default()
+                };
+                self.caps.insert(k, cap.encode_to_vec())?;
+            }
+            tracing::info!(store = %dir.display(), from = found, to = SCHEMA_VERSION, "migrated the store");
+        }
+        if found != SCHEMA_VERSION || self.meta.get(SCHEMA)?.is_none() {
+            self.meta.insert(SCHEMA, &be(SCHEMA_VERSION))?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Holds nothing but its schema mark (a store just created).
+    fn is_blank(&self) -> Result<bool> {
+        for name in self.db.tree_names() {
+            let tree = self.db.open_tree(&name)?;
+            let only_mark = name == b"meta".as_slice() && tree.len() == 1 && tree.contains_key(SCHEMA)?;
+            if !tree.is_empty() && !only_mark {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    pub fn schema_version(&self) -> Result<u64> {
+        Ok(self.meta.get(SCHEMA)?.map(|v| read_u64(&v)).unwrap_or(0))
     }
 
     /// From now on, refuse to acknowledge writes once `fence` says another provider took over.
@@ -319,10 +423,10 @@ impl Store {
 
     async fn apply_cap(&self, cap: &ProductLineCap, seq: Option<u64>) -> Result<u64> {
         let seq = (&self.caps, &self.log, &self.log_index, &self.meta).transaction(|(c, l, i, m)| {
-            if cap.version.is_empty() {
+            if cap.version.is_empty() && cap.follow_role.is_empty() {
                 c.remove(cap.product_line.as_bytes())?;
             } else {
-                c.insert(cap.product_line.as_bytes(), cap.version.as_bytes())?;
+                c.insert(cap.product_line.as_bytes(), cap.encode_to_vec())?;
             }
             log_change(l, i, m, &cap_key(&cap.product_line), seq)
         })?;
@@ -331,16 +435,11 @@ impl Store {
     }
 
     pub fn list_caps(&self) -> Result<Vec<ProductLineCap>> {
-        self.caps
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok(ProductLineCap {
-                    product_line: String::from_utf8_lossy(&k).into_owned(),
-                    version: String::from_utf8_lossy(&v).into_owned(),
-                })
-            })
-            .collect()
+        self.caps.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    pub fn get_cap(&self, line: &str) -> Result<Option<ProductLineCap>> {
+        self.caps.get(line.as_bytes())?.map(|v| decode(&v)).transpose()
     }
 
     /// Stores a change exactly as an upstream sent it (a site replica keeps the upstream's
@@ -387,6 +486,17 @@ impl Store {
             Change::Discovery { discovery, seq } => {
                 self.put_policy(Policy::Setting, DISCOVERY, Some(discovery.encode_to_vec()), Some(*seq)).await?;
             }
+            Change::Deployed { deployment, seq } => {
+                let name = deployment_name(deployment);
+                self.put_policy(Policy::Deployment, &name, Some(deployment.encode_to_vec()), Some(*seq)).await?;
+            }
+            Change::Undeployed { deployment, seq } => {
+                self.put_policy(Policy::Deployment, &deployment_name(deployment), None, Some(*seq)).await?;
+            }
+            Change::Role { role, seq } => {
+                let value = (!role.role.is_empty()).then(|| role.role.as_bytes().to_vec());
+                self.put_policy(Policy::Role, &role.machine, value, Some(*seq)).await?;
+            }
             Change::Statement { statement, .. } => return self.put_statement(statement).await,
         }
         self.flush().await
@@ -426,13 +536,24 @@ impl Store {
                     None => Change::PeerRemoved { name, seq },
                 },
                 b"s" => Change::Discovery { discovery: self.discovery()?, seq },
-                _ => {
-                    let version = self.caps.get(name.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned());
-                    Change::Cap {
-                        cap: ProductLineCap { product_line: name, version: version.unwrap_or_default() },
-                        seq,
+                b"d" => {
+                    let Some(deployment) = deployment_of_name(&name) else { continue };
+                    if self.deployments.contains_key(name.as_bytes())? {
+                        Change::Deployed { deployment, seq }
+                    } else {
+                        Change::Undeployed { deployment, seq }
                     }
                 }
+                b"o" => Change::Role {
+                    role: MachineRole { role: self.role_of(&name)?.unwrap_or_default(), machine: name },
+                    seq,
+                },
+                _ => Change::Cap {
+                    cap: self
+                        .get_cap(&name)?
+                        .unwrap_or_else(|| ProductLineCap { product_line: name, ..Default::default() }),
+                    seq,
+                },
             });
         }
         Ok(out)
@@ -445,6 +566,8 @@ impl Store {
             Policy::Pins => &self.pins,
             Policy::Peer => &self.peers,
             Policy::Setting => &self.settings,
+            Policy::Deployment => &self.deployments,
+            Policy::Role => &self.roles,
         }
     }
 
@@ -505,6 +628,39 @@ impl Store {
             .map(|v| decode(&v))
             .transpose()?
             .unwrap_or_else(|| MachinePins { machine: machine.to_string(), ..Default::default() }))
+    }
+
+    /// Deploys (or, with `remove`, undeploys) a product to a group or machine.
+    pub async fn deploy(&self, d: &Deployment, remove: bool) -> Result<u64> {
+        let value = (!remove).then(|| d.encode_to_vec());
+        self.put_policy(Policy::Deployment, &deployment_name(d), value, None).await
+    }
+
+    pub fn list_deployments(&self) -> Result<Vec<Deployment>> {
+        self.deployments.iter().values().map(|v| decode(&v?)).collect()
+    }
+
+    /// The products deployed to `machine`, directly or through `group`.
+    pub fn deployed_to(&self, machine: &str, group: &str) -> Result<std::collections::BTreeSet<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        for (kind, target) in [("g", group), ("m", machine)] {
+            let prefix = format!("{kind}\0{target}\0");
+            for k in self.deployments.scan_prefix(prefix.as_bytes()).keys() {
+                let k = k?;
+                out.insert(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets (or, with an empty role, clears) an administrator's choice of a machine's role.
+    pub async fn set_role(&self, r: &MachineRole) -> Result<u64> {
+        let value = (!r.role.is_empty()).then(|| r.role.as_bytes().to_vec());
+        self.put_policy(Policy::Role, &r.machine, value, None).await
+    }
+
+    pub fn role_of(&self, machine: &str) -> Result<Option<String>> {
+        Ok(self.roles.get(machine.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     pub async fn put_peer(&self, p: &Peer) -> Result<u64> {
@@ -654,9 +810,11 @@ impl Store {
     pub async fn copy_to(&self, dir: &Path) -> Result<Store> {
         self.flush().await?;
         let dest = Store::open(dir)?;
-        if dest.db.tree_names().iter().any(|t| dest.db.open_tree(t).is_ok_and(|t| !t.is_empty())) {
+        if !dest.is_blank()? {
             return Err(ProviderError::InvalidArgument(format!("{} already holds a store", dir.display())));
         }
+        // The copy brings its own schema mark (sled's import refuses to overwrite anything).
+        dest.meta.remove(SCHEMA)?;
         dest.db.import(self.db.export());
         dest.flush().await?;
         Ok(dest)
@@ -792,7 +950,7 @@ mod tests {
         assert_eq!(s.changes_after(2).unwrap().len(), 1);
         // Deletions and caps are changes too, with their own sequence numbers.
         assert_eq!(s.delete_update("b").await.unwrap(), 4);
-        let cap = ProductLineCap { product_line: "suite".into(), version: "2.0.0.0".into() };
+        let cap = ProductLineCap { product_line: "suite".into(), version: "2.0.0.0".into(), ..Default::default() };
         assert_eq!(s.set_cap(&cap).await.unwrap(), 5);
         assert_eq!(
             s.changes_after(3).unwrap(),
@@ -800,6 +958,85 @@ mod tests {
         );
         assert_eq!(s.list_caps().unwrap(), vec![cap]);
         assert!(matches!(s.get_update("b"), Err(ProviderError::UnknownUpdate(_))));
+    }
+
+    /// Opens a store, retrying while sled's previous handle (same process) lets go of its lock.
+    async fn reopen(dir: &Path) -> Store {
+        for _ in 0..100 {
+            if let Ok(s) = Store::open(dir) {
+                return s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Store::open(dir).unwrap_or_else(|e| panic!("reopen: {e}"))
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_schema_versions_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What a provider before schema 2 wrote: caps as bare version strings, no mark.
+            let db = sled::open(dir.path().join("db")).unwrap();
+            db.open_tree("caps").unwrap().insert("suite", "2.0.0.0").unwrap();
+            db.open_tree("updates")
+                .unwrap()
+                .insert("x", Update { id: "x".into(), ..Default::default() }.encode_to_vec())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = reopen(dir.path()).await;
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(
+            s.list_caps().unwrap(),
+            vec![ProductLineCap { product_line: "suite".into(), version: "2.0.0.0".into(), ..Default::default() }]
+        );
+        assert_eq!(s.get_update("x").unwrap().id, "x", "records are kept");
+        drop(s);
+        // A store from a newer provider is refused, not misread.
+        {
+            let s = reopen(dir.path()).await;
+            s.meta.insert(SCHEMA, &be(SCHEMA_VERSION + 1)).unwrap();
+            s.db.flush().unwrap();
+        }
+        let mut err = Store::open(dir.path()).err();
+        for _ in 0..100 {
+            if err.as_ref().is_some_and(|e| !e.to_string().contains("in use")) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            err = Store::open(dir.path()).err();
+        }
+        assert!(err.unwrap().to_string().contains("newer than this provider's"));
+        // A fresh store starts at the current schema.
+        let fresh = tempfile::tempdir().unwrap();
+        assert_eq!(Store::open(fresh.path()).unwrap().schema_version().unwrap(), SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn deployments_and_roles_are_logged_and_replicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let to_lab = Deployment { product: "client".into(), group: "lab".into(), machine: String::new() };
+        let to_pc = Deployment { product: "client".into(), group: String::new(), machine: "pc/1:odd".into() };
+        s.deploy(&to_lab, false).await.unwrap();
+        s.deploy(&to_pc, false).await.unwrap();
+        s.set_role(&MachineRole { machine: "srv".into(), role: "server".into() }).await.unwrap();
+        assert_eq!(s.deployed_to("pc/1:odd", "default").unwrap().into_iter().collect::<Vec<_>>(), ["client"]);
+        assert_eq!(s.deployed_to("other", "lab").unwrap().len(), 1);
+        assert!(s.deployed_to("other", "default").unwrap().is_empty());
+        let undeployed = s.deploy(&to_lab, true).await.unwrap();
+        let changes = s.changes_after(0).unwrap();
+        assert_eq!(changes.len(), 3, "{changes:?}");
+        assert!(changes.contains(&Change::Undeployed { deployment: to_lab.clone(), seq: undeployed }));
+        // A replica fed the same changes answers the same.
+        let rdir = tempfile::tempdir().unwrap();
+        let replica = Store::open(rdir.path()).unwrap();
+        for c in &changes {
+            replica.apply_replicated(c).await.unwrap();
+        }
+        assert_eq!(replica.list_deployments().unwrap(), vec![to_pc]);
+        assert_eq!(replica.role_of("srv").unwrap().as_deref(), Some("server"));
+        assert_eq!(replica.catalog_seq().unwrap(), s.catalog_seq().unwrap());
     }
 
     #[tokio::test]

@@ -33,6 +33,7 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: Cancellatio
     tokio::spawn(
         site::follow_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("catalog_follow", %upstream)),
     );
+    tokio::spawn(site::prefetch_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("prefetch")));
     tokio::spawn(
         site::forward_loop(tier.clone(), shutdown.clone())
             .instrument(tracing::info_span!("report_forwarder", %upstream)),

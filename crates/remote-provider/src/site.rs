@@ -1,7 +1,7 @@
 //! The site tier: where a missing blob comes from (the upstream, once), where reports go (the
 //! outbox, then upstream), and the two background tasks that follow the catalog and drain the
 //! outbox.
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -11,13 +11,13 @@ use tokio::sync::{Mutex, Notify};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use updraft_core::model::UpdateState;
+use updraft_core::plan::Action;
 use updraft_proto::v1::replication_client::ReplicationClient;
 use updraft_proto::v1::{BlobRequest, FollowRequest, ForwardRequest, ForwardedReport, MachineInfo, SiteStats};
-use updraft_provider::Shared;
 use updraft_provider::agent_api::Tier;
 use updraft_provider::error::{ProviderError, Result};
 use updraft_provider::store::Change;
+use updraft_provider::{Shared, policy};
 use updraft_runtime::TracedChannel;
 
 /// Reports sent upstream in one batch at most.
@@ -41,6 +41,11 @@ pub struct SiteTier {
     upstream_since_ms: AtomicI64,
     /// Set once the catalog stream has caught up with the upstream.
     synced: AtomicBool,
+    /// Signalled when what this site's machines need may have changed (a catalog change, a
+    /// check): the prefetch loop works out what to fetch ahead.
+    needs_changed: Notify,
+    prefetch_passes: AtomicU64,
+    prefetch_failed: AtomicU64,
 }
 
 impl SiteTier {
@@ -85,6 +90,9 @@ impl SiteTier {
             upstream_connected: AtomicBool::new(false),
             upstream_since_ms: AtomicI64::new(updraft_provider::now_ms()),
             synced: AtomicBool::new(false),
+            needs_changed: Notify::new(),
+            prefetch_passes: AtomicU64::new(0),
+            prefetch_failed: AtomicU64::new(0),
         })
     }
 
@@ -147,17 +155,61 @@ impl SiteTier {
         }
     }
 
-    /// Fetches in the background, e.g. as soon as an update becomes GA.
-    fn prefetch(self: &Arc<Self>, content_hash: String) {
-        let me = self.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = me.ensure_blob(&content_hash).await {
-                    tracing::warn!(%content_hash, error = %e, "prefetch failed; will fetch on demand");
+    /// Content that some machine behind this site would be offered now, or that is
+    /// prestaged, and that is not here yet. Nothing else crosses the WAN ahead of demand.
+    pub fn wanted(&self) -> Result<BTreeSet<String>> {
+        let store = &self.shared.store;
+        let catalog = store.list_updates()?;
+        let hash_of: HashMap<&str, &str> = catalog.iter().map(|u| (u.id.as_str(), u.content_hash.as_str())).collect();
+        let mut out: BTreeSet<String> = catalog.iter().filter(|u| u.prestage).map(|u| u.content_hash.clone()).collect();
+        for m in policy::fleet_plans(store, &catalog, &store.list_caps()?)? {
+            for a in &m.plan.actions {
+                if let Action::Install { id } = a
+                    && let Some(h) = hash_of.get(id.as_str())
+                {
+                    out.insert(h.to_string());
                 }
             }
-            .instrument(tracing::info_span!("prefetch")),
-        );
+        }
+        out.retain(|h| !self.shared.blobs.has(h));
+        Ok(out)
+    }
+}
+
+/// Fetches ahead what this site's machines will ask for (see [`SiteTier::wanted`]), each
+/// time that may have changed.
+pub async fn prefetch_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tier.needs_changed.notified() => {}
+        }
+        // Let a burst of changes or checks settle into one pass.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if !tier.synced.load(Ordering::Relaxed) {
+            continue; // the catch-up's last event signals again
+        }
+        let wanted = match tier.wanted() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot work out what to prefetch");
+                continue;
+            }
+        };
+        let mut failed = 0;
+        for content_hash in wanted {
+            let fetched =
+                tier.ensure_blob(&content_hash).instrument(tracing::info_span!("prefetch", %content_hash)).await;
+            if let Err(e) = fetched {
+                failed += 1;
+                tracing::warn!(%content_hash, error = %e, "prefetch failed; will fetch on demand");
+            }
+        }
+        tier.prefetch_failed.store(failed, Ordering::Relaxed);
+        tier.prefetch_passes.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -179,6 +231,9 @@ impl Tier for SiteTier {
     async fn relay(&self, report: ForwardedReport) -> Result<()> {
         self.shared.store.outbox_push(&report).await?;
         self.outbox_ready.notify_one();
+        if report.is_check {
+            self.needs_changed.notify_one();
+        }
         Ok(())
     }
 
@@ -197,6 +252,8 @@ impl Tier for SiteTier {
             served_bytes: self.served_bytes.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             cache_misses: self.cache_misses.load(Ordering::Relaxed),
+            prefetch_passes: self.prefetch_passes.load(Ordering::Relaxed),
+            prefetch_failed: self.prefetch_failed.load(Ordering::Relaxed),
         }
     }
 
@@ -283,6 +340,7 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                             backoff = Duration::from_millis(250);
                             if ev.caught_up && ev.change.is_none() {
                                 tier.synced.store(true, Ordering::Relaxed);
+                                tier.needs_changed.notify_one();
                                 tracing::info!(seq = ev.seq, "catalog caught up with upstream");
                             }
                             let Some(change) = updraft_provider::catalog::from_event(ev) else { continue };
@@ -290,11 +348,8 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                                 tracing::error!(error = %e, "cannot store replicated change");
                                 break;
                             }
-                            if let Change::Upsert(u) = &change
-                                && (u.state == UpdateState::Ga.to_wire() || u.prestage)
-                                && !tier.shared.blobs.has(&u.content_hash)
-                            {
-                                tier.prefetch(u.content_hash.clone());
+                            if !matches!(change, Change::Statement { .. }) {
+                                tier.needs_changed.notify_one();
                             }
                             held.pass(&tier.shared.hub, change);
                         }

@@ -1,0 +1,80 @@
+//! Role ceilings (seed 001: "it is not possible to update clients to higher versions than the
+//! server"). A product line capped with `--follow-role server` is held, for every machine of
+//! another role, at the lowest version of it installed on any `server`. The centre keeps that
+//! version in the cap record as machines report, so it travels to sites like any cap change
+//! and every tier's engine reads it from there.
+use std::collections::{BTreeMap, BTreeSet};
+
+use updraft_core::Version;
+use updraft_core::model::Role;
+use updraft_proto::v1::{MachineInfo, ProductLineCap};
+
+use crate::Shared;
+use crate::error::Result;
+use crate::policy::role_of;
+use crate::store::Change;
+
+/// Machines that counted in the last computation: when one of them changes role or version,
+/// the ceilings are computed again even if it no longer has a followed role.
+#[derive(Default)]
+pub struct Sources(tokio::sync::Mutex<BTreeSet<String>>);
+
+/// After `machine` reported: recomputes the ceilings if it has (or had) a role some cap follows.
+pub async fn after_report(shared: &Shared, machine: &MachineInfo) -> Result<()> {
+    let followed: BTreeSet<Role> = shared
+        .store
+        .list_caps()?
+        .iter()
+        .filter(|c| !c.follow_role.is_empty())
+        .filter_map(|c| Role::from_wire(&c.follow_role).ok())
+        .collect();
+    if followed.is_empty() {
+        return Ok(());
+    }
+    let role = role_of(&shared.store, machine)?;
+    let counted = shared.ceiling_sources.0.lock().await.contains(&machine.name);
+    if followed.contains(&role) || counted { refresh(shared).await } else { Ok(()) }
+}
+
+/// Recomputes every role ceiling from the machines' inventories; writes (and publishes) only
+/// the ones that changed. One at a time, so a slower computation never overwrites a newer one.
+pub async fn refresh(shared: &Shared) -> Result<()> {
+    let mut sources = shared.ceiling_sources.0.lock().await;
+    let store = &shared.store;
+    let caps: Vec<ProductLineCap> = store.list_caps()?.into_iter().filter(|c| !c.follow_role.is_empty()).collect();
+    if caps.is_empty() {
+        sources.clear();
+        return Ok(());
+    }
+    let line_of: BTreeMap<String, String> =
+        store.list_updates()?.into_iter().map(|u| (u.product, u.product_line)).collect();
+    let mut lowest: BTreeMap<(Role, String), Version> = BTreeMap::new();
+    let mut counted = BTreeSet::new();
+    for m in store.list_machines()? {
+        let Some(info) = m.info else { continue };
+        if m.is_remote_provider {
+            continue;
+        }
+        let Ok(role) = role_of(store, &info) else { continue };
+        if !caps.iter().any(|c| c.follow_role == role.as_str()) {
+            continue;
+        }
+        counted.insert(info.name.clone());
+        for p in &info.installed {
+            let (Some(line), Ok(v)) = (line_of.get(&p.product), p.version.parse::<Version>()) else { continue };
+            lowest.entry((role, line.clone())).and_modify(|low| *low = (*low).min(v)).or_insert(v);
+        }
+    }
+    *sources = counted;
+    for mut cap in caps {
+        let Ok(role) = Role::from_wire(&cap.follow_role) else { continue };
+        let ceiling = lowest.get(&(role, cap.product_line.clone())).map(|v| v.to_string()).unwrap_or_default();
+        if ceiling != cap.ceiling {
+            tracing::info!(line = %cap.product_line, role = %role, from = %cap.ceiling, to = %ceiling, "role ceiling moved");
+            cap.ceiling = ceiling;
+            let seq = store.set_cap(&cap).await?;
+            shared.hub.publish(Change::Cap { cap, seq });
+        }
+    }
+    Ok(())
+}
