@@ -72,6 +72,9 @@ fn agents_obey_their_groups_modes_and_windows() {
     let v1 = w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
     wait_until("automatic installs at once", T, || w.installed("auto", "app").as_deref() == Some("1.0.0.0"));
     wait_until("download mode downloads and waits", T, || status(&w, "dl")["waiting"][0]["downloaded"] == true);
+    // The provider says why an offered update is not installed yet.
+    let shown = w.admin_json(&purl, &["machine", "show", "dl"]);
+    assert!(shown["products"].to_string().contains("group g-dl downloads, then waits for `agent apply`"), "{shown}");
     wait_until("window mode downloads and waits for its hour", T, || {
         status(&w, "window")["waiting"][0]["downloaded"] == true
     });

@@ -107,6 +107,24 @@ fn provider_problems(catalog: &[Update], pins: &MachinePins) -> Vec<String> {
         .collect()
 }
 
+/// When a group's machines install what they are offered, if not at once: its download mode
+/// or install window.
+fn when_offered(group: &str, s: &GroupSettings) -> Option<String> {
+    let mode = Mode::from_wire(s.mode).unwrap_or_default();
+    let why = match mode {
+        Mode::Automatic if s.install_day == -1 && s.install_hour == -1 => return None,
+        Mode::Automatic => format!(
+            "installs in group {group}'s window ({}, hour {}, the machine's local time)",
+            updraft_core::policy::day_name(s.install_day),
+            updraft_core::policy::hour_name(s.install_hour)
+        ),
+        Mode::Download => format!("group {group} downloads, then waits for `agent apply`"),
+        Mode::Notify => format!("group {group} only notifies: `agent apply` installs"),
+        Mode::Manual => format!("group {group} is manual: `agent check` installs"),
+    };
+    Some(why)
+}
+
 /// Status, reasons and per-product state of a machine, as the report and `machine show` give:
 /// only the products it has or is given, each with the rules that hold approved updates back.
 pub fn assess(
@@ -145,14 +163,21 @@ pub fn assess(
             target.insert(u.product.clone(), (u.version.clone(), "update-waiting"));
         }
     }
+    // Offered, but the group's mode or install window decides when (high priority excepted).
+    let pol = effective(store, &info)?;
+    let waits = pol.settings.as_ref().and_then(|s| when_offered(&pol.group, s));
     let states = products
         .into_iter()
         .map(|p| {
             let inst = installed.get(p.as_str());
             let inst_v = inst.map(|i| i.version.clone()).unwrap_or_default();
             let pinned = pins.pins.get(&p).cloned().unwrap_or_default();
-            let held: Vec<String> =
+            let mut held: Vec<String> =
                 plan.held.iter().filter(|h| h.product == p).map(|h| format!("{}: {}", h.id, h.hold)).collect();
+            if let Some(w) = &waits {
+                let offered = offers.iter().filter_map(|o| o.update.as_ref()).filter(|u| u.product == p);
+                held.extend(offered.filter(|u| !u.high_priority).map(|u| format!("{}: offered; {w}", u.id)));
+            }
             let (available, status) = match target.get(&p) {
                 Some((v, s)) => (v.clone(), *s),
                 None if !pinned.is_empty() => (inst_v.clone(), "pinned"),
