@@ -10,6 +10,7 @@ use updraft_tests::{World, stderr, wait_until};
 mod applicability;
 mod catalog;
 mod fleet;
+mod herd;
 mod install;
 mod lifecycle;
 mod network;

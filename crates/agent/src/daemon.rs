@@ -1217,9 +1217,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         if let Some(reply) = trigger.reply {
             let _ = reply.send(result.map_err(|e| e.to_string()));
         }
-        if scheduled || failures > 0 {
-            // A failed check is retried soon (2 s doubling, jittered, capped by the normal
-            // interval); a good one waits for the jittered interval.
+        if scheduled || failures > 0 || !result_ok {
+            // A failed check — scheduled, pushed or asked for — is retried soon (2 s doubling,
+            // jittered, capped by the normal interval), so a push whose check met a busy
+            // provider is not left for the next scheduled check; a good one waits for the
+            // jittered interval.
             failures = if result_ok { 0 } else { failures + 1 };
             let normal = agent.next_delay().await;
             let delay = if failures == 0 {

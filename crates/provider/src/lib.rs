@@ -8,6 +8,7 @@ pub mod auth;
 pub mod blobs;
 pub mod catalog;
 pub mod ceiling;
+pub mod commit;
 pub mod error;
 pub mod fleet;
 pub mod forward;

@@ -136,6 +136,8 @@ impl<T: Tier> Replication for ReplicationService<T> {
             self.tier.relay(ForwardedReport { machine: Some(machine), activities: acts, ..r }).await?;
             accepted += 1;
         }
+        // The site drops what we acknowledge from its outbox: all of it must be on disk.
+        store.sync().await?;
         Ok(Response::new(ForwardResponse { accepted }))
     }
 }

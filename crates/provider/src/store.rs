@@ -1,6 +1,8 @@
 //! The provider's embedded store: the only module that touches sled. Holds the catalog (with
 //! its change log and sequence number), machines, activity and the site outbox. Every write
-//! that a caller acknowledges is flushed to disk before the method returns.
+//! that a caller acknowledges is on disk before the method returns (a group commit: see
+//! `commit`); a machine's last contact, recorded on every check, is not worth its own fsync
+//! and reaches the disk with the next commit.
 //!
 //! Values are protobuf-encoded `updraft.v1` messages: the API is already the versioned schema,
 //! and prost decoding tolerates fields added later.
@@ -13,6 +15,7 @@ use updraft_proto::v1::{
     MachineRole, Peer, ProductLineCap, SignedStatement, SiteStats, Update, User, WatchFolder,
 };
 
+use crate::commit::Committer;
 use crate::error::{ProviderError, Result};
 use crate::pair::Fence;
 
@@ -224,6 +227,7 @@ pub struct Store {
     /// Audit appends read the last entry to chain the next: one at a time.
     audit_lock: std::sync::Arc<std::sync::Mutex<()>>,
     fence: std::sync::Arc<std::sync::OnceLock<Fence>>,
+    commit: std::sync::Arc<Committer>,
 }
 
 /// The chained fields of an audit entry.
@@ -274,6 +278,8 @@ impl Store {
                 ProviderError::Store(format!("cannot open store {}: {text}", dir.display()))
             }
         })?;
+        let fence: std::sync::Arc<std::sync::OnceLock<Fence>> = Default::default();
+        let commit = std::sync::Arc::new(Committer::start(db.clone(), fence.clone())?);
         let store = Self {
             updates: db.open_tree("updates")?,
             log: db.open_tree("catalog_log")?,
@@ -294,7 +300,8 @@ impl Store {
             users: db.open_tree("users")?,
             audit: db.open_tree("audit")?,
             audit_lock: Default::default(),
-            fence: Default::default(),
+            fence,
+            commit,
             db,
         };
         store.migrate(dir)?;
@@ -357,12 +364,15 @@ impl Store {
         let _ = self.fence.set(fence);
     }
 
+    /// Waits until every write made so far is on disk (the fence permitting).
     async fn flush(&self) -> Result<()> {
-        if let Some(f) = self.fence.get() {
-            f.check()?;
-        }
-        self.db.flush_async().await?;
-        Ok(())
+        self.commit.durable().await
+    }
+
+    /// Makes everything written so far durable: for callers that acknowledge a batch of
+    /// writes that do not wait on their own (forwarded machine records).
+    pub async fn sync(&self) -> Result<()> {
+        self.flush().await
     }
 
     pub fn catalog_seq(&self) -> Result<u64> {
@@ -753,7 +763,9 @@ impl Store {
         self.watches.iter().values().map(|v| decode(&v?)).collect()
     }
 
-    /// Records a machine's contact; keeps fields the report does not carry.
+    /// Records a machine's contact; keeps fields the report does not carry. Not waited on: it
+    /// reaches the disk with the next commit (within `commit::FLUSH_EVERY`); callers that
+    /// acknowledge it to someone call [`Store::sync`].
     pub async fn record_machine(&self, info: &MachineInfo, via: &str, at_ms: i64, remote_provider: bool) -> Result<()> {
         let key = info.name.as_bytes();
         let mut m: Machine = match self.machines.get(key)? {
@@ -765,7 +777,8 @@ impl Store {
         m.via = via.to_string();
         m.is_remote_provider |= remote_provider;
         self.machines.insert(key, m.encode_to_vec())?;
-        self.flush().await
+        self.commit.soon();
+        Ok(())
     }
 
     /// Keeps a site's last reported counters on its machine record.
@@ -826,6 +839,9 @@ impl Store {
 
     /// Appends activity entries; the oldest are dropped past [`MAX_ACTIVITY`].
     pub async fn append_activity(&self, entries: &[Activity]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
         for a in entries {
             let id = self.db.generate_id()?;
             let mut key = be(a.at_unix_ms.max(0) as u64).to_vec();

@@ -1,0 +1,92 @@
+//! The push herd: after a high-priority mark every agent checks at once. Every check must be
+//! answered (none left waiting on a lost flush), admin calls must stay responsive meanwhile,
+//! and a fleet behind a site must take the pushed update with the site fetching it once.
+use std::time::{Duration, Instant};
+
+use updraft_proto::v1::admin_client::AdminClient;
+use updraft_proto::v1::agent_api_client::AgentApiClient;
+use updraft_proto::v1::{CheckRequest, ListUpdatesRequest, MachineInfo};
+use updraft_tests::{World, wait_until};
+
+/// Distinct machines, each on its own connection, all checking at once.
+const CHECKERS: usize = 400;
+
+#[test]
+fn a_herd_of_checks_is_all_answered_while_admin_calls_stay_responsive() {
+    // Plaintext: one test process may speak for many machines (with TLS each agent's
+    // certificate names its one machine). The herd's cost is the same.
+    let w = World::insecure();
+    // Every simulated machine connects from 127.0.0.1: lift the per-address limit for them.
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    let (_p, purl) = w.provider_with("centre", &["--trust-key", &pubkey, "--max-connections-per-peer", "1000"]);
+    w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..CHECKERS {
+            let ch = tonic::transport::Endpoint::from_shared(purl.clone()).unwrap().connect().await.unwrap();
+            clients.push(AgentApiClient::new(ch));
+        }
+        let start = Instant::now();
+        let checks: Vec<_> = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut c)| {
+                tokio::spawn(async move {
+                    let machine = MachineInfo { name: format!("herd-{i}"), ..Default::default() };
+                    let req = CheckRequest { machine: Some(machine), manual: false };
+                    tokio::time::timeout(Duration::from_secs(60), c.check(req)).await
+                })
+            })
+            .collect();
+        // While the herd is being answered, an administrator is answered too.
+        let admin_ch = tonic::transport::Endpoint::from_shared(purl.clone()).unwrap().connect().await.unwrap();
+        let listed = tokio::time::timeout(
+            Duration::from_secs(20),
+            AdminClient::new(admin_ch).list_updates(ListUpdatesRequest::default()),
+        )
+        .await;
+        assert!(matches!(listed, Ok(Ok(_))), "admin call during the herd: {listed:?}");
+        let mut answered = 0;
+        for t in checks {
+            let r = t.await.unwrap().expect("a check timed out: the herd stalled");
+            let offers = r.expect("check refused").into_inner().offers;
+            assert_eq!(offers.len(), 1, "each machine of the default group is offered app");
+            answered += 1;
+        }
+        assert_eq!(answered, CHECKERS);
+        eprintln!("{CHECKERS} concurrent checks answered in {:?}", start.elapsed());
+    });
+    // Every checker is recorded (and reaches the disk with the next commit).
+    wait_until("every checker in the machine list", Duration::from_secs(30), || {
+        w.admin_json(&purl, &["machine", "list"]).as_array().unwrap().len() == CHECKERS
+    });
+}
+
+#[test]
+fn fifty_agents_behind_a_site_take_a_pushed_update() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let (_r, rurl) = w.remote("branch", &purl);
+    w.publish(&purl, &w.package("tool", "1.0.0.0", &w.key));
+    w.wait_site_caught_up(&rurl, &purl);
+    let names: Vec<String> = (0..50).map(|i| format!("pc-{i:02}")).collect();
+    let _agents: Vec<_> = names.iter().map(|n| w.agent(n, &rurl)).collect();
+    wait_until("every agent on 1.0", Duration::from_secs(120), || {
+        names.iter().all(|n| w.installed(n, "tool").as_deref() == Some("1.0.0.0"))
+    });
+    let wan_before = w.admin_json(&rurl, &["site", "status"])["wan_bytes"].as_u64().unwrap();
+
+    // The fix, marked high priority: every agent is pushed and checks at once.
+    let pkg = w.package_with("tool", "1.0.1.0", &w.key, &["--install-type", "patch"]);
+    let id = w.approve(&purl, &pkg);
+    let size = w.admin_json(&purl, &["update", "show", &id])["size"].as_u64().unwrap();
+    let pushed = Instant::now();
+    w.admin_ok(&purl, &["update", "priority", &id, "high"]);
+    wait_until("every agent on the fix", Duration::from_secs(120), || {
+        names.iter().all(|n| w.installed(n, "tool").as_deref() == Some("1.0.1.0"))
+    });
+    eprintln!("50 agents behind a site on the fix {:?} after the push", pushed.elapsed());
+    let wan = w.admin_json(&rurl, &["site", "status"])["wan_bytes"].as_u64().unwrap();
+    assert_eq!(wan - wan_before, size, "the site fetched the fix once");
+}
