@@ -4,17 +4,24 @@
 //!   the same package from the site at once (the goal is 1.00);
 //! - time for a high-priority mark to reach 1,000 and 10,000 subscribed agents, through one
 //!   tier (agents on the local provider) and two (agents on a site): median, p99, max;
-//! - provider memory per subscribed agent.
+//! - provider memory per subscribed agent;
+//! - the check herd: 10,000 distinct machines, each on its own connection, checking at once
+//!   (answered, failed, time to the last answer, p50/p99), and an admin call's latency meanwhile;
+//! - check answers per second and download serving (MB/s, 64 MiB to 1, 10 and 100 clients), each
+//!   beside nginx serving a same-sized file to the same h2load (Debian `nghttp2-client`) run.
 //!
 //! Agents are simulated cheaply as gRPC clients (downloads and push subscriptions), many per
-//! connection. Run: `cargo run --release -p updraft-tests --bin bench`.
+//! connection, except in the herd (one connection each). Run:
+//! `cargo run --release -p updraft-tests --bin bench` (needs nginx and h2load for the baselines).
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use prost::Message;
 use tonic::transport::{Channel, Endpoint};
+use updraft_proto::v1::admin_client::AdminClient;
 use updraft_proto::v1::agent_api_client::AgentApiClient;
-use updraft_proto::v1::{BlobRequest, PushKind, SubscribeRequest};
-use updraft_tests::{World, wait_until};
+use updraft_proto::v1::{BlobRequest, CheckRequest, ListUpdatesRequest, MachineInfo, PushKind, SubscribeRequest};
+use updraft_tests::{Proc, World, free_port, wait_port, wait_until};
 
 /// Streams per connection: below the servers' limit of 1024 concurrent streams.
 const PER_CONNECTION: usize = 500;
@@ -118,11 +125,161 @@ async fn push_latency(
     }
 }
 
+fn pick(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+/// `n` distinct machines, each on its own connection, send one check at once.
+async fn check_herd(url: &str, n: usize) {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(AgentApiClient::new(Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap()));
+    }
+    let start = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let req = CheckRequest {
+                    machine: Some(MachineInfo { name: format!("herd-{i}"), ..Default::default() }),
+                    manual: false,
+                };
+                let ok = matches!(tokio::time::timeout(Duration::from_secs(60), c.check(req)).await, Ok(Ok(_)));
+                (ok, t.elapsed())
+            })
+        })
+        .collect();
+    let mut admin = AdminClient::new(Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap());
+    let t = Instant::now();
+    let admin_ok = matches!(
+        tokio::time::timeout(Duration::from_secs(60), admin.list_updates(ListUpdatesRequest::default())).await,
+        Ok(Ok(_))
+    );
+    let admin_ms = t.elapsed();
+    let mut times = Vec::new();
+    let mut failed = 0;
+    for task in tasks {
+        let (ok, d) = task.await.unwrap();
+        if ok { times.push(d) } else { failed += 1 }
+    }
+    let total = start.elapsed();
+    times.sort();
+    let (p50, p99) =
+        if times.is_empty() { (Duration::ZERO, Duration::ZERO) } else { (pick(&times, 0.5), pick(&times, 0.99)) };
+    println!(
+        "{n:>8}  {:>8}  {failed:>6}  {total:>10.2?}  {p50:>10.1?}  {p99:>10.1?}  {:>12}",
+        times.len(),
+        if admin_ok { format!("{admin_ms:.1?}") } else { "FAILED".into() }
+    );
+}
+
+/// What one h2load run measured.
+#[derive(Debug, Default, Clone, Copy)]
+struct Load {
+    req_per_s: f64,
+    mb_per_s: f64,
+    mean_ms: f64,
+    succeeded: u64,
+}
+
+/// Runs h2load against `url` (POSTing `body` when given) with `clients` connections and
+/// `requests` requests in all, one stream per connection at a time.
+fn h2load(url: &str, body: Option<&std::path::Path>, clients: usize, requests: usize) -> Option<Load> {
+    let mut cmd = std::process::Command::new("h2load");
+    cmd.args(["-n", &requests.to_string(), "-c", &clients.to_string(), "-m", "1"]);
+    if let Some(b) = body {
+        cmd.arg("-d").arg(b).args(["-H", "content-type: application/grpc", "-H", "te: trailers"]);
+    }
+    let out = cmd.arg(url).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut load = Load::default();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if line.starts_with("finished in") && words.len() >= 6 {
+            load.req_per_s = words[3].parse().ok()?;
+            let rate = words[5];
+            let (num, unit) = rate.split_at(rate.find(|c: char| c.is_ascii_alphabetic())?);
+            let scale = match unit {
+                "B/s" => 1e-6,
+                "KB/s" => 1.0 / 1024.0,
+                "MB/s" => 1.0,
+                "GB/s" => 1024.0,
+                _ => return None,
+            };
+            load.mb_per_s = num.parse::<f64>().ok()? * scale;
+        } else if line.starts_with("requests:") {
+            load.succeeded = words.iter().position(|w| *w == "succeeded,").and_then(|i| words[i - 1].parse().ok())?;
+        } else if line.starts_with("time for request:") && words.len() >= 6 {
+            let ms = |w: &str| -> Option<f64> {
+                if let Some(v) = w.strip_suffix("us") {
+                    v.parse::<f64>().ok().map(|v| v / 1000.0)
+                } else if let Some(v) = w.strip_suffix("ms") {
+                    v.parse().ok()
+                } else {
+                    w.strip_suffix('s')?.parse::<f64>().ok().map(|v| v * 1000.0)
+                }
+            };
+            load.mean_ms = ms(words[5])?;
+        }
+    }
+    Some(load)
+}
+
+/// nginx serving `root` over cleartext HTTP/2 on loopback (the baseline).
+fn nginx(w: &World, root: &std::path::Path) -> Option<(Proc, u16)> {
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists())?;
+    let dir = w.path("nginx-bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let (d, r) = (dir.display(), root.display());
+    let conf = format!(
+        "daemon off;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  sendfile on;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           server {{\n    listen 127.0.0.1:{port} http2;\n    root {r};\n  }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir);
+    let p = Proc::spawn(w.dir.path(), "nginx-bench", cmd);
+    wait_port(port);
+    Some((p, port))
+}
+
+/// A gRPC request body on disk: the 5-byte frame header, then the message.
+fn grpc_body(w: &World, name: &str, msg: &impl Message) -> std::path::PathBuf {
+    let bytes = msg.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&bytes);
+    let path = w.path(name);
+    std::fs::write(&path, framed).unwrap();
+    path
+}
+
+fn ratio_line(what: &str, ours: Option<Load>, base: Option<Load>, by: impl Fn(&Load) -> f64, unit: &str) {
+    match (ours, base) {
+        (Some(o), Some(b)) if by(&b) > 0.0 => println!(
+            "{what:<34} {:>10.1} {unit:<6} nginx {:>10.1} {unit:<6} ratio {:>5.2}  (mean {:.2} ms vs {:.2} ms)",
+            by(&o),
+            by(&b),
+            by(&o) / by(&b),
+            o.mean_ms,
+            b.mean_ms
+        ),
+        (o, b) => println!("{what:<34} not measured (ours {o:?}, nginx {b:?}: is h2load/nginx installed?)"),
+    }
+}
+
 #[tokio::main]
 async fn main() {
     // Plaintext: the subscribers below are raw streams, not agents with certificates.
     let w = World::insecure();
-    let (p, purl) = w.provider("centre", true);
+    // Every simulated machine connects from 127.0.0.1: no per-address connection limit here.
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    let (p, purl) = w.provider_with("centre", &["--trust-key", &pubkey, "--max-connections-per-peer", "100000"]);
     let (s, surl) = w.remote("site", &purl);
     wait_until("site synchronised", Duration::from_secs(30), || {
         w.admin_json(&surl, &["site", "status"])["upstream_connected"] == true
@@ -148,5 +305,51 @@ async fn main() {
                 f.median, f.p99, f.max, f.kb_per_agent
             );
         }
+    }
+
+    println!();
+    println!("Check herd: distinct machines, one connection each, one check each, all at once (provider)");
+    println!(
+        "{:>8}  {:>8}  {:>6}  {:>10}  {:>10}  {:>10}  {:>12}",
+        "MACHINES", "ANSWERED", "FAILED", "LAST", "P50", "P99", "ADMIN CALL"
+    );
+    w.publish(&purl, &w.package("herdapp", "1.0.0.0", &w.key));
+    for n in [1000, 10_000] {
+        check_herd(&purl, n).await;
+    }
+
+    println!();
+    println!("Serving, beside nginx (same h2load run shape, cleartext HTTP/2, one stream per client)");
+    let www = w.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let check =
+        CheckRequest { machine: Some(MachineInfo { name: "h2load".into(), ..Default::default() }), manual: false };
+    let check_body = grpc_body(&w, "check.body", &check);
+    // The baseline file is as large as the check's answer.
+    let mut c = AgentApiClient::new(Endpoint::from_shared(purl.clone()).unwrap().connect().await.unwrap());
+    let answer = c.check(check).await.unwrap().into_inner().encode_to_vec();
+    std::fs::write(www.join("answer"), &answer).unwrap();
+    let big_src = w.path("src-big");
+    std::fs::create_dir_all(&big_src).unwrap();
+    let blob: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(big_src.join("data.bin"), &blob).unwrap();
+    let big = w.build_package(&big_src, "bigblob", "1.0.0.0", &w.key, &[]);
+    let id = w.admin_ok(&purl, &["update", "add", big.to_str().unwrap()]).trim().to_string();
+    let u = w.admin_json(&purl, &["update", "show", &id]);
+    let (hash, size) = (u["content_hash"].as_str().unwrap().to_string(), u["size"].as_u64().unwrap());
+    std::fs::copy(&big, www.join("big")).unwrap();
+    let dl_body = grpc_body(&w, "download.body", &BlobRequest { content_hash: hash, offset: 0 });
+    let base = nginx(&w, &www);
+    let nurl = |f: &str| base.as_ref().map(|(_, port)| format!("http://127.0.0.1:{port}/{f}"));
+    println!("(answer {} bytes; blob {:.0} MiB)", answer.len(), size as f64 / (1 << 20) as f64);
+    let check_url = format!("{purl}/updraft.v1.AgentApi/Check");
+    let ours = h2load(&check_url, Some(&check_body), 100, 20_000);
+    let theirs = nurl("answer").and_then(|u| h2load(&u, None, 100, 20_000));
+    ratio_line("checks/s, 100 clients", ours, theirs, |l| l.req_per_s, "req/s");
+    let dl_url = format!("{purl}/updraft.v1.AgentApi/Download");
+    for clients in [1, 10, 100] {
+        let ours = h2load(&dl_url, Some(&dl_body), clients, clients);
+        let theirs = nurl("big").and_then(|u| h2load(&u, None, clients, clients));
+        ratio_line(&format!("download MB/s, {clients} client(s)"), ours, theirs, |l| l.mb_per_s, "MB/s");
     }
 }
