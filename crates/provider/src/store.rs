@@ -8,6 +8,8 @@
 //! and prost decoding tolerates fields added later.
 use std::path::Path;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use prost::Message;
 use sled::Transactional;
 use updraft_proto::v1::{
@@ -228,6 +230,10 @@ pub struct Store {
     audit_lock: std::sync::Arc<std::sync::Mutex<()>>,
     fence: std::sync::Arc<std::sync::OnceLock<Fence>>,
     commit: std::sync::Arc<Committer>,
+    /// Entries in `activity` and `outbox`, counted once at open: sled's `len()` walks the whole
+    /// tree, which made every report (and, at a site, every check) cost O(entries).
+    activity_count: std::sync::Arc<AtomicUsize>,
+    outbox_count: std::sync::Arc<AtomicUsize>,
 }
 
 /// The chained fields of an audit entry.
@@ -300,10 +306,14 @@ impl Store {
             users: db.open_tree("users")?,
             audit: db.open_tree("audit")?,
             audit_lock: Default::default(),
+            activity_count: Default::default(),
+            outbox_count: Default::default(),
             fence,
             commit,
             db,
         };
+        store.activity_count.store(store.activity.len(), Ordering::Relaxed);
+        store.outbox_count.store(store.outbox.len(), Ordering::Relaxed);
         store.migrate(dir)?;
         Ok(store)
     }
@@ -850,10 +860,15 @@ impl Store {
             let id = self.db.generate_id()?;
             let mut key = be(a.at_unix_ms.max(0) as u64).to_vec();
             key.extend_from_slice(&be(id));
-            self.activity.insert(key, a.encode_to_vec())?;
+            if self.activity.insert(key, a.encode_to_vec())?.is_none() {
+                self.activity_count.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        while self.activity.len() > MAX_ACTIVITY {
-            self.activity.pop_min()?;
+        while self.activity_count.load(Ordering::Relaxed) > MAX_ACTIVITY {
+            match self.activity.pop_min()? {
+                Some(_) => self.activity_count.fetch_sub(1, Ordering::Relaxed),
+                None => break,
+            };
         }
         self.flush().await
     }
@@ -879,8 +894,8 @@ impl Store {
         for kv in self.activity.iter() {
             let (k, v) = kv?;
             let a: Activity = decode(&v)?;
-            if machine.is_empty() || a.machine == machine {
-                self.activity.remove(k)?;
+            if (machine.is_empty() || a.machine == machine) && self.activity.remove(k)?.is_some() {
+                self.activity_count.fetch_sub(1, Ordering::Relaxed);
                 n += 1;
             }
         }
@@ -890,12 +905,14 @@ impl Store {
 
     /// Queues a report for the upstream (site providers). Durable before it returns.
     pub async fn outbox_push(&self, report: &ForwardedReport) -> Result<()> {
-        if self.outbox.len() >= MAX_OUTBOX {
-            // Drop the oldest: the newest inventory matters more than stale ones.
-            self.outbox.pop_min()?;
+        if self.outbox_count.load(Ordering::Relaxed) >= MAX_OUTBOX && self.outbox.pop_min()?.is_some() {
+            // Dropped the oldest: the newest inventory matters more than stale ones.
+            self.outbox_count.fetch_sub(1, Ordering::Relaxed);
         }
         let id = self.db.generate_id()?;
-        self.outbox.insert(be(id), report.encode_to_vec())?;
+        if self.outbox.insert(be(id), report.encode_to_vec())?.is_none() {
+            self.outbox_count.fetch_add(1, Ordering::Relaxed);
+        }
         self.flush().await
     }
 
@@ -913,13 +930,15 @@ impl Store {
 
     pub async fn outbox_ack(&self, keys: &[Vec<u8>]) -> Result<()> {
         for k in keys {
-            self.outbox.remove(k)?;
+            if self.outbox.remove(k)?.is_some() {
+                self.outbox_count.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         self.flush().await
     }
 
     pub fn outbox_len(&self) -> usize {
-        self.outbox.len()
+        self.outbox_count.load(Ordering::Relaxed)
     }
 }
 
