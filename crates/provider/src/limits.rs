@@ -14,6 +14,36 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+/// The limits every server (provider and site) takes on its command line.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Open connections allowed from one peer address (agents behind one NAT share one).
+    #[arg(long, env = "UPDRAFT_MAX_CONNECTIONS_PER_PEER", default_value_t = 256)]
+    pub max_connections_per_peer: usize,
+    /// Longest a request may take to be answered, seconds (uploads excepted).
+    #[arg(long, env = "UPDRAFT_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
+    pub request_timeout_secs: u64,
+    /// Disk space always left free under the store; uploads and fetches that would eat into it
+    /// are refused.
+    #[arg(long, env = "UPDRAFT_DISK_RESERVE_BYTES", default_value_t = 1 << 30)]
+    pub disk_reserve_bytes: u64,
+}
+
+impl LimitArgs {
+    /// Checks the values and puts them in the server's configuration.
+    pub fn apply(&self, config: &mut crate::Config) -> crate::error::Result<()> {
+        if self.max_connections_per_peer == 0 || !(1..=3600).contains(&self.request_timeout_secs) {
+            return Err(crate::error::ProviderError::InvalidArgument(
+                "--max-connections-per-peer must be at least 1 and --request-timeout-secs 1 to 3600".into(),
+            ));
+        }
+        config.max_connections_per_peer = self.max_connections_per_peer;
+        config.request_timeout = Duration::from_secs(self.request_timeout_secs);
+        config.disk_reserve_bytes = self.disk_reserve_bytes;
+        Ok(())
+    }
+}
+
 type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 /// An accepted connection, counted against its peer until dropped.

@@ -60,15 +60,8 @@ struct Args {
     /// How long a signed catalog statement stays valid; agents refuse older ones as frozen.
     #[arg(long, env = "UPDRAFT_CATALOG_EXPIRY_SECS", default_value_t = 86_400)]
     catalog_expiry_secs: u64,
-    /// Open connections allowed from one peer address.
-    #[arg(long, env = "UPDRAFT_MAX_CONNECTIONS_PER_PEER", default_value_t = 256)]
-    max_connections_per_peer: usize,
-    /// Longest a request may take to be answered, seconds (uploads excepted).
-    #[arg(long, env = "UPDRAFT_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
-    request_timeout_secs: u64,
-    /// Disk space always left free under the store; uploads that would eat into it are refused.
-    #[arg(long, env = "UPDRAFT_DISK_RESERVE_BYTES", default_value_t = 1 << 30)]
-    disk_reserve_bytes: u64,
+    #[command(flatten)]
+    limits: updraft_provider::limits::LimitArgs,
     /// URL the other member of a switchover pair reaches this one at (default: from --listen).
     #[arg(long, env = "UPDRAFT_PROVIDER_ADVERTISE")]
     advertise: Option<String>,
@@ -159,12 +152,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--catalog-expiry-secs must be 2 to 2592000 (30 days)");
     }
     config.statement_ttl = Duration::from_secs(args.catalog_expiry_secs);
-    if args.max_connections_per_peer == 0 || !(1..=3600).contains(&args.request_timeout_secs) {
-        anyhow::bail!("--max-connections-per-peer must be at least 1 and --request-timeout-secs 1 to 3600");
-    }
-    config.max_connections_per_peer = args.max_connections_per_peer;
-    config.request_timeout = Duration::from_secs(args.request_timeout_secs);
-    config.disk_reserve_bytes = args.disk_reserve_bytes;
+    args.limits.apply(&mut config)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

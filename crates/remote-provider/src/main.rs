@@ -22,6 +22,8 @@ struct Args {
     #[arg(long, env = "UPDRAFT_REMOTE_NAME")]
     name: Option<String>,
     #[command(flatten)]
+    limits: updraft_provider::limits::LimitArgs,
+    #[command(flatten)]
     tls: updraft_runtime::tls::TlsArgs,
 }
 
@@ -32,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
     let data_dir = args.store.unwrap_or_else(|| updraft_runtime::default_data_dir("remote-provider"));
     let mut provider = updraft_provider::Config::new(args.name.unwrap_or_else(updraft_runtime::hostname), data_dir);
     provider.transport = args.tls.transport("remote-provider")?;
+    args.limits.apply(&mut provider)?;
     let cfg = updraft_remote_provider::RemoteConfig { provider, upstream: args.upstream };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
