@@ -21,7 +21,10 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 use updraft_proto::v1::admin_client::AdminClient;
 use updraft_proto::v1::agent_api_client::AgentApiClient;
-use updraft_proto::v1::{BlobRequest, CheckRequest, ListUpdatesRequest, MachineInfo, PushKind, SubscribeRequest};
+use updraft_proto::v1::replication_client::ReplicationClient;
+use updraft_proto::v1::{
+    BlobRequest, CheckRequest, ListUpdatesRequest, MachineInfo, PushKind, SiteStatusRequest, SubscribeRequest,
+};
 use updraft_tests::{Proc, World, free_port, wait_port, wait_until};
 
 /// Streams per connection: below the servers' limit of 1024 concurrent streams.
@@ -131,7 +134,8 @@ fn pick(sorted: &[Duration], q: f64) -> Duration {
 }
 
 /// `n` distinct machines, each on its own connection, send one check at once.
-async fn check_herd(url: &str, n: usize) {
+/// The admin call made meanwhile goes to the same server (a site's status; the centre's catalog).
+async fn check_herd(url: &str, n: usize, tier: &'static str) {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
         clients.push(AgentApiClient::new(Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap()));
@@ -144,7 +148,7 @@ async fn check_herd(url: &str, n: usize) {
             tokio::spawn(async move {
                 let t = Instant::now();
                 let req = CheckRequest {
-                    machine: Some(MachineInfo { name: format!("herd-{i}"), ..Default::default() }),
+                    machine: Some(MachineInfo { name: format!("herd-{tier}-{i}"), ..Default::default() }),
                     manual: false,
                 };
                 let ok = matches!(tokio::time::timeout(Duration::from_secs(60), c.check(req)).await, Ok(Ok(_)));
@@ -152,12 +156,17 @@ async fn check_herd(url: &str, n: usize) {
             })
         })
         .collect();
-    let mut admin = AdminClient::new(Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap());
+    let ch = Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
     let t = Instant::now();
-    let admin_ok = matches!(
-        tokio::time::timeout(Duration::from_secs(60), admin.list_updates(ListUpdatesRequest::default())).await,
-        Ok(Ok(_))
-    );
+    let admin_ok = if tier == "site" {
+        let mut client = ReplicationClient::new(ch);
+        let call = client.site_status(SiteStatusRequest {});
+        matches!(tokio::time::timeout(Duration::from_secs(60), call).await, Ok(Ok(_)))
+    } else {
+        let mut client = AdminClient::new(ch);
+        let call = client.list_updates(ListUpdatesRequest::default());
+        matches!(tokio::time::timeout(Duration::from_secs(60), call).await, Ok(Ok(_)))
+    };
     let admin_ms = t.elapsed();
     let mut times = Vec::new();
     let mut failed = 0;
@@ -298,7 +307,7 @@ async fn main() {
     // Every simulated machine connects from 127.0.0.1: no per-address connection limit here.
     let pubkey = w.pubkey.to_str().unwrap().to_string();
     let (p, purl) = w.provider_with("centre", &["--trust-key", &pubkey, "--max-connections-per-peer", "100000"]);
-    let (s, surl) = w.remote("site", &purl);
+    let (s, surl) = w.remote_with("site", &purl, &["--max-connections-per-peer", "100000"]);
     wait_until("site synchronised", Duration::from_secs(30), || {
         w.admin_json(&surl, &["site", "status"])["upstream_connected"] == true
     });
@@ -318,7 +327,7 @@ async fn main() {
         push_section(&w, &purl, &surl, &p, &s).await;
     }
     if section("herd") {
-        herd_section(&w, &purl).await;
+        herd_section(&w, &purl, &surl).await;
     }
     if section("serving") {
         serving_section(&w, &purl).await;
@@ -343,15 +352,19 @@ async fn push_section(w: &World, purl: &str, surl: &str, p: &Proc, s: &Proc) {
     println!();
 }
 
-async fn herd_section(w: &World, purl: &str) {
-    println!("Check herd: distinct machines, one connection each, one check each, all at once (provider)");
+async fn herd_section(w: &World, purl: &str, surl: &str) {
+    println!("Check herd: distinct machines, one connection each, one check each, all at once");
     println!(
-        "{:>8}  {:>8}  {:>6}  {:>10}  {:>10}  {:>10}  {:>12}",
-        "MACHINES", "ANSWERED", "FAILED", "LAST", "P50", "P99", "ADMIN CALL"
+        "{:>8}  {:>8}  {:>8}  {:>6}  {:>10}  {:>10}  {:>10}  {:>12}",
+        "TIER", "MACHINES", "ANSWERED", "FAILED", "LAST", "P50", "P99", "ADMIN CALL"
     );
     w.publish(purl, &w.package("herdapp", "1.0.0.0", &w.key));
-    for n in [1000, 10_000] {
-        check_herd(purl, n).await;
+    w.wait_site_caught_up(surl, purl);
+    for (tier, url) in [("provider", purl), ("site", surl)] {
+        for n in [1000, 10_000] {
+            print!("{tier:>8}  ");
+            check_herd(url, n, tier).await;
+        }
     }
     println!();
 }

@@ -404,14 +404,22 @@ impl World {
     }
 
     pub fn remote(&self, name: &str, upstream: &str) -> (Proc, String) {
+        self.remote_with(name, upstream, &[])
+    }
+
+    /// A site with extra flags (limits, say).
+    pub fn remote_with(&self, name: &str, upstream: &str, extra: &[&str]) -> (Proc, String) {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let store = self.path(name);
+        let mut args =
+            vec!["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
+        args.extend_from_slice(extra);
         let p = Proc::start_env(
             self.dir.path(),
             name,
             "remote-provider",
-            &["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", &listen, "--name", name],
+            &args,
             &self.env_for(name, "remote-provider", &[]),
         );
         wait_port(port);

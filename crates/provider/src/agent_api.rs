@@ -42,6 +42,8 @@ pub trait Tier: Send + Sync + 'static {
     }
     /// Counts bytes sent to this tier's agents (and sites).
     fn served(&self, _bytes: u64) {}
+    /// What a check was just offered (a site fetches missing content ahead of the download).
+    fn offered(&self, _offers: &[updraft_proto::v1::Offer]) {}
     /// This tier's own status: upstream, connection, counters.
     fn status(&self) -> SiteStats;
 }
@@ -172,6 +174,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
         }
         let catalog = self.shared.store.list_updates()?;
         let (offers, policy) = policy::answer(&self.shared.store, &catalog, &self.shared.store.list_caps()?, &machine)?;
+        self.tier.offered(&offers);
         self.shared.store.record_machine(&machine, "direct", now, false).await?;
         self.tier
             .relay(ForwardedReport {

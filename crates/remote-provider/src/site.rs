@@ -41,9 +41,12 @@ pub struct SiteTier {
     upstream_since_ms: AtomicI64,
     /// Set once the catalog stream has caught up with the upstream.
     synced: AtomicBool,
-    /// Signalled when what this site's machines need may have changed (a catalog change, a
-    /// check): the prefetch loop works out what to fetch ahead.
+    /// Signalled on a catalog change: the prefetch loop works out again what this site's
+    /// machines need (a pass over all of them).
     needs_changed: Notify,
+    /// Content a check was just offered that is not here yet: fetched without a full pass.
+    to_fetch: std::sync::Mutex<BTreeSet<String>>,
+    fetch_ready: Notify,
     prefetch_passes: AtomicU64,
     prefetch_failed: AtomicU64,
 }
@@ -91,6 +94,8 @@ impl SiteTier {
             upstream_since_ms: AtomicI64::new(updraft_provider::now_ms()),
             synced: AtomicBool::new(false),
             needs_changed: Notify::new(),
+            to_fetch: Default::default(),
+            fetch_ready: Notify::new(),
             prefetch_passes: AtomicU64::new(0),
             prefetch_failed: AtomicU64::new(0),
         })
@@ -176,14 +181,15 @@ impl SiteTier {
     }
 }
 
-/// Fetches ahead what this site's machines will ask for (see [`SiteTier::wanted`]), each
-/// time that may have changed.
+/// Fetches ahead what this site's machines will ask for: after a catalog change, what any of
+/// them would be offered (see [`SiteTier::wanted`]); after a check, what it was offered.
 pub async fn prefetch_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
     loop {
-        tokio::select! {
+        let full_pass = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tier.needs_changed.notified() => {}
-        }
+            _ = tier.needs_changed.notified() => true,
+            _ = tier.fetch_ready.notified() => false,
+        };
         // Let a burst of changes or checks settle into one pass.
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -192,13 +198,14 @@ pub async fn prefetch_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
         if !tier.synced.load(Ordering::Relaxed) {
             continue; // the catch-up's last event signals again
         }
-        let wanted = match tier.wanted() {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot work out what to prefetch");
-                continue;
+        let mut wanted = std::mem::take(&mut *tier.to_fetch.lock().expect("prefetch queue"));
+        if full_pass {
+            match tier.wanted() {
+                Ok(w) => wanted.extend(w),
+                Err(e) => tracing::warn!(error = %e, "cannot work out what to prefetch"),
             }
-        };
+        }
+        wanted.retain(|h| !tier.shared.blobs.has(h));
         let mut failed = 0;
         for content_hash in wanted {
             let fetched =
@@ -231,10 +238,21 @@ impl Tier for SiteTier {
     async fn relay(&self, report: ForwardedReport) -> Result<()> {
         self.shared.store.outbox_push(&report).await?;
         self.outbox_ready.notify_one();
-        if report.is_check {
-            self.needs_changed.notify_one();
-        }
         Ok(())
+    }
+
+    fn offered(&self, offers: &[updraft_proto::v1::Offer]) {
+        let missing: Vec<String> = offers
+            .iter()
+            .filter(|o| o.action == updraft_proto::v1::ActionKind::Install as i32)
+            .filter_map(|o| o.update.as_ref())
+            .map(|u| u.content_hash.clone())
+            .filter(|h| !self.shared.blobs.has(h))
+            .collect();
+        if !missing.is_empty() {
+            self.to_fetch.lock().expect("prefetch queue").extend(missing);
+            self.fetch_ready.notify_one();
+        }
     }
 
     fn served(&self, bytes: u64) {
