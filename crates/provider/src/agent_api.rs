@@ -175,7 +175,11 @@ impl<T: Tier> AgentApi for AgentService<T> {
         let catalog = self.shared.store.list_updates()?;
         let (offers, policy) = policy::answer(&self.shared.store, &catalog, &self.shared.store.list_caps()?, &machine)?;
         self.tier.offered(&offers);
-        self.shared.store.record_machine(&machine, "direct", now, false).await?;
+        // A machine's first record is durable before its check is answered; later contact
+        // times ride the next commit.
+        if self.shared.store.record_machine(&machine, "direct", now, false).await? {
+            self.shared.store.sync().await?;
+        }
         self.tier
             .relay(ForwardedReport {
                 machine: Some(machine),
@@ -227,8 +231,11 @@ impl<T: Tier> AgentApi for AgentService<T> {
             })
             .collect();
         let now = now_ms();
+        // Recorded before the activity, whose commit makes both durable.
+        if self.shared.store.record_machine(&machine, "direct", now, false).await? && activities.is_empty() {
+            self.shared.store.sync().await?;
+        }
         self.shared.store.append_activity(&activities).await?;
-        self.shared.store.record_machine(&machine, "direct", now, false).await?;
         let accepted = activities.len() as u32;
         self.tier
             .relay(ForwardedReport {

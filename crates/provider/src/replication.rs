@@ -117,6 +117,7 @@ impl<T: Tier> Replication for ReplicationService<T> {
             store.set_site_stats(&site_info.name, stats).await?;
         }
         let mut accepted = 0;
+        let mut all_acts = Vec::new();
         for r in req.reports {
             let Some(machine) = r.machine else { continue };
             if validate_machine_name(&machine.name).is_err() || validate_inventory(&machine).is_err() {
@@ -130,13 +131,15 @@ impl<T: Tier> Replication for ReplicationService<T> {
                     a
                 })
                 .collect();
-            store.append_activity(&acts).await?;
             store.record_machine(&machine, &req.site, r.at_unix_ms, false).await?;
+            all_acts.extend(acts.iter().cloned());
             // A site in the middle of a chain passes its sites' reports further up.
             self.tier.relay(ForwardedReport { machine: Some(machine), activities: acts, ..r }).await?;
             accepted += 1;
         }
-        // The site drops what we acknowledge from its outbox: all of it must be on disk.
+        // The site drops what we acknowledge from its outbox: all of it must be on disk, with
+        // one commit for the whole batch.
+        store.append_activity(&all_acts).await?;
         store.sync().await?;
         Ok(Response::new(ForwardResponse { accepted }))
     }

@@ -773,11 +773,17 @@ impl Store {
         self.watches.iter().values().map(|v| decode(&v?)).collect()
     }
 
-    /// Records a machine's contact; keeps fields the report does not carry. A machine's first
-    /// record is durable before this returns (concurrent ones share one commit); later contacts
-    /// are not waited on and reach the disk with the next commit (within
-    /// `commit::FLUSH_EVERY`); callers that acknowledge them to someone call [`Store::sync`].
-    pub async fn record_machine(&self, info: &MachineInfo, via: &str, at_ms: i64, remote_provider: bool) -> Result<()> {
+    /// Records a machine's contact; keeps fields the report does not carry. Not waited on: it
+    /// reaches the disk with the next commit (within `commit::FLUSH_EVERY`). Returns whether
+    /// the machine is new, so that callers can make a first record durable ([`Store::sync`]:
+    /// a check does; a forwarded batch syncs once for all).
+    pub async fn record_machine(
+        &self,
+        info: &MachineInfo,
+        via: &str,
+        at_ms: i64,
+        remote_provider: bool,
+    ) -> Result<bool> {
         let key = info.name.as_bytes();
         let (mut m, new): (Machine, bool) = match self.machines.get(key)? {
             Some(v) => (decode(&v)?, false),
@@ -788,11 +794,8 @@ impl Store {
         m.via = via.to_string();
         m.is_remote_provider |= remote_provider;
         self.machines.insert(key, m.encode_to_vec())?;
-        if new {
-            return self.flush().await;
-        }
         self.commit.soon();
-        Ok(())
+        Ok(new)
     }
 
     /// Keeps a site's last reported counters on its machine record.
