@@ -141,12 +141,11 @@ impl AdminService {
     }
 
     fn listing(&self, updates: Vec<Update>) -> Result<ListUpdatesResponse> {
-        let store = &self.shared.store;
-        let all_caps = store.list_caps()?;
-        let fleet = policy::fleet_plans(store, &store.list_updates()?, &all_caps)?;
-        let caps = caps_map(&all_caps);
+        let catalog = self.shared.catalog()?;
+        let fleet = policy::fleet_plans(&self.shared.store, &catalog)?;
+        let caps = caps_map(&catalog.caps);
         let statuses = updates.iter().map(|u| status_of(u, &fleet, &caps)).collect();
-        let warnings = ga_patch_warnings(&self.shared.store.list_updates()?);
+        let warnings = ga_patch_warnings(&catalog.updates);
         Ok(ListUpdatesResponse { updates, statuses, warnings })
     }
 
@@ -189,11 +188,10 @@ impl Admin for AdminService {
     }
 
     async fn get_update(&self, request: Request<GetUpdateRequest>) -> Result<Response<UpdateDetail>, Status> {
-        let store = &self.shared.store;
-        let u = store.get_update(&request.into_inner().id)?;
-        let all_caps = store.list_caps()?;
-        let fleet = policy::fleet_plans(store, &store.list_updates()?, &all_caps)?;
-        let status = status_of(&u, &fleet, &caps_map(&all_caps));
+        let u = self.shared.store.get_update(&request.into_inner().id)?;
+        let catalog = self.shared.catalog()?;
+        let fleet = policy::fleet_plans(&self.shared.store, &catalog)?;
+        let status = status_of(&u, &fleet, &caps_map(&catalog.caps));
         Ok(Response::new(UpdateDetail { update: Some(u), status: Some(status) }))
     }
 

@@ -172,8 +172,8 @@ impl<T: Tier> AgentApi for AgentService<T> {
             machine.addresses.retain(|a| a != &addr);
             machine.addresses.insert(0, addr);
         }
-        let catalog = self.shared.store.list_updates()?;
-        let (offers, policy) = policy::answer(&self.shared.store, &catalog, &self.shared.store.list_caps()?, &machine)?;
+        let catalog = self.shared.catalog()?;
+        let (offers, policy) = policy::answer(&self.shared.store, &catalog, &machine)?;
         self.tier.offered(&offers);
         // A machine's first record is durable before its check is answered; later contact
         // times ride the next commit.

@@ -86,6 +86,28 @@ pub fn ceilings_map(caps: &[ProductLineCap]) -> BTreeMap<String, Ceiling> {
         .collect()
 }
 
+/// The catalog as of one catalog sequence number, decoded once: what every check and every
+/// fleet-wide computation reads instead of the store. [`crate::Shared::catalog`] keeps one
+/// current; it is never older than its `seq` (changes made while it was read only make the
+/// next call rebuild it).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub seq: u64,
+    pub updates: Vec<Update>,
+    /// The engine's view of `updates` (records with unreadable versions left out).
+    pub items: Vec<CatalogItem>,
+    pub caps: Vec<ProductLineCap>,
+}
+
+impl Snapshot {
+    pub fn read(store: &crate::store::Store) -> Result<Self> {
+        let seq = store.catalog_seq()?;
+        let updates = store.list_updates()?;
+        let items = updates.iter().filter_map(item_of).collect();
+        Ok(Self { seq, updates, items, caps: store.list_caps()? })
+    }
+}
+
 /// What the fleet's administrators decided for one machine, besides the catalog: its pins,
 /// the products deployed to it and its effective role.
 #[derive(Debug, Clone, Default)]
@@ -124,16 +146,10 @@ pub fn view_of(caps: &[ProductLineCap], given: &Given, machine: &MachineInfo) ->
 }
 
 /// The engine's plan for `machine`, and its offers in order.
-pub fn plan_for(
-    catalog: &[Update],
-    caps: &[ProductLineCap],
-    given: &Given,
-    machine: &MachineInfo,
-) -> Result<(Vec<Offer>, Plan)> {
-    let items: Vec<CatalogItem> = catalog.iter().filter_map(item_of).collect();
-    let view = view_of(caps, given, machine)?;
-    let plan = plan::plan(&items, &view);
-    let find = |id: &str| catalog.iter().find(|u| u.id == id).cloned();
+pub fn plan_for(catalog: &Snapshot, given: &Given, machine: &MachineInfo) -> Result<(Vec<Offer>, Plan)> {
+    let view = view_of(&catalog.caps, given, machine)?;
+    let plan = plan::plan(&catalog.items, &view);
+    let find = |id: &str| catalog.updates.iter().find(|u| u.id == id).cloned();
     let offers = plan
         .actions
         .iter()

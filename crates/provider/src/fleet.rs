@@ -37,12 +37,11 @@ impl AdminService {
     /// Every machine with its group, status and the reasons for it.
     fn assessed(&self) -> Result<Vec<Machine>> {
         let store = &self.shared.store;
-        let catalog = store.list_updates()?;
-        let caps = store.list_caps()?;
+        let catalog = self.shared.catalog()?;
         let mut out = Vec::new();
         for mut m in store.list_machines()? {
             let name = m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
-            let (health, notes, _, _) = policy::assess(store, &catalog, &caps, &m)?;
+            let (health, notes, _, _) = policy::assess(store, &catalog, &m)?;
             m.group = store.group_of(&name)?;
             m.status = health.as_str().into();
             m.notes = notes;
@@ -131,9 +130,8 @@ impl AdminService {
         else {
             return Err(bad(format!("unknown machine {name:?}")));
         };
-        let catalog = store.list_updates()?;
-        let caps = store.list_caps()?;
-        let (health, notes, products, pins) = policy::assess(store, &catalog, &caps, &m)?;
+        let catalog = self.shared.catalog()?;
+        let (health, notes, products, pins) = policy::assess(store, &catalog, &m)?;
         m.group = store.group_of(&name)?;
         m.status = health.as_str().into();
         m.notes = notes;

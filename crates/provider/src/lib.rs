@@ -121,6 +121,8 @@ pub struct Shared {
     pub signer: Option<statement::Signer>,
     /// Machines the role ceilings were last computed from (see `ceiling`).
     pub ceiling_sources: ceiling::Sources,
+    /// The catalog decoded once per catalog sequence number (see [`Shared::catalog`]).
+    snapshot: std::sync::Mutex<Arc<catalog::Snapshot>>,
 }
 
 impl Shared {
@@ -143,7 +145,26 @@ impl Shared {
             pair,
             signer,
             ceiling_sources: Default::default(),
+            snapshot: Default::default(),
         }))
+    }
+}
+
+impl Shared {
+    /// The current catalog: decoded from the store only when the catalog sequence has moved
+    /// since the last call, so a check costs no pass over every update record.
+    pub fn catalog(&self) -> Result<Arc<catalog::Snapshot>> {
+        let seq = self.store.catalog_seq()?;
+        let current = self.snapshot.lock().expect("catalog snapshot").clone();
+        if current.seq == seq {
+            return Ok(current);
+        }
+        let fresh = Arc::new(catalog::Snapshot::read(&self.store)?);
+        let mut slot = self.snapshot.lock().expect("catalog snapshot");
+        if fresh.seq >= slot.seq {
+            *slot = fresh.clone();
+        }
+        Ok(fresh)
     }
 }
 
@@ -355,5 +376,29 @@ async fn heartbeat_loop(shared: Arc<Shared>, me: Member, fenced: CancellationTok
             _ = fenced.cancelled() => return,
             _ = tokio::time::sleep(pair::HEARTBEAT) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use updraft_proto::v1::{ProductLineCap, Update};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_catalog_snapshot_follows_every_change_and_only_then_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::open(Config::new("t", dir.path().to_path_buf())).unwrap();
+        let empty = shared.catalog().unwrap();
+        assert!(empty.updates.is_empty());
+        assert!(Arc::ptr_eq(&empty, &shared.catalog().unwrap()), "no change, no rebuild");
+        let u = Update { id: "u".into(), version: "1.0.0.0".into(), state: 2, ..Default::default() };
+        shared.store.change_update("u", Some(u), |_| Ok(())).await.unwrap();
+        let one = shared.catalog().unwrap();
+        assert_eq!((one.updates.len(), one.items.len()), (1, 1));
+        let cap = ProductLineCap { product_line: "l".into(), version: "1.0.0.0".into(), ..Default::default() };
+        shared.store.set_cap(&cap).await.unwrap();
+        assert_eq!(shared.catalog().unwrap().caps, vec![cap]);
+        assert!(Arc::ptr_eq(&shared.catalog().unwrap(), &shared.catalog().unwrap()));
     }
 }

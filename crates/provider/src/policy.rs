@@ -6,11 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use updraft_core::model::Role;
 use updraft_core::policy::{Health, Mode, classify};
 use updraft_proto::v1::{
-    ActionKind, GroupSettings, InstalledProduct, Machine, MachineInfo, MachinePins, Offer, Policy, ProductLineCap,
-    ProductState, Update,
+    ActionKind, GroupSettings, InstalledProduct, Machine, MachineInfo, MachinePins, Offer, Policy, ProductState, Update,
 };
 
-use crate::catalog::{Given, MachinePlan, plan_for};
+use crate::catalog::{Given, MachinePlan, Snapshot, plan_for};
 use crate::error::Result;
 use crate::store::{DEFAULT_GROUP, Store};
 
@@ -70,18 +69,13 @@ pub fn given(store: &Store, machine: &MachineInfo) -> Result<Given> {
 }
 
 /// The offers and policy for one machine's check.
-pub fn answer(
-    store: &Store,
-    catalog: &[Update],
-    caps: &[ProductLineCap],
-    machine: &MachineInfo,
-) -> Result<(Vec<Offer>, Policy)> {
-    let (offers, _) = plan_for(catalog, caps, &given(store, machine)?, machine)?;
+pub fn answer(store: &Store, catalog: &Snapshot, machine: &MachineInfo) -> Result<(Vec<Offer>, Policy)> {
+    let (offers, _) = plan_for(catalog, &given(store, machine)?, machine)?;
     Ok((offers, effective(store, machine)?))
 }
 
 /// Every known machine's plan, for update statuses.
-pub fn fleet_plans(store: &Store, catalog: &[Update], caps: &[ProductLineCap]) -> Result<Vec<MachinePlan>> {
+pub fn fleet_plans(store: &Store, catalog: &Snapshot) -> Result<Vec<MachinePlan>> {
     let mut out = Vec::new();
     for m in store.list_machines()? {
         let Some(info) = m.info else { continue };
@@ -90,7 +84,7 @@ pub fn fleet_plans(store: &Store, catalog: &[Update], caps: &[ProductLineCap]) -
         }
         // One unreadable record must not hide the rest of the fleet.
         let Ok(given) = given(store, &info) else { continue };
-        let Ok((_, plan)) = plan_for(catalog, caps, &given, &info) else { continue };
+        let Ok((_, plan)) = plan_for(catalog, &given, &info) else { continue };
         out.push(MachinePlan { info, plan });
     }
     Ok(out)
@@ -129,16 +123,15 @@ fn when_offered(group: &str, s: &GroupSettings) -> Option<String> {
 /// only the products it has or is given, each with the rules that hold approved updates back.
 pub fn assess(
     store: &Store,
-    catalog: &[Update],
-    caps: &[ProductLineCap],
+    catalog: &Snapshot,
     m: &Machine,
 ) -> Result<(Health, Vec<String>, Vec<ProductState>, MachinePins)> {
     let info = m.info.clone().unwrap_or_default();
     let given = given(store, &info)?;
-    let (offers, plan) = plan_for(catalog, caps, &given, &info).unwrap_or_default();
+    let (offers, plan) = plan_for(catalog, &given, &info).unwrap_or_default();
     let pins = given.pins;
     let mut problems = info.problems.clone();
-    problems.extend(provider_problems(catalog, &pins));
+    problems.extend(provider_problems(&catalog.updates, &pins));
     let mut waiting: Vec<String> = offers.iter().filter_map(|o| o.update.as_ref().map(|u| u.id.clone())).collect();
     for w in &info.waiting {
         if !waiting.contains(w) {
@@ -153,7 +146,7 @@ pub fn assess(
 
     let installed: BTreeMap<&str, &InstalledProduct> = info.installed.iter().map(|p| (p.product.as_str(), p)).collect();
     let mut products: BTreeSet<String> = installed.keys().map(|p| p.to_string()).collect();
-    products.extend(plan.products.iter().filter(|p| catalog.iter().any(|u| &u.product == *p)).cloned());
+    products.extend(plan.products.iter().filter(|p| catalog.updates.iter().any(|u| &u.product == *p)).cloned());
     let mut target: BTreeMap<String, (String, &'static str)> = BTreeMap::new();
     for o in &offers {
         let Some(u) = &o.update else { continue };

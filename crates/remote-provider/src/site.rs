@@ -164,10 +164,12 @@ impl SiteTier {
     /// prestaged, and that is not here yet. Nothing else crosses the WAN ahead of demand.
     pub fn wanted(&self) -> Result<BTreeSet<String>> {
         let store = &self.shared.store;
-        let catalog = store.list_updates()?;
-        let hash_of: HashMap<&str, &str> = catalog.iter().map(|u| (u.id.as_str(), u.content_hash.as_str())).collect();
-        let mut out: BTreeSet<String> = catalog.iter().filter(|u| u.prestage).map(|u| u.content_hash.clone()).collect();
-        for m in policy::fleet_plans(store, &catalog, &store.list_caps()?)? {
+        let catalog = self.shared.catalog()?;
+        let hash_of: HashMap<&str, &str> =
+            catalog.updates.iter().map(|u| (u.id.as_str(), u.content_hash.as_str())).collect();
+        let mut out: BTreeSet<String> =
+            catalog.updates.iter().filter(|u| u.prestage).map(|u| u.content_hash.clone()).collect();
+        for m in policy::fleet_plans(store, &catalog)? {
             for a in &m.plan.actions {
                 if let Action::Install { id } = a
                     && let Some(h) = hash_of.get(id.as_str())
