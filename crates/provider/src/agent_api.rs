@@ -190,7 +190,9 @@ impl<T: Tier> AgentApi for AgentService<T> {
             })
             .await?;
         Ok(Response::new(CheckResponse {
-            catalog_seq: self.shared.store.catalog_seq()?,
+            // The sequence the offers were computed at: a change landing meanwhile stays
+            // "unseen" for this agent, so its next push or resubscription catches it.
+            catalog_seq: catalog.seq,
             offers,
             min_check_interval_secs: self.shared.config.min_check_secs,
             max_check_interval_secs: self.shared.config.max_check_secs,
