@@ -25,6 +25,7 @@ use updraft_proto::v1::replication_client::ReplicationClient;
 use updraft_proto::v1::{
     BlobRequest, CheckRequest, ListUpdatesRequest, MachineInfo, PushKind, SiteStatusRequest, SubscribeRequest,
 };
+use updraft_tests::herdsim::check_all;
 use updraft_tests::{Proc, World, free_port, wait_port, wait_until};
 
 /// Streams per connection: below the servers' limit of 1024 concurrent streams.
@@ -133,49 +134,30 @@ fn pick(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
 
-/// `n` distinct machines, each on its own connection, send one check at once.
-/// The admin call made meanwhile goes to the same server (a site's status; the centre's catalog).
+/// `n` distinct machines, each on its own connection, send one check at once. The admin call
+/// made meanwhile goes to the same server (a site's status; the centre's catalog).
 async fn check_herd(url: &str, n: usize, tier: &'static str) {
-    let mut clients = Vec::with_capacity(n);
-    for _ in 0..n {
-        clients.push(AgentApiClient::new(Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap()));
-    }
-    let start = Instant::now();
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut c)| {
-            tokio::spawn(async move {
-                let t = Instant::now();
-                let req = CheckRequest {
-                    machine: Some(MachineInfo { name: format!("herd-{tier}-{i}"), ..Default::default() }),
-                    manual: false,
-                };
-                let ok = matches!(tokio::time::timeout(Duration::from_secs(60), c.check(req)).await, Ok(Ok(_)));
-                (ok, t.elapsed())
-            })
-        })
-        .collect();
-    let ch = Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
-    let t = Instant::now();
-    let admin_ok = if tier == "site" {
-        let mut client = ReplicationClient::new(ch);
-        let call = client.site_status(SiteStatusRequest {});
-        matches!(tokio::time::timeout(Duration::from_secs(60), call).await, Ok(Ok(_)))
-    } else {
-        let mut client = AdminClient::new(ch);
-        let call = client.list_updates(ListUpdatesRequest::default());
-        matches!(tokio::time::timeout(Duration::from_secs(60), call).await, Ok(Ok(_)))
+    let admin = async {
+        let ch = Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
+        let t = Instant::now();
+        let ok = if tier == "site" {
+            let mut client = ReplicationClient::new(ch);
+            let call = client.site_status(SiteStatusRequest {});
+            matches!(tokio::time::timeout(Duration::from_secs(60), call).await, Ok(Ok(_)))
+        } else {
+            let mut client = AdminClient::new(ch);
+            let call = client.list_updates(ListUpdatesRequest::default());
+            matches!(tokio::time::timeout(Duration::from_secs(60), call).await, Ok(Ok(_)))
+        };
+        (ok, t.elapsed())
     };
-    let admin_ms = t.elapsed();
-    let mut times = Vec::new();
-    let mut failed = 0;
-    for task in tasks {
-        let (ok, d) = task.await.unwrap();
-        if ok { times.push(d) } else { failed += 1 }
-    }
-    let total = start.elapsed();
+    let (answers, (admin_ok, admin_ms)) =
+        check_all(url, n, &format!("herd-{tier}"), Duration::from_secs(60), admin).await;
+    let mut times: Vec<Duration> = answers.iter().filter(|a| a.result.is_ok()).map(|a| a.took).collect();
+    let failed = n - times.len();
     times.sort();
+    // The checks start together (connections were made before): the slowest is the last answer.
+    let total = times.last().copied().unwrap_or_default();
     let (p50, p99) =
         if times.is_empty() { (Duration::ZERO, Duration::ZERO) } else { (pick(&times, 0.5), pick(&times, 0.99)) };
     println!(

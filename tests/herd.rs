@@ -3,9 +3,9 @@
 //! and a fleet behind a site must take the pushed update with the site fetching it once.
 use std::time::{Duration, Instant};
 
+use updraft_proto::v1::ListUpdatesRequest;
 use updraft_proto::v1::admin_client::AdminClient;
-use updraft_proto::v1::agent_api_client::AgentApiClient;
-use updraft_proto::v1::{CheckRequest, ListUpdatesRequest, MachineInfo};
+use updraft_tests::herdsim::check_all;
 use updraft_tests::{World, wait_until};
 
 /// Distinct machines, each on its own connection, all checking at once.
@@ -21,42 +21,30 @@ fn a_herd_of_checks_is_all_answered_while_admin_calls_stay_responsive() {
     let (_p, purl) = w.provider_with("centre", &["--trust-key", &pubkey, "--max-connections-per-peer", "1000"]);
     w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
-    rt.block_on(async {
-        let mut clients = Vec::new();
-        for _ in 0..CHECKERS {
-            let ch = tonic::transport::Endpoint::from_shared(purl.clone()).unwrap().connect().await.unwrap();
-            clients.push(AgentApiClient::new(ch));
-        }
-        let start = Instant::now();
-        let checks: Vec<_> = clients
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut c)| {
-                tokio::spawn(async move {
-                    let machine = MachineInfo { name: format!("herd-{i}"), ..Default::default() };
-                    let req = CheckRequest { machine: Some(machine), manual: false };
-                    tokio::time::timeout(Duration::from_secs(60), c.check(req)).await
-                })
-            })
-            .collect();
+    let (answers, listed) = rt.block_on(async {
         // While the herd is being answered, an administrator is answered too.
-        let admin_ch = tonic::transport::Endpoint::from_shared(purl.clone()).unwrap().connect().await.unwrap();
-        let listed = tokio::time::timeout(
-            Duration::from_secs(20),
-            AdminClient::new(admin_ch).list_updates(ListUpdatesRequest::default()),
+        let admin = async {
+            let ch = tonic::transport::Endpoint::from_shared(purl.clone()).unwrap().connect().await.unwrap();
+            let call = AdminClient::new(ch).list_updates(ListUpdatesRequest::default()).await;
+            call.map(|_| ()).map_err(|s| s.to_string())
+        };
+        check_all(
+            &purl,
+            CHECKERS,
+            "herd",
+            Duration::from_secs(60),
+            tokio::time::timeout(Duration::from_secs(20), admin),
         )
-        .await;
-        assert!(matches!(listed, Ok(Ok(_))), "admin call during the herd: {listed:?}");
-        let mut answered = 0;
-        for t in checks {
-            let r = t.await.unwrap().expect("a check timed out: the herd stalled");
-            let offers = r.expect("check refused").into_inner().offers;
-            assert_eq!(offers.len(), 1, "each machine of the default group is offered app");
-            answered += 1;
-        }
-        assert_eq!(answered, CHECKERS);
-        eprintln!("{CHECKERS} concurrent checks answered in {:?}", start.elapsed());
+        .await
     });
+    assert!(matches!(listed, Ok(Ok(()))), "admin call during the herd: {listed:?}");
+    for a in &answers {
+        let offers = &a.result.as_ref().expect("every check answered: the herd must not stall").offers;
+        assert_eq!(offers.len(), 1, "each machine of the default group is offered app");
+    }
+    assert_eq!(answers.len(), CHECKERS);
+    let last = answers.iter().map(|a| a.took).max().unwrap_or_default();
+    eprintln!("{CHECKERS} concurrent checks answered, the last after {last:?}");
     // Every checker is recorded (and reaches the disk with the next commit).
     wait_until("every checker in the machine list", Duration::from_secs(30), || {
         w.admin_json(&purl, &["machine", "list"]).as_array().unwrap().len() == CHECKERS

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod collector;
+pub mod herdsim;
 pub mod netns;
 pub mod rogue;
 
