@@ -8,12 +8,13 @@
 //! - the check herd: 10,000 distinct machines, each on its own connection, checking at once
 //!   (answered, failed, time to the last answer, p50/p99), and an admin call's latency meanwhile;
 //! - check answers per second and download serving (MB/s, 64 MiB to 1, 10 and 100 clients), each
-//!   beside nginx serving a same-sized file to the same h2load (Debian `nghttp2-client`) run.
+//!   beside nginx serving a same-sized file to the same h2load (Debian `nghttp2-client`) run;
+//! - one real agent's idle memory and CPU; provider import of 1 GiB beside `sha256sum`.
 //!
 //! Agents are simulated cheaply as gRPC clients (downloads and push subscriptions), many per
 //! connection, except in the herd (one connection each). Run:
 //! `cargo run --release -p updraft-tests --bin bench` (needs nginx and h2load for the baselines);
-//! `UPDRAFT_BENCH=wan,push,herd,serving` picks sections (default: all).
+//! `UPDRAFT_BENCH=wan,push,herd,serving,agent,import` picks sections (default: all).
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -314,6 +315,86 @@ async fn main() {
     if section("serving") {
         serving_section(&w, &purl).await;
     }
+    if section("agent") {
+        agent_section(&w, &purl).await;
+    }
+    if section("import") {
+        import_section(&w, &purl);
+    }
+}
+
+/// CPU seconds a process has used so far (user + system, from /proc).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let (utime, stime): (f64, f64) = (rest.get(11)?.parse().ok()?, rest.get(12)?.parse().ok()?);
+    let ticks = std::process::Command::new("getconf").arg("CLK_TCK").output().ok()?;
+    let hz: f64 = String::from_utf8_lossy(&ticks.stdout).trim().parse().ok()?;
+    Some((utime + stime) / hz)
+}
+
+/// One real agent, idle after its first check: resident memory, and CPU over a quiet spell
+/// scaled to an hour (its push stream stays open; it checks hourly).
+async fn agent_section(w: &World, purl: &str) {
+    const QUIET: Duration = Duration::from_secs(30);
+    println!("One real agent, idle (connected, push stream open, hourly checks)");
+    let agent = w.agent("idle-1", purl);
+    wait_until("the agent registered", Duration::from_secs(60), || {
+        w.admin_json(purl, &["machine", "list"]).as_array().is_some_and(|l| l.iter().any(|m| m["name"] == "idle-1"))
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = agent.pid().unwrap();
+    let (cpu0, t0) = (cpu_secs(pid), Instant::now());
+    tokio::time::sleep(QUIET).await;
+    let (cpu1, elapsed) = (cpu_secs(pid), t0.elapsed());
+    let rss = agent.rss_kb().unwrap_or(0);
+    // One clock tick (usually 10 ms) over the spell is the resolution.
+    let scale = 3600.0 / elapsed.as_secs_f64();
+    let per_hour = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => format!("{:.2} s (resolution {:.1} s)", (b - a) * scale, 0.01 * scale),
+        _ => "unknown".into(),
+    };
+    println!("resident memory {:.1} MiB (target 10 MiB); CPU {per_hour} per idle hour", rss as f64 / 1024.0);
+    println!();
+}
+
+/// A 1 GiB package imported by the provider, beside `sha256sum` of the same file (the least
+/// an import must do: read and hash every byte).
+fn import_section(w: &World, purl: &str) {
+    use std::io::Write;
+    println!("Provider import of a 1 GiB package, beside sha256sum of the same file");
+    let src = w.path("src-import");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(src.join("data.bin")).unwrap());
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        for chunk in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block).unwrap();
+    }
+    f.flush().unwrap();
+    drop(f);
+    let pkg = w.build_package(&src, "import1g", "1.0.0.0", &w.key, &[]);
+    std::fs::remove_dir_all(&src).unwrap();
+    let t = Instant::now();
+    let hashed = std::process::Command::new("sha256sum").arg(&pkg).output().map(|o| o.status.success());
+    let sha = t.elapsed();
+    let t = Instant::now();
+    w.admin_ok(purl, &["update", "add", pkg.to_str().unwrap()]);
+    let import = t.elapsed();
+    match hashed {
+        Ok(true) => {
+            println!("import {import:.2?}  sha256sum {sha:.2?}  ratio {:.2}", import.as_secs_f64() / sha.as_secs_f64())
+        }
+        _ => println!("import {import:.2?}  (sha256sum not available for the baseline)"),
+    }
+    println!();
 }
 
 async fn push_section(w: &World, purl: &str, surl: &str, p: &Proc, s: &Proc) {
