@@ -494,9 +494,7 @@ impl World {
     /// machine there takes it: what most tests want. Returns the update id.
     pub fn publish(&self, provider: &str, pkg: &Path) -> String {
         let id = self.approve(provider, pkg);
-        // Ids are "<product>-<version>-<hash prefix>"; versions hold no '-'.
-        let product = id.rsplitn(3, '-').nth(2).expect("an update id names its product");
-        self.admin_ok(provider, &["deploy", product, "--group", "default"]);
+        self.admin_ok(provider, &["deploy", product_of_id(&id), "--group", "default"]);
         id
     }
 
@@ -522,6 +520,12 @@ pub fn serve_in_background(router: tonic::transport::server::Router) -> String {
 }
 
 /// Runs a command that must succeed; returns its stdout.
+/// The product an update id names: ids are "<product>-<version>-<hash prefix>", and versions
+/// hold no '-'.
+pub fn product_of_id(id: &str) -> &str {
+    id.rsplitn(3, '-').nth(2).expect("an update id names its product")
+}
+
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.stdin(Stdio::null()).output().unwrap();
     assert!(

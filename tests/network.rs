@@ -37,8 +37,7 @@ fn admin_in_json(w: &World, host: &Host, provider: &str, args: &[&str]) -> serde
 fn publish_in(w: &World, host: &Host, provider: &str, pkg: &std::path::Path) -> String {
     let id = admin_in_ok(w, host, provider, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
     admin_in_ok(w, host, provider, &["update", "state", &id, "ga"]);
-    let product = id.rsplitn(3, '-').nth(2).expect("an update id names its product");
-    admin_in_ok(w, host, provider, &["deploy", product, "--group", "default"]);
+    admin_in_ok(w, host, provider, &["deploy", updraft_tests::product_of_id(&id), "--group", "default"]);
     id
 }
 

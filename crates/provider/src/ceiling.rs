@@ -20,10 +20,11 @@ use crate::store::Change;
 pub struct Sources(tokio::sync::Mutex<BTreeSet<String>>);
 
 /// After `machine` reported: recomputes the ceilings if it has (or had) a role some cap follows.
+/// Runs on every check at the centre: it reads the caps from the catalog snapshot.
 pub async fn after_report(shared: &Shared, machine: &MachineInfo) -> Result<()> {
     let followed: BTreeSet<Role> = shared
-        .store
-        .list_caps()?
+        .catalog()?
+        .caps
         .iter()
         .filter(|c| !c.follow_role.is_empty())
         .filter_map(|c| Role::from_wire(&c.follow_role).ok())
@@ -41,28 +42,25 @@ pub async fn after_report(shared: &Shared, machine: &MachineInfo) -> Result<()> 
 pub async fn refresh(shared: &Shared) -> Result<()> {
     let mut sources = shared.ceiling_sources.0.lock().await;
     let store = &shared.store;
-    let caps: Vec<ProductLineCap> = store.list_caps()?.into_iter().filter(|c| !c.follow_role.is_empty()).collect();
+    let catalog = shared.catalog()?;
+    let caps: Vec<ProductLineCap> = catalog.caps.iter().filter(|c| !c.follow_role.is_empty()).cloned().collect();
     if caps.is_empty() {
         sources.clear();
         return Ok(());
     }
-    let line_of: BTreeMap<String, String> =
-        store.list_updates()?.into_iter().map(|u| (u.product, u.product_line)).collect();
+    let line_of: BTreeMap<&str, &str> =
+        catalog.updates.iter().map(|u| (u.product.as_str(), u.product_line.as_str())).collect();
     let mut lowest: BTreeMap<(Role, String), Version> = BTreeMap::new();
     let mut counted = BTreeSet::new();
-    for m in store.list_machines()? {
-        let Some(info) = m.info else { continue };
-        if m.is_remote_provider {
-            continue;
-        }
+    for info in store.list_agents()? {
         let Ok(role) = role_of(store, &info) else { continue };
         if !caps.iter().any(|c| c.follow_role == role.as_str()) {
             continue;
         }
         counted.insert(info.name.clone());
         for p in &info.installed {
-            let (Some(line), Ok(v)) = (line_of.get(&p.product), p.version.parse::<Version>()) else { continue };
-            lowest.entry((role, line.clone())).and_modify(|low| *low = (*low).min(v)).or_insert(v);
+            let (Some(line), Ok(v)) = (line_of.get(p.product.as_str()), p.version.parse::<Version>()) else { continue };
+            lowest.entry((role, line.to_string())).and_modify(|low| *low = (*low).min(v)).or_insert(v);
         }
     }
     *sources = counted;

@@ -77,11 +77,7 @@ pub fn answer(store: &Store, catalog: &Snapshot, machine: &MachineInfo) -> Resul
 /// Every known machine's plan, for update statuses.
 pub fn fleet_plans(store: &Store, catalog: &Snapshot) -> Result<Vec<MachinePlan>> {
     let mut out = Vec::new();
-    for m in store.list_machines()? {
-        let Some(info) = m.info else { continue };
-        if m.is_remote_provider {
-            continue;
-        }
+    for info in store.list_agents()? {
         // One unreadable record must not hide the rest of the fleet.
         let Ok(given) = given(store, &info) else { continue };
         let Ok((_, plan)) = plan_for(catalog, &given, &info) else { continue };

@@ -854,6 +854,11 @@ impl Store {
         self.machines.iter().values().map(|v| decode(&v?)).collect()
     }
 
+    /// What every machine with an agent last said about itself (remote providers left out).
+    pub fn list_agents(&self) -> Result<Vec<MachineInfo>> {
+        Ok(self.list_machines()?.into_iter().filter(|m| !m.is_remote_provider).filter_map(|m| m.info).collect())
+    }
+
     /// Appends activity entries; the oldest are dropped past [`MAX_ACTIVITY`].
     pub async fn append_activity(&self, entries: &[Activity]) -> Result<()> {
         if entries.is_empty() {
