@@ -26,7 +26,9 @@ use updraft_proto::v1::replication_client::ReplicationClient;
 use updraft_proto::v1::{
     BlobRequest, CheckRequest, ListUpdatesRequest, MachineInfo, PushKind, SiteStatusRequest, SubscribeRequest,
 };
+use updraft_runtime::tls::Role;
 use updraft_tests::herdsim::check_all;
+use updraft_tests::loadgen::{self, Identities, Req};
 use updraft_tests::{Proc, World, free_port, wait_port, wait_until};
 
 /// Streams per connection: below the servers' limit of 1024 concurrent streams.
@@ -233,18 +235,43 @@ fn h2load(url: &str, body: Option<&std::path::Path>, clients: usize, requests: u
 /// for this job: with `sendfile on`, small answers over HTTP/2 stall on delayed ACKs (43 ms
 /// each, 2,300 req/s here) and one large download runs at 0.76 GB/s instead of 1.3.
 fn nginx(w: &World, root: &std::path::Path) -> Option<(Proc, u16)> {
+    nginx_with(w, root, None)
+}
+
+/// nginx's TLS: its certificate, key and the CA whose client certificates it requires.
+struct NginxTls {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    ca: std::path::PathBuf,
+}
+
+/// nginx serving `root` over HTTP/2, in cleartext or (with `tls`) over mutual TLS 1.3.
+fn nginx_with(w: &World, root: &std::path::Path, tls: Option<&NginxTls>) -> Option<(Proc, u16)> {
     let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists())?;
-    let dir = w.path("nginx-bench");
+    let dir = w.path(if tls.is_some() { "nginx-bench-tls" } else { "nginx-bench" });
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
     let (d, r) = (dir.display(), root.display());
+    let (ssl, tls_conf) = match tls {
+        Some(t) => (
+            " ssl",
+            format!(
+                "    ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_client_certificate {};\n    \
+                 ssl_verify_client on;\n    ssl_protocols TLSv1.3;\n",
+                t.cert.display(),
+                t.key.display(),
+                t.ca.display()
+            ),
+        ),
+        None => ("", String::new()),
+    };
     // As root, nginx's workers would run as nobody and could not read the test's files.
     let user = if running_as_root() { "user root;\n" } else { "" };
     let conf = format!(
         "daemon off;\n{user}worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  sendfile off;\n  tcp_nodelay on;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           server {{\n    listen 127.0.0.1:{port} http2;\n    root {r};\n  }}\n}}\n"
+           server {{\n    listen 127.0.0.1:{port}{ssl} http2;\n    root {r};\n{tls_conf}  }}\n}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
     let mut cmd = std::process::Command::new(bin);
@@ -320,6 +347,9 @@ async fn main() {
     }
     if section("import") {
         import_section(&w, &purl);
+    }
+    if section("tls") {
+        tls_section().await;
     }
 }
 
@@ -467,5 +497,171 @@ async fn serving_section(w: &World, purl: &str) {
         let ours = h2load(&dl_url, Some(&dl_body), clients, clients);
         let theirs = nurl("big").and_then(|u| h2load(&u, None, clients, clients));
         ratio_line(&format!("download MB/s, {clients} client(s)"), ours, theirs, |l| l.mb_per_s, "MB/s");
+    }
+}
+
+/// A provider's resident memory, in kB.
+fn rss(p: &Proc) -> f64 {
+    p.rss_kb().unwrap_or(0) as f64
+}
+
+/// Serving over mutual TLS, every client a distinct machine with its own certificate and
+/// connection, as a fleet is: provider memory per connected agent, the check herd, checks per
+/// second and downloads from a provider and a site, beside nginx doing mutual TLS 1.3 with the
+/// same load generator.
+async fn tls_section() {
+    const MACHINES: usize = 10_000;
+    let w = World::new();
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    let many = ["--max-connections-per-peer", "100000"];
+    let (p, purl) = w.provider_with("tcentre", &[&["--trust-key", &pubkey][..], &many].concat());
+    let (_s, surl) = w.remote_with("tsite", &purl, &many);
+    let ids = Identities::new(&w.path("pki"));
+    println!("Mutual TLS: {MACHINES} machines, each with its own certificate and connection");
+
+    // Memory per connected agent: a connection (TLS done), then its push stream.
+    let names: Vec<String> = (0..MACHINES).map(|i| format!("m-{i}")).collect();
+    let configs: Vec<_> = names.iter().map(|n| Some(ids.client(n, Role::Agent))).collect();
+    let rss0 = rss(&p);
+    let t = Instant::now();
+    let chans = loadgen::connect_many(&purl, configs.clone(), 64).await;
+    let connect_time = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss1 = rss(&p);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(MACHINES);
+    let subs: Vec<_> = chans
+        .iter()
+        .zip(&names)
+        .map(|(ch, name)| {
+            let (mut c, ready) = (AgentApiClient::new(ch.clone()), ready_tx.clone());
+            let req = SubscribeRequest { machine: name.clone(), last_seen_seq: 0 };
+            tokio::spawn(async move {
+                let mut s = c.subscribe(req).await.expect("subscribed").into_inner();
+                while let Some(Ok(_)) = s.next().await {
+                    let _ = ready.try_send(());
+                }
+            })
+        })
+        .collect();
+    for _ in 0..MACHINES {
+        ready_rx.recv().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss2 = rss(&p);
+    println!(
+        "{MACHINES} connections made in {connect_time:.2?}; provider memory {:.1} kB per connection, \
+         {:.1} kB per connection with its push stream (target 16 kB)",
+        (rss1 - rss0) / MACHINES as f64,
+        (rss2 - rss0) / MACHINES as f64
+    );
+
+    // The check herd over mutual TLS: every machine checks at once (and is then in the store).
+    w.publish(&purl, &w.package("tlsapp", "1.0.0.0", &w.key));
+    let check = |name: &str| {
+        let m = MachineInfo { name: name.to_string(), ..Default::default() };
+        Req::grpc("/updraft.v1.AgentApi/Check", &CheckRequest { machine: Some(m), manual: false })
+    };
+    let herd: Vec<_> = chans.iter().zip(&names).map(|(c, n)| (c.clone(), check(n))).collect();
+    let t = Instant::now();
+    let l = loadgen::run(herd, MACHINES).await;
+    println!(
+        "check herd: {MACHINES} machines at once answered in {:.2?} ({} failed; p50 {:.1?}, p99 {:.1?})",
+        t.elapsed(),
+        l.failed,
+        l.p50,
+        l.p99
+    );
+    let rss3 = rss(&p);
+    println!("provider memory with {MACHINES} machines known and connected: {:.0} MiB", rss3 / 1024.0);
+    for s in subs {
+        s.abort();
+    }
+
+    // Checks per second, 100 clients, 10,000 machines in the store; nginx serves a file as
+    // large as the answer to 100 mutual-TLS clients.
+    let www = w.path("www-tls");
+    std::fs::create_dir_all(&www).unwrap();
+    let answer = {
+        let mut c = AgentApiClient::new(chans[0].clone());
+        let m = MachineInfo { name: names[0].clone(), ..Default::default() };
+        c.check(CheckRequest { machine: Some(m), manual: false }).await.unwrap().into_inner().encode_to_vec()
+    };
+    std::fs::write(www.join("answer"), &answer).unwrap();
+    let big_src = w.path("src-big-tls");
+    std::fs::create_dir_all(&big_src).unwrap();
+    let blob: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(big_src.join("data.bin"), &blob).unwrap();
+    let big = w.build_package(&big_src, "bigtls", "1.0.0.0", &w.key, &[]);
+    let id = w.admin_ok(&purl, &["update", "add", big.to_str().unwrap()]).trim().to_string();
+    w.admin_ok(&purl, &["update", "state", &id, "ga"]);
+    tokio::task::block_in_place(|| w.wait_site_has(&surl, &id));
+    let hash = w.admin_json(&purl, &["update", "show", &id])["content_hash"].as_str().unwrap().to_string();
+    std::fs::copy(&big, www.join("big")).unwrap();
+    let (ncert, nkey) = ids.issue("nginx", Role::Provider, &[]);
+    let tls = NginxTls { cert: w.path("nginx.crt"), key: w.path("nginx.key"), ca: w.path("pki/ca.crt") };
+    std::fs::write(&tls.cert, ncert).unwrap();
+    std::fs::write(&tls.key, nkey).unwrap();
+    let base = nginx_with(&w, &www, Some(&tls));
+    let nurl = base.as_ref().map(|(_, port)| format!("https://127.0.0.1:{port}"));
+    let clients = |n: usize| configs[..n].to_vec();
+
+    let ours: Vec<_> = chans[..100].iter().zip(&names).map(|(c, n)| (c.clone(), check(n))).collect();
+    let checks: usize = std::env::var("UPDRAFT_BENCH_CHECKS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    eprintln!("bench: measuring checks/s over mutual TLS (provider pid {:?})", p.pid());
+    let ours = loadgen::run(ours, checks).await;
+    eprintln!("bench: measured checks/s");
+    let theirs = match &nurl {
+        Some(u) => {
+            let conns = loadgen::connect_many(u, clients(100), 16).await;
+            Some(loadgen::run(conns.into_iter().map(|c| (c, Req::Get("/answer".into()))).collect(), checks).await)
+        }
+        None => None,
+    };
+    // Let the 10,000 connections close before measuring downloads.
+    drop(chans);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("(answer {} bytes; blob {:.0} MiB)", answer.len(), blob.len() as f64 / (1 << 20) as f64);
+    gen_line("checks/s, 100 clients", Some(ours), theirs, |l| l.req_per_s, "req/s");
+
+    let dl = Req::grpc("/updraft.v1.AgentApi/Download", &BlobRequest { content_hash: hash, offset: 0 });
+    // The site fetches the blob on the first download; the measured ones find it there.
+    let warm = loadgen::connect_many(&surl, clients(1), 1).await;
+    loadgen::run(warm.into_iter().map(|c| (c, dl.clone())).collect(), 1).await;
+    for n in [1, 10, 100] {
+        let mut row = Vec::new();
+        for url in [Some(purl.clone()), Some(surl.clone()), nurl.clone()] {
+            let Some(url) = url else {
+                row.push(None);
+                continue;
+            };
+            let req = if url == purl || url == surl { dl.clone() } else { Req::Get("/big".into()) };
+            let conns = loadgen::connect_many(&url, clients(n), 16).await;
+            row.push(Some(loadgen::run(conns.into_iter().map(|c| (c, req.clone())).collect(), n).await));
+        }
+        gen_line(&format!("download MB/s, {n} client(s), provider"), row[0], row[2], |l| l.mb_per_s, "MB/s");
+        gen_line(&format!("download MB/s, {n} client(s), site"), row[1], row[2], |l| l.mb_per_s, "MB/s");
+    }
+    println!();
+}
+
+fn gen_line(
+    what: &str,
+    ours: Option<loadgen::Load>,
+    base: Option<loadgen::Load>,
+    by: impl Fn(&loadgen::Load) -> f64,
+    unit: &str,
+) {
+    match (ours, base) {
+        (Some(o), Some(b)) if by(&b) > 0.0 && o.failed == 0 && b.failed == 0 => println!(
+            "{what:<40} {:>10.1} {unit:<6} nginx {:>10.1} {unit:<6} ratio {:>5.2}  (p50 {:.2?} vs {:.2?}, p99 {:.2?} vs {:.2?})",
+            by(&o),
+            by(&b),
+            by(&o) / by(&b),
+            o.p50,
+            b.p50,
+            o.p99,
+            b.p99
+        ),
+        (o, b) => println!("{what:<40} not measured (ours {o:?}, nginx {b:?}: is nginx installed?)"),
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 pub mod collector;
 pub mod herdsim;
+pub mod loadgen;
 pub mod netns;
 pub mod rogue;
 

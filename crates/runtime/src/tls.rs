@@ -309,9 +309,68 @@ pub mod pki {
         Ok(crt)
     }
 
-    /// Issues a certificate for `name` with `role`, signed by the CA in `dir`, valid from
-    /// `valid_from` for `valid_for`. Server roles get `sans` (host names or IP addresses; the
-    /// name, localhost and 127.0.0.1 when none are given). Writes `out.crt` and `out.key`.
+    /// A CA loaded once, to issue many certificates (the provider signing requests, a test
+    /// harness issuing thousands).
+    pub struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl Ca {
+        /// The CA in `dir` (ca.crt and ca.key).
+        pub fn load(dir: &Path) -> Result<Ca, TlsError> {
+            let (crt, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+            let ca_pem = std::fs::read_to_string(&crt).map_err(|e| file_err(&crt, e))?;
+            let ca_key_pem = std::fs::read_to_string(&key).map_err(|e| file_err(&key, e))?;
+            let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| file_err(&key, e))?;
+            let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| file_err(&crt, e))?;
+            Ok(Ca { issuer })
+        }
+
+        /// A new key and a certificate for `name` with `role`, valid from `valid_from` for
+        /// `valid_for`, as PEM (certificate, private key). Server roles get `sans` (host names
+        /// or IP addresses; the name, localhost and 127.0.0.1 when none are given).
+        pub fn issue_pem(
+            &self,
+            role: Role,
+            name: &str,
+            sans: &[String],
+            valid_from: time::OffsetDateTime,
+            valid_for: Duration,
+        ) -> Result<(String, String), TlsError> {
+            if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c == '/') {
+                return Err(TlsError::Config(format!("name {name:?} must be 1-64 printable characters, no '/'")));
+            }
+            let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, name);
+            dn.push(DnType::OrganizationalUnitName, role.as_str());
+            dn.push(DnType::OrganizationName, "Updraft");
+            params.distinguished_name = dn;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            if role.serves() {
+                params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+                let defaults = [name.to_string(), "localhost".into(), "127.0.0.1".into()];
+                let sans: &[String] = if sans.is_empty() { &defaults } else { sans };
+                for s in sans {
+                    params.subject_alt_names.push(match s.parse::<std::net::IpAddr>() {
+                        Ok(ip) => SanType::IpAddress(ip),
+                        Err(_) => SanType::DnsName(
+                            s.clone().try_into().map_err(|_| TlsError::Config(format!("{s:?} is not a host name")))?,
+                        ),
+                    });
+                }
+            }
+            params.not_before = valid_from;
+            params.not_after = valid_from + time::Duration::seconds(valid_for.as_secs() as i64);
+            let key = KeyPair::generate().map_err(err)?;
+            let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        }
+    }
+
+    /// Issues a certificate for `name` with `role`, signed by the CA in `dir` (see
+    /// [`Ca::issue_pem`]). Writes `out.crt` and `out.key` (owner-only); refuses to replace them.
     pub fn issue(
         dir: &Path,
         role: Role,
@@ -321,42 +380,10 @@ pub mod pki {
         valid_for: Duration,
         out: &Path,
     ) -> Result<(PathBuf, PathBuf), TlsError> {
-        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c == '/') {
-            return Err(TlsError::Config(format!("name {name:?} must be 1-64 printable characters, no '/'")));
-        }
-        let ca_pem = std::fs::read_to_string(dir.join(CA_CERT)).map_err(|e| file_err(&dir.join(CA_CERT), e))?;
-        let ca_key_pem = std::fs::read_to_string(dir.join(CA_KEY)).map_err(|e| file_err(&dir.join(CA_KEY), e))?;
-        let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| file_err(&dir.join(CA_KEY), e))?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| file_err(&dir.join(CA_CERT), e))?;
-
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
-        dn.push(DnType::OrganizationalUnitName, role.as_str());
-        dn.push(DnType::OrganizationName, "Updraft");
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        if role.serves() {
-            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
-            let defaults = [name.to_string(), "localhost".into(), "127.0.0.1".into()];
-            let sans: &[String] = if sans.is_empty() { &defaults } else { sans };
-            for s in sans {
-                params.subject_alt_names.push(match s.parse::<std::net::IpAddr>() {
-                    Ok(ip) => SanType::IpAddress(ip),
-                    Err(_) => SanType::DnsName(
-                        s.clone().try_into().map_err(|_| TlsError::Config(format!("{s:?} is not a host name")))?,
-                    ),
-                });
-            }
-        }
-        params.not_before = valid_from;
-        params.not_after = valid_from + time::Duration::seconds(valid_for.as_secs() as i64);
-        let key = KeyPair::generate().map_err(err)?;
-        let cert = params.signed_by(&key, &issuer).map_err(err)?;
+        let (cert, key) = Ca::load(dir)?.issue_pem(role, name, sans, valid_from, valid_for)?;
         let (crt_path, key_path) = (out.with_extension("crt"), out.with_extension("key"));
-        write_secret(&key_path, &key.serialize_pem())?;
-        write_public(&crt_path, &cert.pem())?;
+        write_secret(&key_path, &key)?;
+        write_public(&crt_path, &cert)?;
         Ok((crt_path, key_path))
     }
 }
