@@ -348,8 +348,17 @@ async fn main() {
     if section("import") {
         import_section(&w, &purl);
     }
+    if section("install1g") {
+        install1g_section(&w, &purl).await;
+    }
     if section("tls") {
         tls_section().await;
+    }
+    if section("install") {
+        install_section().await;
+    }
+    if section("fleet") {
+        fleet_section().await;
     }
 }
 
@@ -389,17 +398,14 @@ async fn agent_section(w: &World, purl: &str) {
     println!();
 }
 
-/// A 1 GiB package imported by the provider, beside `sha256sum` of the same file (the least
-/// an import must do: read and hash every byte).
-fn import_section(w: &World, purl: &str) {
+/// `mib` MiB of incompressible bytes in a new file at `path` (its directory is made).
+fn write_noise(path: &std::path::Path, mib: usize) {
     use std::io::Write;
-    println!("Provider import of a 1 GiB package, beside sha256sum of the same file");
-    let src = w.path("src-import");
-    std::fs::create_dir_all(&src).unwrap();
-    let mut f = std::io::BufWriter::new(std::fs::File::create(src.join("data.bin")).unwrap());
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut block = vec![0u8; 1 << 20];
-    for _ in 0..1024 {
+    for _ in 0..mib {
         for chunk in block.chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -409,7 +415,64 @@ fn import_section(w: &World, purl: &str) {
         f.write_all(&block).unwrap();
     }
     f.flush().unwrap();
-    drop(f);
+}
+
+/// One real agent installing a 1 GiB package end to end (`agent check`: the check, download,
+/// hash and signature checks, unpacking, swap, fsync and report), beside the least a careful
+/// installer does by hand with the same files as a tar from nginx: `curl | tee >(sha256sum) |
+/// tar x; sync`.
+async fn install1g_section(w: &World, purl: &str) {
+    println!("One real agent installing a 1 GiB package, beside curl | sha256sum | tar x; sync from nginx");
+    let src = w.path("src-1g");
+    write_noise(&src.join("data.bin"), 1024);
+    let pkg = w.build_package(&src, "big1g", "1.0.0.0", &w.key, &[]);
+    let www = w.path("www-1g");
+    std::fs::create_dir_all(&www).unwrap();
+    let tar =
+        std::process::Command::new("tar").arg("-cf").arg(www.join("big.tar")).arg("-C").arg(&src).arg(".").status();
+    std::fs::remove_dir_all(&src).unwrap();
+    let agent = w.agent("inst-1", purl);
+    wait_until("the agent registered", Duration::from_secs(60), || {
+        w.admin_json(purl, &["machine", "list"]).as_array().is_some_and(|l| l.iter().any(|m| m["name"] == "inst-1"))
+    });
+    w.publish(purl, &pkg);
+    std::fs::remove_file(&pkg).unwrap();
+    let t = Instant::now();
+    let out = w.agent_cmd("inst-1", &["check"]);
+    let ours = t.elapsed();
+    let installed = std::fs::metadata(w.root("inst-1").join("big1g/data.bin")).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(installed, 1 << 30, "{}", String::from_utf8_lossy(&out.stdout));
+    drop(agent);
+    let base = match (tar, nginx(w, &www)) {
+        (Ok(st), Some((_nginx, port))) if st.success() => {
+            let out = w.path("by-hand");
+            std::fs::create_dir_all(&out).unwrap();
+            let script = format!(
+                "set -o pipefail; curl -sf --http2-prior-knowledge http://127.0.0.1:{port}/big.tar | tee >(sha256sum >/dev/null) | tar -x -C {} && sync",
+                out.display()
+            );
+            let t = Instant::now();
+            let ok = std::process::Command::new("bash").arg("-c").arg(&script).status().is_ok_and(|s| s.success());
+            ok.then(|| t.elapsed())
+        }
+        _ => None,
+    };
+    match base {
+        Some(b) => println!(
+            "agent {ours:.2?}  by hand {b:.2?}  ratio {:.2} (target 1.00 or less)",
+            ours.as_secs_f64() / b.as_secs_f64()
+        ),
+        None => println!("agent {ours:.2?}  (no baseline: is nginx, curl or tar missing?)"),
+    }
+    println!();
+}
+
+/// A 1 GiB package imported by the provider, beside `sha256sum` of the same file (the least
+/// an import must do: read and hash every byte).
+fn import_section(w: &World, purl: &str) {
+    println!("Provider import of a 1 GiB package, beside sha256sum of the same file");
+    let src = w.path("src-import");
+    write_noise(&src.join("data.bin"), 1024);
     let pkg = w.build_package(&src, "import1g", "1.0.0.0", &w.key, &[]);
     std::fs::remove_dir_all(&src).unwrap();
     let t = Instant::now();
@@ -664,4 +727,257 @@ fn gen_line(
         ),
         (o, b) => println!("{what:<40} not measured (ours {o:?}, nginx {b:?}: is nginx installed?)"),
     }
+}
+
+/// How long one simulated agent took from the high-priority mark to having every byte of what
+/// it was offered, and how many times it was told to come back.
+struct Installed {
+    took: Duration,
+    retries: u32,
+}
+
+/// One simulated agent after a push: check, download every offered install to its last byte;
+/// anything refused (a busy site) is retried after a jittered pause, as the agent does.
+async fn take_update(ch: Channel, name: String, t0: Instant) -> Installed {
+    let mut retries = 0;
+    loop {
+        let mut c = AgentApiClient::new(ch.clone());
+        let m = MachineInfo { name: name.clone(), ..Default::default() };
+        let result = async {
+            let answer = c.check(CheckRequest { machine: Some(m), manual: false }).await?.into_inner();
+            for offer in answer.offers {
+                let Some(u) = offer.update else { continue };
+                let mut s = c.download(BlobRequest { content_hash: u.content_hash, offset: 0 }).await?.into_inner();
+                let mut got = 0;
+                while let Some(chunk) = s.next().await {
+                    got += chunk?.data.len() as u64;
+                }
+                if got != u.size {
+                    return Err(tonic::Status::data_loss(format!("{got} of {} bytes", u.size)));
+                }
+            }
+            Ok::<_, tonic::Status>(())
+        }
+        .await;
+        match result {
+            Ok(()) => return Installed { took: t0.elapsed(), retries },
+            Err(_) => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(500..2000))).await;
+            }
+        }
+    }
+}
+
+/// Push to installed: simulated agents behind one site, each with its own certificate,
+/// mutual-TLS connection and push stream, take a 10 MiB update marked high priority: the
+/// time from the mark until each has every byte, the site's WAN bytes for it, and the site's
+/// memory per connected agent. `UPDRAFT_BENCH_AGENTS` sets how many (default 10,000).
+async fn install_section() {
+    let n: usize = std::env::var("UPDRAFT_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    const SIZE_MIB: usize = 10;
+    let w = World::new();
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    let many = ["--max-connections-per-peer", "100000"];
+    let (_p, purl) = w.provider_with("icentre", &[&["--trust-key", &pubkey][..], &many].concat());
+    let (s, surl) = w.remote_with("isite", &purl, &many);
+    let ids = Identities::new(&w.path("pki"));
+    println!("Push to installed: {n} simulated agents behind one site, mutual TLS, a {SIZE_MIB} MiB update");
+
+    let names: Vec<String> = (0..n).map(|i| format!("a-{i}")).collect();
+    let configs: Vec<_> = names.iter().map(|n| Some(ids.client(n, Role::Agent))).collect();
+    let rss0 = rss(&s);
+    let chans = loadgen::connect_many(&surl, configs, 64).await;
+    // Each agent checks once (the site learns it) and holds its push stream.
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(n);
+    let t0 = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+    let agents: Vec<_> = chans
+        .iter()
+        .zip(&names)
+        .map(|(ch, name)| {
+            let (ch, name, ready, t0) = (ch.clone(), name.clone(), ready_tx.clone(), t0.clone());
+            tokio::spawn(async move {
+                let mut c = AgentApiClient::new(ch.clone());
+                let m = MachineInfo { name: name.clone(), ..Default::default() };
+                c.check(CheckRequest { machine: Some(m), manual: false }).await.expect("first check");
+                let req = SubscribeRequest { machine: name.clone(), last_seen_seq: 0 };
+                let mut events = c.subscribe(req).await.expect("subscribed").into_inner();
+                while let Some(Ok(ev)) = events.next().await {
+                    if ev.kind == PushKind::Hello as i32 {
+                        let _ = ready.send(()).await;
+                    } else if ev.kind == PushKind::HighPriority as i32 {
+                        let t0 = *t0.get().expect("the mark's time");
+                        return Some(take_update(ch, name, t0).await);
+                    }
+                }
+                None
+            })
+        })
+        .collect();
+    for _ in 0..n {
+        ready_rx.recv().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss1 = rss(&s);
+    println!(
+        "site memory {:.1} kB per connected agent (connection, push stream, machine record)",
+        (rss1 - rss0) / n as f64
+    );
+
+    let src = w.path("src-push");
+    std::fs::create_dir_all(&src).unwrap();
+    let blob: Vec<u8> = (0..(SIZE_MIB << 20) as u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    std::fs::write(src.join("data.bin"), &blob).unwrap();
+    let pkg = w.build_package(&src, "fix", "1.0.0.0", &w.key, &[]);
+    let wan0 = site_wan(&w, &surl);
+    let id = w.publish(&purl, &pkg);
+    let size = w.admin_json(&purl, &["update", "show", &id])["size"].as_u64().unwrap();
+    let _ = t0.set(Instant::now());
+    w.admin_ok(&purl, &["update", "priority", &id, "high"]);
+    let mut done = Vec::new();
+    let mut retries = 0;
+    for a in agents {
+        if let Some(i) = a.await.unwrap() {
+            retries += i.retries;
+            done.push(i.took);
+        }
+    }
+    done.sort();
+    let last = done.last().copied().unwrap_or_default();
+    let wan = (site_wan(&w, &surl) - wan0) as f64 / size as f64;
+    println!(
+        "{} of {n} installed; first {:.2?}, median {:.2?}, p99 {:.2?}, last {last:.2?}; {retries} downloads told to retry",
+        done.len(),
+        done.first().copied().unwrap_or_default(),
+        pick(&done, 0.5),
+        pick(&done, 0.99),
+    );
+    println!(
+        "site served {:.0} MB/s on average to the fleet; WAN bytes / package size {wan:.2}",
+        (n as f64 * size as f64) / last.as_secs_f64().max(1e-9) / (1 << 20) as f64
+    );
+    println!();
+}
+
+/// What one simulated site saw after the high-priority mark.
+struct SiteSaw {
+    /// The mark reached the site (its catalog stream carried the update as high priority).
+    marked: Duration,
+    /// The site had every byte of the update (fetched once).
+    fetched: Duration,
+    wan_bytes: u64,
+}
+
+/// One simulated site of `machines` agents: follows the catalog, forwards one report per
+/// machine (so the centre knows them all), then, on the mark, fetches the update's blob once,
+/// as a remote provider does for its machines.
+async fn sim_site(
+    ch: Channel,
+    name: String,
+    machines: usize,
+    ready: tokio::sync::mpsc::Sender<()>,
+    t0: std::sync::Arc<std::sync::OnceLock<Instant>>,
+) -> SiteSaw {
+    use updraft_proto::v1::{FollowRequest, ForwardRequest, ForwardedReport, catalog_event::Change};
+    let mut c = ReplicationClient::new(ch);
+    let mut events = c.follow_catalog(FollowRequest { after_seq: 0, site: name.clone() }).await.unwrap().into_inner();
+    while let Some(ev) = events.next().await {
+        if ev.unwrap().caught_up {
+            break;
+        }
+    }
+    let reports = (0..machines)
+        .map(|i| ForwardedReport {
+            machine: Some(MachineInfo { name: format!("{name}-m{i}"), ..Default::default() }),
+            at_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64,
+            is_check: true,
+            ..Default::default()
+        })
+        .collect();
+    c.forward_reports(ForwardRequest { site: name.clone(), reports, ..Default::default() }).await.unwrap();
+    ready.send(()).await.unwrap();
+    while let Some(ev) = events.next().await {
+        let Some(Change::Upsert(u)) = ev.unwrap().change else { continue };
+        if !u.high_priority {
+            continue;
+        }
+        let marked = t0.get().expect("the mark's time").elapsed();
+        let mut s = c.fetch_blob(BlobRequest { content_hash: u.content_hash, offset: 0 }).await.unwrap().into_inner();
+        let mut wan_bytes = 0;
+        while let Some(chunk) = s.next().await {
+            wan_bytes += chunk.unwrap().data.len() as u64;
+        }
+        return SiteSaw { marked, fetched: t0.get().unwrap().elapsed(), wan_bytes };
+    }
+    panic!("{name}: the catalog stream ended before the mark");
+}
+
+/// Fleet scale by simulation: 1, 10 and 100 sites of 1,000 agents each against one provider,
+/// every site over its own mutual-TLS connection (a remote-provider certificate), following the
+/// catalog and forwarding its machines' reports; a 10 MiB update is marked high priority and
+/// every site fetches it. Prints the time until every site has the mark and every byte, WAN
+/// bytes per site ÷ package size, and the provider's memory and CPU.
+async fn fleet_section() {
+    const PER_SITE: usize = 1000;
+    println!("Fleet by simulation: sites of {PER_SITE} agents each against one provider, mutual TLS");
+    println!(
+        "{:>7}  {:>7}  {:>10}  {:>10}  {:>10}  {:>9}  {:>12}  {:>10}",
+        "SITES", "AGENTS", "REPORTED", "MARKED", "FETCHED", "WAN/SIZE", "PROVIDER RSS", "CPU"
+    );
+    let w = World::new();
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    let ids = Identities::new(&w.path("pki"));
+    let src = w.path("src-fleet");
+    write_noise(&src.join("data.bin"), 10);
+    for sites in [1usize, 10, 100] {
+        // A fresh provider per row: the centre knows exactly this row's machines.
+        let many = ["--max-connections-per-peer", "100000"];
+        let (p, purl) = w.provider_with(&format!("fcentre{sites}"), &[&["--trust-key", &pubkey][..], &many].concat());
+        let names: Vec<String> = (0..sites).map(|i| format!("s{sites}-{i}")).collect();
+        let tls = names.iter().map(|n| Some(ids.client(n, Role::RemoteProvider))).collect();
+        let chans = loadgen::connect_many(&purl, tls, 16).await;
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(sites);
+        let t0 = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+        let cpu0 = p.pid().and_then(cpu_secs);
+        let t_report = Instant::now();
+        let tasks: Vec<_> = chans
+            .into_iter()
+            .zip(names)
+            .map(|(ch, name)| tokio::spawn(sim_site(ch, name, PER_SITE, ready_tx.clone(), t0.clone())))
+            .collect();
+        for _ in 0..sites {
+            ready_rx.recv().await.unwrap();
+        }
+        let reported = t_report.elapsed();
+        let pkg = w.build_package(&src, &format!("fleetfix{sites}"), "1.0.0.0", &w.key, &[]);
+        let id = w.publish(&purl, &pkg);
+        let size = w.admin_json(&purl, &["update", "show", &id])["size"].as_u64().unwrap();
+        let _ = t0.set(Instant::now());
+        w.admin_ok(&purl, &["update", "priority", &id, "high"]);
+        let mut saw = Vec::new();
+        for t in tasks {
+            saw.push(t.await.unwrap());
+        }
+        let cpu = match (cpu0, p.pid().and_then(cpu_secs)) {
+            (Some(a), Some(b)) => format!("{:.1} s", b - a),
+            _ => "?".into(),
+        };
+        let marked = saw.iter().map(|s| s.marked).max().unwrap_or_default();
+        let fetched = saw.iter().map(|s| s.fetched).max().unwrap_or_default();
+        let wan = saw.iter().map(|s| s.wan_bytes).max().unwrap_or_default() as f64 / size as f64;
+        println!(
+            "{:>7}  {:>7}  {:>10.2?}  {:>10.2?}  {:>10.2?}  {:>9.2}  {:>8.0} MiB  {:>10}",
+            sites,
+            sites * PER_SITE,
+            reported,
+            marked,
+            fetched,
+            wan,
+            rss(&p) / 1024.0,
+            cpu
+        );
+    }
+    println!("(REPORTED: every site forwarded its machines; MARKED: every site has the mark; FETCHED: every site");
+    println!(" has every byte; CPU: the provider's, for the row)");
+    println!();
 }

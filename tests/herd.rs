@@ -78,3 +78,59 @@ fn fifty_agents_behind_a_site_take_a_pushed_update() {
     let wan = w.admin_json(&rurl, &["site", "status"])["wan_bytes"].as_u64().unwrap();
     assert_eq!(wan - wan_before, size, "the site fetched the fix once");
 }
+
+/// Back-pressure: a provider serving its limit of downloads makes the next wait its turn, then
+/// tells it to come back; the agent, pushed, comes back by itself within seconds (not at its
+/// next scheduled check) and installs once a slot is free.
+#[test]
+fn a_busy_provider_turns_downloads_away_and_a_pushed_agent_comes_back_by_itself() {
+    use futures::StreamExt;
+    use updraft_proto::v1::BlobRequest;
+    use updraft_proto::v1::agent_api_client::AgentApiClient;
+
+    let w = World::insecure();
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    // One download slot; a download waits for it at most 1 s (half the request timeout).
+    let (_p, purl) =
+        w.provider_with("centre", &["--trust-key", &pubkey, "--max-downloads", "1", "--request-timeout-secs", "2"]);
+    // A package large enough that an unread download of it holds its slot (more than the
+    // flow-control windows and read-ahead between provider and client).
+    let src = w.path("src-hog");
+    std::fs::create_dir_all(&src).unwrap();
+    let noise: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(src.join("data.bin"), noise).unwrap();
+    let hog = w.approve(&purl, &w.build_package(&src, "hog", "1.0.0.0", &w.key, &[]));
+    let hog_hash = w.admin_json(&purl, &["update", "show", &hog])["content_hash"].as_str().unwrap().to_string();
+    let _agent = w.agent("pc-1", &purl);
+    wait_until("the agent registered", Duration::from_secs(60), || {
+        w.admin_json(&purl, &["machine", "list"]).as_array().unwrap().iter().any(|m| m["name"] == "pc-1")
+    });
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // The slot is taken once the download is answered; the stream is then left unread.
+    let held = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(purl.clone()).unwrap().connect().await.unwrap();
+        let mut c = AgentApiClient::new(ch);
+        let mut s = c.download(BlobRequest { content_hash: hog_hash, offset: 0 }).await.unwrap().into_inner();
+        s.next().await.unwrap().unwrap();
+        s
+    });
+
+    let id = w.publish(&purl, &w.package("tool", "1.0.0.0", &w.key));
+    w.admin_ok(&purl, &["update", "priority", &id, "high"]);
+    // The pushed agent's download is turned away (the provider is at its limit)...
+    wait_until("the agent told the download slots are busy", Duration::from_secs(60), || {
+        let st: serde_json::Value =
+            serde_json::from_slice(&w.agent_cmd("pc-1", &["status", "--json"]).stdout).unwrap_or_default();
+        st["last_error"].as_str().is_some_and(|e| e.contains("download slots"))
+    });
+    assert_eq!(w.installed("pc-1", "tool"), None);
+    // ...and once the slot is free it comes back by itself: no check is asked for, and its
+    // scheduled one is an hour away.
+    let freed = Instant::now();
+    drop(held);
+    wait_until("the agent on tool 1.0", Duration::from_secs(60), || {
+        w.installed("pc-1", "tool").as_deref() == Some("1.0.0.0")
+    });
+    eprintln!("installed {:?} after the slot was freed", freed.elapsed());
+}

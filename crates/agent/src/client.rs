@@ -313,6 +313,17 @@ pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Du
     tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(pos))
         .await
         .map_err(|e| AgentError::io(&part, e))?;
+    // The content hash is computed as the bytes arrive (a resumed download first hashes what
+    // it already has), so no second pass over the file is needed before it is trusted.
+    let mut hasher = if pos == 0 {
+        updraft_core::hash::ContentHasher::new()
+    } else {
+        let part2 = part.clone();
+        tokio::task::spawn_blocking(move || updraft_core::hash::hasher_over(&part2, pos))
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| AgentError::io(&part, e))?
+    };
     if pos < update.size {
         tracing::info!(update = %update.id, offset = pos, size = update.size, "downloading");
         let mut stream = match tokio::time::timeout(
@@ -337,6 +348,7 @@ pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Du
             if pos + chunk.data.len() as u64 > update.size {
                 return Err(fail(format!("provider sent more than the {} bytes the catalog lists", update.size)));
             }
+            hasher.update(&chunk.data);
             file.write_all(&chunk.data).await.map_err(|e| AgentError::io(&part, e))?;
             pos += chunk.data.len() as u64;
             // Whole chunks reach the file, so a crash re-fetches at most the one in flight.
@@ -346,17 +358,16 @@ pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Du
             }
         }
     }
+    // Not fsynced: the package file is a cache, not a record. Everything installed from it is
+    // checked against the signed manifest's per-file hashes while it is unpacked, so a file
+    // torn by a crash fails that check and is deleted and fetched again; and a package deleted
+    // right after its install is often never written back to disk at all.
     file.flush().await.map_err(|e| AgentError::io(&part, e))?;
-    file.get_ref().sync_all().await.map_err(|e| AgentError::io(&part, e))?;
     drop(file);
     if pos != update.size {
         return Err(fail(format!("stream ended at byte {pos} of {}", update.size)));
     }
-    let part2 = part.clone();
-    let actual = tokio::task::spawn_blocking(move || updraft_core::hash::hash_file(&part2))
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .map_err(|e| AgentError::io(&part, e))?;
+    let actual = hasher.finish();
     if actual != update.content_hash {
         let _ = tokio::fs::remove_file(&part).await;
         return Err(AgentError::Verify {

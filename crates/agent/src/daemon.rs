@@ -1206,10 +1206,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         };
         let scheduled = matches!(trigger.reason, Reason::Schedule | Reason::Startup);
         let result = agent.check_once(trigger.reason).await;
-        let result_ok = result.is_ok();
-        if result_ok {
+        if result.is_ok() {
             agent.confirm_self_update().await;
         }
+        // A check that answered but could not act on an offer (a download refused by a busy
+        // provider, say) is retried like a failed one.
+        let result_ok = result.as_ref().is_ok_and(|r| r.errors.is_empty());
         match &result {
             Ok(r) => tracing::info!(provider = %r.provider, done = ?r.done, errors = ?r.errors, "check finished"),
             Err(e) => tracing::warn!(error = %e, "check failed"),
@@ -1218,10 +1220,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             let _ = reply.send(result.map_err(|e| e.to_string()));
         }
         if scheduled || failures > 0 || !result_ok {
-            // A failed check — scheduled, pushed or asked for — is retried soon (2 s doubling,
-            // jittered, capped by the normal interval), so a push whose check met a busy
-            // provider is not left for the next scheduled check; a good one waits for the
-            // jittered interval.
+            // A failed check — scheduled, pushed or asked for, or one with an offer it could not
+            // act on — is retried soon (2 s doubling, jittered, capped by the normal interval),
+            // so a push whose check or download met a busy provider is not left for the next
+            // scheduled check; a good one waits for the jittered interval. (Repeated identical
+            // install failures stop being retried: see `given_up`.)
             failures = if result_ok { 0 } else { failures + 1 };
             let normal = agent.next_delay().await;
             let delay = if failures == 0 {

@@ -31,14 +31,20 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Hashes a whole file in the canonical form.
 pub fn hash_file(path: &std::path::Path) -> std::io::Result<String> {
+    Ok(hasher_over(path, u64::MAX)?.finish())
+}
+
+/// A hasher fed with the first `len` bytes of a file (all of it, if shorter): where a resumed
+/// download picks up hashing.
+pub fn hasher_over(path: &std::path::Path, len: u64) -> std::io::Result<ContentHasher> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
+    let mut f = std::fs::File::open(path)?.take(len);
     let mut h = ContentHasher::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
-            return Ok(h.finish());
+            return Ok(h);
         }
         h.update(&buf[..n]);
     }

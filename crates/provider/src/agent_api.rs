@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::Stream;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -103,9 +103,14 @@ impl<T: Tier> AgentService<T> {
     }
 }
 
-/// Streams a stored blob from `offset` in [`CHUNK_SIZE`] pieces. Shared by agent downloads and
-/// upstream fetches.
-pub async fn stream_blob(shared: &Shared, content_hash: &str, offset: u64) -> Result<ChunkStream> {
+/// Streams a stored blob from `offset` in [`CHUNK_SIZE`] pieces, holding `slot` (if any) until
+/// the stream ends. Shared by agent downloads and upstream fetches.
+pub async fn stream_blob(
+    shared: &Shared,
+    content_hash: &str,
+    offset: u64,
+    slot: Option<OwnedSemaphorePermit>,
+) -> Result<ChunkStream> {
     let path = shared.blobs.path_of(content_hash)?;
     let total = shared.blobs.size(content_hash).await?;
     if offset > total {
@@ -115,9 +120,11 @@ pub async fn stream_blob(shared: &Shared, content_hash: &str, offset: u64) -> Re
     }
     let mut file = tokio::fs::File::open(&path).await.map_err(|e| ProviderError::Io(e.to_string()))?;
     file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| ProviderError::Io(e.to_string()))?;
-    let (tx, rx) = mpsc::channel(4);
+    // Two chunks read ahead: enough to keep the connection busy, little memory per stream.
+    let (tx, rx) = mpsc::channel(2);
     tokio::spawn(
         async move {
+            let _slot = slot;
             let mut pos = offset;
             loop {
                 let mut buf = vec![0u8; CHUNK_SIZE];
@@ -141,12 +148,34 @@ pub async fn stream_blob(shared: &Shared, content_hash: &str, offset: u64) -> Re
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
-/// Serves a blob download (to an agent or a site): validated, fetched by the tier if needed,
-/// counted as served.
-pub async fn serve_blob<T: Tier>(shared: &Shared, tier: &T, req: BlobRequest) -> Result<ChunkStream> {
+/// A place among the blob streams a provider serves to agents at once (`--max-downloads`),
+/// held until the stream ends. Beyond the limit a download waits its turn, first come first
+/// served, for up to half the request timeout; then it is refused as exhausted and the agent
+/// retries shortly. This is the provider's back-pressure on a herd: memory and file handles
+/// stay bounded however many machines download at once.
+pub async fn download_slot(shared: &Shared) -> Result<OwnedSemaphorePermit> {
+    let wait = shared.config.request_timeout / 2;
+    match tokio::time::timeout(wait, shared.downloads.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(ProviderError::LimitReached(format!(
+            "all {} download slots stayed busy for {} s; retry shortly",
+            shared.config.max_downloads,
+            wait.as_secs()
+        ))),
+    }
+}
+
+/// Serves a blob download (to an agent, holding `slot`, or to a site): validated, fetched by
+/// the tier if needed, counted as served.
+pub async fn serve_blob<T: Tier>(
+    shared: &Shared,
+    tier: &T,
+    req: BlobRequest,
+    slot: Option<OwnedSemaphorePermit>,
+) -> Result<ChunkStream> {
     updraft_core::hash::validate(&req.content_hash)?;
     tier.ensure_blob(&req.content_hash).await?;
-    let stream = stream_blob(shared, &req.content_hash, req.offset).await?;
+    let stream = stream_blob(shared, &req.content_hash, req.offset, slot).await?;
     let size = shared.blobs.size(&req.content_hash).await?;
     tier.served(size.saturating_sub(req.offset));
     Ok(stream)
@@ -205,7 +234,10 @@ impl<T: Tier> AgentApi for AgentService<T> {
     type DownloadStream = ChunkStream;
 
     async fn download(&self, request: Request<BlobRequest>) -> Result<Response<ChunkStream>, Status> {
-        Ok(Response::new(serve_blob(&self.shared, &*self.tier, request.into_inner()).await?))
+        let req = request.into_inner();
+        updraft_core::hash::validate(&req.content_hash).map_err(ProviderError::from)?;
+        let slot = download_slot(&self.shared).await?;
+        Ok(Response::new(serve_blob(&self.shared, &*self.tier, req, Some(slot)).await?))
     }
 
     async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {

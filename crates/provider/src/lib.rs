@@ -85,6 +85,9 @@ pub struct Config {
     /// Disk space always left free under the store: uploads and fetches that would eat into it
     /// are refused.
     pub disk_reserve_bytes: u64,
+    /// Blob streams served to agents at once; more wait their turn (see
+    /// [`agent_api::download_slot`]).
+    pub max_downloads: usize,
 }
 
 impl Config {
@@ -107,6 +110,7 @@ impl Config {
             max_connections_per_peer: 256,
             request_timeout: Duration::from_secs(60),
             disk_reserve_bytes: 1 << 30,
+            max_downloads: 256,
         }
     }
 }
@@ -123,6 +127,8 @@ pub struct Shared {
     pub ceiling_sources: ceiling::Sources,
     /// The catalog decoded once per catalog sequence number (see [`Shared::catalog`]).
     snapshot: std::sync::Mutex<Arc<catalog::Snapshot>>,
+    /// Download slots: `config.max_downloads` of them.
+    pub downloads: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -137,8 +143,10 @@ impl Shared {
         let blobs = BlobStore::open(&config.data_dir.join("blobs"))?;
         let pair = PairDir::open(&config.data_dir)?;
         let signer = config.catalog_key.clone().map(|k| statement::Signer::new(k, config.statement_ttl));
+        let downloads = Arc::new(tokio::sync::Semaphore::new(config.max_downloads));
         Ok(Arc::new(Self {
             config,
+            downloads,
             store,
             blobs,
             hub: Hub::default(),

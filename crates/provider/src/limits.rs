@@ -27,19 +27,28 @@ pub struct LimitArgs {
     /// are refused.
     #[arg(long, env = "UPDRAFT_DISK_RESERVE_BYTES", default_value_t = 1 << 30)]
     pub disk_reserve_bytes: u64,
+    /// Downloads served to agents at once; more wait their turn (up to half the request
+    /// timeout), then are told to retry. Bounds memory and file handles in a herd.
+    #[arg(long, env = "UPDRAFT_MAX_DOWNLOADS", default_value_t = 256)]
+    pub max_downloads: usize,
 }
 
 impl LimitArgs {
     /// Checks the values and puts them in the server's configuration.
     pub fn apply(&self, config: &mut crate::Config) -> crate::error::Result<()> {
-        if self.max_connections_per_peer == 0 || !(1..=3600).contains(&self.request_timeout_secs) {
+        if self.max_connections_per_peer == 0
+            || self.max_downloads == 0
+            || !(1..=3600).contains(&self.request_timeout_secs)
+        {
             return Err(crate::error::ProviderError::InvalidArgument(
-                "--max-connections-per-peer must be at least 1 and --request-timeout-secs 1 to 3600".into(),
+                "--max-connections-per-peer and --max-downloads must be at least 1 and --request-timeout-secs 1 to 3600"
+                    .into(),
             ));
         }
         config.max_connections_per_peer = self.max_connections_per_peer;
         config.request_timeout = Duration::from_secs(self.request_timeout_secs);
         config.disk_reserve_bytes = self.disk_reserve_bytes;
+        config.max_downloads = self.max_downloads;
         Ok(())
     }
 }

@@ -95,7 +95,8 @@ impl<T: Tier> Replication for ReplicationService<T> {
     type FetchBlobStream = ChunkStream;
 
     async fn fetch_blob(&self, request: Request<BlobRequest>) -> Result<Response<ChunkStream>, Status> {
-        Ok(Response::new(serve_blob(&self.shared, &*self.tier, request.into_inner()).await?))
+        // Sites are few and each serves many machines: their fetches take no download slot.
+        Ok(Response::new(serve_blob(&self.shared, &*self.tier, request.into_inner(), None).await?))
     }
 
     async fn site_status(&self, _request: Request<SiteStatusRequest>) -> Result<Response<SiteStats>, Status> {
