@@ -90,12 +90,12 @@ impl AgentApi for Rogue {
         let off = r.into_inner().offset as usize;
         if self.endless {
             let chunks = futures::stream::iter(0u64..).map(move |i| {
-                Ok(Chunk { offset: off as u64 + i * 65536, data: vec![0u8; 65536], total_size: u64::MAX })
+                Ok(Chunk { offset: off as u64 + i * 65536, data: vec![0u8; 65536].into(), total_size: u64::MAX })
             });
             return Ok(Response::new(Box::pin(chunks)));
         }
         let data = self.bytes[off.min(self.bytes.len())..].to_vec();
-        let chunk = Chunk { offset: off as u64, data, total_size: self.bytes.len() as u64 };
+        let chunk = Chunk { offset: off as u64, data: data.into(), total_size: self.bytes.len() as u64 };
         Ok(Response::new(Box::pin(futures::stream::iter([Ok(chunk)]))))
     }
     async fn report(&self, r: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {

@@ -8,6 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let fds = protox::compile(&files, [&root])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Download chunks carry `Bytes`, so a provider can send file data without copying it.
+    // Every client and server uses `crate::codec::Codec` (prost with small initial buffers).
+    tonic_prost_build::configure()
+        .bytes(".updraft.v1.Chunk.data")
+        .codec_path("crate::codec::Codec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::{BufMut, BytesMut};
 use futures::Stream;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
@@ -126,21 +127,33 @@ pub async fn stream_blob(
         async move {
             let _slot = slot;
             let mut pos = offset;
+            // Chunks are cut from one larger buffer, read into without zeroing and reclaimed
+            // once the chunks sent from it are gone: no allocation per chunk.
+            let mut buf = BytesMut::with_capacity(4 * CHUNK_SIZE);
             loop {
-                let mut buf = vec![0u8; CHUNK_SIZE];
-                let n = match file.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("reading blob: {e}")))).await;
-                        break;
+                if buf.capacity() < CHUNK_SIZE {
+                    buf.reserve(4 * CHUNK_SIZE);
+                }
+                while buf.len() < CHUNK_SIZE {
+                    let room = CHUNK_SIZE - buf.len();
+                    match file.read_buf(&mut (&mut buf).limit(room)).await {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::internal(format!("reading blob: {e}")))).await;
+                            return;
+                        }
                     }
-                };
-                buf.truncate(n);
-                if tx.send(Ok(Chunk { offset: pos, data: buf, total_size: total })).await.is_err() {
+                }
+                if buf.is_empty() {
+                    break;
+                }
+                let data = buf.split().freeze();
+                let n = data.len() as u64;
+                if tx.send(Ok(Chunk { offset: pos, data, total_size: total })).await.is_err() {
                     break; // the receiver went away
                 }
-                pos += n as u64;
+                pos += n;
             }
         }
         .instrument(tracing::info_span!("send_blob", offset)),
@@ -192,7 +205,8 @@ impl<T: Tier> AgentApi for AgentService<T> {
         validate_machine_name(&machine.name)?;
         crate::auth::ensure_machine(caller.as_ref(), &machine.name)?;
         validate_inventory(&machine)?;
-        tracing::info!(machine = %machine.name, manual = req.manual, "check");
+        // Routine: a fleet checks all day. A machine's first check is logged at info below.
+        tracing::debug!(machine = %machine.name, manual = req.manual, "check");
         let now = now_ms();
         // Answer first: a malformed inventory is refused before anything is recorded.
         let mut machine = machine;
@@ -208,6 +222,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
         // times ride the next commit.
         if self.shared.store.record_machine(&machine, "direct", now, false).await? {
             self.shared.store.sync().await?;
+            tracing::info!(machine = %machine.name, "a new machine checked in");
         }
         self.tier
             .relay(ForwardedReport {

@@ -23,6 +23,7 @@ pub mod servers;
 pub mod statement;
 pub mod storage;
 pub mod store;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -356,13 +357,18 @@ pub async fn serve<T: agent_api::Tier>(
             Some(shared.clone()),
             shared.config.request_timeout,
         ))
-        .add_service(
+        .add_service(wire::BlobRoute::new(
             AgentApiServer::new(AgentService::new(shared.clone(), tier.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            ReplicationServer::new(ReplicationService::new(shared, tier)).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            shared.clone(),
+            tier.clone(),
+        ))
+        .add_service(wire::BlobRoute::new(
+            ReplicationServer::new(ReplicationService::new(shared.clone(), tier.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            shared,
+            tier,
+        ))
         .add_optional_service(admin)
         .serve_with_incoming_shutdown(limits::incoming(listener, limit), stop)
         .await
