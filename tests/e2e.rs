@@ -11,6 +11,7 @@ mod applicability;
 mod catalog;
 mod fleet;
 mod herd;
+mod insiders;
 mod install;
 mod lifecycle;
 mod network;

@@ -1,8 +1,27 @@
 //! How admin-cli prints: aligned tables for people, JSON for scripts.
 use serde_json::Value;
 
-/// Prints rows under headers with each column as wide as its widest cell.
+/// Text from elsewhere (machine inventories, activity details, names) made safe for a
+/// terminal: control and invisible formatting characters are shown escaped (`\u{1b}`), so
+/// nothing a machine reports can move the cursor, clear the screen or hide in a name.
+pub fn safe(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars().map(|c| if unsafe_char(c) { c.escape_unicode().to_string() } else { c.to_string() }).collect(),
+    )
+}
+
+/// Prints rows under headers with each column as wide as its widest cell; every cell passes
+/// through [`safe`].
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| safe(c).into_owned()).collect()).collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -43,5 +62,19 @@ pub fn age(at_ms: i64) -> String {
         60..=3599 => format!("{}m ago", s / 60),
         3600..=86399 => format!("{}h ago", s / 3600),
         _ => format!("{}d ago", s / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_from_machines_cannot_drive_the_terminal() {
+        assert_eq!(safe("pc-1"), "pc-1");
+        assert_eq!(safe("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(safe("pc\u{200b}-1"), "pc\\u{200b}-1");
+        assert_eq!(safe("line\nbreak"), "line\\u{a}break");
+        assert_eq!(safe("café"), "café");
     }
 }

@@ -1,7 +1,7 @@
 //! The agent daemon: checks on a jittered schedule and when pushed, installs what its provider
 //! offers, reports activity, and answers the local control socket.
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -159,6 +159,9 @@ impl Agent {
         for d in [&cfg.install_root, &cfg.state_dir, &cfg.state_dir.join("downloads")] {
             std::fs::create_dir_all(d).map_err(|e| AgentError::io(d, e))?;
         }
+        // The state (receipts, journal, downloads, hook logs) is the agent's alone.
+        std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| AgentError::io(&cfg.state_dir, e))?;
         let mut state = AgentState::load(&cfg.state_dir)?;
         let mut trial = None;
         // Finish or undo what a crash interrupted, before anything else looks at ROOT.
@@ -1160,7 +1163,34 @@ pub fn status_from_state(name: &str, providers: &[String], st: &AgentState, daem
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
+/// One daemon per state directory: a second one would recover, install and save over the
+/// first. The lock is held for the daemon's life (and released by the kernel if it dies).
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(state_dir).map_err(|e| AgentError::io(state_dir, e))?;
+    let path = state_dir.join("agent.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| AgentError::io(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(state_dir.join("agent.pid")).unwrap_or_default();
+            Err(AgentError::Config(format!(
+                "another agent daemon (pid {}) is running with state directory {}",
+                pid.trim(),
+                state_dir.display()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(AgentError::io(&path, e)),
+    }
+}
+
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
+    let _lock = lock_state_dir(&cfg.state_dir)?;
     let agent = Agent::new(cfg)?;
     let (tx, mut rx) = mpsc::channel::<Trigger>(16);
     let sock = control::socket_path(&agent.cfg.state_dir);

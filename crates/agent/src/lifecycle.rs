@@ -12,8 +12,21 @@ use updraft_core::package::Lifecycle;
 /// Output kept per hook run, so a chatty hook cannot fill the disk.
 pub const MAX_OUTPUT: usize = 64 * 1024;
 
+///
+/// The id comes from a provider's offer, so it is made a plain file name first: anything but
+/// letters, digits, `-`, `_`, `+` and a non-leading `.` becomes `_`, so no id can name a path
+/// outside `logs/` (`../x`, `/etc/x`) or a hidden file.
 pub fn log_path(state_dir: &Path, update_id: &str) -> PathBuf {
-    state_dir.join("logs").join(format!("{update_id}.log"))
+    let mut safe: String = update_id
+        .chars()
+        .take(200)
+        .enumerate()
+        .map(|(i, c)| if c.is_ascii_alphanumeric() || "-_+".contains(c) || (c == '.' && i > 0) { c } else { '_' })
+        .collect();
+    if safe.is_empty() {
+        safe.push('_');
+    }
+    state_dir.join("logs").join(format!("{safe}.log"))
 }
 
 /// Whether the process at `/proc/PID` (given as that directory) has exited and only waits for
@@ -186,6 +199,18 @@ pub fn run_hook(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hook_logs_stay_in_their_directory() {
+        let state = Path::new("/var/lib/updraft");
+        let logs = state.join("logs");
+        assert_eq!(log_path(state, "app-1.0.0.0-0123456789ab"), logs.join("app-1.0.0.0-0123456789ab.log"));
+        for hostile in ["../../etc/passwd", "/etc/shadow", ".hidden", "a/b", "x\0y", ""] {
+            let p = log_path(state, hostile);
+            assert_eq!(p.parent(), Some(logs.as_path()), "{hostile:?} -> {}", p.display());
+            assert!(!p.file_name().unwrap().to_string_lossy().starts_with('.'), "{hostile:?}");
+        }
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn script(dir: &Path, name: &str, body: &str) {

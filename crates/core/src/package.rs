@@ -568,14 +568,21 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Replaces `dir/name` with `bytes` so that a crash leaves either the old file or the new one:
-/// written to a temp file, fsynced, renamed over, then the directory fsynced.
+/// written to a temp file (readable by its owner only: these are state files), fsynced,
+/// renamed over, then the directory fsynced.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     // A temp name of its own per write: two tasks of one process may save at the same time.
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.{}.{n}.tmp", std::process::id()));
-    let mut f = File::create(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| CoreError::io(&tmp, e))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| CoreError::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| CoreError::io(&path, e))?;
     sync_dir(dir)

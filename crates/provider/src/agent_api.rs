@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::{BufMut, BytesMut};
 use futures::Stream;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -19,6 +19,7 @@ use updraft_proto::v1::{
     ReportResponse, SiteStats, SubscribeRequest,
 };
 
+use crate::auth::Caller;
 use crate::catalog::validate_machine_name;
 use crate::error::{ProviderError, Result};
 use crate::policy;
@@ -96,11 +97,44 @@ pub struct AgentService<T: Tier> {
     shared: Arc<Shared>,
     tier: Arc<T>,
     subscribers: Arc<AtomicUsize>,
+    streams: Arc<PushStreams>,
 }
 
 impl<T: Tier> AgentService<T> {
     pub fn new(shared: Arc<Shared>, tier: Arc<T>) -> Self {
-        Self { shared, tier, subscribers: Arc::new(AtomicUsize::new(0)) }
+        Self { shared, tier, subscribers: Arc::new(AtomicUsize::new(0)), streams: Default::default() }
+    }
+}
+
+/// Each machine's one push stream. An agent needs one; a new subscription of a machine ends
+/// its previous stream (an agent that reconnected, or a stolen certificate that tries to hold
+/// many), so one machine can never hold more than one.
+#[derive(Default)]
+struct PushStreams {
+    by_machine: std::sync::Mutex<std::collections::HashMap<String, (u64, Arc<Notify>)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl PushStreams {
+    /// Registers a new stream of `machine`, ending the one it had; returns the stream's
+    /// generation and what tells it to end.
+    fn open(&self, machine: &str) -> (u64, Arc<Notify>) {
+        let generation = self.next.fetch_add(1, Ordering::Relaxed);
+        let end = Arc::new(Notify::new());
+        let previous =
+            self.by_machine.lock().expect("push streams").insert(machine.to_string(), (generation, end.clone()));
+        if let Some((_, old)) = previous {
+            old.notify_one();
+        }
+        (generation, end)
+    }
+
+    /// Forgets `machine`'s stream if it is still generation `generation`.
+    fn close(&self, machine: &str, generation: u64) {
+        let mut m = self.by_machine.lock().expect("push streams");
+        if m.get(machine).is_some_and(|(g, _)| *g == generation) {
+            m.remove(machine);
+        }
     }
 }
 
@@ -110,7 +144,7 @@ pub async fn stream_blob(
     shared: &Shared,
     content_hash: &str,
     offset: u64,
-    slot: Option<OwnedSemaphorePermit>,
+    slot: Option<DownloadSlot>,
 ) -> Result<ChunkStream> {
     let path = shared.blobs.path_of(content_hash)?;
     let total = shared.blobs.size(content_hash).await?;
@@ -161,15 +195,51 @@ pub async fn stream_blob(
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
-/// A place among the blob streams a provider serves to agents at once (`--max-downloads`),
-/// held until the stream ends. Beyond the limit a download waits its turn, first come first
-/// served, for up to half the request timeout; then it is refused as exhausted and the agent
-/// retries shortly. This is the provider's back-pressure on a herd: memory and file handles
-/// stay bounded however many machines download at once.
-pub async fn download_slot(shared: &Shared) -> Result<OwnedSemaphorePermit> {
+/// Downloads one machine may hold open at once (an agent needs one; a few allow a retry to
+/// overlap a stream the provider has not yet seen end).
+pub const DOWNLOADS_PER_MACHINE: usize = 4;
+
+/// A machine's place among the blob streams a provider serves to agents, held until its
+/// stream ends: one of the provider's `--max-downloads` and one of the machine's
+/// [`DOWNLOADS_PER_MACHINE`].
+pub struct DownloadSlot {
+    _provider: OwnedSemaphorePermit,
+    _machine: Option<crate::limits::KeyGuard>,
+}
+
+/// Admits an agent's download of `content_hash`, or says why not. Only content of an update
+/// past pre-approval is served to agents (a package under review is not theirs to fetch).
+/// Beyond the provider's limit a download waits its turn, first come first served, for up
+/// to half the request timeout; then it is refused as exhausted and the agent retries
+/// shortly. This is the provider's back-pressure on a herd: memory and file handles stay
+/// bounded however many machines download at once, and no one machine takes them all.
+/// Unauthenticated callers (`--insecure`, tests only) are counted only in the total.
+pub async fn download_slot(shared: &Shared, caller: Option<&Caller>, content_hash: &str) -> Result<DownloadSlot> {
+    updraft_core::hash::validate(content_hash)?;
+    let catalog = shared.catalog()?;
+    let approved = catalog.updates.iter().any(|u| {
+        u.content_hash == content_hash
+            && !matches!(crate::catalog::state_of(u), Some(updraft_core::model::UpdateState::PreApproval) | None)
+    });
+    if !approved {
+        return Err(ProviderError::Denied(format!(
+            "{content_hash} is not the content of an approved update in this provider's catalog"
+        )));
+    }
+    let machine = match caller {
+        Some(c) if c.role.is_some() => {
+            Some(shared.machine_downloads.try_take(&c.name, DOWNLOADS_PER_MACHINE).ok_or_else(|| {
+                ProviderError::LimitReached(format!(
+                    "{} already has {DOWNLOADS_PER_MACHINE} downloads open; finish or close one first",
+                    c.name
+                ))
+            })?)
+        }
+        _ => None,
+    };
     let wait = shared.config.request_timeout / 2;
     match tokio::time::timeout(wait, shared.downloads.clone().acquire_owned()).await {
-        Ok(Ok(permit)) => Ok(permit),
+        Ok(Ok(permit)) => Ok(DownloadSlot { _provider: permit, _machine: machine }),
         _ => Err(ProviderError::LimitReached(format!(
             "all {} download slots stayed busy for {} s; retry shortly",
             shared.config.max_downloads,
@@ -184,7 +254,7 @@ pub async fn serve_blob<T: Tier>(
     shared: &Shared,
     tier: &T,
     req: BlobRequest,
-    slot: Option<OwnedSemaphorePermit>,
+    slot: Option<DownloadSlot>,
 ) -> Result<ChunkStream> {
     updraft_core::hash::validate(&req.content_hash)?;
     tier.ensure_blob(&req.content_hash).await?;
@@ -249,9 +319,9 @@ impl<T: Tier> AgentApi for AgentService<T> {
     type DownloadStream = ChunkStream;
 
     async fn download(&self, request: Request<BlobRequest>) -> Result<Response<ChunkStream>, Status> {
+        let caller = crate::auth::Caller::of(&request).cloned();
         let req = request.into_inner();
-        updraft_core::hash::validate(&req.content_hash).map_err(ProviderError::from)?;
-        let slot = download_slot(&self.shared).await?;
+        let slot = download_slot(&self.shared, caller.as_ref(), &req.content_hash).await?;
         Ok(Response::new(serve_blob(&self.shared, &*self.tier, req, Some(slot)).await?))
     }
 
@@ -303,6 +373,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<PushStream>, Status> {
         let caller = crate::auth::Caller::of(&request).cloned();
         let req = request.into_inner();
+        validate_machine_name(&req.machine)?;
         crate::auth::ensure_machine(caller.as_ref(), &req.machine)?;
         let max = self.shared.config.max_subscribers;
         if self.subscribers.fetch_add(1, Ordering::SeqCst) >= max {
@@ -321,14 +392,21 @@ impl<T: Tier> AgentApi for AgentService<T> {
         };
         let (tx, out) = mpsc::channel(16);
         let first = hello(&shared);
+        let (streams, machine) = (self.streams.clone(), req.machine.clone());
+        let (generation, superseded) = streams.open(&machine);
         tokio::spawn(
             async move {
                 let _guard = guard;
                 if tx.send(Ok(first)).await.is_err() {
+                    streams.close(&machine, generation);
                     return;
                 }
                 loop {
                     tokio::select! {
+                        _ = superseded.notified() => {
+                            let _ = tx.try_send(Err(Status::aborted("superseded by a newer push stream of this machine")));
+                            break;
+                        }
                         ev = rx.recv() => {
                             let ev = match ev {
                                 Ok(ev) => ev,
@@ -341,6 +419,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
                         _ = tx.closed() => break,
                     }
                 }
+                streams.close(&machine, generation);
             }
             .instrument(tracing::info_span!("push_stream", machine = %req.machine)),
         );

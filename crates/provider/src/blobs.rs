@@ -13,9 +13,21 @@ pub struct BlobStore {
 }
 
 impl BlobStore {
+    /// Opens (creating) the directory. Called only by the holder of the store, so it also
+    /// removes what crashed imports and uploads left in `incoming/` (their temporary files);
+    /// partial upstream fetches (`*.part`) stay, to be resumed.
     pub fn open(root: &Path) -> Result<Self> {
         for d in [root.join("sha256"), root.join("incoming")] {
             std::fs::create_dir_all(&d).map_err(|e| ProviderError::Io(format!("{}: {e}", d.display())))?;
+        }
+        let incoming = root.join("incoming");
+        let entries =
+            std::fs::read_dir(&incoming).map_err(|e| ProviderError::Io(format!("{}: {e}", incoming.display())))?;
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp") && e.file_type().is_ok_and(|t| t.is_file()) {
+                tracing::info!(file = %e.path().display(), "removed a temporary file a crashed import left");
+                let _ = std::fs::remove_file(e.path());
+            }
         }
         Ok(Self { root: root.to_path_buf() })
     }
@@ -114,4 +126,21 @@ impl BlobStore {
 /// Appends bytes to an open temp file (used by uploads and upstream fetches).
 pub async fn append(file: &mut tokio::fs::File, data: &[u8]) -> Result<()> {
     file.write_all(data).await.map_err(|e| ProviderError::Io(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_removes_what_crashed_imports_left_and_keeps_partial_fetches() {
+        let d = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(d.path()).unwrap();
+        let left = blobs.incoming().unwrap().keep().unwrap().1;
+        let part = blobs.partial_path(&format!("sha256:{}", "ab".repeat(32))).unwrap();
+        std::fs::write(&part, b"half").unwrap();
+        BlobStore::open(d.path()).unwrap();
+        assert!(!left.exists(), "the crashed import's temp file is gone");
+        assert!(part.exists(), "a partial fetch stays to be resumed");
+    }
 }

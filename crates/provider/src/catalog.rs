@@ -301,10 +301,14 @@ pub fn from_event(ev: CatalogEvent) -> Option<Change> {
 }
 
 /// Machine names become store keys and log fields: keep them printable and bounded.
+/// Host-name characters only (ASCII letters, digits, `-`, `.`, `_`), so a name cannot carry
+/// terminal escapes or look like another (a zero-width or look-alike character would make a
+/// second "pc-1").
 pub fn validate_machine_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_control()) {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_');
+    if name.is_empty() || name.len() > 253 || !name.chars().all(ok) {
         return Err(ProviderError::InvalidArgument(format!(
-            "machine name {:?} must be 1-253 printable characters",
+            "machine name {:?} must be 1-253 characters of A-Z, a-z, 0-9, '-', '.' and '_'",
             name.chars().take(80).collect::<String>()
         )));
     }

@@ -14,6 +14,9 @@ pub enum ProviderError {
     BlobMissing(String),
     #[error("{0}")]
     LimitReached(String),
+    /// The caller may not do this (its certificate is genuine, the request is not its to make).
+    #[error("{0}")]
+    Denied(String),
     #[error("upstream provider unavailable: {0}")]
     Upstream(String),
     #[error("not ready: {0}")]
@@ -55,6 +58,7 @@ impl From<ProviderError> for Status {
             ProviderError::InvalidArgument(_) => Code::InvalidArgument,
             ProviderError::Duplicate { .. } => Code::AlreadyExists,
             ProviderError::LimitReached(_) => Code::ResourceExhausted,
+            ProviderError::Denied(_) => Code::PermissionDenied,
             ProviderError::Upstream(_)
             | ProviderError::NotReady(_)
             | ProviderError::StoreInUse(_)

@@ -89,6 +89,8 @@ pub struct Config {
     /// Blob streams served to agents at once; more wait their turn (see
     /// [`agent_api::download_slot`]).
     pub max_downloads: usize,
+    /// Machines one site may bring in (see `replication::site_may_report`).
+    pub max_machines_per_site: usize,
 }
 
 impl Config {
@@ -112,6 +114,7 @@ impl Config {
             request_timeout: Duration::from_secs(60),
             disk_reserve_bytes: 1 << 30,
             max_downloads: 256,
+            max_machines_per_site: 50_000,
         }
     }
 }
@@ -130,6 +133,8 @@ pub struct Shared {
     snapshot: std::sync::Mutex<Arc<catalog::Snapshot>>,
     /// Download slots: `config.max_downloads` of them.
     pub downloads: Arc<tokio::sync::Semaphore>,
+    /// Downloads each machine holds open (see [`agent_api::DOWNLOADS_PER_MACHINE`]).
+    pub machine_downloads: limits::PerKey,
 }
 
 impl Shared {
@@ -148,6 +153,7 @@ impl Shared {
         Ok(Arc::new(Self {
             config,
             downloads,
+            machine_downloads: Default::default(),
             store,
             blobs,
             hub: Hub::default(),

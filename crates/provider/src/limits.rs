@@ -31,6 +31,10 @@ pub struct LimitArgs {
     /// timeout), then are told to retry. Bounds memory and file handles in a herd.
     #[arg(long, env = "UPDRAFT_MAX_DOWNLOADS", default_value_t = 256)]
     pub max_downloads: usize,
+    /// Machines one site may bring in; reports for more are refused (a stolen site
+    /// certificate cannot flood the fleet with ghosts).
+    #[arg(long, env = "UPDRAFT_MAX_MACHINES_PER_SITE", default_value_t = 50_000)]
+    pub max_machines_per_site: usize,
 }
 
 impl LimitArgs {
@@ -49,7 +53,45 @@ impl LimitArgs {
         config.request_timeout = Duration::from_secs(self.request_timeout_secs);
         config.disk_reserve_bytes = self.disk_reserve_bytes;
         config.max_downloads = self.max_downloads;
+        config.max_machines_per_site = self.max_machines_per_site;
         Ok(())
+    }
+}
+
+/// Things held per key (a machine's open downloads), each key bounded on its own.
+#[derive(Default)]
+pub struct PerKey {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl PerKey {
+    /// One more for `key`, unless it already holds `max`; released when the guard drops.
+    pub fn try_take(&self, key: &str, max: usize) -> Option<KeyGuard> {
+        let mut c = self.counts.lock().expect("per-key counts");
+        let n = c.entry(key.to_string()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(KeyGuard { counts: self.counts.clone(), key: key.to_string() })
+    }
+}
+
+/// One of a key's holdings (see [`PerKey`]).
+pub struct KeyGuard {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("per-key counts");
+        if let Some(n) = c.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.key);
+            }
+        }
     }
 }
 

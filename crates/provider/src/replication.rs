@@ -23,11 +23,26 @@ use crate::store::Change;
 pub struct ReplicationService<T: Tier> {
     shared: Arc<Shared>,
     tier: Arc<T>,
+    /// Machines each site has brought in, counted from the store on a site's first batch.
+    introduced: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl<T: Tier> ReplicationService<T> {
     pub fn new(shared: Arc<Shared>, tier: Arc<T>) -> Self {
-        Self { shared, tier }
+        Self { shared, tier, introduced: Default::default() }
+    }
+}
+
+/// Whether a site may speak for a machine the store holds as `known` (None: never seen): one it
+/// brings in, one already behind it, or one that has been silent on its own route for longer
+/// than `silent_ms` (a machine that moved); never another site or provider. A site certificate
+/// therefore cannot rewrite machines that are alive elsewhere.
+pub fn site_may_report(known: Option<&updraft_proto::v1::Machine>, site: &str, now_ms: i64, silent_ms: i64) -> bool {
+    match known {
+        None => true,
+        Some(m) if m.is_remote_provider => false,
+        Some(m) if m.via == site => true,
+        Some(m) => now_ms - m.last_contact_unix_ms > silent_ms,
     }
 }
 
@@ -104,26 +119,67 @@ impl<T: Tier> Replication for ReplicationService<T> {
     }
 
     async fn forward_reports(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+        let caller = crate::auth::Caller::of(&request).cloned();
         let req = request.into_inner();
         validate_machine_name(&req.site)?;
+        // A site speaks as the name in its certificate, and its own record carries that name.
+        if let Some(c) = caller.as_ref().filter(|c| c.role == Some(updraft_runtime::tls::Role::RemoteProvider))
+            && c.name != req.site
+        {
+            return Err(ProviderError::Denied(format!(
+                "the certificate is for site {:?}, the batch speaks for {:?}",
+                c.name, req.site
+            ))
+            .into());
+        }
+        if let Some(me) = &req.self_
+            && me.name != req.site
+        {
+            return Err(ProviderError::Denied(format!(
+                "site {:?} sent its own record under the name {:?}",
+                req.site, me.name
+            ))
+            .into());
+        }
         let entries: usize = req.reports.iter().map(|r| r.activities.len() + 1).sum();
         if entries > MAX_REPORT_ENTRIES * 10 {
             return Err(ProviderError::LimitReached(format!("batch of {entries} entries is too large")).into());
         }
         let store = &self.shared.store;
+        // Times are the receiver's to vouch for: nothing is dated after its arrival.
+        let now = crate::now_ms();
+        let silent_ms = 2 * i64::from(self.shared.config.max_check_secs) * 1000;
         let site_info =
             req.self_.clone().unwrap_or_else(|| MachineInfo { name: req.site.clone(), ..Default::default() });
-        store.record_machine(&site_info, "direct", crate::now_ms(), true).await?;
+        store.record_machine(&site_info, "direct", now, true).await?;
         if let Some(stats) = req.stats.clone() {
             store.set_site_stats(&site_info.name, stats).await?;
         }
         let mut accepted = 0;
         let mut all_acts = Vec::new();
+        let max_machines = self.shared.config.max_machines_per_site;
+        let mut introduced = match self.introduced.lock().expect("introduced").get(&req.site) {
+            Some(n) => *n,
+            None => store.list_machines()?.iter().filter(|m| m.via == req.site).count(),
+        };
         for r in req.reports {
             let Some(machine) = r.machine else { continue };
             if validate_machine_name(&machine.name).is_err() || validate_inventory(&machine).is_err() {
                 continue;
             }
+            let known = store.get_machine(&machine.name)?;
+            if !site_may_report(known.as_ref(), &req.site, now, silent_ms) {
+                tracing::warn!(site = %req.site, machine = %machine.name, "refused a report for a machine that is not behind this site");
+                continue;
+            }
+            if known.as_ref().is_none_or(|m| m.via != req.site) {
+                if introduced >= max_machines {
+                    tracing::warn!(site = %req.site, machine = %machine.name, limit = max_machines, "refused a machine: the site is at its limit");
+                    continue;
+                }
+                introduced += 1;
+            }
+            let r = ForwardedReport { machine: None, at_unix_ms: r.at_unix_ms.clamp(0, now), ..r };
             let acts: Vec<_> = r
                 .activities
                 .into_iter()
@@ -138,10 +194,48 @@ impl<T: Tier> Replication for ReplicationService<T> {
             self.tier.relay(ForwardedReport { machine: Some(machine), activities: acts, ..r }).await?;
             accepted += 1;
         }
+        self.introduced.lock().expect("introduced").insert(req.site.clone(), introduced);
         // The site drops what we acknowledge from its outbox: all of it must be on disk, with
         // one commit for the whole batch.
         store.append_activity(&all_acts).await?;
         store.sync().await?;
         Ok(Response::new(ForwardResponse { accepted }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use updraft_proto::v1::Machine;
+
+    #[test]
+    fn a_site_speaks_for_new_machines_its_own_and_those_silent_elsewhere() {
+        let hour = 3_600_000;
+        let now = 10 * hour;
+        let known = |via: &str, last: i64, site: bool| Machine {
+            via: via.into(),
+            last_contact_unix_ms: last,
+            is_remote_provider: site,
+            ..Default::default()
+        };
+        assert!(site_may_report(None, "branch", now, 2 * hour), "a machine it brings in");
+        assert!(site_may_report(Some(&known("branch", now, false)), "branch", now, 2 * hour), "one behind it");
+        assert!(
+            !site_may_report(Some(&known("direct", now - hour, false)), "branch", now, 2 * hour),
+            "alive elsewhere"
+        );
+        assert!(site_may_report(Some(&known("other", now - 3 * hour, false)), "branch", now, 2 * hour), "moved");
+        assert!(!site_may_report(Some(&known("direct", 0, true)), "branch", now, 2 * hour), "never a site");
+    }
+
+    #[test]
+    fn machine_names_are_plain_host_names() {
+        for ok in ["pc-1", "PC_2.example.org", "a"] {
+            assert!(validate_machine_name(ok).is_ok(), "{ok}");
+        }
+        let long = "x".repeat(254);
+        for bad in ["", "pc\u{200b}-1", "pc-1\u{1b}[2J", "pc 1", "рс-1", "a/b", long.as_str()] {
+            assert!(validate_machine_name(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -42,6 +42,20 @@ pub fn normalise_folder(path: &str) -> Result<PathBuf> {
     Ok(canon)
 }
 
+/// A watched folder may not be the provider's data directory (the store and the blobs), lie
+/// inside it, or contain it: an automatic import would move the provider's own files away.
+pub fn check_not_data(folder: &Path, data_dir: &Path) -> Result<()> {
+    let data = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+    if folder.starts_with(&data) || data.starts_with(folder) {
+        return Err(ProviderError::InvalidArgument(format!(
+            "watch folder {} overlaps the provider's data directory {} (store and content)",
+            folder.display(),
+            data.display()
+        )));
+    }
+    Ok(())
+}
+
 fn is_candidate(name: &str) -> bool {
     !name.starts_with('.') && !name.ends_with(".part") && !name.ends_with(".tmp") && !name.ends_with(".reason")
 }
@@ -166,5 +180,24 @@ pub async fn scan_loop(shared: Arc<Shared>, cfg: ScanConfig, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(cfg.interval) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_folder_cannot_overlap_the_data_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        let other = d.path().join("incoming");
+        std::fs::create_dir_all(data.join("db")).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        let canon = |p: &Path| p.canonicalize().unwrap();
+        assert!(check_not_data(&canon(&data.join("db")), &data).is_err(), "inside the store");
+        assert!(check_not_data(&canon(&data), &data).is_err(), "the data directory itself");
+        assert!(check_not_data(&canon(d.path()), &data).is_err(), "a folder holding it");
+        assert!(check_not_data(&canon(&other), &data).is_ok());
     }
 }

@@ -274,6 +274,12 @@ impl Store {
             )));
         }
         std::fs::create_dir_all(dir).map_err(|e| ProviderError::Io(format!("{}: {e}", dir.display())))?;
+        // The store and content are the provider's alone (machine records, audit, keys' uses).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| ProviderError::Io(format!("{}: {e}", dir.display())))?;
+        }
         // No background flushes: data reaches the disk only through `flush`, which checks the
         // fence first, so a provider that lost the store cannot commit anything.
         let db = sled::Config::new().path(dir.join("db")).flush_every_ms(None).open().map_err(|e| {
@@ -864,9 +870,14 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
+        // Times come from the reporting machine; none may lie in the future, where it would
+        // outlive (and, at the limit, evict) every real entry.
+        let now = crate::now_ms();
         for a in entries {
+            let mut a = a.clone();
+            a.at_unix_ms = a.at_unix_ms.clamp(0, now);
             let id = self.db.generate_id()?;
-            let mut key = be(a.at_unix_ms.max(0) as u64).to_vec();
+            let mut key = be(a.at_unix_ms as u64).to_vec();
             key.extend_from_slice(&be(id));
             if self.activity.insert(key, a.encode_to_vec())?.is_none() {
                 self.activity_count.fetch_add(1, Ordering::Relaxed);

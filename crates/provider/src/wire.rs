@@ -27,7 +27,6 @@ use updraft_proto::v1::{BlobRequest, Chunk};
 
 use crate::Shared;
 use crate::agent_api::{self, ChunkStream, Tier};
-use crate::error::ProviderError;
 
 /// The methods answered here.
 pub const DOWNLOAD: &str = "/updraft.v1.AgentApi/Download";
@@ -95,17 +94,17 @@ async fn answer<T: Tier>(
     req: http::Request<Body>,
     to_agent: bool,
 ) -> Result<http::Response<Body>, Status> {
+    let caller = req.extensions().get::<crate::auth::Caller>().cloned();
     let body = http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BYTES)
         .collect()
         .await
         .map_err(|e| Status::invalid_argument(format!("blob request: {e}")))?
         .to_bytes();
     let request = decode_request(&body)?;
-    // Agents take a download slot (validated first, so a bad hash waits for nothing); sites
-    // are few and each serves many machines.
+    // Agents take a download slot (see `download_slot`: what they may fetch, how many at
+    // once); sites are few and each serves many machines.
     let slot = if to_agent {
-        updraft_core::hash::validate(&request.content_hash).map_err(ProviderError::from)?;
-        Some(agent_api::download_slot(shared).await?)
+        Some(agent_api::download_slot(shared, caller.as_ref(), &request.content_hash).await?)
     } else {
         None
     };

@@ -1,0 +1,185 @@
+//! Hostile insiders, each holding one genuine certificate: a site that speaks for machines not
+//! behind it, under another name or with times from the future; an agent that hoards push
+//! streams and downloads, fetches content still under review or dates its activity in 9999.
+//! Each is refused or made harmless, and what it tried changes nothing it should not.
+use std::time::Duration;
+
+use futures::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+use updraft_proto::v1::agent_api_client::AgentApiClient;
+use updraft_proto::v1::replication_client::ReplicationClient;
+use updraft_proto::v1::{
+    Activity, ActivityKind, BlobRequest, ForwardRequest, ForwardedReport, InstalledProduct, MachineInfo, ReportRequest,
+    SubscribeRequest,
+};
+use updraft_tests::{World, wait_until};
+
+/// Year 9999, in unix milliseconds.
+const FAR_FUTURE_MS: i64 = 253_402_300_799_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// A connection to `url` presenting a certificate for `name` with `role`.
+async fn connect_as(w: &World, url: &str, name: &str, role: &str) -> Channel {
+    w.transport(name, role).endpoint(url).unwrap().connect().await.unwrap()
+}
+
+fn machine(w: &World, purl: &str, name: &str) -> serde_json::Value {
+    w.admin_json(purl, &["machine", "show", name])
+}
+
+#[test]
+fn a_site_certificate_speaks_only_for_its_own_machines() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let _agent = w.agent("pc-1", &purl);
+    wait_until("pc-1 registered", Duration::from_secs(60), || {
+        w.admin_json(&purl, &["machine", "list"]).as_array().unwrap().iter().any(|m| m["name"] == "pc-1")
+    });
+    let before = machine(&w, &purl, "pc-1");
+    let rt = runtime();
+    rt.block_on(async {
+        let mut site = ReplicationClient::new(connect_as(&w, &purl, "evil", "remote-provider").await);
+        let report = |name: &str, at: i64, installed: Vec<InstalledProduct>| ForwardedReport {
+            machine: Some(MachineInfo { name: name.into(), installed, ..Default::default() }),
+            at_unix_ms: at,
+            is_check: true,
+            ..Default::default()
+        };
+        // Posing as another site.
+        let e = site
+            .forward_reports(ForwardRequest { site: "branch".into(), reports: vec![], ..Default::default() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        // Sending its own record under a real agent's name (which would mark pc-1 a site).
+        let e = site
+            .forward_reports(ForwardRequest {
+                site: "evil".into(),
+                self_: Some(MachineInfo { name: "pc-1".into(), ..Default::default() }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        // Forging the inventory of pc-1, which is alive and connected directly; and bringing
+        // in a machine of its own, dated in the year 9999.
+        let forged = vec![InstalledProduct { product: "app".into(), version: "9.9.9.9".into(), ..Default::default() }];
+        let batch = ForwardRequest {
+            site: "evil".into(),
+            reports: vec![report("pc-1", now_ms(), forged), report("ghost-1", FAR_FUTURE_MS, vec![])],
+            ..Default::default()
+        };
+        let accepted = site.forward_reports(batch).await.unwrap().into_inner().accepted;
+        assert_eq!(accepted, 1, "only the site's own machine is accepted");
+    });
+    let after = machine(&w, &purl, "pc-1");
+    assert_eq!(after["via"], before["via"], "pc-1 is still reached directly");
+    assert_eq!(after["installed"], before["installed"], "pc-1's inventory is its own");
+    let ghost = machine(&w, &purl, "ghost-1");
+    assert_eq!(ghost["via"], "evil");
+    assert!(ghost["last_contact_unix_ms"].as_i64().unwrap() <= now_ms(), "no contact dated in the future: {ghost}");
+    assert_eq!(machine(&w, &purl, "evil")["is_remote_provider"], true);
+    assert_eq!(machine(&w, &purl, "pc-1")["is_remote_provider"], false);
+}
+
+#[test]
+fn an_agent_certificate_cannot_hoard_streams_fetch_unapproved_content_or_date_the_future() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    // Content under review (imported, not approved), and an approved package large enough that
+    // an unread download of it stays open.
+    let secret = w.admin_ok(&purl, &["update", "add", w.package("secret", "1.0.0.0", &w.key).to_str().unwrap()]);
+    let secret_hash =
+        w.admin_json(&purl, &["update", "show", secret.trim()])["content_hash"].as_str().unwrap().to_string();
+    let src = w.path("src-tool");
+    std::fs::create_dir_all(&src).unwrap();
+    let noise: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(src.join("data.bin"), noise).unwrap();
+    let tool = w.approve(&purl, &w.build_package(&src, "tool", "1.0.0.0", &w.key, &[]));
+    let tool_hash = w.admin_json(&purl, &["update", "show", &tool])["content_hash"].as_str().unwrap().to_string();
+
+    let rt = runtime();
+    rt.block_on(async {
+        let mut agent = AgentApiClient::new(connect_as(&w, &purl, "pc-9", "agent").await);
+        let mut downloader = AgentApiClient::new(connect_as(&w, &purl, "pc-9", "agent").await);
+        // Content still under review is not an agent's to fetch.
+        let e = downloader.download(BlobRequest { content_hash: secret_hash, offset: 0 }).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        // Four downloads held open (each on a connection of its own, as unread streams fill
+        // their connection's window); the fifth is refused: the provider's slots are for everyone.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let mut downloader = AgentApiClient::new(connect_as(&w, &purl, "pc-9", "agent").await);
+            let mut s = downloader
+                .download(BlobRequest { content_hash: tool_hash.clone(), offset: 0 })
+                .await
+                .unwrap()
+                .into_inner();
+            s.next().await.unwrap().unwrap();
+            held.push(s);
+        }
+        let e = downloader.download(BlobRequest { content_hash: tool_hash.clone(), offset: 0 }).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+        assert!(e.message().contains("4 downloads open"), "{e}");
+        drop(held);
+        drop(downloader);
+
+        // One push stream per machine: a second subscription ends the first.
+        let sub = || SubscribeRequest { machine: "pc-9".into(), last_seen_seq: 0 };
+        let mut first = agent.subscribe(sub()).await.unwrap().into_inner();
+        first.next().await.unwrap().unwrap(); // hello
+        let mut second = agent.subscribe(sub()).await.unwrap().into_inner();
+        second.next().await.unwrap().unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match first.next().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Some(e.code()),
+                    None => return None,
+                }
+            }
+        })
+        .await
+        .expect("the first stream ends once a second is opened");
+        assert!(matches!(ended, None | Some(Code::Aborted)), "{ended:?}");
+
+        // Activity dated in the year 9999 is stamped with the time it arrived.
+        let report = ReportRequest {
+            machine: Some(MachineInfo { name: "pc-9".into(), ..Default::default() }),
+            activities: vec![Activity {
+                at_unix_ms: FAR_FUTURE_MS,
+                kind: ActivityKind::Installed as i32,
+                update_id: tool.clone(),
+                detail: "from the future".into(),
+                ..Default::default()
+            }],
+        };
+        agent.report(report).await.unwrap();
+    });
+    let acts = w.admin_json(&purl, &["activity", "--machine", "pc-9"]);
+    let entry = acts.as_array().unwrap().iter().find(|a| a["detail"] == "from the future").expect("the entry");
+    assert!(entry["at_unix_ms"].as_i64().unwrap() <= now_ms(), "{entry}");
+}
+
+#[test]
+fn a_watched_folder_cannot_be_the_store() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let db = w.path("centre").join("db");
+    let out = w.admin(&purl, &["watch", "add", db.to_str().unwrap(), "--auto"]);
+    assert!(!out.status.success());
+    assert!(
+        updraft_tests::stderr(&out).contains("overlaps the provider's data directory"),
+        "{}",
+        updraft_tests::stderr(&out)
+    );
+    assert_eq!(w.admin_json(&purl, &["watch", "list"]).as_array().map(|a| a.len()), Some(0));
+}
