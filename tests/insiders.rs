@@ -183,3 +183,62 @@ fn a_watched_folder_cannot_be_the_store() {
     );
     assert_eq!(w.admin_json(&purl, &["watch", "list"]).as_array().map(|a| a.len()), Some(0));
 }
+
+#[test]
+fn an_oversized_report_is_refused_at_the_site_and_its_outbox_keeps_draining() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let (_s, surl) = w.remote("branch", &purl);
+    w.wait_site_caught_up(&surl, &purl);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut agent = AgentApiClient::new(connect_as(&w, &surl, "pc-7", "agent").await);
+        let entries = |tag: &str, n: usize, size: usize| ReportRequest {
+            machine: Some(MachineInfo { name: "pc-7".into(), ..Default::default() }),
+            activities: (0..n)
+                .map(|i| Activity {
+                    at_unix_ms: now_ms(),
+                    kind: ActivityKind::Installed as i32,
+                    detail: format!("{tag}:{i}:{}", "x".repeat(size)),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        // 1,000 entries of 300 bytes: within the entry limit, over the size limit.
+        let e = agent.report(entries("big", 1000, 300)).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+        assert!(e.message().contains("at most 262144"), "{e}");
+        // Twelve full reports queue at the site: more than one upstream batch may carry.
+        for r in 0..12 {
+            agent.report(entries(&format!("r{r}"), 1000, 100)).await.unwrap();
+        }
+    });
+    // The last report reaches the centre behind the others (the outbox drains in order).
+    wait_until("pc-7's last report at the centre", Duration::from_secs(60), || {
+        let acts = w.admin_json(&purl, &["activity", "--machine", "pc-7", "--limit", "10"]);
+        acts.as_array().is_some_and(|a| a.iter().any(|e| e["detail"].as_str().is_some_and(|d| d.starts_with("r11:"))))
+    });
+    let acts = w.admin_json(&purl, &["activity", "--machine", "pc-7", "--limit", "10000"]);
+    assert_eq!(acts.as_array().unwrap().len(), 10_000, "more than one batch's worth arrived");
+    assert!(!acts.as_array().unwrap().iter().any(|e| e["detail"].as_str().is_some_and(|d| d.starts_with("big:"))));
+}
+
+#[test]
+fn refused_calls_cannot_grow_the_audit_log_without_bound() {
+    use updraft_proto::v1::ListUpdatesRequest;
+    use updraft_proto::v1::admin_client::AdminClient;
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut admin = AdminClient::new(connect_as(&w, &purl, "pc-3", "agent").await);
+        for _ in 0..50 {
+            let e = admin.list_updates(ListUpdatesRequest::default()).await.unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied);
+        }
+    });
+    let audit = w.admin_json(&purl, &["audit", "list"]);
+    let refusals = audit.as_array().unwrap().iter().filter(|e| e["who"] == "pc-3").count();
+    assert_eq!(refusals, 10, "ten refusals written singly within the minute; the rest counted");
+    assert_eq!(w.admin_json(&purl, &["audit", "verify"])["ok"], true);
+}

@@ -29,6 +29,11 @@ use crate::{Shared, now_ms};
 pub const CHUNK_SIZE: usize = 256 * 1024;
 /// Most activity entries accepted in one report.
 pub const MAX_REPORT_ENTRIES: usize = 1000;
+/// Largest report accepted (inventory and activity), encoded: every report fits in a site's
+/// upstream batch with room to spare, so no one report can block a site's outbox.
+pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+/// Largest machine description (name, addresses, inventory) accepted, encoded.
+pub const MAX_MACHINE_INFO_BYTES: usize = 64 * 1024;
 
 /// The tier-specific half of the agent API.
 pub trait Tier: Send + Sync + 'static {
@@ -78,6 +83,14 @@ impl Tier for LocalTier {
 /// What an agent says about its machine must be readable before it is recorded or acted on:
 /// its role, and every receipt's product name and version.
 pub fn validate_inventory(m: &updraft_proto::v1::MachineInfo) -> Result<()> {
+    use prost::Message;
+    let size = m.encoded_len();
+    if size > MAX_MACHINE_INFO_BYTES {
+        return Err(ProviderError::LimitReached(format!(
+            "machine {:?} describes itself in {size} bytes; at most {MAX_MACHINE_INFO_BYTES} are accepted",
+            m.name.chars().take(80).collect::<String>()
+        )));
+    }
     updraft_core::model::Role::from_wire(&m.role)
         .map_err(|e| ProviderError::InvalidArgument(format!("machine {:?}: {e}", m.name)))?;
     for p in &m.installed {
@@ -328,6 +341,13 @@ impl<T: Tier> AgentApi for AgentService<T> {
     async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
         let caller = crate::auth::Caller::of(&request).cloned();
         let req = request.into_inner();
+        let size = prost::Message::encoded_len(&req);
+        if size > MAX_REPORT_BYTES {
+            return Err(ProviderError::LimitReached(format!(
+                "report of {size} bytes; at most {MAX_REPORT_BYTES} are accepted (send fewer entries at a time)"
+            ))
+            .into());
+        }
         let machine =
             req.machine.ok_or_else(|| ProviderError::InvalidArgument("report without machine info".into()))?;
         validate_machine_name(&machine.name)?;

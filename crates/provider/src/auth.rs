@@ -172,6 +172,61 @@ async fn audit(shared: &Shared, caller: &Caller, action: &str, outcome: String) 
     }
 }
 
+/// Refusals written to the audit log singly per caller (name and address) per minute; beyond
+/// that they are counted, and the count is written with that caller's next refusal after the
+/// minute. A caller hammering the provider with refused calls cannot grow the log without
+/// bound, and nothing is hidden: the summary says how many were not written singly.
+pub const AUDITED_REFUSALS_PER_MINUTE: u32 = 10;
+
+#[derive(Default)]
+struct RefusalLog {
+    by_caller: std::sync::Mutex<std::collections::HashMap<String, RefusalWindow>>,
+}
+
+struct RefusalWindow {
+    start: std::time::Instant,
+    written: u32,
+    suppressed: u32,
+}
+
+impl RefusalLog {
+    /// Whether one more refusal by `key` is written: `Some(n)` with the `n` refusals of this
+    /// caller not written singly since the last summary, or `None` (counted, not written).
+    fn admit(&self, key: &str) -> Option<u32> {
+        let mut m = self.by_caller.lock().expect("refusal log");
+        if m.len() > 10_000 {
+            m.clear(); // bounded memory; at worst a few more entries are written singly
+        }
+        let now = std::time::Instant::now();
+        let w = m.entry(key.to_string()).or_insert(RefusalWindow { start: now, written: 0, suppressed: 0 });
+        if now.duration_since(w.start) >= Duration::from_secs(60) {
+            let earlier = w.suppressed;
+            *w = RefusalWindow { start: now, written: 1, suppressed: 0 };
+            return Some(earlier);
+        }
+        if w.written < AUDITED_REFUSALS_PER_MINUTE {
+            w.written += 1;
+            Some(0)
+        } else {
+            w.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Audits a refusal, within the caller's allowance (see [`RefusalLog`]).
+async fn audit_refusal(shared: &Shared, log: &RefusalLog, caller: &Caller, action: &str, reason: &str) {
+    let key = format!("{}@{}", caller.name, caller.addr.map(|a| a.ip().to_string()).unwrap_or_default());
+    match log.admit(&key) {
+        None => {}
+        Some(0) => audit(shared, caller, action, format!("refused: {reason}")).await,
+        Some(n) => {
+            let outcome = format!("refused: {reason} (and {n} earlier refusals of this caller, not written singly)");
+            audit(shared, caller, action, outcome).await
+        }
+    }
+}
+
 /// `shared` is the store of the provider that holds it; None on a standby (which checks roles,
 /// then forwards with the caller's identity) .
 #[derive(Clone)]
@@ -179,19 +234,26 @@ pub struct AuthLayer {
     transport: Transport,
     shared: Option<Arc<Shared>>,
     timeout: Duration,
+    refusals: Arc<RefusalLog>,
 }
 
 impl AuthLayer {
     /// `timeout` bounds how long any request but an upload may take to be answered.
     pub fn new(transport: Transport, shared: Option<Arc<Shared>>, timeout: Duration) -> Self {
-        Self { transport, shared, timeout }
+        Self { transport, shared, timeout, refusals: Default::default() }
     }
 }
 
 impl<S> tower_layer::Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth { inner, transport: self.transport.clone(), shared: self.shared.clone(), timeout: self.timeout }
+        Auth {
+            inner,
+            transport: self.transport.clone(),
+            shared: self.shared.clone(),
+            timeout: self.timeout,
+            refusals: self.refusals.clone(),
+        }
     }
 }
 
@@ -201,6 +263,7 @@ pub struct Auth<S> {
     transport: Transport,
     shared: Option<Arc<Shared>>,
     timeout: Duration,
+    refusals: Arc<RefusalLog>,
 }
 
 /// Client-streamed uploads last as long as the package takes to send.
@@ -225,6 +288,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (transport, shared, timeout) = (self.transport.clone(), self.shared.clone(), self.timeout);
+        let refusals = self.refusals.clone();
         Box::pin(async move {
             let path = req.uri().path().to_string();
             let Some(access) = access_of(&path) else { return inner.call(req).await };
@@ -233,8 +297,13 @@ where
                 Err(status) => {
                     tracing::warn!(%path, reason = %status.message(), "refused an unidentified caller");
                     if let Some(s) = &shared {
-                        let nobody = Caller { name: "unknown".into(), role: None, via: None, addr: None };
-                        audit(s, &nobody, &path, format!("refused: {}", status.message())).await;
+                        let addr = req
+                            .extensions()
+                            .get::<TlsConnectInfo<TcpConnectInfo>>()
+                            .and_then(|i| i.get_ref().remote_addr())
+                            .or_else(|| req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()));
+                        let nobody = Caller { name: "unknown".into(), role: None, via: None, addr };
+                        audit_refusal(s, &refusals, &nobody, &path, status.message()).await;
                     }
                     return Ok(status.into_http());
                 }
@@ -242,7 +311,7 @@ where
             if let Err(status) = authorize(&caller, access, shared.as_deref()) {
                 tracing::warn!(%path, caller = %caller.describe(), reason = %status.message(), "refused");
                 if let Some(s) = &shared {
-                    audit(s, &caller, &path, format!("refused: {}", status.message())).await;
+                    audit_refusal(s, &refusals, &caller, &path, status.message()).await;
                 }
                 return Ok(status.into_http());
             }
@@ -317,6 +386,22 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_written_singly_up_to_the_allowance_then_counted() {
+        let log = RefusalLog::default();
+        for _ in 0..AUDITED_REFUSALS_PER_MINUTE {
+            assert_eq!(log.admit("pc-1@10.0.0.1"), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(log.admit("pc-1@10.0.0.1"), None);
+        }
+        assert_eq!(log.admit("pc-2@10.0.0.2"), Some(0), "each caller has its own allowance");
+        // A minute later, the next refusal carries the count of those not written.
+        log.by_caller.lock().unwrap().get_mut("pc-1@10.0.0.1").unwrap().start -= Duration::from_secs(61);
+        assert_eq!(log.admit("pc-1@10.0.0.1"), Some(5));
+        assert_eq!(log.admit("pc-1@10.0.0.1"), Some(0));
+    }
 
     #[test]
     fn methods_map_to_access() {

@@ -936,15 +936,28 @@ impl Store {
     }
 
     /// Up to `max` queued reports with their keys, oldest first.
-    pub fn outbox_peek(&self, max: usize) -> Result<Vec<(Vec<u8>, ForwardedReport)>> {
-        self.outbox
-            .iter()
-            .take(max)
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((k.to_vec(), decode(&v)?))
-            })
-            .collect()
+    /// The oldest queued reports, as many as fit in `max` reports, `max_bytes` encoded and
+    /// `max_entries` (a report and each of its activities count one each); always at least
+    /// one, so the outbox drains whatever its first report is.
+    pub fn outbox_peek(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        max_entries: usize,
+    ) -> Result<Vec<(Vec<u8>, ForwardedReport)>> {
+        let (mut out, mut bytes, mut entries) = (Vec::new(), 0, 0);
+        for kv in self.outbox.iter() {
+            let (k, v) = kv?;
+            let r: ForwardedReport = decode(&v)?;
+            let n = r.activities.len() + 1;
+            if !out.is_empty() && (out.len() >= max || bytes + v.len() > max_bytes || entries + n > max_entries) {
+                break;
+            }
+            bytes += v.len();
+            entries += n;
+            out.push((k.to_vec(), r));
+        }
+        Ok(out)
     }
 
     pub async fn outbox_ack(&self, keys: &[Vec<u8>]) -> Result<()> {
@@ -964,6 +977,33 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn outbox_batches_are_bounded_and_always_hold_the_first_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let report = |name: &str, entries: usize| ForwardedReport {
+            machine: Some(MachineInfo { name: name.into(), ..Default::default() }),
+            activities: vec![Activity { detail: "x".repeat(100), ..Default::default() }; entries],
+            ..Default::default()
+        };
+        s.outbox_push(&report("big", 50)).await.unwrap();
+        for i in 0..10 {
+            s.outbox_push(&report(&format!("m{i}"), 0)).await.unwrap();
+        }
+        // The first report alone is over every bound: it still goes, alone.
+        let batch = s.outbox_peek(100, 1000, 10).unwrap();
+        assert_eq!(batch.len(), 1);
+        let name = |b: &[(Vec<u8>, ForwardedReport)], i: usize| b[i].1.machine.as_ref().unwrap().name.clone();
+        assert_eq!(name(&batch, 0), "big");
+        s.outbox_ack(&[batch[0].0.clone()]).await.unwrap();
+        // Then by count, by entries, by bytes.
+        assert_eq!(s.outbox_peek(3, 1 << 20, 1000).unwrap().len(), 3);
+        assert_eq!(s.outbox_peek(100, 1 << 20, 4).unwrap().len(), 4);
+        let one = report("m0", 0).encoded_len();
+        assert_eq!(s.outbox_peek(100, 2 * one + 1, 1000).unwrap().len(), 2);
+        assert_eq!(s.outbox_peek(100, 1 << 20, 1000).unwrap().len(), 10);
+    }
 
     #[tokio::test]
     async fn catalog_changes_are_sequenced_and_survive_reopen() {

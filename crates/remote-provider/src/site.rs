@@ -20,8 +20,11 @@ use updraft_provider::store::Change;
 use updraft_provider::{Shared, policy};
 use updraft_runtime::TracedChannel;
 
-/// Reports sent upstream in one batch at most.
+/// Reports sent upstream in one batch at most, and their size: well within what the upstream
+/// accepts (4 MiB messages, ten reports' worth of entries), and any one report fits.
 pub const BATCH: usize = 200;
+const BATCH_BYTES: usize = 2 << 20;
+const BATCH_ENTRIES: usize = updraft_provider::agent_api::MAX_REPORT_ENTRIES * 10 - 1;
 /// Attempts at one blob fetch (each resumes where the last stopped).
 const FETCH_ATTEMPTS: u32 = 5;
 
@@ -405,7 +408,7 @@ pub async fn forward_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
         let mut first = true;
         loop {
             // Counters travel with every batch; when nothing is queued, a heartbeat carries them.
-            let batch = match tier.shared.store.outbox_peek(BATCH) {
+            let batch = match tier.shared.store.outbox_peek(BATCH, BATCH_BYTES, BATCH_ENTRIES) {
                 Ok(b) if !b.is_empty() => b,
                 _ if heartbeat && first => vec![],
                 _ => break,
