@@ -242,3 +242,37 @@ fn refused_calls_cannot_grow_the_audit_log_without_bound() {
     assert_eq!(refusals, 10, "ten refusals written singly within the minute; the rest counted");
     assert_eq!(w.admin_json(&purl, &["audit", "verify"])["ok"], true);
 }
+
+#[test]
+fn a_connection_that_never_completes_its_handshake_is_dropped() {
+    use std::io::Read;
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let addr = purl.trim_start_matches("https://");
+    let mut idle = std::net::TcpStream::connect(addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    // The server closes it (EOF, or a reset) once the handshake deadline has passed.
+    let closed = matches!(idle.read(&mut buf), Ok(0) | Err(_));
+    assert!(closed && started.elapsed() < Duration::from_secs(60), "still open after {:?}", started.elapsed());
+    assert!(started.elapsed() >= updraft_runtime::tls::HANDSHAKE_TIMEOUT - Duration::from_secs(1));
+}
+
+#[test]
+fn one_package_uploaded_several_times_at_once_makes_one_record() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let pkg = w.package("dup", "1.0.0.0", &w.key);
+    let uploads: Vec<_> = (0..3)
+        .map(|_| {
+            let mut cmd = w.admin_cli();
+            cmd.arg("--provider").arg(&purl).args(["update", "add"]).arg(&pkg);
+            cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap()
+        })
+        .collect();
+    let ok = uploads.into_iter().filter_map(|c| c.wait_with_output().ok()).filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "one upload records the package; the others are told it is already there");
+    let list = w.admin_json(&purl, &["update", "list"]);
+    assert_eq!(list.as_array().unwrap().iter().filter(|u| u["product"] == "dup").count(), 1, "{list}");
+}

@@ -104,6 +104,9 @@ pub async fn commit(shared: &Shared, staged: Staged, name: &str, who: &str) -> R
     .map_err(|e| ProviderError::Io(e.to_string()))??;
 
     let version = manifest.version.to_string();
+    // One import decides at a time: the duplicate check and the record it guards are one step,
+    // so the same package arriving several times at once makes one record.
+    let _one_at_a_time = shared.imports.lock().await;
     if let Some(dup) =
         shared.store.list_updates()?.into_iter().find(|u| u.product == manifest.product && u.version == version)
     {

@@ -135,6 +135,8 @@ pub struct Shared {
     pub downloads: Arc<tokio::sync::Semaphore>,
     /// Downloads each machine holds open (see [`agent_api::DOWNLOADS_PER_MACHINE`]).
     pub machine_downloads: limits::PerKey,
+    /// Held while an import checks for a duplicate and records its update (see `import`).
+    pub imports: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -154,6 +156,7 @@ impl Shared {
             config,
             downloads,
             machine_downloads: Default::default(),
+            imports: Default::default(),
             store,
             blobs,
             hub: Hub::default(),
@@ -382,14 +385,21 @@ pub async fn serve<T: agent_api::Tier>(
 }
 
 /// The active member's heartbeat, and its watch on the fence: once another provider has
-/// taken over, stop serving (cancel `fenced`) so nothing more is acknowledged.
+/// taken over, stop serving (cancel `fenced`) so nothing more is acknowledged. Only a newer
+/// epoch read from the store means that; an error reading it (no file descriptor left, a
+/// transient I/O error) is logged and the fence read again at the next beat — meanwhile every
+/// commit still checks the fence and refuses to acknowledge what it cannot vouch for.
 async fn heartbeat_loop(shared: Arc<Shared>, me: Member, fenced: CancellationToken) {
     let fence = shared.pair.fence(me.epoch);
     loop {
-        if let Err(e) = fence.check() {
-            tracing::error!(error = %e, "stepping down");
-            fenced.cancel();
-            return;
+        match fence.check() {
+            Ok(()) => {}
+            Err(e @ ProviderError::Fenced { .. }) => {
+                tracing::error!(error = %e, "stepping down");
+                fenced.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the fence; still active, reading it again shortly"),
         }
         shared.pair.heartbeat(&me);
         tokio::select! {

@@ -109,6 +109,9 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// Longest a client may take to complete its TLS handshake with a server.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Credentials {
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| file_err(p, e));
@@ -120,11 +123,14 @@ impl Credentials {
         Ok(Self { ca: ca_pem, cert: cert_pem, key: key_pem, me })
     }
 
-    /// Server side: present our certificate, require one from every client, signed by our CA.
+    /// Server side: present our certificate, require one from every client, signed by our CA;
+    /// a client that has not finished its handshake within [`HANDSHAKE_TIMEOUT`] is dropped
+    /// (an idle socket must not hold a connection slot of its address for ever).
     pub fn server_config(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert, &self.key))
             .client_ca_root(Certificate::from_pem(&self.ca))
+            .timeout(HANDSHAKE_TIMEOUT)
     }
 
     /// Client side: trust only our CA; present our certificate.
