@@ -568,18 +568,36 @@ fn rss(p: &Proc) -> f64 {
     p.rss_kb().unwrap_or(0) as f64
 }
 
+/// A mutual-TLS world for the sections that give every simulated machine its own certificate:
+/// a provider and a site that take any number of connections from loopback, and the CA.
+struct TlsWorld {
+    w: World,
+    p: Proc,
+    purl: String,
+    s: Proc,
+    surl: String,
+    ids: Identities,
+}
+
+impl TlsWorld {
+    fn new(prefix: &str) -> TlsWorld {
+        let w = World::new();
+        let pubkey = w.pubkey.to_str().unwrap().to_string();
+        let many = ["--max-connections-per-peer", "100000"];
+        let (p, purl) = w.provider_with(&format!("{prefix}centre"), &[&["--trust-key", &pubkey][..], &many].concat());
+        let (s, surl) = w.remote_with(&format!("{prefix}site"), &purl, &many);
+        let ids = Identities::new(&w.path("pki"));
+        TlsWorld { w, p, purl, s, surl, ids }
+    }
+}
+
 /// Serving over mutual TLS, every client a distinct machine with its own certificate and
 /// connection, as a fleet is: provider memory per connected agent, the check herd, checks per
 /// second and downloads from a provider and a site, beside nginx doing mutual TLS 1.3 with the
 /// same load generator.
 async fn tls_section() {
     const MACHINES: usize = 10_000;
-    let w = World::new();
-    let pubkey = w.pubkey.to_str().unwrap().to_string();
-    let many = ["--max-connections-per-peer", "100000"];
-    let (p, purl) = w.provider_with("tcentre", &[&["--trust-key", &pubkey][..], &many].concat());
-    let (_s, surl) = w.remote_with("tsite", &purl, &many);
-    let ids = Identities::new(&w.path("pki"));
+    let TlsWorld { w, p, purl, s: _s, surl, ids } = TlsWorld::new("t");
     println!("Mutual TLS: {MACHINES} machines, each with its own certificate and connection");
 
     // Memory per connected agent: a connection (TLS done), then its push stream.
@@ -776,12 +794,7 @@ async fn take_update(ch: Channel, name: String, t0: Instant) -> Installed {
 async fn install_section() {
     let n: usize = std::env::var("UPDRAFT_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     const SIZE_MIB: usize = 10;
-    let w = World::new();
-    let pubkey = w.pubkey.to_str().unwrap().to_string();
-    let many = ["--max-connections-per-peer", "100000"];
-    let (_p, purl) = w.provider_with("icentre", &[&["--trust-key", &pubkey][..], &many].concat());
-    let (s, surl) = w.remote_with("isite", &purl, &many);
-    let ids = Identities::new(&w.path("pki"));
+    let TlsWorld { w, p: _p, purl, s, surl, ids } = TlsWorld::new("i");
     println!("Push to installed: {n} simulated agents behind one site, mutual TLS, a {SIZE_MIB} MiB update");
 
     let names: Vec<String> = (0..n).map(|i| format!("a-{i}")).collect();

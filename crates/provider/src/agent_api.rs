@@ -217,7 +217,7 @@ pub const DOWNLOADS_PER_MACHINE: usize = 4;
 /// [`DOWNLOADS_PER_MACHINE`].
 pub struct DownloadSlot {
     _provider: OwnedSemaphorePermit,
-    _machine: Option<crate::limits::KeyGuard>,
+    _machine: Option<crate::limits::KeyGuard<String>>,
 }
 
 /// Admits an agent's download of `content_hash`, or says why not. Only content of an update

@@ -134,7 +134,7 @@ pub struct Shared {
     /// Download slots: `config.max_downloads` of them.
     pub downloads: Arc<tokio::sync::Semaphore>,
     /// Downloads each machine holds open (see [`agent_api::DOWNLOADS_PER_MACHINE`]).
-    pub machine_downloads: limits::PerKey,
+    pub machine_downloads: limits::PerKey<String>,
     /// Held while an import checks for a duplicate and records its update (see `import`).
     pub imports: tokio::sync::Mutex<()>,
 }

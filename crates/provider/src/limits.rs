@@ -2,6 +2,7 @@
 //! one misbehaving site) cannot take every socket a provider has. Beyond the limit a new
 //! connection is closed at once and the refusal logged; the peer sees the connection reset.
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -58,32 +59,38 @@ impl LimitArgs {
     }
 }
 
-/// Things held per key (a machine's open downloads), each key bounded on its own.
-#[derive(Default)]
-pub struct PerKey {
-    counts: Arc<Mutex<HashMap<String, usize>>>,
+/// Things held per key (connections per address, a machine's open downloads), each key
+/// bounded on its own.
+pub struct PerKey<K> {
+    counts: Arc<Mutex<HashMap<K, usize>>>,
 }
 
-impl PerKey {
+impl<K> Default for PerKey<K> {
+    fn default() -> Self {
+        Self { counts: Arc::default() }
+    }
+}
+
+impl<K: Hash + Eq + Clone> PerKey<K> {
     /// One more for `key`, unless it already holds `max`; released when the guard drops.
-    pub fn try_take(&self, key: &str, max: usize) -> Option<KeyGuard> {
+    pub fn try_take(&self, key: &K, max: usize) -> Option<KeyGuard<K>> {
         let mut c = self.counts.lock().expect("per-key counts");
-        let n = c.entry(key.to_string()).or_default();
+        let n = c.entry(key.clone()).or_default();
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(KeyGuard { counts: self.counts.clone(), key: key.to_string() })
+        Some(KeyGuard { counts: self.counts.clone(), key: key.clone() })
     }
 }
 
 /// One of a key's holdings (see [`PerKey`]).
-pub struct KeyGuard {
-    counts: Arc<Mutex<HashMap<String, usize>>>,
-    key: String,
+pub struct KeyGuard<K: Hash + Eq> {
+    counts: Arc<Mutex<HashMap<K, usize>>>,
+    key: K,
 }
 
-impl Drop for KeyGuard {
+impl<K: Hash + Eq> Drop for KeyGuard<K> {
     fn drop(&mut self) {
         let mut c = self.counts.lock().expect("per-key counts");
         if let Some(n) = c.get_mut(&self.key) {
@@ -95,25 +102,10 @@ impl Drop for KeyGuard {
     }
 }
 
-type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
-
-/// An accepted connection, counted against its peer until dropped.
+/// An accepted connection, counted against its peer's address until dropped.
 pub struct Limited {
     stream: TcpStream,
-    ip: IpAddr,
-    counts: Counts,
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().expect("connection counts");
-        if let Some(n) = c.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                c.remove(&self.ip);
-            }
-        }
-    }
+    _slot: KeyGuard<IpAddr>,
 }
 
 impl Connected for Limited {
@@ -153,24 +145,18 @@ impl AsyncWrite for Limited {
 
 /// The connections `listener` accepts, at most `per_peer` open at once from one address.
 pub fn incoming(listener: TcpListener, per_peer: usize) -> impl Stream<Item = io::Result<Limited>> {
-    let counts: Counts = Arc::default();
+    let counts: PerKey<IpAddr> = PerKey::default();
     futures::stream::unfold((listener, counts), move |(listener, counts)| async move {
         loop {
             match listener.accept().await {
                 Ok((stream, addr)) => {
                     let ip = addr.ip();
-                    {
-                        let mut c = counts.lock().expect("connection counts");
-                        let n = c.entry(ip).or_default();
-                        if *n >= per_peer {
-                            tracing::warn!(peer = %ip, limit = per_peer, "refused a connection: too many open from this peer");
-                            continue;
-                        }
-                        *n += 1;
-                    }
+                    let Some(slot) = counts.try_take(&ip, per_peer) else {
+                        tracing::warn!(peer = %ip, limit = per_peer, "refused a connection: too many open from this peer");
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
-                    let conn = Limited { stream, ip, counts: counts.clone() };
-                    return Some((Ok(conn), (listener, counts)));
+                    return Some((Ok(Limited { stream, _slot: slot }), (listener, counts)));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: keep serving the connections there are.
