@@ -12,7 +12,7 @@ use updraft_proto::v1::{
 
 use crate::cli::{ActivityCmd, DeployTarget, GroupCmd, GroupSettingsArgs, MachineCmd, ReportCmd, Since, SiteCmd};
 use crate::commands::{activity_json, connect, kind_name, machine_json, rpc};
-use crate::output::{age, json as print_json, table};
+use crate::output::{age, json as print_json, safe, table};
 
 /// Milliseconds since the epoch for `--since DATE` or `--last SPAN`; 0 when neither is given.
 pub fn since_ms(s: &Since) -> anyhow::Result<i64> {
@@ -222,12 +222,13 @@ pub async fn machine(url: &str, cmd: MachineCmd, as_json: bool) -> anyhow::Resul
                 return Ok(());
             }
             let info = m.info.clone().unwrap_or_default();
-            println!("machine       {}", info.name);
-            println!("host          {}", info.hostname);
-            println!("addresses     {}", info.addresses.join(", "));
-            println!("agent         {}", info.agent_version);
+            // What a machine says about itself is shown escaped (see `output::safe`).
+            println!("machine       {}", safe(&info.name));
+            println!("host          {}", safe(&info.hostname));
+            println!("addresses     {}", safe(&info.addresses.join(", ")));
+            println!("agent         {}", safe(&info.agent_version));
             println!("role          {}", m.role);
-            println!("via           {}", m.via);
+            println!("via           {}", safe(&m.via));
             println!("last contact  {}", age(m.last_contact_unix_ms));
             println!(
                 "group         {}{}",
@@ -239,7 +240,7 @@ pub async fn machine(url: &str, cmd: MachineCmd, as_json: bool) -> anyhow::Resul
             println!(
                 "status        {}{}",
                 m.status,
-                if m.notes.is_empty() { String::new() } else { format!(": {}", m.notes.join("; ")) }
+                if m.notes.is_empty() { String::new() } else { format!(": {}", safe(&m.notes.join("; "))) }
             );
             println!();
             let rows: Vec<Vec<String>> = d
@@ -353,10 +354,10 @@ pub async fn report(url: &str, cmd: Option<ReportCmd>, since: &Since, as_json: b
             return Ok(());
         }
         let info = m.info.clone().unwrap_or_default();
-        println!("machine       {}", info.name);
+        println!("machine       {}", safe(&info.name));
         println!("status        {}", m.status);
         for n in &m.notes {
-            println!("note          {n}");
+            println!("note          {}", safe(n));
         }
         println!("last contact  {}", age(m.last_contact_unix_ms));
         for p in &info.installed {
