@@ -191,7 +191,8 @@ fn manifest_path_outside_its_folder_is_refused_everywhere() {
     let rogue = Rogue::new("evil", "1.0.0.0", bytes);
     let reports = rogue.reports.clone();
     let url = rogue.spawn(&w);
-    let _a = w.agent("victim", &url);
+    // No catalog pinned: this is the release signature's turn (the layer under the catalog's).
+    let _a = w.agent_with("victim", &url, &["--allow-unsigned-catalog", "--min-interval", "3600"]);
     wait_until("refusal reported to the rogue", T, || {
         reports.lock().unwrap().iter().any(|a| a.kind == 5 && a.detail.contains("escapes its folder"))
     });
@@ -209,7 +210,8 @@ fn swapped_content_from_a_rogue_provider_is_refused() {
     let rogue = Rogue::new("app", "2.0.0.0", genuine);
     let reports = rogue.reports.clone();
     let url = rogue.spawn(&w);
-    let _a = w.agent("m", &url);
+    // No catalog pinned: this is the package check's turn (the layer under the catalog's).
+    let _a = w.agent_with("m", &url, &["--allow-unsigned-catalog", "--min-interval", "3600"]);
     wait_until("mislabel refusal", T, || {
         reports.lock().unwrap().iter().any(|a| a.kind == 5 && a.detail.contains("offered as app 2.0.0.0"))
     });
@@ -354,7 +356,7 @@ fn an_install_that_keeps_failing_the_same_way_stops_being_retried() {
     let id = rogue.update.id.clone();
     let reports = rogue.reports.clone();
     let url = rogue.spawn(&w);
-    let _a = w.agent_with("m", &url, &["--min-interval", "1", "--max-interval", "1"]);
+    let _a = w.agent_with("m", &url, &["--allow-unsigned-catalog", "--min-interval", "1", "--max-interval", "1"]);
     let failures = || reports.lock().unwrap().iter().filter(|a| a.kind == 5 && a.update_id == id).count();
     wait_until("three identical failures", T, || failures() == 3);
     std::thread::sleep(Duration::from_secs(4)); // several more checks

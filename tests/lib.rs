@@ -123,6 +123,14 @@ impl Proc {
         status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
     }
 
+    /// Whether the process has exited (without waiting).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => true,
+        }
+    }
+
     /// Waits for the process to exit by itself; true if it did within `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let start = Instant::now();
@@ -434,12 +442,17 @@ impl World {
         self.agent_with(name, provider, &["--min-interval", "3600"])
     }
 
-    /// An agent with its own extra flags (e.g. a short check interval).
+    /// An agent with its own extra flags (e.g. a short check interval). Returns once its
+    /// control socket is there (so `agent check` and the like reach it), or once it has exited.
     pub fn agent_with(&self, name: &str, provider: &str, extra: &[&str]) -> Proc {
         let mut args = self.agent_args(name, extra);
         args.extend(["--provider".to_string(), provider.to_string()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::start_env(self.dir.path(), name, "agent", &args, &self.env_for(name, "agent", &[]))
+        let sock = self.state(name).join("agent.sock");
+        let _ = std::fs::remove_file(&sock); // a crashed predecessor's
+        let mut p = Proc::start_env(self.dir.path(), name, "agent", &args, &self.env_for(name, "agent", &[]));
+        wait_until(&format!("agent {name} listening or gone"), Duration::from_secs(30), || sock.exists() || p.exited());
+        p
     }
 
     /// `agent run` arguments for agent `name` in this world (install root, state, key), with
@@ -452,6 +465,10 @@ impl World {
         args.push(state.to_str().unwrap().into());
         args.extend(["--trust-key".into(), self.pubkey.to_str().unwrap().into(), "--name".into(), name.into()]);
         args.extend(["--request-timeout".into(), "10".into()]);
+        // Agents pin the world's catalog key, as they must, unless a test opts out.
+        if !extra.contains(&"--allow-unsigned-catalog") && !extra.contains(&"--catalog-key") {
+            args.extend(["--catalog-key".into(), self.catalog_pub.to_str().unwrap().into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }

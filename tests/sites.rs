@@ -110,17 +110,19 @@ fn agents_fall_back_when_their_site_dies_and_return_when_it_is_back() {
     let v1 = w.publish(&purl, &w.package("tool", "1.0.0.0", &w.key));
     w.wait_site_has(&surl, &v1);
     let _a = w.agent_with("m", &format!("{surl},{purl}"), &["--min-interval", "1", "--max-interval", "1"]);
-    wait_until("installed via the site", T, || w.installed("m", "tool").is_some());
     let last_provider = |w: &World| -> String {
         let st: Value = serde_json::from_slice(&w.agent_cmd("m", &["status", "--json"]).stdout).unwrap_or_default();
         st["last_provider"].as_str().unwrap_or_default().to_string()
     };
-    assert_eq!(last_provider(&w), surl);
+    wait_until("installed via the site", T, || w.installed("m", "tool").is_some() && last_provider(&w) == surl);
 
     s.kill9();
     w.publish(&purl, &w.package("tool", "2.0.0.0", &w.key));
-    wait_until("v2 through the fallback", T, || w.installed("m", "tool").as_deref() == Some("2.0.0.0"));
-    assert_eq!(last_provider(&w), purl);
+    // The new version is live on disk a moment before the check that installed it records its
+    // provider: wait for both.
+    wait_until("v2 through the fallback", T, || {
+        w.installed("m", "tool").as_deref() == Some("2.0.0.0") && last_provider(&w) == purl
+    });
 
     // The site comes back (same store, same port): the agent returns to it.
     let _s2 = w.restart_remote("site", &purl, &surl);

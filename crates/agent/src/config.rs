@@ -44,6 +44,8 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub insecure: Option<bool>,
     pub catalog_keys: Option<Vec<PathBuf>>,
+    /// Act on answers no pinned catalog key vouches for (tests only).
+    pub allow_unsigned_catalog: Option<bool>,
     pub disk_reserve_bytes: Option<u64>,
     pub role: Option<String>,
 }

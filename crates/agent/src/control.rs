@@ -137,10 +137,28 @@ pub struct CheckReport {
     pub waiting: Vec<String>,
 }
 
-/// Sends one request to the daemon.
+/// Whether a daemon holds `state_dir` (it takes `agent.lock` before anything else, so one that is
+/// still starting counts).
+pub fn daemon_holds(state_dir: &Path) -> bool {
+    let Ok(f) = std::fs::File::open(state_dir.join("agent.lock")) else { return false };
+    matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+/// Sends one request to the daemon. A daemon that holds the state directory but is not
+/// listening yet (it is starting: recovering an interrupted install, say) is waited for, up to
+/// 30 s; with no daemon at all this fails at once.
 pub async fn call(state_dir: &Path, req: &Request) -> Result<Response> {
     let path = socket_path(state_dir);
-    let stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| AgentError::io(&path, e))?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let stream = loop {
+        match tokio::net::UnixStream::connect(&path).await {
+            Ok(s) => break s,
+            Err(_) if daemon_holds(state_dir) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            Err(e) => return Err(AgentError::io(&path, e)),
+        }
+    };
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req).expect("request serialises");
     line.push(b'\n');

@@ -89,8 +89,13 @@ struct RunArgs {
     #[arg(long, env = "UPDRAFT_AGENT_ROLE")]
     role: Option<String>,
     /// Pinned catalog key(s) (.pub): answers must carry a fresh statement signed by one.
+    /// Required, unless --allow-unsigned-catalog.
     #[arg(long = "catalog-key", env = "UPDRAFT_AGENT_CATALOG_KEYS", value_delimiter = ',')]
     catalog_keys: Vec<PathBuf>,
+    /// Act on answers no pinned catalog key vouches for (tests and first experiments only: then
+    /// whoever answers decides what this machine installs, within the release signature).
+    #[arg(long, env = "UPDRAFT_AGENT_ALLOW_UNSIGNED_CATALOG")]
+    allow_unsigned_catalog: bool,
     #[command(flatten)]
     tls: updraft_runtime::tls::TlsArgs,
 }
@@ -258,6 +263,20 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         disk_reserve_bytes: a.disk_reserve_bytes.or(file.disk_reserve_bytes).unwrap_or(256 << 20),
         catalog_keys: {
             let paths = if a.catalog_keys.is_empty() { file.catalog_keys.unwrap_or_default() } else { a.catalog_keys };
+            if paths.is_empty() {
+                if !(a.allow_unsigned_catalog || file.allow_unsigned_catalog.unwrap_or(false)) {
+                    anyhow::bail!(
+                        "no catalog key is pinned: start the agent with --catalog-key FILE (the centre's catalog.pub, \
+                         made with `admin-cli key generate --out catalog`; `catalog_keys` in agent.toml), or with \
+                         --allow-unsigned-catalog to act on any answer (tests only)"
+                    );
+                }
+                eprintln!(
+                    "warning: agent --allow-unsigned-catalog: answers are not checked against the centre's signed \
+                     catalog; any provider that answers decides what is offered"
+                );
+                tracing::warn!("--allow-unsigned-catalog: answers are not checked against a signed catalog");
+            }
             paths.iter().map(|p| PublicKey::load(p)).collect::<Result<_, _>>()?
         },
         role: updraft_core::model::Role::from_wire(a.role.or(file.role).as_deref().unwrap_or(""))?,
