@@ -168,11 +168,13 @@ fn the_pair_survives_kill_9_of_its_active_under_admin_writes_and_agent_checks() 
 
     // Agents carry on through B: a new version reaches both.
     let v2 = publish_in(&w, &ops, &burl, &w.package("editor", "2.0.0.0", &w.key));
+    // A version is live on disk a moment before the check that installed it records its
+    // provider: wait for both.
     wait_until("both agents on v2 through B", T, || {
         w.installed("m1", "editor").as_deref() == Some("2.0.0.0")
             && w.installed("m2", "editor").as_deref() == Some("2.0.0.0")
+            && last_provider(&w, "m1") == burl
     });
-    assert_eq!(last_provider(&w, "m1"), burl);
     assert_ne!(v1, v2);
 
     // The former active comes back as standby: the store stays with B, at a higher epoch.
@@ -198,14 +200,16 @@ fn agents_move_to_the_standby_when_the_active_is_cut_off_their_network() {
     publish_in(&w, &ops, &aurl, &w.package("editor", "1.0.0.0", &w.key));
     let both = format!("{aurl},{burl}");
     let _agent = agent_on(&w, &m1, "m1", &["--provider", &both, "--min-interval", "1"]);
-    wait_until("v1 through A", T, || w.installed("m1", "editor").as_deref() == Some("1.0.0.0"));
-    assert_eq!(last_provider(&w, "m1"), aurl);
+    wait_until("v1 through A", T, || {
+        w.installed("m1", "editor").as_deref() == Some("1.0.0.0") && last_provider(&w, "m1") == aurl
+    });
 
     lab.cut_lan(&ha);
     // Settings entered on the standby reach the active over the back network.
     publish_in(&w, &ops, &burl, &w.package("editor", "2.0.0.0", &w.key));
-    wait_until("v2 through B", T, || w.installed("m1", "editor").as_deref() == Some("2.0.0.0"));
-    assert_eq!(last_provider(&w, "m1"), burl);
+    wait_until("v2 through B", T, || {
+        w.installed("m1", "editor").as_deref() == Some("2.0.0.0") && last_provider(&w, "m1") == burl
+    });
     let pair = admin_in_json(&w, &ops, &burl, &["provider", "pair"]);
     assert_eq!(pair["active"], "centre-a", "A still holds the store: {pair}");
     let providers = agent_json(&w, "m1", &["providers"]);
