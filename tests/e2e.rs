@@ -341,11 +341,16 @@ fn agent_falls_back_when_its_site_has_never_synchronised() {
     let nowhere = format!("{}://127.0.0.1:{}", w.scheme(), updraft_tests::free_port());
     let (_r, rurl) = w.remote("lonely-site", &nowhere);
     let _a = w.agent("f1", &format!("{rurl},{purl}"));
-    wait_until("installed from the second provider", T, || w.installed("f1", "fallback").as_deref() == Some("1.0.0.0"));
-    let st: serde_json::Value = serde_json::from_slice(&w.agent_cmd("f1", &["status", "--json"]).stdout).unwrap();
-    assert_eq!(st["last_provider"], purl.as_str(), "{st}");
-    let acts = w.admin_json(&purl, &["activity", "--machine", "f1"]);
-    assert!(acts.as_array().unwrap().iter().any(|a| a["kind"] == "installed"), "{acts}");
+    // Installed from the second provider, which recorded it: the version is live on disk a
+    // moment before the check records its provider and reports, so wait for all three.
+    wait_until("installed from the second provider", T, || {
+        let st: serde_json::Value =
+            serde_json::from_slice(&w.agent_cmd("f1", &["status", "--json"]).stdout).unwrap_or_default();
+        let acts = w.admin_json(&purl, &["activity", "--machine", "f1"]);
+        w.installed("f1", "fallback").as_deref() == Some("1.0.0.0")
+            && st["last_provider"] == purl.as_str()
+            && acts.as_array().is_some_and(|a| a.iter().any(|a| a["kind"] == "installed"))
+    });
 }
 
 #[test]
