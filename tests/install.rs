@@ -128,9 +128,11 @@ fn sweep(points: &[&str], env: &[(String, String)]) -> usize {
         wait_until(&format!("{point}: records say v2"), T, || {
             let st: serde_json::Value =
                 serde_json::from_slice(&w.agent_cmd("m", &["status", "--json"]).stdout).unwrap_or_default();
+            // The receipt is saved a moment before the journal is cleared: wait for both.
             st["daemon_running"] == true
                 && st["installed"][0]["version"] == "2.0.0.0"
                 && st["installed"][0]["previous_version"] == "1.0.0.0"
+                && !w.state("m").join("journal.json").exists()
         });
         assert_eq!(tree(&w.root("m").join("app_old")), v1_tree, "{point}: the old version is kept for rollback");
         assert!(!w.root("m").join("app_update_pending").exists(), "{point}: staging left behind");
