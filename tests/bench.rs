@@ -29,7 +29,7 @@ use updraft_proto::v1::{
 use updraft_runtime::tls::Role;
 use updraft_tests::herdsim::check_all;
 use updraft_tests::loadgen::{self, Identities, Req};
-use updraft_tests::{Proc, World, free_port, wait_port, wait_until};
+use updraft_tests::{Proc, World, free_port, wait_port, wait_until, write_noise};
 
 /// Streams per connection: below the servers' limit of 1024 concurrent streams.
 const PER_CONNECTION: usize = 500;
@@ -398,25 +398,6 @@ async fn agent_section(w: &World, purl: &str) {
     println!();
 }
 
-/// `mib` MiB of incompressible bytes in a new file at `path` (its directory is made).
-fn write_noise(path: &std::path::Path, mib: usize) {
-    use std::io::Write;
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut block = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for chunk in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&block).unwrap();
-    }
-    f.flush().unwrap();
-}
-
 /// One real agent installing a 1 GiB package end to end (`agent check`: the check, download,
 /// hash and signature checks, unpacking, swap, fsync and report), beside the least a careful
 /// installer does by hand with the same files as a tar from nginx: `curl | tee >(sha256sum) |
@@ -538,11 +519,7 @@ async fn serving_section(w: &World, purl: &str) {
     let mut c = AgentApiClient::new(Endpoint::from_shared(purl.to_string()).unwrap().connect().await.unwrap());
     let answer = c.check(check).await.unwrap().into_inner().encode_to_vec();
     std::fs::write(www.join("answer"), &answer).unwrap();
-    let big_src = w.path("src-big");
-    std::fs::create_dir_all(&big_src).unwrap();
-    let blob: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    std::fs::write(big_src.join("data.bin"), &blob).unwrap();
-    let big = w.build_package(&big_src, "bigblob", "1.0.0.0", &w.key, &[]);
+    let big = w.noise_package("bigblob", "1.0.0.0", 64);
     let id = w.admin_ok(purl, &["update", "add", big.to_str().unwrap()]).trim().to_string();
     let u = w.admin_json(purl, &["update", "show", &id]);
     let (hash, size) = (u["content_hash"].as_str().unwrap().to_string(), u["size"].as_u64().unwrap());
@@ -668,15 +645,12 @@ async fn tls_section() {
         c.check(CheckRequest { machine: Some(m), manual: false }).await.unwrap().into_inner().encode_to_vec()
     };
     std::fs::write(www.join("answer"), &answer).unwrap();
-    let big_src = w.path("src-big-tls");
-    std::fs::create_dir_all(&big_src).unwrap();
-    let blob: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    std::fs::write(big_src.join("data.bin"), &blob).unwrap();
-    let big = w.build_package(&big_src, "bigtls", "1.0.0.0", &w.key, &[]);
+    let big = w.noise_package("bigtls", "1.0.0.0", 64);
     let id = w.admin_ok(&purl, &["update", "add", big.to_str().unwrap()]).trim().to_string();
     w.admin_ok(&purl, &["update", "state", &id, "ga"]);
     tokio::task::block_in_place(|| w.wait_site_has(&surl, &id));
-    let hash = w.admin_json(&purl, &["update", "show", &id])["content_hash"].as_str().unwrap().to_string();
+    let u = w.admin_json(&purl, &["update", "show", &id]);
+    let (hash, size) = (u["content_hash"].as_str().unwrap().to_string(), u["size"].as_u64().unwrap());
     std::fs::copy(&big, www.join("big")).unwrap();
     let (ncert, nkey) = ids.issue("nginx", Role::Provider, &[]);
     let tls = NginxTls { cert: w.path("nginx.crt"), key: w.path("nginx.key"), ca: w.path("pki/ca.crt") };
@@ -701,7 +675,7 @@ async fn tls_section() {
     // Let the 10,000 connections close before measuring downloads.
     drop(chans);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    println!("(answer {} bytes; blob {:.0} MiB)", answer.len(), blob.len() as f64 / (1 << 20) as f64);
+    println!("(answer {} bytes; blob {:.0} MiB)", answer.len(), size as f64 / (1 << 20) as f64);
     gen_line("checks/s, 100 clients", Some(ours), theirs, |l| l.req_per_s, "req/s");
 
     let dl = Req::grpc("/updraft.v1.AgentApi/Download", &BlobRequest { content_hash: hash, offset: 0 });
@@ -837,11 +811,7 @@ async fn install_section() {
         (rss1 - rss0) / n as f64
     );
 
-    let src = w.path("src-push");
-    std::fs::create_dir_all(&src).unwrap();
-    let blob: Vec<u8> = (0..(SIZE_MIB << 20) as u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
-    std::fs::write(src.join("data.bin"), &blob).unwrap();
-    let pkg = w.build_package(&src, "fix", "1.0.0.0", &w.key, &[]);
+    let pkg = w.noise_package("fix", "1.0.0.0", SIZE_MIB);
     let wan0 = site_wan(&w, &surl);
     let id = w.publish(&purl, &pkg);
     let size = w.admin_json(&purl, &["update", "show", &id])["size"].as_u64().unwrap();

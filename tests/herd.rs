@@ -95,11 +95,7 @@ fn a_busy_provider_turns_downloads_away_and_a_pushed_agent_comes_back_by_itself(
         w.provider_with("centre", &["--trust-key", &pubkey, "--max-downloads", "1", "--request-timeout-secs", "2"]);
     // A package large enough that an unread download of it holds its slot (more than the
     // flow-control windows and read-ahead between provider and client).
-    let src = w.path("src-hog");
-    std::fs::create_dir_all(&src).unwrap();
-    let noise: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    std::fs::write(src.join("data.bin"), noise).unwrap();
-    let hog = w.approve(&purl, &w.build_package(&src, "hog", "1.0.0.0", &w.key, &[]));
+    let hog = w.approve(&purl, &w.noise_package("hog", "1.0.0.0", 24));
     let hog_hash = w.admin_json(&purl, &["update", "show", &hog])["content_hash"].as_str().unwrap().to_string();
     let _agent = w.agent("pc-1", &purl);
     wait_until("the agent registered", Duration::from_secs(60), || {

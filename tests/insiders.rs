@@ -99,11 +99,7 @@ fn an_agent_certificate_cannot_hoard_streams_fetch_unapproved_content_or_date_th
     let secret = w.admin_ok(&purl, &["update", "add", w.package("secret", "1.0.0.0", &w.key).to_str().unwrap()]);
     let secret_hash =
         w.admin_json(&purl, &["update", "show", secret.trim()])["content_hash"].as_str().unwrap().to_string();
-    let src = w.path("src-tool");
-    std::fs::create_dir_all(&src).unwrap();
-    let noise: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    std::fs::write(src.join("data.bin"), noise).unwrap();
-    let tool = w.approve(&purl, &w.build_package(&src, "tool", "1.0.0.0", &w.key, &[]));
+    let tool = w.approve(&purl, &w.noise_package("tool", "1.0.0.0", 24));
     let tool_hash = w.admin_json(&purl, &["update", "show", &tool])["content_hash"].as_str().unwrap().to_string();
 
     let rt = runtime();

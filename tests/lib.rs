@@ -340,6 +340,14 @@ impl World {
 
     /// Packs `src` as `product` `version`, signed with `key`, into `NAME-VERSION.pkg` in the
     /// world's directory, with extra `package build` flags.
+    /// A package of `product` `version` signed with the world's key, holding one file of `mib`
+    /// MiB of incompressible bytes (for downloads large enough to measure or to hold open).
+    pub fn noise_package(&self, product: &str, version: &str, mib: usize) -> PathBuf {
+        let src = self.path(&format!("src-{product}-{version}"));
+        write_noise(&src.join("data.bin"), mib);
+        self.build_package(&src, product, version, &self.key, &[])
+    }
+
     pub fn build_package(&self, src: &Path, product: &str, version: &str, key: &Path, extra: &[&str]) -> PathBuf {
         let out = self.path(&format!("{product}-{version}.pkg"));
         run_ok(
@@ -542,6 +550,25 @@ pub fn serve_in_background(router: tonic::transport::server::Router) -> String {
 /// hold no '-'.
 pub fn product_of_id(id: &str) -> &str {
     id.rsplitn(3, '-').nth(2).expect("an update id names its product")
+}
+
+/// `mib` MiB of incompressible bytes in a new file at `path` (its directory is made).
+pub fn write_noise(path: &std::path::Path, mib: usize) {
+    use std::io::Write;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for chunk in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block).unwrap();
+    }
+    f.flush().unwrap();
 }
 
 pub fn run_ok(cmd: &mut Command) -> String {

@@ -1162,7 +1162,6 @@ pub fn status_from_state(name: &str, providers: &[String], st: &AgentState, daem
     }
 }
 
-/// Runs the daemon until `shutdown` is cancelled.
 /// One daemon per state directory: a second one would recover, install and save over the
 /// first. The lock is held for the daemon's life (and released by the kernel if it dies).
 fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
@@ -1189,6 +1188,7 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
     }
 }
 
+/// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let _lock = lock_state_dir(&cfg.state_dir)?;
     let agent = Agent::new(cfg)?;

@@ -12,6 +12,7 @@ use updraft_core::package::Lifecycle;
 /// Output kept per hook run, so a chatty hook cannot fill the disk.
 pub const MAX_OUTPUT: usize = 64 * 1024;
 
+/// Where the output of an update's hooks is kept: `STATE/logs/ID.log`.
 ///
 /// The id comes from a provider's offer, so it is made a plain file name first: anything but
 /// letters, digits, `-`, `_`, `+` and a non-leading `.` becomes `_`, so no id can name a path
@@ -200,6 +201,8 @@ pub fn run_hook(
 mod tests {
     use super::*;
 
+    use std::os::unix::fs::PermissionsExt;
+
     #[test]
     fn hook_logs_stay_in_their_directory() {
         let state = Path::new("/var/lib/updraft");
@@ -211,7 +214,6 @@ mod tests {
             assert!(!p.file_name().unwrap().to_string_lossy().starts_with('.'), "{hostile:?}");
         }
     }
-    use std::os::unix::fs::PermissionsExt;
 
     fn script(dir: &Path, name: &str, body: &str) {
         let p = dir.join(name);

@@ -96,12 +96,18 @@ fn header(req: &http::Request<Body>, name: &str) -> Option<String> {
     req.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(128).collect())
 }
 
+/// The address a request came from, over TLS or not.
+fn remote_addr(req: &http::Request<Body>) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.get_ref().remote_addr())
+        .or_else(|| req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()))
+}
+
 /// Who is calling, from the connection's certificate (or the claim, without TLS).
 fn identify(transport: &Transport, req: &http::Request<Body>) -> Result<Caller, Status> {
     let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
-    let addr = info
-        .and_then(|i| i.get_ref().remote_addr())
-        .or_else(|| req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()));
+    let addr = remote_addr(req);
     let Transport::Tls(_) = transport else {
         let name = header(req, CLAIMED_USER).unwrap_or_else(|| "anonymous".into());
         return Ok(Caller { name, role: None, via: None, addr });
@@ -297,12 +303,7 @@ where
                 Err(status) => {
                     tracing::warn!(%path, reason = %status.message(), "refused an unidentified caller");
                     if let Some(s) = &shared {
-                        let addr = req
-                            .extensions()
-                            .get::<TlsConnectInfo<TcpConnectInfo>>()
-                            .and_then(|i| i.get_ref().remote_addr())
-                            .or_else(|| req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()));
-                        let nobody = Caller { name: "unknown".into(), role: None, via: None, addr };
+                        let nobody = Caller { name: "unknown".into(), role: None, via: None, addr: remote_addr(&req) };
                         audit_refusal(s, &refusals, &nobody, &path, status.message()).await;
                     }
                     return Ok(status.into_http());

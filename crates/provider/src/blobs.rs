@@ -17,10 +17,10 @@ impl BlobStore {
     /// removes what crashed imports and uploads left in `incoming/` (their temporary files);
     /// partial upstream fetches (`*.part`) stay, to be resumed.
     pub fn open(root: &Path) -> Result<Self> {
-        for d in [root.join("sha256"), root.join("incoming")] {
-            std::fs::create_dir_all(&d).map_err(|e| ProviderError::Io(format!("{}: {e}", d.display())))?;
-        }
         let incoming = root.join("incoming");
+        for d in [&root.join("sha256"), &incoming] {
+            std::fs::create_dir_all(d).map_err(|e| ProviderError::Io(format!("{}: {e}", d.display())))?;
+        }
         let entries =
             std::fs::read_dir(&incoming).map_err(|e| ProviderError::Io(format!("{}: {e}", incoming.display())))?;
         for e in entries.flatten() {

@@ -314,3 +314,19 @@ pub fn validate_machine_name(name: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_names_are_plain_host_names() {
+        for ok in ["pc-1", "PC_2.example.org", "a"] {
+            assert!(validate_machine_name(ok).is_ok(), "{ok}");
+        }
+        let long = "x".repeat(254);
+        for bad in ["", "pc\u{200b}-1", "pc-1\u{1b}[2J", "pc 1", "рс-1", "a/b", long.as_str()] {
+            assert!(validate_machine_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

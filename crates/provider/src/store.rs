@@ -7,7 +7,6 @@
 //! Values are protobuf-encoded `updraft.v1` messages: the API is already the versioned schema,
 //! and prost decoding tolerates fields added later.
 use std::path::Path;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prost::Message;
@@ -935,10 +934,9 @@ impl Store {
         self.flush().await
     }
 
-    /// Up to `max` queued reports with their keys, oldest first.
-    /// The oldest queued reports, as many as fit in `max` reports, `max_bytes` encoded and
-    /// `max_entries` (a report and each of its activities count one each); always at least
-    /// one, so the outbox drains whatever its first report is.
+    /// The oldest queued reports with their keys, as many as fit in `max` reports, `max_bytes`
+    /// encoded and `max_entries` (a report and each of its activities count one each); always
+    /// at least one, so the outbox drains whatever its first report is.
     pub fn outbox_peek(
         &self,
         max: usize,
