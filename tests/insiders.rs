@@ -272,3 +272,117 @@ fn one_package_uploaded_several_times_at_once_makes_one_record() {
     let list = w.admin_json(&purl, &["update", "list"]);
     assert_eq!(list.as_array().unwrap().iter().filter(|u| u["product"] == "dup").count(), 1, "{list}");
 }
+
+/// A rogue site holding genuine credentials and passing on the centre's genuine statements
+/// and machine proofs rewrites everything else in the answers to a pinned agent: a downgrade,
+/// removal of another product, a package still in pre-approval, a forged high priority (and a
+/// forged push), its own URL as the group's provider, and check intervals of 2³²−1 s. The agent
+/// acts only on what the centre decided: nothing is installed or removed, the update its group
+/// only notifies about keeps waiting, its providers and schedule stay the centre's, and every
+/// refused offer is reported (to the rogue, and to the centre with the next check).
+#[test]
+fn a_rogue_site_with_genuine_statements_can_only_withhold() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use updraft_proto::v1::{ActionKind, CheckResponse, GroupSettings, Offer, Policy, Update};
+    use updraft_tests::rogue::RogueSite;
+
+    let w = World::new();
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    let (_centre, purl) =
+        w.provider_with("centre", &["--trust-key", &pubkey, "--min-check-secs", "1", "--max-check-secs", "2"]);
+    let hello1 = w.approve(&purl, &w.package("hello", "1.0.0.0", &w.key));
+    w.approve(&purl, &w.package("hello", "3.0.0.0", &w.key));
+    let tools1 = w.approve(&purl, &w.package("tools", "1.0.0.0", &w.key));
+    let unapproved = w.admin_ok(&purl, &["update", "add", w.package("hello", "4.0.0.0", &w.key).to_str().unwrap()]);
+    let unapproved = unapproved.trim().to_string();
+    w.admin_ok(&purl, &["group", "create", "lab", "--providers", &purl]);
+    w.admin_ok(&purl, &["deploy", "hello", "--group", "lab"]);
+    w.admin_ok(&purl, &["deploy", "tools", "--group", "lab"]);
+    let mut victim = w.agent_with("victim", &purl, &[]);
+    wait_until("the victim known to the centre", Duration::from_secs(30), || {
+        w.admin(&purl, &["machine", "show", "victim"]).status.success()
+    });
+    w.admin_ok(&purl, &["group", "assign", "lab", "victim"]);
+    wait_until("the victim on hello 3.0 and tools 1.0", Duration::from_secs(60), || {
+        w.installed("victim", "hello").as_deref() == Some("3.0.0.0")
+            && w.installed("victim", "tools").as_deref() == Some("1.0.0.0")
+    });
+    victim.kill9();
+    // The rogue takes the site's place: lab's assigned provider. Lab now only notifies, and
+    // hello 3.1 is approved (not high priority).
+    let forged: Arc<std::sync::Mutex<Vec<Offer>>> = Arc::default();
+    let evil = "https://evil.example:1".to_string();
+    let evil_policy = Policy {
+        group: "default".into(),
+        settings: Some(GroupSettings { mode: 1, install_day: -1, install_hour: -1, providers: vec![evil.clone()] }),
+        managed: false,
+    };
+    let offers = forged.clone();
+    let tamper = Arc::new(move |a: &mut CheckResponse| {
+        a.offers = offers.lock().unwrap().clone();
+        a.policy = Some(evil_policy.clone());
+        a.min_check_interval_secs = u32::MAX;
+        a.max_check_interval_secs = u32::MAX;
+        a.catalog_seq = u64::MAX / 2;
+    });
+    let mut rogue = RogueSite::new(w.transport("victim", "agent").endpoint(&purl).unwrap(), tamper);
+    let hello31 = w.approve(&purl, &w.package("hello", "3.1.0.0", &w.key));
+    rogue.forged_push = Some(hello31.clone());
+    let (checks, reports) = (rogue.checks.clone(), rogue.reports.clone());
+    let rogue_url = rogue.spawn(&w);
+    w.admin_ok(&purl, &["group", "set", "lab", "--mode", "notify", "--providers", &rogue_url]);
+
+    // Genuine records, as the rogue has them from its replica.
+    let list = w.admin_json(&purl, &["update", "list"]);
+    let record = |id: &str| -> Update {
+        let u = list.as_array().unwrap().iter().find(|u| u["id"] == id).unwrap_or_else(|| panic!("{id} in {list}"));
+        Update {
+            id: id.into(),
+            product: u["product"].as_str().unwrap().into(),
+            version: u["version"].as_str().unwrap().into(),
+            content_hash: u["content_hash"].as_str().unwrap().into(),
+            size: u["size"].as_u64().unwrap(),
+            state: 2,
+            install_type: 1,
+            ..Default::default()
+        }
+    };
+    let offer = |action: ActionKind, u: Update, rollback: &str| Offer {
+        action: action as i32,
+        update: Some(u),
+        rollback_to_version: rollback.into(),
+        pinned: false,
+    };
+    *forged.lock().unwrap() = vec![
+        offer(ActionKind::Install, record(&hello1), ""),
+        offer(ActionKind::Remove, record(&tools1), "0.9.0.0"),
+        offer(ActionKind::Install, Update { state: 1, ..record(&unapproved) }, ""),
+        offer(ActionKind::Install, Update { high_priority: true, ..record(&hello31) }, ""),
+    ];
+    let _victim = w.agent_with("victim", &rogue_url, &[]);
+
+    // Three answers from the rogue: the first two checks (the start-up one and the forged
+    // push's, or a scheduled one) have been acted on, and the interval it sent did not stop
+    // the schedule (the centre's bounds are 1-2 s).
+    wait_until("three checks answered by the rogue", Duration::from_secs(60), || checks.load(Ordering::SeqCst) >= 3);
+    assert_eq!(w.installed("victim", "hello").as_deref(), Some("3.0.0.0"), "no downgrade, no 4.0, no hurried 3.1");
+    assert_eq!(w.installed("victim", "tools").as_deref(), Some("1.0.0.0"), "nothing removed");
+    assert!(!w.root("victim").join("tools_old").exists() && !w.root("victim").join("hello_old").exists());
+    let st: serde_json::Value = serde_json::from_slice(&w.agent_cmd("victim", &["status", "--json"]).stdout).unwrap();
+    assert_eq!(st["group"], "lab", "{st}");
+    assert_eq!(st["mode"], "notify", "{st}");
+    assert!(!st["providers"].to_string().contains(&evil), "the rogue cannot assign providers: {st}");
+    assert!(st["waiting"].to_string().contains(&hello31), "3.1 waits, as the group says: {st}");
+    let problems = st["problems"].to_string();
+    for id in [&hello1, &tools1, &unapproved] {
+        assert!(problems.contains(&format!("{id} (")), "refusal of {id} reported: {problems}");
+    }
+    assert!(!problems.contains(&format!("{hello31} (")), "3.1 is what the centre decided: {problems}");
+    let refusals = reports.lock().unwrap().iter().filter(|a| a.detail.contains("signed decisions")).count();
+    assert!(refusals >= 3, "each refusal recorded as activity: {refusals}");
+    // The centre hears of it with the checks the rogue passed on.
+    wait_until("the centre sees the refusals", Duration::from_secs(30), || {
+        machine(&w, &purl, "victim").to_string().contains(&format!("refused the removal of {tools1}"))
+    });
+}

@@ -1,12 +1,14 @@
 //! A rogue provider: a real gRPC server that offers whatever package bytes it is given under
 //! whatever name, attaches whatever (replayed) catalog statement it was given, can stream
 //! endless data, and records what agents report. Used to check that the agent, not the
-//! provider, is the last line of defence.
+//! provider, is the last line of defence. Also a rogue site ([`RogueSite`]) that passes genuine
+//! answers on after rewriting whatever it likes in them.
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use updraft_proto::v1::agent_api_client::AgentApiClient;
 use updraft_proto::v1::agent_api_server::{AgentApi, AgentApiServer};
 use updraft_proto::v1::{
     ActionKind, Activity, BlobRequest, CheckRequest, CheckResponse, Chunk, Offer, PushEvent, PushKind, ReportRequest,
@@ -20,6 +22,8 @@ pub struct Rogue {
     pub reports: Arc<Mutex<Vec<Activity>>>,
     /// A genuine statement captured earlier, replayed with every answer.
     pub statement: Option<SignedStatement>,
+    /// A genuine machine proof captured with it (see `CheckResponse.machine_proof`).
+    pub machine_proof: Vec<u8>,
     /// Downloads never end (more bytes than any catalog lists).
     pub endless: bool,
 }
@@ -39,7 +43,14 @@ impl Rogue {
             install_type: 1,
             ..Default::default()
         };
-        Rogue { update, bytes: Arc::new(bytes), reports: Arc::default(), statement: None, endless: false }
+        Rogue {
+            update,
+            bytes: Arc::new(bytes),
+            reports: Arc::default(),
+            statement: None,
+            machine_proof: vec![],
+            endless: false,
+        }
     }
 
     /// Offers a genuine catalog record (its id, hash and size) instead of one made up.
@@ -50,6 +61,13 @@ impl Rogue {
 
     pub fn replaying(mut self, statement: SignedStatement) -> Rogue {
         self.statement = Some(statement);
+        self
+    }
+
+    /// Replays the statement and machine proof of a genuine answer.
+    pub fn replaying_answer(mut self, answer: &CheckResponse) -> Rogue {
+        self.statement = answer.statement.clone();
+        self.machine_proof = answer.machine_proof.clone();
         self
     }
 
@@ -83,6 +101,7 @@ impl AgentApi for Rogue {
             served_by: "rogue".into(),
             policy: None,
             statement: self.statement.clone(),
+            machine_proof: self.machine_proof.clone(),
         }))
     }
     type DownloadStream = S<Chunk>;
@@ -108,5 +127,76 @@ impl AgentApi for Rogue {
     async fn subscribe(&self, _r: Request<SubscribeRequest>) -> Result<Response<S<PushEvent>>, Status> {
         let hello = PushEvent { kind: PushKind::Hello as i32, catalog_seq: 1, ..Default::default() };
         Ok(Response::new(Box::pin(futures::stream::iter([Ok(hello)]).chain(futures::stream::pending()))))
+    }
+}
+
+/// What a rogue site does to each genuine answer before its agent sees it.
+pub type Tamper = Arc<dyn Fn(&mut CheckResponse) + Send + Sync>;
+
+/// A rogue site: it holds genuine credentials, passes each check on to a genuine provider and
+/// changes the answer with `tamper` before the agent sees it — everything but the centre's
+/// signature and the machine's proof is the rogue's to rewrite (a real stolen site computes
+/// the same statement and proof from its replica). Downloads pass through untouched; after
+/// the first push event it forges a high-priority push. It counts the checks it answers and
+/// keeps what agents report.
+#[derive(Clone)]
+pub struct RogueSite {
+    upstream: tonic::transport::Endpoint,
+    tamper: Tamper,
+    /// A high-priority push for this update id is forged after the hello.
+    pub forged_push: Option<String>,
+    pub checks: Arc<std::sync::atomic::AtomicUsize>,
+    pub reports: Arc<Mutex<Vec<Activity>>>,
+}
+
+impl RogueSite {
+    /// Passes checks to `upstream` (reached with the certificate of the machine it fronts).
+    pub fn new(upstream: tonic::transport::Endpoint, tamper: Tamper) -> RogueSite {
+        RogueSite { upstream, tamper, forged_push: None, checks: Arc::default(), reports: Arc::default() }
+    }
+
+    pub fn spawn(self, w: &crate::World) -> String {
+        w.serve(w.server("rogue-site").add_service(AgentApiServer::new(self)))
+    }
+
+    async fn client(&self) -> Result<AgentApiClient<tonic::transport::Channel>, Status> {
+        let ch = self.upstream.connect().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(AgentApiClient::new(ch))
+    }
+}
+
+#[tonic::async_trait]
+impl AgentApi for RogueSite {
+    async fn check(&self, r: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let mut answer = self.client().await?.check(r.into_inner()).await?.into_inner();
+        (self.tamper)(&mut answer);
+        self.checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Response::new(answer))
+    }
+    type DownloadStream = S<Chunk>;
+    async fn download(&self, r: Request<BlobRequest>) -> Result<Response<S<Chunk>>, Status> {
+        let stream = self.client().await?.download(r.into_inner()).await?.into_inner();
+        Ok(Response::new(Box::pin(stream)))
+    }
+    async fn report(&self, r: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
+        let acts = r.into_inner().activities;
+        let n = acts.len() as u32;
+        self.reports.lock().unwrap().extend(acts);
+        Ok(Response::new(ReportResponse { accepted: n }))
+    }
+    type SubscribeStream = S<PushEvent>;
+    async fn subscribe(&self, _r: Request<SubscribeRequest>) -> Result<Response<S<PushEvent>>, Status> {
+        let hello = PushEvent { kind: PushKind::Hello as i32, catalog_seq: 1, ..Default::default() };
+        let mut events = vec![Ok(hello)];
+        if let Some(id) = &self.forged_push {
+            let push = PushEvent {
+                kind: PushKind::HighPriority as i32,
+                catalog_seq: u64::MAX / 2,
+                update_id: id.clone(),
+                product: crate::product_of_id(id).to_string(),
+            };
+            events.push(Ok(push));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(events).chain(futures::stream::pending()))))
     }
 }

@@ -301,8 +301,24 @@ impl Agent {
                         Err(e) => Err(e),
                     };
                     match answer {
-                        Ok(r) => {
-                            self.state.lock().await.refused_answers.remove(&url);
+                        Ok((r, refused)) => {
+                            // Refused offers are a problem of this provider's until an answer
+                            // of its has none; each new refusal is recorded once as activity.
+                            let joined = refused.iter().map(|(_, why)| why.as_str()).collect::<Vec<_>>().join("; ");
+                            let mut st = self.state.lock().await;
+                            let new = st.refused_answers.get(&url) != Some(&joined);
+                            match refused.is_empty() {
+                                true => st.refused_answers.remove(&url),
+                                false => st.refused_answers.insert(url.clone(), joined),
+                            };
+                            drop(st);
+                            for (offered, why) in &refused {
+                                tracing::warn!(provider = %url, "{why}");
+                                if new {
+                                    self.record(ActivityKind::Error, offered, format!("from {url}: {why}")).await;
+                                }
+                                report.errors.push(why.clone());
+                            }
                             answered = Some((url, client, r));
                             break;
                         }
@@ -463,32 +479,50 @@ impl Agent {
 
     /// With pinned catalog keys, an answer counts only if it carries a statement signed by one
     /// of them, not older than what this agent has seen, not expired, and listing every
-    /// offered update with exactly the offered hash and size.
-    async fn verify_answer(&self, url: &str, resp: CheckResponse) -> Result<CheckResponse> {
+    /// offered update with exactly the offered hash and size; and then the agent acts only on
+    /// its own plan from the centre's signed decisions (`answer`), reporting every offer it
+    /// refused. Without pinned keys (an explicit opt-out) the answer is taken as given.
+    async fn verify_answer(
+        &self,
+        url: &str,
+        mut resp: CheckResponse,
+    ) -> Result<(CheckResponse, Vec<(Update, String)>)> {
         if self.cfg.catalog_keys.is_empty() {
-            return Ok(resp);
+            crate::answer::bound_unsigned(&mut resp);
+            return Ok((resp, vec![]));
         }
-        let refuse = |reason: String| AgentError::Verify { update: format!("the answer of {url}"), reason };
-        let Some(signed) = &resp.statement else {
-            return Err(refuse("it carries no signed catalog statement".into()));
+        let (seen, me) = {
+            let st = self.state.lock().await;
+            (st.catalog_version, self.machine_input(&st))
         };
-        let seen = self.state.lock().await.catalog_version;
-        let st =
-            updraft_core::freshness::verify(&self.cfg.catalog_keys, &signed.body, &signed.signature, seen, now_ms())
-                .map_err(|e| refuse(e.to_string()))?;
-        for o in &resp.offers {
-            if let Some(u) = &o.update
-                && !st.lists(&u.id, &u.content_hash, u.size)
-            {
-                return Err(refuse(format!(
-                    "it offers {} ({} bytes, {}), which the signed catalog version {} does not list so",
-                    u.id, u.size, u.content_hash, st.version
-                )));
-            }
-        }
+        let checked = crate::answer::check(&self.cfg.catalog_keys, seen, now_ms(), &self.cfg.name, &me, resp)
+            .map_err(|reason| AgentError::Verify { update: format!("the answer of {url}"), reason })?;
         let mut s = self.state.lock().await;
-        s.catalog_version = s.catalog_version.max(st.version);
-        Ok(resp)
+        s.catalog_version = s.catalog_version.max(checked.version);
+        Ok((checked.resp, checked.refused))
+    }
+
+    /// What the engine needs to know of this machine: its receipts, role, own product and the
+    /// settings it chose for itself.
+    fn machine_input(&self, st: &AgentState) -> updraft_core::decisions::MachineInput {
+        updraft_core::decisions::MachineInput {
+            installed: st
+                .installed
+                .iter()
+                .filter_map(|(p, r)| {
+                    Some(updraft_core::plan::InstalledItem {
+                        product: p.clone(),
+                        version: r.version.parse().ok()?,
+                        upgrade_code: r.upgrade_code.clone(),
+                    })
+                })
+                .collect(),
+            role: self.cfg.role,
+            self_product: (!self.cfg.self_product.is_empty()).then(|| self.cfg.self_product.clone()),
+            local_mode: st.local.mode.as_deref().and_then(|m| m.parse::<Mode>().ok()),
+            local_day: st.local.install_day,
+            local_hour: st.local.install_hour,
+        }
     }
 
     /// Connects to a provider, keeping track of the ones that could not be reached.
@@ -1113,7 +1147,7 @@ impl Agent {
         let mut client = client.map_err(|e| AgentError::Unreachable { tried: url.clone(), last: e })?;
         let req = CheckRequest { machine: Some(self.machine_info().await), manual: false };
         let resp = client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await?;
-        let resp = self.verify_answer(&url, resp).await?;
+        let (resp, _) = self.verify_answer(&url, resp).await?;
         Ok(TestReport {
             name,
             url,

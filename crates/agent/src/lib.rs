@@ -1,6 +1,7 @@
 //! The Updraft agent: finds its provider, checks on a jittered schedule or when pushed,
 //! downloads resumably, verifies against the pinned release key, installs by atomic exchange,
 //! and reports. `daemon` runs it; `control` is the local socket `agent status|check` use.
+pub mod answer;
 pub mod client;
 pub mod config;
 pub mod control;

@@ -3,6 +3,8 @@
 //! its catalog key. An agent that pins that key refuses an older version than it has seen
 //! (rollback), an expired statement (freeze), and any offer the statement does not list with
 //! that exact hash and size (mix-and-match, endless data).
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
@@ -12,12 +14,82 @@ use crate::keys::{PublicKey, ReleaseKey};
 pub const MAX_ENTRIES: usize = 100_000;
 pub const MAX_BODY: usize = 32 << 20;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One update as the centre decided it: its content (id, hash, size) and every field that
+/// decides what a machine does with it (the engine's view of the record, priority, prestage).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
     pub id: String,
     pub content_hash: String,
     pub size: u64,
+    #[serde(default)]
+    pub product: String,
+    #[serde(default)]
+    pub product_line: String,
+    #[serde(default)]
+    pub version: String,
+    /// `updraft.v1.InstallType` number.
+    #[serde(default)]
+    pub install_type: i32,
+    #[serde(default)]
+    pub product_code: String,
+    #[serde(default)]
+    pub upgrade_code: String,
+    /// For an ES: the patch it sits on (empty: the patch with its `MM.mm.PP`).
+    #[serde(default)]
+    pub requires: String,
+    /// `updraft.v1.UpdateState` number (0: a statement that decides nothing).
+    #[serde(default)]
+    pub state: i32,
+    #[serde(default)]
+    pub high_priority: bool,
+    #[serde(default)]
+    pub related_installs: Vec<String>,
+    #[serde(default)]
+    pub prestage: bool,
+    /// The package's install properties (`apply-at`, …): they decide when it is installed.
+    #[serde(default)]
+    pub install_properties: BTreeMap<String, String>,
+}
+
+/// A product line's cap and role ceiling, as the centre keeps them current.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CapEntry {
+    pub product_line: String,
+    /// Highest version offered (empty: no plain cap).
+    #[serde(default)]
+    pub version: String,
+    /// The role whose machines this line follows (empty: none).
+    #[serde(default)]
+    pub follow_role: String,
+    /// The lowest version of the line on a machine of that role (empty: none runs it).
+    #[serde(default)]
+    pub ceiling: String,
+}
+
+/// A group as the centre decided it: its settings (providers as URLs) and what is deployed to
+/// it. The default group is always listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GroupEntry {
+    pub name: String,
+    /// `updraft.v1.DownloadMode` number.
+    pub mode: i32,
+    pub install_day: i32,
+    pub install_hour: i32,
+    #[serde(default)]
+    pub providers: Vec<String>,
+    #[serde(default)]
+    pub deployed: BTreeSet<String>,
+}
+
+/// The bounds within which any provider may set an agent's check interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntervalBounds {
+    pub min_secs: u32,
+    pub max_secs: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +101,22 @@ pub struct Statement {
     pub expires_unix_ms: i64,
     /// Every update in the catalog, by id.
     pub entries: Vec<Entry>,
+    /// Every product line cap and role ceiling.
+    #[serde(default)]
+    pub caps: Vec<CapEntry>,
+    /// Every group, the default one included.
+    #[serde(default)]
+    pub groups: Vec<GroupEntry>,
+    #[serde(default)]
+    pub check_interval: Option<IntervalBounds>,
+    /// The root over every machine's own record (group, role, pins, deployments): a check
+    /// answer proves its machine's record, or its absence, against it.
+    #[serde(default)]
+    pub machines: crate::decisions::MachinesRoot,
+    /// Whether this statement carries the centre's decisions (groups, caps, machines, each
+    /// update's state): agents that pin the catalog key act only on one that does.
+    #[serde(default)]
+    pub decides: bool,
 }
 
 impl Statement {
@@ -41,7 +129,11 @@ impl Statement {
 
     /// Whether the statement lists update `id` with exactly this content.
     pub fn lists(&self, id: &str, content_hash: &str, size: u64) -> bool {
-        self.entries.iter().any(|e| e.id == id && e.content_hash == content_hash && e.size == size)
+        self.entry(id).is_some_and(|e| e.content_hash == content_hash && e.size == size)
+    }
+
+    pub fn entry(&self, id: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.id == id)
     }
 }
 
@@ -97,7 +189,12 @@ mod tests {
             version,
             issued_unix_ms: 0,
             expires_unix_ms: expires,
-            entries: vec![Entry { id: "a-1".into(), content_hash: "sha256:00".into(), size: 10 }],
+            entries: vec![Entry { id: "a-1".into(), content_hash: "sha256:00".into(), size: 10, ..Default::default() }],
+            caps: vec![],
+            groups: vec![],
+            check_interval: None,
+            machines: Default::default(),
+            decides: false,
         }
     }
 

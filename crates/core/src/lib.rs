@@ -2,6 +2,7 @@
 //! and the applicability plan. No networking and no store here; every other crate builds on it.
 
 pub mod audit;
+pub mod decisions;
 pub mod error;
 pub mod freshness;
 pub mod fuzzing;

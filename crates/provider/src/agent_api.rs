@@ -298,6 +298,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
             machine.addresses.retain(|a| a != &addr);
             machine.addresses.insert(0, addr);
         }
+        let machine_name = machine.name.clone();
         let catalog = self.shared.catalog()?;
         let (offers, policy) = policy::answer(&self.shared.store, &catalog, &machine)?;
         self.tier.offered(&offers);
@@ -316,6 +317,8 @@ impl<T: Tier> AgentApi for AgentService<T> {
                 traceparent: updraft_runtime::telemetry::current_traceparent(),
             })
             .await?;
+        let signed = crate::statement::for_answer(&self.shared)?;
+        let machine_proof = signed.as_ref().map(|s| s.proof_for(&machine_name)).unwrap_or_default();
         Ok(Response::new(CheckResponse {
             // The sequence the offers were computed at: a change landing meanwhile stays
             // "unseen" for this agent, so its next push or resubscription catches it.
@@ -325,7 +328,8 @@ impl<T: Tier> AgentApi for AgentService<T> {
             max_check_interval_secs: self.shared.config.max_check_secs,
             served_by: self.shared.config.name.clone(),
             policy: Some(policy),
-            statement: crate::statement::for_answer(&self.shared)?,
+            statement: signed.map(|s| s.statement),
+            machine_proof,
         }))
     }
 

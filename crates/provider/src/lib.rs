@@ -127,6 +127,8 @@ pub struct Shared {
     pub hub: Hub,
     pub pair: PairDir,
     pub signer: Option<statement::Signer>,
+    /// A site's machine trees for the centre's statements (see `statement::SiteProofs`).
+    pub site_proofs: std::sync::Mutex<statement::SiteProofs>,
     /// Machines the role ceilings were last computed from (see `ceiling`).
     pub ceiling_sources: ceiling::Sources,
     /// The catalog decoded once per catalog sequence number (see [`Shared::catalog`]).
@@ -162,6 +164,7 @@ impl Shared {
             hub: Hub::default(),
             pair,
             signer,
+            site_proofs: Default::default(),
             ceiling_sources: Default::default(),
             snapshot: Default::default(),
         }))

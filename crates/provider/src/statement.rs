@@ -1,24 +1,116 @@
-//! The centre's signed catalog statement (see `updraft_core::freshness`): signed when first
-//! asked for, again right after every catalog change (so sites receive it right behind the
-//! change) and before half its lifetime has passed; stored, sent to followers, and attached
-//! to every check answer. Sites pass on the centre's statement; they cannot sign one.
+//! The centre's signed catalog statement (see `updraft_core::freshness` and
+//! `updraft_core::decisions`): what the centre decided — every update with its state and
+//! priority, caps, groups with their settings and deployments, the check-interval bounds, and
+//! the root over every machine's own record. Signed when first asked for, again right after
+//! every catalog change (so sites receive it right behind the change) and before half its
+//! lifetime has passed; stored, sent to followers, and attached to every check answer with the
+//! answering machine's proof. Sites pass on the centre's statement; they cannot sign one, and
+//! they prove a machine's record from their own replica only while it matches the signed root.
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use updraft_core::freshness::{Entry, Statement};
+use updraft_core::decisions::{MachineRecord, MachineTree};
+use updraft_core::freshness::{CapEntry, Entry, GroupEntry, IntervalBounds, Statement};
 use updraft_core::keys::ReleaseKey;
-use updraft_proto::v1::SignedStatement;
+use updraft_proto::v1::{SignedStatement, Update};
 
 use crate::error::Result;
-use crate::store::{Change, Store};
+use crate::store::{Change, DEFAULT_GROUP, Store};
 use crate::{Shared, now_ms};
+
+/// A statement and the machine tree whose root it carries: an answer's proof comes from the
+/// same tree as the root its statement signs (None: no tree matches it yet, so no proof).
+#[derive(Clone)]
+pub struct Signed {
+    pub statement: SignedStatement,
+    pub machines: Option<Arc<MachineTree>>,
+}
+
+impl Signed {
+    /// The machine's proof, as a check answer carries it (JSON of `MachineProof`).
+    pub fn proof_for(&self, machine: &str) -> Vec<u8> {
+        match &self.machines {
+            Some(t) => serde_json::to_vec(&t.proof(machine)).expect("a proof serialises"),
+            None => vec![],
+        }
+    }
+}
 
 pub struct Signer {
     key: Arc<ReleaseKey>,
     ttl: Duration,
     /// The last statement signed, with the catalog sequence and time it was signed at.
-    last: Mutex<Option<(u64, i64, SignedStatement)>>,
+    last: Mutex<Option<(u64, i64, Signed)>>,
+}
+
+/// The decision fields of an update record.
+pub fn entry_of(u: &Update) -> Entry {
+    Entry {
+        id: u.id.clone(),
+        content_hash: u.content_hash.clone(),
+        size: u.size,
+        product: u.product.clone(),
+        product_line: u.product_line.clone(),
+        version: u.version.clone(),
+        install_type: u.install_type,
+        product_code: u.product_code.clone(),
+        upgrade_code: u.upgrade_code.clone(),
+        requires: u.requires_version.clone(),
+        state: u.state,
+        high_priority: u.high_priority,
+        related_installs: u.related_installs.clone(),
+        prestage: u.prestage,
+        install_properties: u.install_properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+/// Every group (the default one always), with its settings, providers as URLs and deployments.
+fn groups(store: &Store) -> Result<Vec<GroupEntry>> {
+    let deployments = store.list_deployments()?;
+    let mut out: Vec<GroupEntry> = Vec::new();
+    let mut names: Vec<String> = store.list_groups()?.into_iter().map(|g| g.name).collect();
+    if !names.iter().any(|n| n == DEFAULT_GROUP) {
+        names.push(DEFAULT_GROUP.to_string());
+    }
+    for name in names {
+        let s = crate::policy::group_settings(store, &name)?;
+        out.push(GroupEntry {
+            mode: s.mode,
+            install_day: s.install_day,
+            install_hour: s.install_hour,
+            providers: crate::servers::resolve_providers(store, &s.providers)?,
+            deployed: deployments.iter().filter(|d| d.group == name).map(|d| d.product.clone()).collect(),
+            name,
+        });
+    }
+    Ok(out)
+}
+
+/// Every machine's own record: group, administrator's role, pins, own deployments.
+pub fn machine_records(store: &Store) -> Result<Vec<MachineRecord>> {
+    type Records = std::collections::BTreeMap<String, MachineRecord>;
+    fn at<'a>(by_name: &'a mut Records, name: &str) -> &'a mut MachineRecord {
+        by_name
+            .entry(name.to_string())
+            .or_insert_with(|| MachineRecord { name: name.to_string(), ..Default::default() })
+    }
+    let mut by_name = Records::new();
+    for a in store.list_assignments()? {
+        at(&mut by_name, &a.machine).group = a.group;
+    }
+    for p in store.list_pins()? {
+        at(&mut by_name, &p.machine).pins = p.pins.into_iter().collect();
+    }
+    for r in store.list_roles()? {
+        at(&mut by_name, &r.machine).role = r.role;
+    }
+    for d in store.list_deployments()? {
+        if !d.machine.is_empty() {
+            at(&mut by_name, &d.machine).deployed.insert(d.product);
+        }
+    }
+    Ok(by_name.into_values().collect())
 }
 
 impl Signer {
@@ -28,37 +120,101 @@ impl Signer {
 
     /// The current statement: the last one, unless the catalog changed or it is half-way to
     /// expiry. Returns it and whether it was just signed.
-    pub fn current(&self, store: &Store) -> Result<(SignedStatement, bool)> {
+    pub fn current(&self, store: &Store, interval: IntervalBounds) -> Result<(Signed, bool)> {
         let seq = store.catalog_seq()?;
         let now = now_ms();
         let ttl_ms = self.ttl.as_millis() as i64;
         let mut last = self.last.lock().expect("signer lock");
-        if let Some((s, at, st)) = last.as_ref()
+        if let Some((s, at, signed)) = last.as_ref()
             && *s == seq
             && now - at < ttl_ms / 2
         {
-            return Ok((st.clone(), false));
+            return Ok((signed.clone(), false));
         }
-        let entries = store
-            .list_updates()?
+        let tree = Arc::new(MachineTree::build(machine_records(store)?));
+        let caps = store
+            .list_caps()?
             .into_iter()
-            .map(|u| Entry { id: u.id, content_hash: u.content_hash, size: u.size })
+            .map(|c| CapEntry {
+                product_line: c.product_line,
+                version: c.version,
+                follow_role: c.follow_role,
+                ceiling: c.ceiling,
+            })
             .collect();
-        let st = Statement { version: seq, issued_unix_ms: now, expires_unix_ms: now + ttl_ms, entries };
+        let st = Statement {
+            version: seq,
+            issued_unix_ms: now,
+            expires_unix_ms: now + ttl_ms,
+            entries: store.list_updates()?.iter().map(entry_of).collect(),
+            caps,
+            groups: groups(store)?,
+            check_interval: Some(interval),
+            machines: tree.root(),
+            decides: true,
+        };
         let (body, sig) = st.sign(&self.key);
-        let signed = SignedStatement { body, signature: sig.to_vec(), key_id: self.key.public().key_id() };
+        let statement = SignedStatement { body, signature: sig.to_vec(), key_id: self.key.public().key_id() };
+        let signed = Signed { statement, machines: Some(tree) };
         *last = Some((seq, now, signed.clone()));
         Ok((signed, true))
     }
 }
 
-/// The statement a check answer carries: the centre's own (signed now if need be), or the one
-/// a site last received from upstream.
-pub fn for_answer(shared: &Shared) -> Result<Option<SignedStatement>> {
-    match &shared.signer {
-        Some(s) => Ok(Some(s.current(&shared.store)?.0)),
-        None => shared.store.statement(),
+/// A site's pairing of the stored statement with a machine tree built from its replica.
+#[derive(Default)]
+pub struct SiteProofs {
+    /// The last statement whose root the replica matched, with its tree.
+    matched: Option<Signed>,
+    /// The statement body and replica sequence a build last failed to match (not retried
+    /// until one of them moves).
+    failed: Option<(Vec<u8>, u64)>,
+}
+
+fn claimed_root(body: &[u8]) -> Option<updraft_core::decisions::MachinesRoot> {
+    serde_json::from_slice::<Statement>(body).ok().map(|s| s.machines)
+}
+
+impl SiteProofs {
+    fn current(&mut self, store: &Store, stored: SignedStatement) -> Result<Signed> {
+        if let Some(m) = &self.matched
+            && m.statement.body == stored.body
+        {
+            return Ok(m.clone());
+        }
+        let seq = store.catalog_seq()?;
+        if self.failed.as_ref().is_some_and(|(b, s)| *b == stored.body && *s == seq) {
+            return Ok(self.matched.clone().unwrap_or(Signed { statement: stored, machines: None }));
+        }
+        let tree = MachineTree::build(machine_records(store)?);
+        if claimed_root(&stored.body).is_some_and(|r| r == tree.root()) {
+            let signed = Signed { statement: stored, machines: Some(Arc::new(tree)) };
+            self.matched = Some(signed.clone());
+            self.failed = None;
+            return Ok(signed);
+        }
+        // The replica is ahead of or behind this statement (a change between two statements):
+        // the last consistent pair keeps answering until the next one matches.
+        tracing::debug!(seq, "replica does not match the statement's machine root yet");
+        self.failed = Some((stored.body.clone(), seq));
+        Ok(self.matched.clone().unwrap_or(Signed { statement: stored, machines: None }))
     }
+}
+
+/// The statement a check answer carries: the centre's own (signed now if need be), or the one
+/// a site last received from upstream, with the tree to prove machines from.
+pub fn for_answer(shared: &Shared) -> Result<Option<Signed>> {
+    match &shared.signer {
+        Some(s) => Ok(Some(s.current(&shared.store, interval(shared))?.0)),
+        None => match shared.store.statement()? {
+            Some(stored) => Ok(Some(shared.site_proofs.lock().expect("site proofs").current(&shared.store, stored)?)),
+            None => Ok(None),
+        },
+    }
+}
+
+fn interval(shared: &Shared) -> IntervalBounds {
+    IntervalBounds { min_secs: shared.config.min_check_secs, max_secs: shared.config.max_check_secs }
 }
 
 /// Re-signs after every catalog change and before expiry, and sends the result to followers.
@@ -67,13 +223,13 @@ pub async fn statement_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut changes = shared.hub.follow_catalog();
     let refresh = (signer.ttl / 4).max(Duration::from_millis(500));
     loop {
-        match signer.current(&shared.store) {
-            Ok((st, true)) => {
-                if let Err(e) = shared.store.put_statement(&st).await {
+        match signer.current(&shared.store, interval(&shared)) {
+            Ok((signed, true)) => {
+                if let Err(e) = shared.store.put_statement(&signed.statement).await {
                     tracing::warn!(error = %e, "cannot store the catalog statement");
                 }
                 let seq = shared.store.catalog_seq().unwrap_or_default();
-                shared.hub.publish(Change::Statement { statement: st, seq });
+                shared.hub.publish(Change::Statement { statement: signed.statement, seq });
             }
             Ok((_, false)) => {}
             Err(e) => tracing::warn!(error = %e, "cannot sign the catalog statement"),

@@ -837,6 +837,20 @@ impl Store {
             .collect()
     }
 
+    /// Every administrator's choice of a machine's role.
+    pub fn list_roles(&self) -> Result<Vec<MachineRole>> {
+        self.roles
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok(MachineRole {
+                    machine: String::from_utf8_lossy(&k).into_owned(),
+                    role: String::from_utf8_lossy(&v).into_owned(),
+                })
+            })
+            .collect()
+    }
+
     pub fn list_pins(&self) -> Result<Vec<MachinePins>> {
         self.pins.iter().values().map(|v| decode(&v?)).collect()
     }
