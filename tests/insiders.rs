@@ -386,3 +386,46 @@ fn a_rogue_site_with_genuine_statements_can_only_withhold() {
         machine(&w, &purl, "victim").to_string().contains(&format!("refused the removal of {tools1}"))
     });
 }
+
+/// Overwrites one byte in the middle of a file (same size: only a hash can tell).
+fn corrupt(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A blob that rotted on a site's disk is served once: the agent's download fails its hash,
+/// the agent reports it, the site re-hashes that blob, quarantines it and fetches it again, and
+/// the agent installs on its next try. At the centre, the periodic scrub finds a rotten blob
+/// by itself, quarantines it and records it as activity.
+#[test]
+fn a_corrupt_blob_is_quarantined_reported_and_fetched_again() {
+    let w = World::new();
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    let (_centre, purl) = w.provider_with("centre", &["--trust-key", &pubkey, "--scrub-interval-secs", "1"]);
+    let (_site, surl) = w.remote("site", &purl);
+    let id = w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
+    w.admin_ok(&purl, &["update", "prestage", &id]);
+    let shown = w.admin_json(&purl, &["update", "show", &id]);
+    let hex = shown["content_hash"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let site_blob = w.path("site").join("blobs/sha256").join(&hex);
+    wait_until("the site holds the blob", Duration::from_secs(30), || site_blob.is_file());
+    corrupt(&site_blob);
+
+    let _m = w.agent("m", &surl);
+    wait_until("m installs app from the site", Duration::from_secs(60), || {
+        w.installed("m", "app").as_deref() == Some("1.0.0.0")
+    });
+    assert!(w.path("site").join("blobs/quarantine").join(&hex).is_file(), "the rotten copy is kept aside");
+    let acts = w.admin_json(&purl, &["activity", "--machine", "m", "--limit", "200"]).to_string();
+    assert!(acts.contains("verify-failed") && acts.contains("content hash is"), "m reported the bad download: {acts}");
+
+    // The centre's own copy rots: the next scrub pass quarantines it and says so.
+    let centre_blob = w.path("centre").join("blobs/sha256").join(&hex);
+    corrupt(&centre_blob);
+    wait_until("the centre's scrub records the rotten blob", Duration::from_secs(30), || {
+        w.admin_json(&purl, &["activity", "--machine", "centre"]).to_string().contains("quarantined")
+    });
+    assert!(!centre_blob.exists() && w.path("centre").join("blobs/quarantine").join(&hex).is_file());
+}

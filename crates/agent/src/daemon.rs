@@ -394,7 +394,7 @@ impl Agent {
                     // Crash-loop guard: an update that failed the same way too often waits for
                     // someone to ask for it by id.
                     let asked = matches!(&reason, Reason::Apply(ids) if ids.contains(&u.id));
-                    if decision == Decision::Apply && offer.action == ActionKind::Install as i32 {
+                    if matches!(decision, Decision::Apply | Decision::Stage) && offer.action == ActionKind::Install as i32 {
                         let mut st = self.state.lock().await;
                         if asked {
                             st.failures.remove(&u.id);
@@ -588,6 +588,11 @@ impl Agent {
                 self.record(ActivityKind::DownloadFinished, u, "verified; waiting to be applied").await;
                 Ok(())
             }
+            Err(e @ AgentError::Verify { .. }) => {
+                self.record(ActivityKind::VerifyFailed, u, e.to_string()).await;
+                self.count_failure(u, &e).await;
+                Err(e)
+            }
             Err(e) => {
                 self.record(ActivityKind::DownloadFailed, u, e.to_string()).await;
                 Err(e)
@@ -762,6 +767,26 @@ impl Agent {
             .map_err(|reason| AgentError::Download { update: u.id.clone(), reason })
     }
 
+    /// Counts a failed install (or a download that failed its hash) of `u` as a problem of its
+    /// product; after [`crate::state::GIVE_UP_AFTER`] identical ones it is no longer retried
+    /// by itself (a provider serving bad content is not asked for it again and again).
+    async fn count_failure(&self, u: &Update, e: &AgentError) {
+        let mut st = self.state.lock().await;
+        let detail = e.to_string();
+        let gave_up = st.count_failure(&u.id, &detail);
+        let message = if gave_up {
+            format!(
+                "gave up on {} {} after {} identical failures: {detail}",
+                u.product,
+                u.version,
+                crate::state::GIVE_UP_AFTER
+            )
+        } else {
+            format!("install of {} {} failed: {detail}", u.product, u.version)
+        };
+        st.install_errors.insert(u.product.clone(), message);
+    }
+
     async fn install(&self, client: &mut Client, u: &Update) -> Result<String> {
         if let Err(e) = self.make_room(u).await {
             self.record(ActivityKind::DownloadFailed, u, e.to_string()).await;
@@ -771,13 +796,13 @@ impl Agent {
         let dir = self.cfg.state_dir.join("downloads");
         let pkg_path = match client::download(client, u, &dir, self.cfg.request_timeout).await {
             Ok(p) => p,
+            Err(e @ AgentError::Verify { .. }) => {
+                self.record(ActivityKind::VerifyFailed, u, e.to_string()).await;
+                self.count_failure(u, &e).await;
+                return Err(e);
+            }
             Err(e) => {
-                let kind = if matches!(e, AgentError::Verify { .. }) {
-                    ActivityKind::VerifyFailed
-                } else {
-                    ActivityKind::DownloadFailed
-                };
-                self.record(kind, u, e.to_string()).await;
+                self.record(ActivityKind::DownloadFailed, u, e.to_string()).await;
                 return Err(e);
             }
         };
@@ -927,20 +952,7 @@ impl Agent {
                     ActivityKind::InstallFailed
                 };
                 self.record(kind, u, e.to_string()).await;
-                let mut st = self.state.lock().await;
-                let detail = e.to_string();
-                let gave_up = st.count_failure(&u.id, &detail);
-                let message = if gave_up {
-                    format!(
-                        "gave up on {} {} after {} identical failures: {detail}",
-                        u.product,
-                        u.version,
-                        crate::state::GIVE_UP_AFTER
-                    )
-                } else {
-                    format!("install of {} {} failed: {detail}", u.product, u.version)
-                };
-                st.install_errors.insert(u.product.clone(), message);
+                self.count_failure(u, &e).await;
                 return Err(e);
             }
         };

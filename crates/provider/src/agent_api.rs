@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use updraft_proto::v1::agent_api_server::AgentApi;
 use updraft_proto::v1::{
-    BlobRequest, CheckRequest, CheckResponse, Chunk, ForwardedReport, PushEvent, PushKind, ReportRequest,
+    ActivityKind, BlobRequest, CheckRequest, CheckResponse, Chunk, ForwardedReport, PushEvent, PushKind, ReportRequest,
     ReportResponse, SiteStats, SubscribeRequest,
 };
 
@@ -379,6 +379,12 @@ impl<T: Tier> AgentApi for AgentService<T> {
             self.shared.store.sync().await?;
         }
         self.shared.store.append_activity(&activities).await?;
+        // Content that reached an agent with the wrong hash may be bad here: re-hash it now.
+        for a in &activities {
+            if a.kind == ActivityKind::VerifyFailed as i32 && a.detail.contains("content hash is") {
+                crate::scrub::on_report(&self.shared, &a.update_id);
+            }
+        }
         let accepted = activities.len() as u32;
         self.tier
             .relay(ForwardedReport {

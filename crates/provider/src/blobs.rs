@@ -116,6 +116,33 @@ impl BlobStore {
             .collect())
     }
 
+    /// Reads a stored blob back and checks it still has its content hash. A blob that does not
+    /// (the disk or someone changed it) is moved to `quarantine/` — out of service, kept for
+    /// inspection — and `Ok(false)` returned; a missing blob is `Ok(true)` (nothing to serve).
+    pub async fn scrub(&self, content_hash: &str) -> Result<bool> {
+        let path = self.path_of(content_hash)?;
+        let quarantine = self.root.join("quarantine");
+        let expected = content_hash.to_string();
+        tokio::task::spawn_blocking(move || -> Result<bool> {
+            let actual = match hash::hash_file(&path) {
+                Ok(a) => a,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+                Err(e) => return Err(ProviderError::Io(format!("{}: {e}", path.display()))),
+            };
+            if actual == expected {
+                return Ok(true);
+            }
+            std::fs::create_dir_all(&quarantine)
+                .map_err(|e| ProviderError::Io(format!("{}: {e}", quarantine.display())))?;
+            let to = quarantine.join(path.file_name().expect("a blob has a file name"));
+            std::fs::rename(&path, &to).map_err(|e| ProviderError::Io(format!("{}: {e}", path.display())))?;
+            updraft_core::package::sync_dir(path.parent().expect("blob path has a parent"))?;
+            Ok(false)
+        })
+        .await
+        .map_err(|e| ProviderError::Io(e.to_string()))?
+    }
+
     /// Size of a stored blob.
     pub async fn size(&self, content_hash: &str) -> Result<u64> {
         let p = self.path_of(content_hash)?;

@@ -19,6 +19,7 @@ pub mod pair;
 pub mod policy;
 pub mod replication;
 pub mod scanner;
+pub mod scrub;
 pub mod servers;
 pub mod statement;
 pub mod storage;
@@ -91,6 +92,8 @@ pub struct Config {
     pub max_downloads: usize,
     /// Machines one site may bring in (see `replication::site_may_report`).
     pub max_machines_per_site: usize,
+    /// How often every blob is re-hashed (see `scrub`; zero: never).
+    pub scrub_interval: Duration,
 }
 
 impl Config {
@@ -115,6 +118,7 @@ impl Config {
             disk_reserve_bytes: 1 << 30,
             max_downloads: 256,
             max_machines_per_site: 50_000,
+            scrub_interval: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -127,6 +131,8 @@ pub struct Shared {
     pub hub: Hub,
     pub pair: PairDir,
     pub signer: Option<statement::Signer>,
+    /// Blobs scrubbed on an agent's word lately (see `scrub::on_report`).
+    pub scrubbed: scrub::Recent,
     /// A site's machine trees for the centre's statements (see `statement::SiteProofs`).
     pub site_proofs: std::sync::Mutex<statement::SiteProofs>,
     /// Machines the role ceilings were last computed from (see `ceiling`).
@@ -165,6 +171,7 @@ impl Shared {
             pair,
             signer,
             site_proofs: Default::default(),
+            scrubbed: Default::default(),
             ceiling_sources: Default::default(),
             snapshot: Default::default(),
         }))
@@ -325,6 +332,10 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
             .instrument(tracing::info_span!("content_scanner")),
     );
     let fenced = shutdown.child_token();
+    tokio::spawn(
+        scrub::scrub_loop(shared.clone(), shared.config.scrub_interval, fenced.clone())
+            .instrument(tracing::info_span!("blob_scrub")),
+    );
     tokio::spawn(
         statement::statement_loop(shared.clone(), fenced.clone()).instrument(tracing::info_span!("catalog_statement")),
     );

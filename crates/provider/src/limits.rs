@@ -36,6 +36,10 @@ pub struct LimitArgs {
     /// certificate cannot flood the fleet with ghosts).
     #[arg(long, env = "UPDRAFT_MAX_MACHINES_PER_SITE", default_value_t = 50_000)]
     pub max_machines_per_site: usize,
+    /// Every this many seconds each stored blob is read back and re-hashed; one that lost its
+    /// hash is quarantined (0: never; agents' failed downloads still trigger a scrub).
+    #[arg(long, env = "UPDRAFT_SCRUB_INTERVAL_SECS", default_value_t = 86_400)]
+    pub scrub_interval_secs: u64,
 }
 
 impl LimitArgs {
@@ -55,6 +59,7 @@ impl LimitArgs {
         config.disk_reserve_bytes = self.disk_reserve_bytes;
         config.max_downloads = self.max_downloads;
         config.max_machines_per_site = self.max_machines_per_site;
+        config.scrub_interval = Duration::from_secs(self.scrub_interval_secs);
         Ok(())
     }
 }

@@ -35,6 +35,10 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: Cancellatio
     );
     tokio::spawn(site::prefetch_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("prefetch")));
     tokio::spawn(
+        updraft_provider::scrub::scrub_loop(shared.clone(), shared.config.scrub_interval, shutdown.clone())
+            .instrument(tracing::info_span!("blob_scrub")),
+    );
+    tokio::spawn(
         site::forward_loop(tier.clone(), shutdown.clone())
             .instrument(tracing::info_span!("report_forwarder", %upstream)),
     );
