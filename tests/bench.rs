@@ -645,9 +645,9 @@ async fn tls_section() {
         c.check(CheckRequest { machine: Some(m), manual: false }).await.unwrap().into_inner().encode_to_vec()
     };
     std::fs::write(www.join("answer"), &answer).unwrap();
+    // Given to every machine (agents may download only what they are offered).
     let big = w.noise_package("bigtls", "1.0.0.0", 64);
-    let id = w.admin_ok(&purl, &["update", "add", big.to_str().unwrap()]).trim().to_string();
-    w.admin_ok(&purl, &["update", "state", &id, "ga"]);
+    let id = w.publish(&purl, &big);
     tokio::task::block_in_place(|| w.wait_site_has(&surl, &id));
     let u = w.admin_json(&purl, &["update", "show", &id]);
     let (hash, size) = (u["content_hash"].as_str().unwrap().to_string(), u["size"].as_u64().unwrap());
@@ -679,6 +679,12 @@ async fn tls_section() {
     gen_line("checks/s, 100 clients", Some(ours), theirs, |l| l.req_per_s, "req/s");
 
     let dl = Req::grpc("/updraft.v1.AgentApi/Download", &BlobRequest { content_hash: hash, offset: 0 });
+    // The downloading machines check at the site first, as agents do, so it knows what they
+    // are offered.
+    for (c, n) in loadgen::connect_many(&surl, clients(100), 16).await.into_iter().zip(&names) {
+        let m = MachineInfo { name: n.clone(), ..Default::default() };
+        AgentApiClient::new(c).check(CheckRequest { machine: Some(m), manual: false }).await.unwrap();
+    }
     // The site fetches the blob on the first download; the measured ones find it there.
     let warm = loadgen::connect_many(&surl, clients(1), 1).await;
     loadgen::run(warm.into_iter().map(|c| (c, dl.clone())).collect(), 1).await;

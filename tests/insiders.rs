@@ -10,8 +10,8 @@ use tonic::transport::Channel;
 use updraft_proto::v1::agent_api_client::AgentApiClient;
 use updraft_proto::v1::replication_client::ReplicationClient;
 use updraft_proto::v1::{
-    Activity, ActivityKind, BlobRequest, ForwardRequest, ForwardedReport, InstalledProduct, MachineInfo, ReportRequest,
-    SubscribeRequest,
+    Activity, ActivityKind, BlobRequest, CheckRequest, ForwardRequest, ForwardedReport, InstalledProduct, MachineInfo,
+    ReportRequest, SubscribeRequest,
 };
 use updraft_tests::{World, wait_until};
 
@@ -106,9 +106,24 @@ fn an_agent_certificate_cannot_hoard_streams_fetch_unapproved_content_or_date_th
     rt.block_on(async {
         let mut agent = AgentApiClient::new(connect_as(&w, &purl, "pc-9", "agent").await);
         let mut downloader = AgentApiClient::new(connect_as(&w, &purl, "pc-9", "agent").await);
-        // Content still under review is not an agent's to fetch.
+        // Content still under review is not an agent's to fetch; nor is approved content its
+        // plan does not offer it (it has not checked in, so it is offered nothing).
         let e = downloader.download(BlobRequest { content_hash: secret_hash, offset: 0 }).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        let e = downloader.download(BlobRequest { content_hash: tool_hash.clone(), offset: 0 }).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        assert!(e.message().contains("not the content of an update offered to pc-9"), "{e}");
+        // Once it has checked in with tool 0.9 installed, tool 1.0 is its to fetch.
+        let has_tool = MachineInfo {
+            name: "pc-9".into(),
+            installed: vec![InstalledProduct {
+                product: "tool".into(),
+                version: "0.9.0.0".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        agent.check(CheckRequest { machine: Some(has_tool), manual: false }).await.unwrap();
         // Four downloads held open (each on a connection of its own, as unread streams fill
         // their connection's window); the fifth is refused: the provider's slots are for everyone.
         let mut held = Vec::new();
@@ -159,10 +174,33 @@ fn an_agent_certificate_cannot_hoard_streams_fetch_unapproved_content_or_date_th
             }],
         };
         agent.report(report).await.unwrap();
+        let acts = w.admin_json(&purl, &["activity", "--machine", "pc-9"]);
+        let entry = acts.as_array().unwrap().iter().find(|a| a["detail"] == "from the future").expect("the entry");
+        assert!(entry["at_unix_ms"].as_i64().unwrap() <= now_ms(), "{entry}");
+
+        // A flood of activity from one machine evicts its own oldest entries only: another
+        // machine's entry, older than all of them, stays.
+        let mut quiet = AgentApiClient::new(connect_as(&w, &purl, "pc-8", "agent").await);
+        let one = |name: &str, detail: &str| Activity {
+            kind: ActivityKind::Check as i32,
+            detail: detail.into(),
+            machine: name.into(),
+            ..Default::default()
+        };
+        let pc8 = MachineInfo { name: "pc-8".into(), ..Default::default() };
+        quiet.report(ReportRequest { machine: Some(pc8), activities: vec![one("pc-8", "quiet")] }).await.unwrap();
+        for _ in 0..12 {
+            let flood = ReportRequest {
+                machine: Some(MachineInfo { name: "pc-9".into(), ..Default::default() }),
+                activities: (0..100).map(|_| one("pc-9", "flood")).collect(),
+            };
+            agent.report(flood).await.unwrap();
+        }
     });
-    let acts = w.admin_json(&purl, &["activity", "--machine", "pc-9"]);
-    let entry = acts.as_array().unwrap().iter().find(|a| a["detail"] == "from the future").expect("the entry");
-    assert!(entry["at_unix_ms"].as_i64().unwrap() <= now_ms(), "{entry}");
+    let quiet = w.admin_json(&purl, &["activity", "--machine", "pc-8"]);
+    assert_eq!(quiet.as_array().unwrap().len(), 1, "{quiet}");
+    let loud = w.admin_json(&purl, &["activity", "--machine", "pc-9", "--limit", "5000"]);
+    assert_eq!(loud.as_array().unwrap().len(), 1000, "a machine keeps its newest 1,000 entries");
 }
 
 #[test]
@@ -209,14 +247,16 @@ fn an_oversized_report_is_refused_at_the_site_and_its_outbox_keeps_draining() {
             agent.report(entries(&format!("r{r}"), 1000, 100)).await.unwrap();
         }
     });
-    // The last report reaches the centre behind the others (the outbox drains in order).
-    wait_until("pc-7's last report at the centre", Duration::from_secs(60), || {
-        let acts = w.admin_json(&purl, &["activity", "--machine", "pc-7", "--limit", "10"]);
-        acts.as_array().is_some_and(|a| a.iter().any(|e| e["detail"].as_str().is_some_and(|d| d.starts_with("r11:"))))
+    // The last report reaches the centre behind the others (the outbox drains in order), and
+    // the machine keeps its newest 1,000 entries there: exactly the last report's.
+    let last_only = |acts: &serde_json::Value| {
+        acts.as_array().is_some_and(|a| {
+            a.len() == 1000 && a.iter().all(|e| e["detail"].as_str().is_some_and(|d| d.starts_with("r11:")))
+        })
+    };
+    wait_until("pc-7's last report, and only it, at the centre", Duration::from_secs(60), || {
+        last_only(&w.admin_json(&purl, &["activity", "--machine", "pc-7", "--limit", "10000"]))
     });
-    let acts = w.admin_json(&purl, &["activity", "--machine", "pc-7", "--limit", "10000"]);
-    assert_eq!(acts.as_array().unwrap().len(), 10_000, "more than one batch's worth arrived");
-    assert!(!acts.as_array().unwrap().iter().any(|e| e["detail"].as_str().is_some_and(|d| d.starts_with("big:"))));
 }
 
 #[test]

@@ -32,23 +32,48 @@ pub fn chain_hash(f: &Fields<'_>) -> String {
 /// Checks a whole chain given as (fields, stored hash) in order; returns the sequence number
 /// of the first entry that does not verify, with why.
 pub fn verify<'a>(entries: impl IntoIterator<Item = (Fields<'a>, &'a str)>) -> Result<usize, (u64, String)> {
-    let mut prev = String::new();
-    let mut n = 0;
-    for (expected_seq, (f, stored)) in (1u64..).zip(entries) {
+    let mut v = Verifier::default();
+    for (f, stored) in entries {
+        v.push(&f, stored)?;
+    }
+    Ok(v.count())
+}
+
+/// Checks a chain entry by entry, so a log of any length is verified a page at a time.
+#[derive(Debug, Default)]
+pub struct Verifier {
+    prev: String,
+    n: u64,
+}
+
+impl Verifier {
+    /// Checks the next entry: in sequence, linked to the previous one, with its own hash.
+    pub fn push(&mut self, f: &Fields<'_>, stored: &str) -> Result<(), (u64, String)> {
+        let expected_seq = self.n + 1;
         if f.seq != expected_seq {
             return Err((f.seq, format!("entry {expected_seq} is missing (found {} next)", f.seq)));
         }
-        if f.prev_hash != prev {
+        if f.prev_hash != self.prev {
             return Err((f.seq, "its link to the previous entry is broken".into()));
         }
-        let actual = chain_hash(&f);
+        let actual = chain_hash(f);
         if actual != stored {
             return Err((f.seq, "its content does not match its hash (edited)".into()));
         }
-        prev = actual;
-        n += 1;
+        self.prev = actual;
+        self.n += 1;
+        Ok(())
     }
-    Ok(n)
+
+    /// Entries checked so far.
+    pub fn count(&self) -> usize {
+        self.n as usize
+    }
+
+    /// The hash of the last entry checked (the chain's head).
+    pub fn head(&self) -> &str {
+        &self.prev
+    }
 }
 
 #[cfg(test)]

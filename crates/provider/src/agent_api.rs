@@ -226,7 +226,8 @@ pub struct DownloadSlot {
 /// to half the request timeout; then it is refused as exhausted and the agent retries
 /// shortly. This is the provider's back-pressure on a herd: memory and file handles stay
 /// bounded however many machines download at once, and no one machine takes them all.
-/// Unauthenticated callers (`--insecure`, tests only) are counted only in the total.
+/// Unauthenticated callers (`--insecure`, tests only) are counted only in the total. An agent
+/// may download only content its plan offers it (from its last check here).
 pub async fn download_slot(shared: &Shared, caller: Option<&Caller>, content_hash: &str) -> Result<DownloadSlot> {
     updraft_core::hash::validate(content_hash)?;
     let catalog = shared.catalog()?;
@@ -238,6 +239,24 @@ pub async fn download_slot(shared: &Shared, caller: Option<&Caller>, content_has
         return Err(ProviderError::Denied(format!(
             "{content_hash} is not the content of an approved update in this provider's catalog"
         )));
+    }
+    // An agent gets only what its own plan offers it, as of its last check here: not every
+    // approved package in the catalog.
+    if let Some(c) = caller.filter(|c| c.role == Some(updraft_runtime::tls::Role::Agent)) {
+        let info = shared.store.get_machine(&c.name)?.and_then(|m| m.info);
+        let offered = match info {
+            Some(info) => policy::answer(&shared.store, &catalog, &info)?
+                .0
+                .iter()
+                .any(|o| o.update.as_ref().is_some_and(|u| u.content_hash == content_hash)),
+            None => false,
+        };
+        if !offered {
+            return Err(ProviderError::Denied(format!(
+                "{content_hash} is not the content of an update offered to {} (as of its last check here)",
+                c.name
+            )));
+        }
     }
     let machine = match caller {
         Some(c) if c.role.is_some() => {

@@ -25,12 +25,17 @@ const STATEMENT: &[u8] = b"statement";
 const SCHEMA: &[u8] = b"schema";
 /// The layout this code writes. 1: caps held bare version strings (before deployments and
 /// role ceilings); 2: caps are `ProductLineCap` messages, deployments and roles have trees.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 /// Left in a store's directory once it has been moved: holds the new location.
 pub const MOVED_TO: &str = "MOVED-TO";
 
 /// Bounds on what the store keeps, so a chatty fleet cannot fill the disk.
 pub const MAX_ACTIVITY: usize = 100_000;
+/// Audit entries listed per call.
+pub const MAX_AUDIT_PAGE: usize = 5_000;
+/// Activity entries kept per machine: one machine's flood evicts its own oldest entries, never
+/// other machines' (nor administrators').
+pub const MAX_ACTIVITY_PER_MACHINE: usize = 1_000;
 pub const MAX_OUTBOX: usize = 100_000;
 
 /// One entry of the catalog change log, as followers receive it.
@@ -113,8 +118,13 @@ impl Change {
     }
 }
 
+/// A machine's index key for the activity entry at `key`.
+fn machine_activity_key(machine: &str, key: &[u8]) -> Vec<u8> {
+    [machine.as_bytes(), b"\0", key].concat()
+}
+
 /// The name of the group every machine is in unless assigned elsewhere.
-pub const DEFAULT_GROUP: &str = "default";
+pub const DEFAULT_GROUP: &str = updraft_core::decisions::DEFAULT_GROUP;
 
 /// Logical keys in the change log: one per update id and one per product line cap, so the log
 /// holds the latest change of each thing once.
@@ -214,6 +224,8 @@ pub struct Store {
     meta: sled::Tree,
     machines: sled::Tree,
     activity: sled::Tree,
+    /// `machine \0 activity key` -> (): each machine's entries in time order.
+    activity_by_machine: sled::Tree,
     outbox: sled::Tree,
     watches: sled::Tree,
     groups: sled::Tree,
@@ -299,6 +311,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             machines: db.open_tree("machines")?,
             activity: db.open_tree("activity")?,
+            activity_by_machine: db.open_tree("activity_by_machine")?,
             outbox: db.open_tree("outbox")?,
             watches: db.open_tree("watches")?,
             groups: db.open_tree("groups")?,
@@ -349,6 +362,16 @@ impl Store {
                 };
                 self.caps.insert(k, cap.encode_to_vec())?;
             }
+        }
+        if found < 3 {
+            // Activity gained a per-machine index.
+            for kv in self.activity.iter() {
+                let (k, v) = kv?;
+                let a: Activity = decode(&v)?;
+                self.activity_by_machine.insert(machine_activity_key(&a.machine, &k), &[])?;
+            }
+        }
+        if found < SCHEMA_VERSION {
             tracing::info!(store = %dir.display(), from = found, to = SCHEMA_VERSION, "migrated the store");
         }
         if found != SCHEMA_VERSION || self.meta.get(SCHEMA)?.is_none() {
@@ -758,8 +781,10 @@ impl Store {
     }
 
     /// Audit entries after `after_seq`, oldest first, at most `limit` (0: all).
+    /// Audit entries after `after_seq`, at most `limit` (and never more than
+    /// [`MAX_AUDIT_PAGE`], so an answer always fits in a message: callers page).
     pub fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
-        let limit = if limit == 0 { usize::MAX } else { limit };
+        let limit = if limit == 0 { MAX_AUDIT_PAGE } else { limit.min(MAX_AUDIT_PAGE) };
         self.audit.range(be(after_seq + 1)..).values().take(limit).map(|v| decode(&v?)).collect()
     }
 
@@ -892,13 +917,34 @@ impl Store {
             let id = self.db.generate_id()?;
             let mut key = be(a.at_unix_ms as u64).to_vec();
             key.extend_from_slice(&be(id));
+            self.activity_by_machine.insert(machine_activity_key(&a.machine, &key), &[])?;
             if self.activity.insert(key, a.encode_to_vec())?.is_none() {
                 self.activity_count.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // Each machine's own oldest entries go first, then the oldest of all.
+        let machines: std::collections::BTreeSet<&str> = entries.iter().map(|a| a.machine.as_str()).collect();
+        for m in machines {
+            let prefix = machine_activity_key(m, &[]);
+            let held = self.activity_by_machine.scan_prefix(&prefix).keys().count();
+            for k in
+                self.activity_by_machine.scan_prefix(&prefix).keys().take(held.saturating_sub(MAX_ACTIVITY_PER_MACHINE))
+            {
+                let k = k?;
+                self.activity_by_machine.remove(&k)?;
+                if self.activity.remove(&k[prefix.len()..])?.is_some() {
+                    self.activity_count.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
         while self.activity_count.load(Ordering::Relaxed) > MAX_ACTIVITY {
             match self.activity.pop_min()? {
-                Some(_) => self.activity_count.fetch_sub(1, Ordering::Relaxed),
+                Some((k, v)) => {
+                    if let Ok(a) = decode::<Activity>(&v) {
+                        self.activity_by_machine.remove(machine_activity_key(&a.machine, &k))?;
+                    }
+                    self.activity_count.fetch_sub(1, Ordering::Relaxed)
+                }
                 None => break,
             };
         }
@@ -926,7 +972,8 @@ impl Store {
         for kv in self.activity.iter() {
             let (k, v) = kv?;
             let a: Activity = decode(&v)?;
-            if (machine.is_empty() || a.machine == machine) && self.activity.remove(k)?.is_some() {
+            if (machine.is_empty() || a.machine == machine) && self.activity.remove(&k)?.is_some() {
+                self.activity_by_machine.remove(machine_activity_key(&a.machine, &k))?;
                 self.activity_count.fetch_sub(1, Ordering::Relaxed);
                 n += 1;
             }
@@ -989,6 +1036,25 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_machine_flooding_activity_evicts_only_its_own_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let entry = |machine: &str, at: i64| Activity { machine: machine.into(), at_unix_ms: at, ..Default::default() };
+        s.append_activity(&[entry("admin", 1), entry("quiet", 2)]).await.unwrap();
+        let flood: Vec<Activity> = (0..MAX_ACTIVITY_PER_MACHINE as i64 + 500).map(|i| entry("loud", 10 + i)).collect();
+        for chunk in flood.chunks(300) {
+            s.append_activity(chunk).await.unwrap();
+        }
+        assert_eq!(s.list_activity("admin", "", 0, 10).unwrap().len(), 1, "the oldest entry of all stays");
+        assert_eq!(s.list_activity("quiet", "", 0, 10).unwrap().len(), 1);
+        let loud = s.list_activity("loud", "", 0, usize::MAX).unwrap();
+        assert_eq!(loud.len(), MAX_ACTIVITY_PER_MACHINE, "the flood keeps only its newest");
+        assert_eq!(loud.last().unwrap().at_unix_ms, 510, "its oldest went first");
+        assert_eq!(s.clear_activity("loud").await.unwrap() as usize, MAX_ACTIVITY_PER_MACHINE);
+        assert_eq!(s.activity_by_machine.len(), 2, "the index follows the entries");
+    }
 
     #[tokio::test]
     async fn outbox_batches_are_bounded_and_always_hold_the_first_report() {
