@@ -512,8 +512,11 @@ async fn serving_section(w: &World, purl: &str) {
     w.publish(purl, &w.package("serveapp", "1.0.0.0", &w.key));
     let www = w.path("www");
     std::fs::create_dir_all(&www).unwrap();
-    let check =
-        CheckRequest { machine: Some(MachineInfo { name: "h2load".into(), ..Default::default() }), manual: false };
+    let check = CheckRequest {
+        machine: Some(MachineInfo { name: "h2load".into(), ..Default::default() }),
+        manual: false,
+        statement_digest: vec![],
+    };
     let check_body = grpc_body(w, "check.body", &check);
     // The baseline file is as large as the check's answer.
     let mut c = AgentApiClient::new(Endpoint::from_shared(purl.to_string()).unwrap().connect().await.unwrap());
@@ -617,7 +620,10 @@ async fn tls_section() {
     w.publish(&purl, &w.package("tlsapp", "1.0.0.0", &w.key));
     let check = |name: &str| {
         let m = MachineInfo { name: name.to_string(), ..Default::default() };
-        Req::grpc("/updraft.v1.AgentApi/Check", &CheckRequest { machine: Some(m), manual: false })
+        Req::grpc(
+            "/updraft.v1.AgentApi/Check",
+            &CheckRequest { machine: Some(m), manual: false, statement_digest: vec![] },
+        )
     };
     let herd: Vec<_> = chans.iter().zip(&names).map(|(c, n)| (c.clone(), check(n))).collect();
     let t = Instant::now();
@@ -642,7 +648,11 @@ async fn tls_section() {
     let answer = {
         let mut c = AgentApiClient::new(chans[0].clone());
         let m = MachineInfo { name: names[0].clone(), ..Default::default() };
-        c.check(CheckRequest { machine: Some(m), manual: false }).await.unwrap().into_inner().encode_to_vec()
+        c.check(CheckRequest { machine: Some(m), manual: false, statement_digest: vec![] })
+            .await
+            .unwrap()
+            .into_inner()
+            .encode_to_vec()
     };
     std::fs::write(www.join("answer"), &answer).unwrap();
     // Given to every machine (agents may download only what they are offered).
@@ -683,7 +693,10 @@ async fn tls_section() {
     // are offered.
     for (c, n) in loadgen::connect_many(&surl, clients(100), 16).await.into_iter().zip(&names) {
         let m = MachineInfo { name: n.clone(), ..Default::default() };
-        AgentApiClient::new(c).check(CheckRequest { machine: Some(m), manual: false }).await.unwrap();
+        AgentApiClient::new(c)
+            .check(CheckRequest { machine: Some(m), manual: false, statement_digest: vec![] })
+            .await
+            .unwrap();
     }
     // The site fetches the blob on the first download; the measured ones find it there.
     let warm = loadgen::connect_many(&surl, clients(1), 1).await;
@@ -742,7 +755,8 @@ async fn take_update(ch: Channel, name: String, t0: Instant) -> Installed {
         let mut c = AgentApiClient::new(ch.clone());
         let m = MachineInfo { name: name.clone(), ..Default::default() };
         let result = async {
-            let answer = c.check(CheckRequest { machine: Some(m), manual: false }).await?.into_inner();
+            let answer =
+                c.check(CheckRequest { machine: Some(m), manual: false, statement_digest: vec![] }).await?.into_inner();
             for offer in answer.offers {
                 let Some(u) = offer.update else { continue };
                 let mut s = c.download(BlobRequest { content_hash: u.content_hash, offset: 0 }).await?.into_inner();
@@ -792,7 +806,9 @@ async fn install_section() {
             tokio::spawn(async move {
                 let mut c = AgentApiClient::new(ch.clone());
                 let m = MachineInfo { name: name.clone(), ..Default::default() };
-                c.check(CheckRequest { machine: Some(m), manual: false }).await.expect("first check");
+                c.check(CheckRequest { machine: Some(m), manual: false, statement_digest: vec![] })
+                    .await
+                    .expect("first check");
                 let req = SubscribeRequest { machine: name.clone(), last_seen_seq: 0 };
                 let mut events = c.subscribe(req).await.expect("subscribed").into_inner();
                 while let Some(Ok(ev)) = events.next().await {

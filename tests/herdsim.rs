@@ -35,7 +35,11 @@ pub async fn check_all<F: Future>(
             let name = format!("{prefix}-{i}");
             tokio::spawn(async move {
                 let start = Instant::now();
-                let req = CheckRequest { machine: Some(MachineInfo { name, ..Default::default() }), manual: false };
+                let req = CheckRequest {
+                    machine: Some(MachineInfo { name, ..Default::default() }),
+                    manual: false,
+                    statement_digest: vec![],
+                };
                 let result = match tokio::time::timeout(timeout, c.check(req)).await {
                     Ok(Ok(r)) => Ok(r.into_inner()),
                     Ok(Err(status)) => Err(status.to_string()),

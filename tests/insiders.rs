@@ -123,7 +123,7 @@ fn an_agent_certificate_cannot_hoard_streams_fetch_unapproved_content_or_date_th
             }],
             ..Default::default()
         };
-        agent.check(CheckRequest { machine: Some(has_tool), manual: false }).await.unwrap();
+        agent.check(CheckRequest { machine: Some(has_tool), manual: false, statement_digest: vec![] }).await.unwrap();
         // Four downloads held open (each on a connection of its own, as unread streams fill
         // their connection's window); the fifth is refused: the provider's slots are for everyone.
         let mut held = Vec::new();

@@ -54,7 +54,7 @@ fn mutual_tls_refuses_every_wrong_caller_and_the_audit_log_shows_it() {
             Ok(ch) => {
                 let req = CheckRequest {
                     machine: Some(MachineInfo { name: "x".into(), ..Default::default() }),
-                    manual: false,
+                    ..Default::default()
                 };
                 match AgentApiClient::new(ch).check(req).await {
                     Ok(_) => "accepted".to_string(),
@@ -106,8 +106,11 @@ fn mutual_tls_refuses_every_wrong_caller_and_the_audit_log_shows_it() {
         )
         .unwrap();
         let ch = t.endpoint(&url).unwrap().connect().await.unwrap();
-        let req =
-            CheckRequest { machine: Some(MachineInfo { name: "pc-2".into(), ..Default::default() }), manual: false };
+        let req = CheckRequest {
+            machine: Some(MachineInfo { name: "pc-2".into(), ..Default::default() }),
+            manual: false,
+            statement_digest: vec![],
+        };
         AgentApiClient::new(ch).check(req).await.map(|_| ()).map_err(|s| s.message().to_string())
     });
     let err = spoof.unwrap_err();
@@ -146,8 +149,11 @@ fn mutual_tls_refuses_every_wrong_caller_and_the_audit_log_shows_it() {
 fn genuine_answer(w: &World, url: &str, name: &str) -> updraft_proto::v1::CheckResponse {
     let ep = w.transport(name, "agent").endpoint(url).unwrap();
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let req =
-            CheckRequest { machine: Some(MachineInfo { name: name.into(), ..Default::default() }), manual: false };
+        let req = CheckRequest {
+            machine: Some(MachineInfo { name: name.into(), ..Default::default() }),
+            manual: false,
+            statement_digest: vec![],
+        };
         AgentApiClient::new(ep.connect().await.unwrap()).check(req).await.unwrap().into_inner()
     })
 }

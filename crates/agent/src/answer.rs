@@ -12,7 +12,7 @@ use updraft_core::decisions::{self, Decided, MachineInput, MachineProof};
 use updraft_core::freshness::{self, Entry, Statement};
 use updraft_core::keys::PublicKey;
 use updraft_core::plan::Action;
-use updraft_proto::v1::{ActionKind, CheckResponse, GroupSettings, Offer, Policy, Update};
+use updraft_proto::v1::{ActionKind, CheckResponse, GroupSettings, Offer, Policy, SignedStatement, Update};
 
 /// The longest check interval any answer can set, signed or not: a day.
 pub const MAX_INTERVAL_SECS: u32 = 24 * 3600;
@@ -25,19 +25,24 @@ pub struct Checked {
     pub version: u64,
     /// Each offer refused, with why.
     pub refused: Vec<(Update, String)>,
+    /// The statement decided on (to send its digest next time instead of receiving it again).
+    pub statement: SignedStatement,
 }
 
-/// Checks `resp` for machine `name` against the pinned `keys`. An error refuses the whole
-/// answer (the agent tries another provider).
+/// Checks `resp` for machine `name` against the pinned `keys`. An answer without a statement
+/// is checked against `held`, the one the agent holds (the provider leaves out a statement the
+/// agent said it has; it is verified again all the same). An error refuses the whole answer
+/// (the agent tries another provider).
 pub fn check(
     keys: &[PublicKey],
     seen_version: u64,
     now_ms: i64,
     name: &str,
     me: &MachineInput,
+    held: Option<&SignedStatement>,
     mut resp: CheckResponse,
 ) -> Result<Checked, String> {
-    let Some(signed) = &resp.statement else {
+    let Some(signed) = resp.statement.take().or_else(|| held.cloned()) else {
         return Err("it carries no signed catalog statement".into());
     };
     let st =
@@ -71,7 +76,7 @@ pub fn check(
     resp.max_check_interval_secs = resp.max_check_interval_secs.clamp(resp.min_check_interval_secs, max_b);
     // The version decided on is the statement's: an answer cannot claim a newer one.
     resp.catalog_seq = resp.catalog_seq.min(st.version);
-    Ok(Checked { resp, version: st.version, refused })
+    Ok(Checked { resp, version: st.version, refused, statement: signed })
 }
 
 /// Bounds an unsigned answer's interval (agents started with `--allow-unsigned-catalog`).
@@ -179,7 +184,6 @@ mod tests {
     use updraft_core::freshness::{GroupEntry, IntervalBounds};
     use updraft_core::keys::ReleaseKey;
     use updraft_core::plan::InstalledItem;
-    use updraft_proto::v1::SignedStatement;
 
     fn entry(product: &str, version: &str, state: i32) -> Entry {
         Entry {
@@ -250,7 +254,7 @@ mod tests {
         }
 
         fn check(&self, name: &str, me: &MachineInput, resp: CheckResponse) -> Result<Checked, String> {
-            check(&[self.key.public()], 0, 1, name, me, resp)
+            check(&[self.key.public()], 0, 1, name, me, None, resp)
         }
     }
 
@@ -341,6 +345,21 @@ mod tests {
         let resp = c.answer("pc-1", vec![c.offer(ActionKind::Install, "hello-3.0.0.0")]);
         let got = c.check("pc-1", &has("hello", "1.0.0.0"), resp).unwrap();
         assert!(got.resp.offers.is_empty() && got.refused.len() == 1, "{got:?}");
+    }
+
+    #[test]
+    fn an_answer_without_the_statement_is_checked_against_the_one_held() {
+        let c = Centre::new(vec![]);
+        let first = c.check("pc-1", &has("hello", "1.0.0.0"), c.answer("pc-1", vec![])).unwrap();
+        let mut resp = c.answer("pc-1", vec![c.offer(ActionKind::Install, "hello-3.0.0.0")]);
+        resp.statement = None;
+        let keys = [c.key.public()];
+        let got = check(&keys, 7, 1, "pc-1", &has("hello", "1.0.0.0"), Some(&first.statement), resp.clone()).unwrap();
+        assert_eq!(got.resp.offers.len(), 1);
+        // Holding none, the answer is refused; the held one expires like any other.
+        assert!(check(&keys, 7, 1, "pc-1", &has("hello", "1.0.0.0"), None, resp.clone()).is_err());
+        let e = check(&keys, 7, i64::MAX, "pc-1", &MachineInput::default(), Some(&first.statement), resp).unwrap_err();
+        assert!(e.contains("expired"), "{e}");
     }
 
     #[test]

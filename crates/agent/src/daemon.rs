@@ -219,6 +219,15 @@ impl Agent {
         }))
     }
 
+    /// A check: this machine, and the digest of the statement it holds (not sent again).
+    async fn check_request(&self, manual: bool) -> CheckRequest {
+        let statement_digest = match (self.cfg.catalog_keys.is_empty(), &self.state.lock().await.statement) {
+            (false, Some(s)) => updraft_core::freshness::digest(&s.body),
+            _ => vec![],
+        };
+        CheckRequest { machine: Some(self.machine_info().await), manual, statement_digest }
+    }
+
     async fn machine_info(&self) -> MachineInfo {
         let st = self.state.lock().await;
         let local = LocalSettings {
@@ -295,7 +304,7 @@ impl Agent {
                             break; // connect already tried every provider
                         }
                     };
-                    let req = CheckRequest { machine: Some(self.machine_info().await), manual };
+                    let req = self.check_request(manual).await;
                     let answer = match client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await {
                         Ok(r) => self.verify_answer(&url, r).await,
                         Err(e) => Err(e),
@@ -491,14 +500,18 @@ impl Agent {
             crate::answer::bound_unsigned(&mut resp);
             return Ok((resp, vec![]));
         }
-        let (seen, me) = {
+        let (seen, me, held) = {
             let st = self.state.lock().await;
-            (st.catalog_version, self.machine_input(&st))
+            (st.catalog_version, self.machine_input(&st), st.statement.clone())
         };
-        let checked = crate::answer::check(&self.cfg.catalog_keys, seen, now_ms(), &self.cfg.name, &me, resp)
-            .map_err(|reason| AgentError::Verify { update: format!("the answer of {url}"), reason })?;
+        let checked =
+            crate::answer::check(&self.cfg.catalog_keys, seen, now_ms(), &self.cfg.name, &me, held.as_ref(), resp)
+                .map_err(|reason| AgentError::Verify { update: format!("the answer of {url}"), reason })?;
         let mut s = self.state.lock().await;
         s.catalog_version = s.catalog_version.max(checked.version);
+        if checked.version >= s.statement_version() {
+            s.statement = Some(checked.statement);
+        }
         Ok((checked.resp, checked.refused))
     }
 
@@ -1157,7 +1170,7 @@ impl Agent {
         let start = std::time::Instant::now();
         let client = self.providers.lock().await.connect_to(&url).await;
         let mut client = client.map_err(|e| AgentError::Unreachable { tried: url.clone(), last: e })?;
-        let req = CheckRequest { machine: Some(self.machine_info().await), manual: false };
+        let req = self.check_request(false).await;
         let resp = client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await?;
         let (resp, _) = self.verify_answer(&url, resp).await?;
         Ok(TestReport {

@@ -93,6 +93,10 @@ pub struct WaitingRec {
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 pub struct AgentState {
+    /// The last signed statement acted on (kept in memory only: a restarted agent is sent it
+    /// again with its first answer).
+    #[serde(skip)]
+    pub statement: Option<updraft_proto::v1::SignedStatement>,
     #[serde(default)]
     pub local: LocalSettings,
     #[serde(default)]
@@ -195,6 +199,11 @@ impl AgentState {
     }
 
     /// What the agent knows is wrong, in words for the report.
+    /// The version of the statement held (0: none).
+    pub fn statement_version(&self) -> u64 {
+        self.statement.as_ref().and_then(|s| updraft_core::freshness::claimed_version(&s.body)).unwrap_or(0)
+    }
+
     pub fn problems(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .unreachable

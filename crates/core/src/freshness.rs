@@ -137,6 +137,12 @@ impl Statement {
     }
 }
 
+/// The SHA-256 of a statement body: how an agent says which statement it already holds.
+pub fn digest(body: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(body).to_vec()
+}
+
 /// The version a statement claims, unverified: for a site that only passes statements on and
 /// orders what it forwards by them (agents verify).
 pub fn claimed_version(body: &[u8]) -> Option<u64> {

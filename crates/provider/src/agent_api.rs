@@ -318,6 +318,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
             machine.addresses.insert(0, addr);
         }
         let machine_name = machine.name.clone();
+        let held_digest = req.statement_digest.clone();
         let catalog = self.shared.catalog()?;
         let (offers, policy) = policy::answer(&self.shared.store, &catalog, &machine)?;
         self.tier.offered(&offers);
@@ -347,7 +348,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
             max_check_interval_secs: self.shared.config.max_check_secs,
             served_by: self.shared.config.name.clone(),
             policy: Some(policy),
-            statement: signed.map(|s| s.statement),
+            statement: signed.and_then(|s| s.for_agent(&held_digest)),
             machine_proof,
         }))
     }

@@ -25,9 +25,22 @@ use crate::{Shared, now_ms};
 pub struct Signed {
     pub statement: SignedStatement,
     pub machines: Option<Arc<MachineTree>>,
+    /// SHA-256 of the statement's body (agents holding it are not sent it again).
+    pub digest: Vec<u8>,
 }
 
 impl Signed {
+    fn new(statement: SignedStatement, machines: Option<Arc<MachineTree>>) -> Self {
+        let digest = updraft_core::freshness::digest(&statement.body);
+        Self { statement, machines, digest }
+    }
+
+    /// The statement for an answer to an agent that holds the statement with `held` digest:
+    /// none when it is this one.
+    pub fn for_agent(&self, held: &[u8]) -> Option<SignedStatement> {
+        (held != self.digest.as_slice()).then(|| self.statement.clone())
+    }
+
     /// The machine's proof, as a check answer carries it (JSON of `MachineProof`).
     pub fn proof_for(&self, machine: &str) -> Vec<u8> {
         match &self.machines {
@@ -155,7 +168,7 @@ impl Signer {
         };
         let (body, sig) = st.sign(&self.key);
         let statement = SignedStatement { body, signature: sig.to_vec(), key_id: self.key.public().key_id() };
-        let signed = Signed { statement, machines: Some(tree) };
+        let signed = Signed::new(statement, Some(tree));
         *last = Some((seq, now, signed.clone()));
         Ok((signed, true))
     }
@@ -184,11 +197,11 @@ impl SiteProofs {
         }
         let seq = store.catalog_seq()?;
         if self.failed.as_ref().is_some_and(|(b, s)| *b == stored.body && *s == seq) {
-            return Ok(self.matched.clone().unwrap_or(Signed { statement: stored, machines: None }));
+            return Ok(self.matched.clone().unwrap_or_else(|| Signed::new(stored, None)));
         }
         let tree = MachineTree::build(machine_records(store)?);
         if claimed_root(&stored.body).is_some_and(|r| r == tree.root()) {
-            let signed = Signed { statement: stored, machines: Some(Arc::new(tree)) };
+            let signed = Signed::new(stored, Some(Arc::new(tree)));
             self.matched = Some(signed.clone());
             self.failed = None;
             return Ok(signed);
@@ -197,7 +210,7 @@ impl SiteProofs {
         // the last consistent pair keeps answering until the next one matches.
         tracing::debug!(seq, "replica does not match the statement's machine root yet");
         self.failed = Some((stored.body.clone(), seq));
-        Ok(self.matched.clone().unwrap_or(Signed { statement: stored, machines: None }))
+        Ok(self.matched.clone().unwrap_or_else(|| Signed::new(stored, None)))
     }
 }
 
