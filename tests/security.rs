@@ -179,11 +179,15 @@ fn a_pinned_agent_refuses_lying_providers_reports_why_and_moves_on() {
         .replaying(genuine_answer(&w, &url, "spy").statement.unwrap());
     let swapped_url = swapped.spawn(&w);
     let mut m1 = w.agent_with("m1", &format!("{swapped_url},{url}"), &pin);
+    // The version is live a moment before the check that installed it records its provider:
+    // wait for both.
+    let status = |w: &World| -> serde_json::Value {
+        serde_json::from_slice(&w.agent_cmd("m1", &["status", "--json"]).stdout).unwrap_or_default()
+    };
     updraft_tests::wait_until("m1 on v1 from the centre", Duration::from_secs(30), || {
-        w.installed("m1", "app").as_deref() == Some("1.0.0.0")
+        w.installed("m1", "app").as_deref() == Some("1.0.0.0") && status(&w)["last_provider"] == url.as_str()
     });
-    let st: serde_json::Value = serde_json::from_slice(&w.agent_cmd("m1", &["status", "--json"]).stdout).unwrap();
-    assert_eq!(st["last_provider"], url.as_str(), "{st}");
+    let st = status(&w);
     let problems = st["problems"].to_string();
     assert!(problems.contains("does not list") && problems.contains(&swapped_url), "{problems}");
     assert!(

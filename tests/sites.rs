@@ -170,3 +170,35 @@ fn the_download_cache_has_a_limit() {
     });
     assert!(w.installed("small-disk", "large").is_none());
 }
+
+/// A branch agent configured with only the centre learns its site from its group. Restarted
+/// while the centre is down, it goes to the site it remembered and keeps working from it.
+#[test]
+fn a_restarted_branch_agent_uses_its_remembered_site_while_the_centre_is_down() {
+    let w = World::new();
+    let (mut centre, purl) = w.provider("centre", true);
+    let (_s, surl) = w.remote("site", &purl);
+    w.admin_ok(&purl, &["group", "create", "branch", "--providers", &surl]);
+    let v1 = w.approve(&purl, &w.package("tool", "1.0.0.0", &w.key));
+    w.admin_ok(&purl, &["deploy", "tool", "--group", "branch"]);
+    w.wait_site_caught_up(&surl, &purl);
+    let fast = ["--min-interval", "1", "--max-interval", "1"];
+    let mut a = w.agent_with("m", &purl, &fast);
+    wait_until("m known to the centre", T, || w.admin(&purl, &["machine", "show", "m"]).status.success());
+    w.admin_ok(&purl, &["group", "assign", "branch", "m"]);
+    let last_provider = |w: &World| -> String {
+        let st: Value = serde_json::from_slice(&w.agent_cmd("m", &["status", "--json"]).stdout).unwrap_or_default();
+        st["last_provider"].as_str().unwrap_or_default().to_string()
+    };
+    wait_until("m installs from its assigned site", T, || {
+        w.installed("m", "tool").as_deref() == Some("1.0.0.0") && last_provider(&w) == surl
+    });
+    let _ = v1;
+
+    a.kill9();
+    centre.kill9();
+    let _a = w.agent_with("m", &purl, &fast);
+    let out = w.agent_cmd("m", &["check"]);
+    assert!(out.status.success(), "{}", updraft_tests::stderr(&out));
+    assert_eq!(last_provider(&w), surl, "the restarted agent went to its site, not the dead centre");
+}

@@ -202,12 +202,17 @@ impl Agent {
         if !cleaned.is_empty() {
             tracing::warn!(?cleaned, "removed leftovers of an interrupted install");
         }
-        let providers = Providers::new(
+        let mut providers = Providers::new(
             cfg.providers.clone(),
             cfg.max_message_bytes,
             cfg.discovery_key.clone(),
             cfg.transport.clone(),
         )?;
+        // The providers the machine's group assigns, as last learned: a restarted branch agent
+        // goes to its site first, and keeps working from it while the centre is down.
+        if let Some(p) = &state.policy {
+            providers.set_assigned(&p.providers);
+        }
         let interval = cfg.interval.unwrap_or((Duration::from_secs(1800), Duration::from_secs(3600)));
         Ok(Arc::new(Self {
             state: Mutex::new(state),
