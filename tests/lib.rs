@@ -100,6 +100,20 @@ impl Proc {
         Self::spawn(dir, name, cmd)
     }
 
+    /// The port a server started with `--listen 127.0.0.1:0` reports once bound (it exits with
+    /// its log printed if it never does).
+    pub fn listening_port(&mut self) -> u16 {
+        let mut port = None;
+        wait_until(&format!("{} to report its port", self.name), Duration::from_secs(30), || {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            port = log.lines().find_map(|l| {
+                l.split_once(": listening on ").and_then(|(_, a)| a.trim().rsplit(':').next()?.parse().ok())
+            });
+            port.is_some() || self.exited()
+        });
+        port.unwrap_or_else(|| panic!("{} exited before listening:\n{}", self.name, self.log_text()))
+    }
+
     /// Starts `cmd` with its output in `dir/NAME.log`.
     pub fn spawn(dir: &Path, name: &str, mut cmd: Command) -> Proc {
         let log = dir.join(format!("{name}.log"));
@@ -372,15 +386,15 @@ impl World {
         self.provider_with(name, &trust_args)
     }
 
+    /// A provider on a port the kernel picks (it reports it once bound).
     pub fn provider_with(&self, name: &str, extra: &[&str]) -> (Proc, String) {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
         let store = self.path(name);
-        let mut args = vec!["--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
+        let mut args = vec!["--store", store.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name];
         args.extend(["--scan-delay-secs", "0", "--scan-interval-secs", "1", "--scan-quiet-secs", "1"]);
         args.extend(["--bootstrap-admin", ADMIN, "--catalog-key", self.catalog_key.to_str().unwrap()]);
         args.extend_from_slice(extra);
-        let p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env_for(name, "provider", &[]));
+        let mut p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env_for(name, "provider", &[]));
+        let port = p.listening_port();
         wait_port(port);
         (p, format!("{}://127.0.0.1:{port}", self.scheme()))
     }
@@ -427,19 +441,18 @@ impl World {
 
     /// A site with extra flags (limits, say).
     pub fn remote_with(&self, name: &str, upstream: &str, extra: &[&str]) -> (Proc, String) {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
         let store = self.path(name);
         let mut args =
-            vec!["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
+            vec!["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name];
         args.extend_from_slice(extra);
-        let p = Proc::start_env(
+        let mut p = Proc::start_env(
             self.dir.path(),
             name,
             "remote-provider",
             &args,
             &self.env_for(name, "remote-provider", &[]),
         );
+        let port = p.listening_port();
         wait_port(port);
         (p, format!("{}://127.0.0.1:{port}", self.scheme()))
     }

@@ -156,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    updraft_runtime::report_listening("provider", listener.local_addr()?);
     let result = updraft_provider::run(config, listener, updraft_runtime::shutdown_on_signals()).await;
     telemetry.shutdown().await;
     Ok(result?)

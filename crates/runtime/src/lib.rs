@@ -26,6 +26,12 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// Says where a server listens, once bound, on standard output: with `--listen HOST:0` the
+/// kernel picks the port, and this line is how a supervisor or a test learns it.
+pub fn report_listening(program: &str, addr: std::net::SocketAddr) {
+    println!("{program}: listening on {addr}");
+}
+
 /// The kernel's host name, or "localhost" when it cannot be read.
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
