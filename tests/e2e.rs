@@ -283,7 +283,7 @@ fn acknowledged_admin_writes_survive_kill_9() {
     w.admin_ok(&purl, &["update", "priority", &id, "high"]);
     p.kill9();
     // Same store, same port.
-    let _p2 = w.restart_provider("centre", &purl);
+    let _p2 = p.again();
     let u = w.admin_json(&purl, &["update", "show", &id]);
     assert_eq!(u["state"], "ga");
     assert_eq!(u["high_priority"], true);

@@ -87,6 +87,12 @@ pub struct Proc {
     pub name: String,
     child: Option<Child>,
     pub log: PathBuf,
+    /// What it was started with, for [`Proc::again`].
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+    envs: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// The port it reported listening on (see [`Proc::listening_port`]).
+    port: Option<u16>,
 }
 
 impl Proc {
@@ -111,11 +117,36 @@ impl Proc {
             });
             port.is_some() || self.exited()
         });
-        port.unwrap_or_else(|| panic!("{} exited before listening:\n{}", self.name, self.log_text()))
+        let port = port.unwrap_or_else(|| panic!("{} exited before listening:\n{}", self.name, self.log_text()));
+        self.port = Some(port);
+        port
+    }
+
+    /// The same program started again with exactly the same arguments and environment (on the
+    /// port it reported, where it was started on port 0), after a kill; its log is
+    /// `NAME-again.log`.
+    pub fn again(&self) -> Proc {
+        let mut cmd = Command::new(&self.program);
+        let listen0 = std::ffi::OsStr::new("127.0.0.1:0");
+        cmd.args(self.args.iter().map(|a| match self.port {
+            Some(p) if a == listen0 => format!("127.0.0.1:{p}").into(),
+            _ => a.clone(),
+        }));
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
+        let dir = self.log.parent().expect("a log has a directory");
+        let mut p = Proc::spawn(dir, &format!("{}-again", self.name), cmd);
+        if let Some(port) = self.port {
+            p.port = Some(port);
+            wait_port(port);
+        }
+        p
     }
 
     /// Starts `cmd` with its output in `dir/NAME.log`.
     pub fn spawn(dir: &Path, name: &str, mut cmd: Command) -> Proc {
+        let program = cmd.get_program().to_owned();
+        let args = cmd.get_args().map(|a| a.to_owned()).collect();
+        let envs = cmd.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))).collect();
         let log = dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
         let child = cmd
@@ -124,7 +155,7 @@ impl Proc {
             .stderr(f)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Proc { name: name.into(), child: Some(child), log }
+        Proc { name: name.into(), child: Some(child), log, program, args, envs, port: None }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -399,7 +430,8 @@ impl World {
         (p, format!("{}://127.0.0.1:{port}", self.scheme()))
     }
 
-    /// Starts provider `name` again on the same store and URL (after a kill); its log is
+    /// Starts a provider called `name` on its store and the port of `url` (a store moved
+    /// there, say); a restart of the same process is [`Proc::again`]. Its log is
     /// `NAME-again.log`.
     pub fn restart_provider(&self, name: &str, url: &str) -> Proc {
         let port = url.rsplit(':').next().unwrap().to_string();
@@ -420,17 +452,6 @@ impl World {
         ];
         let env = self.env_for(name, "provider", &[]);
         let p = Proc::start_env(self.dir.path(), &format!("{name}-again"), "provider", &args, &env);
-        wait_port(port.parse().unwrap());
-        p
-    }
-
-    /// Starts site `name` again on the same store and URL; its log is `NAME-again.log`.
-    pub fn restart_remote(&self, name: &str, upstream: &str, url: &str) -> Proc {
-        let port = url.rsplit(':').next().unwrap().to_string();
-        let (store, listen) = (self.path(name), format!("127.0.0.1:{port}"));
-        let args = ["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", &listen, "--name", name];
-        let env = self.env_for(name, "remote-provider", &[]);
-        let p = Proc::start_env(self.dir.path(), &format!("{name}-again"), "remote-provider", &args, &env);
         wait_port(port.parse().unwrap());
         p
     }

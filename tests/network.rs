@@ -296,7 +296,7 @@ fn a_superseded_active_cannot_commit_and_steps_down() {
     assert!(p.wait_exit(Duration::from_secs(10)), "the superseded provider kept running");
     assert!(p.log_text().contains("superseded"), "{}", p.log_text());
 
-    let _again = w.restart_provider("centre", &url);
+    let _again = p.again();
     let groups = w.admin_json(&url, &["group", "list"]);
     let names: Vec<&str> = groups.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"before") && !names.contains(&"after"), "{names:?}");

@@ -79,7 +79,7 @@ fn a_cut_upstream_resumes_the_transfer_and_a_down_upstream_leaves_the_site_worki
     wait_until("transfer under way", T, || std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0 && m.len() < size));
     p.kill9();
     let cut_at = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
-    let _p2 = w.restart_provider("centre", &purl);
+    let _p2 = p.again();
     wait_until("the site finished the transfer", T, || w.path("site").join("blobs/sha256").join(&hex).is_file());
     let wan = site_status(&w, &surl)["wan_bytes"].as_u64().unwrap();
     assert!(wan < size + (1 << 20), "resumed, not restarted: {wan} WAN bytes for {size} (cut at {cut_at})");
@@ -125,7 +125,7 @@ fn agents_fall_back_when_their_site_dies_and_return_when_it_is_back() {
     });
 
     // The site comes back (same store, same port): the agent returns to it.
-    let _s2 = w.restart_remote("site", &purl, &surl);
+    let _s2 = s.again();
     wait_until("back on the preferred site", T, || last_provider(&w) == surl);
     // It resumed its catalog where it stopped instead of reloading it.
     let log = std::fs::read_to_string(w.dir.path().join("site-again.log")).unwrap();
