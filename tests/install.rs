@@ -10,18 +10,33 @@ use updraft_tests::{World, wait_until};
 
 const T: Duration = Duration::from_secs(30);
 
-/// Every boundary the install journal has, and two points inside long steps.
-const POINTS: &[&str] = &[
-    "download:mid",
-    "download:done",
-    "verified",
-    "stage:mid",
-    "staged",
-    "swap:exchanged",
-    "swap:journaled",
-    "swap:old-kept",
-    "state:saved",
-];
+/// The agent's fail points an upgrade reaches with the atomic exchange: every one it exports
+/// but the removal's and the one only the ordered-rename fallback has.
+fn install_points() -> Vec<&'static str> {
+    updraft_agent::failpoint::POINTS
+        .iter()
+        .copied()
+        .filter(|p| !REMOVAL_POINTS.contains(p) && !FALLBACK_ONLY.contains(p))
+        .collect()
+}
+
+/// The points of a removal (rolling back to the kept previous version).
+const REMOVAL_POINTS: &[&str] = &["remove:before", "remove:done"];
+
+/// Points only the ordered-rename fallback reaches.
+const FALLBACK_ONLY: &[&str] = &["swap:moved-out"];
+
+#[test]
+fn the_sweeps_cover_every_exported_fail_point() {
+    let mut covered: Vec<&str> = install_points();
+    covered.extend(FALLBACK_POINTS);
+    covered.extend(REMOVAL_POINTS);
+    covered.sort();
+    covered.dedup();
+    let mut all = updraft_agent::failpoint::POINTS.to_vec();
+    all.sort();
+    assert_eq!(covered, all);
+}
 
 /// Writes a product tree for `version`: several files, one large enough for several download
 /// chunks, and contents that differ in every file between versions.
@@ -65,8 +80,9 @@ const FALLBACK_POINTS: &[&str] = &["swap:moved-out", "swap:exchanged", "swap:jou
 
 #[test]
 fn a_kill_at_any_step_leaves_a_whole_version_and_the_agent_converges() {
-    let broken = sweep(POINTS, &[]);
-    eprintln!("crash-point sweep (atomic exchange): {} points x 1 run, {broken} broken installs", POINTS.len());
+    let points = install_points();
+    let broken = sweep(&points, &[]);
+    eprintln!("crash-point sweep (atomic exchange): {} points x 1 run, {broken} broken installs", points.len());
     assert_eq!(broken, 0);
 }
 
@@ -155,4 +171,54 @@ fn sweep(points: &[&str], env: &[(String, String)]) -> usize {
         w.env.clear();
     }
     broken
+}
+
+/// A removal killed at each of its points: after the restart the machine is back on the
+/// previous version (from `P_old`), whole, with records that say so and nothing left over.
+#[test]
+fn a_kill_during_a_removal_leaves_a_whole_version_and_the_agent_converges() {
+    for point in REMOVAL_POINTS {
+        let mut w = World::new();
+        let (_p, purl) = w.provider("centre", true);
+        let (s1, s2) = (source(&w, "1.0.0.0"), source(&w, "2.0.0.0"));
+        let build = |src: &Path, v: &str| w.build_package(src, "app", v, &w.key, &[]);
+        let (v1_tree, v2_tree) = (tree(&s1), tree(&s2));
+        let live = w.root("m").join("app");
+        w.publish(&purl, &build(&s1, "1.0.0.0"));
+        let settled = |w: &World, v: &str| {
+            w.installed("m", "app").as_deref() == Some(v) && !w.state("m").join("journal.json").exists()
+        };
+        {
+            let _a = w.agent("m", &purl);
+            wait_until("v1 installed", T, || settled(&w, "1.0.0.0"));
+        }
+        let v2 = w.publish(&purl, &build(&s2, "2.0.0.0"));
+        {
+            let _a = w.agent("m", &purl);
+            wait_until("v2 installed", T, || settled(&w, "2.0.0.0") && tree(&live) == v2_tree);
+        }
+        w.admin_ok(&purl, &["update", "state", &v2, "remove"]);
+
+        w.env.push(("UPDRAFT_FAILPOINT".into(), point.to_string()));
+        let mut crashing = w.agent("m", &purl);
+        w.env.pop();
+        assert!(crashing.wait_exit(T), "{point}: the agent did not reach its fail point\n{}", crashing.log_text());
+        let after_kill = tree(&live);
+        assert!(
+            after_kill == v1_tree || after_kill == v2_tree,
+            "{point}: ROOT/app is neither v1 nor v2 after the kill"
+        );
+
+        let _a = w.agent("m", &purl);
+        wait_until(&format!("{point}: back on v1"), T, || {
+            let st: serde_json::Value =
+                serde_json::from_slice(&w.agent_cmd("m", &["status", "--json"]).stdout).unwrap_or_default();
+            tree(&live) == v1_tree
+                && st["daemon_running"] == true
+                && st["installed"][0]["version"] == "1.0.0.0"
+                && !w.state("m").join("removal.json").exists()
+        });
+        assert!(!w.root("m").join("app_update_pending").exists(), "{point}: staging left behind");
+        eprintln!("{point}: whole after the kill, back on v1 after the restart");
+    }
 }

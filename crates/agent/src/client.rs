@@ -354,7 +354,7 @@ pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Du
             // Whole chunks reach the file, so a crash re-fetches at most the one in flight.
             file.flush().await.map_err(|e| AgentError::io(&part, e))?;
             if pos < update.size {
-                crate::failpoint::hit("download:mid");
+                crate::failpoint::check("download:mid")?;
             }
         }
     }
@@ -375,7 +375,7 @@ pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Du
             reason: format!("content hash is {actual}, the catalog says {}", update.content_hash),
         });
     }
-    crate::failpoint::hit("download:done");
+    crate::failpoint::check("download:done")?;
     tokio::fs::rename(&part, &done).await.map_err(|e| AgentError::io(&done, e))?;
     Ok(done)
 }

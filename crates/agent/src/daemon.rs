@@ -855,7 +855,7 @@ impl Agent {
             let pkg = install::verify(&pkg2, &key, &op.update_id, &op.product, &op.version)?;
             op.step = journal::Step::Verified;
             journal::save(&state_dir, &op)?;
-            failpoint::hit("verified");
+            failpoint::check("verified")?;
             let staged = install::stage(&pkg, &root, &op.update_id)?;
             op.step = journal::Step::Staged;
             op.staged_inode = journal::inode(&staged);
@@ -863,7 +863,7 @@ impl Agent {
             op.needs_health =
                 lc.post_install.is_some() || lc.start.is_some() || lc.health.is_some() || lc.health_process.is_some();
             journal::save(&state_dir, &op)?;
-            failpoint::hit("staged");
+            failpoint::check("staged")?;
             // Before the swap: pre-install and stop hooks from the staged tree, then the gate.
             if op.product == self_product
                 && let Err(reason) = selfupdate::self_test(&staged)
@@ -905,14 +905,14 @@ impl Agent {
                 });
             }
             let had_old = install::exchange_in(&root, &op.product)?;
-            failpoint::hit("swap:exchanged");
+            failpoint::check("swap:exchanged")?;
             op.step = journal::Step::Swapped;
             journal::save(&state_dir, &op)?;
-            failpoint::hit("swap:journaled");
+            failpoint::check("swap:journaled")?;
             if had_old {
                 install::keep_old(&root, &op.product)?;
             }
-            failpoint::hit("swap:old-kept");
+            failpoint::check("swap:old-kept")?;
             // After the swap: post-install and start hooks and the health check, from the new
             // tree. Only a healthy install counts; otherwise the previous version goes back.
             let live = install::live_dir(&root, &op.product);
@@ -920,7 +920,7 @@ impl Agent {
                 Some(rel) => lifecycle::run_hook(name, rel, &live, &env, lc.hook_timeout(), &log),
                 None => Ok(()),
             };
-            failpoint::hit("health:before");
+            failpoint::check("health:before")?;
             let healthy = after("post-install", &lc.post_install)
                 .and_then(|_| after("start", &lc.start))
                 .and_then(|_| after("health", &lc.health))
@@ -1040,7 +1040,7 @@ impl Agent {
             }
         }
         self.save().await?;
-        failpoint::hit("state:saved");
+        failpoint::check("state:saved")?;
         journal::clear(&self.cfg.state_dir)
     }
 
@@ -1064,7 +1064,7 @@ impl Agent {
         };
         journal::save_removal(&self.cfg.state_dir, &removal)?;
         let result = tokio::task::spawn_blocking(move || {
-            failpoint::hit("remove:before");
+            failpoint::check("remove:before")?;
             if to_old { install::roll_back(&root, &product) } else { install::uninstall(&root, &product) }
         })
         .await
@@ -1074,7 +1074,7 @@ impl Agent {
             self.record(ActivityKind::InstallFailed, u, format!("removal failed: {e}")).await;
             return Err(e);
         }
-        failpoint::hit("remove:done");
+        failpoint::check("remove:done")?;
         let line = {
             let mut st = self.state.lock().await;
             match back {

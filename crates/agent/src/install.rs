@@ -45,7 +45,7 @@ pub fn stage(pkg: &Package, root: &Path, update_id: &str) -> Result<PathBuf> {
     let unpacked = pkg.unpack_with(&pending, |_| {
         files += 1;
         if files == 2 {
-            crate::failpoint::hit("stage:mid");
+            let _ = crate::failpoint::hit("stage:mid"); // inside the unpacker: kill or delay only
         }
     });
     if let Err(e) = unpacked {
@@ -164,7 +164,7 @@ fn ordered_exchange(a: &Path, b: &Path) -> Result<()> {
     let mid = swapping_dir(b);
     std::fs::rename(b, &mid).map_err(|e| AgentError::io(b, e))?;
     sync_dir(parent)?;
-    crate::failpoint::hit("swap:moved-out");
+    crate::failpoint::check("swap:moved-out")?;
     std::fs::rename(a, b).map_err(|e| AgentError::io(b, e))?;
     sync_dir(parent)?;
     std::fs::rename(&mid, a).map_err(|e| AgentError::io(a, e))?;
