@@ -273,3 +273,23 @@ fn a_health_process_must_stay_up_for_its_window() {
     assert_eq!(w.installed("m1", "app").as_deref(), Some("1.0.0.0"));
     let _ = std::process::Command::new("pkill").args(["-x", "updraftdemo"]).status();
 }
+
+/// Settings never change while an install runs (seed 002): `agent config` waits for the
+/// running install to finish, says it waited, and the change then takes effect.
+#[test]
+fn a_settings_change_waits_for_the_running_install_and_says_so() {
+    let mut w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    w.publish(&url, &package(&w, "1.0.0.0", &[], &[]));
+    // The install holds for 5 s once its tree is staged.
+    w.env.push(("UPDRAFT_FAILPOINT".into(), "staged=delay:5000".into()));
+    let _a = w.agent("m1", &url);
+    w.env.pop();
+    wait_until("the install under way", T, || w.state("m1").join("journal.json").exists());
+    let out = w.agent_cmd("m1", &["config", "--mode", "notify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("waited for the check or install that was running"), "{text}");
+    assert_eq!(recorded(&w, "m1"), "1.0.0.0", "the install finished before the settings changed");
+    assert!(text.contains("mode notify"), "{text}");
+}

@@ -93,6 +93,10 @@ pub struct ConfigReport {
     pub install_day: String,
     pub install_hour: String,
     pub local: crate::state::LocalSettings,
+    /// Set when the change waited for a check or install that was running (settings never
+    /// change while one runs).
+    #[serde(default)]
+    pub waited: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -660,14 +660,23 @@ impl Agent {
         ))
     }
 
-    /// Changes a default-group machine's own settings; refused when a group manages it.
+    /// Changes a default-group machine's own settings; refused when a group manages it. Never
+    /// while a check or install runs (seed 002): it waits for that to finish, and says so. The
+    /// caller then asks for a check (through the trigger channel) to tell the provider.
     pub async fn configure(
         &self,
         mode: Option<String>,
         day: Option<i32>,
         hour: Option<i32>,
         reset: bool,
-    ) -> Result<ConfigReport> {
+    ) -> Result<Option<String>> {
+        let (_not_while_checking, waited) = match self.checking.try_lock() {
+            Ok(g) => (g, None),
+            Err(_) => {
+                let g = self.checking.lock().await;
+                (g, Some("waited for the check or install that was running to finish".to_string()))
+            }
+        };
         {
             let mut st = self.state.lock().await;
             if let Some(p) = st.policy.as_ref().filter(|p| p.managed) {
@@ -696,17 +705,21 @@ impl Agent {
             }
         }
         self.save().await?;
-        // Tell the provider, and take the effective settings it answers with.
-        let _ = self.check_once(Reason::Resync).await;
+        Ok(waited)
+    }
+
+    /// The effective settings as of the last check, and the machine's own choices.
+    pub async fn config_report(&self, waited: Option<String>) -> ConfigReport {
         let st = self.state.lock().await;
         let p = st.policy.clone();
-        Ok(ConfigReport {
+        ConfigReport {
             group: p.as_ref().map(|p| p.group.clone()).unwrap_or_default(),
             mode: p.as_ref().map(|p| p.mode.clone()).unwrap_or_default(),
             install_day: updraft_core::policy::day_name(p.as_ref().map(|p| p.install_day).unwrap_or(-1)).into(),
             install_hour: updraft_core::policy::hour_name(p.as_ref().map(|p| p.install_hour).unwrap_or(-1)),
             local: st.local.clone(),
-        })
+            waited,
+        }
     }
 
     /// How long until the install window opens, if updates wait for it.
@@ -1367,7 +1380,11 @@ async fn control_loop(
                 }
                 Ok(Request::Config { mode, install_day, install_hour, reset }) => {
                     match agent.configure(mode, install_day, install_hour, reset).await {
-                        Ok(r) => Response::Config(r),
+                        Ok(waited) => {
+                            // Tell the provider, and take the effective settings that follow.
+                            let _ = run_now(&tx, Reason::Resync).await;
+                            Response::Config(agent.config_report(waited).await)
+                        }
                         Err(e) => Response::Error { message: e.to_string() },
                     }
                 }

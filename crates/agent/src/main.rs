@@ -376,6 +376,9 @@ async fn act(state: &StateDir, req: Request) -> anyhow::Result<()> {
             if state.json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {
+                if let Some(w) = &c.waited {
+                    println!("{w}");
+                }
                 println!(
                     "group {}: mode {}, install day {}, install hour {}",
                     c.group, c.mode, c.install_day, c.install_hour
