@@ -293,3 +293,47 @@ fn a_settings_change_waits_for_the_running_install_and_says_so() {
     assert_eq!(recorded(&w, "m1"), "1.0.0.0", "the install finished before the settings changed");
     assert!(text.contains("mode notify"), "{text}");
 }
+
+/// `agent cancel` stops a running download at once (the partial file stays, and a later check
+/// resumes it); with nothing running it says so.
+#[test]
+fn agent_cancel_stops_a_download_which_resumes_later() {
+    let mut w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    w.publish(&url, &w.noise_package("big", "1.0.0.0", 2));
+    // Each chunk of the download is followed by a 3 s pause.
+    w.env.push(("UPDRAFT_FAILPOINT".into(), "download:mid=delay:3000".into()));
+    let mut a = w.agent("m1", &url);
+    w.env.pop();
+    let downloads = w.state("m1").join("downloads");
+    let partial = || {
+        std::fs::read_dir(&downloads)
+            .ok()
+            .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "part")))
+    };
+    wait_until("the download under way", T, || partial().is_some_and(|p| p.metadata().is_ok_and(|m| m.len() > 0)));
+    let out = w.agent_cmd("m1", &["cancel"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cancelling"), "{}", String::from_utf8_lossy(&out.stdout));
+    let status = |w: &World| -> serde_json::Value {
+        serde_json::from_slice(&w.agent_cmd("m1", &["status", "--json"]).stdout).unwrap_or_default()
+    };
+    wait_until("the check ended, cancelled", T, || {
+        status(&w)["last_error"].as_str().is_some_and(|e| e.contains("cancelled by `agent cancel`"))
+    });
+    assert_eq!(recorded_product(&w, "m1", "big"), None, "nothing installed");
+    assert!(partial().is_some(), "the partial download is kept");
+    assert!(!w.state("m1").join("journal.json").exists());
+    // A cancelled check is not retried at once: the agent goes idle, and a cancel says so.
+    wait_until("nothing left to cancel", T, || {
+        String::from_utf8_lossy(&w.agent_cmd("m1", &["cancel"]).stdout).contains("nothing to cancel")
+    });
+    assert_eq!(recorded_product(&w, "m1", "big"), None, "and it did not start again");
+
+    // Without the pause, the next run resumes where the download stopped.
+    a.kill9();
+    let again = w.agent("m1", &url);
+    wait_until("installed after all", T, || recorded_product(&w, "m1", "big").as_deref() == Some("1.0.0.0"));
+    let log = again.log_text();
+    assert!(log.contains("downloading") && !log.contains("offset=0 "), "the download resumed: {log}");
+}

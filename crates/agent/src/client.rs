@@ -287,8 +287,15 @@ pub async fn bounded<T>(
 }
 
 /// Downloads `update`'s package into `dir`, resuming a partial file, and returns the path of
-/// the complete, hash-checked package. A chunk stalled for longer than `idle` fails it.
-pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Duration) -> Result<PathBuf> {
+/// the complete, hash-checked package. A chunk stalled for longer than `idle` fails it; a
+/// cancel stops it (the partial file stays, to be resumed).
+pub async fn download(
+    client: &mut Client,
+    update: &Update,
+    dir: &Path,
+    idle: Duration,
+    cancel: &crate::cancel::Cancel,
+) -> Result<PathBuf> {
     let fail = |reason: String| AgentError::Download { update: update.id.clone(), reason };
     updraft_core::hash::validate(&update.content_hash)?;
     let hex = &update.content_hash[updraft_core::hash::PREFIX.len()..];
@@ -337,9 +344,15 @@ pub async fn download(client: &mut Client, update: &Update, dir: &Path, idle: Du
             Err(_) => return Err(fail(format!("no answer within {idle:?}"))),
         };
         loop {
-            let next = tokio::time::timeout(idle, stream.next())
-                .await
-                .map_err(|_| fail(format!("stalled for {idle:?} at byte {pos}")))?;
+            let next = tokio::select! {
+                biased;
+                _ = cancel.requested() => {
+                    file.flush().await.map_err(|e| AgentError::io(&part, e))?;
+                    return Err(AgentError::Cancelled);
+                }
+                next = tokio::time::timeout(idle, stream.next()) => next,
+            }
+            .map_err(|_| fail(format!("stalled for {idle:?} at byte {pos}")))?;
             let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|s| fail(s.message().to_string()))?;
             if chunk.offset != pos {

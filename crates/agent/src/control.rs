@@ -31,6 +31,8 @@ pub enum Request {
     },
     /// The providers the agent knows, and where each came from.
     Providers,
+    /// Stop the running check's downloads and the tasks it has not begun.
+    Cancel,
     /// Try one provider now (by name or URL).
     TestProvider {
         target: String,

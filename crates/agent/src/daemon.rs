@@ -146,6 +146,8 @@ pub struct Agent {
     interval: Mutex<(Duration, Duration)>,
     /// One check at a time: installs must never interleave.
     checking: Mutex<()>,
+    /// `agent cancel`: stops the running check's downloads and the tasks it has not begun.
+    cancel: Arc<crate::cancel::Cancel>,
     /// Set while this process is a new agent on trial (see `selfupdate`).
     trial: std::sync::Mutex<Option<journal::Op>>,
 }
@@ -219,6 +221,7 @@ impl Agent {
             providers: Mutex::new(providers),
             interval: Mutex::new(interval),
             checking: Mutex::new(()),
+            cancel: Default::default(),
             trial: std::sync::Mutex::new(trial),
             cfg,
         }))
@@ -292,7 +295,15 @@ impl Agent {
     pub async fn check_once(&self, reason: Reason) -> Result<CheckReport> {
         let span = tracing::info_span!("check", machine = %self.cfg.name, ?reason);
         let _one_at_a_time = self.checking.lock().await;
-        async {
+        // A cancel stops the check that runs when it is asked for, not a later one.
+        self.cancel.reset();
+        let result = self.check_rounds(reason).instrument(span).await;
+        self.cancel.reset();
+        result
+    }
+
+    async fn check_rounds(&self, reason: Reason) -> Result<CheckReport> {
+        {
             let mut report = CheckReport::default();
             for _round in 0..3 {
                 // Fall back within this check: a provider may accept the connection but refuse
@@ -310,7 +321,8 @@ impl Agent {
                         }
                     };
                     let req = self.check_request(manual).await;
-                    let answer = match client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await {
+                    let answer = match client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await
+                    {
                         Ok(r) => self.verify_answer(&url, r).await,
                         Err(e) => Err(e),
                     };
@@ -380,6 +392,10 @@ impl Agent {
                 let mut foreign = std::collections::BTreeMap::new();
                 let mut held_with: std::collections::BTreeMap<String, String> = Default::default();
                 for offer in resp.offers {
+                    if self.cancel.is_requested() {
+                        report.errors.push(AgentError::Cancelled.to_string());
+                        break;
+                    }
                     let Some(u) = offer.update.clone() else { continue };
                     // A directory this agent has no receipt for is someone else's: never touched.
                     // What it would have brought along waits with it.
@@ -408,7 +424,9 @@ impl Agent {
                     // Crash-loop guard: an update that failed the same way too often waits for
                     // someone to ask for it by id.
                     let asked = matches!(&reason, Reason::Apply(ids) if ids.contains(&u.id));
-                    if matches!(decision, Decision::Apply | Decision::Stage) && offer.action == ActionKind::Install as i32 {
+                    if matches!(decision, Decision::Apply | Decision::Stage)
+                        && offer.action == ActionKind::Install as i32
+                    {
                         let mut st = self.state.lock().await;
                         if asked {
                             st.failures.remove(&u.id);
@@ -427,7 +445,9 @@ impl Agent {
                             let downloaded = decision == Decision::Stage;
                             let gave_up = self.state.lock().await.given_up(&u.id);
                             let why = match (decision, u.high_priority) {
-                                _ if gave_up => "stopped retrying after repeated identical failures; `agent apply --select ID` tries again",
+                                _ if gave_up => {
+                                    "stopped retrying after repeated identical failures; `agent apply --select ID` tries again"
+                                }
                                 (Decision::Stage, _) if restart_only(&u) => {
                                     "downloaded; installs when the agent next starts (apply-at restart)"
                                 }
@@ -487,8 +507,16 @@ impl Agent {
             }
             Ok(report)
         }
-        .instrument(span)
-        .await
+    }
+
+    /// Asks the running check to stop its downloads and the tasks it has not begun; an
+    /// install that has begun its swap finishes or rolls back. Says what it did.
+    pub fn cancel(&self) -> String {
+        if self.checking.try_lock().is_ok() {
+            return "nothing to cancel: no check or install is running".into();
+        }
+        self.cancel.request();
+        "cancelling: downloads stop now, nothing new starts; an install already swapping finishes or rolls back".into()
     }
 
     /// With pinned catalog keys, an answer counts only if it carries a statement signed by one
@@ -589,7 +617,7 @@ impl Agent {
             return Err(e);
         }
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes, for later", u.size)).await;
-        match client::download(client, u, &dir, self.cfg.request_timeout).await {
+        match client::download(client, u, &dir, self.cfg.request_timeout, &self.cancel).await {
             Ok(path) => {
                 // Check it now, so a bad package is refused when it arrives, not when it is due.
                 let key = self.cfg.trust_key;
@@ -825,8 +853,12 @@ impl Agent {
         }
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes", u.size)).await;
         let dir = self.cfg.state_dir.join("downloads");
-        let pkg_path = match client::download(client, u, &dir, self.cfg.request_timeout).await {
+        let pkg_path = match client::download(client, u, &dir, self.cfg.request_timeout, &self.cancel).await {
             Ok(p) => p,
+            Err(AgentError::Cancelled) => {
+                self.record(ActivityKind::DownloadFailed, u, AgentError::Cancelled.to_string()).await;
+                return Err(AgentError::Cancelled);
+            }
             Err(e @ AgentError::Verify { .. }) => {
                 self.record(ActivityKind::VerifyFailed, u, e.to_string()).await;
                 self.count_failure(u, &e).await;
@@ -861,6 +893,7 @@ impl Agent {
         let state_dir = self.cfg.state_dir.clone();
         let key = self.cfg.trust_key;
         let self_product = self.cfg.self_product.clone();
+        let cancel = self.cancel.clone();
         let pkg2 = pkg_path.clone();
         // Each step is made durable in the journal before the next begins.
         let result = tokio::task::spawn_blocking(move || -> Result<journal::Op> {
@@ -877,6 +910,11 @@ impl Agent {
                 lc.post_install.is_some() || lc.start.is_some() || lc.health.is_some() || lc.health_process.is_some();
             journal::save(&state_dir, &op)?;
             failpoint::check("staged")?;
+            // The last moment a cancel stops an install: P is untouched until the swap.
+            if cancel.is_requested() {
+                install::recover(&root)?;
+                return Err(AgentError::Cancelled);
+            }
             // Before the swap: pre-install and stop hooks from the staged tree, then the gate.
             if op.product == self_product
                 && let Err(reason) = selfupdate::self_test(&staged)
@@ -972,6 +1010,11 @@ impl Agent {
             Ok(op) => op,
             Err(e) => {
                 let _ = journal::clear(&self.cfg.state_dir);
+                if matches!(e, AgentError::Cancelled) {
+                    // Not a failure: someone asked; the next check starts over.
+                    self.record(ActivityKind::InstallFailed, u, e.to_string()).await;
+                    return Err(e);
+                }
                 if matches!(e, AgentError::Deferred { .. }) {
                     // Not a failure: the application is in use; the next check tries again.
                     self.record(ActivityKind::InstallFailed, u, e.to_string()).await;
@@ -1318,7 +1361,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         }
         // A check that answered but could not act on an offer (a download refused by a busy
         // provider, say) is retried like a failed one.
-        let result_ok = result.as_ref().is_ok_and(|r| r.errors.is_empty());
+        // A cancelled check is not retried soon: someone asked it to stop.
+        let cancelled = AgentError::Cancelled.to_string();
+        let result_ok = result.as_ref().is_ok_and(|r| r.errors.iter().all(|e| *e == cancelled));
         match &result {
             Ok(r) => tracing::info!(provider = %r.provider, done = ?r.done, errors = ?r.errors, "check finished"),
             Err(e) => tracing::warn!(error = %e, "check failed"),
@@ -1366,6 +1411,7 @@ async fn control_loop(
             let resp = match control::read_request(r).await {
                 Ok(Request::Status) => Response::Status(agent.status(true).await),
                 Ok(Request::Providers) => Response::Providers { providers: agent.providers_view().await },
+                Ok(Request::Cancel) => Response::Done { message: agent.cancel() },
                 Ok(Request::TestProvider { target }) => match agent.test_provider(&target).await {
                     Ok(r) => Response::Tested(r),
                     Err(e) => Response::Error { message: e.to_string() },

@@ -19,6 +19,8 @@ pub enum AgentError {
     State { path: std::path::PathBuf, reason: String },
     #[error("{0}")]
     Config(String),
+    #[error("cancelled by `agent cancel`")]
+    Cancelled,
     #[error(transparent)]
     Core(#[from] updraft_core::CoreError),
 }

@@ -2,6 +2,7 @@
 //! downloads resumably, verifies against the pinned release key, installs by atomic exchange,
 //! and reports. `daemon` runs it; `control` is the local socket `agent status|check` use.
 pub mod answer;
+pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod control;

@@ -114,6 +114,12 @@ enum Cmd {
         #[arg(long)]
         later: bool,
     },
+    /// Stop the running check: its downloads now (they resume later), and what it has not
+    /// begun; an install already swapping finishes or rolls back, never stops half-way.
+    Cancel {
+        #[command(flatten)]
+        state: StateDir,
+    },
     /// Install the updates that wait (downloaded or not) now.
     Apply {
         #[command(flatten)]
@@ -196,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Status(state) => status(&state).await,
         Cmd::Check { state, later } => act(&state, Request::Check { later }).await,
         Cmd::Apply { state, select } => act(&state, Request::Apply { select }).await,
+        Cmd::Cancel { state } => act(&state, Request::Cancel).await,
         Cmd::Providers { state, cmd: None } => act(&state, Request::Providers).await,
         Cmd::Log { state, update } => show_log(&state, &update),
         Cmd::SelfUpdateWatch { state_dir, install_root, pid, deadline_secs, argv } => {
