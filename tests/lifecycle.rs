@@ -337,3 +337,46 @@ fn agent_cancel_stops_a_download_which_resumes_later() {
     let log = again.log_text();
     assert!(log.contains("downloading") && !log.contains("offset=0 "), "the download resumed: {log}");
 }
+
+/// A removal is an install's equal: it runs the removed version's stop hook, waits while the
+/// application's gate holds (deferred, tried again at the next check), then brings the kept
+/// version back and runs that version's start hook.
+#[test]
+fn a_removal_stops_the_application_waits_for_its_gate_and_starts_the_previous_version() {
+    let w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    let (started, stopped, lock) = (w.path("v1-started"), w.path("v2-stopped"), w.path("app.lock"));
+    let (s, t, l) = (started.display().to_string(), stopped.display().to_string(), lock.display().to_string());
+    w.publish(&url, &package(&w, "1.0.0.0", &[("start", &format!("touch {s}"))], &["--start-hook", "hooks/start"]));
+    let _a = w.agent("m1", &url);
+    wait_until("v1 installed", T, || recorded(&w, "m1") == "1.0.0.0");
+    let v2 = w.publish(
+        &url,
+        &package(
+            &w,
+            "2.0.0.0",
+            &[("stop", &format!("touch {t}"))],
+            &["--stop-hook", "hooks/stop", "--lock-file", &l, "--hook-timeout", "1"],
+        ),
+    );
+    assert!(check(&w, "m1").status.success());
+    assert_eq!(recorded(&w, "m1"), "2.0.0.0");
+    std::fs::remove_file(&started).unwrap();
+
+    // The application holds its lock: the removal stops it, then waits, and nothing changes.
+    std::fs::write(&lock, "").unwrap();
+    w.admin_ok(&url, &["update", "state", &v2, "remove"]);
+    let out = check(&w, "m1");
+    assert!(!out.status.success() && stderr(&out).contains("app.lock exists"), "{}", stderr(&out));
+    assert!(stopped.exists(), "the removed version's stop hook ran");
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("2.0.0.0"), "nothing removed while the gate holds");
+    assert!(!started.exists());
+
+    // Once it lets go, the kept version comes back and is started.
+    std::fs::remove_file(&lock).unwrap();
+    let out = check(&w, "m1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("1.0.0.0"));
+    assert_eq!(recorded(&w, "m1"), "1.0.0.0");
+    assert!(started.exists(), "the restored version's start hook ran");
+}

@@ -870,13 +870,11 @@ impl Agent {
             }
         };
         self.record(ActivityKind::DownloadFinished, u, "").await;
-        let previous = self
-            .state
-            .lock()
-            .await
-            .installed
-            .get(&u.product)
-            .map(|r| PreviousRec { version: r.version.clone(), update_id: r.update_id.clone() });
+        let previous = self.state.lock().await.installed.get(&u.product).map(|r| PreviousRec {
+            version: r.version.clone(),
+            update_id: r.update_id.clone(),
+            lifecycle: r.lifecycle.clone(),
+        });
         let mut op = journal::Op {
             update_id: u.id.clone(),
             product: u.product.clone(),
@@ -888,6 +886,7 @@ impl Agent {
             self_update: false,
             upgrade_code: u.upgrade_code.clone(),
             product_code: u.product_code.clone(),
+            lifecycle: Default::default(),
         };
         let root = self.cfg.install_root.clone();
         let state_dir = self.cfg.state_dir.clone();
@@ -899,6 +898,7 @@ impl Agent {
         let result = tokio::task::spawn_blocking(move || -> Result<journal::Op> {
             journal::save(&state_dir, &op)?;
             let pkg = install::verify(&pkg2, &key, &op.update_id, &op.product, &op.version)?;
+            op.lifecycle = pkg.manifest.lifecycle.clone();
             op.step = journal::Step::Verified;
             journal::save(&state_dir, &op)?;
             failpoint::check("verified")?;
@@ -1118,6 +1118,33 @@ impl Agent {
             back: back.clone(),
             old_inode: journal::inode(&install::old_dir(&root, &product)),
         };
+        // As an install would: the application's stop hook, then its process gate (a removal
+        // waits while the application runs, and is tried again at the next check).
+        let lc = rec.lifecycle.clone();
+        let env = vec![
+            ("UPDRAFT_PRODUCT", u.product.clone()),
+            ("UPDRAFT_VERSION", u.version.clone()),
+            ("UPDRAFT_PREVIOUS_VERSION", rollback_to.to_string()),
+            ("UPDRAFT_UPDATE_ID", u.id.clone()),
+            ("UPDRAFT_ROOT", root.display().to_string()),
+            ("UPDRAFT_REMOVAL", "1".to_string()),
+        ];
+        let log = lifecycle::log_path(&self.cfg.state_dir, &u.id);
+        let (live, id) = (install::live_dir(&root, &product), u.id.clone());
+        let (env2, log2) = (env.clone(), log.clone());
+        let gate = tokio::task::spawn_blocking(move || {
+            if let Some(rel) = &lc.stop {
+                lifecycle::run_hook("stop", rel, &live, &env2, lc.hook_timeout(), &log2)
+                    .map_err(|reason| AgentError::Install { update: id.clone(), reason })?;
+            }
+            lifecycle::wait_gate(&lc, lc.hook_timeout()).map_err(|reason| AgentError::Deferred { update: id, reason })
+        })
+        .await
+        .map_err(|e| AgentError::Install { update: u.id.clone(), reason: e.to_string() })?;
+        if let Err(e) = gate {
+            self.record(ActivityKind::InstallFailed, u, format!("removal: {e}")).await;
+            return Err(e);
+        }
         journal::save_removal(&self.cfg.state_dir, &removal)?;
         let result = tokio::task::spawn_blocking(move || {
             failpoint::check("remove:before")?;
@@ -1129,6 +1156,24 @@ impl Agent {
             let _ = journal::clear_removal(&self.cfg.state_dir);
             self.record(ActivityKind::InstallFailed, u, format!("removal failed: {e}")).await;
             return Err(e);
+        }
+        // The version brought back starts as after its own install.
+        if let Some(prev) = back.as_ref().filter(|p| p.lifecycle.start.is_some()) {
+            let (lc, live) = (prev.lifecycle.clone(), install::live_dir(&self.cfg.install_root, &u.product));
+            let started = tokio::task::spawn_blocking(move || {
+                let rel = lc.start.clone().unwrap_or_default();
+                lifecycle::run_hook("start", &rel, &live, &env, lc.hook_timeout(), &log)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(reason) = started {
+                self.record(
+                    ActivityKind::InstallFailed,
+                    u,
+                    format!("removal: the restored version's start hook failed: {reason}"),
+                )
+                .await;
+            }
         }
         failpoint::check("remove:done")?;
         let line = {

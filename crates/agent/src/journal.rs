@@ -47,6 +47,9 @@ pub struct Op {
     pub upgrade_code: String,
     #[serde(default)]
     pub product_code: String,
+    /// The package's hooks and gate, for the receipt (known once verified).
+    #[serde(default)]
+    pub lifecycle: updraft_core::package::Lifecycle,
 }
 
 const FILE: &str = "journal.json";
@@ -90,6 +93,7 @@ pub fn record_install(state: &mut AgentState, op: &Op, now_unix: i64) {
             upgrade_code: op.upgrade_code.clone(),
             product_code: op.product_code.clone(),
             adopted: false,
+            lifecycle: op.lifecycle.clone(),
         },
     );
     state.install_errors.remove(&op.product);

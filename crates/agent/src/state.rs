@@ -39,12 +39,19 @@ pub struct InstalledRec {
     /// Installed by other means and declared with `agent adopt`.
     #[serde(default)]
     pub adopted: bool,
+    /// The installed package's hooks and process gate: a removal stops it and waits for its
+    /// gate as an install would.
+    #[serde(default)]
+    pub lifecycle: updraft_core::package::Lifecycle,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct PreviousRec {
     pub version: String,
     pub update_id: String,
+    /// Its package's hooks (its start hook runs when a removal brings it back).
+    #[serde(default)]
+    pub lifecycle: updraft_core::package::Lifecycle,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -181,6 +188,7 @@ impl AgentState {
                 upgrade_code: codes.upgrade_code,
                 product_code: codes.product_code,
                 adopted: prev.update_id.is_empty(),
+                lifecycle: prev.lifecycle.clone(),
             },
         );
     }
@@ -269,7 +277,7 @@ mod tests {
             "app".into(),
             InstalledRec { version: "2.0.0.0".into(), upgrade_code: "UC".into(), ..Default::default() },
         );
-        st.back_to_previous("app", &PreviousRec { version: "1.0.0.0".into(), update_id: String::new() }, 9);
+        st.back_to_previous("app", &PreviousRec { version: "1.0.0.0".into(), ..Default::default() }, 9);
         let rec = &st.installed["app"];
         assert_eq!((rec.version.as_str(), rec.upgrade_code.as_str(), rec.adopted), ("1.0.0.0", "UC", true));
     }
