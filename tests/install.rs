@@ -222,3 +222,52 @@ fn a_kill_during_a_removal_leaves_a_whole_version_and_the_agent_converges() {
         eprintln!("{point}: whole after the kill, back on v1 after the restart");
     }
 }
+
+/// An error (not a crash) at each step of an upgrade: the failed check settles what is on disk
+/// as start-up would after a crash there, so `ROOT/app` and the receipts agree — the old version
+/// untouched before the swap, the new one recorded once it is live.
+#[test]
+fn an_error_at_any_step_leaves_the_tree_and_the_records_in_agreement() {
+    let steps = ["verified", "staged", "swap:exchanged", "swap:journaled", "swap:old-kept", "state:saved"];
+    for point in steps {
+        let mut w = World::new();
+        let (_p, purl) = w.provider("centre", true);
+        let (s1, s2) = (source(&w, "1.0.0.0"), source(&w, "2.0.0.0"));
+        let build = |src: &Path, v: &str| w.build_package(src, "app", v, &w.key, &[]);
+        let (v1_tree, v2_tree) = (tree(&s1), tree(&s2));
+        let live = w.root("m").join("app");
+        w.publish(&purl, &build(&s1, "1.0.0.0"));
+        {
+            let _a = w.agent("m", &purl);
+            wait_until("v1 installed", T, || {
+                w.installed("m", "app").as_deref() == Some("1.0.0.0") && !w.state("m").join("journal.json").exists()
+            });
+        }
+        w.publish(&purl, &build(&s2, "2.0.0.0"));
+        w.env.push(("UPDRAFT_FAILPOINT".into(), format!("{point}=error")));
+        let a = w.agent("m", &purl);
+        w.env.pop();
+        let status = |w: &World| -> serde_json::Value {
+            serde_json::from_slice(&w.agent_cmd("m", &["status", "--json"]).stdout).unwrap_or_default()
+        };
+        wait_until(&format!("{point}: the error reported"), T, || {
+            a.log_text().contains(&format!("fail point {point}"))
+        });
+        wait_until(&format!("{point}: tree and records agree, nothing open"), T, || {
+            let recorded = status(&w)["installed"][0]["version"].as_str().unwrap_or_default().to_string();
+            let t = tree(&live);
+            let on_disk = if t == v1_tree {
+                "1.0.0.0"
+            } else if t == v2_tree {
+                "2.0.0.0"
+            } else {
+                "neither"
+            };
+            on_disk == recorded
+                && !w.state("m").join("journal.json").exists()
+                && !w.root("m").join("app_update_pending").exists()
+        });
+        let st = status(&w);
+        eprintln!("{point}: after the error, tree and records agree on {}", st["installed"][0]["version"]);
+    }
+}

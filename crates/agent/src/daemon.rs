@@ -826,6 +826,24 @@ impl Agent {
             .map_err(|reason| AgentError::Download { update: u.id.clone(), reason })
     }
 
+    /// After an install step failed, settles what is on disk exactly as start-up settles it
+    /// after a crash at that point (the journal on disk decides: undo before the swap, swap
+    /// back an install that never proved healthy, keep one that is live), so that `ROOT/P` and
+    /// the receipts agree whatever step failed — an I/O error after the swap included.
+    async fn settle_failed_install(&self) -> Result<()> {
+        let Some(op) = journal::load(&self.cfg.state_dir)? else { return Ok(()) };
+        let (root, op2) = (self.cfg.install_root.clone(), op.clone());
+        let outcome = tokio::task::spawn_blocking(move || journal::recover(&root, &op2))
+            .await
+            .map_err(|e| AgentError::Install { update: op.update_id.clone(), reason: e.to_string() })??;
+        if outcome == journal::Outcome::RolledForward {
+            tracing::warn!(update = %op.update_id, "the new version is live although a later step failed: recorded");
+            journal::record_install(&mut *self.state.lock().await, &op, now_ms() / 1000);
+            self.save().await?;
+        }
+        journal::clear(&self.cfg.state_dir)
+    }
+
     /// Counts a failed install (or a download that failed its hash) of `u` as a problem of its
     /// product; after [`crate::state::GIVE_UP_AFTER`] identical ones it is no longer retried
     /// by itself (a provider serving bad content is not asked for it again and again).
@@ -1009,7 +1027,9 @@ impl Agent {
         let op = match result {
             Ok(op) => op,
             Err(e) => {
-                let _ = journal::clear(&self.cfg.state_dir);
+                if let Err(e2) = self.settle_failed_install().await {
+                    tracing::error!(error = %e2, "could not settle a failed install; start-up recovery will");
+                }
                 if matches!(e, AgentError::Cancelled) {
                     // Not a failure: someone asked; the next check starts over.
                     self.record(ActivityKind::InstallFailed, u, e.to_string()).await;
@@ -1033,7 +1053,15 @@ impl Agent {
         if op.product == self.cfg.self_product {
             return Err(self.become_new(op).await);
         }
-        self.commit_install(&op, u.install_properties.get("restart").is_some_and(|v| v == "required")).await?;
+        if let Err(e) =
+            self.commit_install(&op, u.install_properties.get("restart").is_some_and(|v| v == "required")).await
+        {
+            if let Err(e2) = self.settle_failed_install().await {
+                tracing::error!(error = %e2, "could not settle a failed install; start-up recovery will");
+            }
+            self.record(ActivityKind::InstallFailed, u, e.to_string()).await;
+            return Err(e);
+        }
         self.record(ActivityKind::Installed, u, format!("{} {} is live", u.product, u.version)).await;
         Ok(format!("installed {} {}", u.product, u.version))
     }
