@@ -392,3 +392,43 @@ pub async fn download(
     tokio::fs::rename(&part, &done).await.map_err(|e| AgentError::io(&done, e))?;
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn providers(configured: &[&str]) -> Providers {
+        let urls = configured.iter().map(|u| u.to_string()).collect();
+        Providers::new(urls, 4 << 20, None, Transport::Insecure).unwrap()
+    }
+
+    #[test]
+    fn assigned_first_then_configured_and_failing_ones_last() {
+        let mut p = providers(&["http://centre:1", "http://fallback:1"]);
+        assert_eq!(p.attempt_order(), ["http://centre:1", "http://fallback:1"]);
+        p.set_assigned(&["http://site:1".to_string()]);
+        assert_eq!(p.attempt_order(), ["http://site:1", "http://centre:1", "http://fallback:1"]);
+        // A provider that failed waits its backoff out behind the others.
+        p.failed("http://site:1", "refused".into());
+        assert_eq!(p.attempt_order(), ["http://centre:1", "http://fallback:1", "http://site:1"]);
+        let (left, why) = p.backing_off("http://site:1").unwrap();
+        assert!(left <= Duration::from_millis(1500) && why == "refused", "{left:?} {why}");
+        // Each failure in a row doubles the wait, up to the cap.
+        for _ in 0..20 {
+            p.failed("http://site:1", "refused".into());
+        }
+        assert!(p.backing_off("http://site:1").unwrap().0 <= MAX_BACKOFF + MAX_BACKOFF / 2);
+    }
+
+    #[test]
+    fn the_one_that_answered_is_kept_and_the_preferred_one_probed_again() {
+        let mut p = providers(&["http://centre:1", "http://fallback:1"]);
+        p.current = Some("http://fallback:1".into());
+        // The first time, the preferred one is probed; then the sticky one comes first.
+        assert_eq!(p.attempt_order()[0], "http://centre:1");
+        assert_eq!(p.attempt_order()[0], "http://fallback:1", "sticky until the next probe is due");
+        // Providers with a URL the transport cannot reach are not assigned.
+        p.set_assigned(&["not a url".to_string()]);
+        assert_eq!(p.urls(), ["http://centre:1", "http://fallback:1"]);
+    }
+}

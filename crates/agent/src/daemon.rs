@@ -1639,3 +1639,46 @@ async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Trigger>, shutdown: Cance
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(action: ActionKind, high_priority: bool, apply_at_restart: bool) -> Offer {
+        let mut u = Update { id: "app-2".into(), high_priority, ..Default::default() };
+        if apply_at_restart {
+            u.install_properties.insert(updraft_core::package::APPLY_AT.into(), "restart".into());
+        }
+        Offer { action: action as i32, update: Some(u), ..Default::default() }
+    }
+
+    #[test]
+    fn each_mode_window_and_reason_gives_its_decision() {
+        let plain = offer(ActionKind::Install, false, false);
+        let d = |mode, window, reason: &Reason| decide(mode, window, reason, &plain, &[]);
+        assert_eq!(d(Mode::Automatic, true, &Reason::Schedule), Decision::Apply);
+        assert_eq!(d(Mode::Automatic, false, &Reason::Schedule), Decision::Stage, "outside the window: staged");
+        assert_eq!(d(Mode::Automatic, false, &Reason::Manual { later: false }), Decision::Apply);
+        assert_eq!(d(Mode::Download, true, &Reason::Schedule), Decision::Stage);
+        assert_eq!(d(Mode::Notify, true, &Reason::Schedule), Decision::Note);
+        assert_eq!(d(Mode::Manual, true, &Reason::Schedule), Decision::Note);
+        assert_eq!(d(Mode::Manual, false, &Reason::Manual { later: false }), Decision::Apply);
+        assert_eq!(d(Mode::Notify, false, &Reason::Apply(vec![])), Decision::Apply, "agent apply installs");
+        assert_eq!(d(Mode::Notify, false, &Reason::Apply(vec!["other".into()])), Decision::Note);
+    }
+
+    #[test]
+    fn priority_removal_and_apply_at_restart_override_the_mode() {
+        let urgent = offer(ActionKind::Install, true, false);
+        assert_eq!(decide(Mode::Manual, false, &Reason::Push("app-2".into()), &urgent, &[]), Decision::Apply);
+        assert_eq!(decide(Mode::Manual, false, &Reason::Manual { later: true }, &urgent, &[]), Decision::Note);
+        let deferred = ["app-2".to_string()];
+        assert_eq!(decide(Mode::Automatic, false, &Reason::Schedule, &urgent, &deferred), Decision::Note);
+        assert_eq!(decide(Mode::Automatic, true, &Reason::Schedule, &urgent, &deferred), Decision::Apply);
+        let removal = offer(ActionKind::Remove, false, false);
+        assert_eq!(decide(Mode::Notify, false, &Reason::Schedule, &removal, &[]), Decision::Apply);
+        let at_restart = offer(ActionKind::Install, false, true);
+        assert_eq!(decide(Mode::Automatic, true, &Reason::Schedule, &at_restart, &[]), Decision::Stage);
+        assert_eq!(decide(Mode::Automatic, true, &Reason::Startup, &at_restart, &[]), Decision::Apply);
+    }
+}

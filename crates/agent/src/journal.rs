@@ -214,3 +214,80 @@ pub fn recover_removal(root: &Path, r: &Removal, state: &mut AgentState) -> Resu
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A root with `app` at v1 and v2 staged, and the journal of that install at `step`, with
+    /// the exchange done when `exchanged`.
+    fn at(step: Step, exchanged: bool, needs_health: bool) -> (tempfile::TempDir, Op) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(install::live_dir(root, "app")).unwrap();
+        std::fs::write(install::live_dir(root, "app").join("VERSION"), "1").unwrap();
+        std::fs::create_dir_all(install::pending_dir(root, "app")).unwrap();
+        std::fs::write(install::pending_dir(root, "app").join("VERSION"), "2").unwrap();
+        let staged_inode = inode(&install::pending_dir(root, "app"));
+        if exchanged {
+            install::exchange_in(root, "app").unwrap();
+        }
+        let op = Op {
+            update_id: "app-2".into(),
+            product: "app".into(),
+            version: "2".into(),
+            previous: Some(PreviousRec { version: "1".into(), ..Default::default() }),
+            step,
+            staged_inode,
+            needs_health,
+            self_update: false,
+            upgrade_code: String::new(),
+            product_code: String::new(),
+            lifecycle: Default::default(),
+        };
+        (dir, op)
+    }
+
+    fn live(dir: &tempfile::TempDir) -> String {
+        std::fs::read_to_string(install::live_dir(dir.path(), "app").join("VERSION")).unwrap()
+    }
+
+    #[test]
+    fn recovery_undoes_what_never_swapped_and_keeps_what_did() {
+        for step in [Step::Downloaded, Step::Verified, Step::Staged] {
+            let (dir, op) = at(step, false, false);
+            assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::Abandoned, "{step:?}");
+            assert_eq!(live(&dir), "1");
+            assert!(!install::pending_dir(dir.path(), "app").exists(), "{step:?}: staging dropped");
+        }
+        // The journal still says Staged, but the inode shows the exchange happened.
+        for step in [Step::Staged, Step::Swapped, Step::Healthy] {
+            let (dir, op) = at(step, true, false);
+            assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::RolledForward, "{step:?}");
+            assert_eq!(live(&dir), "2");
+            let old = install::old_dir(dir.path(), "app").join("VERSION");
+            assert_eq!(std::fs::read_to_string(old).unwrap(), "1", "{step:?}: the old version kept");
+        }
+    }
+
+    #[test]
+    fn an_install_that_never_proved_healthy_is_swapped_back() {
+        let (dir, op) = at(Step::Swapped, true, true);
+        assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::RolledBack);
+        assert_eq!(live(&dir), "1");
+        let (dir, op) = at(Step::Healthy, true, true);
+        assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::RolledForward, "healthy stays");
+        assert_eq!(live(&dir), "2");
+    }
+
+    #[test]
+    fn a_recorded_install_names_its_version_and_previous_one() {
+        let (_dir, op) = at(Step::Healthy, true, false);
+        let mut st = AgentState::default();
+        st.failures.insert("app-2".into(), crate::state::FailureRec { error: "x".into(), count: 2 });
+        record_install(&mut st, &op, 7);
+        let rec = &st.installed["app"];
+        assert_eq!((rec.version.as_str(), rec.previous.as_ref().unwrap().version.as_str()), ("2", "1"));
+        assert!(st.failures.is_empty(), "a success forgets the failures");
+    }
+}
