@@ -97,28 +97,45 @@ fn the_ordered_rename_fallback_is_always_finished_or_undone() {
     assert_eq!(broken, 0);
 }
 
+/// A provider and machine `m` on app v1 (its agent stopped), with v2 built but not published.
+struct OnV1 {
+    w: World,
+    _provider: updraft_tests::Proc,
+    purl: String,
+    pkg2: PathBuf,
+    v1_tree: BTreeMap<String, Vec<u8>>,
+    v2_tree: BTreeMap<String, Vec<u8>>,
+    live: PathBuf,
+}
+
+/// [`OnV1`], its agents started with `env`.
+fn on_v1(env: &[(String, String)]) -> OnV1 {
+    let mut w = World::new();
+    let (provider, purl) = w.provider("centre", true);
+    let (s1, s2) = (source(&w, "1.0.0.0"), source(&w, "2.0.0.0"));
+    let build = |src: &Path, v: &str| w.build_package(src, "app", v, &w.key, &[]);
+    let (v1_tree, v2_tree) = (tree(&s1), tree(&s2));
+    w.publish(&purl, &build(&s1, "1.0.0.0"));
+    let pkg2 = build(&s2, "2.0.0.0");
+    let live = w.root("m").join("app");
+    w.env = env.to_vec();
+    {
+        let _a = w.agent("m", &purl);
+        wait_until("v1 installed", T, || {
+            w.installed("m", "app").as_deref() == Some("1.0.0.0")
+                && w.state("m").join("state.json").exists()
+                && !w.state("m").join("journal.json").exists()
+        });
+    }
+    OnV1 { w, _provider: provider, purl, pkg2, v1_tree, v2_tree, live }
+}
+
 /// Kills the agent at each point of an upgrade, restarts it, and returns how many times the
 /// installed tree was broken (a mix of versions, or missing after the restart).
 fn sweep(points: &[&str], env: &[(String, String)]) -> usize {
     let mut broken = 0;
     for point in points {
-        let mut w = World::new();
-        let (_p, purl) = w.provider("centre", true);
-        let (s1, s2) = (source(&w, "1.0.0.0"), source(&w, "2.0.0.0"));
-        let build = |src: &Path, v: &str| w.build_package(src, "app", v, &w.key, &[]);
-        let (v1_tree, v2_tree) = (tree(&s1), tree(&s2));
-        w.publish(&purl, &build(&s1, "1.0.0.0"));
-        let pkg2 = build(&s2, "2.0.0.0");
-        let live = w.root("m").join("app");
-        w.env = env.to_vec();
-        {
-            let _a = w.agent("m", &purl);
-            wait_until("v1 installed", T, || {
-                w.installed("m", "app").as_deref() == Some("1.0.0.0")
-                    && w.state("m").join("state.json").exists()
-                    && !w.state("m").join("journal.json").exists()
-            });
-        }
+        let OnV1 { mut w, _provider, purl, pkg2, v1_tree, v2_tree, live } = on_v1(env);
         w.publish(&purl, &pkg2);
 
         // Upgrade with the fail point armed: the agent must die at that point.
@@ -178,21 +195,11 @@ fn sweep(points: &[&str], env: &[(String, String)]) -> usize {
 #[test]
 fn a_kill_during_a_removal_leaves_a_whole_version_and_the_agent_converges() {
     for point in REMOVAL_POINTS {
-        let mut w = World::new();
-        let (_p, purl) = w.provider("centre", true);
-        let (s1, s2) = (source(&w, "1.0.0.0"), source(&w, "2.0.0.0"));
-        let build = |src: &Path, v: &str| w.build_package(src, "app", v, &w.key, &[]);
-        let (v1_tree, v2_tree) = (tree(&s1), tree(&s2));
-        let live = w.root("m").join("app");
-        w.publish(&purl, &build(&s1, "1.0.0.0"));
+        let OnV1 { mut w, _provider, purl, pkg2, v1_tree, v2_tree, live } = on_v1(&[]);
         let settled = |w: &World, v: &str| {
             w.installed("m", "app").as_deref() == Some(v) && !w.state("m").join("journal.json").exists()
         };
-        {
-            let _a = w.agent("m", &purl);
-            wait_until("v1 installed", T, || settled(&w, "1.0.0.0"));
-        }
-        let v2 = w.publish(&purl, &build(&s2, "2.0.0.0"));
+        let v2 = w.publish(&purl, &pkg2);
         {
             let _a = w.agent("m", &purl);
             wait_until("v2 installed", T, || settled(&w, "2.0.0.0") && tree(&live) == v2_tree);
@@ -230,20 +237,8 @@ fn a_kill_during_a_removal_leaves_a_whole_version_and_the_agent_converges() {
 fn an_error_at_any_step_leaves_the_tree_and_the_records_in_agreement() {
     let steps = ["verified", "staged", "swap:exchanged", "swap:journaled", "swap:old-kept", "state:saved"];
     for point in steps {
-        let mut w = World::new();
-        let (_p, purl) = w.provider("centre", true);
-        let (s1, s2) = (source(&w, "1.0.0.0"), source(&w, "2.0.0.0"));
-        let build = |src: &Path, v: &str| w.build_package(src, "app", v, &w.key, &[]);
-        let (v1_tree, v2_tree) = (tree(&s1), tree(&s2));
-        let live = w.root("m").join("app");
-        w.publish(&purl, &build(&s1, "1.0.0.0"));
-        {
-            let _a = w.agent("m", &purl);
-            wait_until("v1 installed", T, || {
-                w.installed("m", "app").as_deref() == Some("1.0.0.0") && !w.state("m").join("journal.json").exists()
-            });
-        }
-        w.publish(&purl, &build(&s2, "2.0.0.0"));
+        let OnV1 { mut w, _provider, purl, pkg2, v1_tree, v2_tree, live } = on_v1(&[]);
+        w.publish(&purl, &pkg2);
         w.env.push(("UPDRAFT_FAILPOINT".into(), format!("{point}=error")));
         let a = w.agent("m", &purl);
         w.env.pop();

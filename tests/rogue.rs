@@ -85,6 +85,13 @@ impl Rogue {
 
 type S<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Keeps what an agent reports, for the test to read.
+fn keep(reports: &Mutex<Vec<Activity>>, r: ReportRequest) -> ReportResponse {
+    let n = r.activities.len() as u32;
+    reports.lock().unwrap().extend(r.activities);
+    ReportResponse { accepted: n }
+}
+
 #[tonic::async_trait]
 impl AgentApi for Rogue {
     async fn check(&self, _r: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
@@ -118,10 +125,7 @@ impl AgentApi for Rogue {
         Ok(Response::new(Box::pin(futures::stream::iter([Ok(chunk)]))))
     }
     async fn report(&self, r: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
-        let acts = r.into_inner().activities;
-        let n = acts.len() as u32;
-        self.reports.lock().unwrap().extend(acts);
-        Ok(Response::new(ReportResponse { accepted: n }))
+        Ok(Response::new(keep(&self.reports, r.into_inner())))
     }
     type SubscribeStream = S<PushEvent>;
     async fn subscribe(&self, _r: Request<SubscribeRequest>) -> Result<Response<S<PushEvent>>, Status> {
@@ -179,10 +183,7 @@ impl AgentApi for RogueSite {
         Ok(Response::new(Box::pin(stream)))
     }
     async fn report(&self, r: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
-        let acts = r.into_inner().activities;
-        let n = acts.len() as u32;
-        self.reports.lock().unwrap().extend(acts);
-        Ok(Response::new(ReportResponse { accepted: n }))
+        Ok(Response::new(keep(&self.reports, r.into_inner())))
     }
     type SubscribeStream = S<PushEvent>;
     async fn subscribe(&self, _r: Request<SubscribeRequest>) -> Result<Response<S<PushEvent>>, Status> {
