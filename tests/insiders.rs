@@ -469,3 +469,24 @@ fn a_corrupt_blob_is_quarantined_reported_and_fetched_again() {
     });
     assert!(!centre_blob.exists() && w.path("centre").join("blobs/quarantine").join(&hex).is_file());
 }
+
+/// What the provider and the agent keep on disk is their owner's alone, and a second agent
+/// daemon cannot share a state directory with a running one.
+#[test]
+fn stores_and_agent_state_are_owner_only_and_one_daemon_holds_a_state_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
+    let _a = w.agent("m", &purl);
+    wait_until("m installed app", Duration::from_secs(30), || w.installed("m", "app").is_some());
+    let mode = |p: std::path::PathBuf| std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(w.path("centre")), 0o700, "the provider's store directory");
+    assert_eq!(mode(w.state("m")), 0o700, "the agent's state directory");
+    assert_eq!(mode(w.state("m").join("state.json")), 0o600, "the agent's state file");
+
+    let mut second = w.agent("m", &purl);
+    assert!(second.wait_exit(Duration::from_secs(30)), "a second daemon on the same state directory must not run");
+    assert!(second.log_text().contains("another agent daemon"), "{}", second.log_text());
+    assert_eq!(w.installed("m", "app").as_deref(), Some("1.0.0.0"));
+}
