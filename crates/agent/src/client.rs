@@ -385,7 +385,7 @@ pub async fn download(
         let _ = tokio::fs::remove_file(&part).await;
         return Err(AgentError::Verify {
             update: update.id.clone(),
-            reason: format!("content hash is {actual}, the catalog says {}", update.content_hash),
+            reason: updraft_core::hash::mismatch(&actual, &update.content_hash),
         });
     }
     crate::failpoint::check("download:done")?;

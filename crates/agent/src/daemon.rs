@@ -30,11 +30,24 @@ use crate::{failpoint, journal, lifecycle, selfupdate};
 
 /// What every hook is told about the install it runs in.
 fn hook_env(op: &journal::Op, root: &std::path::Path) -> Vec<(&'static str, String)> {
+    let previous = op.previous.as_ref().map(|p| p.version.as_str()).unwrap_or_default();
+    hook_vars(&op.product, &op.version, previous, &op.update_id, root)
+}
+
+/// The variables every hook gets: the product, the version it concerns, the one before (or
+/// returned to), the update id and the install root.
+fn hook_vars(
+    product: &str,
+    version: &str,
+    previous: &str,
+    update_id: &str,
+    root: &std::path::Path,
+) -> Vec<(&'static str, String)> {
     vec![
-        ("UPDRAFT_PRODUCT", op.product.clone()),
-        ("UPDRAFT_VERSION", op.version.clone()),
-        ("UPDRAFT_PREVIOUS_VERSION", op.previous.as_ref().map(|p| p.version.clone()).unwrap_or_default()),
-        ("UPDRAFT_UPDATE_ID", op.update_id.clone()),
+        ("UPDRAFT_PRODUCT", product.to_string()),
+        ("UPDRAFT_VERSION", version.to_string()),
+        ("UPDRAFT_PREVIOUS_VERSION", previous.to_string()),
+        ("UPDRAFT_UPDATE_ID", update_id.to_string()),
         ("UPDRAFT_ROOT", root.display().to_string()),
     ]
 }
@@ -303,210 +316,204 @@ impl Agent {
     }
 
     async fn check_rounds(&self, reason: Reason) -> Result<CheckReport> {
-        {
-            let mut report = CheckReport::default();
-            for _round in 0..3 {
-                // Fall back within this check: a provider may accept the connection but refuse
-                // the check (a site that has not synchronised), and the next one should answer.
-                let attempts = self.providers.lock().await.urls().len().max(1);
-                let manual = matches!(reason, Reason::Manual { .. } | Reason::Apply(_));
-                let mut answered = None;
-                let mut last_err = None;
-                for _ in 0..attempts {
-                    let (url, mut client) = match self.connect().await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            last_err = Some(e);
-                            break; // connect already tried every provider
-                        }
-                    };
-                    let req = self.check_request(manual).await;
-                    let answer = match client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await
-                    {
-                        Ok(r) => self.verify_answer(&url, r).await,
-                        Err(e) => Err(e),
-                    };
-                    match answer {
-                        Ok((r, refused)) => {
-                            // Refused offers are a problem of this provider's until an answer
-                            // of its has none; each new refusal is recorded once as activity.
-                            let joined = refused.iter().map(|(_, why)| why.as_str()).collect::<Vec<_>>().join("; ");
-                            let mut st = self.state.lock().await;
-                            let new = st.refused_answers.get(&url) != Some(&joined);
-                            match refused.is_empty() {
-                                true => st.refused_answers.remove(&url),
-                                false => st.refused_answers.insert(url.clone(), joined),
-                            };
-                            drop(st);
-                            for (offered, why) in &refused {
-                                tracing::warn!(provider = %url, "{why}");
-                                if new {
-                                    self.record(ActivityKind::Error, offered, format!("from {url}: {why}")).await;
-                                }
-                                report.errors.push(why.clone());
-                            }
-                            answered = Some((url, client, r));
-                            break;
-                        }
-                        Err(e @ AgentError::Verify { .. }) => {
-                            tracing::warn!(provider = %url, error = %e, "answer refused; trying the next provider");
-                            self.state.lock().await.refused_answers.insert(url.clone(), e.to_string());
-                            self.providers.lock().await.rotate(&e.to_string());
-                            last_err = Some(e);
-                        }
-                        Err(e) => {
-                            tracing::warn!(provider = %url, error = %e, "check refused; trying the next provider");
-                            self.providers.lock().await.rotate(&e.to_string());
-                            last_err = Some(e);
-                        }
+        let mut report = CheckReport::default();
+        for _round in 0..3 {
+            // Fall back within this check: a provider may accept the connection but refuse
+            // the check (a site that has not synchronised), and the next one should answer.
+            let attempts = self.providers.lock().await.urls().len().max(1);
+            let manual = matches!(reason, Reason::Manual { .. } | Reason::Apply(_));
+            let mut answered = None;
+            let mut last_err = None;
+            for _ in 0..attempts {
+                let (url, mut client) = match self.connect().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last_err = Some(e);
+                        break; // connect already tried every provider
                     }
-                }
-                let Some((url, mut client, resp)) = answered else {
-                    let e = last_err.unwrap_or_else(|| AgentError::Config("no provider configured".into()));
-                    self.state.lock().await.last_error = Some(e.to_string());
-                    let _ = self.save().await;
-                    return Err(e);
                 };
-                report.provider = url.clone();
-                if self.cfg.interval.is_none() && resp.min_check_interval_secs > 0 {
-                    let min = resp.min_check_interval_secs;
-                    let max = resp.max_check_interval_secs.max(min);
-                    *self.interval.lock().await = (Duration::from_secs(min.into()), Duration::from_secs(max.into()));
-                }
-                // A provider that states no policy gets the default group's: any time, automatic.
-                let policy = resp.policy.clone().unwrap_or_default();
-                let settings = policy.settings.clone().unwrap_or(GroupSettings {
-                    mode: Mode::Automatic.to_wire(),
-                    install_day: -1,
-                    install_hour: -1,
-                    providers: vec![],
-                });
-                let mode = Mode::from_wire(settings.mode).unwrap_or_default();
-                let window =
-                    updraft_core::policy::in_window(settings.install_day, settings.install_hour, localtime::now());
-                self.providers.lock().await.set_assigned(&settings.providers);
-                report.catalog_seq = resp.catalog_seq;
-                let had_removal = resp.offers.iter().any(|o| o.action == ActionKind::Remove as i32);
-                let deferred = self.state.lock().await.deferred.clone();
-                let mut waiting = Vec::new();
-                let mut foreign = std::collections::BTreeMap::new();
-                let mut held_with: std::collections::BTreeMap<String, String> = Default::default();
-                for offer in resp.offers {
-                    if self.cancel.is_requested() {
-                        report.errors.push(AgentError::Cancelled.to_string());
+                let req = self.check_request(manual).await;
+                let answer = match client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await {
+                    Ok(r) => self.verify_answer(&url, r).await,
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    Ok((r, refused)) => {
+                        // Refused offers are a problem of this provider's until an answer
+                        // of its has none; each new refusal is recorded once as activity.
+                        let joined = refused.iter().map(|(_, why)| why.as_str()).collect::<Vec<_>>().join("; ");
+                        let mut st = self.state.lock().await;
+                        let new = st.refused_answers.get(&url) != Some(&joined);
+                        match refused.is_empty() {
+                            true => st.refused_answers.remove(&url),
+                            false => st.refused_answers.insert(url.clone(), joined),
+                        };
+                        drop(st);
+                        for (offered, why) in &refused {
+                            tracing::warn!(provider = %url, "{why}");
+                            if new {
+                                self.record(ActivityKind::Error, offered, format!("from {url}: {why}")).await;
+                            }
+                            report.errors.push(why.clone());
+                        }
+                        answered = Some((url, client, r));
                         break;
                     }
-                    let Some(u) = offer.update.clone() else { continue };
-                    // A directory this agent has no receipt for is someone else's: never touched.
-                    // What it would have brought along waits with it.
-                    if offer.action == ActionKind::Install as i32 {
-                        let refused = self.state.lock().await.not_ours(&self.cfg.install_root, &u.product);
-                        if let Some(problem) = refused {
-                            tracing::warn!(product = %u.product, "{problem}");
-                            // Once in the activity log (and so at once in the report), not every check.
-                            if !self.state.lock().await.foreign.contains_key(&u.product) {
-                                self.record(ActivityKind::Error, &u, problem.clone()).await;
-                            }
-                            report.errors.push(problem.clone());
-                            foreign.insert(u.product.clone(), problem);
-                            held_with.extend(u.related_installs.iter().map(|r| (r.clone(), u.product.clone())));
-                            continue;
-                        }
-                        if let Some(by) = held_with.get(&u.product) {
-                            report.waiting.push(format!(
-                                "{} {} (brought in by {by}, which cannot be installed here)",
-                                u.product, u.version
-                            ));
-                            continue;
-                        }
+                    Err(e @ AgentError::Verify { .. }) => {
+                        tracing::warn!(provider = %url, error = %e, "answer refused; trying the next provider");
+                        self.state.lock().await.refused_answers.insert(url.clone(), e.to_string());
+                        self.providers.lock().await.rotate(&e.to_string());
+                        last_err = Some(e);
                     }
-                    let mut decision = decide(mode, window, &reason, &offer, &deferred);
-                    // Crash-loop guard: an update that failed the same way too often waits for
-                    // someone to ask for it by id.
-                    let asked = matches!(&reason, Reason::Apply(ids) if ids.contains(&u.id));
-                    if matches!(decision, Decision::Apply | Decision::Stage)
-                        && offer.action == ActionKind::Install as i32
-                    {
-                        let mut st = self.state.lock().await;
-                        if asked {
-                            st.failures.remove(&u.id);
-                        } else if st.given_up(&u.id) {
-                            decision = Decision::Note;
-                        }
+                    Err(e) => {
+                        tracing::warn!(provider = %url, error = %e, "check refused; trying the next provider");
+                        self.providers.lock().await.rotate(&e.to_string());
+                        last_err = Some(e);
                     }
-                    let result = match decision {
-                        Decision::Apply => self.apply(&mut client, offer).await.map(Some),
-                        Decision::Stage => self.stage_download(&mut client, &u).await.map(|_| None),
-                        Decision::Note => Ok(None),
-                    };
-                    match result {
-                        Ok(Some(line)) => report.done.push(line),
-                        Ok(None) => {
-                            let downloaded = decision == Decision::Stage;
-                            let gave_up = self.state.lock().await.given_up(&u.id);
-                            let why = match (decision, u.high_priority) {
-                                _ if gave_up => {
-                                    "stopped retrying after repeated identical failures; `agent apply --select ID` tries again"
-                                }
-                                (Decision::Stage, _) if restart_only(&u) => {
-                                    "downloaded; installs when the agent next starts (apply-at restart)"
-                                }
-                                (_, true) => "high priority, left for the next install window",
-                                (Decision::Stage, _) if mode == Mode::Automatic => {
-                                    "downloaded; installs in the install window"
-                                }
-                                (Decision::Stage, _) => "downloaded; run `agent apply` to install",
-                                _ if mode == Mode::Notify => "waiting; run `agent apply` to install",
-                                _ => "waiting; run `agent check` or `agent apply`",
-                            };
-                            report.waiting.push(format!("{} {} ({why})", u.product, u.version));
-                            waiting.push(WaitingRec {
-                                update_id: u.id.clone(),
-                                content_hash: u.content_hash.clone(),
-                                product: u.product.clone(),
-                                version: u.version.clone(),
-                                downloaded,
-                                high_priority: u.high_priority,
-                            });
-                        }
-                        Err(e) => report.errors.push(e.to_string()),
-                    }
-                }
-                {
-                    let mut st = self.state.lock().await;
-                    if let Reason::Manual { later: true } = reason {
-                        for w in waiting.iter().filter(|w| w.high_priority) {
-                            if !st.deferred.contains(&w.update_id) {
-                                st.deferred.push(w.update_id.clone());
-                            }
-                        }
-                    }
-                    // A deferral ends once its update is no longer waiting.
-                    st.deferred.retain(|d| waiting.iter().any(|w| &w.update_id == d));
-                    st.waiting = waiting;
-                    st.foreign = foreign;
-                    st.policy = Some(PolicyRec {
-                        group: policy.group.clone(),
-                        mode: mode.to_string(),
-                        install_day: settings.install_day,
-                        install_hour: settings.install_hour,
-                        providers: settings.providers.clone(),
-                        managed: policy.managed,
-                        served_by: resp.served_by.clone(),
-                    });
-                    st.last_seen_seq = resp.catalog_seq;
-                    st.last_check_unix = now_ms() / 1000;
-                    st.last_provider = Some(url.clone());
-                    st.last_error = report.errors.last().cloned();
-                }
-                self.save().await?;
-                self.flush_reports(&url, &mut client).await;
-                if !had_removal {
-                    break;
                 }
             }
-            Ok(report)
+            let Some((url, mut client, resp)) = answered else {
+                let e = last_err.unwrap_or_else(|| AgentError::Config("no provider configured".into()));
+                self.state.lock().await.last_error = Some(e.to_string());
+                let _ = self.save().await;
+                return Err(e);
+            };
+            report.provider = url.clone();
+            if self.cfg.interval.is_none() && resp.min_check_interval_secs > 0 {
+                let min = resp.min_check_interval_secs;
+                let max = resp.max_check_interval_secs.max(min);
+                *self.interval.lock().await = (Duration::from_secs(min.into()), Duration::from_secs(max.into()));
+            }
+            // A provider that states no policy gets the default group's: any time, automatic.
+            let policy = resp.policy.clone().unwrap_or_default();
+            let settings = policy.settings.clone().unwrap_or(GroupSettings {
+                mode: Mode::Automatic.to_wire(),
+                install_day: -1,
+                install_hour: -1,
+                providers: vec![],
+            });
+            let mode = Mode::from_wire(settings.mode).unwrap_or_default();
+            let window = updraft_core::policy::in_window(settings.install_day, settings.install_hour, localtime::now());
+            self.providers.lock().await.set_assigned(&settings.providers);
+            report.catalog_seq = resp.catalog_seq;
+            let had_removal = resp.offers.iter().any(|o| o.action == ActionKind::Remove as i32);
+            let deferred = self.state.lock().await.deferred.clone();
+            let mut waiting = Vec::new();
+            let mut foreign = std::collections::BTreeMap::new();
+            let mut held_with: std::collections::BTreeMap<String, String> = Default::default();
+            for offer in resp.offers {
+                if self.cancel.is_requested() {
+                    report.errors.push(AgentError::Cancelled.to_string());
+                    break;
+                }
+                let Some(u) = offer.update.clone() else { continue };
+                // A directory this agent has no receipt for is someone else's: never touched.
+                // What it would have brought along waits with it.
+                if offer.action == ActionKind::Install as i32 {
+                    let refused = self.state.lock().await.not_ours(&self.cfg.install_root, &u.product);
+                    if let Some(problem) = refused {
+                        tracing::warn!(product = %u.product, "{problem}");
+                        // Once in the activity log (and so at once in the report), not every check.
+                        if !self.state.lock().await.foreign.contains_key(&u.product) {
+                            self.record(ActivityKind::Error, &u, problem.clone()).await;
+                        }
+                        report.errors.push(problem.clone());
+                        foreign.insert(u.product.clone(), problem);
+                        held_with.extend(u.related_installs.iter().map(|r| (r.clone(), u.product.clone())));
+                        continue;
+                    }
+                    if let Some(by) = held_with.get(&u.product) {
+                        report.waiting.push(format!(
+                            "{} {} (brought in by {by}, which cannot be installed here)",
+                            u.product, u.version
+                        ));
+                        continue;
+                    }
+                }
+                let mut decision = decide(mode, window, &reason, &offer, &deferred);
+                // Crash-loop guard: an update that failed the same way too often waits for
+                // someone to ask for it by id.
+                let asked = matches!(&reason, Reason::Apply(ids) if ids.contains(&u.id));
+                if matches!(decision, Decision::Apply | Decision::Stage) && offer.action == ActionKind::Install as i32 {
+                    let mut st = self.state.lock().await;
+                    if asked {
+                        st.failures.remove(&u.id);
+                    } else if st.given_up(&u.id) {
+                        decision = Decision::Note;
+                    }
+                }
+                let result = match decision {
+                    Decision::Apply => self.apply(&mut client, offer).await.map(Some),
+                    Decision::Stage => self.stage_download(&mut client, &u).await.map(|_| None),
+                    Decision::Note => Ok(None),
+                };
+                match result {
+                    Ok(Some(line)) => report.done.push(line),
+                    Ok(None) => {
+                        let downloaded = decision == Decision::Stage;
+                        let gave_up = self.state.lock().await.given_up(&u.id);
+                        let why = match (decision, u.high_priority) {
+                            _ if gave_up => {
+                                "stopped retrying after repeated identical failures; `agent apply --select ID` tries again"
+                            }
+                            (Decision::Stage, _) if restart_only(&u) => {
+                                "downloaded; installs when the agent next starts (apply-at restart)"
+                            }
+                            (_, true) => "high priority, left for the next install window",
+                            (Decision::Stage, _) if mode == Mode::Automatic => {
+                                "downloaded; installs in the install window"
+                            }
+                            (Decision::Stage, _) => "downloaded; run `agent apply` to install",
+                            _ if mode == Mode::Notify => "waiting; run `agent apply` to install",
+                            _ => "waiting; run `agent check` or `agent apply`",
+                        };
+                        report.waiting.push(format!("{} {} ({why})", u.product, u.version));
+                        waiting.push(WaitingRec {
+                            update_id: u.id.clone(),
+                            content_hash: u.content_hash.clone(),
+                            product: u.product.clone(),
+                            version: u.version.clone(),
+                            downloaded,
+                            high_priority: u.high_priority,
+                        });
+                    }
+                    Err(e) => report.errors.push(e.to_string()),
+                }
+            }
+            {
+                let mut st = self.state.lock().await;
+                if let Reason::Manual { later: true } = reason {
+                    for w in waiting.iter().filter(|w| w.high_priority) {
+                        if !st.deferred.contains(&w.update_id) {
+                            st.deferred.push(w.update_id.clone());
+                        }
+                    }
+                }
+                // A deferral ends once its update is no longer waiting.
+                st.deferred.retain(|d| waiting.iter().any(|w| &w.update_id == d));
+                st.waiting = waiting;
+                st.foreign = foreign;
+                st.policy = Some(PolicyRec {
+                    group: policy.group.clone(),
+                    mode: mode.to_string(),
+                    install_day: settings.install_day,
+                    install_hour: settings.install_hour,
+                    providers: settings.providers.clone(),
+                    managed: policy.managed,
+                    served_by: resp.served_by.clone(),
+                });
+                st.last_seen_seq = resp.catalog_seq;
+                st.last_check_unix = now_ms() / 1000;
+                st.last_provider = Some(url.clone());
+                st.last_error = report.errors.last().cloned();
+            }
+            self.save().await?;
+            self.flush_reports(&url, &mut client).await;
+            if !had_removal {
+                break;
+            }
         }
+        Ok(report)
     }
 
     /// Asks the running check to stop its downloads and the tasks it has not begun; an
@@ -541,10 +548,9 @@ impl Agent {
             crate::answer::check(&self.cfg.catalog_keys, seen, now_ms(), &self.cfg.name, &me, held.as_ref(), resp)
                 .map_err(|reason| AgentError::Verify { update: format!("the answer of {url}"), reason })?;
         let mut s = self.state.lock().await;
+        // Verified as not older than any seen, so never older than the one held.
         s.catalog_version = s.catalog_version.max(checked.version);
-        if checked.version >= s.statement_version() {
-            s.statement = Some(checked.statement);
-        }
+        s.statement = Some(checked.statement);
         Ok((checked.resp, checked.refused))
     }
 
@@ -617,33 +623,37 @@ impl Agent {
             return Err(e);
         }
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes, for later", u.size)).await;
-        match client::download(client, u, &dir, self.cfg.request_timeout, &self.cancel).await {
-            Ok(path) => {
-                // Check it now, so a bad package is refused when it arrives, not when it is due.
-                let key = self.cfg.trust_key;
-                let (id, product, version, p) = (u.id.clone(), u.product.clone(), u.version.clone(), path.clone());
-                let verified =
-                    tokio::task::spawn_blocking(move || install::verify(&p, &key, &id, &product, &version).map(|_| ()))
-                        .await
-                        .map_err(|e| AgentError::Verify { update: u.id.clone(), reason: e.to_string() })?;
-                if let Err(e) = verified {
-                    let _ = tokio::fs::remove_file(&path).await;
-                    self.record(ActivityKind::VerifyFailed, u, e.to_string()).await;
-                    return Err(e);
-                }
-                self.record(ActivityKind::DownloadFinished, u, "verified; waiting to be applied").await;
-                Ok(())
-            }
+        let path = self.download(client, u).await?;
+        // Check it now, so a bad package is refused when it arrives, not when it is due.
+        let key = self.cfg.trust_key;
+        let (id, product, version, p) = (u.id.clone(), u.product.clone(), u.version.clone(), path.clone());
+        let verified =
+            tokio::task::spawn_blocking(move || install::verify(&p, &key, &id, &product, &version).map(|_| ()))
+                .await
+                .map_err(|e| AgentError::Verify { update: u.id.clone(), reason: e.to_string() })?;
+        if let Err(e) = verified {
+            let _ = tokio::fs::remove_file(&path).await;
+            self.record(ActivityKind::VerifyFailed, u, e.to_string()).await;
+            return Err(e);
+        }
+        self.record(ActivityKind::DownloadFinished, u, "verified; waiting to be applied").await;
+        Ok(())
+    }
+
+    /// Downloads `u` into the package cache, recording how it went. Content that fails its hash
+    /// counts as a failure of the update (see [`Agent::count_failure`]).
+    async fn download(&self, client: &mut Client, u: &Update) -> Result<PathBuf> {
+        let dir = self.cfg.state_dir.join("downloads");
+        let result = client::download(client, u, &dir, self.cfg.request_timeout, &self.cancel).await;
+        match &result {
+            Ok(_) => {}
             Err(e @ AgentError::Verify { .. }) => {
                 self.record(ActivityKind::VerifyFailed, u, e.to_string()).await;
-                self.count_failure(u, &e).await;
-                Err(e)
+                self.count_failure(u, e).await;
             }
-            Err(e) => {
-                self.record(ActivityKind::DownloadFailed, u, e.to_string()).await;
-                Err(e)
-            }
+            Err(e) => self.record(ActivityKind::DownloadFailed, u, e.to_string()).await,
         }
+        result
     }
 
     /// Declares `product` at `version`, installed under the install root by other means: a
@@ -870,23 +880,7 @@ impl Agent {
             return Err(e);
         }
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes", u.size)).await;
-        let dir = self.cfg.state_dir.join("downloads");
-        let pkg_path = match client::download(client, u, &dir, self.cfg.request_timeout, &self.cancel).await {
-            Ok(p) => p,
-            Err(AgentError::Cancelled) => {
-                self.record(ActivityKind::DownloadFailed, u, AgentError::Cancelled.to_string()).await;
-                return Err(AgentError::Cancelled);
-            }
-            Err(e @ AgentError::Verify { .. }) => {
-                self.record(ActivityKind::VerifyFailed, u, e.to_string()).await;
-                self.count_failure(u, &e).await;
-                return Err(e);
-            }
-            Err(e) => {
-                self.record(ActivityKind::DownloadFailed, u, e.to_string()).await;
-                return Err(e);
-            }
-        };
+        let pkg_path = self.download(client, u).await?;
         self.record(ActivityKind::DownloadFinished, u, "").await;
         let previous = self.state.lock().await.installed.get(&u.product).map(|r| PreviousRec {
             version: r.version.clone(),
@@ -1030,13 +1024,9 @@ impl Agent {
                 if let Err(e2) = self.settle_failed_install().await {
                     tracing::error!(error = %e2, "could not settle a failed install; start-up recovery will");
                 }
-                if matches!(e, AgentError::Cancelled) {
-                    // Not a failure: someone asked; the next check starts over.
-                    self.record(ActivityKind::InstallFailed, u, e.to_string()).await;
-                    return Err(e);
-                }
-                if matches!(e, AgentError::Deferred { .. }) {
-                    // Not a failure: the application is in use; the next check tries again.
+                if matches!(e, AgentError::Cancelled | AgentError::Deferred { .. }) {
+                    // Not a failure: someone asked to stop, or the application is in use; the
+                    // next check tries again.
                     self.record(ActivityKind::InstallFailed, u, e.to_string()).await;
                     return Err(e);
                 }
@@ -1149,14 +1139,8 @@ impl Agent {
         // As an install would: the application's stop hook, then its process gate (a removal
         // waits while the application runs, and is tried again at the next check).
         let lc = rec.lifecycle.clone();
-        let env = vec![
-            ("UPDRAFT_PRODUCT", u.product.clone()),
-            ("UPDRAFT_VERSION", u.version.clone()),
-            ("UPDRAFT_PREVIOUS_VERSION", rollback_to.to_string()),
-            ("UPDRAFT_UPDATE_ID", u.id.clone()),
-            ("UPDRAFT_ROOT", root.display().to_string()),
-            ("UPDRAFT_REMOVAL", "1".to_string()),
-        ];
+        let mut env = hook_vars(&u.product, &u.version, rollback_to, &u.id, &root);
+        env.push(("UPDRAFT_REMOVAL", "1".to_string()));
         let log = lifecycle::log_path(&self.cfg.state_dir, &u.id);
         let (live, id) = (install::live_dir(&root, &product), u.id.clone());
         let (env2, log2) = (env.clone(), log.clone());

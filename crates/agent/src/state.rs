@@ -207,11 +207,6 @@ impl AgentState {
     }
 
     /// What the agent knows is wrong, in words for the report.
-    /// The version of the statement held (0: none).
-    pub fn statement_version(&self) -> u64 {
-        self.statement.as_ref().and_then(|s| updraft_core::freshness::claimed_version(&s.body)).unwrap_or(0)
-    }
-
     pub fn problems(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .unreachable

@@ -113,7 +113,7 @@ pub struct MachineProof {
     pub hashes: Vec<String>,
 }
 
-/// The most leaves a proof may carry, and the most hashes (a tree of 2^64 leaves needs 128).
+/// The most sibling hashes a proof may carry (two leaves of a tree of 2^64 need at most 128).
 const MAX_PROOF_HASHES: usize = 128;
 
 /// Every machine record, sorted by name, and the tree over them.

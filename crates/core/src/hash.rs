@@ -5,6 +5,15 @@ use crate::error::{CoreError, Result};
 
 pub const PREFIX: &str = "sha256:";
 
+/// How a download whose bytes do not have the listed hash is reported (the agent says it; the
+/// provider that served it recognises it and re-checks its copy).
+pub fn mismatch(actual: &str, listed: &str) -> String {
+    format!("{MISMATCH} {actual}, the catalog says {listed}")
+}
+
+/// The words every [`mismatch`] report starts with.
+pub const MISMATCH: &str = "content hash is";
+
 /// An incremental hasher producing the canonical `sha256:<hex>` form.
 #[derive(Default, Clone)]
 pub struct ContentHasher(Sha256);

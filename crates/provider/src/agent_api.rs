@@ -401,7 +401,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
         self.shared.store.append_activity(&activities).await?;
         // Content that reached an agent with the wrong hash may be bad here: re-hash it now.
         for a in &activities {
-            if a.kind == ActivityKind::VerifyFailed as i32 && a.detail.contains("content hash is") {
+            if a.kind == ActivityKind::VerifyFailed as i32 && a.detail.contains(updraft_core::hash::MISMATCH) {
                 crate::scrub::on_report(&self.shared, &a.update_id);
             }
         }

@@ -16,7 +16,8 @@ use crate::store::{DEFAULT_GROUP, Store};
 /// The default group's settings before anyone changes them: install whatever is approved, at
 /// any time, from whichever provider answers.
 pub fn builtin_default() -> GroupSettings {
-    GroupSettings { mode: Mode::Automatic.to_wire(), install_day: -1, install_hour: -1, providers: vec![] }
+    let g = updraft_core::decisions::builtin_default(DEFAULT_GROUP);
+    GroupSettings { mode: g.mode, install_day: g.install_day, install_hour: g.install_hour, providers: g.providers }
 }
 
 /// The settings a group's machines follow.

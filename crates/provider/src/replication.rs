@@ -59,7 +59,7 @@ impl<T: Tier> Replication for ReplicationService<T> {
         let mut live = self.shared.hub.follow_catalog();
         let backlog = self.shared.store.changes_after(req.after_seq)?;
         let current = self.shared.store.catalog_seq()?;
-        let statement = crate::statement::for_answer(&self.shared)?.map(|s| s.statement);
+        let statement = crate::statement::current(&self.shared)?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(
             async move {

@@ -32,12 +32,9 @@ pub async fn check(shared: &Shared, content_hash: &str, why: &str) -> Result<boo
     let (id, product, version) =
         update.map(|u| (u.id, u.product, u.version)).unwrap_or_else(|| (String::new(), String::new(), String::new()));
     let detail = format!(
-        "blob {content_hash} no longer has its hash ({why}): quarantined under blobs/quarantine; {}",
-        if shared.signer.is_none() && shared.store.statement()?.is_some() {
-            "fetched again from upstream on the next download"
-        } else {
-            "re-import the package to serve it again"
-        }
+        "blob {content_hash} no longer has its hash ({why}): quarantined under blobs/quarantine; \
+         a site fetches it again from upstream on the next download, a centre serves it again \
+         once the package is imported again"
     );
     tracing::error!(%content_hash, update = %id, "{detail}");
     let entry = Activity {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use updraft_core::decisions::{MachineRecord, MachineTree};
 use updraft_core::freshness::{CapEntry, Entry, GroupEntry, IntervalBounds, Statement};
 use updraft_core::keys::ReleaseKey;
-use updraft_proto::v1::{SignedStatement, Update};
+use updraft_proto::v1::{Deployment, SignedStatement, Update};
 
 use crate::error::Result;
 use crate::store::{Change, DEFAULT_GROUP, Store};
@@ -79,8 +79,7 @@ pub fn entry_of(u: &Update) -> Entry {
 }
 
 /// Every group (the default one always), with its settings, providers as URLs and deployments.
-fn groups(store: &Store) -> Result<Vec<GroupEntry>> {
-    let deployments = store.list_deployments()?;
+fn groups(store: &Store, deployments: &[Deployment]) -> Result<Vec<GroupEntry>> {
     let mut out: Vec<GroupEntry> = Vec::new();
     let mut names: Vec<String> = store.list_groups()?.into_iter().map(|g| g.name).collect();
     if !names.iter().any(|n| n == DEFAULT_GROUP) {
@@ -101,7 +100,7 @@ fn groups(store: &Store) -> Result<Vec<GroupEntry>> {
 }
 
 /// Every machine's own record: group, administrator's role, pins, own deployments.
-pub fn machine_records(store: &Store) -> Result<Vec<MachineRecord>> {
+pub fn machine_records(store: &Store, deployments: &[Deployment]) -> Result<Vec<MachineRecord>> {
     type Records = std::collections::BTreeMap<String, MachineRecord>;
     fn at<'a>(by_name: &'a mut Records, name: &str) -> &'a mut MachineRecord {
         by_name
@@ -118,10 +117,8 @@ pub fn machine_records(store: &Store) -> Result<Vec<MachineRecord>> {
     for r in store.list_roles()? {
         at(&mut by_name, &r.machine).role = r.role;
     }
-    for d in store.list_deployments()? {
-        if !d.machine.is_empty() {
-            at(&mut by_name, &d.machine).deployed.insert(d.product);
-        }
+    for d in deployments.iter().filter(|d| !d.machine.is_empty()) {
+        at(&mut by_name, &d.machine).deployed.insert(d.product.clone());
     }
     Ok(by_name.into_values().collect())
 }
@@ -144,7 +141,8 @@ impl Signer {
         {
             return Ok((signed.clone(), false));
         }
-        let tree = Arc::new(MachineTree::build(machine_records(store)?));
+        let deployments = store.list_deployments()?;
+        let tree = Arc::new(MachineTree::build(machine_records(store, &deployments)?));
         let caps = store
             .list_caps()?
             .into_iter()
@@ -161,7 +159,7 @@ impl Signer {
             expires_unix_ms: now + ttl_ms,
             entries: store.list_updates()?.iter().map(entry_of).collect(),
             caps,
-            groups: groups(store)?,
+            groups: groups(store, &deployments)?,
             check_interval: Some(interval),
             machines: tree.root(),
             decides: true,
@@ -199,7 +197,7 @@ impl SiteProofs {
         if self.failed.as_ref().is_some_and(|(b, s)| *b == stored.body && *s == seq) {
             return Ok(self.matched.clone().unwrap_or_else(|| Signed::new(stored, None)));
         }
-        let tree = MachineTree::build(machine_records(store)?);
+        let tree = MachineTree::build(machine_records(store, &store.list_deployments()?)?);
         if claimed_root(&stored.body).is_some_and(|r| r == tree.root()) {
             let signed = Signed::new(stored, Some(Arc::new(tree)));
             self.matched = Some(signed.clone());
@@ -211,6 +209,15 @@ impl SiteProofs {
         tracing::debug!(seq, "replica does not match the statement's machine root yet");
         self.failed = Some((stored.body.clone(), seq));
         Ok(self.matched.clone().unwrap_or_else(|| Signed::new(stored, None)))
+    }
+}
+
+/// The current statement alone (for followers): the centre's own, signed now if need be, or
+/// the one a site last received from upstream.
+pub fn current(shared: &Shared) -> Result<Option<SignedStatement>> {
+    match &shared.signer {
+        Some(s) => Ok(Some(s.current(&shared.store, interval(shared))?.0.statement)),
+        None => shared.store.statement(),
     }
 }
 
