@@ -26,7 +26,7 @@ fn local_hour() -> i32 {
 fn agents_obey_their_groups_modes_and_windows() {
     let w = World::new();
     let (_p, purl) = w.provider("centre", true);
-    let names = ["auto", "dl", "notify", "manual", "window", "self"];
+    let names = ["auto", "dl", "notify", "manual", "window", "early", "self"];
     let _agents: Vec<_> = names.iter().map(|n| w.agent_with(n, &purl, FAST)).collect();
     wait_until("all machines registered", T, || {
         w.admin_json(&purl, &["machine", "list"]).as_array().unwrap().len() == names.len()
@@ -39,14 +39,20 @@ fn agents_obey_their_groups_modes_and_windows() {
         ("g-notify", vec!["--mode", "notify"]),
         ("g-manual", vec!["--mode", "manual"]),
         ("g-window", vec!["--mode", "automatic", "--day", "every-day", "--hour", &far_hour]),
+        ("g-early", vec!["--mode", "automatic", "--hour", &far_hour, "--download-early", "true"]),
     ] {
         let mut args = vec!["group", "create", group];
         args.extend(flags);
         w.admin_ok(&purl, &args);
     }
-    for (g, m) in
-        [("g-auto", "auto"), ("g-dl", "dl"), ("g-notify", "notify"), ("g-manual", "manual"), ("g-window", "window")]
-    {
+    for (g, m) in [
+        ("g-auto", "auto"),
+        ("g-dl", "dl"),
+        ("g-notify", "notify"),
+        ("g-manual", "manual"),
+        ("g-window", "window"),
+        ("g-early", "early"),
+    ] {
         w.admin_ok(&purl, &["group", "assign", g, m]);
     }
     // Bad input changes nothing.
@@ -66,7 +72,7 @@ fn agents_obey_their_groups_modes_and_windows() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("mode notify"));
 
-    for g in ["g-auto", "g-dl", "g-notify", "g-manual", "g-window"] {
+    for g in ["g-auto", "g-dl", "g-notify", "g-manual", "g-window", "g-early"] {
         w.admin_ok(&purl, &["deploy", "app", "--group", g]);
     }
     let v1 = w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
@@ -75,13 +81,20 @@ fn agents_obey_their_groups_modes_and_windows() {
     // The provider says why an offered update is not installed yet.
     let shown = w.admin_json(&purl, &["machine", "show", "dl"]);
     assert!(shown["products"].to_string().contains("group g-dl downloads, then waits for `agent apply`"), "{shown}");
-    wait_until("window mode downloads and waits for its hour", T, || {
-        status(&w, "window")["waiting"][0]["downloaded"] == true
+    // The install time is when machines download and install; a group may download early.
+    wait_until("automatic outside its window waits, not even downloading", T, || {
+        status(&w, "window")["waiting"][0]["update_id"] == v1.as_str()
     });
+    assert_eq!(status(&w, "window")["waiting"][0]["downloaded"], false);
+    wait_until("a group that downloads early downloads and waits for its hour", T, || {
+        status(&w, "early")["waiting"][0]["downloaded"] == true
+    });
+    let groups = w.admin_json(&purl, &["group", "list"]);
+    assert!(groups.to_string().contains("\"download_early\":true"), "{groups}");
     wait_until("notify mode only reports", T, || status(&w, "notify")["waiting"][0]["update_id"] == v1.as_str());
     wait_until("self-configured notify", T, || status(&w, "self")["waiting"][0]["update_id"] == v1.as_str());
     assert_eq!(status(&w, "notify")["waiting"][0]["downloaded"], false);
-    for m in ["dl", "window", "notify", "manual", "self"] {
+    for m in ["dl", "window", "early", "notify", "manual", "self"] {
         assert!(w.installed(m, "app").is_none(), "{m} must not install yet");
     }
 

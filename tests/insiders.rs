@@ -355,7 +355,13 @@ fn a_rogue_site_with_genuine_statements_can_only_withhold() {
     let evil = "https://evil.example:1".to_string();
     let evil_policy = Policy {
         group: "default".into(),
-        settings: Some(GroupSettings { mode: 1, install_day: -1, install_hour: -1, providers: vec![evil.clone()] }),
+        settings: Some(GroupSettings {
+            mode: 1,
+            install_day: -1,
+            install_hour: -1,
+            providers: vec![evil.clone()],
+            download_early: false,
+        }),
         managed: false,
     };
     let offers = forged.clone();

@@ -97,7 +97,8 @@ fn the_ordered_rename_fallback_is_always_finished_or_undone() {
     assert_eq!(broken, 0);
 }
 
-/// A provider and machine `m` on app v1 (its agent stopped), with v2 built but not published.
+/// A provider and machine `m` on app v1 (its agent stopped) with data of its own in `var/`, and
+/// v2 built but not published.
 struct OnV1 {
     w: World,
     _provider: updraft_tests::Proc,
@@ -113,8 +114,9 @@ fn on_v1(env: &[(String, String)]) -> OnV1 {
     let mut w = World::new();
     let (provider, purl) = w.provider("centre", true);
     let (s1, s2) = (source(&w, "1.0.0.0"), source(&w, "2.0.0.0"));
-    let build = |src: &Path, v: &str| w.build_package(src, "app", v, &w.key, &[]);
-    let (v1_tree, v2_tree) = (tree(&s1), tree(&s2));
+    // The application keeps data in its directory: every point must carry it or leave it.
+    let build = |src: &Path, v: &str| w.build_package(src, "app", v, &w.key, &["--data-dir", "var", "--backup", "2"]);
+    let (mut v1_tree, mut v2_tree) = (tree(&s1), tree(&s2));
     w.publish(&purl, &build(&s1, "1.0.0.0"));
     let pkg2 = build(&s2, "2.0.0.0");
     let live = w.root("m").join("app");
@@ -126,6 +128,12 @@ fn on_v1(env: &[(String, String)]) -> OnV1 {
                 && w.state("m").join("state.json").exists()
                 && !w.state("m").join("journal.json").exists()
         });
+    }
+    std::fs::create_dir(live.join("var")).unwrap();
+    std::fs::write(live.join("var/rows"), "the machine's data").unwrap();
+    for t in [&mut v1_tree, &mut v2_tree] {
+        t.insert("var/".into(), vec![]);
+        t.insert("var/rows".into(), b"the machine's data".to_vec());
     }
     OnV1 { w, _provider: provider, purl, pkg2, v1_tree, v2_tree, live }
 }
@@ -235,7 +243,16 @@ fn a_kill_during_a_removal_leaves_a_whole_version_and_the_agent_converges() {
 /// untouched before the swap, the new one recorded once it is live.
 #[test]
 fn an_error_at_any_step_leaves_the_tree_and_the_records_in_agreement() {
-    let steps = ["verified", "staged", "swap:exchanged", "swap:journaled", "swap:old-kept", "state:saved"];
+    let steps = [
+        "verified",
+        "staged",
+        "carried",
+        "swap:exchanged",
+        "swap:journaled",
+        "swap:old-kept",
+        "healthy",
+        "state:saved",
+    ];
     for point in steps {
         let OnV1 { mut w, _provider, purl, pkg2, v1_tree, v2_tree, live } = on_v1(&[]);
         w.publish(&purl, &pkg2);

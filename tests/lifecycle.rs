@@ -380,3 +380,88 @@ fn a_removal_stops_the_application_waits_for_its_gate_and_starts_the_previous_ve
     assert_eq!(recorded(&w, "m1"), "1.0.0.0");
     assert!(started.exists(), "the restored version's start hook ran");
 }
+
+/// An application keeps its data inside its own directory: the package declares it
+/// (`--data-dir`, `--keep-file`), and it survives updates, an update swapped back for failing its
+/// health check, and restores; `--backup N` keeps earlier versions that `agent restore` brings
+/// back, and the update it goes back from is not reinstalled by itself.
+#[test]
+fn data_survives_updates_a_swap_back_and_restores_from_the_kept_versions() {
+    let w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    let build = |version: &str, health: Option<&str>| {
+        let src = w.path(&format!("data-src-{version}"));
+        std::fs::create_dir_all(src.join("var")).unwrap();
+        std::fs::create_dir_all(src.join("etc")).unwrap();
+        std::fs::write(src.join("VERSION"), version).unwrap();
+        std::fs::write(src.join("var/left-on-the-build-host"), "never shipped").unwrap();
+        std::fs::write(src.join("etc/app.conf"), "the package's default").unwrap();
+        let mut flags = vec!["--data-dir", "var/", "--keep-file", "etc/app.conf", "--backup", "2"];
+        if let Some(body) = health {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(src.join("health"), format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(src.join("health"), std::fs::Permissions::from_mode(0o755)).unwrap();
+            flags.extend(["--health-check", "health"]);
+        }
+        w.build_package(&src, "app", version, &w.key, &flags)
+    };
+    w.publish(&url, &build("1.0.0.0", None));
+    let _a = w.agent("m1", &url);
+    wait_until("v1 installed", T, || recorded(&w, "m1") == "1.0.0.0");
+    let app = w.root("m1").join("app");
+    let read = |rel: &str| std::fs::read_to_string(app.join(rel)).unwrap_or_else(|e| format!("{rel}: {e}"));
+    assert!(!app.join("var/left-on-the-build-host").exists(), "data is never shipped");
+    assert_eq!(read("etc/app.conf"), "the package's default", "a kept file's default comes with a first install");
+    // The application writes its data and its administrator edits its configuration.
+    std::fs::create_dir_all(app.join("var/db")).unwrap();
+    std::fs::write(app.join("var/db/rows"), "rows of v1").unwrap();
+    std::fs::write(app.join("etc/app.conf"), "edited on the machine").unwrap();
+
+    let mut ids = vec![];
+    for (i, v) in ["2.0.0.0", "3.0.0.0", "4.0.0.0"].into_iter().enumerate() {
+        ids.push(w.publish(&url, &build(v, None)));
+        let out = check(&w, "m1");
+        assert!(out.status.success(), "{v}: {}", stderr(&out));
+        assert_eq!(read("VERSION"), v);
+        assert_eq!(read("var/db/rows"), format!("rows of v{}", i + 1), "{v}: the data written before it");
+        assert_eq!(read("etc/app.conf"), "edited on the machine", "{v}: never overwritten");
+        std::fs::write(app.join("var/db/rows"), format!("rows of v{}", i + 2)).unwrap();
+    }
+    // Two earlier versions kept: 3 as P_old, 2 as a backup; version 1 went.
+    let st = status(&w, "m1");
+    assert_eq!(st["installed"][0]["kept"], serde_json::json!(["3.0.0.0", "2.0.0.0"]), "{st}");
+    let backups = w.root("m1").join("app_backups");
+    assert!(backups.join("2.0.0.0").is_dir() && !backups.join("1.0.0.0").exists());
+
+    // An update that fails its health check goes back, with the data as it was at the swap.
+    let bad = w.publish(&url, &build("5.0.0.0", Some("exit 1")));
+    let out = check(&w, "m1");
+    assert!(!out.status.success() && stderr(&out).contains("swapped back to 4.0.0.0"), "{}", stderr(&out));
+    w.admin_ok(&url, &["update", "state", &bad, "inactive"]); // withdrawn: 4 is the newest again
+    assert_eq!((read("VERSION"), read("var/db/rows")), ("4.0.0.0".to_string(), "rows of v4".to_string()));
+    assert_eq!(status(&w, "m1")["installed"][0]["kept"], serde_json::json!(["3.0.0.0", "2.0.0.0"]));
+
+    // A version the machine does not keep is refused, and nothing changes.
+    let out = w.agent_cmd("m1", &["restore", "app", "--version", "1.0.0.0"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("not kept here; kept: 3.0.0.0, 2.0.0.0"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(read("VERSION"), "4.0.0.0");
+    // Restoring a backup carries the data along; the update left is held back.
+    let out = w.agent_cmd("m1", &["restore", "app", "--version", "2.0.0.0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!((read("VERSION"), read("var/db/rows")), ("2.0.0.0".to_string(), "rows of v4".to_string()));
+    assert_eq!(read("etc/app.conf"), "edited on the machine");
+    let out = check(&w, "m1");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("held back") && said.contains(&ids[2]), "{said}");
+    assert_eq!(read("VERSION"), "2.0.0.0", "not reinstalled by itself");
+    assert_eq!(recorded(&w, "m1"), "2.0.0.0");
+    // Without a version, the one before: the version restored from (4).
+    let out = w.agent_cmd("m1", &["restore", "app"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!((read("VERSION"), read("var/db/rows")), ("4.0.0.0".to_string(), "rows of v4".to_string()));
+    assert_eq!(recorded(&w, "m1"), "4.0.0.0");
+}

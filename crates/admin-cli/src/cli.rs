@@ -218,6 +218,17 @@ pub struct BuildArgs {
     /// The install waits while this file exists on the machine (absolute path).
     #[arg(long)]
     pub lock_file: Option<String>,
+    /// The application's data, relative to its directory (repeatable, e.g. `var/`): left out
+    /// of the package and carried into every new version on the machine.
+    #[arg(long = "data-dir", value_parser = relative_path)]
+    pub data: Vec<String>,
+    /// A file the machine may change (repeatable, e.g. `etc/app.conf`): shipped as the default
+    /// for a first install, then the machine's copy is kept.
+    #[arg(long = "keep-file", value_parser = relative_path)]
+    pub keep: Vec<String>,
+    /// Earlier versions each machine keeps to go back to with `agent restore` (1-10).
+    #[arg(long = "backup", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub backups: u32,
     /// now, or restart: install only when the agent next starts.
     #[arg(long, default_value = "now", value_parser = ["now", "restart"])]
     pub apply_at: String,
@@ -376,6 +387,10 @@ pub struct GroupSettingsArgs {
     /// Assigned providers in order of preference (comma-separated URLs; empty string clears).
     #[arg(long, value_delimiter = ',', num_args = 0..)]
     pub providers: Option<Vec<String>>,
+    /// Automatic mode: download ahead of the install window (true), or wait for it (false,
+    /// the default: the install time is when machines download and install).
+    #[arg(long)]
+    pub download_early: Option<bool>,
 }
 
 #[derive(Subcommand)]
@@ -524,4 +539,10 @@ pub enum WatchCmd {
     Pending { dir: Option<PathBuf> },
     /// Import waiting files (all files of manual folders when none are named).
     Import { files: Vec<PathBuf> },
+}
+
+/// A path inside the product's directory as the package names it: `var/` is `var`.
+fn relative_path(s: &str) -> Result<String, String> {
+    let p = s.trim_end_matches('/');
+    updraft_core::package::validate_path(p).map(|_| p.to_string()).map_err(|e| e.to_string())
 }

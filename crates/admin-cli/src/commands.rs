@@ -314,6 +314,9 @@ fn build(a: BuildArgs, as_json: bool) -> anyhow::Result<()> {
             hook_timeout_secs: a.hook_timeout,
             processes: a.processes,
             lock_file: a.lock_file,
+            data: a.data,
+            keep: a.keep,
+            backups: a.backups,
         },
     };
     let key = ReleaseKey::load(&a.key)?;

@@ -82,6 +82,10 @@ fn settings_request(name: String, create: bool, a: GroupSettingsArgs) -> anyhow:
         s.providers = p.into_iter().filter(|u| !u.is_empty()).collect();
         req.set_providers = true;
     }
+    if let Some(early) = a.download_early {
+        s.download_early = early;
+        req.set_download_early = true;
+    }
     req.settings = Some(s);
     Ok(req)
 }
@@ -92,12 +96,13 @@ fn settings_json(s: &GroupSettings) -> Value {
         "install_day": day_name(s.install_day),
         "install_hour": hour_name(s.install_hour),
         "providers": s.providers,
+        "download_early": s.download_early,
     })
 }
 
 fn settings_row(s: &GroupSettings) -> Vec<String> {
     vec![
-        Mode::from_wire(s.mode).unwrap_or_default().to_string(),
+        Mode::from_wire(s.mode).unwrap_or_default().to_string() + if s.download_early { " (early)" } else { "" },
         day_name(s.install_day).to_string(),
         hour_name(s.install_hour),
         if s.providers.is_empty() { "-".into() } else { s.providers.join(",") },

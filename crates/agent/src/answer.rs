@@ -173,6 +173,7 @@ fn policy_of(d: &Decided) -> Policy {
             install_day: s.install_day,
             install_hour: s.install_hour,
             providers: s.providers.clone(),
+            download_early: s.download_early,
         }),
     }
 }
@@ -225,6 +226,7 @@ mod tests {
                     install_day: -1,
                     install_hour: -1,
                     providers: vec!["https://site.example:7443".into()],
+                    download_early: false,
                     deployed: Default::default(),
                 }],
                 check_interval: Some(IntervalBounds { min_secs: 60, max_secs: 120 }),
@@ -312,6 +314,7 @@ mod tests {
                 install_day: -1,
                 install_hour: -1,
                 providers: vec!["https://evil".into()],
+                download_early: false,
             }),
             managed: false,
         });

@@ -33,6 +33,12 @@ pub enum Request {
     Providers,
     /// Stop the running check's downloads and the tasks it has not begun.
     Cancel,
+    /// Go back to an earlier version kept on the machine (the newest, unless named).
+    Restore {
+        product: String,
+        #[serde(default)]
+        version: Option<String>,
+    },
     /// Try one provider now (by name or URL).
     TestProvider {
         target: String,
@@ -107,6 +113,9 @@ pub struct InstalledView {
     pub version: String,
     pub update_id: String,
     pub previous_version: Option<String>,
+    /// Versions kept to go back to (`agent restore`), newest first: `P_old`, then backups.
+    #[serde(default)]
+    pub kept: Vec<String>,
     #[serde(default)]
     pub upgrade_code: String,
     #[serde(default)]

@@ -26,31 +26,7 @@ use crate::localtime;
 use crate::state::{
     ActivityRec, AgentState, InstalledRec, LocalSettings as LocalRec, PolicyRec, PreviousRec, WaitingRec,
 };
-use crate::{failpoint, journal, lifecycle, selfupdate};
-
-/// What every hook is told about the install it runs in.
-fn hook_env(op: &journal::Op, root: &std::path::Path) -> Vec<(&'static str, String)> {
-    let previous = op.previous.as_ref().map(|p| p.version.as_str()).unwrap_or_default();
-    hook_vars(&op.product, &op.version, previous, &op.update_id, root)
-}
-
-/// The variables every hook gets: the product, the version it concerns, the one before (or
-/// returned to), the update id and the install root.
-fn hook_vars(
-    product: &str,
-    version: &str,
-    previous: &str,
-    update_id: &str,
-    root: &std::path::Path,
-) -> Vec<(&'static str, String)> {
-    vec![
-        ("UPDRAFT_PRODUCT", product.to_string()),
-        ("UPDRAFT_VERSION", version.to_string()),
-        ("UPDRAFT_PREVIOUS_VERSION", previous.to_string()),
-        ("UPDRAFT_UPDATE_ID", update_id.to_string()),
-        ("UPDRAFT_ROOT", root.display().to_string()),
-    ]
-}
+use crate::{failpoint, installer, journal, lifecycle, selfupdate};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -118,7 +94,17 @@ fn restart_only(u: &Update) -> bool {
     u.install_properties.get(updraft_core::package::APPLY_AT).is_some_and(|v| v == "restart")
 }
 
-fn decide(mode: Mode, in_window: bool, reason: &Reason, offer: &Offer, deferred: &[String]) -> Decision {
+/// When a check may act on updates: the group's mode, whether its install window is open now,
+/// and whether automatic machines download ahead of the window.
+#[derive(Debug, Clone, Copy)]
+struct When {
+    mode: Mode,
+    in_window: bool,
+    download_early: bool,
+}
+
+fn decide(when: When, reason: &Reason, offer: &Offer, deferred: &[String]) -> Decision {
+    let When { mode, in_window, download_early } = when;
     let Some(u) = &offer.update else { return Decision::Note };
     if offer.action == ActionKind::Remove as i32 {
         return Decision::Apply; // a removal overrides local settings
@@ -140,7 +126,11 @@ fn decide(mode: Mode, in_window: bool, reason: &Reason, offer: &Offer, deferred:
     }
     match mode {
         Mode::Automatic if in_window || manual => Decision::Apply,
-        Mode::Automatic | Mode::Download => Decision::Stage,
+        // The install time is when machines download and install (seed 002), unless the
+        // group prestages: downloads ahead, installs in the window.
+        Mode::Automatic if download_early => Decision::Stage,
+        Mode::Automatic => Decision::Note,
+        Mode::Download => Decision::Stage,
         Mode::Manual if manual => Decision::Apply,
         Mode::Notify | Mode::Manual => Decision::Note,
     }
@@ -207,7 +197,7 @@ impl Agent {
             journal::clear(&cfg.state_dir)?;
         }
         if let Some(r) = journal::load_removal(&cfg.state_dir)? {
-            if journal::recover_removal(&cfg.install_root, &r, &mut state)? {
+            if journal::recover_removal(&cfg.install_root, &r, &mut state, now_ms() / 1000)? {
                 tracing::warn!(product = %r.product, version = %r.version, "finished a removal interrupted by a crash");
             }
             state.save(&cfg.state_dir)?;
@@ -391,6 +381,7 @@ impl Agent {
                 install_day: -1,
                 install_hour: -1,
                 providers: vec![],
+                download_early: false,
             });
             let mode = Mode::from_wire(settings.mode).unwrap_or_default();
             let window = updraft_core::policy::in_window(settings.install_day, settings.install_hour, localtime::now());
@@ -430,7 +421,8 @@ impl Agent {
                         continue;
                     }
                 }
-                let mut decision = decide(mode, window, &reason, &offer, &deferred);
+                let when = When { mode, in_window: window, download_early: settings.download_early };
+                let mut decision = decide(when, &reason, &offer, &deferred);
                 // Crash-loop guard: an update that failed the same way too often waits for
                 // someone to ask for it by id.
                 let asked = matches!(&reason, Reason::Apply(ids) if ids.contains(&u.id));
@@ -451,8 +443,12 @@ impl Agent {
                     Ok(Some(line)) => report.done.push(line),
                     Ok(None) => {
                         let downloaded = decision == Decision::Stage;
-                        let gave_up = self.state.lock().await.given_up(&u.id);
+                        let (gave_up, held) = {
+                            let st = self.state.lock().await;
+                            (st.given_up(&u.id), st.held(&u.id).map(str::to_string))
+                        };
                         let why = match (decision, u.high_priority) {
+                            _ if held.is_some() => held.as_deref().unwrap_or_default(),
                             _ if gave_up => {
                                 "stopped retrying after repeated identical failures; `agent apply --select ID` tries again"
                             }
@@ -464,6 +460,7 @@ impl Agent {
                                 "downloaded; installs in the install window"
                             }
                             (Decision::Stage, _) => "downloaded; run `agent apply` to install",
+                            _ if mode == Mode::Automatic => "downloads and installs in the install window",
                             _ if mode == Mode::Notify => "waiting; run `agent apply` to install",
                             _ => "waiting; run `agent check` or `agent apply`",
                         };
@@ -882,142 +879,47 @@ impl Agent {
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes", u.size)).await;
         let pkg_path = self.download(client, u).await?;
         self.record(ActivityKind::DownloadFinished, u, "").await;
-        let previous = self.state.lock().await.installed.get(&u.product).map(|r| PreviousRec {
-            version: r.version.clone(),
-            update_id: r.update_id.clone(),
-            lifecycle: r.lifecycle.clone(),
-        });
-        let mut op = journal::Op {
+        let rec = self.state.lock().await.installed.get(&u.product).cloned();
+        let op = journal::Op {
             update_id: u.id.clone(),
             product: u.product.clone(),
             version: u.version.clone(),
-            previous,
             step: journal::Step::Downloaded,
-            staged_inode: None,
-            needs_health: false,
-            self_update: false,
             upgrade_code: u.upgrade_code.clone(),
             product_code: u.product_code.clone(),
-            lifecycle: Default::default(),
+            ..journal::Op::replacing(rec.as_ref())
         };
+        let restart = u.install_properties.get("restart").is_some_and(|v| v == "required");
+        let result = self.run_install(u, op, Some(pkg_path.clone()), restart).await;
+        // Whatever happened, this package file is done with: a verified one is installed, a
+        // bad one must be fetched afresh.
+        let _ = tokio::fs::remove_file(&pkg_path).await;
+        result?;
+        Ok(format!("installed {} {}", u.product, u.version))
+    }
+
+    /// Runs `op` through the installer (from the package at `pkg`, or a tree already staged)
+    /// and makes the outcome the machine's record: a failed step is settled as start-up
+    /// recovery would settle a crash there, then recorded; a healthy install is committed.
+    async fn run_install(&self, u: &Update, op: journal::Op, pkg: Option<PathBuf>, restart: bool) -> Result<()> {
         let root = self.cfg.install_root.clone();
         let state_dir = self.cfg.state_dir.clone();
         let key = self.cfg.trust_key;
         let self_product = self.cfg.self_product.clone();
         let cancel = self.cancel.clone();
-        let pkg2 = pkg_path.clone();
-        // Each step is made durable in the journal before the next begins.
-        let result = tokio::task::spawn_blocking(move || -> Result<journal::Op> {
-            journal::save(&state_dir, &op)?;
-            let pkg = install::verify(&pkg2, &key, &op.update_id, &op.product, &op.version)?;
-            op.lifecycle = pkg.manifest.lifecycle.clone();
-            op.step = journal::Step::Verified;
-            journal::save(&state_dir, &op)?;
-            failpoint::check("verified")?;
-            let staged = install::stage(&pkg, &root, &op.update_id)?;
-            op.step = journal::Step::Staged;
-            op.staged_inode = journal::inode(&staged);
-            let lc = pkg.manifest.lifecycle.clone();
-            op.needs_health =
-                lc.post_install.is_some() || lc.start.is_some() || lc.health.is_some() || lc.health_process.is_some();
-            journal::save(&state_dir, &op)?;
-            failpoint::check("staged")?;
-            // The last moment a cancel stops an install: P is untouched until the swap.
-            if cancel.is_requested() {
-                install::recover(&root)?;
-                return Err(AgentError::Cancelled);
-            }
-            // Before the swap: pre-install and stop hooks from the staged tree, then the gate.
-            if op.product == self_product
-                && let Err(reason) = selfupdate::self_test(&staged)
-            {
-                install::recover(&root)?;
-                return Err(AgentError::Install { update: op.update_id.clone(), reason });
-            }
-            let env = hook_env(&op, &root);
-            let log = lifecycle::log_path(&state_dir, &op.update_id);
-            let before = |name: &str, hook: &Option<String>| match hook {
-                Some(rel) => lifecycle::run_hook(name, rel, &staged, &env, lc.hook_timeout(), &log),
-                None => Ok(()),
+        let result = tokio::task::spawn_blocking(move || {
+            let ctx = installer::Ctx {
+                root: &root,
+                state_dir: &state_dir,
+                key: &key,
+                self_product: &self_product,
+                cancel: &cancel,
+                package: pkg.as_deref(),
             };
-            let gate = before("pre-install", &lc.pre_install)
-                .map_err(|reason| AgentError::Install { update: op.update_id.clone(), reason })
-                .and_then(|_| {
-                    before("stop", &lc.stop)
-                        .map_err(|reason| AgentError::Install { update: op.update_id.clone(), reason })
-                })
-                .and_then(|_| {
-                    lifecycle::wait_gate(&lc, lc.hook_timeout())
-                        .map_err(|reason| AgentError::Deferred { update: op.update_id.clone(), reason })
-                });
-            if let Err(e) = gate {
-                install::recover(&root)?; // drop the staged tree; P was never touched
-                return Err(e);
-            }
-            // The exchange replaces only a tree a receipt describes: one that appeared under
-            // the root since the check is someone else's.
-            if op.previous.is_none() && std::fs::symlink_metadata(install::live_dir(&root, &op.product)).is_ok() {
-                install::recover(&root)?;
-                let live = install::live_dir(&root, &op.product);
-                return Err(AgentError::Install {
-                    update: op.update_id.clone(),
-                    reason: format!(
-                        "{} appeared during the install and was not installed by Updraft: left alone",
-                        live.display()
-                    ),
-                });
-            }
-            let had_old = install::exchange_in(&root, &op.product)?;
-            failpoint::check("swap:exchanged")?;
-            op.step = journal::Step::Swapped;
-            journal::save(&state_dir, &op)?;
-            failpoint::check("swap:journaled")?;
-            if had_old {
-                install::keep_old(&root, &op.product)?;
-            }
-            failpoint::check("swap:old-kept")?;
-            // After the swap: post-install and start hooks and the health check, from the new
-            // tree. Only a healthy install counts; otherwise the previous version goes back.
-            let live = install::live_dir(&root, &op.product);
-            let after = |name: &str, hook: &Option<String>| match hook {
-                Some(rel) => lifecycle::run_hook(name, rel, &live, &env, lc.hook_timeout(), &log),
-                None => Ok(()),
-            };
-            failpoint::check("health:before")?;
-            let healthy = after("post-install", &lc.post_install)
-                .and_then(|_| after("start", &lc.start))
-                .and_then(|_| after("health", &lc.health))
-                .and_then(|_| match &lc.health_process {
-                    Some(name) => {
-                        lifecycle::watch_process(name, Duration::from_secs(lc.health_window_secs.into()), &log)
-                    }
-                    None => Ok(()),
-                });
-            if let Err(reason) = healthy {
-                let back = match &op.previous {
-                    Some(p) if had_old => {
-                        install::roll_back(&root, &op.product)?;
-                        format!("swapped back to {}", p.version)
-                    }
-                    _ => {
-                        install::uninstall(&root, &op.product)?;
-                        "removed it (there was no earlier version)".to_string()
-                    }
-                };
-                journal::clear(&state_dir)?;
-                return Err(AgentError::Install { update: op.update_id.clone(), reason: format!("{reason}; {back}") });
-            }
-            if op.needs_health {
-                op.step = journal::Step::Healthy;
-                journal::save(&state_dir, &op)?;
-            }
-            Ok(op)
+            installer::run(&ctx, op)
         })
         .await
         .map_err(|e| AgentError::Install { update: u.id.clone(), reason: e.to_string() })?;
-        // Whatever happened, this package file is done with: a verified one is installed, a
-        // bad one must be fetched afresh.
-        let _ = tokio::fs::remove_file(&pkg_path).await;
         let op = match result {
             Ok(op) => op,
             Err(e) => {
@@ -1043,9 +945,7 @@ impl Agent {
         if op.product == self.cfg.self_product {
             return Err(self.become_new(op).await);
         }
-        if let Err(e) =
-            self.commit_install(&op, u.install_properties.get("restart").is_some_and(|v| v == "required")).await
-        {
+        if let Err(e) = self.commit_install(&op, restart).await {
             if let Err(e2) = self.settle_failed_install().await {
                 tracing::error!(error = %e2, "could not settle a failed install; start-up recovery will");
             }
@@ -1053,7 +953,72 @@ impl Agent {
             return Err(e);
         }
         self.record(ActivityKind::Installed, u, format!("{} {} is live", u.product, u.version)).await;
-        Ok(format!("installed {} {}", u.product, u.version))
+        Ok(())
+    }
+
+    /// `agent restore`: makes an earlier version kept on this machine live again (the newest,
+    /// `P_old`, unless `version` names a backup), as an install would — the stop hook, the
+    /// gate, the data carried, one exchange, the start and health hooks — from a copy, so the
+    /// kept tree stays. The update it replaces is held back: not installed again by itself
+    /// until `agent apply --select ID` asks for it.
+    pub async fn restore(&self, product: &str, version: Option<&str>) -> Result<String> {
+        let _one_at_a_time = self.checking.lock().await;
+        let rec = self.state.lock().await.installed.get(product).cloned();
+        let Some(rec) = rec.filter(|r| !r.adopted) else {
+            return Err(AgentError::Config(format!("{product} was not installed by Updraft here: nothing to restore")));
+        };
+        let root = self.cfg.install_root.clone();
+        let old = install::old_dir(&root, product);
+        let mut kept: Vec<(PreviousRec, PathBuf)> = Vec::new();
+        if let Some(p) = rec.previous.clone().filter(|_| old.is_dir()) {
+            kept.push((p, old));
+        }
+        for b in &rec.backups {
+            let dir = install::backup_dir(&root, product, &b.version)?;
+            if dir.is_dir() {
+                kept.push((b.clone(), dir));
+            }
+        }
+        let listed = || kept.iter().map(|(p, _)| p.version.clone()).collect::<Vec<_>>().join(", ");
+        let Some((to, from)) = kept.iter().find(|(p, _)| version.is_none_or(|v| p.version == v)).cloned() else {
+            return Err(AgentError::Config(match (version, kept.is_empty()) {
+                (_, true) => format!("{product} {} has no earlier version kept on this machine", rec.version),
+                (Some(v), false) => format!("{product} {v} is not kept here; kept: {}", listed()),
+                (None, false) => unreachable!("a kept version matches when none is named"),
+            }));
+        };
+        let (r2, p2) = (root.clone(), product.to_string());
+        let staged = tokio::task::spawn_blocking(move || install::stage_copy(&r2, &p2, &from))
+            .await
+            .map_err(|e| AgentError::Install { update: to.update_id.clone(), reason: e.to_string() })??;
+        let op = journal::Op {
+            update_id: to.update_id.clone(),
+            product: product.to_string(),
+            version: to.version.clone(),
+            step: journal::Step::Staged,
+            staged_inode: install::inode(&staged),
+            needs_health: to.lifecycle.after_swap(),
+            upgrade_code: rec.upgrade_code.clone(),
+            product_code: rec.product_code.clone(),
+            lifecycle: to.lifecycle.clone(),
+            ..journal::Op::replacing(Some(&rec))
+        };
+        let u = Update {
+            id: to.update_id.clone(),
+            product: product.to_string(),
+            version: to.version.clone(),
+            ..Default::default()
+        };
+        self.run_install(&u, op, None, false).await?;
+        let held = format!(
+            "{}: `agent restore` went back to {} from it; `agent apply --select {}` installs it again",
+            crate::state::HELD,
+            to.version,
+            rec.update_id
+        );
+        self.state.lock().await.hold(&rec.update_id, &held);
+        self.save().await?;
+        Ok(format!("restored {product} {} (was {})", to.version, rec.version))
     }
 
     /// The new agent is live on disk: start the watchdog and become it. Returns only on failure
@@ -1134,12 +1099,13 @@ impl Agent {
             update_id: u.id.clone(),
             version: u.version.clone(),
             back: back.clone(),
-            old_inode: journal::inode(&install::old_dir(&root, &product)),
+            old_inode: install::inode(&install::old_dir(&root, &product)),
+            removed_inode: install::inode(&install::live_dir(&root, &product)),
         };
         // As an install would: the application's stop hook, then its process gate (a removal
         // waits while the application runs, and is tried again at the next check).
         let lc = rec.lifecycle.clone();
-        let mut env = hook_vars(&u.product, &u.version, rollback_to, &u.id, &root);
+        let mut env = lifecycle::hook_vars(&u.product, &u.version, rollback_to, &u.id, &root);
         env.push(("UPDRAFT_REMOVAL", "1".to_string()));
         let log = lifecycle::log_path(&self.cfg.state_dir, &u.id);
         let (live, id) = (install::live_dir(&root, &product), u.id.clone());
@@ -1188,17 +1154,14 @@ impl Agent {
             }
         }
         failpoint::check("remove:done")?;
+        // Finished as start-up finishes an interrupted removal: one rule for the records.
         let line = {
             let mut st = self.state.lock().await;
-            match back {
-                Some(prev) => {
-                    st.back_to_previous(&u.product, &prev, now_ms() / 1000);
-                    format!("removed {} {}, back on {}", u.product, u.version, prev.version)
-                }
-                None => {
-                    st.installed.remove(&u.product);
-                    format!("removed {} {}", u.product, u.version)
-                }
+            let root = self.cfg.install_root.clone();
+            journal::recover_removal(&root, &removal, &mut st, now_ms() / 1000)?;
+            match &back {
+                Some(prev) => format!("removed {} {}, back on {}", u.product, u.version, prev.version),
+                None => format!("removed {} {}", u.product, u.version),
             }
         };
         self.save().await?;
@@ -1332,6 +1295,7 @@ pub fn status_from_state(name: &str, providers: &[String], st: &AgentState, daem
                 version: r.version.clone(),
                 update_id: r.update_id.clone(),
                 previous_version: r.previous.as_ref().map(|x| x.version.clone()),
+                kept: r.previous.iter().chain(&r.backups).map(|x| x.version.clone()).collect(),
                 upgrade_code: r.upgrade_code.clone(),
                 adopted: r.adopted,
             })
@@ -1469,6 +1433,10 @@ async fn control_loop(
                 Ok(Request::Status) => Response::Status(agent.status(true).await),
                 Ok(Request::Providers) => Response::Providers { providers: agent.providers_view().await },
                 Ok(Request::Cancel) => Response::Done { message: agent.cancel() },
+                Ok(Request::Restore { product, version }) => match agent.restore(&product, version.as_deref()).await {
+                    Ok(message) => Response::Done { message },
+                    Err(e) => Response::Error { message: e.to_string() },
+                },
                 Ok(Request::TestProvider { target }) => match agent.test_provider(&target).await {
                     Ok(r) => Response::Tested(r),
                     Err(e) => Response::Error { message: e.to_string() },
@@ -1636,12 +1604,23 @@ mod tests {
         Offer { action: action as i32, update: Some(u), ..Default::default() }
     }
 
+    fn at(mode: Mode, in_window: bool) -> When {
+        When { mode, in_window, download_early: false }
+    }
+
     #[test]
     fn each_mode_window_and_reason_gives_its_decision() {
         let plain = offer(ActionKind::Install, false, false);
-        let d = |mode, window, reason: &Reason| decide(mode, window, reason, &plain, &[]);
+        let d = |mode, window, reason: &Reason| decide(at(mode, window), reason, &plain, &[]);
         assert_eq!(d(Mode::Automatic, true, &Reason::Schedule), Decision::Apply);
-        assert_eq!(d(Mode::Automatic, false, &Reason::Schedule), Decision::Stage, "outside the window: staged");
+        assert_eq!(
+            d(Mode::Automatic, false, &Reason::Schedule),
+            Decision::Note,
+            "outside the window: not even downloaded"
+        );
+        let early = When { download_early: true, ..at(Mode::Automatic, false) };
+        assert_eq!(decide(early, &Reason::Schedule, &plain, &[]), Decision::Stage, "unless the group downloads early");
+        assert_eq!(decide(When { in_window: true, ..early }, &Reason::Schedule, &plain, &[]), Decision::Apply);
         assert_eq!(d(Mode::Automatic, false, &Reason::Manual { later: false }), Decision::Apply);
         assert_eq!(d(Mode::Download, true, &Reason::Schedule), Decision::Stage);
         assert_eq!(d(Mode::Notify, true, &Reason::Schedule), Decision::Note);
@@ -1654,15 +1633,15 @@ mod tests {
     #[test]
     fn priority_removal_and_apply_at_restart_override_the_mode() {
         let urgent = offer(ActionKind::Install, true, false);
-        assert_eq!(decide(Mode::Manual, false, &Reason::Push("app-2".into()), &urgent, &[]), Decision::Apply);
-        assert_eq!(decide(Mode::Manual, false, &Reason::Manual { later: true }, &urgent, &[]), Decision::Note);
+        assert_eq!(decide(at(Mode::Manual, false), &Reason::Push("app-2".into()), &urgent, &[]), Decision::Apply);
+        assert_eq!(decide(at(Mode::Manual, false), &Reason::Manual { later: true }, &urgent, &[]), Decision::Note);
         let deferred = ["app-2".to_string()];
-        assert_eq!(decide(Mode::Automatic, false, &Reason::Schedule, &urgent, &deferred), Decision::Note);
-        assert_eq!(decide(Mode::Automatic, true, &Reason::Schedule, &urgent, &deferred), Decision::Apply);
+        assert_eq!(decide(at(Mode::Automatic, false), &Reason::Schedule, &urgent, &deferred), Decision::Note);
+        assert_eq!(decide(at(Mode::Automatic, true), &Reason::Schedule, &urgent, &deferred), Decision::Apply);
         let removal = offer(ActionKind::Remove, false, false);
-        assert_eq!(decide(Mode::Notify, false, &Reason::Schedule, &removal, &[]), Decision::Apply);
+        assert_eq!(decide(at(Mode::Notify, false), &Reason::Schedule, &removal, &[]), Decision::Apply);
         let at_restart = offer(ActionKind::Install, false, true);
-        assert_eq!(decide(Mode::Automatic, true, &Reason::Schedule, &at_restart, &[]), Decision::Stage);
-        assert_eq!(decide(Mode::Automatic, true, &Reason::Startup, &at_restart, &[]), Decision::Apply);
+        assert_eq!(decide(at(Mode::Automatic, true), &Reason::Schedule, &at_restart, &[]), Decision::Stage);
+        assert_eq!(decide(at(Mode::Automatic, true), &Reason::Startup, &at_restart, &[]), Decision::Apply);
     }
 }

@@ -55,14 +55,6 @@ pub fn stage(pkg: &Package, root: &Path, update_id: &str) -> Result<PathBuf> {
     Ok(pending)
 }
 
-/// Makes the staged tree the live one; the previous live tree becomes `P_old`.
-pub fn swap_in(root: &Path, product: &str) -> Result<()> {
-    if exchange_in(root, product)? {
-        keep_old(root, product)?;
-    }
-    Ok(())
-}
-
 /// The one step that changes `ROOT/P`: an atomic exchange with the staged tree (or a rename,
 /// for a first install). Returns whether there was a previous version, now in
 /// `P_update_pending`.
@@ -79,14 +71,132 @@ pub fn exchange_in(root: &Path, product: &str) -> Result<bool> {
     Ok(had_old)
 }
 
-/// Moves the previous version (left in `P_update_pending` by the exchange) to `P_old`,
-/// replacing any older one.
-pub fn keep_old(root: &Path, product: &str) -> Result<()> {
+/// Where earlier versions beyond `P_old` wait, one directory per version.
+pub fn backups_dir(root: &Path, product: &str) -> PathBuf {
+    root.join(format!("{product}_backups"))
+}
+
+/// The backup of `version` (a version string, checked: it becomes a file name).
+pub fn backup_dir(root: &Path, product: &str, version: &str) -> Result<PathBuf> {
+    version
+        .parse::<updraft_core::version::Version>()
+        .map_err(|e| AgentError::Config(format!("backup version {version:?}: {e}")))?;
+    Ok(backups_dir(root, product).join(version))
+}
+
+/// Moves the previous version (left in `P_update_pending` by the exchange) to `P_old`. The
+/// `P_old` it replaces (of version `displaced`) waits as the backup `P_backups/VERSION` until
+/// the install is healthy ([`prune_backups`] then keeps what the package asks for): a swap back
+/// makes it `P_old` again. Repeatable after a crash at any point (each move is one rename), and
+/// a no-op once done.
+pub fn keep_old(root: &Path, product: &str, displaced: Option<&str>) -> Result<()> {
     let pending = pending_dir(root, product);
     let old = old_dir(root, product);
-    remove_tree(&old)?;
+    if !pending.exists() {
+        return Ok(()); // already kept
+    }
+    match displaced {
+        Some(v) if old.is_dir() => {
+            let (dir, to) = (backups_dir(root, product), backup_dir(root, product, v)?);
+            std::fs::create_dir_all(&dir).map_err(|e| AgentError::io(&dir, e))?;
+            remove_tree(&to)?;
+            std::fs::rename(&old, &to).map_err(|e| AgentError::io(&to, e))?;
+            sync_dir(&dir)?;
+        }
+        _ => remove_tree(&old)?,
+    }
     std::fs::rename(&pending, &old).map_err(|e| AgentError::io(&old, e))?;
     sync_dir(root)?;
+    Ok(())
+}
+
+/// Deletes the backups of versions not in `keep`.
+pub fn prune_backups(root: &Path, product: &str, keep: &[&str]) -> Result<()> {
+    let dir = backups_dir(root, product);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+    for e in entries.flatten() {
+        if !keep.iter().any(|v| e.file_name() == *v) {
+            remove_tree(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies a kept tree (`P_old` or a backup) into a fresh `P_update_pending`, to be swapped in
+/// like a new install (the kept tree itself stays: the only copy of a version is never moved).
+pub fn stage_copy(root: &Path, product: &str, from: &Path) -> Result<PathBuf> {
+    let pending = pending_dir(root, product);
+    remove_tree(&pending)?;
+    copy_tree(from, &pending).and_then(|_| syncfs(&pending)).inspect_err(|_| {
+        let _ = remove_tree(&pending);
+    })?;
+    Ok(pending)
+}
+
+/// Carries the machine's data and kept files (`paths`, relative) from the live tree into the
+/// staged one, each replacing whatever the package put there. Copied, never linked: the
+/// version swapped out keeps its own copy, as it was when it stopped, to go back to. Synced
+/// before it returns. Returns how many paths were carried.
+pub fn carry<'a>(live: &Path, staged: &Path, paths: impl IntoIterator<Item = &'a str>) -> Result<usize> {
+    let mut carried = 0;
+    for rel in paths {
+        let from = live.join(rel);
+        match std::fs::symlink_metadata(&from) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(AgentError::io(&from, e)),
+        }
+        // Never write through a link: a path carried earlier may have been one.
+        let mut at = staged.to_path_buf();
+        for comp in Path::new(rel).parent().into_iter().flat_map(Path::components) {
+            at.push(comp);
+            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(AgentError::Config(format!("cannot carry {rel}: {} is a symbolic link", at.display())));
+            }
+        }
+        let to = staged.join(rel);
+        remove_tree(&to)?;
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| AgentError::io(parent, e))?;
+        }
+        copy_tree(&from, &to)?;
+        carried += 1;
+    }
+    if carried > 0 {
+        syncfs(staged)?;
+    }
+    Ok(carried)
+}
+
+/// Copies a file, a symbolic link (as a link) or a directory tree with its modes. Sockets and
+/// pipes are a running application's, not data: left out.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let meta = std::fs::symlink_metadata(from).map_err(|e| AgentError::io(from, e))?;
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        let target = std::fs::read_link(from).map_err(|e| AgentError::io(from, e))?;
+        std::os::unix::fs::symlink(target, to).map_err(|e| AgentError::io(to, e))?;
+    } else if ft.is_dir() {
+        std::fs::create_dir(to).map_err(|e| AgentError::io(to, e))?;
+        for e in std::fs::read_dir(from).map_err(|e| AgentError::io(from, e))? {
+            let e = e.map_err(|e| AgentError::io(from, e))?;
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        }
+        std::fs::set_permissions(to, meta.permissions()).map_err(|e| AgentError::io(to, e))?;
+    } else if ft.is_file() {
+        std::fs::copy(from, to).map_err(|e| AgentError::io(to, e))?;
+    }
+    Ok(())
+}
+
+/// Makes everything written under `dir` durable (one `syncfs` for the whole file system).
+fn syncfs(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir).map_err(|e| AgentError::io(dir, e))?;
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(AgentError::io(dir, std::io::Error::last_os_error()));
+    }
     Ok(())
 }
 
@@ -105,6 +215,51 @@ pub fn roll_back(root: &Path, product: &str) -> Result<()> {
     remove_tree(&old)
 }
 
+/// Undoes a swap whose new version (the tree with inode `new_inode`) never proved itself,
+/// from wherever a crash or a failure left it: the previous version (in `P_update_pending`
+/// before the swap's bookkeeping, in `P_old` after) is made live again, the new tree is
+/// deleted, and the backup of `displaced` (the `P_old` before the swap) is `P_old` again.
+/// Repeatable: the inode tells at each point what is where.
+pub fn swap_back(root: &Path, product: &str, new_inode: Option<u64>, displaced: Option<&str>) -> Result<()> {
+    let (live, pending, old) = (live_dir(root, product), pending_dir(root, product), old_dir(root, product));
+    let is_new = |p: &Path| new_inode.is_some() && inode(p) == new_inode;
+    if is_new(&live) {
+        match [&pending, &old].into_iter().find(|p| p.is_dir()) {
+            Some(previous) => {
+                exchange(previous, &live)?;
+                sync_dir(root)?;
+            }
+            None => return uninstall(root, product), // a first install: nothing to go back to
+        }
+    }
+    for p in [&pending, &old] {
+        if is_new(p) {
+            remove_tree(p)?;
+        }
+    }
+    if let Some(v) = displaced
+        && !old.exists()
+    {
+        promote_backup(root, product, v)?;
+    }
+    Ok(())
+}
+
+/// Makes the backup of `version`, if there is one, `P_old` again.
+pub fn promote_backup(root: &Path, product: &str, version: &str) -> Result<()> {
+    let (from, old) = (backup_dir(root, product, version)?, old_dir(root, product));
+    if from.is_dir() && !old.exists() {
+        std::fs::rename(&from, &old).map_err(|e| AgentError::io(&old, e))?;
+        sync_dir(root)?;
+    }
+    Ok(())
+}
+
+pub fn inode(p: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).ok().map(|m| m.ino())
+}
+
 /// Uninstalls a product that has no earlier version to return to.
 pub fn uninstall(root: &Path, product: &str) -> Result<()> {
     let live = live_dir(root, product);
@@ -115,7 +270,8 @@ pub fn uninstall(root: &Path, product: &str) -> Result<()> {
         sync_dir(root)?;
     }
     remove_tree(&doomed)?;
-    remove_tree(&old_dir(root, product))
+    remove_tree(&old_dir(root, product))?;
+    remove_tree(&backups_dir(root, product))
 }
 
 /// Clears what an interrupted run may have left: staging and removal leftovers. `P` itself
@@ -243,7 +399,9 @@ mod tests {
             let p = package(tmp.path(), &key, v);
             let pkg = verify(&p, &key.public(), "id", "app", v).unwrap();
             stage(&pkg, &root, "id").unwrap();
-            swap_in(&root, "app").unwrap();
+            if exchange_in(&root, "app").unwrap() {
+                keep_old(&root, "app", None).unwrap();
+            }
             assert_eq!(std::fs::read_to_string(root.join("app/VERSION")).unwrap(), v);
         }
         assert_eq!(std::fs::read_to_string(root.join("app_old/VERSION")).unwrap(), "1.0.0.0");
@@ -253,6 +411,110 @@ mod tests {
         assert!(!old_dir(&root, "app").exists());
         uninstall(&root, "app").unwrap();
         assert!(!root.join("app").exists());
+    }
+
+    fn tree(dir: &Path, files: &[(&str, &str)]) {
+        for (path, text) in files {
+            let p = dir.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+    }
+
+    fn read(p: PathBuf) -> String {
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[test]
+    fn data_and_kept_files_are_copied_into_the_new_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (live, staged) = (tmp.path().join("app"), tmp.path().join("app_update_pending"));
+        tree(&live, &[("VERSION", "1"), ("var/db/rows", "the machine's rows"), ("etc/app.conf", "edited here")]);
+        std::os::unix::fs::symlink("db/rows", live.join("var/latest")).unwrap();
+        tree(&staged, &[("VERSION", "2"), ("etc/app.conf", "the package's default")]);
+        let n = carry(&live, &staged, ["var", "etc/app.conf", "not/there"]).unwrap();
+        assert_eq!(n, 2, "a path the live tree lacks is skipped");
+        assert_eq!(read(staged.join("var/db/rows")), "the machine's rows");
+        assert_eq!(read(staged.join("etc/app.conf")), "edited here", "the machine's copy wins");
+        assert_eq!(std::fs::read_link(staged.join("var/latest")).unwrap(), Path::new("db/rows"));
+        assert_eq!(read(staged.join("VERSION")), "2");
+        // Copied, not linked: the old tree keeps its own data to go back to.
+        std::fs::write(staged.join("var/db/rows"), "changed by v2").unwrap();
+        assert_eq!(read(live.join("var/db/rows")), "the machine's rows");
+        // Never written through a link carried earlier.
+        std::fs::remove_dir_all(live.join("var")).unwrap();
+        std::os::unix::fs::symlink("/etc", live.join("var")).unwrap();
+        std::fs::write(tmp.path().join("x"), "").unwrap();
+        let e = carry(&live, &staged, ["var", "var/passwd"]).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+    }
+
+    #[test]
+    fn earlier_versions_are_kept_as_asked_and_the_rest_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        tree(&live_dir(root, "app"), &[("VERSION", "1.0.0.0")]);
+        // Installs 2, 3, 4 keeping two versions besides P_old.
+        let mut kept: Vec<String> = vec![];
+        let mut old: Option<String> = None;
+        for v in ["2.0.0.0", "3.0.0.0", "4.0.0.0"] {
+            tree(&pending_dir(root, "app"), &[("VERSION", v)]);
+            assert!(exchange_in(root, "app").unwrap());
+            keep_old(root, "app", old.as_deref()).unwrap();
+            keep_old(root, "app", old.as_deref()).unwrap(); // done already: nothing changes
+            if let Some(o) = &old {
+                kept.insert(0, o.clone());
+                kept.truncate(2);
+            }
+            prune_backups(root, "app", &kept.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+            old = Some(read(old_dir(root, "app").join("VERSION")));
+        }
+        assert_eq!(read(live_dir(root, "app").join("VERSION")), "4.0.0.0");
+        assert_eq!(read(old_dir(root, "app").join("VERSION")), "3.0.0.0");
+        assert_eq!(read(backup_dir(root, "app", "2.0.0.0").unwrap().join("VERSION")), "2.0.0.0");
+        assert_eq!(read(backup_dir(root, "app", "1.0.0.0").unwrap().join("VERSION")), "1.0.0.0");
+        // One fewer asked for: the oldest goes.
+        tree(&pending_dir(root, "app"), &[("VERSION", "5.0.0.0")]);
+        exchange_in(root, "app").unwrap();
+        keep_old(root, "app", Some("3.0.0.0")).unwrap();
+        prune_backups(root, "app", &["3.0.0.0"]).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(backups_dir(root, "app"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["3.0.0.0"]);
+        // A restore copies the backup; the backup stays.
+        stage_copy(root, "app", &backup_dir(root, "app", "3.0.0.0").unwrap()).unwrap();
+        assert_eq!(read(pending_dir(root, "app").join("VERSION")), "3.0.0.0");
+        assert!(backup_dir(root, "app", "3.0.0.0").unwrap().is_dir());
+        assert!(backup_dir(root, "app", "../x").is_err(), "a backup is named by a version");
+        uninstall(root, "app").unwrap();
+        assert!(!backups_dir(root, "app").exists());
+    }
+
+    #[test]
+    fn a_swap_back_can_be_repeated_at_any_point() {
+        // After the exchange (previous in pending) and after P_old was kept (previous in P_old,
+        // the displaced version in the backups): swapping back twice ends the same.
+        for kept_old in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path();
+            tree(&live_dir(root, "app"), &[("VERSION", "2")]);
+            tree(&old_dir(root, "app"), &[("VERSION", "1.0.0.0")]);
+            tree(&pending_dir(root, "app"), &[("VERSION", "3")]);
+            let new = inode(&pending_dir(root, "app"));
+            exchange_in(root, "app").unwrap();
+            if kept_old {
+                keep_old(root, "app", Some("1.0.0.0")).unwrap();
+            }
+            for _ in 0..2 {
+                swap_back(root, "app", new, Some("1.0.0.0")).unwrap();
+                assert_eq!(read(live_dir(root, "app").join("VERSION")), "2", "kept_old {kept_old}");
+                assert_eq!(read(old_dir(root, "app").join("VERSION")), "1.0.0.0", "kept_old {kept_old}");
+                assert!(!pending_dir(root, "app").exists());
+            }
+        }
     }
 
     #[test]

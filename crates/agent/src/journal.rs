@@ -2,13 +2,12 @@
 //! in, made durable at every boundary so that a crash at any instant can be finished or undone
 //! on the next start. `ROOT/P` only ever changes by one atomic exchange, so it is always whole;
 //! the journal decides whether the agent's records follow the new tree or the old.
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AgentError, Result};
-use crate::install;
+use crate::install::{self, inode};
 use crate::state::{AgentState, InstalledRec, PreviousRec, write_atomic};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +19,8 @@ pub enum Step {
     Verified,
     /// `P_update_pending` holds the whole new tree, synced.
     Staged,
+    /// The application stopped, its data and kept files are carried into the staged tree.
+    Carried,
     /// `P` is the new tree (the exchange happened).
     Swapped,
     /// The new version's post-install and start hooks and health check passed.
@@ -50,6 +51,65 @@ pub struct Op {
     /// The package's hooks and gate, for the receipt (known once verified).
     #[serde(default)]
     pub lifecycle: updraft_core::package::Lifecycle,
+    /// What `P_old` held when the install began: it becomes a backup, or goes.
+    #[serde(default)]
+    pub displaced: Option<PreviousRec>,
+    /// The machine's backups when the install began, newest first.
+    #[serde(default)]
+    pub backups: Vec<PreviousRec>,
+}
+
+impl Op {
+    /// An install over the live version `live` describes (none for a first install): what it
+    /// replaces, and the `P_old` and backups it inherits. The caller names what is installed.
+    pub fn replacing(live: Option<&crate::state::InstalledRec>) -> Op {
+        Op {
+            update_id: String::new(),
+            product: String::new(),
+            version: String::new(),
+            previous: live.map(|r| PreviousRec {
+                version: r.version.clone(),
+                update_id: r.update_id.clone(),
+                lifecycle: r.lifecycle.clone(),
+            }),
+            step: Step::Downloaded,
+            staged_inode: None,
+            needs_health: false,
+            self_update: false,
+            upgrade_code: String::new(),
+            product_code: String::new(),
+            lifecycle: Default::default(),
+            displaced: live.and_then(|r| r.previous.clone()),
+            backups: live.map(|r| r.backups.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// The backups once this install is live, newest first: the displaced `P_old` and the
+    /// earlier ones, as many as the new package keeps besides `P_old`, never the live version.
+    pub fn kept(&self) -> Vec<PreviousRec> {
+        let mut kept: Vec<PreviousRec> = Vec::new();
+        for b in self.displaced.iter().chain(&self.backups) {
+            let live_or_old =
+                b.version == self.version || self.previous.as_ref().is_some_and(|p| p.version == b.version);
+            if !live_or_old && !kept.iter().any(|k| k.version == b.version) {
+                kept.push(b.clone());
+            }
+        }
+        kept.truncate(self.lifecycle.versions_kept() as usize - 1);
+        kept
+    }
+
+    /// Moves the previous version (in `P_update_pending` after the exchange) to `P_old`; the
+    /// `P_old` it replaces waits as a backup until [`Op::prune`].
+    pub fn keep_old(&self, root: &Path) -> Result<()> {
+        install::keep_old(root, &self.product, self.displaced.as_ref().map(|d| d.version.as_str()))
+    }
+
+    /// Once the install is healthy: deletes the backups [`Op::kept`] does not name.
+    pub fn prune(&self, root: &Path) -> Result<()> {
+        let kept = self.kept();
+        install::prune_backups(root, &self.product, &kept.iter().map(|b| b.version.as_str()).collect::<Vec<_>>())
+    }
 }
 
 const FILE: &str = "journal.json";
@@ -77,10 +137,6 @@ pub fn clear(state_dir: &Path) -> Result<()> {
     }
 }
 
-pub fn inode(p: &Path) -> Option<u64> {
-    std::fs::symlink_metadata(p).ok().map(|m| m.ino())
-}
-
 /// Records a swapped-in install as what the machine runs.
 pub fn record_install(state: &mut AgentState, op: &Op, now_unix: i64) {
     state.installed.insert(
@@ -94,6 +150,7 @@ pub fn record_install(state: &mut AgentState, op: &Op, now_unix: i64) {
             product_code: op.product_code.clone(),
             adopted: false,
             lifecycle: op.lifecycle.clone(),
+            backups: op.kept(),
         },
     );
     state.install_errors.remove(&op.product);
@@ -117,29 +174,21 @@ pub fn recover(root: &Path, op: &Op) -> Result<Outcome> {
     // First make `P` whole again if ordered renames were interrupted.
     install::finish_ordered(root)?;
     let live = install::live_dir(root, &op.product);
-    let pending = install::pending_dir(root, &op.product);
     let exchanged = match op.step {
         Step::Downloaded | Step::Verified => false,
-        // The exchange may have happened after the journal said Staged: the inode tells.
-        Step::Staged => op.staged_inode.is_some() && inode(&live) == op.staged_inode,
+        // The exchange may have happened after the journal said Staged or Carried: the inode
+        // tells.
+        Step::Staged | Step::Carried => op.staged_inode.is_some() && inode(&live) == op.staged_inode,
         Step::Swapped | Step::Healthy => true,
     };
     if exchanged && op.needs_health && op.step != Step::Healthy {
-        if pending.exists() {
-            install::keep_old(root, &op.product)?;
-        }
-        if op.previous.is_some() && install::old_dir(root, &op.product).is_dir() {
-            install::roll_back(root, &op.product)?;
-        } else {
-            install::uninstall(root, &op.product)?;
-        }
+        install::swap_back(root, &op.product, op.staged_inode, op.displaced.as_ref().map(|d| d.version.as_str()))?;
         return Ok(Outcome::RolledBack);
     }
     if exchanged {
         // `pending` (if still there) holds the previous version: keep it as P_old.
-        if pending.exists() {
-            install::keep_old(root, &op.product)?;
-        }
+        op.keep_old(root)?;
+        op.prune(root)?;
         Ok(Outcome::RolledForward)
     } else {
         install::recover(root)?; // drops the staged tree; P was never touched
@@ -159,6 +208,9 @@ pub struct Removal {
     pub back: Option<PreviousRec>,
     /// Inode of `P_old` before the removal: once it is `P`'s, the roll-back happened.
     pub old_inode: Option<u64>,
+    /// Inode of the removed version's tree (`P` before the removal).
+    #[serde(default)]
+    pub removed_inode: Option<u64>,
 }
 
 const REMOVAL: &str = "removal.json";
@@ -189,7 +241,7 @@ pub fn clear_removal(state_dir: &Path) -> Result<()> {
 /// Makes the records follow a removal a crash interrupted: if `ROOT/P` already changed, the
 /// removal is finished (on disk and in `state`); otherwise nothing happened and the next check
 /// asks again. Returns whether it had happened.
-pub fn recover_removal(root: &Path, r: &Removal, state: &mut AgentState) -> Result<bool> {
+pub fn recover_removal(root: &Path, r: &Removal, state: &mut AgentState, now_unix: i64) -> Result<bool> {
     let live = install::live_dir(root, &r.product);
     let happened = match &r.back {
         Some(_) => r.old_inode.is_some() && inode(&live) == r.old_inode,
@@ -198,16 +250,23 @@ pub fn recover_removal(root: &Path, r: &Removal, state: &mut AgentState) -> Resu
     if !happened {
         return Ok(false);
     }
-    // Finish what the interrupted step left: the removed version's tree, removal leftovers.
-    if r.back.is_some() {
+    // Finish what the interrupted step left: the removed version's tree, removal leftovers;
+    // the newest backup becomes `P_old`.
+    let rec = state.installed.get(&r.product).cloned();
+    if let Some(prev) = &r.back {
         let old = install::old_dir(root, &r.product);
-        if old.exists() {
+        if old.exists() && (r.removed_inode.is_none() || inode(&old) == r.removed_inode) {
             std::fs::remove_dir_all(&old).map_err(|e| AgentError::io(&old, e))?;
+        }
+        if let Some(b) = rec.as_ref().filter(|rec| rec.version != prev.version).and_then(|rec| rec.backups.first()) {
+            install::promote_backup(root, &r.product, &b.version)?;
         }
     }
     install::recover(root)?;
     match &r.back {
-        Some(prev) => state.back_to_previous(&r.product, prev, 0),
+        // Unless the records already say so (a crash after they were saved).
+        Some(prev) if rec.is_some_and(|rec| rec.version == prev.version) => {}
+        Some(prev) => state.back_to_previous(&r.product, prev, now_unix),
         None => {
             state.installed.remove(&r.product);
         }
@@ -244,6 +303,8 @@ mod tests {
             upgrade_code: String::new(),
             product_code: String::new(),
             lifecycle: Default::default(),
+            displaced: None,
+            backups: vec![],
         };
         (dir, op)
     }
@@ -254,14 +315,14 @@ mod tests {
 
     #[test]
     fn recovery_undoes_what_never_swapped_and_keeps_what_did() {
-        for step in [Step::Downloaded, Step::Verified, Step::Staged] {
+        for step in [Step::Downloaded, Step::Verified, Step::Staged, Step::Carried] {
             let (dir, op) = at(step, false, false);
             assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::Abandoned, "{step:?}");
             assert_eq!(live(&dir), "1");
             assert!(!install::pending_dir(dir.path(), "app").exists(), "{step:?}: staging dropped");
         }
         // The journal still says Staged, but the inode shows the exchange happened.
-        for step in [Step::Staged, Step::Swapped, Step::Healthy] {
+        for step in [Step::Staged, Step::Carried, Step::Swapped, Step::Healthy] {
             let (dir, op) = at(step, true, false);
             assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::RolledForward, "{step:?}");
             assert_eq!(live(&dir), "2");
@@ -275,6 +336,16 @@ mod tests {
         let (dir, op) = at(Step::Swapped, true, true);
         assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::RolledBack);
         assert_eq!(live(&dir), "1");
+        // A crash during that recovery, or after it and before the journal was cleared: the
+        // next start does it again and must end the same.
+        assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::RolledBack);
+        assert_eq!(live(&dir), "1", "recovering twice never swaps the unhealthy version back in");
+        // The same with the previous tree already moved to P_old.
+        let (dir, op) = at(Step::Swapped, true, true);
+        op.keep_old(dir.path()).unwrap();
+        assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::RolledBack);
+        assert_eq!(live(&dir), "1");
+        assert!(!install::old_dir(dir.path(), "app").exists(), "the unhealthy tree is gone");
         let (dir, op) = at(Step::Healthy, true, true);
         assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::RolledForward, "healthy stays");
         assert_eq!(live(&dir), "2");

@@ -11,6 +11,7 @@ pub mod error;
 pub mod failpoint;
 pub mod fuzzing;
 pub mod install;
+pub mod installer;
 pub mod journal;
 pub mod lifecycle;
 pub mod localtime;

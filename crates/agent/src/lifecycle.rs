@@ -197,6 +197,24 @@ pub fn run_hook(
     ))
 }
 
+/// The variables every hook gets: the product, the version it concerns, the one before (or
+/// returned to), the update id and the install root.
+pub fn hook_vars(
+    product: &str,
+    version: &str,
+    previous: &str,
+    update_id: &str,
+    root: &Path,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("UPDRAFT_PRODUCT", product.to_string()),
+        ("UPDRAFT_VERSION", version.to_string()),
+        ("UPDRAFT_PREVIOUS_VERSION", previous.to_string()),
+        ("UPDRAFT_UPDATE_ID", update_id.to_string()),
+        ("UPDRAFT_ROOT", root.display().to_string()),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

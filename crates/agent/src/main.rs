@@ -120,6 +120,16 @@ enum Cmd {
         #[command(flatten)]
         state: StateDir,
     },
+    /// Go back to an earlier version kept on this machine: `P_old` (the version before the
+    /// live one), or a backup the package asked for (`--backup N`) named with --version. The
+    /// update it leaves is held back until `agent apply --select ID`.
+    Restore {
+        #[command(flatten)]
+        state: StateDir,
+        product: String,
+        #[arg(long)]
+        version: Option<String>,
+    },
     /// Install the updates that wait (downloaded or not) now.
     Apply {
         #[command(flatten)]
@@ -203,6 +213,13 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Check { state, later } => act(&state, Request::Check { later }).await,
         Cmd::Apply { state, select } => act(&state, Request::Apply { select }).await,
         Cmd::Cancel { state } => act(&state, Request::Cancel).await,
+        Cmd::Restore { state, product, version } => {
+            updraft_core::model::validate_product(&product)?;
+            if let Some(v) = &version {
+                v.parse::<updraft_core::Version>()?;
+            }
+            act(&state, Request::Restore { product, version }).await
+        }
         Cmd::Providers { state, cmd: None } => act(&state, Request::Providers).await,
         Cmd::Log { state, update } => show_log(&state, &update),
         Cmd::SelfUpdateWatch { state_dir, install_root, pid, deadline_secs, argv } => {
@@ -463,13 +480,13 @@ fn print_status(s: &StatusReport) {
         println!("restart   needed");
     }
     println!();
-    println!("{:<24} {:<16} {:<16} UPDATE", "PRODUCT", "VERSION", "PREVIOUS");
+    println!("{:<24} {:<16} {:<24} UPDATE", "PRODUCT", "VERSION", "KEPT (agent restore)");
     for i in &s.installed {
         println!(
-            "{:<24} {:<16} {:<16} {}",
+            "{:<24} {:<16} {:<24} {}",
             i.product,
             i.version,
-            i.previous_version.as_deref().unwrap_or("-"),
+            if i.kept.is_empty() { "-".to_string() } else { i.kept.join(",") },
             if i.adopted { "(adopted)" } else { i.update_id.as_str() }
         );
     }

@@ -10,6 +10,8 @@ use crate::error::{AgentError, Result};
 
 /// Identical failures in a row after which an update stops being retried automatically.
 pub const GIVE_UP_AFTER: u32 = 3;
+/// How a hold by `agent restore` begins (see [`AgentState::hold`]).
+pub const HELD: &str = "held back";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FailureRec {
@@ -43,6 +45,9 @@ pub struct InstalledRec {
     /// gate as an install would.
     #[serde(default)]
     pub lifecycle: updraft_core::package::Lifecycle,
+    /// Earlier versions kept besides `previous` (`ROOT/P_backups/VERSION`), newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backups: Vec<PreviousRec>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -178,12 +183,16 @@ impl AgentState {
     /// the previous version, with the product's codes; adopted if that version was.
     pub fn back_to_previous(&mut self, product: &str, prev: &PreviousRec, now_unix: i64) {
         let codes = self.installed.get(product).cloned().unwrap_or_default();
+        // The newest backup is `P_old` now (see `install::promote_backup`).
+        let mut backups = codes.backups.clone();
+        let previous = (!backups.is_empty()).then(|| backups.remove(0));
         self.installed.insert(
             product.to_string(),
             InstalledRec {
                 version: prev.version.clone(),
                 update_id: prev.update_id.clone(),
-                previous: None,
+                previous,
+                backups,
                 installed_unix: now_unix,
                 upgrade_code: codes.upgrade_code,
                 product_code: codes.product_code,
@@ -229,6 +238,17 @@ impl AgentState {
             *rec = FailureRec { error: error.into(), count: 1 };
         }
         rec.count >= GIVE_UP_AFTER
+    }
+
+    /// Holds `update_id` back as if it had failed too often: it is not installed again by
+    /// itself (`agent restore` went back from it); `why` is what the agent says about it.
+    pub fn hold(&mut self, update_id: &str, why: &str) {
+        self.failures.insert(update_id.to_string(), FailureRec { error: why.to_string(), count: GIVE_UP_AFTER });
+    }
+
+    /// Why `update_id` is held back by `agent restore`, if it is.
+    pub fn held(&self, update_id: &str) -> Option<&str> {
+        self.failures.get(update_id).map(|f| f.error.as_str()).filter(|e| e.starts_with(HELD))
     }
 
     pub fn given_up(&self, update_id: &str) -> bool {

@@ -230,6 +230,8 @@ pub struct Settings {
     pub mode: Mode,
     pub install_day: i32,
     pub install_hour: i32,
+    /// Outside the install window, automatic machines download ahead.
+    pub download_early: bool,
     pub providers: Vec<String>,
 }
 
@@ -250,6 +252,7 @@ pub fn builtin_default(name: &str) -> GroupEntry {
         mode: Mode::Automatic.to_wire(),
         install_day: -1,
         install_hour: -1,
+        download_early: false,
         providers: vec![],
         deployed: BTreeSet::new(),
     }
@@ -287,6 +290,7 @@ pub fn decide(st: &Statement, record: &MachineRecord, m: &MachineInput) -> Resul
         mode: Mode::from_wire(group.mode).unwrap_or_default(),
         install_day: group.install_day,
         install_hour: group.install_hour,
+        download_early: group.download_early,
         providers: group.providers.clone(),
     };
     if !managed {

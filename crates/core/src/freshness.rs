@@ -78,6 +78,9 @@ pub struct GroupEntry {
     pub mode: i32,
     pub install_day: i32,
     pub install_hour: i32,
+    /// Outside the install window, automatic machines download ahead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub download_early: bool,
     #[serde(default)]
     pub providers: Vec<String>,
     #[serde(default)]

@@ -132,6 +132,29 @@ pub struct Lifecycle {
     /// The install waits while this file (an absolute path on the machine) exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_file: Option<String>,
+    /// The application's data (paths relative to the product's directory, files or
+    /// directories): never in the package, carried from the live tree into every new one
+    /// after the application stopped and before the swap.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<String>,
+    /// Files the machine may change (a configuration): the package's copy is the default for a
+    /// first install; afterwards the machine's copy is carried over and never overwritten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<String>,
+    /// How many earlier versions the machine keeps to go back to: `P_old` is the newest of
+    /// them, the rest wait in `P_backups/VERSION` for `agent restore` (0 means 1).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub backups: u32,
+}
+
+/// Paths a package may declare as data or kept files, each.
+pub const MAX_DATA_PATHS: usize = 64;
+/// Earlier versions a package may ask the machine to keep.
+pub const MAX_BACKUPS: u32 = 10;
+
+/// Whether `path` is `under` or inside it (both relative, `/`-separated).
+pub fn is_within(path: &str, under: &str) -> bool {
+    path == under || path.strip_prefix(under).is_some_and(|rest| rest.starts_with('/'))
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -145,6 +168,22 @@ impl Lifecycle {
 
     pub fn hook_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(if self.hook_timeout_secs == 0 { 60 } else { self.hook_timeout_secs.into() })
+    }
+
+    /// Whether anything runs after the swap that the new version must pass (post-install or
+    /// start hook, health check or process): until it has, the swap can be undone.
+    pub fn after_swap(&self) -> bool {
+        self.post_install.is_some() || self.start.is_some() || self.health.is_some() || self.health_process.is_some()
+    }
+
+    /// Earlier versions kept on the machine (at least one: `P_old`).
+    pub fn versions_kept(&self) -> u32 {
+        self.backups.clamp(1, MAX_BACKUPS)
+    }
+
+    /// Every path carried from the live tree into a new one: data first, then kept files.
+    pub fn carried(&self) -> impl Iterator<Item = &str> {
+        self.data.iter().chain(&self.keep).map(String::as_str)
     }
 
     /// The hooks in the order an install runs them, with their names.
@@ -188,6 +227,28 @@ impl Lifecycle {
             && (!l.starts_with('/') || l.contains('\0') || l.len() > 4096 || l.split('/').any(|c| c == ".."))
         {
             return bad(format!("lock file {l:?} must be an absolute path without '..'"));
+        }
+        for (what, paths) in [("data path", &self.data), ("kept file", &self.keep)] {
+            if paths.len() > MAX_DATA_PATHS {
+                return bad(format!("{} {what}s, at most {MAX_DATA_PATHS}", paths.len()));
+            }
+            for p in paths {
+                validate_path(p).map_err(|e| CoreError::Manifest(format!("{what}: {e}")))?;
+            }
+        }
+        // Data is the machine's alone: the package never brings any, nor hooks from it.
+        for d in &self.data {
+            if let Some(f) = files.iter().find(|f| is_within(&f.path, d)) {
+                return bad(format!("{:?} lies in the data path {d:?}: data is never shipped", f.path));
+            }
+            if let Some((name, h)) =
+                self.hooks().into_iter().find_map(|(n, h)| h.filter(|h| is_within(h, d)).map(|h| (n, h)))
+            {
+                return bad(format!("{name} hook {h:?} lies in the data path {d:?}"));
+            }
+        }
+        if self.backups > MAX_BACKUPS {
+            return bad(format!("{} backups asked for, at most {MAX_BACKUPS}", self.backups));
         }
         Ok(())
     }
@@ -328,7 +389,7 @@ pub fn build(from: &Path, meta: &PackageMeta, key: &ReleaseKey, out: &Path) -> R
     }
     let mut dirs = Vec::new();
     let mut files = Vec::new();
-    walk(from, from, &mut dirs, &mut files)?;
+    walk(from, from, &meta.lifecycle.data, &mut dirs, &mut files)?;
     let manifest = Manifest {
         install_type: meta.install_type,
         product_line: meta.product_line.clone(),
@@ -394,7 +455,8 @@ pub fn write_package(
     Ok(())
 }
 
-fn walk(root: &Path, dir: &Path, dirs: &mut Vec<DirEntry>, files: &mut Vec<FileEntry>) -> Result<()> {
+/// Lists `dir` under `root`, leaving out the data paths `skip` (the machine's, never shipped).
+fn walk(root: &Path, dir: &Path, skip: &[String], dirs: &mut Vec<DirEntry>, files: &mut Vec<FileEntry>) -> Result<()> {
     let mut entries: Vec<_> = fs::read_dir(dir)
         .map_err(|e| CoreError::io(dir, e))?
         .collect::<std::io::Result<_>>()
@@ -409,10 +471,13 @@ fn walk(root: &Path, dir: &Path, dirs: &mut Vec<DirEntry>, files: &mut Vec<FileE
             .and_then(|p| p.to_str())
             .ok_or_else(|| CoreError::package(&path, "path is not valid UTF-8"))?
             .to_string();
+        if skip.iter().any(|d| is_within(&rel, d)) {
+            continue;
+        }
         let mode = meta.permissions().mode() & 0o777;
         if meta.is_dir() {
             dirs.push(DirEntry { path: rel, mode });
-            walk(root, &path, dirs, files)?;
+            walk(root, &path, skip, dirs, files)?;
         } else if meta.is_file() {
             let mut f = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
             let mut hasher = ContentHasher::new();
@@ -636,6 +701,35 @@ mod tests {
         assert_eq!(fs::read(dest.join("bin/app")).unwrap(), b"#!/bin/sh\necho v1\n");
         assert_eq!(fs::metadata(dest.join("bin/app")).unwrap().permissions().mode() & 0o777, 0o755);
         assert!(dest.join("empty").is_dir());
+    }
+
+    #[test]
+    fn data_paths_are_left_out_and_never_shipped() {
+        let src = sample_dir();
+        fs::create_dir_all(src.path().join("var/db")).unwrap();
+        fs::write(src.path().join("var/db/rows"), b"the builder's own data").unwrap();
+        fs::write(src.path().join("variant"), b"not data: only a common prefix").unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let key = ReleaseKey::generate().unwrap();
+        let mut m = meta();
+        m.lifecycle.data = vec!["var".into()];
+        m.lifecycle.keep = vec!["VERSION".into()];
+        let built = build(src.path(), &m, &key, &out.path().join("p")).unwrap();
+        assert!(built.files.iter().all(|f| !f.path.starts_with("var/")), "{:?}", built.files);
+        assert!(built.dirs.iter().all(|d| d.path != "var"));
+        assert!(built.files.iter().any(|f| f.path == "variant") && built.files.iter().any(|f| f.path == "VERSION"));
+        // A manifest that ships data, declares a bad path or asks too much is refused.
+        let mut bad = built.clone();
+        bad.files.push(FileEntry { path: "var/db/rows".into(), mode: 0o644, size: 1, sha256: "0".repeat(64) });
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("data is never shipped"), "{e}");
+        for (data, backups, why) in [("../etc", 0, "escapes"), ("/var", 0, "absolute"), ("var", 11, "at most 10")] {
+            let mut bad = built.clone();
+            bad.lifecycle.data = vec![data.into()];
+            bad.lifecycle.backups = backups;
+            assert!(bad.validate().unwrap_err().to_string().contains(why), "{data} {backups}");
+        }
+        assert_eq!(built.lifecycle.versions_kept(), 1);
     }
 
     #[test]

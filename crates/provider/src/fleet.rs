@@ -187,14 +187,18 @@ impl AdminService {
             }
             settings.providers = new.providers.clone();
         }
+        if req.set_download_early {
+            settings.download_early = new.download_early;
+        }
         let group = Group { name: req.name.clone(), settings: Some(settings.clone()) };
         let seq = store.put_group(&group).await?;
         self.shared.hub.publish(Change::Group { group, seq });
         let what = format!(
-            "group {} {}: mode {}, day {}, hour {}, providers [{}]",
+            "group {} {}: mode {}{}, day {}, hour {}, providers [{}]",
             req.name,
             if req.create { "created" } else { "changed" },
             Mode::from_wire(settings.mode).unwrap_or_default(),
+            if settings.download_early { " (downloads early)" } else { "" },
             updraft_core::policy::day_name(settings.install_day),
             updraft_core::policy::hour_name(settings.install_hour),
             settings.providers.join(", ")

@@ -17,7 +17,13 @@ use crate::store::{DEFAULT_GROUP, Store};
 /// any time, from whichever provider answers.
 pub fn builtin_default() -> GroupSettings {
     let g = updraft_core::decisions::builtin_default(DEFAULT_GROUP);
-    GroupSettings { mode: g.mode, install_day: g.install_day, install_hour: g.install_hour, providers: g.providers }
+    GroupSettings {
+        mode: g.mode,
+        install_day: g.install_day,
+        install_hour: g.install_hour,
+        providers: g.providers,
+        download_early: g.download_early,
+    }
 }
 
 /// The settings a group's machines follow.

@@ -91,6 +91,7 @@ fn groups(store: &Store, deployments: &[Deployment]) -> Result<Vec<GroupEntry>> 
             mode: s.mode,
             install_day: s.install_day,
             install_hour: s.install_hour,
+            download_early: s.download_early,
             providers: crate::servers::resolve_providers(store, &s.providers)?,
             deployed: deployments.iter().filter(|d| d.group == name).map(|d| d.product.clone()).collect(),
             name,
