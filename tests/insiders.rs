@@ -398,7 +398,7 @@ fn a_rogue_site_with_genuine_statements_can_only_withhold() {
         action: action as i32,
         update: Some(u),
         rollback_to_version: rollback.into(),
-        pinned: false,
+        ..Default::default()
     };
     *forged.lock().unwrap() = vec![
         offer(ActionKind::Install, record(&hello1), ""),

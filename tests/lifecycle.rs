@@ -465,3 +465,44 @@ fn data_survives_updates_a_swap_back_and_restores_from_the_kept_versions() {
     assert_eq!((read("VERSION"), read("var/db/rows")), ("4.0.0.0".to_string(), "rows of v4".to_string()));
     assert_eq!(recorded(&w, "m1"), "4.0.0.0");
 }
+
+/// A removal returns the machine to the newest GA version below the removed one. When the
+/// machine does not keep that version (it went from 1 straight to 3), it installs it in place
+/// of the removed one, which stays live until its replacement is.
+#[test]
+fn a_removal_installs_the_version_below_when_the_machine_does_not_keep_it() {
+    let w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    w.publish(&url, &package(&w, "1.0.0.0", &[], &[]));
+    let _a = w.agent("m1", &url);
+    wait_until("v1 installed", T, || recorded(&w, "m1") == "1.0.0.0");
+    // 2 and 3 are approved together: the machine goes straight to 3, keeping 1.
+    // Version 2 notes what it was installed over: the removed version, still live then.
+    let over = w.path("installed-over");
+    let note = format!("echo \"$UPDRAFT_PREVIOUS_VERSION\" > {}", over.display());
+    let add = |v: &str| {
+        let pkg = match v {
+            "2.0.0.0" => package(&w, v, &[("post", &note)], &["--post-install", "hooks/post"]),
+            _ => package(&w, v, &[], &[]),
+        };
+        w.admin_ok(&url, &["update", "add", pkg.to_str().unwrap()]).trim().to_string()
+    };
+    let (v2, v3) = (add("2.0.0.0"), add("3.0.0.0"));
+    w.admin_ok(&url, &["update", "state", &v2, &v3, "ga"]);
+    assert!(check(&w, "m1").status.success());
+    assert_eq!(recorded(&w, "m1"), "3.0.0.0");
+    assert_eq!(status(&w, "m1")["installed"][0]["kept"], serde_json::json!(["1.0.0.0"]));
+
+    w.admin_ok(&url, &["update", "state", &v3, "remove"]);
+    let out = check(&w, "m1");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && said.contains("back on 2.0.0.0 (installed"), "{said}{}", stderr(&out));
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("2.0.0.0"));
+    assert_eq!(recorded(&w, "m1"), "2.0.0.0");
+    assert!(!w.root("m1").join("app_old").exists(), "the removed version is not kept to go back to");
+    let was = std::fs::read_to_string(&over).unwrap();
+    assert_eq!(was.trim(), "3.0.0.0", "installed over the removed version, never after uninstalling it");
+    wait_until("the removal reported", T, || {
+        w.admin_json(&url, &["activity", "--machine", "m1"]).to_string().contains("did not keep it")
+    });
+}

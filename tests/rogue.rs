@@ -100,8 +100,7 @@ impl AgentApi for Rogue {
             offers: vec![Offer {
                 action: ActionKind::Install as i32,
                 update: Some(self.update.clone()),
-                rollback_to_version: String::new(),
-                pinned: false,
+                ..Default::default()
             }],
             min_check_interval_secs: 3600,
             max_check_interval_secs: 3600,

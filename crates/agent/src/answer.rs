@@ -111,11 +111,18 @@ fn reconcile(st: &Statement, decided: &Decided, answer: &[Offer]) -> (Vec<Offer>
         };
         let update = update_of(entry, given.update.as_ref());
         let pinned = decided.pins.contains_key(&update.product) && kind == ActionKind::Install as i32;
-        let rollback_to_version = match action {
-            Action::Remove { rollback_to: Some(v), .. } => v.to_string(),
-            _ => String::new(),
+        // A removal's way back, when the machine does not keep it, is from the statement too.
+        let (rollback_to_version, rollback) = match action {
+            Action::Remove { rollback_to: Some(v), .. } => {
+                let items: Vec<_> = st.entries.iter().filter_map(decisions::item_of).collect();
+                let back = updraft_core::plan::rollback_item(&items, &update.product, *v)
+                    .and_then(|c| st.entry(&c.id))
+                    .map(|e| update_of(e, given.rollback.as_ref()));
+                (v.to_string(), back)
+            }
+            _ => (String::new(), None),
         };
-        out.push(Offer { action: kind, update: Some(update), rollback_to_version, pinned });
+        out.push(Offer { action: kind, update: Some(update), rollback_to_version, pinned, rollback });
     }
     let mut refused = Vec::new();
     for o in answer {

@@ -771,7 +771,7 @@ impl Agent {
     async fn apply(&self, client: &mut Client, offer: Offer) -> Result<String> {
         let u = offer.update.ok_or_else(|| AgentError::Config("provider sent an offer without an update".into()))?;
         if offer.action == ActionKind::Remove as i32 {
-            self.remove(&u, &offer.rollback_to_version).await
+            self.remove(client, &u, &offer.rollback_to_version, offer.rollback).await
         } else {
             self.install(client, &u).await
         }
@@ -1083,7 +1083,16 @@ impl Agent {
         journal::clear(&self.cfg.state_dir)
     }
 
-    async fn remove(&self, u: &Update, rollback_to: &str) -> Result<String> {
+    /// Removes `u`, returning to `rollback_to`: from `P_old` when that is it; otherwise by
+    /// installing `rollback` (that version's update) in its place, so the removed version stays
+    /// live until its replacement is; with no version to return to, the product is uninstalled.
+    async fn remove(
+        &self,
+        client: &mut Client,
+        u: &Update,
+        rollback_to: &str,
+        rollback: Option<Update>,
+    ) -> Result<String> {
         let rec = self.state.lock().await.installed.get(&u.product).cloned();
         let Some(rec) = rec else { return Ok(format!("{} is not installed", u.product)) };
         let root = self.cfg.install_root.clone();
@@ -1092,6 +1101,9 @@ impl Agent {
             !rollback_to.is_empty() && p.version == rollback_to && install::old_dir(&root, &product).is_dir()
         });
         let to_old = back.is_some();
+        if let Some(r) = rollback.filter(|r| !to_old && !rollback_to.is_empty() && r.version == rollback_to) {
+            return self.remove_by_install(client, u, &r).await;
+        }
         // Journaled first: a crash between the change on disk and the records is finished on
         // the next start instead of leaving the records on the removed version.
         let removal = journal::Removal {
@@ -1166,6 +1178,35 @@ impl Agent {
         };
         self.save().await?;
         journal::clear_removal(&self.cfg.state_dir)?;
+        self.record(ActivityKind::Removed, u, line.clone()).await;
+        Ok(line)
+    }
+
+    /// A removal whose version to return to the machine does not keep: that version is installed
+    /// like any update (gate, hooks, data, one exchange, health; crash-safe), then the removed
+    /// version, left as `P_old`, is deleted: it is not kept to go back to.
+    async fn remove_by_install(&self, client: &mut Client, u: &Update, to: &Update) -> Result<String> {
+        let removed = install::inode(&install::live_dir(&self.cfg.install_root, &u.product));
+        self.install(client, to).await?;
+        let next = {
+            let mut st = self.state.lock().await;
+            let Some(rec) = st.installed.get_mut(&u.product) else {
+                return Err(AgentError::Config(format!("{} vanished from the records", u.product)));
+            };
+            let next = (!rec.backups.is_empty()).then(|| rec.backups.remove(0));
+            rec.previous = next.clone();
+            next
+        };
+        let root = self.cfg.install_root.clone();
+        let (p, v) = (u.product.clone(), next.map(|n| n.version));
+        tokio::task::spawn_blocking(move || install::drop_old(&root, &p, removed, v.as_deref()))
+            .await
+            .map_err(|e| AgentError::Install { update: u.id.clone(), reason: e.to_string() })??;
+        self.save().await?;
+        let line = format!(
+            "removed {} {}, back on {} (installed: this machine did not keep it)",
+            u.product, u.version, to.version
+        );
         self.record(ActivityKind::Removed, u, line.clone()).await;
         Ok(line)
     }

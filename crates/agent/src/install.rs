@@ -255,6 +255,20 @@ pub fn promote_backup(root: &Path, product: &str, version: &str) -> Result<()> {
     Ok(())
 }
 
+/// Deletes `P_old` if it is the tree with inode `tree` (a removed version, not to be kept);
+/// the newest backup, `next`, becomes `P_old`. Repeatable.
+pub fn drop_old(root: &Path, product: &str, tree: Option<u64>, next: Option<&str>) -> Result<()> {
+    let old = old_dir(root, product);
+    if tree.is_some() && inode(&old) == tree {
+        remove_tree(&old)?;
+        sync_dir(root)?;
+    }
+    match next {
+        Some(v) => promote_backup(root, product, v),
+        None => Ok(()),
+    }
+}
+
 pub fn inode(p: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(p).ok().map(|m| m.ino())

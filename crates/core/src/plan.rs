@@ -209,6 +209,12 @@ pub fn applicable(m: &MachineView) -> BTreeSet<String> {
 }
 
 /// Computes the plan for one machine (see the module's rules).
+/// The update a removal of `product` returns to when the machine does not keep it: the GA
+/// item of the version [`Action::Remove`] names.
+pub fn rollback_item<'a>(catalog: &'a [CatalogItem], product: &str, to: Version) -> Option<&'a CatalogItem> {
+    catalog.iter().find(|c| c.product == product && c.version == to && c.state == UpdateState::Ga)
+}
+
 pub fn plan(catalog: &[CatalogItem], machine: &MachineView) -> Plan {
     let mut products: Vec<String> = applicable(machine).into_iter().collect();
     // The agent's own product first (seed 004: the newest updater before anything else).
@@ -663,6 +669,10 @@ mod tests {
             vec![Action::Remove { id: "a2".into(), rollback_to: Some("1.0.0.0".parse().unwrap()) }]
         );
         assert!(plan(&cat, &view(&[("a", "1.0.0.0")])).actions.is_empty());
+        // The update a machine that does not keep 1.0.0.0 installs instead.
+        assert_eq!(rollback_item(&cat, "a", "1.0.0.0".parse().unwrap()).map(|c| c.id.as_str()), Some("a1"));
+        assert!(rollback_item(&cat, "a", "2.0.0.0".parse().unwrap()).is_none(), "never a removed one");
+        assert!(rollback_item(&cat, "b", "1.0.0.0".parse().unwrap()).is_none());
         let mut cat2 = cat.clone();
         cat2.push(ga("a3", "a", "3.0.0.0", Install));
         assert_eq!(ids(&plan(&cat2, &view(&[("a", "2.0.0.0")]))), ["a3"]);

@@ -248,7 +248,7 @@ pub async fn download_slot(shared: &Shared, caller: Option<&Caller>, content_has
             Some(info) => policy::answer(&shared.store, &catalog, &info)?
                 .0
                 .iter()
-                .any(|o| o.update.as_ref().is_some_and(|u| u.content_hash == content_hash)),
+                .any(|o| o.update.iter().chain(&o.rollback).any(|u| u.content_hash == content_hash)),
             None => false,
         };
         if !offered {

@@ -157,14 +157,22 @@ pub fn plan_for(catalog: &Snapshot, given: &Given, machine: &MachineInfo) -> Res
             Action::Install { id } => {
                 let update = find(id);
                 let pinned = update.as_ref().is_some_and(|u| view.pins.contains_key(&u.product));
-                Offer { action: ActionKind::Install as i32, update, rollback_to_version: String::new(), pinned }
+                Offer { action: ActionKind::Install as i32, update, pinned, ..Default::default() }
             }
-            Action::Remove { id, rollback_to } => Offer {
-                action: ActionKind::Remove as i32,
-                update: find(id),
-                rollback_to_version: rollback_to.map(|v| v.to_string()).unwrap_or_default(),
-                pinned: false,
-            },
+            Action::Remove { id, rollback_to } => {
+                let update = find(id);
+                let rollback = match (&update, rollback_to) {
+                    (Some(u), Some(v)) => plan::rollback_item(&catalog.items, &u.product, *v).and_then(|c| find(&c.id)),
+                    _ => None,
+                };
+                Offer {
+                    action: ActionKind::Remove as i32,
+                    update,
+                    rollback_to_version: rollback_to.map(|v| v.to_string()).unwrap_or_default(),
+                    pinned: false,
+                    rollback,
+                }
+            }
         })
         .collect();
     Ok((offers, plan))
