@@ -485,7 +485,12 @@ fn stores_and_agent_state_are_owner_only_and_one_daemon_holds_a_state_directory(
     let (_p, purl) = w.provider("centre", true);
     w.publish(&purl, &w.package("app", "1.0.0.0", &w.key));
     let _a = w.agent("m", &purl);
-    wait_until("m installed app", Duration::from_secs(30), || w.installed("m", "app").is_some());
+    // The tree is live a moment before the receipt is saved: wait for the state file it asserts.
+    wait_until("m installed app and saved its state", Duration::from_secs(30), || {
+        w.installed("m", "app").is_some()
+            && w.state("m").join("state.json").exists()
+            && !w.state("m").join("journal.json").exists()
+    });
     let mode = |p: std::path::PathBuf| std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(w.path("centre")), 0o700, "the provider's store directory");
     assert_eq!(mode(w.state("m")), 0o700, "the agent's state directory");
