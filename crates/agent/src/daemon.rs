@@ -136,9 +136,40 @@ fn decide(when: When, reason: &Reason, offer: &Offer, deferred: &[String]) -> De
     }
 }
 
-struct Trigger {
-    reason: Reason,
-    reply: Option<oneshot::Sender<std::result::Result<CheckReport, String>>>,
+/// Work that changes the machine. The main loop runs jobs one at a time, in the order they
+/// come: nothing installs, adopts, restores or changes settings while another job runs.
+#[derive(Debug)]
+enum Job {
+    Check(Reason),
+    Adopt { product: String, version: String, upgrade_code: String },
+    Restore { product: String, version: Option<String> },
+    Configure { mode: Option<String>, install_day: Option<i32>, install_hour: Option<i32>, reset: bool },
+}
+
+/// A job asked for by the control socket, the push stream or discovery.
+struct Queued {
+    job: Job,
+    /// Where the answer goes (the control socket's caller), if anyone waits for it.
+    reply: Option<oneshot::Sender<Response>>,
+    /// Another job was running when this one was asked for.
+    waited: bool,
+}
+
+impl Queued {
+    fn check(reason: Reason) -> Self {
+        Queued { job: Job::Check(reason), reply: None, waited: false }
+    }
+}
+
+/// What the main loop reacts to: a closed set.
+enum Event {
+    /// The schedule's timer: the first check after start, then the scheduled ones.
+    Timer,
+    /// The install window opened while updates wait for it.
+    Window,
+    /// A queued job.
+    Job(Queued),
+    Shutdown,
 }
 
 pub struct Agent {
@@ -147,8 +178,9 @@ pub struct Agent {
     providers: Mutex<Providers>,
     /// Provider's interval wish from the last check.
     interval: Mutex<(Duration, Duration)>,
-    /// One check at a time: installs must never interleave.
-    checking: Mutex<()>,
+    /// A job runs in the main loop (`agent cancel` has something to stop; a settings change
+    /// waits).
+    busy: std::sync::atomic::AtomicBool,
     /// `agent cancel`: stops the running check's downloads and the tasks it has not begun.
     cancel: Arc<crate::cancel::Cancel>,
     /// Set while this process is a new agent on trial (see `selfupdate`).
@@ -160,53 +192,9 @@ fn now_ms() -> i64 {
 }
 
 impl Agent {
-    pub fn new(cfg: AgentConfig) -> Result<Arc<Self>> {
-        for d in [&cfg.install_root, &cfg.state_dir, &cfg.state_dir.join("downloads")] {
-            std::fs::create_dir_all(d).map_err(|e| AgentError::io(d, e))?;
-        }
-        // The state (receipts, journal, downloads, hook logs) is the agent's alone.
-        std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| AgentError::io(&cfg.state_dir, e))?;
-        let mut state = AgentState::load(&cfg.state_dir)?;
-        let mut trial = None;
-        // Finish or undo what a crash interrupted, before anything else looks at ROOT.
-        if let Some(op) = journal::load(&cfg.state_dir)?
-            && op.self_update
-            && std::env::var(selfupdate::TRIAL_ENV).is_ok_and(|id| id == op.update_id)
-        {
-            // This process is the new agent that op installed: it confirms itself by reporting in.
-            tracing::warn!(update = %op.update_id, "running as the new agent, on trial until it reports in");
-            // Its checks must say what runs now, or the provider would offer it again.
-            journal::record_install(&mut state, &op, now_ms() / 1000);
-            state.save(&cfg.state_dir)?;
-            trial = Some(op);
-        } else if let Some(op) = journal::load(&cfg.state_dir)? {
-            match journal::recover(&cfg.install_root, &op)? {
-                journal::Outcome::RolledForward => {
-                    tracing::warn!(update = %op.update_id, step = ?op.step, "finished an install interrupted by a crash");
-                    journal::record_install(&mut state, &op, now_ms() / 1000);
-                }
-                journal::Outcome::Abandoned => {
-                    tracing::warn!(update = %op.update_id, step = ?op.step, "undid an install interrupted by a crash; it will be retried");
-                }
-                journal::Outcome::RolledBack => {
-                    tracing::warn!(update = %op.update_id, "a crash came before the new version passed its health check: swapped back");
-                }
-            }
-            state.save(&cfg.state_dir)?;
-            journal::clear(&cfg.state_dir)?;
-        }
-        if let Some(r) = journal::load_removal(&cfg.state_dir)? {
-            if journal::recover_removal(&cfg.install_root, &r, &mut state, now_ms() / 1000)? {
-                tracing::warn!(product = %r.product, version = %r.version, "finished a removal interrupted by a crash");
-            }
-            state.save(&cfg.state_dir)?;
-            journal::clear_removal(&cfg.state_dir)?;
-        }
-        let cleaned = install::recover(&cfg.install_root)?;
-        if !cleaned.is_empty() {
-            tracing::warn!(?cleaned, "removed leftovers of an interrupted install");
-        }
+    /// The agent over what start-up recovery left ([`journal::start_up`]).
+    fn new(cfg: AgentConfig, start_up: journal::Started) -> Result<Arc<Self>> {
+        let journal::Started { state, trial } = start_up;
         let mut providers = Providers::new(
             cfg.providers.clone(),
             cfg.max_message_bytes,
@@ -223,7 +211,7 @@ impl Agent {
             state: Mutex::new(state),
             providers: Mutex::new(providers),
             interval: Mutex::new(interval),
-            checking: Mutex::new(()),
+            busy: Default::default(),
             cancel: Default::default(),
             trial: std::sync::Mutex::new(trial),
             cfg,
@@ -297,7 +285,6 @@ impl Agent {
     /// by another round so that a machine returns to the previous version in the same check.
     pub async fn check_once(&self, reason: Reason) -> Result<CheckReport> {
         let span = tracing::info_span!("check", machine = %self.cfg.name, ?reason);
-        let _one_at_a_time = self.checking.lock().await;
         // A cancel stops the check that runs when it is asked for, not a later one.
         self.cancel.reset();
         let result = self.check_rounds(reason).instrument(span).await;
@@ -516,7 +503,7 @@ impl Agent {
     /// Asks the running check to stop its downloads and the tasks it has not begun; an
     /// install that has begun its swap finishes or rolls back. Says what it did.
     pub fn cancel(&self) -> String {
-        if self.checking.try_lock().is_ok() {
+        if !self.busy.load(std::sync::atomic::Ordering::SeqCst) {
             return "nothing to cancel: no check or install is running".into();
         }
         self.cancel.request();
@@ -665,8 +652,7 @@ impl Agent {
             Ok(_) => return Err(AgentError::Config(format!("{} is not a directory", live.display()))),
             Err(e) => return Err(AgentError::io(&live, e)),
         }
-        // Not while an install runs: the receipt and the tree must agree.
-        let _one_at_a_time = self.checking.lock().await;
+        // (Never while an install runs: jobs run one at a time in the main loop.)
         {
             let mut st = self.state.lock().await;
             if let Some(r) = st.installed.get(product).filter(|r| !r.adopted) {
@@ -695,23 +681,16 @@ impl Agent {
         ))
     }
 
-    /// Changes a default-group machine's own settings; refused when a group manages it. Never
-    /// while a check or install runs (seed 002): it waits for that to finish, and says so. The
-    /// caller then asks for a check (through the trigger channel) to tell the provider.
+    /// Changes a default-group machine's own settings; refused when a group manages it. A job
+    /// of the main loop, so never while a check or install runs (seed 002); the loop then checks
+    /// to tell the provider.
     pub async fn configure(
         &self,
         mode: Option<String>,
         day: Option<i32>,
         hour: Option<i32>,
         reset: bool,
-    ) -> Result<Option<String>> {
-        let (_not_while_checking, waited) = match self.checking.try_lock() {
-            Ok(g) => (g, None),
-            Err(_) => {
-                let g = self.checking.lock().await;
-                (g, Some("waited for the check or install that was running to finish".to_string()))
-            }
-        };
+    ) -> Result<()> {
         {
             let mut st = self.state.lock().await;
             if let Some(p) = st.policy.as_ref().filter(|p| p.managed) {
@@ -739,8 +718,7 @@ impl Agent {
                 st.local.install_hour = hour;
             }
         }
-        self.save().await?;
-        Ok(waited)
+        self.save().await
     }
 
     /// The effective settings as of the last check, and the machine's own choices.
@@ -962,7 +940,6 @@ impl Agent {
     /// kept tree stays. The update it replaces is held back: not installed again by itself
     /// until `agent apply --select ID` asks for it.
     pub async fn restore(&self, product: &str, version: Option<&str>) -> Result<String> {
-        let _one_at_a_time = self.checking.lock().await;
         let rec = self.state.lock().await.installed.get(product).cloned();
         let Some(rec) = rec.filter(|r| !r.adopted) else {
             return Err(AgentError::Config(format!("{product} was not installed by Updraft here: nothing to restore")));
@@ -1307,8 +1284,7 @@ impl Agent {
 
     async fn next_delay(&self) -> Duration {
         let (min, max) = *self.interval.lock().await;
-        let span = max.saturating_sub(min).as_millis() as u64;
-        min + Duration::from_millis(if span == 0 { 0 } else { fastrand::u64(0..=span) })
+        crate::schedule::interval(min, max, &mut |n| fastrand::u64(0..=n))
     }
 }
 
@@ -1373,8 +1349,17 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let _lock = lock_state_dir(&cfg.state_dir)?;
-    let agent = Agent::new(cfg)?;
-    let (tx, mut rx) = mpsc::channel::<Trigger>(16);
+    for d in [&cfg.install_root, &cfg.state_dir, &cfg.state_dir.join("downloads")] {
+        std::fs::create_dir_all(d).map_err(|e| AgentError::io(d, e))?;
+    }
+    // The state (receipts, journal, downloads, hook logs) is the agent's alone.
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| AgentError::io(&cfg.state_dir, e))?;
+    // Finish or undo what a crash interrupted, before anything else looks at ROOT.
+    let trial = std::env::var(selfupdate::TRIAL_ENV).ok();
+    let started = journal::start_up(&cfg.install_root, &cfg.state_dir, trial.as_deref(), now_ms() / 1000)?;
+    let agent = Agent::new(cfg, started)?;
+    let (tx, mut rx) = mpsc::channel::<Queued>(16);
     let sock = control::socket_path(&agent.cfg.state_dir);
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| AgentError::io(&sock, e))?;
@@ -1398,8 +1383,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         );
     }
 
+    // The one loop that changes the machine: it waits for the next event, runs the job it
+    // brings to the end, answers whoever asked, and reschedules.
     let mut next = tokio::time::Instant::now();
-    let mut failures = 0u32;
+    let mut schedule = crate::schedule::Schedule::default();
     let mut starting = true;
     loop {
         // Updates waiting for the install window wake the agent when it opens.
@@ -1407,57 +1394,86 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             Some(d) => tokio::time::Instant::now() + d,
             None => next + Duration::from_secs(3600),
         };
-        let trigger = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep_until(next) => {
-                let reason = if std::mem::take(&mut starting) { Reason::Startup } else { Reason::Schedule };
-                Trigger { reason, reply: None }
-            }
-            _ = tokio::time::sleep_until(window), if window < next => Trigger { reason: Reason::Window, reply: None },
-            Some(t) = rx.recv() => t,
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => Event::Shutdown,
+            _ = tokio::time::sleep_until(next) => Event::Timer,
+            _ = tokio::time::sleep_until(window), if window < next => Event::Window,
+            Some(q) = rx.recv() => Event::Job(q),
         };
-        let scheduled = matches!(trigger.reason, Reason::Schedule | Reason::Startup);
-        let result = agent.check_once(trigger.reason).await;
-        if result.is_ok() {
-            agent.confirm_self_update().await;
-        }
-        // A check that answered but could not act on an offer (a download refused by a busy
-        // provider, say) is retried like a failed one.
-        // A cancelled check is not retried soon: someone asked it to stop.
-        let cancelled = AgentError::Cancelled.to_string();
-        let result_ok = result.as_ref().is_ok_and(|r| r.errors.iter().all(|e| *e == cancelled));
-        match &result {
-            Ok(r) => tracing::info!(provider = %r.provider, done = ?r.done, errors = ?r.errors, "check finished"),
-            Err(e) => tracing::warn!(error = %e, "check failed"),
-        }
-        if let Some(reply) = trigger.reply {
-            let _ = reply.send(result.map_err(|e| e.to_string()));
-        }
-        if scheduled || failures > 0 || !result_ok {
-            // A failed check — scheduled, pushed or asked for, or one with an offer it could not
-            // act on — is retried soon (2 s doubling, jittered, capped by the normal interval),
-            // so a push whose check or download met a busy provider is not left for the next
-            // scheduled check; a good one waits for the jittered interval. (Repeated identical
-            // install failures stop being retried: see `given_up`.)
-            failures = if result_ok { 0 } else { failures + 1 };
-            let normal = agent.next_delay().await;
-            let delay = if failures == 0 {
-                normal
-            } else {
-                let base = Duration::from_secs(2u64.saturating_pow(failures.min(10)));
-                (base + Duration::from_millis(fastrand::u64(0..=base.as_millis() as u64 / 2))).min(normal)
-            };
-            next = tokio::time::Instant::now() + delay;
+        let Queued { job, reply, waited } = match event {
+            Event::Shutdown => break,
+            Event::Timer if std::mem::take(&mut starting) => Queued::check(Reason::Startup),
+            Event::Timer => Queued::check(Reason::Schedule),
+            Event::Window => Queued::check(Reason::Window),
+            Event::Job(q) => q,
+        };
+        agent.busy.store(true, std::sync::atomic::Ordering::SeqCst);
+        let answer = match job {
+            Job::Check(reason) => {
+                let scheduled = matches!(reason, Reason::Schedule | Reason::Startup);
+                let result = agent.check_once(reason).await;
+                if result.is_ok() {
+                    agent.confirm_self_update().await;
+                }
+                // A check that answered but could not act on an offer is retried like a failed
+                // one; a cancelled one is not retried soon: someone asked it to stop. (Repeated
+                // identical install failures stop being retried: see `given_up`.)
+                let cancelled = AgentError::Cancelled.to_string();
+                let ok = result.as_ref().is_ok_and(|r| r.errors.iter().all(|e| *e == cancelled));
+                match &result {
+                    Ok(r) => {
+                        tracing::info!(provider = %r.provider, done = ?r.done, errors = ?r.errors, "check finished")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "check failed"),
+                }
+                if scheduled || schedule.failing() || !ok {
+                    let normal = agent.next_delay().await;
+                    next = tokio::time::Instant::now() + schedule.after(ok, normal, &mut |n| fastrand::u64(0..=n));
+                }
+                match result {
+                    Ok(r) => Response::Check(r),
+                    Err(e) => Response::Error { message: e.to_string() },
+                }
+            }
+            Job::Adopt { product, version, upgrade_code } => done(agent.adopt(&product, &version, &upgrade_code).await),
+            Job::Restore { product, version } => done(agent.restore(&product, version.as_deref()).await),
+            Job::Configure { mode, install_day, install_hour, reset } => {
+                match agent.configure(mode, install_day, install_hour, reset).await {
+                    Ok(()) => {
+                        // Tell the provider, and take the effective settings that follow.
+                        if let Err(e) = agent.check_once(Reason::Resync).await {
+                            tracing::warn!(error = %e, "check after a settings change failed");
+                        }
+                        let note = waited.then(|| "waited for the check or install that was running to finish".into());
+                        Response::Config(agent.config_report(note).await)
+                    }
+                    Err(e) => Response::Error { message: e.to_string() },
+                }
+            }
+        };
+        agent.busy.store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Some(reply) = reply {
+            let _ = reply.send(answer);
         }
     }
     let _ = std::fs::remove_file(&sock);
     Ok(())
 }
 
+/// A job's outcome as the control socket says it.
+fn done(r: Result<String>) -> Response {
+    match r {
+        Ok(message) => Response::Done { message },
+        Err(e) => Response::Error { message: e.to_string() },
+    }
+}
+
+/// Answers the control socket: what only reads (status, providers, a provider test) and
+/// `agent cancel` at once; every job that changes the machine through the main loop.
 async fn control_loop(
     agent: Arc<Agent>,
     listener: tokio::net::UnixListener,
-    tx: mpsc::Sender<Trigger>,
+    tx: mpsc::Sender<Queued>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -1474,31 +1490,20 @@ async fn control_loop(
                 Ok(Request::Status) => Response::Status(agent.status(true).await),
                 Ok(Request::Providers) => Response::Providers { providers: agent.providers_view().await },
                 Ok(Request::Cancel) => Response::Done { message: agent.cancel() },
-                Ok(Request::Restore { product, version }) => match agent.restore(&product, version.as_deref()).await {
-                    Ok(message) => Response::Done { message },
-                    Err(e) => Response::Error { message: e.to_string() },
-                },
                 Ok(Request::TestProvider { target }) => match agent.test_provider(&target).await {
                     Ok(r) => Response::Tested(r),
                     Err(e) => Response::Error { message: e.to_string() },
                 },
-                Ok(Request::Check { later }) => run_now(&tx, Reason::Manual { later }).await,
-                Ok(Request::Apply { select }) => run_now(&tx, Reason::Apply(select)).await,
+                Ok(Request::Check { later }) => run_job(&agent, &tx, Job::Check(Reason::Manual { later })).await,
+                Ok(Request::Apply { select }) => run_job(&agent, &tx, Job::Check(Reason::Apply(select))).await,
+                Ok(Request::Restore { product, version }) => {
+                    run_job(&agent, &tx, Job::Restore { product, version }).await
+                }
                 Ok(Request::Adopt { product, version, upgrade_code }) => {
-                    match agent.adopt(&product, &version, &upgrade_code).await {
-                        Ok(message) => Response::Done { message },
-                        Err(e) => Response::Error { message: e.to_string() },
-                    }
+                    run_job(&agent, &tx, Job::Adopt { product, version, upgrade_code }).await
                 }
                 Ok(Request::Config { mode, install_day, install_hour, reset }) => {
-                    match agent.configure(mode, install_day, install_hour, reset).await {
-                        Ok(waited) => {
-                            // Tell the provider, and take the effective settings that follow.
-                            let _ = run_now(&tx, Reason::Resync).await;
-                            Response::Config(agent.config_report(waited).await)
-                        }
-                        Err(e) => Response::Error { message: e.to_string() },
-                    }
+                    run_job(&agent, &tx, Job::Configure { mode, install_day, install_hour, reset }).await
                 }
                 Err(message) => Response::Error { message },
             };
@@ -1507,22 +1512,19 @@ async fn control_loop(
     }
 }
 
-/// Queues a check for the main loop and waits for its outcome.
-async fn run_now(tx: &mpsc::Sender<Trigger>, reason: Reason) -> Response {
+/// Queues a job for the main loop and waits for its outcome.
+async fn run_job(agent: &Agent, tx: &mpsc::Sender<Queued>, job: Job) -> Response {
     let (reply, wait) = oneshot::channel();
-    if tx.send(Trigger { reason, reply: Some(reply) }).await.is_err() {
+    let waited = agent.busy.load(std::sync::atomic::Ordering::SeqCst);
+    if tx.send(Queued { job, reply: Some(reply), waited }).await.is_err() {
         return Response::Error { message: "agent is shutting down".into() };
     }
-    match wait.await {
-        Ok(Ok(r)) => Response::Check(r),
-        Ok(Err(message)) => Response::Error { message },
-        Err(_) => Response::Error { message: "check was abandoned".into() },
-    }
+    wait.await.unwrap_or_else(|_| Response::Error { message: "the job was abandoned".into() })
 }
 
 /// Browses mDNS for providers announced with this machine's key; the first one found while
 /// the agent knows no provider at all triggers a check at once.
-async fn browse_loop(key: String, found: client::Discovered, tx: mpsc::Sender<Trigger>, shutdown: CancellationToken) {
+async fn browse_loop(key: String, found: client::Discovered, tx: mpsc::Sender<Queued>, shutdown: CancellationToken) {
     let browser = match updraft_runtime::mdns::Browser::start() {
         Ok(b) => b,
         Err(e) => {
@@ -1554,7 +1556,7 @@ async fn browse_loop(key: String, found: client::Discovered, tx: mpsc::Sender<Tr
                     was_empty
                 };
                 if was_empty {
-                    let _ = tx.try_send(Trigger { reason: Reason::Resync, reply: None });
+                    let _ = tx.try_send(Queued::check(Reason::Resync));
                 }
             }
             Some(updraft_runtime::mdns::Seen::Up(f)) => {
@@ -1571,7 +1573,7 @@ async fn browse_loop(key: String, found: client::Discovered, tx: mpsc::Sender<Tr
 
 /// Holds a push stream to a provider; a high-priority event, or a catalog version newer than
 /// the one last seen, triggers a check at once.
-async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Trigger>, shutdown: CancellationToken) {
+async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Queued>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(500);
     loop {
         if shutdown.is_cancelled() {
@@ -1613,7 +1615,7 @@ async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Trigger>, shutdown: Cance
                     if let Some(reason) = reason {
                         tracing::info!(?reason, seq = ev.catalog_seq, "push received");
                         // A full queue already holds a check that will see this change.
-                        let _ = tx.try_send(Trigger { reason, reply: None });
+                        let _ = tx.try_send(Queued::check(reason));
                     }
                 }
                 if moved {

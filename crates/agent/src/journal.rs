@@ -196,6 +196,59 @@ pub fn recover(root: &Path, op: &Op) -> Result<Outcome> {
     }
 }
 
+/// What start-up recovery leaves for the agent to run with.
+#[derive(Debug)]
+pub struct Started {
+    pub state: AgentState,
+    /// The self-update this process is the new agent of, on trial until it reports in.
+    pub trial: Option<Op>,
+}
+
+/// Start-up, before anything else looks at the install root: loads the state and finishes or
+/// undoes whatever install or removal a crash interrupted, so that `ROOT` and the records agree.
+/// `trial` is the update id this process was started to try as the new agent, if any.
+pub fn start_up(root: &Path, state_dir: &Path, trial: Option<&str>, now_unix: i64) -> Result<Started> {
+    let mut state = AgentState::load(state_dir)?;
+    let mut on_trial = None;
+    if let Some(op) = load(state_dir)? {
+        if op.self_update && trial == Some(op.update_id.as_str()) {
+            // This process is the new agent that op installed: it confirms itself by reporting in.
+            tracing::warn!(update = %op.update_id, "running as the new agent, on trial until it reports in");
+            // Its checks must say what runs now, or the provider would offer it again.
+            record_install(&mut state, &op, now_unix);
+            state.save(state_dir)?;
+            on_trial = Some(op);
+        } else {
+            match recover(root, &op)? {
+                Outcome::RolledForward => {
+                    tracing::warn!(update = %op.update_id, step = ?op.step, "finished an install interrupted by a crash");
+                    record_install(&mut state, &op, now_unix);
+                }
+                Outcome::Abandoned => {
+                    tracing::warn!(update = %op.update_id, step = ?op.step, "undid an install interrupted by a crash; it will be retried");
+                }
+                Outcome::RolledBack => {
+                    tracing::warn!(update = %op.update_id, "a crash came before the new version passed its health check: swapped back");
+                }
+            }
+            state.save(state_dir)?;
+            clear(state_dir)?;
+        }
+    }
+    if let Some(r) = load_removal(state_dir)? {
+        if recover_removal(root, &r, &mut state, now_unix)? {
+            tracing::warn!(product = %r.product, version = %r.version, "finished a removal interrupted by a crash");
+        }
+        state.save(state_dir)?;
+        clear_removal(state_dir)?;
+    }
+    let cleaned = install::recover(root)?;
+    if !cleaned.is_empty() {
+        tracing::warn!(?cleaned, "removed leftovers of an interrupted install");
+    }
+    Ok(Started { state, trial: on_trial })
+}
+
 /// A removal in progress (`STATE_DIR/removal.json`): what is being removed and what the
 /// machine goes back to, written before `ROOT/P` changes so that a crash between the change
 /// and the records can be finished on the next start.
@@ -349,6 +402,42 @@ mod tests {
         let (dir, op) = at(Step::Healthy, true, true);
         assert_eq!(recover(dir.path(), &op).unwrap(), Outcome::RolledForward, "healthy stays");
         assert_eq!(live(&dir), "2");
+    }
+
+    #[test]
+    fn start_up_settles_the_disk_and_the_records_and_recognises_a_trial() {
+        // Interrupted after the exchange: finished, recorded, journal closed.
+        let (dir, op) = at(Step::Swapped, true, false);
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir(&state_dir).unwrap();
+        save(&state_dir, &op).unwrap();
+        let started = start_up(dir.path(), &state_dir, None, 5).unwrap();
+        assert_eq!(started.state.installed["app"].version, "2");
+        assert!(started.trial.is_none() && load(&state_dir).unwrap().is_none());
+        assert_eq!(AgentState::load(&state_dir).unwrap().installed["app"].version, "2", "saved");
+        // Interrupted before it: undone, nothing recorded.
+        let (dir, op) = at(Step::Carried, false, false);
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir(&state_dir).unwrap();
+        save(&state_dir, &op).unwrap();
+        let started = start_up(dir.path(), &state_dir, None, 5).unwrap();
+        assert!(started.state.installed.is_empty() && load(&state_dir).unwrap().is_none());
+        assert_eq!(live(&dir), "1");
+        // The new agent of a self-update, started to try it: on trial, its journal kept open.
+        let (dir, mut op) = at(Step::Swapped, true, true);
+        op.keep_old(dir.path()).unwrap(); // as the installer left it: the previous agent in P_old
+        op.self_update = true;
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir(&state_dir).unwrap();
+        save(&state_dir, &op).unwrap();
+        let started = start_up(dir.path(), &state_dir, Some("app-2"), 5).unwrap();
+        assert_eq!(started.trial.as_ref().map(|o| o.update_id.as_str()), Some("app-2"));
+        assert!(load(&state_dir).unwrap().is_some(), "the watchdog still needs it");
+        assert_eq!(live(&dir), "2");
+        // Any other process finds the same journal unproven: swapped back.
+        let started = start_up(dir.path(), &state_dir, Some("app-other"), 5).unwrap();
+        assert!(started.trial.is_none());
+        assert_eq!(live(&dir), "1");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod installer;
 pub mod journal;
 pub mod lifecycle;
 pub mod localtime;
+pub mod schedule;
 pub mod selfupdate;
 pub mod state;
 
