@@ -141,9 +141,25 @@ fn decide(when: When, reason: &Reason, offer: &Offer, deferred: &[String]) -> De
 #[derive(Debug)]
 enum Job {
     Check(Reason),
-    Adopt { product: String, version: String, upgrade_code: String },
-    Restore { product: String, version: Option<String> },
-    Configure { mode: Option<String>, install_day: Option<i32>, install_hour: Option<i32>, reset: bool },
+    Adopt {
+        product: String,
+        version: String,
+        upgrade_code: String,
+    },
+    Restore {
+        product: String,
+        version: Option<String>,
+    },
+    /// A check against one provider whose answer is not acted on.
+    TestProvider {
+        target: String,
+    },
+    Configure {
+        mode: Option<String>,
+        install_day: Option<i32>,
+        install_hour: Option<i32>,
+        reset: bool,
+    },
 }
 
 /// A job asked for by the control socket, the push stream or discovery.
@@ -172,19 +188,30 @@ enum Event {
     Shutdown,
 }
 
+/// The agent as the main loop owns it: its state, the interval and a self-update on trial are
+/// changed only here, by one job at a time; the tasks beside the loop see [`Shared`].
 pub struct Agent {
-    cfg: AgentConfig,
-    state: Mutex<AgentState>,
-    providers: Mutex<Providers>,
+    cfg: Arc<AgentConfig>,
+    state: AgentState,
     /// Provider's interval wish from the last check.
-    interval: Mutex<(Duration, Duration)>,
+    interval: (Duration, Duration),
+    /// Set while this process is a new agent on trial (see `selfupdate`).
+    trial: Option<journal::Op>,
+    shared: Arc<Shared>,
+}
+
+/// What the main loop shares with the control socket and the push stream: the state as last
+/// saved (published, read-only), the providers (the push stream connects too), and two signals.
+pub struct Shared {
+    cfg: Arc<AgentConfig>,
+    providers: Mutex<Providers>,
+    /// The state as of its last save, for `agent status` and the push stream.
+    saved: tokio::sync::watch::Sender<Arc<AgentState>>,
     /// A job runs in the main loop (`agent cancel` has something to stop; a settings change
     /// waits).
     busy: std::sync::atomic::AtomicBool,
     /// `agent cancel`: stops the running check's downloads and the tasks it has not begun.
     cancel: Arc<crate::cancel::Cancel>,
-    /// Set while this process is a new agent on trial (see `selfupdate`).
-    trial: std::sync::Mutex<Option<journal::Op>>,
 }
 
 fn now_ms() -> i64 {
@@ -193,7 +220,7 @@ fn now_ms() -> i64 {
 
 impl Agent {
     /// The agent over what start-up recovery left ([`journal::start_up`]).
-    fn new(cfg: AgentConfig, start_up: journal::Started) -> Result<Arc<Self>> {
+    fn new(cfg: AgentConfig, start_up: journal::Started) -> Result<Self> {
         let journal::Started { state, trial } = start_up;
         let mut providers = Providers::new(
             cfg.providers.clone(),
@@ -207,28 +234,28 @@ impl Agent {
             providers.set_assigned(&p.providers);
         }
         let interval = cfg.interval.unwrap_or((Duration::from_secs(1800), Duration::from_secs(3600)));
-        Ok(Arc::new(Self {
-            state: Mutex::new(state),
+        let cfg = Arc::new(cfg);
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
             providers: Mutex::new(providers),
-            interval: Mutex::new(interval),
+            saved: tokio::sync::watch::Sender::new(Arc::new(state.clone())),
             busy: Default::default(),
             cancel: Default::default(),
-            trial: std::sync::Mutex::new(trial),
-            cfg,
-        }))
+        });
+        Ok(Self { cfg, state, interval, trial, shared })
     }
 
     /// A check: this machine, and the digest of the statement it holds (not sent again).
-    async fn check_request(&self, manual: bool) -> CheckRequest {
-        let statement_digest = match (self.cfg.catalog_keys.is_empty(), &self.state.lock().await.statement) {
+    async fn check_request(&mut self, manual: bool) -> CheckRequest {
+        let statement_digest = match (self.cfg.catalog_keys.is_empty(), &self.state.statement) {
             (false, Some(s)) => updraft_core::freshness::digest(&s.body),
             _ => vec![],
         };
         CheckRequest { machine: Some(self.machine_info().await), manual, statement_digest }
     }
 
-    async fn machine_info(&self) -> MachineInfo {
-        let st = self.state.lock().await;
+    async fn machine_info(&mut self) -> MachineInfo {
+        let st = &self.state;
         let local = LocalSettings {
             mode: st.local.mode.as_deref().and_then(|m| m.parse::<Mode>().ok()).map(Mode::to_wire).unwrap_or(0),
             install_day: st.local.install_day,
@@ -262,10 +289,10 @@ impl Agent {
         }
     }
 
-    async fn record(&self, kind: ActivityKind, u: &Update, detail: impl Into<String>) {
+    async fn record(&mut self, kind: ActivityKind, u: &Update, detail: impl Into<String>) {
         let detail = detail.into();
         tracing::info!(kind = kind.as_str_name(), update = %u.id, %detail, "activity");
-        let mut st = self.state.lock().await;
+        let st = &mut self.state;
         st.record(ActivityRec {
             at_unix_ms: now_ms(),
             kind: kind as i32,
@@ -276,28 +303,29 @@ impl Agent {
         });
     }
 
-    async fn save(&self) -> Result<()> {
-        let st = self.state.lock().await.clone();
-        st.save(&self.cfg.state_dir)
+    async fn save(&mut self) -> Result<()> {
+        self.state.save(&self.cfg.state_dir)?;
+        self.shared.saved.send_replace(Arc::new(self.state.clone()));
+        Ok(())
     }
 
     /// One full check: ask, act on each offer as the policy says, report. Removals are followed
     /// by another round so that a machine returns to the previous version in the same check.
-    pub async fn check_once(&self, reason: Reason) -> Result<CheckReport> {
+    pub async fn check_once(&mut self, reason: Reason) -> Result<CheckReport> {
         let span = tracing::info_span!("check", machine = %self.cfg.name, ?reason);
         // A cancel stops the check that runs when it is asked for, not a later one.
-        self.cancel.reset();
+        self.shared.cancel.reset();
         let result = self.check_rounds(reason).instrument(span).await;
-        self.cancel.reset();
+        self.shared.cancel.reset();
         result
     }
 
-    async fn check_rounds(&self, reason: Reason) -> Result<CheckReport> {
+    async fn check_rounds(&mut self, reason: Reason) -> Result<CheckReport> {
         let mut report = CheckReport::default();
         for _round in 0..3 {
             // Fall back within this check: a provider may accept the connection but refuse
             // the check (a site that has not synchronised), and the next one should answer.
-            let attempts = self.providers.lock().await.urls().len().max(1);
+            let attempts = self.shared.providers.lock().await.urls().len().max(1);
             let manual = matches!(reason, Reason::Manual { .. } | Reason::Apply(_));
             let mut answered = None;
             let mut last_err = None;
@@ -319,13 +347,12 @@ impl Agent {
                         // Refused offers are a problem of this provider's until an answer
                         // of its has none; each new refusal is recorded once as activity.
                         let joined = refused.iter().map(|(_, why)| why.as_str()).collect::<Vec<_>>().join("; ");
-                        let mut st = self.state.lock().await;
+                        let st = &mut self.state;
                         let new = st.refused_answers.get(&url) != Some(&joined);
                         match refused.is_empty() {
                             true => st.refused_answers.remove(&url),
                             false => st.refused_answers.insert(url.clone(), joined),
                         };
-                        drop(st);
                         for (offered, why) in &refused {
                             tracing::warn!(provider = %url, "{why}");
                             if new {
@@ -338,20 +365,20 @@ impl Agent {
                     }
                     Err(e @ AgentError::Verify { .. }) => {
                         tracing::warn!(provider = %url, error = %e, "answer refused; trying the next provider");
-                        self.state.lock().await.refused_answers.insert(url.clone(), e.to_string());
-                        self.providers.lock().await.rotate(&e.to_string());
+                        self.state.refused_answers.insert(url.clone(), e.to_string());
+                        self.shared.providers.lock().await.rotate(&e.to_string());
                         last_err = Some(e);
                     }
                     Err(e) => {
                         tracing::warn!(provider = %url, error = %e, "check refused; trying the next provider");
-                        self.providers.lock().await.rotate(&e.to_string());
+                        self.shared.providers.lock().await.rotate(&e.to_string());
                         last_err = Some(e);
                     }
                 }
             }
             let Some((url, mut client, resp)) = answered else {
                 let e = last_err.unwrap_or_else(|| AgentError::Config("no provider configured".into()));
-                self.state.lock().await.last_error = Some(e.to_string());
+                self.state.last_error = Some(e.to_string());
                 let _ = self.save().await;
                 return Err(e);
             };
@@ -359,7 +386,7 @@ impl Agent {
             if self.cfg.interval.is_none() && resp.min_check_interval_secs > 0 {
                 let min = resp.min_check_interval_secs;
                 let max = resp.max_check_interval_secs.max(min);
-                *self.interval.lock().await = (Duration::from_secs(min.into()), Duration::from_secs(max.into()));
+                self.interval = (Duration::from_secs(min.into()), Duration::from_secs(max.into()));
             }
             // A provider that states no policy gets the default group's: any time, automatic.
             let policy = resp.policy.clone().unwrap_or_default();
@@ -372,15 +399,15 @@ impl Agent {
             });
             let mode = Mode::from_wire(settings.mode).unwrap_or_default();
             let window = updraft_core::policy::in_window(settings.install_day, settings.install_hour, localtime::now());
-            self.providers.lock().await.set_assigned(&settings.providers);
+            self.shared.providers.lock().await.set_assigned(&settings.providers);
             report.catalog_seq = resp.catalog_seq;
             let had_removal = resp.offers.iter().any(|o| o.action == ActionKind::Remove as i32);
-            let deferred = self.state.lock().await.deferred.clone();
+            let deferred = self.state.deferred.clone();
             let mut waiting = Vec::new();
             let mut foreign = std::collections::BTreeMap::new();
             let mut held_with: std::collections::BTreeMap<String, String> = Default::default();
             for offer in resp.offers {
-                if self.cancel.is_requested() {
+                if self.shared.cancel.is_requested() {
                     report.errors.push(AgentError::Cancelled.to_string());
                     break;
                 }
@@ -388,11 +415,11 @@ impl Agent {
                 // A directory this agent has no receipt for is someone else's: never touched.
                 // What it would have brought along waits with it.
                 if offer.action == ActionKind::Install as i32 {
-                    let refused = self.state.lock().await.not_ours(&self.cfg.install_root, &u.product);
+                    let refused = self.state.not_ours(&self.cfg.install_root, &u.product);
                     if let Some(problem) = refused {
                         tracing::warn!(product = %u.product, "{problem}");
                         // Once in the activity log (and so at once in the report), not every check.
-                        if !self.state.lock().await.foreign.contains_key(&u.product) {
+                        if !self.state.foreign.contains_key(&u.product) {
                             self.record(ActivityKind::Error, &u, problem.clone()).await;
                         }
                         report.errors.push(problem.clone());
@@ -414,7 +441,7 @@ impl Agent {
                 // someone to ask for it by id.
                 let asked = matches!(&reason, Reason::Apply(ids) if ids.contains(&u.id));
                 if matches!(decision, Decision::Apply | Decision::Stage) && offer.action == ActionKind::Install as i32 {
-                    let mut st = self.state.lock().await;
+                    let st = &mut self.state;
                     if asked {
                         st.failures.remove(&u.id);
                     } else if st.given_up(&u.id) {
@@ -431,7 +458,7 @@ impl Agent {
                     Ok(None) => {
                         let downloaded = decision == Decision::Stage;
                         let (gave_up, held) = {
-                            let st = self.state.lock().await;
+                            let st = &self.state;
                             (st.given_up(&u.id), st.held(&u.id).map(str::to_string))
                         };
                         let why = match (decision, u.high_priority) {
@@ -465,7 +492,7 @@ impl Agent {
                 }
             }
             {
-                let mut st = self.state.lock().await;
+                let st = &mut self.state;
                 if let Reason::Manual { later: true } = reason {
                     for w in waiting.iter().filter(|w| w.high_priority) {
                         if !st.deferred.contains(&w.update_id) {
@@ -500,23 +527,13 @@ impl Agent {
         Ok(report)
     }
 
-    /// Asks the running check to stop its downloads and the tasks it has not begun; an
-    /// install that has begun its swap finishes or rolls back. Says what it did.
-    pub fn cancel(&self) -> String {
-        if !self.busy.load(std::sync::atomic::Ordering::SeqCst) {
-            return "nothing to cancel: no check or install is running".into();
-        }
-        self.cancel.request();
-        "cancelling: downloads stop now, nothing new starts; an install already swapping finishes or rolls back".into()
-    }
-
     /// With pinned catalog keys, an answer counts only if it carries a statement signed by one
     /// of them, not older than what this agent has seen, not expired, and listing every
     /// offered update with exactly the offered hash and size; and then the agent acts only on
     /// its own plan from the centre's signed decisions (`answer`), reporting every offer it
     /// refused. Without pinned keys (an explicit opt-out) the answer is taken as given.
     async fn verify_answer(
-        &self,
+        &mut self,
         url: &str,
         mut resp: CheckResponse,
     ) -> Result<(CheckResponse, Vec<(Update, String)>)> {
@@ -525,13 +542,13 @@ impl Agent {
             return Ok((resp, vec![]));
         }
         let (seen, me, held) = {
-            let st = self.state.lock().await;
-            (st.catalog_version, self.machine_input(&st), st.statement.clone())
+            let st = &self.state;
+            (st.catalog_version, self.machine_input(st), st.statement.clone())
         };
         let checked =
             crate::answer::check(&self.cfg.catalog_keys, seen, now_ms(), &self.cfg.name, &me, held.as_ref(), resp)
                 .map_err(|reason| AgentError::Verify { update: format!("the answer of {url}"), reason })?;
-        let mut s = self.state.lock().await;
+        let s = &mut self.state;
         // Verified as not older than any seen, so never older than the one held.
         s.catalog_version = s.catalog_version.max(checked.version);
         s.statement = Some(checked.statement);
@@ -562,10 +579,10 @@ impl Agent {
     }
 
     /// Connects to a provider, keeping track of the ones that could not be reached.
-    async fn connect(&self) -> Result<(String, Client)> {
-        let result = self.providers.lock().await.connect().await;
-        let urls = self.providers.lock().await.urls().to_vec();
-        let mut st = self.state.lock().await;
+    async fn connect(&mut self) -> Result<(String, Client)> {
+        let result = self.shared.providers.lock().await.connect().await;
+        let urls = self.shared.providers.lock().await.urls().to_vec();
+        let st = &mut self.state;
         let before = st.unreachable.clone();
         let now = now_ms() / 1000;
         let outcome = match result {
@@ -585,18 +602,16 @@ impl Agent {
             }
         };
         // Written only when reachability changed: connecting happens on every check.
-        if st.unreachable != before {
-            let snapshot = st.clone();
-            drop(st);
-            if let Err(e) = snapshot.save(&self.cfg.state_dir) {
-                tracing::warn!(error = %e, "could not save which providers are unreachable");
-            }
+        if st.unreachable != before
+            && let Err(e) = self.save().await
+        {
+            tracing::warn!(error = %e, "could not save which providers are unreachable");
         }
         outcome
     }
 
     /// Downloads an update for later, so the install itself is quick when its time comes.
-    async fn stage_download(&self, client: &mut Client, u: &Update) -> Result<()> {
+    async fn stage_download(&mut self, client: &mut Client, u: &Update) -> Result<()> {
         let dir = self.cfg.state_dir.join("downloads");
         let hex = u.content_hash.trim_start_matches(updraft_core::hash::PREFIX);
         if dir.join(format!("{hex}.pkg")).is_file() {
@@ -626,9 +641,9 @@ impl Agent {
 
     /// Downloads `u` into the package cache, recording how it went. Content that fails its hash
     /// counts as a failure of the update (see [`Agent::count_failure`]).
-    async fn download(&self, client: &mut Client, u: &Update) -> Result<PathBuf> {
+    async fn download(&mut self, client: &mut Client, u: &Update) -> Result<PathBuf> {
         let dir = self.cfg.state_dir.join("downloads");
-        let result = client::download(client, u, &dir, self.cfg.request_timeout, &self.cancel).await;
+        let result = client::download(client, u, &dir, self.cfg.request_timeout, &self.shared.cancel).await;
         match &result {
             Ok(_) => {}
             Err(e @ AgentError::Verify { .. }) => {
@@ -643,7 +658,7 @@ impl Agent {
     /// Declares `product` at `version`, installed under the install root by other means: a
     /// receipt is written and nothing on disk changes. Its first update keeps the tree as
     /// `P_old`, like any update. Refused for a product Updraft installed itself.
-    pub async fn adopt(&self, product: &str, version: &str, upgrade_code: &str) -> Result<String> {
+    pub async fn adopt(&mut self, product: &str, version: &str, upgrade_code: &str) -> Result<String> {
         updraft_core::model::validate_product(product)?;
         let v: updraft_core::Version = version.parse()?;
         let live = install::live_dir(&self.cfg.install_root, product);
@@ -654,7 +669,7 @@ impl Agent {
         }
         // (Never while an install runs: jobs run one at a time in the main loop.)
         {
-            let mut st = self.state.lock().await;
+            let st = &mut self.state;
             if let Some(r) = st.installed.get(product).filter(|r| !r.adopted) {
                 return Err(AgentError::Config(format!(
                     "{product} {} was installed by Updraft ({}); there is nothing to adopt",
@@ -685,14 +700,14 @@ impl Agent {
     /// of the main loop, so never while a check or install runs (seed 002); the loop then checks
     /// to tell the provider.
     pub async fn configure(
-        &self,
+        &mut self,
         mode: Option<String>,
         day: Option<i32>,
         hour: Option<i32>,
         reset: bool,
     ) -> Result<()> {
         {
-            let mut st = self.state.lock().await;
+            let st = &mut self.state;
             if let Some(p) = st.policy.as_ref().filter(|p| p.managed) {
                 return Err(AgentError::Config(format!(
                     "this machine is managed by group {:?} on provider {}; change its settings there (admin-cli group set)",
@@ -722,8 +737,8 @@ impl Agent {
     }
 
     /// The effective settings as of the last check, and the machine's own choices.
-    pub async fn config_report(&self, waited: Option<String>) -> ConfigReport {
-        let st = self.state.lock().await;
+    pub async fn config_report(&mut self, waited: Option<String>) -> ConfigReport {
+        let st = &self.state;
         let p = st.policy.clone();
         ConfigReport {
             group: p.as_ref().map(|p| p.group.clone()).unwrap_or_default(),
@@ -736,8 +751,8 @@ impl Agent {
     }
 
     /// How long until the install window opens, if updates wait for it.
-    async fn window_wait(&self) -> Option<Duration> {
-        let st = self.state.lock().await;
+    async fn window_wait(&mut self) -> Option<Duration> {
+        let st = &self.state;
         let p = st.policy.as_ref()?;
         if p.mode != Mode::Automatic.as_str() || st.waiting.is_empty() {
             return None;
@@ -746,7 +761,7 @@ impl Agent {
         Some(Duration::from_secs(u64::from(minutes) * 60 + 5))
     }
 
-    async fn apply(&self, client: &mut Client, offer: Offer) -> Result<String> {
+    async fn apply(&mut self, client: &mut Client, offer: Offer) -> Result<String> {
         let u = offer.update.ok_or_else(|| AgentError::Config("provider sent an offer without an update".into()))?;
         if offer.action == ActionKind::Remove as i32 {
             self.remove(client, &u, &offer.rollback_to_version, offer.rollback).await
@@ -757,11 +772,11 @@ impl Agent {
 
     /// Frees room in the download cache for `u`: files no waiting update needs go first, oldest
     /// first. Fails when the package cannot fit under the limit.
-    async fn make_room(&self, u: &Update) -> Result<()> {
+    async fn make_room(&mut self, u: &Update) -> Result<()> {
         let dir = self.cfg.state_dir.join("downloads");
         let hex = u.content_hash.trim_start_matches(updraft_core::hash::PREFIX).to_string();
         let waiting_hashes: Vec<String> = {
-            let st = self.state.lock().await;
+            let st = &self.state;
             st.waiting
                 .iter()
                 .filter(|w| w.downloaded)
@@ -815,7 +830,7 @@ impl Agent {
     /// after a crash at that point (the journal on disk decides: undo before the swap, swap
     /// back an install that never proved healthy, keep one that is live), so that `ROOT/P` and
     /// the receipts agree whatever step failed — an I/O error after the swap included.
-    async fn settle_failed_install(&self) -> Result<()> {
+    async fn settle_failed_install(&mut self) -> Result<()> {
         let Some(op) = journal::load(&self.cfg.state_dir)? else { return Ok(()) };
         let (root, op2) = (self.cfg.install_root.clone(), op.clone());
         let outcome = tokio::task::spawn_blocking(move || journal::recover(&root, &op2))
@@ -823,7 +838,7 @@ impl Agent {
             .map_err(|e| AgentError::Install { update: op.update_id.clone(), reason: e.to_string() })??;
         if outcome == journal::Outcome::RolledForward {
             tracing::warn!(update = %op.update_id, "the new version is live although a later step failed: recorded");
-            journal::record_install(&mut *self.state.lock().await, &op, now_ms() / 1000);
+            journal::record_install(&mut self.state, &op, now_ms() / 1000);
             self.save().await?;
         }
         journal::clear(&self.cfg.state_dir)
@@ -832,8 +847,8 @@ impl Agent {
     /// Counts a failed install (or a download that failed its hash) of `u` as a problem of its
     /// product; after [`crate::state::GIVE_UP_AFTER`] identical ones it is no longer retried
     /// by itself (a provider serving bad content is not asked for it again and again).
-    async fn count_failure(&self, u: &Update, e: &AgentError) {
-        let mut st = self.state.lock().await;
+    async fn count_failure(&mut self, u: &Update, e: &AgentError) {
+        let st = &mut self.state;
         let detail = e.to_string();
         let gave_up = st.count_failure(&u.id, &detail);
         let message = if gave_up {
@@ -849,7 +864,7 @@ impl Agent {
         st.install_errors.insert(u.product.clone(), message);
     }
 
-    async fn install(&self, client: &mut Client, u: &Update) -> Result<String> {
+    async fn install(&mut self, client: &mut Client, u: &Update) -> Result<String> {
         if let Err(e) = self.make_room(u).await {
             self.record(ActivityKind::DownloadFailed, u, e.to_string()).await;
             return Err(e);
@@ -857,7 +872,7 @@ impl Agent {
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes", u.size)).await;
         let pkg_path = self.download(client, u).await?;
         self.record(ActivityKind::DownloadFinished, u, "").await;
-        let rec = self.state.lock().await.installed.get(&u.product).cloned();
+        let rec = self.state.installed.get(&u.product).cloned();
         let op = journal::Op {
             update_id: u.id.clone(),
             product: u.product.clone(),
@@ -879,12 +894,12 @@ impl Agent {
     /// Runs `op` through the installer (from the package at `pkg`, or a tree already staged)
     /// and makes the outcome the machine's record: a failed step is settled as start-up
     /// recovery would settle a crash there, then recorded; a healthy install is committed.
-    async fn run_install(&self, u: &Update, op: journal::Op, pkg: Option<PathBuf>, restart: bool) -> Result<()> {
+    async fn run_install(&mut self, u: &Update, op: journal::Op, pkg: Option<PathBuf>, restart: bool) -> Result<()> {
         let root = self.cfg.install_root.clone();
         let state_dir = self.cfg.state_dir.clone();
         let key = self.cfg.trust_key;
         let self_product = self.cfg.self_product.clone();
-        let cancel = self.cancel.clone();
+        let cancel = self.shared.cancel.clone();
         let result = tokio::task::spawn_blocking(move || {
             let ctx = installer::Ctx {
                 root: &root,
@@ -939,8 +954,8 @@ impl Agent {
     /// gate, the data carried, one exchange, the start and health hooks — from a copy, so the
     /// kept tree stays. The update it replaces is held back: not installed again by itself
     /// until `agent apply --select ID` asks for it.
-    pub async fn restore(&self, product: &str, version: Option<&str>) -> Result<String> {
-        let rec = self.state.lock().await.installed.get(product).cloned();
+    pub async fn restore(&mut self, product: &str, version: Option<&str>) -> Result<String> {
+        let rec = self.state.installed.get(product).cloned();
         let Some(rec) = rec.filter(|r| !r.adopted) else {
             return Err(AgentError::Config(format!("{product} was not installed by Updraft here: nothing to restore")));
         };
@@ -993,14 +1008,14 @@ impl Agent {
             to.version,
             rec.update_id
         );
-        self.state.lock().await.hold(&rec.update_id, &held);
+        self.state.hold(&rec.update_id, &held);
         self.save().await?;
         Ok(format!("restored {product} {} (was {})", to.version, rec.version))
     }
 
     /// The new agent is live on disk: start the watchdog and become it. Returns only on failure
     /// (then the previous version is swapped back).
-    async fn become_new(&self, mut op: journal::Op) -> AgentError {
+    async fn become_new(&mut self, mut op: journal::Op) -> AgentError {
         op.self_update = true;
         op.needs_health = true;
         op.step = journal::Step::Swapped;
@@ -1033,8 +1048,8 @@ impl Agent {
     }
 
     /// A new agent on trial has reported in: it is the agent now.
-    async fn confirm_self_update(&self) {
-        let op = self.trial.lock().expect("trial lock").take();
+    async fn confirm_self_update(&mut self) {
+        let op = self.trial.take();
         if let Some(mut op) = op {
             op.step = journal::Step::Healthy;
             match self.commit_install(&op, false).await {
@@ -1046,10 +1061,10 @@ impl Agent {
 
     /// Records a swapped-in, healthy install as the machine's state, then closes its journal
     /// entry.
-    async fn commit_install(&self, op: &journal::Op, restart_required: bool) -> Result<()> {
+    async fn commit_install(&mut self, op: &journal::Op, restart_required: bool) -> Result<()> {
         {
-            let mut st = self.state.lock().await;
-            journal::record_install(&mut st, op, now_ms() / 1000);
+            let st = &mut self.state;
+            journal::record_install(st, op, now_ms() / 1000);
             // A package can say the machine must restart before the update takes full effect.
             if restart_required {
                 st.restart_boot_id = Some(localtime::boot_id());
@@ -1064,13 +1079,13 @@ impl Agent {
     /// installing `rollback` (that version's update) in its place, so the removed version stays
     /// live until its replacement is; with no version to return to, the product is uninstalled.
     async fn remove(
-        &self,
+        &mut self,
         client: &mut Client,
         u: &Update,
         rollback_to: &str,
         rollback: Option<Update>,
     ) -> Result<String> {
-        let rec = self.state.lock().await.installed.get(&u.product).cloned();
+        let rec = self.state.installed.get(&u.product).cloned();
         let Some(rec) = rec else { return Ok(format!("{} is not installed", u.product)) };
         let root = self.cfg.install_root.clone();
         let product = u.product.clone();
@@ -1145,9 +1160,9 @@ impl Agent {
         failpoint::check("remove:done")?;
         // Finished as start-up finishes an interrupted removal: one rule for the records.
         let line = {
-            let mut st = self.state.lock().await;
+            let st = &mut self.state;
             let root = self.cfg.install_root.clone();
-            journal::recover_removal(&root, &removal, &mut st, now_ms() / 1000)?;
+            journal::recover_removal(&root, &removal, st, now_ms() / 1000)?;
             match &back {
                 Some(prev) => format!("removed {} {}, back on {}", u.product, u.version, prev.version),
                 None => format!("removed {} {}", u.product, u.version),
@@ -1162,11 +1177,11 @@ impl Agent {
     /// A removal whose version to return to the machine does not keep: that version is installed
     /// like any update (gate, hooks, data, one exchange, health; crash-safe), then the removed
     /// version, left as `P_old`, is deleted: it is not kept to go back to.
-    async fn remove_by_install(&self, client: &mut Client, u: &Update, to: &Update) -> Result<String> {
+    async fn remove_by_install(&mut self, client: &mut Client, u: &Update, to: &Update) -> Result<String> {
         let removed = install::inode(&install::live_dir(&self.cfg.install_root, &u.product));
         self.install(client, to).await?;
         let next = {
-            let mut st = self.state.lock().await;
+            let st = &mut self.state;
             let Some(rec) = st.installed.get_mut(&u.product) else {
                 return Err(AgentError::Config(format!("{} vanished from the records", u.product)));
             };
@@ -1189,8 +1204,8 @@ impl Agent {
     }
 
     /// Delivers pending activity; on failure it stays queued for the next attempt.
-    async fn flush_reports(&self, url: &str, client: &mut Client) {
-        let pending = self.state.lock().await.pending_activity.clone();
+    async fn flush_reports(&mut self, url: &str, client: &mut Client) {
+        let pending = self.state.pending_activity.clone();
         if pending.is_empty() {
             return;
         }
@@ -1216,19 +1231,69 @@ impl Agent {
         .await
         {
             Ok(_) => {
-                let mut st = self.state.lock().await;
+                let st = &mut self.state;
                 let n = pending.len().min(st.pending_activity.len());
                 st.pending_activity.drain(..n);
-                drop(st);
                 let _ = self.save().await;
             }
             Err(e) => tracing::warn!(error = %e, "report not delivered; kept for later"),
         }
     }
 
+    /// Tries one provider (by name or URL) with a real check, without acting on the answer.
+    pub async fn test_provider(&mut self, target: &str) -> Result<TestReport> {
+        let (url, name) = {
+            let p = self.shared.providers.lock().await;
+            let known = p.known();
+            match known.iter().find(|k| k.name == target || k.url == target) {
+                Some(k) => (k.url.clone(), k.name.clone()),
+                None if target.contains("://") => (target.to_string(), target.to_string()),
+                None => {
+                    let names: Vec<String> = known.iter().map(|k| k.name.clone()).collect();
+                    return Err(AgentError::Config(format!(
+                        "no provider {target:?} known (known: {}); give a URL to try any",
+                        if names.is_empty() { "none".into() } else { names.join(", ") }
+                    )));
+                }
+            }
+        };
+        let start = std::time::Instant::now();
+        let client = self.shared.providers.lock().await.connect_to(&url).await;
+        let mut client = client.map_err(|e| AgentError::Unreachable { tried: url.clone(), last: e })?;
+        let req = self.check_request(false).await;
+        let resp = client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await?;
+        let (resp, _) = self.verify_answer(&url, resp).await?;
+        Ok(TestReport {
+            name,
+            url,
+            served_by: resp.served_by,
+            catalog_seq: resp.catalog_seq,
+            offers: resp.offers.len(),
+            millis: start.elapsed().as_millis() as u64,
+        })
+    }
+
+    async fn next_delay(&mut self) -> Duration {
+        let (min, max) = self.interval;
+        crate::schedule::interval(min, max, &mut |n| fastrand::u64(0..=n))
+    }
+}
+
+impl Shared {
+    /// Asks the running check to stop its downloads and the tasks it has not begun; an
+    /// install that has begun its swap finishes or rolls back. Says what it did.
+    pub fn cancel(&self) -> String {
+        if !self.busy.load(std::sync::atomic::Ordering::SeqCst) {
+            return "nothing to cancel: no check or install is running".into();
+        }
+        self.cancel.request();
+        "cancelling: downloads stop now, nothing new starts; an install already swapping finishes or rolls back".into()
+    }
+
+    /// The status as of the last save (what `agent status` shows while a job runs).
     pub async fn status(&self, daemon_running: bool) -> StatusReport {
         let providers = self.providers.lock().await.urls();
-        let st = self.state.lock().await;
+        let st = self.saved.borrow().clone();
         status_from_state(&self.cfg.name, &providers, &st, daemon_running)
     }
 
@@ -1247,44 +1312,6 @@ impl Agent {
                 }
             })
             .collect()
-    }
-
-    /// Tries one provider (by name or URL) with a real check, without acting on the answer.
-    pub async fn test_provider(&self, target: &str) -> Result<TestReport> {
-        let (url, name) = {
-            let p = self.providers.lock().await;
-            let known = p.known();
-            match known.iter().find(|k| k.name == target || k.url == target) {
-                Some(k) => (k.url.clone(), k.name.clone()),
-                None if target.contains("://") => (target.to_string(), target.to_string()),
-                None => {
-                    let names: Vec<String> = known.iter().map(|k| k.name.clone()).collect();
-                    return Err(AgentError::Config(format!(
-                        "no provider {target:?} known (known: {}); give a URL to try any",
-                        if names.is_empty() { "none".into() } else { names.join(", ") }
-                    )));
-                }
-            }
-        };
-        let start = std::time::Instant::now();
-        let client = self.providers.lock().await.connect_to(&url).await;
-        let mut client = client.map_err(|e| AgentError::Unreachable { tried: url.clone(), last: e })?;
-        let req = self.check_request(false).await;
-        let resp = client::bounded(&url, "check", self.cfg.request_timeout, client.check(req)).await?;
-        let (resp, _) = self.verify_answer(&url, resp).await?;
-        Ok(TestReport {
-            name,
-            url,
-            served_by: resp.served_by,
-            catalog_seq: resp.catalog_seq,
-            offers: resp.offers.len(),
-            millis: start.elapsed().as_millis() as u64,
-        })
-    }
-
-    async fn next_delay(&self) -> Duration {
-        let (min, max) = *self.interval.lock().await;
-        crate::schedule::interval(min, max, &mut |n| fastrand::u64(0..=n))
     }
 }
 
@@ -1358,7 +1385,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     // Finish or undo what a crash interrupted, before anything else looks at ROOT.
     let trial = std::env::var(selfupdate::TRIAL_ENV).ok();
     let started = journal::start_up(&cfg.install_root, &cfg.state_dir, trial.as_deref(), now_ms() / 1000)?;
-    let agent = Agent::new(cfg, started)?;
+    let mut agent = Agent::new(cfg, started)?;
+    let shared = agent.shared.clone();
     let (tx, mut rx) = mpsc::channel::<Queued>(16);
     let sock = control::socket_path(&agent.cfg.state_dir);
     let _ = std::fs::remove_file(&sock);
@@ -1369,14 +1397,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     tracing::info!(name = %agent.cfg.name, providers = ?agent.cfg.providers, socket = %sock.display(), "agent started");
 
     tokio::spawn(
-        control_loop(agent.clone(), listener, tx.clone(), shutdown.clone())
+        control_loop(shared.clone(), listener, tx.clone(), shutdown.clone())
             .instrument(tracing::info_span!("control_socket")),
     );
     tokio::spawn(
-        push_loop(agent.clone(), tx.clone(), shutdown.clone()).instrument(tracing::info_span!("push_subscriber")),
+        push_loop(shared.clone(), tx.clone(), shutdown.clone()).instrument(tracing::info_span!("push_subscriber")),
     );
     if let Some(key) = agent.cfg.discovery_key.clone() {
-        let found = agent.providers.lock().await.discovered();
+        let found = shared.providers.lock().await.discovered();
         tokio::spawn(
             browse_loop(key.clone(), found, tx.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("mdns_browse", %key)),
@@ -1400,14 +1428,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             _ = tokio::time::sleep_until(window), if window < next => Event::Window,
             Some(q) = rx.recv() => Event::Job(q),
         };
-        let Queued { job, reply, waited } = match event {
-            Event::Shutdown => break,
-            Event::Timer if std::mem::take(&mut starting) => Queued::check(Reason::Startup),
-            Event::Timer => Queued::check(Reason::Schedule),
-            Event::Window => Queued::check(Reason::Window),
-            Event::Job(q) => q,
-        };
-        agent.busy.store(true, std::sync::atomic::Ordering::SeqCst);
+        let Some(Queued { job, reply, waited }) = next_job(event, &mut starting) else { break };
+        shared.busy.store(true, std::sync::atomic::Ordering::SeqCst);
         let answer = match job {
             Job::Check(reason) => {
                 let scheduled = matches!(reason, Reason::Schedule | Reason::Startup);
@@ -1437,6 +1459,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             }
             Job::Adopt { product, version, upgrade_code } => done(agent.adopt(&product, &version, &upgrade_code).await),
             Job::Restore { product, version } => done(agent.restore(&product, version.as_deref()).await),
+            Job::TestProvider { target } => match agent.test_provider(&target).await {
+                Ok(r) => Response::Tested(r),
+                Err(e) => Response::Error { message: e.to_string() },
+            },
             Job::Configure { mode, install_day, install_hour, reset } => {
                 match agent.configure(mode, install_day, install_hour, reset).await {
                     Ok(()) => {
@@ -1451,13 +1477,25 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                 }
             }
         };
-        agent.busy.store(false, std::sync::atomic::Ordering::SeqCst);
+        shared.busy.store(false, std::sync::atomic::Ordering::SeqCst);
         if let Some(reply) = reply {
             let _ = reply.send(answer);
         }
     }
     let _ = std::fs::remove_file(&sock);
     Ok(())
+}
+
+/// The job an event brings, if any (none: shut down). The first timer after start is the
+/// start-up check, the one moment `apply-at restart` packages install.
+fn next_job(event: Event, starting: &mut bool) -> Option<Queued> {
+    Some(match event {
+        Event::Shutdown => return None,
+        Event::Timer if std::mem::take(starting) => Queued::check(Reason::Startup),
+        Event::Timer => Queued::check(Reason::Schedule),
+        Event::Window => Queued::check(Reason::Window),
+        Event::Job(q) => q,
+    })
 }
 
 /// A job's outcome as the control socket says it.
@@ -1471,7 +1509,7 @@ fn done(r: Result<String>) -> Response {
 /// Answers the control socket: what only reads (status, providers, a provider test) and
 /// `agent cancel` at once; every job that changes the machine through the main loop.
 async fn control_loop(
-    agent: Arc<Agent>,
+    agent: Arc<Shared>,
     listener: tokio::net::UnixListener,
     tx: mpsc::Sender<Queued>,
     shutdown: CancellationToken,
@@ -1490,10 +1528,7 @@ async fn control_loop(
                 Ok(Request::Status) => Response::Status(agent.status(true).await),
                 Ok(Request::Providers) => Response::Providers { providers: agent.providers_view().await },
                 Ok(Request::Cancel) => Response::Done { message: agent.cancel() },
-                Ok(Request::TestProvider { target }) => match agent.test_provider(&target).await {
-                    Ok(r) => Response::Tested(r),
-                    Err(e) => Response::Error { message: e.to_string() },
-                },
+                Ok(Request::TestProvider { target }) => run_job(&agent, &tx, Job::TestProvider { target }).await,
                 Ok(Request::Check { later }) => run_job(&agent, &tx, Job::Check(Reason::Manual { later })).await,
                 Ok(Request::Apply { select }) => run_job(&agent, &tx, Job::Check(Reason::Apply(select))).await,
                 Ok(Request::Restore { product, version }) => {
@@ -1513,7 +1548,7 @@ async fn control_loop(
 }
 
 /// Queues a job for the main loop and waits for its outcome.
-async fn run_job(agent: &Agent, tx: &mpsc::Sender<Queued>, job: Job) -> Response {
+async fn run_job(agent: &Shared, tx: &mpsc::Sender<Queued>, job: Job) -> Response {
     let (reply, wait) = oneshot::channel();
     let waited = agent.busy.load(std::sync::atomic::Ordering::SeqCst);
     if tx.send(Queued { job, reply: Some(reply), waited }).await.is_err() {
@@ -1573,16 +1608,17 @@ async fn browse_loop(key: String, found: client::Discovered, tx: mpsc::Sender<Qu
 
 /// Holds a push stream to a provider; a high-priority event, or a catalog version newer than
 /// the one last seen, triggers a check at once.
-async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Queued>, shutdown: CancellationToken) {
+async fn push_loop(agent: Arc<Shared>, tx: mpsc::Sender<Queued>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(500);
     loop {
         if shutdown.is_cancelled() {
             return;
         }
-        // Through the agent, so providers found unreachable here are reported too.
-        let connected = agent.connect().await;
+        // The providers' backoff is shared with the checks; which ones are unreachable is
+        // recorded by the checks (the main loop owns the state).
+        let connected = agent.providers.lock().await.connect().await.map(|(url, client, _)| (url, client));
         if let Ok((url, mut client)) = connected {
-            let last_seen_seq = agent.state.lock().await.last_seen_seq;
+            let last_seen_seq = agent.saved.borrow().last_seen_seq;
             let req = SubscribeRequest { machine: agent.cfg.name.clone(), last_seen_seq };
             if let Ok(Ok(resp)) = tokio::time::timeout(agent.cfg.request_timeout, client.subscribe(req)).await {
                 tracing::info!(provider = %url, "push stream open");
@@ -1607,7 +1643,7 @@ async fn push_loop(agent: Arc<Agent>, tx: mpsc::Sender<Queued>, shutdown: Cancel
                     let Some(Ok(ev)) = ev else { break };
                     let reason = match PushKind::try_from(ev.kind) {
                         Ok(PushKind::HighPriority) => Some(Reason::Push(ev.update_id.clone())),
-                        Ok(PushKind::Hello) if ev.catalog_seq != agent.state.lock().await.last_seen_seq => {
+                        Ok(PushKind::Hello) if ev.catalog_seq != agent.saved.borrow().last_seen_seq => {
                             Some(Reason::Resync)
                         }
                         _ => None,
@@ -1645,6 +1681,23 @@ mod tests {
             u.install_properties.insert(updraft_core::package::APPLY_AT.into(), "restart".into());
         }
         Offer { action: action as i32, update: Some(u), ..Default::default() }
+    }
+
+    #[test]
+    fn each_event_brings_its_job_and_the_first_timer_is_the_start_up_check() {
+        let reason = |q: Option<Queued>| match q.map(|q| q.job) {
+            Some(Job::Check(r)) => format!("{r:?}"),
+            other => format!("{other:?}"),
+        };
+        let mut starting = true;
+        assert_eq!(reason(next_job(Event::Window, &mut starting)), "Window");
+        assert!(starting, "only the timer ends the start");
+        assert_eq!(reason(next_job(Event::Timer, &mut starting)), "Startup");
+        assert_eq!(reason(next_job(Event::Timer, &mut starting)), "Schedule");
+        let queued = Queued { job: Job::Restore { product: "app".into(), version: None }, reply: None, waited: true };
+        let q = next_job(Event::Job(queued), &mut starting).unwrap();
+        assert!(q.waited && matches!(q.job, Job::Restore { .. }));
+        assert!(next_job(Event::Shutdown, &mut starting).is_none());
     }
 
     fn at(mode: Mode, in_window: bool) -> When {
