@@ -191,6 +191,13 @@ impl Proc {
         false
     }
 
+    /// SIGTERM, as systemd's stop does; the process is left to exit by itself.
+    pub fn term(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+    }
+
     /// SIGKILL, as a crash or power loss would.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -338,6 +338,39 @@ fn agent_cancel_stops_a_download_which_resumes_later() {
     assert!(log.contains("downloading") && !log.contains("offset=0 "), "the download resumed: {log}");
 }
 
+/// SIGTERM (systemd's stop) in the middle of a download: the agent stops at the next chunk and
+/// exits within 2 s, the partial download kept and nothing half-installed; the next start
+/// resumes the download and installs.
+#[test]
+fn sigterm_stops_the_agent_within_seconds_and_the_next_start_resumes() {
+    let mut w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    w.publish(&url, &w.noise_package("big", "1.0.0.0", 2));
+    // Each chunk of the download is followed by a 1 s pause.
+    w.env.push(("UPDRAFT_FAILPOINT".into(), "download:mid=delay:1000".into()));
+    let mut a = w.agent("m1", &url);
+    w.env.pop();
+    let downloads = w.state("m1").join("downloads");
+    let partial = || {
+        std::fs::read_dir(&downloads)
+            .ok()
+            .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "part")))
+    };
+    wait_until("the download under way", T, || partial().is_some_and(|p| p.metadata().is_ok_and(|m| m.len() > 0)));
+    let asked = std::time::Instant::now();
+    a.term();
+    assert!(a.wait_exit(Duration::from_secs(2)), "the agent did not exit within 2 s of SIGTERM\n{}", a.log_text());
+    eprintln!("agent exited {:?} after SIGTERM", asked.elapsed());
+    assert_eq!(recorded_product(&w, "m1", "big"), None, "nothing installed");
+    assert!(partial().is_some(), "the partial download is kept");
+    assert!(!w.state("m1").join("journal.json").exists() && !w.root("m1").join("big_update_pending").exists());
+
+    let again = w.agent("m1", &url);
+    wait_until("installed after the restart", T, || recorded_product(&w, "m1", "big").as_deref() == Some("1.0.0.0"));
+    let log = again.log_text();
+    assert!(log.contains("downloading") && !log.contains("offset=0 "), "the download resumed: {log}");
+}
+
 /// A removal is an install's equal: it runs the removed version's stop hook, waits while the
 /// application's gate holds (deferred, tried again at the next check), then brings the kept
 /// version back and runs that version's start hook.

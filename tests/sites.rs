@@ -116,7 +116,10 @@ fn agents_fall_back_when_their_site_dies_and_return_when_it_is_back() {
     };
     wait_until("installed via the site", T, || w.installed("m", "tool").is_some() && last_provider(&w) == surl);
 
-    s.kill9();
+    // A planned stop (SIGTERM): the site ends its push streams, lets go of its store and exits
+    // within its grace (a kill -9 leaves agents in the same place, sooner).
+    s.term();
+    assert!(s.wait_exit(Duration::from_secs(2)), "the site did not exit within 2 s of SIGTERM\n{}", s.log_text());
     w.publish(&purl, &w.package("tool", "2.0.0.0", &w.key));
     // The new version is live on disk a moment before the check that installed it records its
     // provider: wait for both.

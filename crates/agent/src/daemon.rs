@@ -212,6 +212,8 @@ pub struct Shared {
     busy: std::sync::atomic::AtomicBool,
     /// `agent cancel`: stops the running check's downloads and the tasks it has not begun.
     cancel: Arc<crate::cancel::Cancel>,
+    /// The daemon is stopping (SIGTERM): the running job is cancelled as by `agent cancel`.
+    stopping: CancellationToken,
 }
 
 fn now_ms() -> i64 {
@@ -241,6 +243,7 @@ impl Agent {
             saved: tokio::sync::watch::Sender::new(Arc::new(state.clone())),
             busy: Default::default(),
             cancel: Default::default(),
+            stopping: CancellationToken::new(),
         });
         Ok(Self { cfg, state, interval, trial, shared })
     }
@@ -313,10 +316,16 @@ impl Agent {
     /// by another round so that a machine returns to the previous version in the same check.
     pub async fn check_once(&mut self, reason: Reason) -> Result<CheckReport> {
         let span = tracing::info_span!("check", machine = %self.cfg.name, ?reason);
-        // A cancel stops the check that runs when it is asked for, not a later one.
-        self.shared.cancel.reset();
+        // A cancel stops the check that runs when it is asked for, not a later one; a stop
+        // (SIGTERM) cancels whatever runs from then on.
+        let reset = |a: &Self| {
+            if !a.shared.stopping.is_cancelled() {
+                a.shared.cancel.reset();
+            }
+        };
+        reset(self);
         let result = self.check_rounds(reason).instrument(span).await;
-        self.shared.cancel.reset();
+        reset(self);
         result
     }
 
@@ -1387,6 +1396,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let started = journal::start_up(&cfg.install_root, &cfg.state_dir, trial.as_deref(), now_ms() / 1000)?;
     let mut agent = Agent::new(cfg, started)?;
     let shared = agent.shared.clone();
+    // A stop cancels the running job at its next safe point (a download chunk, the next offer,
+    // before a swap; a swap already begun finishes or rolls back), so the daemon exits quickly.
+    {
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            shared.stopping.cancel();
+            shared.cancel.request();
+        });
+    }
     let (tx, mut rx) = mpsc::channel::<Queued>(16);
     let sock = control::socket_path(&agent.cfg.state_dir);
     let _ = std::fs::remove_file(&sock);
@@ -1429,6 +1448,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             Some(q) = rx.recv() => Event::Job(q),
         };
         let Some(Queued { job, reply, waited }) = next_job(event, &mut starting) else { break };
+        if shutdown.is_cancelled() {
+            break; // a job queued as the stop came is not started
+        }
         shared.busy.store(true, std::sync::atomic::Ordering::SeqCst);
         let answer = match job {
             Job::Check(reason) => {

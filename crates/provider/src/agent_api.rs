@@ -457,6 +457,10 @@ impl<T: Tier> AgentApi for AgentService<T> {
                             let _ = tx.try_send(Err(Status::aborted("superseded by a newer push stream of this machine")));
                             break;
                         }
+                        _ = shared.stopping.cancelled() => {
+                            let _ = tx.try_send(Err(Status::unavailable("this provider is stopping: reconnect elsewhere")));
+                            break;
+                        }
                         ev = rx.recv() => {
                             let ev = match ev {
                                 Ok(ev) => ev,

@@ -94,6 +94,8 @@ pub struct Config {
     pub max_machines_per_site: usize,
     /// How often every blob is re-hashed (see `scrub`; zero: never).
     pub scrub_interval: Duration,
+    /// How long requests in flight may take to finish once a stop is asked for (see [`serve`]).
+    pub shutdown_grace: Duration,
 }
 
 impl Config {
@@ -119,6 +121,7 @@ impl Config {
             max_downloads: 256,
             max_machines_per_site: 50_000,
             scrub_interval: Duration::from_secs(24 * 3600),
+            shutdown_grace: Duration::from_secs(2),
         }
     }
 }
@@ -145,6 +148,8 @@ pub struct Shared {
     pub machine_downloads: limits::PerKey<String>,
     /// Held while an import checks for a duplicate and records its update (see `import`).
     pub imports: tokio::sync::Mutex<()>,
+    /// Cancelled when this server stops serving: push streams end at once (see [`serve`]).
+    pub stopping: CancellationToken,
 }
 
 impl Shared {
@@ -165,6 +170,7 @@ impl Shared {
             downloads,
             machine_downloads: Default::default(),
             imports: Default::default(),
+            stopping: CancellationToken::new(),
             store,
             blobs,
             hub: Hub::default(),
@@ -362,6 +368,11 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
 /// Serves the agent and replication APIs (and, on a local provider, the admin API) from
 /// `shared` on `listener`, behind the auth layer and the connection limits, until `stop`. The
 /// one server set-up of every tier that holds a store.
+///
+/// Stopping is bounded: when `stop` fires, the listener closes, every push stream ends at once
+/// with UNAVAILABLE (agents reconnect to their next provider), and requests in flight get
+/// `config.shutdown_grace` to finish; whatever is still open then is dropped. The caller then
+/// drops its store, which a standby is waiting to open.
 pub async fn serve<T: agent_api::Tier>(
     shared: Arc<Shared>,
     tier: Arc<T>,
@@ -374,7 +385,16 @@ pub async fn serve<T: agent_api::Tier>(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
     });
     let limit = shared.config.max_connections_per_peer;
-    grpc_server(&shared.config.transport)?
+    let (stopping, grace) = (shared.stopping.clone(), shared.config.shutdown_grace);
+    let signal = {
+        let stopping = stopping.clone();
+        async move {
+            stop.await;
+            tracing::info!(grace = ?grace, "stopping: push streams ended, requests in flight finishing");
+            stopping.cancel();
+        }
+    };
+    let server = grpc_server(&shared.config.transport)?
         .layer(auth::AuthLayer::new(
             shared.config.transport.clone(),
             Some(shared.clone()),
@@ -393,9 +413,15 @@ pub async fn serve<T: agent_api::Tier>(
             tier,
         ))
         .add_optional_service(admin)
-        .serve_with_incoming_shutdown(limits::incoming(listener, limit), stop)
-        .await
-        .map_err(|e| ProviderError::Io(format!("server: {e}")))
+        .serve_with_incoming_shutdown(limits::incoming(listener, limit), signal);
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r.map_err(|e| ProviderError::Io(format!("server: {e}"))),
+        _ = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace = ?grace, "requests still open after the shutdown grace: dropped");
+            Ok(())
+        }
+    }
 }
 
 /// The active member's heartbeat, and its watch on the fence: once another provider has

@@ -40,6 +40,10 @@ pub struct LimitArgs {
     /// hash is quarantined (0: never; agents' failed downloads still trigger a scrub).
     #[arg(long, env = "UPDRAFT_SCRUB_INTERVAL_SECS", default_value_t = 86_400)]
     pub scrub_interval_secs: u64,
+    /// On SIGTERM: push streams are ended at once (agents reconnect elsewhere), requests in
+    /// flight get this many seconds to finish, then the process lets go of its store and exits.
+    #[arg(long, env = "UPDRAFT_SHUTDOWN_GRACE_SECS", default_value_t = 2.0)]
+    pub shutdown_grace_secs: f64,
 }
 
 impl LimitArgs {
@@ -60,6 +64,13 @@ impl LimitArgs {
         config.max_downloads = self.max_downloads;
         config.max_machines_per_site = self.max_machines_per_site;
         config.scrub_interval = Duration::from_secs(self.scrub_interval_secs);
+        if !(0.0..=600.0).contains(&self.shutdown_grace_secs) {
+            return Err(crate::error::ProviderError::InvalidArgument(format!(
+                "--shutdown-grace-secs {}: must be 0 to 600",
+                self.shutdown_grace_secs
+            )));
+        }
+        config.shutdown_grace = Duration::from_secs_f64(self.shutdown_grace_secs);
         Ok(())
     }
 }
