@@ -28,7 +28,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// A connection to `url` presenting a certificate for `name` with `role`.
 async fn connect_as(w: &World, url: &str, name: &str, role: &str) -> Channel {
-    w.transport(name, role).endpoint(url).unwrap().connect().await.unwrap()
+    w.connect_as(url, name, role).await
 }
 
 fn machine(w: &World, purl: &str, name: &str) -> serde_json::Value {

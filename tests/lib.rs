@@ -303,6 +303,22 @@ impl World {
         env
     }
 
+    /// A connection to `url` presenting a certificate for `name` with `role`.
+    pub async fn connect_as(&self, url: &str, name: &str, role: &str) -> tonic::transport::Channel {
+        self.transport(name, role).endpoint(url).unwrap().connect().await.unwrap()
+    }
+
+    /// A provider called `name` on the store of the provider `of` (the second member of a
+    /// switchover pair), on a port the kernel picks.
+    pub fn pair_member(&self, name: &str, of: &str) -> (Proc, String) {
+        let store = self.path(of);
+        let args = ["--store", store.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name];
+        let mut p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env_for(name, "provider", &[]));
+        let port = p.listening_port();
+        wait_port(port);
+        (p, format!("{}://127.0.0.1:{port}", self.scheme()))
+    }
+
     /// The transport of an in-test client or server called `name` with `role`.
     pub fn transport(&self, name: &str, role: &str) -> updraft_runtime::tls::Transport {
         if self.insecure {

@@ -271,3 +271,63 @@ fn limits_refuse_with_clear_errors_and_change_nothing() {
     });
     assert_eq!(w.installed("m1", "tool"), None);
 }
+
+/// For load balancers, probes and tools: every server answers `grpc.health.v1` and server
+/// reflection, to any certificate of this deployment. The active provider is SERVING; its
+/// standby is NOT_SERVING as a server and for the admin API (it only forwards) but serves the
+/// agent API; a site is SERVING; reflection lists the updraft.v1 services.
+#[test]
+fn health_and_reflection_tell_the_active_from_the_standby() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let w = World::new();
+    let (_a, aurl) = w.provider("centre-a", true);
+    let (_b, burl) = w.pair_member("centre-b", "centre-a");
+    let (_s, surl) = w.remote("site", &aurl);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let status = |url: String, service: &'static str| {
+            let w = &w;
+            async move {
+                let mut c = HealthClient::new(w.connect_as(&url, "lb", "agent").await);
+                c.check(HealthCheckRequest { service: service.into() }).await.map(|r| r.into_inner().status())
+            }
+        };
+        let (agent_api, admin) = ("updraft.v1.AgentApi", "updraft.v1.Admin");
+        for (url, service, want) in [
+            (&aurl, "", ServingStatus::Serving),
+            (&aurl, admin, ServingStatus::Serving),
+            (&burl, "", ServingStatus::NotServing),
+            (&burl, admin, ServingStatus::NotServing),
+            (&burl, agent_api, ServingStatus::Serving),
+            (&surl, "", ServingStatus::Serving),
+            (&surl, agent_api, ServingStatus::Serving),
+        ] {
+            assert_eq!(status(url.clone(), service).await.unwrap(), want, "{url} {service:?}");
+        }
+        let unknown = status(aurl.clone(), "no.such.Service").await.unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+        let mut r = ServerReflectionClient::new(w.connect_as(&aurl, "grpcurl", "admin").await);
+        let ask = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = r.server_reflection_info(tokio_stream::iter([ask])).await.unwrap().into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            answers.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no list of services")
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for s in [agent_api, admin, "updraft.v1.Replication", "grpc.health.v1.Health"] {
+            assert!(names.iter().any(|n| n == s), "{s} not in {names:?}");
+        }
+    });
+}

@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let fds = protox::compile(&files, [&root])?;
+    // For gRPC server reflection (`updraft_proto::FILE_DESCRIPTOR_SET`).
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("updraft.fds.bin"), prost::Message::encode_to_vec(&fds))?;
     // Download chunks carry `Bytes`, so a provider can send file data without copying it.
     // Every client and server uses `crate::codec::Codec` (prost with small initial buffers).
     tonic_prost_build::configure()

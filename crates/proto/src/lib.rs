@@ -7,6 +7,9 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The encoded descriptors of every updraft.v1 file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/updraft.fds.bin"));
+
 /// The codec of every generated client and server: prost, with buffers that start small.
 /// tonic's default starts every call's encode and decode buffers at 8 KiB each, which a
 /// provider holding a push stream per machine pays per connected machine; messages here are

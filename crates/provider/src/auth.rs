@@ -77,6 +77,8 @@ enum Access {
     Status,
     Read,
     Write,
+    /// Health and reflection.
+    Infra,
 }
 
 fn access_of(path: &str) -> Option<Access> {
@@ -88,6 +90,8 @@ fn access_of(path: &str) -> Option<Access> {
         "updraft.v1.Replication" => Access::Site,
         "updraft.v1.Admin" if ["List", "Get", "Report"].iter().any(|p| method.starts_with(p)) => Access::Read,
         "updraft.v1.Admin" => Access::Write,
+        // For load balancers, probes and tools: any certificate of ours.
+        "grpc.health.v1.Health" | "grpc.reflection.v1.ServerReflection" => Access::Infra,
         _ => return None,
     })
 }
@@ -132,12 +136,14 @@ fn authorize(caller: &Caller, access: Access, shared: Option<&Shared>) -> Result
         Access::Site => matches!(role, Role::RemoteProvider | Role::Provider),
         Access::Status => matches!(role, Role::RemoteProvider | Role::Provider | Role::Admin),
         Access::Read | Access::Write => role == Role::Admin,
+        Access::Infra => true,
     };
     if !ok {
         let what = match access {
             Access::Agent => "the agent API",
             Access::Site | Access::Status => "the replication API",
             Access::Read | Access::Write => "the admin API",
+            Access::Infra => "health and reflection",
         };
         return Err(Status::permission_denied(format!("a {role} certificate ({}) may not call {what}", caller.name)));
     }
@@ -412,7 +418,9 @@ mod tests {
         assert_eq!(access_of("/updraft.v1.Admin/GetPair"), Some(Access::Read));
         assert_eq!(access_of("/updraft.v1.Admin/SetUpdateState"), Some(Access::Write));
         assert_eq!(access_of("/updraft.v1.Admin/PutUser"), Some(Access::Write));
-        assert_eq!(access_of("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(access_of("/grpc.health.v1.Health/Check"), Some(Access::Infra));
+        assert_eq!(access_of("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"), Some(Access::Infra));
+        assert_eq!(access_of("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"), None);
         assert_eq!(percent_decode("a%20b%3A"), "a b:");
     }
 

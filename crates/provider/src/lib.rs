@@ -12,6 +12,7 @@ pub mod commit;
 pub mod error;
 pub mod fleet;
 pub mod forward;
+pub mod health;
 pub mod hub;
 pub mod import;
 pub mod limits;
@@ -277,11 +278,21 @@ async fn standby(
     let link = ActiveLink::new(pair.clone(), config.transport.clone());
     let name = config.name.as_str();
     let stop = shutdown.child_token();
+    // A standby forwards: the agent and replication APIs work through it, but it is not the
+    // server a load balancer should prefer, nor the one that administers.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health::report(
+        &health,
+        &[(health::SERVER, false), (health::ADMIN, false), (health::AGENT_API, true), (health::REPLICATION, true)],
+    )
+    .await;
     let server = grpc_server(&config.transport)?
         .layer(auth::AuthLayer::new(config.transport.clone(), None, config.request_timeout))
         .add_service(Forward::<AgentApiServer<()>>::new(link.clone(), name))
         .add_service(Forward::<ReplicationServer<()>>::new(link.clone(), name))
         .add_service(Forward::<AdminServer<()>>::new(link.clone(), name))
+        .add_service(health_service)
+        .add_service(health::reflection()?)
         .serve_with_incoming_shutdown(
             limits::incoming(TcpListener::from_std(listener).map_err(io)?, config.max_connections_per_peer),
             stop.clone().cancelled_owned(),
@@ -386,11 +397,18 @@ pub async fn serve<T: agent_api::Tier>(
     });
     let limit = shared.config.max_connections_per_peer;
     let (stopping, grace) = (shared.stopping.clone(), shared.config.shutdown_grace);
+    let mut services = vec![health::SERVER, health::AGENT_API, health::REPLICATION];
+    if with_admin {
+        services.push(health::ADMIN);
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health::report(&health, &services.iter().map(|s| (*s, true)).collect::<Vec<_>>()).await;
     let signal = {
         let stopping = stopping.clone();
         async move {
             stop.await;
             tracing::info!(grace = ?grace, "stopping: push streams ended, requests in flight finishing");
+            health::report(&health, &services.iter().map(|s| (*s, false)).collect::<Vec<_>>()).await;
             stopping.cancel();
         }
     };
@@ -413,6 +431,8 @@ pub async fn serve<T: agent_api::Tier>(
             tier,
         ))
         .add_optional_service(admin)
+        .add_service(health_service)
+        .add_service(health::reflection()?)
         .serve_with_incoming_shutdown(limits::incoming(listener, limit), signal);
     tokio::pin!(server);
     tokio::select! {
