@@ -294,24 +294,34 @@ fn a_settings_change_waits_for_the_running_install_and_says_so() {
     assert!(text.contains("mode notify"), "{text}");
 }
 
+/// A provider offering a 2 MiB package `big`, and agent `m1` downloading it with a pause of
+/// `pause_ms` after each chunk, its partial file already begun.
+fn downloading(pause_ms: u64) -> (World, updraft_tests::Proc, String, updraft_tests::Proc) {
+    let mut w = World::new();
+    let (p, url) = w.provider("centre", true);
+    w.publish(&url, &w.noise_package("big", "1.0.0.0", 2));
+    w.env.push(("UPDRAFT_FAILPOINT".into(), format!("download:mid=delay:{pause_ms}")));
+    let a = w.agent("m1", &url);
+    w.env.pop();
+    wait_until("the download under way", T, || {
+        partial_download(&w, "m1").is_some_and(|p| p.metadata().is_ok_and(|m| m.len() > 0))
+    });
+    (w, p, url, a)
+}
+
+/// The agent's partial download, if one is there.
+fn partial_download(w: &World, agent: &str) -> Option<PathBuf> {
+    std::fs::read_dir(w.state(agent).join("downloads"))
+        .ok()
+        .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "part")))
+}
+
 /// `agent cancel` stops a running download at once (the partial file stays, and a later check
 /// resumes it); with nothing running it says so.
 #[test]
 fn agent_cancel_stops_a_download_which_resumes_later() {
-    let mut w = World::new();
-    let (_p, url) = w.provider("centre", true);
-    w.publish(&url, &w.noise_package("big", "1.0.0.0", 2));
-    // Each chunk of the download is followed by a 3 s pause.
-    w.env.push(("UPDRAFT_FAILPOINT".into(), "download:mid=delay:3000".into()));
-    let mut a = w.agent("m1", &url);
-    w.env.pop();
-    let downloads = w.state("m1").join("downloads");
-    let partial = || {
-        std::fs::read_dir(&downloads)
-            .ok()
-            .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "part")))
-    };
-    wait_until("the download under way", T, || partial().is_some_and(|p| p.metadata().is_ok_and(|m| m.len() > 0)));
+    let (w, _p, url, mut a) = downloading(3000);
+    let partial = || partial_download(&w, "m1");
     let out = w.agent_cmd("m1", &["cancel"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("cancelling"), "{}", String::from_utf8_lossy(&out.stdout));
@@ -343,20 +353,8 @@ fn agent_cancel_stops_a_download_which_resumes_later() {
 /// resumes the download and installs.
 #[test]
 fn sigterm_stops_the_agent_within_seconds_and_the_next_start_resumes() {
-    let mut w = World::new();
-    let (_p, url) = w.provider("centre", true);
-    w.publish(&url, &w.noise_package("big", "1.0.0.0", 2));
-    // Each chunk of the download is followed by a 1 s pause.
-    w.env.push(("UPDRAFT_FAILPOINT".into(), "download:mid=delay:1000".into()));
-    let mut a = w.agent("m1", &url);
-    w.env.pop();
-    let downloads = w.state("m1").join("downloads");
-    let partial = || {
-        std::fs::read_dir(&downloads)
-            .ok()
-            .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "part")))
-    };
-    wait_until("the download under way", T, || partial().is_some_and(|p| p.metadata().is_ok_and(|m| m.len() > 0)));
+    let (w, _p, url, mut a) = downloading(1000);
+    let partial = || partial_download(&w, "m1");
     let asked = std::time::Instant::now();
     a.term();
     assert!(a.wait_exit(Duration::from_secs(2)), "the agent did not exit within 2 s of SIGTERM\n{}", a.log_text());
