@@ -362,6 +362,10 @@ fn sigterm_stops_the_agent_within_seconds_and_the_next_start_resumes() {
     assert_eq!(recorded_product(&w, "m1", "big"), None, "nothing installed");
     assert!(partial().is_some(), "the partial download is kept");
     assert!(!w.state("m1").join("journal.json").exists() && !w.root("m1").join("big_update_pending").exists());
+    // With no daemon, `agent status` shows the saved state and says so with exit status 3.
+    let out = w.agent_cmd("m1", &["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((out.status.code(), &st["daemon_running"]), (Some(3), &serde_json::json!(false)), "{st}");
 
     let again = w.agent("m1", &url);
     wait_until("installed after the restart", T, || recorded_product(&w, "m1", "big").as_deref() == Some("1.0.0.0"));

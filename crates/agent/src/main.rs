@@ -341,6 +341,8 @@ fn show_log(state: &StateDir, update: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `agent status`: the daemon's view, or — when no daemon answers — the saved state, with exit
+/// status 3 (as `systemctl status` says "not running"), so scripts and probes can tell.
 async fn status(state: &StateDir) -> anyhow::Result<()> {
     let dir = state.path();
     let report = match control::call(&dir, &Request::Status).await {
@@ -363,8 +365,14 @@ async fn status(state: &StateDir) -> anyhow::Result<()> {
     } else {
         print_status(&report);
     }
+    if !report.daemon_running {
+        std::process::exit(NOT_RUNNING);
+    }
     Ok(())
 }
+
+/// The exit status of `agent status` when no daemon answers.
+const NOT_RUNNING: i32 = 3;
 
 /// Sends a request that makes the daemon act, and prints what it did.
 async fn act(state: &StateDir, req: Request) -> anyhow::Result<()> {

@@ -41,18 +41,28 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Default data directory for a component: `$XDG_DATA_HOME/updraft/<component>`, else
-/// `~/.local/share/updraft/<component>`, else `/var/lib/updraft/<component>`.
+/// Default data directory for a component: for root, `/var/lib/updraft/<component>`; for
+/// anyone else `$XDG_DATA_HOME/updraft/<component>`, else `~/.local/share/updraft/<component>`,
+/// else `/var/lib/updraft/<component>`.
 pub fn default_data_dir(component: &str) -> PathBuf {
+    // Root runs the system's daemons (under systemd, often with no HOME at all): its commands
+    // must find the same directories from a shell.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from(SYSTEM_DATA_DIR).join(component);
+    }
     let base = std::env::var_os("XDG_DATA_HOME")
         .filter(|s| !s.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").filter(|s| !s.is_empty()).map(|h| PathBuf::from(h).join(".local/share")));
     match base {
         Some(b) => b.join("updraft").join(component),
-        None => PathBuf::from("/var/lib/updraft").join(component),
+        None => PathBuf::from(SYSTEM_DATA_DIR).join(component),
     }
 }
+
+/// Where root's (the system's) Updraft data lives.
+pub const SYSTEM_DATA_DIR: &str = "/var/lib/updraft";
 
 /// Bytes free for unprivileged use on the file system holding `path` (statvfs).
 pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
@@ -81,4 +91,20 @@ pub fn ensure_room(path: &std::path::Path, incoming: u64, reserve: u64) -> Resul
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_uses_the_system_directory_whatever_its_home() {
+        let d = default_data_dir("agent");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(d, std::path::Path::new(SYSTEM_DATA_DIR).join("agent"));
+        } else {
+            assert!(d.ends_with("updraft/agent"), "{}", d.display());
+        }
+    }
 }
