@@ -1122,13 +1122,17 @@ impl Agent {
         env.push(("UPDRAFT_REMOVAL", "1".to_string()));
         let log = lifecycle::log_path(&self.cfg.state_dir, &u.id);
         let (live, id) = (install::live_dir(&root, &product), u.id.clone());
-        let (env2, log2) = (env.clone(), log.clone());
+        let (env2, log2, cancel) = (env.clone(), log.clone(), self.shared.cancel.clone());
         let gate = tokio::task::spawn_blocking(move || {
             if let Some(rel) = &lc.stop {
                 lifecycle::run_hook("stop", rel, &live, &env2, lc.hook_timeout(), &log2)
                     .map_err(|reason| AgentError::Install { update: id.clone(), reason })?;
             }
-            lifecycle::wait_gate(&lc, lc.hook_timeout()).map_err(|reason| AgentError::Deferred { update: id, reason })
+            let stopped = || cancel.is_requested();
+            lifecycle::wait_gate(&lc, lc.hook_timeout(), &stopped).map_err(|reason| match stopped() {
+                true => AgentError::Cancelled,
+                false => AgentError::Deferred { update: id, reason },
+            })
         })
         .await
         .map_err(|e| AgentError::Install { update: u.id.clone(), reason: e.to_string() })?;

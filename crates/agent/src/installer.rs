@@ -107,8 +107,11 @@ pub fn advance(ctx: &Ctx, op: &mut Op, pkg: &mut Option<Package>) -> Result<Step
                     lifecycle::run_hook(name, rel, &staged, &env, lc.hook_timeout(), &log).map_err(fail)?;
                 }
             }
-            lifecycle::wait_gate(&lc, lc.hook_timeout())
-                .map_err(|reason| AgentError::Deferred { update: op.update_id.clone(), reason })?;
+            let stopped = || ctx.cancel.is_requested();
+            lifecycle::wait_gate(&lc, lc.hook_timeout(), &stopped).map_err(|reason| match stopped() {
+                true => AgentError::Cancelled,
+                false => AgentError::Deferred { update: op.update_id.clone(), reason },
+            })?;
             // The exchange replaces only a tree a receipt describes: one that appeared under the
             // root since the check is someone else's.
             let live = install::live_dir(ctx.root, &op.product);

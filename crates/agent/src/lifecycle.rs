@@ -89,15 +89,16 @@ pub fn watch_process(name: &str, window: Duration, log: &Path) -> Result<(), Str
     }
 }
 
-/// Waits up to `max` for the gate to open; returns what still blocks it otherwise.
-pub fn wait_gate(lc: &Lifecycle, max: Duration) -> Result<(), String> {
+/// Waits up to `max` for the gate to open, or until `stop()` (a cancel or a stop of the
+/// agent); returns what still blocks it otherwise.
+pub fn wait_gate(lc: &Lifecycle, max: Duration, stop: &dyn Fn() -> bool) -> Result<(), String> {
     let start = Instant::now();
     loop {
         let b = blockers(lc);
         if b.is_empty() {
             return Ok(());
         }
-        if start.elapsed() >= max {
+        if start.elapsed() >= max || stop() {
             return Err(b.join("; "));
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -263,8 +264,13 @@ mod tests {
         let lock = dir.path().join("app.lock");
         std::fs::write(&lock, "").unwrap();
         let lc = Lifecycle { lock_file: Some(lock.display().to_string()), ..Default::default() };
-        assert!(wait_gate(&lc, Duration::from_millis(300)).unwrap_err().contains("exists"));
+        let never = || false;
+        assert!(wait_gate(&lc, Duration::from_millis(300), &never).unwrap_err().contains("exists"));
+        // A stop ends the wait at once, whatever the time left.
+        let start = Instant::now();
+        assert!(wait_gate(&lc, Duration::from_secs(60), &|| true).unwrap_err().contains("exists"));
+        assert!(start.elapsed() < Duration::from_secs(5));
         std::fs::remove_file(&lock).unwrap();
-        wait_gate(&lc, Duration::from_millis(300)).unwrap();
+        wait_gate(&lc, Duration::from_millis(300), &never).unwrap();
     }
 }
