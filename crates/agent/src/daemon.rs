@@ -1124,15 +1124,7 @@ impl Agent {
         let (live, id) = (install::live_dir(&root, &product), u.id.clone());
         let (env2, log2, cancel) = (env.clone(), log.clone(), self.shared.cancel.clone());
         let gate = tokio::task::spawn_blocking(move || {
-            if let Some(rel) = &lc.stop {
-                lifecycle::run_hook("stop", rel, &live, &env2, lc.hook_timeout(), &log2)
-                    .map_err(|reason| AgentError::Install { update: id.clone(), reason })?;
-            }
-            let stopped = || cancel.is_requested();
-            lifecycle::wait_gate(&lc, lc.hook_timeout(), &stopped).map_err(|reason| match stopped() {
-                true => AgentError::Cancelled,
-                false => AgentError::Deferred { update: id, reason },
-            })
+            installer::stop_application(&lc, &[("stop", &lc.stop)], &live, &env2, &log2, &cancel, &id)
         })
         .await
         .map_err(|e| AgentError::Install { update: u.id.clone(), reason: e.to_string() })?;
@@ -1198,9 +1190,7 @@ impl Agent {
             let Some(rec) = st.installed.get_mut(&u.product) else {
                 return Err(AgentError::Config(format!("{} vanished from the records", u.product)));
             };
-            let next = (!rec.backups.is_empty()).then(|| rec.backups.remove(0));
-            rec.previous = next.clone();
-            next
+            rec.promote_backup()
         };
         let root = self.cfg.install_root.clone();
         let (p, v) = (u.product.clone(), next.map(|n| n.version));

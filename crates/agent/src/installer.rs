@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use updraft_core::keys::PublicKey;
-use updraft_core::package::Package;
+use updraft_core::package::{Lifecycle, Package};
 
 use crate::cancel::Cancel;
 use crate::error::{AgentError, Result};
@@ -102,16 +102,8 @@ pub fn advance(ctx: &Ctx, op: &mut Op, pkg: &mut Option<Package>) -> Result<Step
             // Before the swap: pre-install and stop hooks from the staged tree, then the gate.
             let lc = op.lifecycle.clone();
             let (env, log) = (hook_env(op, ctx.root), lifecycle::log_path(ctx.state_dir, &op.update_id));
-            for (name, hook) in [("pre-install", &lc.pre_install), ("stop", &lc.stop)] {
-                if let Some(rel) = hook {
-                    lifecycle::run_hook(name, rel, &staged, &env, lc.hook_timeout(), &log).map_err(fail)?;
-                }
-            }
-            let stopped = || ctx.cancel.is_requested();
-            lifecycle::wait_gate(&lc, lc.hook_timeout(), &stopped).map_err(|reason| match stopped() {
-                true => AgentError::Cancelled,
-                false => AgentError::Deferred { update: op.update_id.clone(), reason },
-            })?;
+            let hooks = [("pre-install", &lc.pre_install), ("stop", &lc.stop)];
+            stop_application(&lc, &hooks, &staged, &env, &log, ctx.cancel, &op.update_id)?;
             // The exchange replaces only a tree a receipt describes: one that appeared under the
             // root since the check is someone else's.
             let live = install::live_dir(ctx.root, &op.product);
@@ -152,6 +144,32 @@ pub fn advance(ctx: &Ctx, op: &mut Op, pkg: &mut Option<Package>) -> Result<Step
         }
         Step::Healthy => Ok(Step::Healthy),
     }
+}
+
+/// Stops the application before anything on disk changes — one rule for installs and
+/// removals: `hooks` run from `tree` in order (a failing one fails the step), then the process
+/// gate is waited for; still held at the hook timeout, the step is deferred to the next check;
+/// a cancel or a stop of the agent ends the wait.
+pub fn stop_application(
+    lc: &Lifecycle,
+    hooks: &[(&str, &Option<String>)],
+    tree: &Path,
+    env: &[(&'static str, String)],
+    log: &Path,
+    cancel: &Cancel,
+    update: &str,
+) -> Result<()> {
+    for (name, hook) in hooks {
+        if let Some(rel) = hook {
+            lifecycle::run_hook(name, rel, tree, env, lc.hook_timeout(), log)
+                .map_err(|reason| AgentError::Install { update: update.to_string(), reason })?;
+        }
+    }
+    let stopped = || cancel.is_requested();
+    lifecycle::wait_gate(lc, lc.hook_timeout(), &stopped).map_err(|reason| match stopped() {
+        true => AgentError::Cancelled,
+        false => AgentError::Deferred { update: update.to_string(), reason },
+    })
 }
 
 /// The new version's post-install and start hooks and its health check, from the live tree.

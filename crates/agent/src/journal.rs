@@ -307,13 +307,10 @@ pub fn recover_removal(root: &Path, r: &Removal, state: &mut AgentState, now_uni
     // the newest backup becomes `P_old`.
     let rec = state.installed.get(&r.product).cloned();
     if let Some(prev) = &r.back {
-        let old = install::old_dir(root, &r.product);
-        if old.exists() && (r.removed_inode.is_none() || inode(&old) == r.removed_inode) {
-            std::fs::remove_dir_all(&old).map_err(|e| AgentError::io(&old, e))?;
-        }
-        if let Some(b) = rec.as_ref().filter(|rec| rec.version != prev.version).and_then(|rec| rec.backups.first()) {
-            install::promote_backup(root, &r.product, &b.version)?;
-        }
+        // Records older than `removed_inode` name no tree: then whatever is in `P_old` goes.
+        let removed = r.removed_inode.or_else(|| inode(&install::old_dir(root, &r.product)));
+        let next = rec.as_ref().filter(|rec| rec.version != prev.version).and_then(|rec| rec.backups.first());
+        install::drop_old(root, &r.product, removed, next.map(|b| b.version.as_str()))?;
     }
     install::recover(root)?;
     match &r.back {

@@ -50,6 +50,15 @@ pub struct InstalledRec {
     pub backups: Vec<PreviousRec>,
 }
 
+impl InstalledRec {
+    /// `P_old` is gone: the newest backup takes its place (see `install::promote_backup`).
+    /// Returns it.
+    pub fn promote_backup(&mut self) -> Option<PreviousRec> {
+        self.previous = (!self.backups.is_empty()).then(|| self.backups.remove(0));
+        self.previous.clone()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct PreviousRec {
     pub version: String,
@@ -182,10 +191,9 @@ impl AgentState {
     /// The receipt after `ROOT/P_old` became `ROOT/P` again (a removal, a failed self-update):
     /// the previous version, with the product's codes; adopted if that version was.
     pub fn back_to_previous(&mut self, product: &str, prev: &PreviousRec, now_unix: i64) {
-        let codes = self.installed.get(product).cloned().unwrap_or_default();
-        // The newest backup is `P_old` now (see `install::promote_backup`).
-        let mut backups = codes.backups.clone();
-        let previous = (!backups.is_empty()).then(|| backups.remove(0));
+        let mut codes = self.installed.get(product).cloned().unwrap_or_default();
+        codes.promote_backup();
+        let (previous, backups) = (codes.previous, codes.backups);
         self.installed.insert(
             product.to_string(),
             InstalledRec {

@@ -15,7 +15,7 @@ use tonic::{Code, Status};
 use updraft_proto::v1::AuditEntry;
 use updraft_runtime::tls::{Role, Transport, peer_of};
 
-use crate::{Shared, now_ms};
+use crate::{Shared, health, now_ms};
 
 /// Set by a standby on what it forwards: who the original caller is. Believed only from a
 /// peer whose certificate says it is a provider.
@@ -85,11 +85,11 @@ fn access_of(path: &str) -> Option<Access> {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (service, method) = (parts.next()?, parts.next()?);
     Some(match service {
-        "updraft.v1.AgentApi" => Access::Agent,
-        "updraft.v1.Replication" if method == "SiteStatus" => Access::Status,
-        "updraft.v1.Replication" => Access::Site,
-        "updraft.v1.Admin" if ["List", "Get", "Report"].iter().any(|p| method.starts_with(p)) => Access::Read,
-        "updraft.v1.Admin" => Access::Write,
+        health::AGENT_API => Access::Agent,
+        health::REPLICATION if method == "SiteStatus" => Access::Status,
+        health::REPLICATION => Access::Site,
+        health::ADMIN if ["List", "Get", "Report"].iter().any(|p| method.starts_with(p)) => Access::Read,
+        health::ADMIN => Access::Write,
         // For load balancers, probes and tools: any certificate of ours.
         "grpc.health.v1.Health" | "grpc.reflection.v1.ServerReflection" => Access::Infra,
         _ => return None,

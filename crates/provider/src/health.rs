@@ -12,7 +12,8 @@ use updraft_proto::v1::replication_server::ReplicationServer;
 
 use crate::error::{ProviderError, Result};
 
-/// The server as a whole (the empty service name).
+/// The server as a whole (the empty service name). The services' names, here and in `auth`'s
+/// access rules, come from the generated servers.
 pub const SERVER: &str = "";
 pub const AGENT_API: &str = <AgentApiServer<()> as NamedService>::NAME;
 pub const REPLICATION: &str = <ReplicationServer<()> as NamedService>::NAME;
