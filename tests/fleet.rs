@@ -231,3 +231,111 @@ fn an_update_that_needs_a_restart_asks_for_attention() {
     });
     assert_eq!(status(&w, "box")["restart_needed"], true);
 }
+
+/// The report's JSON as status -> machine names.
+fn report_names(r: &Value) -> std::collections::BTreeMap<String, Vec<String>> {
+    r.as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let names = g["machines"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string());
+            (g["status"].as_str().unwrap().to_string(), names.collect())
+        })
+        .collect()
+}
+
+#[test]
+fn silent_machines_and_sites_are_errors_until_they_report_and_forgotten_machines_are_gone() {
+    let w = World::new();
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    let (_p, purl) = w.provider_with("centre", &["--trust-key", &pubkey, "--silence-grace-secs", "1"]);
+    let (mut site, surl) = w.remote("site", &purl);
+    let fast = &["--min-interval", "1", "--max-interval", "2"];
+    let mut direct = w.agent_with("direct", &purl, fast);
+    let _branch = w.agent_with("branch", &surl, fast);
+    let mut old = w.agent_with("old", &purl, fast);
+    let list = |w: &World| w.admin_json(&purl, &["machine", "list"]);
+    let silent = |l: &Value, name: &str| -> bool {
+        let m = machine(l, name);
+        m["silent"] == true
+            && m["status"] == "error"
+            && m["notes"][0].as_str().unwrap().starts_with("silent since ")
+            && m["contact_due_unix_ms"].as_i64().unwrap() > m["last_contact_unix_ms"].as_i64().unwrap()
+    };
+    let fine = |l: &Value, name: &str| l.as_array().unwrap().iter().any(|m| m["name"] == name && m["silent"] == false);
+    wait_until("every machine and the site heard from", T, || {
+        let l = list(&w);
+        ["direct", "branch", "old", "site"].iter().all(|n| fine(&l, n))
+    });
+
+    // A machine that stops checking is silent once its own interval and the grace have passed.
+    direct.kill9();
+    wait_until("direct silent", T, || silent(&list(&w), "direct"));
+    let l = list(&w);
+    assert!(fine(&l, "branch") && fine(&l, "old") && fine(&l, "site"), "only direct is silent: {l}");
+    let shown = w.admin_ok(&purl, &["machine", "show", "direct"]);
+    assert!(shown.contains("status        error: silent since "), "{shown}");
+    let table = w.admin_ok(&purl, &["machine", "list"]);
+    assert!(table.contains("error (silent since "), "{table}");
+    // A report of a span that starts after its last contact still lists it: silence is the error.
+    let tomorrow = {
+        let out = std::process::Command::new("date").args(["-u", "-d", "tomorrow", "+%F"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let r = report_names(&w.admin_json(&purl, &["report", "--since", &tomorrow]));
+    assert_eq!(r["error"], vec!["direct".to_string()], "{r:?}");
+    assert!(r["up-to-date"].is_empty() && r["needs-attention"].is_empty(), "{r:?}");
+
+    // A site that stops is silent after its heartbeat and the grace; the machines behind it too.
+    site.kill9();
+    wait_until("site and branch silent", T, || {
+        let l = list(&w);
+        silent(&l, "site") && silent(&l, "branch")
+    });
+    let sites = w.admin_ok(&purl, &["site", "list"]);
+    assert!(sites.contains("error (silent since ") && !sites.contains("connected"), "{sites}");
+
+    // Each comes back when it reports again.
+    let _direct = direct.again();
+    let _site = site.again();
+    wait_until("direct, site and branch back", T, || {
+        let l = list(&w);
+        ["direct", "branch", "site"].iter().all(|n| fine(&l, n) && machine(&l, n)["status"] != "error")
+    });
+
+    // Forgetting a machine takes its record and everything administrators gave it.
+    w.admin_ok(&purl, &["group", "create", "lab"]);
+    w.admin_ok(&purl, &["group", "assign", "lab", "old"]);
+    w.publish(&purl, &w.package("tool", "1.0.0.0", &w.key));
+    w.admin_ok(&purl, &["machine", "pin", "old", "--product", "tool", "--version", "1.0.0.0"]);
+    w.admin_ok(&purl, &["machine", "role", "old", "server"]);
+    w.admin_ok(&purl, &["deploy", "tool", "--machine", "old"]);
+    old.kill9();
+    let out = w.admin(&purl, &["machine", "forget", "nobody"]);
+    assert!(!out.status.success() && stderr(&out).contains("unknown machine \"nobody\""), "{}", stderr(&out));
+    let text = w.admin_ok(&purl, &["machine", "forget", "old"]);
+    for removed in ["pins: tool 1.0.0.0", "group: lab", "role: server", "deployment: tool"] {
+        assert!(text.contains(&format!("removed {removed}")), "{removed}: {text}");
+    }
+    let l = list(&w);
+    assert!(!l.as_array().unwrap().iter().any(|m| m["name"] == "old"), "{l}");
+    let out = w.admin(&purl, &["machine", "show", "old"]);
+    assert!(!out.status.success(), "a forgotten machine has no detail");
+    let deployments = w.admin_ok(&purl, &["deploy", "list"]);
+    assert!(!deployments.contains("old"), "{deployments}");
+    let group = w.admin_json(&purl, &["group", "show", "lab"]);
+    assert_eq!(group["members"], serde_json::json!([]), "{group}");
+    let activity = w.admin_ok(&purl, &["activity"]);
+    assert!(
+        activity.contains("forgot machine old (pins: tool 1.0.0.0; group: lab; role: server; deployment: tool)"),
+        "{activity}"
+    );
+    let audit = w.admin_json(&purl, &["audit", "list"]);
+    assert!(
+        audit.as_array().unwrap().iter().any(|e| e["action"].as_str().unwrap_or_default().contains("ForgetMachine")),
+        "{audit}"
+    );
+    // Forgetting is refused for what is not there any more, and changes nothing.
+    let out = w.admin(&purl, &["machine", "forget", "old"]);
+    assert!(!out.status.success() && stderr(&out).contains("unknown machine \"old\""), "{}", stderr(&out));
+}

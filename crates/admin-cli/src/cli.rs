@@ -345,6 +345,9 @@ pub enum MachineCmd {
     /// configuration says). Product lines capped with --follow-role keep other roles at or
     /// below the lowest version their machines of that role run.
     Role { machine: String, role: String },
+    /// Decommission a machine: its record, pins, group, role and the deployments naming it go
+    /// (its activity stays). If it checks in again it comes back as a new machine.
+    Forget { machine: String },
 }
 
 /// Only what happened since a date (`--since 2026-11-01`) or in a recent span (`--last 2w`).

@@ -617,7 +617,7 @@ pub(crate) fn machine_json(m: &Machine) -> Value {
         "last_contact_unix_ms": m.last_contact_unix_ms, "last_error": m.last_error,
         "group": m.group, "status": m.status, "notes": m.notes, "problems": info.problems,
         "restart_needed": info.restart_needed, "waiting": info.waiting,
-        "role": m.role,
+        "role": m.role, "silent": m.silent, "contact_due_unix_ms": m.contact_due_unix_ms,
         "installed": info.installed.iter().map(|p| json!({"product": p.product, "version": p.version, "update_id": p.update_id,
             "previous_version": p.previous_version, "upgrade_code": p.upgrade_code, "product_code": p.product_code,
             "adopted": p.adopted})).collect::<Vec<_>>(),

@@ -4,10 +4,10 @@ use anyhow::{Context, anyhow, bail};
 use serde_json::{Value, json};
 use updraft_core::policy::{Mode, day_name, hour_name, parse_day, parse_hour};
 use updraft_proto::v1::{
-    AssignRequest, ClearActivityRequest, DeployRequest, GetGroupRequest, GetMachineRequest, GroupSettings,
-    ListActivityRequest, ListDeploymentsRequest, ListDeploymentsResponse, ListGroupsRequest, ListMachinesRequest,
-    Machine, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportRequest2, SetRoleRequest, SiteStats,
-    SiteStatusRequest, replication_client::ReplicationClient,
+    AssignRequest, ClearActivityRequest, DeployRequest, ForgetMachineRequest, GetGroupRequest, GetMachineRequest,
+    GroupSettings, ListActivityRequest, ListDeploymentsRequest, ListDeploymentsResponse, ListGroupsRequest,
+    ListMachinesRequest, Machine, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportRequest2, SetRoleRequest,
+    SiteStats, SiteStatusRequest, replication_client::ReplicationClient,
 };
 
 use crate::cli::{ActivityCmd, DeployTarget, GroupCmd, GroupSettingsArgs, MachineCmd, ReportCmd, Since, SiteCmd};
@@ -173,6 +173,15 @@ pub async fn group(url: &str, cmd: GroupCmd, as_json: bool) -> anyhow::Result<()
     Ok(())
 }
 
+/// A machine's status for a table: a silent one says since when, since its other columns
+/// (what it last said) no longer hold.
+fn status_text(m: &Machine) -> String {
+    match m.notes.first() {
+        Some(note) if m.silent => format!("{} ({})", m.status, safe(note)),
+        _ => m.status.clone(),
+    }
+}
+
 pub fn print_machines(ms: &[Machine], as_json: bool) -> anyhow::Result<()> {
     if as_json {
         print_json(&Value::Array(ms.iter().map(machine_json).collect()));
@@ -189,7 +198,7 @@ pub fn print_machines(ms: &[Machine], as_json: bool) -> anyhow::Result<()> {
                 info.name,
                 kind.into(),
                 m.group.clone(),
-                m.status.clone(),
+                status_text(m),
                 m.via.clone(),
                 age(m.last_contact_unix_ms),
                 if installed.is_empty() { "-".into() } else { installed },
@@ -289,6 +298,18 @@ pub async fn machine(url: &str, cmd: MachineCmd, as_json: bool) -> anyhow::Resul
             let req = SetRoleRequest { machines: vec![machine], role };
             let ms = c.set_role(req).await.map_err(rpc(url))?.into_inner().machines;
             print_machines(&ms, as_json)
+        }
+        MachineCmd::Forget { machine } => {
+            let r = c.forget_machine(ForgetMachineRequest { name: machine }).await.map_err(rpc(url))?.into_inner();
+            if as_json {
+                print_json(&json!({"forgot": r.name, "removed": r.removed}));
+            } else {
+                println!("forgot {}", r.name);
+                for what in &r.removed {
+                    println!("  removed {what}");
+                }
+            }
+            Ok(())
         }
         MachineCmd::Unpin { machines, product } => {
             let ms = c
@@ -471,6 +492,8 @@ pub async fn site(url: &str, cmd: SiteCmd, as_json: bool) -> anyhow::Result<()> 
                 let rows = sites.iter().map(|m| {
                     let mut v = stats_json(&m.site_stats.clone().unwrap_or_default());
                     v["last_contact_unix_ms"] = json!(m.last_contact_unix_ms);
+                    v["silent"] = json!(m.silent);
+                    v["contact_due_unix_ms"] = json!(m.contact_due_unix_ms);
                     v["site"] = json!(m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default());
                     v
                 });
@@ -483,7 +506,13 @@ pub async fn site(url: &str, cmd: SiteCmd, as_json: bool) -> anyhow::Result<()> 
                         vec![
                             m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default(),
                             age(m.last_contact_unix_ms),
-                            if s.upstream_connected { "connected".into() } else { "working alone".into() },
+                            if m.silent {
+                                status_text(m)
+                            } else if s.upstream_connected {
+                                "connected".into()
+                            } else {
+                                "working alone".into()
+                            },
                             s.wan_bytes.to_string(),
                             s.served_bytes.to_string(),
                             ratio(&s),

@@ -275,6 +275,9 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             role: self.cfg.role.as_str().to_string(),
             agent_product: self.cfg.self_product.clone(),
+            // The provider expects the next check within the longest wait; past it (and a grace)
+            // the machine shows as silent.
+            contact_interval_secs: self.interval.1.as_secs().try_into().unwrap_or(u32::MAX),
             installed: st
                 .installed
                 .iter()

@@ -148,6 +148,19 @@ impl Health {
     }
 }
 
+/// The longest contact interval a machine's word counts for: one claiming more is still
+/// expected within a week.
+pub const MAX_CONTACT_INTERVAL_SECS: u32 = 7 * 24 * 3600;
+
+/// When a machine last heard from at `last_ms` is due to make contact again at the latest: its
+/// own contact interval (zero, as older agents send: `default_secs`; never more than
+/// [`MAX_CONTACT_INTERVAL_SECS`]) plus `grace_ms`. Past it the machine is silent, which is an
+/// error: a machine that stopped checking cannot be told it is up to date.
+pub fn contact_due(last_ms: i64, interval_secs: u32, default_secs: u32, grace_ms: i64) -> i64 {
+    let secs = if interval_secs == 0 { default_secs } else { interval_secs }.min(MAX_CONTACT_INTERVAL_SECS);
+    last_ms.saturating_add(i64::from(secs) * 1000).saturating_add(grace_ms.max(0))
+}
+
 /// Classifies a machine: any problem is an error; updates waiting or a restart needed need
 /// attention; otherwise it is up to date. Returns the reasons with the status.
 pub fn classify(problems: &[String], waiting: &[String], restart_needed: bool) -> (Health, Vec<String>) {
@@ -171,6 +184,28 @@ mod tests {
 
     fn t(weekday: i32, hour: i32, minute: i32) -> LocalTime {
         LocalTime { weekday, hour, minute }
+    }
+
+    #[test]
+    fn contact_is_due_after_the_machines_own_interval_and_the_grace() {
+        let min = 60_000;
+        assert_eq!(contact_due(1_000, 30, 3600, min), 1_000 + 30_000 + min, "its own interval");
+        assert_eq!(contact_due(1_000, 0, 3600, min), 1_000 + 3_600_000 + min, "none said: the provider's");
+        let week = i64::from(MAX_CONTACT_INTERVAL_SECS) * 1000;
+        assert_eq!(contact_due(0, u32::MAX, 3600, 0), week, "a claim of forever is held to a week");
+        assert_eq!(contact_due(i64::MAX - 5, 30, 30, min), i64::MAX, "no overflow");
+        assert_eq!(contact_due(0, 30, 30, -5), 30_000, "a negative grace counts as none");
+    }
+
+    proptest! {
+        #[test]
+        fn contact_due_grows_with_the_last_contact_and_is_never_before_it(
+            last in 0i64..4_000_000_000_000, d in 0i64..1_000_000, secs in 0u32..u32::MAX, grace in 0i64..86_400_000
+        ) {
+            let due = contact_due(last, secs, 3600, grace);
+            prop_assert!(due > last);
+            prop_assert!(contact_due(last + d, secs, 3600, grace) >= due);
+        }
     }
 
     #[test]

@@ -21,8 +21,9 @@ use updraft_proto::v1::{
     WatchFolder, upload_chunk,
 };
 use updraft_proto::v1::{
-    DeployRequest, ListAuditRequest, ListAuditResponse, ListDeploymentsRequest, ListDeploymentsResponse,
-    ListUsersRequest, ListUsersResponse, RemoveUserRequest, SetRoleRequest, User,
+    DeployRequest, ForgetMachineRequest, ForgetMachineResponse, ListAuditRequest, ListAuditResponse,
+    ListDeploymentsRequest, ListDeploymentsResponse, ListUsersRequest, ListUsersResponse, RemoveUserRequest,
+    SetRoleRequest, User,
 };
 
 use crate::Shared;
@@ -536,6 +537,13 @@ impl Admin for AdminService {
 
     async fn set_role(&self, request: Request<SetRoleRequest>) -> Result<Response<ListMachinesResponse>, Status> {
         Ok(Response::new(self.do_set_role(request).await?))
+    }
+
+    async fn forget_machine(
+        &self,
+        request: Request<ForgetMachineRequest>,
+    ) -> Result<Response<ForgetMachineResponse>, Status> {
+        Ok(Response::new(self.do_forget_machine(request).await?))
     }
 
     async fn get_pair(&self, _request: Request<GetPairRequest>) -> Result<Response<PairReply>, Status> {

@@ -6,9 +6,10 @@ use updraft_core::model::{Role, validate_product};
 use updraft_core::policy::{Health, Mode};
 use updraft_proto::v1::{
     AssignRequest, Assignment, ClearActivityRequest, ClearActivityResponse, DeployRequest, Deployment, FleetReport,
-    GetGroupRequest, GetMachineRequest, Group, GroupDetail, GroupSummary, ListDeploymentsResponse, ListGroupsResponse,
-    ListMachinesRequest, ListMachinesResponse, Machine, MachineDetail, MachineRole, PinRequest, PutGroupRequest,
-    RemoveGroupRequest, ReportGroup, ReportRequest2, SetRoleRequest,
+    ForgetMachineRequest, ForgetMachineResponse, GetGroupRequest, GetMachineRequest, Group, GroupDetail, GroupSummary,
+    ListDeploymentsResponse, ListGroupsResponse, ListMachinesRequest, ListMachinesResponse, Machine, MachineDetail,
+    MachinePins, MachineRole, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportGroup, ReportRequest2,
+    SetRoleRequest,
 };
 
 use crate::admin::{AdminService, who};
@@ -38,14 +39,10 @@ impl AdminService {
     fn assessed(&self) -> Result<Vec<Machine>> {
         let store = &self.shared.store;
         let catalog = self.shared.catalog()?;
+        let silence = self.shared.silence();
         let mut out = Vec::new();
         for mut m in store.list_machines()? {
-            let name = m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
-            let (health, notes, _, _) = policy::assess(store, &catalog, &m)?;
-            m.group = store.group_of(&name)?;
-            m.status = health.as_str().into();
-            m.notes = notes;
-            m.role = m.info.as_ref().map_or(Ok(Role::default()), |i| policy::role_of(store, i))?.to_string();
+            policy::fill(store, &catalog, &silence, &mut m)?;
             out.push(m);
         }
         out.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
@@ -131,11 +128,7 @@ impl AdminService {
             return Err(bad(format!("unknown machine {name:?}")));
         };
         let catalog = self.shared.catalog()?;
-        let (health, notes, products, pins) = policy::assess(store, &catalog, &m)?;
-        m.group = store.group_of(&name)?;
-        m.status = health.as_str().into();
-        m.notes = notes;
-        m.role = policy::role_of(store, m.info.as_ref().expect("found by its info"))?.to_string();
+        let (products, pins) = policy::fill(store, &catalog, &self.shared.silence(), &mut m)?;
         let pol = policy::effective(store, m.info.as_ref().expect("found by its info"))?;
         let recent = store.list_activity(&name, "", 0, 20)?;
         Ok(MachineDetail { machine: Some(m), policy: Some(pol), products, recent, pins: pins.pins })
@@ -393,13 +386,64 @@ impl AdminService {
         Ok(ListMachinesResponse { machines: self.assessed_named(&req.machines)? })
     }
 
+    /// Decommissions a machine: pins, group, role and the deployments naming it are undone
+    /// through the logged writes sites follow, then its record goes; its activity stays as
+    /// history. Each step is repeatable, the record last, so a forget cut short by a crash is
+    /// finished by asking again.
+    pub(crate) async fn do_forget_machine(
+        &self,
+        request: Request<ForgetMachineRequest>,
+    ) -> Result<ForgetMachineResponse, Status> {
+        let who = who(&request);
+        let name = request.into_inner().name;
+        crate::catalog::validate_machine_name(&name)?;
+        let store = &self.shared.store;
+        if store.get_machine(&name)?.is_none() {
+            return Err(bad(format!("unknown machine {name:?}")));
+        }
+        let mut removed = Vec::new();
+        let pins = store.pins_of(&name)?;
+        if !pins.pins.is_empty() {
+            let list: Vec<String> = pins.pins.iter().map(|(p, v)| format!("{p} {v}")).collect();
+            removed.push(format!("pins: {}", list.join(", ")));
+            let pins = MachinePins { machine: name.clone(), ..Default::default() };
+            let seq = store.set_pins(&pins).await?;
+            self.shared.hub.publish(Change::Pins { pins, seq });
+        }
+        let group = store.group_of(&name)?;
+        if group != DEFAULT_GROUP {
+            removed.push(format!("group: {group}"));
+            let assignment = Assignment { machine: name.clone(), group: String::new() };
+            let seq = store.assign(&assignment).await?;
+            self.shared.hub.publish(Change::Assign { assignment, seq });
+        }
+        if let Some(role) = store.role_of(&name)? {
+            removed.push(format!("role: {role}"));
+            let role = MachineRole { machine: name.clone(), role: String::new() };
+            let seq = store.set_role(&role).await?;
+            self.shared.hub.publish(Change::Role { role, seq });
+        }
+        for deployment in store.list_deployments()?.into_iter().filter(|d| d.machine == name) {
+            removed.push(format!("deployment: {}", deployment.product));
+            let seq = store.deploy(&deployment, true).await?;
+            self.shared.hub.publish(Change::Undeployed { deployment, seq });
+        }
+        store.remove_machine(&name).await?;
+        crate::ceiling::refresh(&self.shared).await?;
+        let what = if removed.is_empty() { String::new() } else { format!(" ({})", removed.join("; ")) };
+        record_catalog_activity(&self.shared, &who, None, format!("forgot machine {name}{what}")).await?;
+        Ok(ForgetMachineResponse { name, removed })
+    }
+
     pub(crate) async fn do_report(&self, req: ReportRequest2) -> Result<FleetReport> {
         let mut groups: Vec<ReportGroup> = [Health::Error, Health::NeedsAttention, Health::UpToDate]
             .iter()
             .map(|h| ReportGroup { status: h.as_str().into(), machines: vec![] })
             .collect();
         for m in self.assessed()? {
-            if m.is_remote_provider || m.last_contact_unix_ms < req.since_unix_ms {
+            // A span filters out machines quiet for long, except those that should not be:
+            // silence is the error to report.
+            if m.is_remote_provider || (m.last_contact_unix_ms < req.since_unix_ms && !m.silent) {
                 continue;
             }
             if let Some(g) = groups.iter_mut().find(|g| g.status == m.status) {

@@ -66,6 +66,9 @@ pub struct Config {
     pub scan: scanner::ScanConfig,
     pub min_check_secs: u32,
     pub max_check_secs: u32,
+    /// How long past its due contact a machine may stay quiet before it is silent (see
+    /// [`policy::Silence`]).
+    pub silence_grace: Duration,
     pub max_upload_bytes: u64,
     pub max_subscribers: usize,
     /// The URL other members of a switchover pair use to reach this one (default: the
@@ -109,6 +112,7 @@ impl Config {
             scan: scanner::ScanConfig::default(),
             min_check_secs: 30 * 60,
             max_check_secs: 60 * 60,
+            silence_grace: Duration::from_secs(5 * 60),
             max_upload_bytes: 16 << 30,
             max_subscribers: 100_000,
             advertise: None,
@@ -186,6 +190,15 @@ impl Shared {
 }
 
 impl Shared {
+    /// The rule that tells a silent machine, as of now.
+    pub fn silence(&self) -> policy::Silence {
+        policy::Silence {
+            now_ms: now_ms(),
+            default_secs: self.config.max_check_secs,
+            grace_ms: self.config.silence_grace.as_millis().try_into().unwrap_or(i64::MAX),
+        }
+    }
+
     /// The current catalog: decoded from the store only when the catalog sequence has moved
     /// since the last call, so a check costs no pass over every update record.
     pub fn catalog(&self) -> Result<Arc<catalog::Snapshot>> {

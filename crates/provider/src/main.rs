@@ -49,6 +49,10 @@ struct Args {
     /// Longest interval agents wait between checks, in seconds.
     #[arg(long, env = "UPDRAFT_MAX_CHECK_SECS", default_value_t = 3600)]
     max_check_secs: u32,
+    /// How long past its expected next contact (its check interval; a site's heartbeat) a
+    /// machine may stay quiet before it is reported as silent, an error.
+    #[arg(long, env = "UPDRAFT_SILENCE_GRACE_SECS", default_value_t = 300)]
+    silence_grace_secs: u64,
     /// Make this admin-certificate name an admin user at start (bootstrapping the first user,
     /// or recovering access); repeatable.
     #[arg(long = "bootstrap-admin", env = "UPDRAFT_BOOTSTRAP_ADMIN", value_delimiter = ',')]
@@ -141,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
     };
     config.min_check_secs = args.min_check_secs;
     config.max_check_secs = args.max_check_secs;
+    config.silence_grace = Duration::from_secs(args.silence_grace_secs);
     config.max_upload_bytes = args.max_upload_bytes;
     config.advertise = args.advertise;
     config.transport = args.tls.transport("provider")?;

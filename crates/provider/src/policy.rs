@@ -122,11 +122,54 @@ fn when_offered(group: &str, s: &GroupSettings) -> Option<String> {
     Some(why)
 }
 
+/// When a machine is silent: past its due contact (see [`updraft_core::policy::contact_due`]),
+/// as of `now_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct Silence {
+    pub now_ms: i64,
+    /// The contact interval of a machine that says none: the provider's longest check interval.
+    pub default_secs: u32,
+    pub grace_ms: i64,
+}
+
+impl Silence {
+    /// When `m` must make contact again at the latest.
+    pub fn due(&self, m: &Machine) -> i64 {
+        let interval = m.info.as_ref().map_or(0, |i| i.contact_interval_secs);
+        updraft_core::policy::contact_due(m.last_contact_unix_ms, interval, self.default_secs, self.grace_ms)
+    }
+
+    pub fn is_silent(&self, m: &Machine) -> bool {
+        self.now_ms > self.due(m)
+    }
+}
+
+/// Fills in a listed machine's group, role, status and notes, its due contact and whether it
+/// is silent; returns its per-product state and pins (see [`assess`]).
+pub fn fill(
+    store: &Store,
+    catalog: &Snapshot,
+    silence: &Silence,
+    m: &mut Machine,
+) -> Result<(Vec<ProductState>, MachinePins)> {
+    let (health, notes, products, pins) = assess(store, catalog, silence, m)?;
+    let info = m.info.clone().unwrap_or_default();
+    m.group = store.group_of(&info.name)?;
+    m.status = health.as_str().into();
+    m.notes = notes;
+    m.role = role_of(store, &info)?.to_string();
+    m.contact_due_unix_ms = silence.due(m);
+    m.silent = silence.is_silent(m);
+    Ok((products, pins))
+}
+
 /// Status, reasons and per-product state of a machine, as the report and `machine show` give:
 /// only the products it has or is given, each with the rules that hold approved updates back.
+/// A silent machine is an error whatever it last said: that is all it may say now.
 pub fn assess(
     store: &Store,
     catalog: &Snapshot,
+    silence: &Silence,
     m: &Machine,
 ) -> Result<(Health, Vec<String>, Vec<ProductState>, MachinePins)> {
     let info = m.info.clone().unwrap_or_default();
@@ -141,10 +184,18 @@ pub fn assess(
             waiting.push(w.clone());
         }
     }
-    let (health, notes) = if m.is_remote_provider {
+    let (health, mut notes) = if m.is_remote_provider {
         (Health::UpToDate, vec!["remote provider".into()])
     } else {
         classify(&problems, &waiting, info.restart_needed)
+    };
+    let health = if silence.is_silent(m) {
+        let due = updraft_runtime::utc_text(silence.due(m));
+        let since = updraft_runtime::utc_text(m.last_contact_unix_ms);
+        notes.insert(0, format!("silent since {since} (contact was due by {due})"));
+        Health::Error
+    } else {
+        health
     };
 
     let installed: BTreeMap<&str, &InstalledProduct> = info.installed.iter().map(|p| (p.product.as_str(), p)).collect();

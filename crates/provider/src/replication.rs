@@ -18,6 +18,7 @@ use crate::Shared;
 use crate::agent_api::{ChunkStream, MAX_REPORT_ENTRIES, Tier, serve_blob, validate_inventory};
 use crate::catalog::{to_event, validate_machine_name};
 use crate::error::ProviderError;
+use crate::policy::Silence;
 use crate::store::Change;
 
 pub struct ReplicationService<T: Tier> {
@@ -34,15 +35,15 @@ impl<T: Tier> ReplicationService<T> {
 }
 
 /// Whether a site may speak for a machine the store holds as `known` (None: never seen): one it
-/// brings in, one already behind it, or one that has been silent on its own route for longer
-/// than `silent_ms` (a machine that moved); never another site or provider. A site certificate
-/// therefore cannot rewrite machines that are alive elsewhere.
-pub fn site_may_report(known: Option<&updraft_proto::v1::Machine>, site: &str, now_ms: i64, silent_ms: i64) -> bool {
+/// brings in, one already behind it, or one that is silent on its own route (a machine that
+/// moved); never another site or provider. A site certificate therefore cannot rewrite
+/// machines that are alive elsewhere.
+pub fn site_may_report(known: Option<&updraft_proto::v1::Machine>, site: &str, silence: &Silence) -> bool {
     match known {
         None => true,
         Some(m) if m.is_remote_provider => false,
         Some(m) if m.via == site => true,
-        Some(m) => now_ms - m.last_contact_unix_ms > silent_ms,
+        Some(m) => silence.is_silent(m),
     }
 }
 
@@ -148,7 +149,7 @@ impl<T: Tier> Replication for ReplicationService<T> {
         let store = &self.shared.store;
         // Times are the receiver's to vouch for: nothing is dated after its arrival.
         let now = crate::now_ms();
-        let silent_ms = 2 * i64::from(self.shared.config.max_check_secs) * 1000;
+        let silence = self.shared.silence();
         let site_info =
             req.self_.clone().unwrap_or_else(|| MachineInfo { name: req.site.clone(), ..Default::default() });
         store.record_machine(&site_info, "direct", now, true).await?;
@@ -168,7 +169,7 @@ impl<T: Tier> Replication for ReplicationService<T> {
                 continue;
             }
             let known = store.get_machine(&machine.name)?;
-            if !site_may_report(known.as_ref(), &req.site, now, silent_ms) {
+            if !site_may_report(known.as_ref(), &req.site, &silence) {
                 tracing::warn!(site = %req.site, machine = %machine.name, "refused a report for a machine that is not behind this site");
                 continue;
             }
@@ -211,20 +212,17 @@ mod tests {
     #[test]
     fn a_site_speaks_for_new_machines_its_own_and_those_silent_elsewhere() {
         let hour = 3_600_000;
-        let now = 10 * hour;
+        let silence = Silence { now_ms: 10 * hour, default_secs: 3600, grace_ms: 0 };
         let known = |via: &str, last: i64, site: bool| Machine {
             via: via.into(),
             last_contact_unix_ms: last,
             is_remote_provider: site,
             ..Default::default()
         };
-        assert!(site_may_report(None, "branch", now, 2 * hour), "a machine it brings in");
-        assert!(site_may_report(Some(&known("branch", now, false)), "branch", now, 2 * hour), "one behind it");
-        assert!(
-            !site_may_report(Some(&known("direct", now - hour, false)), "branch", now, 2 * hour),
-            "alive elsewhere"
-        );
-        assert!(site_may_report(Some(&known("other", now - 3 * hour, false)), "branch", now, 2 * hour), "moved");
-        assert!(!site_may_report(Some(&known("direct", 0, true)), "branch", now, 2 * hour), "never a site");
+        assert!(site_may_report(None, "branch", &silence), "a machine it brings in");
+        assert!(site_may_report(Some(&known("branch", 10 * hour, false)), "branch", &silence), "one behind it");
+        assert!(!site_may_report(Some(&known("direct", 9 * hour, false)), "branch", &silence), "alive elsewhere");
+        assert!(site_may_report(Some(&known("other", 8 * hour, false)), "branch", &silence), "moved");
+        assert!(!site_may_report(Some(&known("direct", 0, true)), "branch", &silence), "never a site");
     }
 }

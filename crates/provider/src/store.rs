@@ -841,6 +841,14 @@ impl Store {
         self.machines.get(name.as_bytes())?.map(|v| decode(&v)).transpose()
     }
 
+    /// Deletes a machine's record (`machine forget`; its policy goes through the logged
+    /// writes). Whether there was one.
+    pub async fn remove_machine(&self, name: &str) -> Result<bool> {
+        let had = self.machines.remove(name.as_bytes())?.is_some();
+        self.flush().await?;
+        Ok(had)
+    }
+
     /// Replaces a machine's record whole (store merges).
     pub async fn put_machine(&self, m: &Machine) -> Result<()> {
         let name = m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();

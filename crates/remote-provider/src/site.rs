@@ -396,6 +396,10 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
     }
 }
 
+/// How long the site stays quiet upstream at most: with no reports to forward, it sends its
+/// counters this often, and the centre counts it silent once that (and a grace) has passed.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// Drains the outbox upstream in batches; a failed batch stays queued and is retried.
 pub async fn forward_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(250);
@@ -403,7 +407,7 @@ pub async fn forward_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
         let heartbeat = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tier.outbox_ready.notified() => false,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => true,
+            _ = tokio::time::sleep(HEARTBEAT) => true,
         };
         let mut first = true;
         loop {
@@ -430,6 +434,7 @@ pub async fn forward_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                     name: tier.shared.config.name.clone(),
                     hostname: updraft_runtime::hostname(),
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    contact_interval_secs: HEARTBEAT.as_secs() as u32,
                     ..Default::default()
                 }),
                 stats: Some(tier.status()),

@@ -32,6 +32,23 @@ pub fn report_listening(program: &str, addr: std::net::SocketAddr) {
     println!("{program}: listening on {addr}");
 }
 
+/// A moment as people read it in a status line: `2026-12-02 18:40:12 UTC` (seconds; UTC, since
+/// machines and their administrators are in different zones). Out of range: the raw number.
+pub fn utc_text(unix_ms: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix_ms.div_euclid(1000)) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("{unix_ms} ms after 1970"),
+    }
+}
+
 /// The kernel's host name, or "localhost" when it cannot be read.
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -96,6 +113,13 @@ pub fn ensure_room(path: &std::path::Path, incoming: u64, reserve: u64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn moments_read_as_utc_to_the_second() {
+        assert_eq!(utc_text(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_text(1_796_236_812_999), "2026-12-02 18:40:12 UTC");
+        assert!(utc_text(i64::MAX).contains("ms after 1970"));
+    }
 
     #[test]
     fn root_uses_the_system_directory_whatever_its_home() {
