@@ -60,6 +60,9 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A port free on 127.0.0.1 right now.
+/// Every server the harness starts serves probes on a port of its own (see [`Proc::probe_addr`]).
+pub const PROBES: [&str; 2] = ["--metrics-listen", "127.0.0.1:0"];
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -122,14 +125,30 @@ impl Proc {
         port
     }
 
+    /// Where a server started with `--metrics-listen 127.0.0.1:0` serves its probes (as it
+    /// reports once bound).
+    pub fn probe_addr(&mut self) -> std::net::SocketAddr {
+        let mut addr = None;
+        wait_until(&format!("{} to report its probe port", self.name), Duration::from_secs(30), || {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            addr =
+                log.lines().find_map(|l| l.split_once(": probes on http://").and_then(|(_, a)| a.trim().parse().ok()));
+            addr.is_some() || self.exited()
+        });
+        addr.unwrap_or_else(|| panic!("{} exited before serving probes:\n{}", self.name, self.log_text()))
+    }
+
     /// The same program started again with exactly the same arguments and environment (on the
     /// port it reported, where it was started on port 0), after a kill; its log is
     /// `NAME-again.log`.
     pub fn again(&self) -> Proc {
         let mut cmd = Command::new(&self.program);
+        // The server's own port is kept (clients know it); any other port 0 (probes) is picked
+        // afresh.
         let listen0 = std::ffi::OsStr::new("127.0.0.1:0");
-        cmd.args(self.args.iter().map(|a| match self.port {
-            Some(p) if a == listen0 => format!("127.0.0.1:{p}").into(),
+        let flags = std::iter::once(None).chain(self.args.iter().map(Some));
+        cmd.args(self.args.iter().zip(flags).map(|(a, flag)| match self.port {
+            Some(p) if a == listen0 && flag.is_some_and(|f| f == "--listen") => format!("127.0.0.1:{p}").into(),
             _ => a.clone(),
         }));
         cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
@@ -312,7 +331,8 @@ impl World {
     /// switchover pair), on a port the kernel picks.
     pub fn pair_member(&self, name: &str, of: &str) -> (Proc, String) {
         let store = self.path(of);
-        let args = ["--store", store.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name];
+        let mut args = vec!["--store", store.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name];
+        args.extend(PROBES);
         let mut p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env_for(name, "provider", &[]));
         let port = p.listening_port();
         wait_port(port);
@@ -442,12 +462,20 @@ impl World {
 
     /// A provider on a port the kernel picks (it reports it once bound).
     pub fn provider_with(&self, name: &str, extra: &[&str]) -> (Proc, String) {
+        self.provider_env(name, extra, &[])
+    }
+
+    /// A provider with extra flags and extra environment variables (as systemd sets them, say).
+    pub fn provider_env(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
         let store = self.path(name);
         let mut args = vec!["--store", store.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name];
+        args.extend(PROBES);
         args.extend(["--scan-delay-secs", "0", "--scan-interval-secs", "1", "--scan-quiet-secs", "1"]);
         args.extend(["--bootstrap-admin", ADMIN, "--catalog-key", self.catalog_key.to_str().unwrap()]);
         args.extend_from_slice(extra);
-        let mut p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env_for(name, "provider", &[]));
+        let mut vars = self.env_for(name, "provider", &[]);
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut p = Proc::start_env(self.dir.path(), name, "provider", &args, &vars);
         let port = p.listening_port();
         wait_port(port);
         (p, format!("{}://127.0.0.1:{port}", self.scheme()))
@@ -488,6 +516,7 @@ impl World {
         let store = self.path(name);
         let mut args =
             vec!["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name];
+        args.extend(PROBES);
         args.extend_from_slice(extra);
         let mut p = Proc::start_env(
             self.dir.path(),
@@ -605,6 +634,19 @@ pub fn serve_in_background(router: tonic::transport::server::Router) -> String {
 /// Runs a command that must succeed; returns its stdout.
 /// The product an update id names: ids are "<product>-<version>-<hash prefix>", and versions
 /// hold no '-'.
+/// A plain HTTP/1.1 GET (probe ports): the status code and the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    c.read_to_string(&mut text)?;
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
 pub fn product_of_id(id: &str) -> &str {
     id.rsplitn(3, '-').nth(2).expect("an update id names its product")
 }

@@ -287,9 +287,9 @@ fn health_and_reflection_tell_the_active_from_the_standby() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let w = World::new();
-    let (_a, aurl) = w.provider("centre-a", true);
-    let (_b, burl) = w.pair_member("centre-b", "centre-a");
-    let (_s, surl) = w.remote("site", &aurl);
+    let (mut a, aurl) = w.provider("centre-a", true);
+    let (mut b, burl) = w.pair_member("centre-b", "centre-a");
+    let (mut s, surl) = w.remote("site", &aurl);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let status = |url: String, service: &'static str| {
@@ -330,4 +330,84 @@ fn health_and_reflection_tell_the_active_from_the_standby() {
             assert!(names.iter().any(|n| n == s), "{s} not in {names:?}");
         }
     });
+
+    // The same on the plain-HTTP probe port, for load balancers and orchestrators.
+    let probe = |p: &mut updraft_tests::Proc, path: &str| updraft_tests::http_get(p.probe_addr(), path).unwrap();
+    let t = Duration::from_secs(30);
+    updraft_tests::wait_until("the site synchronised", t, || probe(&mut s, "/readyz").0 == 200);
+    assert!(probe(&mut s, "/readyz").1.starts_with("ready: synchronised with the upstream (catalog "));
+    let (code, body) = probe(&mut a, "/readyz");
+    assert!(code == 200 && body.starts_with("ready: active (epoch "), "{code} {body}");
+    let (code, body) = probe(&mut b, "/readyz");
+    assert!(code == 503 && body.starts_with("not ready: standby"), "{code} {body}");
+    for p in [&mut a, &mut b, &mut s] {
+        let (code, body) = probe(p, "/healthz");
+        assert!(code == 200 && body.starts_with("alive: "), "{code} {body}");
+    }
+    assert_eq!(probe(&mut a, "/nothing").0, 404);
+    let mut agent = w.agent_with("pc", &aurl, &["--metrics-listen", "127.0.0.1:0"]);
+    updraft_tests::wait_until("the agent ready after its first check", t, || {
+        let (code, body) = probe(&mut agent, "/readyz");
+        code == 200 && body == format!("ready: last check answered by {aurl}\n")
+    });
+
+    // A planned stop of the active: the standby becomes the ready one; the site, cut off from
+    // its only upstream, stays ready, serving from cache.
+    a.term();
+    updraft_tests::wait_until("the standby ready as the active", t, || {
+        let (code, body) = probe(&mut b, "/readyz");
+        code == 200 && body.starts_with("ready: active (epoch ")
+    });
+    updraft_tests::wait_until("the site working alone", t, || {
+        let (code, body) = probe(&mut s, "/readyz");
+        code == 200 && body.starts_with("ready: working alone")
+    });
+}
+
+/// What a process sent systemd's notify socket, as one string per datagram.
+fn notifications(sock: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).trim_end().to_string());
+    }
+    out
+}
+
+#[test]
+fn systemd_hears_readiness_status_the_watchdog_and_the_stop() {
+    let w = World::new();
+    let path = w.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let env = [("NOTIFY_SOCKET", path.to_str().unwrap()), ("WATCHDOG_USEC", "400000")];
+    let (mut p, _url) = w.provider_env("centre", &[], &env);
+    let mut seen: Vec<String> = Vec::new();
+    let t = Duration::from_secs(30);
+    // Ready only once it serves (the listener bound, the store open, active), with the role as
+    // the unit's status; then the watchdog, fed at half its period.
+    updraft_tests::wait_until("READY=1 and two watchdog pings", t, || {
+        seen.extend(notifications(&sock));
+        seen.iter().any(|m| m == "READY=1") && seen.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2
+    });
+    let ready = seen.iter().position(|m| m == "READY=1").unwrap();
+    assert!(
+        seen[..ready].last().is_some_and(|m| m.starts_with("STATUS=active (epoch ")),
+        "the status before READY says what it is: {seen:?}"
+    );
+    p.term();
+    assert!(p.wait_exit(Duration::from_secs(5)), "{}", p.log_text());
+    seen.extend(notifications(&sock));
+    assert!(seen.iter().any(|m| m == "STOPPING=1") && seen.iter().any(|m| m == "STATUS=stopping"), "{seen:?}");
+}
+
+#[test]
+fn the_systemd_units_pass_review() {
+    // `systemd-analyze verify` checks that ExecStart names a program: build them first.
+    updraft_tests::bin("provider");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/check-units.sh");
+    let out = std::process::Command::new(script).env("UPDRAFT_BIN_DIR", updraft_tests::bin_dir()).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(out.status.success(), "deploy/check-units.sh:\n{text}");
+    assert_eq!(text.matches("Overall exposure level").count(), 3, "{text}");
 }

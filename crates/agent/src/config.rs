@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub allow_unsigned_catalog: Option<bool>,
     pub disk_reserve_bytes: Option<u64>,
     pub role: Option<String>,
+    /// Plain-HTTP address for `/healthz` and `/readyz` (`--metrics-listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl FileConfig {

@@ -1380,7 +1380,10 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
+///
+/// `probe` learns the agent's state: started once its control socket is up, ready while its
+/// last check reached a provider, stopping.
+pub async fn run(cfg: AgentConfig, probe: updraft_runtime::Probe, shutdown: CancellationToken) -> Result<()> {
     let _lock = lock_state_dir(&cfg.state_dir)?;
     for d in [&cfg.install_root, &cfg.state_dir, &cfg.state_dir.join("downloads")] {
         std::fs::create_dir_all(d).map_err(|e| AgentError::io(d, e))?;
@@ -1396,9 +1399,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     // A stop cancels the running job at its next safe point (a download chunk, the next offer,
     // before a swap; a swap already begun finishes or rolls back), so the daemon exits quickly.
     {
-        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        let (shared, shutdown, probe) = (shared.clone(), shutdown.clone(), probe.clone());
         tokio::spawn(async move {
             shutdown.cancelled().await;
+            probe.stopping();
             shared.stopping.cancel();
             shared.cancel.request();
         });
@@ -1411,6 +1415,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     // Which process is the agent (it changes when the agent updates itself or comes back).
     crate::state::write_atomic(&agent.cfg.state_dir, "agent.pid", std::process::id().to_string().as_bytes())?;
     tracing::info!(name = %agent.cfg.name, providers = ?agent.cfg.providers, socket = %sock.display(), "agent started");
+    probe.started(false, "the first check is pending");
 
     tokio::spawn(
         control_loop(shared.clone(), listener, tx.clone(), shutdown.clone())
@@ -1463,9 +1468,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                 let ok = result.as_ref().is_ok_and(|r| r.errors.iter().all(|e| *e == cancelled));
                 match &result {
                     Ok(r) => {
-                        tracing::info!(provider = %r.provider, done = ?r.done, errors = ?r.errors, "check finished")
+                        tracing::info!(provider = %r.provider, done = ?r.done, errors = ?r.errors, "check finished");
+                        probe.set(true, format!("last check answered by {}", r.provider));
                     }
-                    Err(e) => tracing::warn!(error = %e, "check failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "check failed");
+                        probe.set(false, format!("last check failed: {e}"));
+                    }
                 }
                 if scheduled || schedule.failing() || !ok {
                     let normal = agent.next_delay().await;

@@ -98,6 +98,8 @@ struct RunArgs {
     allow_unsigned_catalog: bool,
     #[command(flatten)]
     tls: updraft_runtime::tls::TlsArgs,
+    #[command(flatten)]
+    probes: updraft_runtime::probe::ProbeArgs,
 }
 
 #[derive(Subcommand)]
@@ -309,7 +311,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             a.discovery_key.or(file.discovery_key),
         )?,
     };
-    let result = updraft_agent::run(cfg, updraft_runtime::shutdown_on_signals()).await;
+    let (probe, shutdown) = (updraft_runtime::Probe::new(), updraft_runtime::shutdown_on_signals());
+    let probes = updraft_runtime::probe::ProbeArgs { metrics_listen: a.probes.metrics_listen.or(file.metrics_listen) };
+    probes.start("agent", &probe, &shutdown).await?;
+    let result = updraft_agent::run(cfg, probe, shutdown).await;
     telemetry.shutdown().await;
     Ok(result?)
 }

@@ -406,6 +406,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let path = scanner::normalise_folder(&req.path)?;
         scanner::check_not_data(&path, &self.shared.config.data_dir)?;
+        scanner::check_writable(&path)?;
         let folder = WatchFolder { path: path.to_string_lossy().into_owned(), auto: req.auto };
         self.shared.store.add_watch(&folder).await?;
         let mode = if folder.auto { "auto" } else { "manual" };

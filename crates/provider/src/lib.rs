@@ -38,6 +38,7 @@ use updraft_core::keys::PublicKey;
 use updraft_proto::v1::admin_server::AdminServer;
 use updraft_proto::v1::agent_api_server::AgentApiServer;
 use updraft_proto::v1::replication_server::ReplicationServer;
+pub use updraft_runtime::Probe;
 pub use updraft_runtime::tls::Transport;
 
 use crate::agent_api::{AgentService, LocalTier};
@@ -259,7 +260,10 @@ pub fn advertised_url(config: &Config, addr: std::net::SocketAddr) -> String {
 /// When another provider holds the store (the other member of a switchover pair), this one is
 /// standby: it forwards every RPC to the active one and takes over the store as soon as its
 /// lock is free.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+///
+/// `probe` learns the process's state: standby (not ready: a load balancer should prefer the
+/// active), active (ready), stopping.
+pub async fn run(config: Config, listener: TcpListener, probe: Probe, shutdown: CancellationToken) -> Result<()> {
     // The standby's server and the active's share the socket, so clients never see it close.
     let listener = listener.into_std().map_err(io)?;
     let addr = listener.local_addr().map_err(io)?;
@@ -269,14 +273,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         Err(ProviderError::StoreInUse(why)) => {
             tracing::info!(%addr, %why, "standby: another provider holds the store");
             let standby_listener = listener.try_clone().map_err(io)?;
-            match standby(&config, &url, standby_listener, &shutdown).await? {
+            match standby(&config, &url, standby_listener, &probe, &shutdown).await? {
                 Some(s) => s,
-                None => return Ok(()),
+                None => {
+                    probe.stopping();
+                    return Ok(());
+                }
             }
         }
         Err(e) => return Err(e),
     };
-    active(shared, &url, TcpListener::from_std(listener).map_err(io)?, shutdown).await
+    active(shared, &url, TcpListener::from_std(listener).map_err(io)?, probe, shutdown).await
 }
 
 /// Forwards every RPC to the active member until this one can take the store (returned), or
@@ -285,6 +292,7 @@ async fn standby(
     config: &Config,
     url: &str,
     listener: std::net::TcpListener,
+    probe: &Probe,
     shutdown: &CancellationToken,
 ) -> Result<Option<Arc<Shared>>> {
     let pair = PairDir::open(&config.data_dir)?;
@@ -318,6 +326,7 @@ async fn standby(
         }
         .instrument(tracing::info_span!("standby_forwarder")),
     );
+    probe.started(false, "standby: forwarding to the active member");
     let me = Member::new(name, url, Role::Standby, 0);
     let mut last_beat = std::time::Instant::now() - pair::HEARTBEAT;
     let span = tracing::info_span!("standby_watch");
@@ -344,7 +353,13 @@ async fn standby(
 }
 
 /// Serves from the store this process holds, after raising the fencing epoch.
-async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+async fn active(
+    shared: Arc<Shared>,
+    url: &str,
+    listener: TcpListener,
+    probe: Probe,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let epoch = shared.pair.take_over(&shared.config.name, url)?;
     for name in &shared.config.bootstrap_admins {
         let u = updraft_proto::v1::User { name: name.clone(), role: "admin".into() };
@@ -378,7 +393,8 @@ async fn active(shared: Arc<Shared>, url: &str, listener: TcpListener, shutdown:
             .instrument(tracing::info_span!("pair_heartbeat", epoch)),
     );
     tracing::info!(%addr, %url, epoch, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening (active)");
-    serve(shared.clone(), tier, true, listener, fenced.cancelled()).await?;
+    probe.started(true, format!("active (epoch {epoch})"));
+    serve(shared.clone(), tier, true, listener, &probe, fenced.cancelled()).await?;
     if !shutdown.is_cancelled()
         && let Err(e) = fence.check()
     {
@@ -402,6 +418,7 @@ pub async fn serve<T: agent_api::Tier>(
     tier: Arc<T>,
     with_admin: bool,
     listener: TcpListener,
+    probe: &Probe,
     stop: impl Future<Output = ()>,
 ) -> Result<()> {
     let admin = with_admin.then(|| {
@@ -417,9 +434,10 @@ pub async fn serve<T: agent_api::Tier>(
     let (health, health_service) = tonic_health::server::health_reporter();
     health::report(&health, &services.iter().map(|s| (*s, true)).collect::<Vec<_>>()).await;
     let signal = {
-        let stopping = stopping.clone();
+        let (stopping, probe) = (stopping.clone(), probe.clone());
         async move {
             stop.await;
+            probe.stopping();
             tracing::info!(grace = ?grace, "stopping: push streams ended, requests in flight finishing");
             health::report(&health, &services.iter().map(|s| (*s, false)).collect::<Vec<_>>()).await;
             stopping.cancel();

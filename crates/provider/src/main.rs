@@ -19,6 +19,8 @@ struct Args {
     cmd: Option<Cmd>,
     #[command(flatten)]
     tls: updraft_runtime::tls::TlsArgs,
+    #[command(flatten)]
+    probes: updraft_runtime::probe::ProbeArgs,
     /// Data directory (sled store and blobs).
     #[arg(long, env = "UPDRAFT_PROVIDER_STORE")]
     store: Option<PathBuf>,
@@ -162,7 +164,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     updraft_runtime::report_listening("provider", listener.local_addr()?);
-    let result = updraft_provider::run(config, listener, updraft_runtime::shutdown_on_signals()).await;
+    let (probe, shutdown) = (updraft_runtime::Probe::new(), updraft_runtime::shutdown_on_signals());
+    args.probes.start("provider", &probe, &shutdown).await?;
+    let result = updraft_provider::run(config, listener, probe, shutdown).await;
     telemetry.shutdown().await;
     Ok(result?)
 }

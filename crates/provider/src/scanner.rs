@@ -56,6 +56,22 @@ pub fn check_not_data(folder: &Path, data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A watched folder must be writable by the provider: it removes what it imported and moves
+/// what it rejected. Checked by creating (and dropping) a hidden file there, so a read-only
+/// mount — a systemd unit's `ProtectSystem=strict` without `ReadWritePaths=` — is refused when
+/// the folder is added, instead of every import leaving its file behind.
+pub fn check_writable(folder: &Path) -> Result<()> {
+    match tempfile::Builder::new().prefix(".updraft-write-check").tempfile_in(folder) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(ProviderError::InvalidArgument(format!(
+            "the provider cannot write to watch folder {} ({e}): it removes imported files and moves rejected \
+             ones aside; give it write access (under systemd: ReadWritePaths={} in a drop-in, see deploy/README.md)",
+            folder.display(),
+            folder.display()
+        ))),
+    }
+}
+
 fn is_candidate(name: &str) -> bool {
     !name.starts_with('.') && !name.ends_with(".part") && !name.ends_with(".tmp") && !name.ends_with(".reason")
 }
@@ -199,5 +215,18 @@ mod tests {
         assert!(check_not_data(&canon(&data), &data).is_err(), "the data directory itself");
         assert!(check_not_data(&canon(d.path()), &data).is_err(), "a folder holding it");
         assert!(check_not_data(&canon(&other), &data).is_ok());
+    }
+
+    #[test]
+    fn a_watch_folder_must_be_writable() {
+        let d = tempfile::tempdir().unwrap();
+        check_writable(d.path()).unwrap();
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "the check leaves nothing behind");
+        // Read-only even for root, as a folder under ProtectSystem=strict is.
+        let e = check_writable(Path::new("/proc/self")).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot write to watch folder /proc/self") && e.contains("ReadWritePaths=/proc/self"),
+            "{e}"
+        );
     }
 }

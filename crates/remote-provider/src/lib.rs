@@ -9,8 +9,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use updraft_provider::Shared;
 use updraft_provider::error::{ProviderError, Result};
+use updraft_provider::{Probe, Shared};
 
 pub use site::SiteTier;
 
@@ -24,9 +24,13 @@ pub struct RemoteConfig {
 }
 
 /// Serves the site until `shutdown` is cancelled; follows the upstream meanwhile.
-pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+///
+/// `probe` learns the site's state: not ready until its catalog has caught up with the upstream
+/// once (it would answer checks from an old catalog), ready from then on, working alone
+/// included; stopping.
+pub async fn run(cfg: RemoteConfig, listener: TcpListener, probe: Probe, shutdown: CancellationToken) -> Result<()> {
     let shared = Shared::open(cfg.provider.clone())?;
-    let tier = Arc::new(SiteTier::new(shared.clone(), &cfg.upstream)?);
+    let tier = Arc::new(SiteTier::new(shared.clone(), &cfg.upstream, probe.clone())?);
     let upstream = cfg.upstream.join(",");
     let addr = listener.local_addr().map_err(|e| ProviderError::Io(e.to_string()))?;
     tracing::info!(%addr, %upstream, site = %shared.config.name, seq = shared.store.catalog_seq()?, "remote provider listening");
@@ -48,5 +52,6 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, shutdown: Cancellatio
             .instrument(tracing::info_span!("mdns_announce")),
     );
     // Sites keep no users: no admin API here (`site status` is on the replication API).
-    updraft_provider::serve(shared, tier, false, listener, shutdown.cancelled()).await
+    probe.started(false, "catching up with the upstream catalog");
+    updraft_provider::serve(shared, tier, false, listener, &probe, shutdown.cancelled()).await
 }

@@ -25,6 +25,8 @@ struct Args {
     limits: updraft_provider::limits::LimitArgs,
     #[command(flatten)]
     tls: updraft_runtime::tls::TlsArgs,
+    #[command(flatten)]
+    probes: updraft_runtime::probe::ProbeArgs,
 }
 
 #[tokio::main]
@@ -40,7 +42,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     updraft_runtime::report_listening("remote-provider", listener.local_addr()?);
-    let result = updraft_remote_provider::run(cfg, listener, updraft_runtime::shutdown_on_signals()).await;
+    let (probe, shutdown) = (updraft_runtime::Probe::new(), updraft_runtime::shutdown_on_signals());
+    args.probes.start("remote-provider", &probe, &shutdown).await?;
+    let result = updraft_remote_provider::run(cfg, listener, probe, shutdown).await;
     telemetry.shutdown().await;
     Ok(result?)
 }

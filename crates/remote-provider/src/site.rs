@@ -44,6 +44,8 @@ pub struct SiteTier {
     upstream_since_ms: AtomicI64,
     /// Set once the catalog stream has caught up with the upstream.
     synced: AtomicBool,
+    /// Ready for traffic once synchronised with the upstream; it stays so while working alone.
+    probe: updraft_runtime::Probe,
     /// Signalled on a catalog change: the prefetch loop works out again what this site's
     /// machines need (a pass over all of them).
     needs_changed: Notify,
@@ -57,7 +59,7 @@ pub struct SiteTier {
 impl SiteTier {
     /// `upstreams`: one provider, or several that serve the same catalog (both members of a
     /// switchover pair); requests go to whichever of them is reachable.
-    pub fn new(shared: Arc<Shared>, upstreams: &[String]) -> Result<Self> {
+    pub fn new(shared: Arc<Shared>, upstreams: &[String], probe: updraft_runtime::Probe) -> Result<Self> {
         if upstreams.is_empty() {
             return Err(ProviderError::InvalidArgument("no upstream provider given (use --upstream URL)".into()));
         }
@@ -96,6 +98,7 @@ impl SiteTier {
             upstream_connected: AtomicBool::new(false),
             upstream_since_ms: AtomicI64::new(updraft_provider::now_ms()),
             synced: AtomicBool::new(false),
+            probe,
             needs_changed: Notify::new(),
             to_fetch: Default::default(),
             fetch_ready: Notify::new(),
@@ -159,6 +162,9 @@ impl SiteTier {
             self.upstream_since_ms.store(updraft_provider::now_ms(), Ordering::Relaxed);
             if !up {
                 tracing::warn!(upstream = %self.upstream_url, "working alone: serving this site from cache and the last catalog");
+                if self.synced.load(Ordering::Relaxed) {
+                    self.probe.set(true, "working alone: the upstream is unreachable; serving from cache");
+                }
             }
         }
     }
@@ -363,6 +369,7 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                             backoff = Duration::from_millis(250);
                             if ev.caught_up && ev.change.is_none() {
                                 tier.synced.store(true, Ordering::Relaxed);
+                                tier.probe.set(true, format!("synchronised with the upstream (catalog {})", ev.seq));
                                 tier.needs_changed.notify_one();
                                 tracing::info!(seq = ev.seq, "catalog caught up with upstream");
                             }

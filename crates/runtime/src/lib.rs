@@ -1,6 +1,7 @@
 //! Process glue shared by every Updraft binary: telemetry, shutdown on signals, the host name
 //! and default data directories. Nothing domain-specific lives here.
 pub mod mdns;
+pub mod probe;
 pub mod telemetry;
 pub mod tls;
 
@@ -8,6 +9,7 @@ use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
 
+pub use probe::Probe;
 pub use telemetry::{Telemetry, TracedChannel, traced, traced_under};
 
 /// A token cancelled on SIGINT or SIGTERM, for graceful shutdown.
@@ -49,12 +51,16 @@ pub fn utc_text(unix_ms: i64) -> String {
     }
 }
 
-/// The kernel's host name, or "localhost" when it cannot be read.
+/// The kernel's host name, or "localhost" when it cannot be read. Asked of the kernel
+/// (`gethostname`), not read from `/proc/sys`, which a hardened unit (`ProcSubset=pid`) hides.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is writable for its whole length; the name is NUL-terminated within
+    // it on success (truncated names are cut at the buffer's end below).
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..len]).trim().to_string())
+        .filter(|s| ok && !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
 }
 
@@ -113,6 +119,12 @@ pub fn ensure_room(path: &std::path::Path, incoming: u64, reserve: u64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_name_is_the_kernels() {
+        let proc = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(hostname(), proc.trim());
+    }
 
     #[test]
     fn moments_read_as_utc_to_the_second() {
