@@ -373,6 +373,46 @@ fn sigterm_stops_the_agent_within_seconds_and_the_next_start_resumes() {
     assert!(log.contains("downloading") && !log.contains("offset=0 "), "the download resumed: {log}");
 }
 
+/// A stop while a hook before the swap runs: the hook is killed with what it started, the agent
+/// exits within 2 s, the version that stays is started again (its start hook), and the next
+/// start installs the update.
+#[test]
+fn sigterm_during_a_stop_hook_kills_it_and_starts_the_version_that_stays() {
+    let w = World::new();
+    let (_p, url) = w.provider("centre", true);
+    let (started, stopping, hold) = (w.path("v1-started"), w.path("v2-stopping"), w.path("hold"));
+    let (s, t, h) = (started.display(), stopping.display(), hold.display());
+    w.publish(&url, &package(&w, "1.0.0.0", &[("start", &format!("touch {s}"))], &["--start-hook", "hooks/start"]));
+    let fast = ["--min-interval", "1", "--max-interval", "1"];
+    let a = w.agent_with("m1", &url, &fast);
+    wait_until("v1 installed and started", T, || recorded(&w, "m1") == "1.0.0.0" && started.exists());
+    std::fs::remove_file(&started).unwrap();
+    std::fs::write(&hold, "").unwrap();
+    let body = format!("touch {t}; while [ -e {h} ]; do sleep 0.1; done");
+    let v2 = w.publish(
+        &url,
+        &package(&w, "2.0.0.0", &[("stop", &body)], &["--stop-hook", "hooks/stop", "--hook-timeout", "600"]),
+    );
+    wait_until("the stop hook running", T, || stopping.exists());
+
+    let asked = std::time::Instant::now();
+    a.term();
+    let mut a = a;
+    assert!(a.wait_exit(Duration::from_secs(2)), "the agent did not exit within 2 s of SIGTERM\n{}", a.log_text());
+    eprintln!("agent exited {:?} after SIGTERM during a stop hook", asked.elapsed());
+    assert_eq!(w.installed("m1", "app").as_deref(), Some("1.0.0.0"), "nothing swapped");
+    assert_eq!(recorded(&w, "m1"), "1.0.0.0");
+    assert!(started.exists(), "the version that stays was started again");
+    let log = run_ok(
+        std::process::Command::new(updraft_tests::bin("agent")).args(["log", &v2, "--state-dir"]).arg(w.state("m1")),
+    );
+    assert!(log.contains("stop hook hooks/stop: killed: the agent was asked to stop"), "{log}");
+
+    std::fs::remove_file(&hold).unwrap();
+    let _again = a.again();
+    wait_until("v2 installed after the restart", T, || recorded(&w, "m1") == "2.0.0.0");
+}
+
 /// A removal is an install's equal: it runs the removed version's stop hook, waits while the
 /// application's gate holds (deferred, tried again at the next check), then brings the kept
 /// version back and runs that version's start hook.

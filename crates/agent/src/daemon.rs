@@ -1152,7 +1152,7 @@ impl Agent {
             let (lc, live) = (prev.lifecycle.clone(), install::live_dir(&self.cfg.install_root, &u.product));
             let started = tokio::task::spawn_blocking(move || {
                 let rel = lc.start.clone().unwrap_or_default();
-                lifecycle::run_hook("start", &rel, &live, &env, lc.hook_timeout(), &log)
+                lifecycle::run_hook("start", &rel, &live, &env, lc.hook_timeout(), &log, &lifecycle::never)
             })
             .await
             .unwrap_or_else(|e| Err(e.to_string()));

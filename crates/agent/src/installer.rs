@@ -103,7 +103,12 @@ pub fn advance(ctx: &Ctx, op: &mut Op, pkg: &mut Option<Package>) -> Result<Step
             let lc = op.lifecycle.clone();
             let (env, log) = (hook_env(op, ctx.root), lifecycle::log_path(ctx.state_dir, &op.update_id));
             let hooks = [("pre-install", &lc.pre_install), ("stop", &lc.stop)];
-            stop_application(&lc, &hooks, &staged, &env, &log, ctx.cancel, &op.update_id)?;
+            if let Err(e) = stop_application(&lc, &hooks, &staged, &env, &log, ctx.cancel, &op.update_id) {
+                // Not stopped after all (a hook failed or was cut short, the gate held, a
+                // cancel): the version that stays is started again, as after its own install.
+                restart_live(ctx, op, &env, &log);
+                return Err(e);
+            }
             // The exchange replaces only a tree a receipt describes: one that appeared under the
             // root since the check is someone else's.
             let live = install::live_dir(ctx.root, &op.product);
@@ -159,17 +164,35 @@ pub fn stop_application(
     cancel: &Cancel,
     update: &str,
 ) -> Result<()> {
+    let stopped = || cancel.is_requested();
     for (name, hook) in hooks {
         if let Some(rel) = hook {
-            lifecycle::run_hook(name, rel, tree, env, lc.hook_timeout(), log)
-                .map_err(|reason| AgentError::Install { update: update.to_string(), reason })?;
+            lifecycle::run_hook(name, rel, tree, env, lc.hook_timeout(), log, &stopped).map_err(
+                |reason| match stopped() {
+                    true => AgentError::Cancelled,
+                    false => AgentError::Install { update: update.to_string(), reason },
+                },
+            )?;
         }
     }
-    let stopped = || cancel.is_requested();
     lifecycle::wait_gate(lc, lc.hook_timeout(), &stopped).map_err(|reason| match stopped() {
         true => AgentError::Cancelled,
         false => AgentError::Deferred { update: update.to_string(), reason },
     })
+}
+
+/// Runs the live version's start hook, if its package has one, after an install that began to
+/// stop the application did not go ahead. Its failure is logged: the install's own error is
+/// what the caller reports.
+fn restart_live(ctx: &Ctx, op: &Op, env: &[(&'static str, String)], log: &Path) {
+    let Some(prev) = &op.previous else { return };
+    let Some(rel) = &prev.lifecycle.start else { return };
+    let live = install::live_dir(ctx.root, &op.product);
+    if let Err(reason) =
+        lifecycle::run_hook("start", rel, &live, env, prev.lifecycle.hook_timeout(), log, &lifecycle::never)
+    {
+        tracing::warn!(product = %op.product, version = %prev.version, %reason, "cannot start the version that stays");
+    }
 }
 
 /// The new version's post-install and start hooks and its health check, from the live tree.
@@ -179,7 +202,7 @@ fn healthy(ctx: &Ctx, op: &Op) -> std::result::Result<(), String> {
     let (env, log): (_, PathBuf) = (hook_env(op, ctx.root), lifecycle::log_path(ctx.state_dir, &op.update_id));
     for (name, hook) in [("post-install", &lc.post_install), ("start", &lc.start), ("health", &lc.health)] {
         if let Some(rel) = hook {
-            lifecycle::run_hook(name, rel, &live, &env, lc.hook_timeout(), &log)?;
+            lifecycle::run_hook(name, rel, &live, &env, lc.hook_timeout(), &log, &lifecycle::never)?;
         }
     }
     match &lc.health_process {

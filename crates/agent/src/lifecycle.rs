@@ -133,9 +133,15 @@ fn append_log(log: &Path, text: &str) {
     }
 }
 
+/// Never interrupt a hook (those that run after the swap: they finish or time out).
+pub fn never() -> bool {
+    false
+}
+
 /// Runs hook `name` (`rel`, a file of the package) in `tree` with `env`, for at most
-/// `timeout`; appends its output to `log`. Fails on a non-zero exit or the timeout, with the
-/// end of its output.
+/// `timeout`, or until `stop()` (a cancel or a stop of the agent: only hooks before the swap
+/// pass one); appends its output to `log`. Fails on a non-zero exit, the timeout or a stop,
+/// with the end of its output. A hook is killed with everything it started.
 pub fn run_hook(
     name: &str,
     rel: &str,
@@ -143,6 +149,7 @@ pub fn run_hook(
     env: &[(&str, String)],
     timeout: Duration,
     log: &Path,
+    stop: &dyn Fn() -> bool,
 ) -> Result<(), String> {
     // Absolute: the hook runs with the tree as its working directory.
     let tree = std::path::absolute(tree).map_err(|e| format!("{name} hook {rel}: {}: {e}", tree.display()))?;
@@ -163,15 +170,16 @@ pub fn run_hook(
             msg
         })?;
     let (out, err) = (drain(child.stdout.take().expect("piped")), drain(child.stderr.take().expect("piped")));
-    let status = loop {
+    let (status, stopped) = loop {
         if let Ok(Some(s)) = child.try_wait() {
-            break Some(s);
+            break (Some(s), false);
         }
-        if start.elapsed() >= timeout {
+        let stopped = stop();
+        if stopped || start.elapsed() >= timeout {
             // SAFETY: kill(2) on our child's process group; no memory is involved.
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
-            break None;
+            break (None, stopped);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -181,6 +189,7 @@ pub fn run_hook(
     let verdict = match status {
         Some(s) if s.success() => "exit 0".to_string(),
         Some(s) => format!("exit {}", s.code().map(|c| c.to_string()).unwrap_or_else(|| "by signal".into())),
+        None if stopped => "killed: the agent was asked to stop".to_string(),
         None => format!("killed after the {} s timeout", timeout.as_secs()),
     };
     let mut entry = format!("== {name} hook {rel}: {verdict} after {:.1} s\n{text}", start.elapsed().as_secs_f64());
@@ -248,11 +257,11 @@ mod tests {
         script(dir.path(), "bad", "echo broken >&2; exit 3");
         script(dir.path(), "slow", "sleep 30");
         let env = [("UPDRAFT_VERSION", "2.0.0.0".to_string())];
-        run_hook("post-install", "ok", dir.path(), &env, Duration::from_secs(5), &log).unwrap();
-        let e = run_hook("health", "bad", dir.path(), &env, Duration::from_secs(5), &log).unwrap_err();
+        run_hook("post-install", "ok", dir.path(), &env, Duration::from_secs(5), &log, &never).unwrap();
+        let e = run_hook("health", "bad", dir.path(), &env, Duration::from_secs(5), &log, &never).unwrap_err();
         assert!(e.contains("exit 3") && e.contains("broken"), "{e}");
         let start = Instant::now();
-        let e = run_hook("stop", "slow", dir.path(), &env, Duration::from_millis(300), &log).unwrap_err();
+        let e = run_hook("stop", "slow", dir.path(), &env, Duration::from_millis(300), &log, &never).unwrap_err();
         assert!(e.contains("timeout") && start.elapsed() < Duration::from_secs(5), "{e}");
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("hello from 2.0.0.0") && text.contains("== health hook bad: exit 3"), "{text}");
