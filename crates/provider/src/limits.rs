@@ -5,15 +5,11 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::io;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio::net::TcpListener;
 
 /// The limits every server (provider and site) takes on its command line.
 #[derive(clap::Args, Debug, Clone)]
@@ -119,45 +115,7 @@ impl<K: Hash + Eq> Drop for KeyGuard<K> {
 }
 
 /// An accepted connection, counted against its peer's address until dropped.
-pub struct Limited {
-    stream: TcpStream,
-    _slot: KeyGuard<IpAddr>,
-}
-
-impl Connected for Limited {
-    type ConnectInfo = TcpConnectInfo;
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl AsyncRead for Limited {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Limited {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
+pub type Limited = updraft_runtime::held::Held<KeyGuard<IpAddr>>;
 
 /// The connections `listener` accepts, at most `per_peer` open at once from one address.
 pub fn incoming(listener: TcpListener, per_peer: usize) -> impl Stream<Item = io::Result<Limited>> {
@@ -172,7 +130,7 @@ pub fn incoming(listener: TcpListener, per_peer: usize) -> impl Stream<Item = io
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    return Some((Ok(Limited { stream, _slot: slot }), (listener, counts)));
+                    return Some((Ok(Limited::new(stream, slot)), (listener, counts)));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: keep serving the connections there are.

@@ -6,18 +6,17 @@
 //! One [`Probe`] per process is the single place its state is set; systemd and the probe port
 //! both read it, so they cannot disagree.
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::get;
 use sd_notify::NotifyState;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::held::Held;
 
 /// Connections the probe port holds at once; more wait to be accepted.
 pub const MAX_PROBE_CONNECTIONS: usize = 32;
@@ -152,14 +151,14 @@ struct Limited {
 }
 
 impl axum::serve::Listener for Limited {
-    type Io = Counted;
+    type Io = Held<OwnedSemaphorePermit>;
     type Addr = std::net::SocketAddr;
 
-    async fn accept(&mut self) -> (Counted, std::net::SocketAddr) {
+    async fn accept(&mut self) -> (Held<OwnedSemaphorePermit>, std::net::SocketAddr) {
         let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         loop {
             match self.listener.accept().await {
-                Ok((io, addr)) => return (Counted { io, _slot: slot }, addr),
+                Ok((io, addr)) => return (Held::new(io, slot), addr),
                 Err(e) => {
                     // Out of descriptors, say: wait rather than spin.
                     tracing::warn!(error = %e, "probe port cannot accept");
@@ -171,32 +170,6 @@ impl axum::serve::Listener for Limited {
 
     fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.listener.local_addr()
-    }
-}
-
-/// A connection holding one of the listener's slots until it closes.
-struct Counted {
-    io: TcpStream,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
