@@ -145,31 +145,31 @@ impl Silence {
 }
 
 /// Fills in a listed machine's group, role, status and notes, its due contact and whether it
-/// is silent; returns its per-product state and pins (see [`assess`]).
+/// is silent; returns its per-product state and pins.
 pub fn fill(
     store: &Store,
     catalog: &Snapshot,
     silence: &Silence,
     m: &mut Machine,
 ) -> Result<(Vec<ProductState>, MachinePins)> {
-    let (health, notes, products, pins) = assess(store, catalog, silence, m)?;
+    m.contact_due_unix_ms = silence.due(m);
+    m.silent = silence.now_ms > m.contact_due_unix_ms;
+    let (health, notes, products, pins) = assess(store, catalog, m)?;
     let info = m.info.clone().unwrap_or_default();
     m.group = store.group_of(&info.name)?;
     m.status = health.as_str().into();
     m.notes = notes;
     m.role = role_of(store, &info)?.to_string();
-    m.contact_due_unix_ms = silence.due(m);
-    m.silent = silence.is_silent(m);
     Ok((products, pins))
 }
 
 /// Status, reasons and per-product state of a machine, as the report and `machine show` give:
 /// only the products it has or is given, each with the rules that hold approved updates back.
-/// A silent machine is an error whatever it last said: that is all it may say now.
-pub fn assess(
+/// A silent machine (as [`fill`] found it) is an error whatever it last said: that is all it
+/// may say now.
+fn assess(
     store: &Store,
     catalog: &Snapshot,
-    silence: &Silence,
     m: &Machine,
 ) -> Result<(Health, Vec<String>, Vec<ProductState>, MachinePins)> {
     let info = m.info.clone().unwrap_or_default();
@@ -189,8 +189,8 @@ pub fn assess(
     } else {
         classify(&problems, &waiting, info.restart_needed)
     };
-    let health = if silence.is_silent(m) {
-        let due = updraft_runtime::utc_text(silence.due(m));
+    let health = if m.silent {
+        let due = updraft_runtime::utc_text(m.contact_due_unix_ms);
         let since = updraft_runtime::utc_text(m.last_contact_unix_ms);
         notes.insert(0, format!("silent since {since} (contact was due by {due})"));
         Health::Error

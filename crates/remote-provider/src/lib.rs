@@ -34,6 +34,9 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, probe: Probe, shutdow
     let upstream = cfg.upstream.join(",");
     let addr = listener.local_addr().map_err(|e| ProviderError::Io(e.to_string()))?;
     tracing::info!(%addr, %upstream, site = %shared.config.name, seq = shared.store.catalog_seq()?, "remote provider listening");
+    // Up (listening, store open) before the follow loop starts: its first catch-up, however
+    // soon, then says ready after this, never before.
+    probe.started(false, "catching up with the upstream catalog");
     tokio::spawn(
         site::follow_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("catalog_follow", %upstream)),
     );
@@ -52,6 +55,5 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, probe: Probe, shutdow
             .instrument(tracing::info_span!("mdns_announce")),
     );
     // Sites keep no users: no admin API here (`site status` is on the replication API).
-    probe.started(false, "catching up with the upstream catalog");
     updraft_provider::serve(shared, tier, false, listener, &probe, shutdown.cancelled()).await
 }
