@@ -142,7 +142,7 @@ impl Credentials {
 }
 
 /// The first certificate in a PEM file, as DER.
-fn pem_der(pem: &[u8]) -> Option<Vec<u8>> {
+pub fn pem_der(pem: &[u8]) -> Option<Vec<u8>> {
     x509_parser::pem::Pem::iter_from_buffer(pem).next()?.ok().map(|p| p.contents)
 }
 
