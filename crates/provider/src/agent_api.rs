@@ -245,7 +245,7 @@ pub async fn download_slot(shared: &Shared, caller: Option<&Caller>, content_has
     if let Some(c) = caller.filter(|c| c.role == Some(updraft_runtime::tls::Role::Agent)) {
         let info = shared.store.get_machine(&c.name)?.and_then(|m| m.info);
         let offered = match info {
-            Some(info) => policy::answer(&shared.store, &catalog, &info)?
+            Some(info) => policy::answer(&catalog, &info)?
                 .0
                 .iter()
                 .any(|o| o.update.iter().chain(&o.rollback).any(|u| u.content_hash == content_hash)),
@@ -320,7 +320,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
         let machine_name = machine.name.clone();
         let held_digest = req.statement_digest.clone();
         let catalog = self.shared.catalog()?;
-        let (offers, policy) = policy::answer(&self.shared.store, &catalog, &machine)?;
+        let (offers, policy) = policy::answer(&catalog, &machine)?;
         self.tier.offered(&offers);
         // A machine's first record is durable before its check is answered; later contact
         // times ride the next commit.

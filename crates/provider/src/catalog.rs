@@ -86,8 +86,8 @@ pub fn ceilings_map(caps: &[ProductLineCap]) -> BTreeMap<String, Ceiling> {
         .collect()
 }
 
-/// The catalog as of one catalog sequence number, decoded once: what every check and every
-/// fleet-wide computation reads instead of the store. [`crate::Shared::catalog`] keeps one
+/// The catalog and every administrator's decision as of one catalog sequence number, decoded
+/// once: what every check and every fleet-wide computation reads instead of the store. [`crate::Shared::catalog`] keeps one
 /// current; it is never older than its `seq` (changes made while it was read only make the
 /// next call rebuild it).
 #[derive(Debug, Default)]
@@ -97,6 +97,8 @@ pub struct Snapshot {
     /// The engine's view of `updates` (records with unreadable versions left out).
     pub items: Vec<CatalogItem>,
     pub caps: Vec<ProductLineCap>,
+    /// What administrators decided besides the catalog (groups, pins, deployments, roles).
+    pub decided: crate::decided::Decided,
 }
 
 impl Snapshot {
@@ -104,7 +106,8 @@ impl Snapshot {
         let seq = store.catalog_seq()?;
         let updates = store.list_updates()?;
         let items = updates.iter().filter_map(item_of).collect();
-        Ok(Self { seq, updates, items, caps: store.list_caps()? })
+        let decided = crate::decided::Decided::read(store)?;
+        Ok(Self { seq, updates, items, caps: store.list_caps()?, decided })
     }
 }
 

@@ -22,8 +22,8 @@ pub struct Sources(tokio::sync::Mutex<BTreeSet<String>>);
 /// After `machine` reported: recomputes the ceilings if it has (or had) a role some cap follows.
 /// Runs on every check at the centre: it reads the caps from the catalog snapshot.
 pub async fn after_report(shared: &Shared, machine: &MachineInfo) -> Result<()> {
-    let followed: BTreeSet<Role> = shared
-        .catalog()?
+    let catalog = shared.catalog()?;
+    let followed: BTreeSet<Role> = catalog
         .caps
         .iter()
         .filter(|c| !c.follow_role.is_empty())
@@ -32,7 +32,7 @@ pub async fn after_report(shared: &Shared, machine: &MachineInfo) -> Result<()> 
     if followed.is_empty() {
         return Ok(());
     }
-    let role = role_of(&shared.store, machine)?;
+    let role = role_of(&catalog.decided, machine)?;
     let counted = shared.ceiling_sources.0.lock().await.contains(&machine.name);
     if followed.contains(&role) || counted { refresh(shared).await } else { Ok(()) }
 }
@@ -53,7 +53,7 @@ pub async fn refresh(shared: &Shared) -> Result<()> {
     let mut lowest: BTreeMap<(Role, String), Version> = BTreeMap::new();
     let mut counted = BTreeSet::new();
     for info in store.list_agents()? {
-        let Ok(role) = role_of(store, &info) else { continue };
+        let Ok(role) = role_of(&catalog.decided, &info) else { continue };
         if !caps.iter().any(|c| c.follow_role == role.as_str()) {
             continue;
         }

@@ -42,7 +42,7 @@ impl AdminService {
         let silence = self.shared.silence();
         let mut out = Vec::new();
         for mut m in store.list_machines()? {
-            policy::fill(store, &catalog, &silence, &mut m)?;
+            policy::fill(&catalog, &silence, &mut m)?;
             out.push(m);
         }
         out.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
@@ -55,11 +55,11 @@ impl AdminService {
 
     /// Every machine's group, read once: group -> member names.
     fn membership(&self) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
-        let store = &self.shared.store;
+        let decided = &self.shared.catalog()?.decided;
         let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        for m in store.list_machines()? {
+        for m in self.shared.store.list_machines()? {
             let Some(info) = m.info else { continue };
-            out.entry(store.group_of(&info.name)?).or_default().push(info.name);
+            out.entry(decided.group_of(&info.name).to_string()).or_default().push(info.name);
         }
         Ok(out)
     }
@@ -69,7 +69,7 @@ impl AdminService {
     }
 
     fn group_detail(&self, name: &str) -> Result<GroupDetail> {
-        let settings = policy::group_settings(&self.shared.store, name)?;
+        let settings = self.shared.catalog()?.decided.settings(name);
         Ok(GroupDetail {
             group: Some(Group { name: name.to_string(), settings: Some(settings) }),
             members: self.members(name)?,
@@ -77,13 +77,11 @@ impl AdminService {
     }
 
     fn groups(&self) -> Result<ListGroupsResponse> {
-        let store = &self.shared.store;
+        let decided = &self.shared.catalog()?.decided;
         let membership = self.membership()?;
-        let mut names = vec![DEFAULT_GROUP.to_string()];
-        names.extend(store.list_groups()?.into_iter().map(|g| g.name).filter(|n| n != DEFAULT_GROUP));
         let mut groups = Vec::new();
-        for name in names {
-            let settings = policy::group_settings(store, &name)?;
+        for name in decided.group_names() {
+            let settings = decided.settings(&name);
             let members = membership.get(&name).map_or(0, Vec::len) as u32;
             groups.push(GroupSummary { group: Some(Group { name, settings: Some(settings) }), members });
         }
@@ -128,8 +126,8 @@ impl AdminService {
             return Err(bad(format!("unknown machine {name:?}")));
         };
         let catalog = self.shared.catalog()?;
-        let (products, pins) = policy::fill(store, &catalog, &self.shared.silence(), &mut m)?;
-        let pol = policy::effective(store, m.info.as_ref().expect("found by its info"))?;
+        let (products, pins) = policy::fill(&catalog, &self.shared.silence(), &mut m)?;
+        let pol = policy::effective(&catalog.decided, m.info.as_ref().expect("found by its info"));
         let recent = store.list_activity(&name, "", 0, 20)?;
         Ok(MachineDetail { machine: Some(m), policy: Some(pol), products, recent, pins: pins.pins })
     }
@@ -146,7 +144,7 @@ impl AdminService {
         if !req.create && !exists {
             return Err(bad(format!("unknown group {:?}", req.name)));
         }
-        let mut settings = policy::group_settings(store, &req.name)?;
+        let mut settings = self.shared.catalog()?.decided.settings(&req.name);
         let new = req.settings.unwrap_or_default();
         if req.set_mode {
             Mode::from_wire(new.mode)

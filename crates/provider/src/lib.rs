@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod catalog;
 pub mod ceiling;
 pub mod commit;
+pub mod decided;
 pub mod error;
 pub mod fleet;
 pub mod forward;

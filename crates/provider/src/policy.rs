@@ -10,35 +10,15 @@ use updraft_proto::v1::{
 };
 
 use crate::catalog::{Given, MachinePlan, Snapshot, plan_for};
+use crate::decided::Decided;
 use crate::error::Result;
 use crate::store::{DEFAULT_GROUP, Store};
 
-/// The default group's settings before anyone changes them: install whatever is approved, at
-/// any time, from whichever provider answers.
-pub fn builtin_default() -> GroupSettings {
-    let g = updraft_core::decisions::builtin_default(DEFAULT_GROUP);
-    GroupSettings {
-        mode: g.mode,
-        install_day: g.install_day,
-        install_hour: g.install_hour,
-        providers: g.providers,
-        download_early: g.download_early,
-    }
-}
-
-/// The settings a group's machines follow.
-pub fn group_settings(store: &Store, group: &str) -> Result<GroupSettings> {
-    Ok(match store.get_group(group)? {
-        Some(g) => g.settings.unwrap_or_else(builtin_default),
-        None => builtin_default(),
-    })
-}
-
 /// A machine's effective policy: its group's settings; in the default group, overlaid with the
 /// settings the machine chose for itself.
-pub fn effective(store: &Store, machine: &MachineInfo) -> Result<Policy> {
-    let group = store.group_of(&machine.name)?;
-    let mut settings = group_settings(store, &group)?;
+pub fn effective(decided: &Decided, machine: &MachineInfo) -> Policy {
+    let group = decided.group_of(&machine.name);
+    let mut settings = decided.settings(group);
     let managed = group != DEFAULT_GROUP;
     if !managed && let Some(local) = &machine.local {
         if Mode::from_wire(local.mode).is_some() {
@@ -52,33 +32,29 @@ pub fn effective(store: &Store, machine: &MachineInfo) -> Result<Policy> {
         }
     }
     // Groups may name provider servers; agents get their URLs.
-    settings.providers = crate::servers::resolve_providers(store, &settings.providers)?;
-    Ok(Policy { group, settings: Some(settings), managed })
+    settings.providers = crate::servers::resolve_providers(decided, &settings.providers);
+    Policy { group: group.to_string(), settings: Some(settings), managed }
 }
 
 /// A machine's effective role: an administrator's choice, else what its agent's configuration
 /// says (workstation when it says nothing).
-pub fn role_of(store: &Store, machine: &MachineInfo) -> Result<Role> {
-    match store.role_of(&machine.name)? {
-        Some(r) => Ok(Role::from_wire(&r)?),
-        None => Ok(Role::from_wire(&machine.role)?),
-    }
+pub fn role_of(decided: &Decided, machine: &MachineInfo) -> Result<Role> {
+    Ok(Role::from_wire(decided.role_of(&machine.name).unwrap_or(&machine.role))?)
 }
 
 /// What administrators decided for `machine`: pins, deployments (its own and its group's), role.
-pub fn given(store: &Store, machine: &MachineInfo) -> Result<Given> {
-    let group = store.group_of(&machine.name)?;
+pub fn given(decided: &Decided, machine: &MachineInfo) -> Result<Given> {
     Ok(Given {
-        pins: store.pins_of(&machine.name)?,
-        deployed: store.deployed_to(&machine.name, &group)?,
-        role: role_of(store, machine)?,
+        pins: decided.pins_of(&machine.name),
+        deployed: decided.deployed_to(&machine.name),
+        role: role_of(decided, machine)?,
     })
 }
 
-/// The offers and policy for one machine's check.
-pub fn answer(store: &Store, catalog: &Snapshot, machine: &MachineInfo) -> Result<(Vec<Offer>, Policy)> {
-    let (offers, _) = plan_for(catalog, &given(store, machine)?, machine)?;
-    Ok((offers, effective(store, machine)?))
+/// The offers and policy for one machine's check: from the snapshot alone, no store read.
+pub fn answer(catalog: &Snapshot, machine: &MachineInfo) -> Result<(Vec<Offer>, Policy)> {
+    let (offers, _) = plan_for(catalog, &given(&catalog.decided, machine)?, machine)?;
+    Ok((offers, effective(&catalog.decided, machine)))
 }
 
 /// Every known machine's plan, for update statuses.
@@ -86,7 +62,7 @@ pub fn fleet_plans(store: &Store, catalog: &Snapshot) -> Result<Vec<MachinePlan>
     let mut out = Vec::new();
     for info in store.list_agents()? {
         // One unreadable record must not hide the rest of the fleet.
-        let Ok(given) = given(store, &info) else { continue };
+        let Ok(given) = given(&catalog.decided, &info) else { continue };
         let Ok((_, plan)) = plan_for(catalog, &given, &info) else { continue };
         out.push(MachinePlan { info, plan });
     }
@@ -146,20 +122,15 @@ impl Silence {
 
 /// Fills in a listed machine's group, role, status and notes, its due contact and whether it
 /// is silent; returns its per-product state and pins.
-pub fn fill(
-    store: &Store,
-    catalog: &Snapshot,
-    silence: &Silence,
-    m: &mut Machine,
-) -> Result<(Vec<ProductState>, MachinePins)> {
+pub fn fill(catalog: &Snapshot, silence: &Silence, m: &mut Machine) -> Result<(Vec<ProductState>, MachinePins)> {
     m.contact_due_unix_ms = silence.due(m);
     m.silent = silence.now_ms > m.contact_due_unix_ms;
-    let (health, notes, products, pins) = assess(store, catalog, m)?;
+    let (health, notes, products, pins) = assess(catalog, m)?;
     let info = m.info.clone().unwrap_or_default();
-    m.group = store.group_of(&info.name)?;
+    m.group = catalog.decided.group_of(&info.name).to_string();
     m.status = health.as_str().into();
     m.notes = notes;
-    m.role = role_of(store, &info)?.to_string();
+    m.role = role_of(&catalog.decided, &info)?.to_string();
     Ok((products, pins))
 }
 
@@ -167,13 +138,9 @@ pub fn fill(
 /// only the products it has or is given, each with the rules that hold approved updates back.
 /// A silent machine (as [`fill`] found it) is an error whatever it last said: that is all it
 /// may say now.
-fn assess(
-    store: &Store,
-    catalog: &Snapshot,
-    m: &Machine,
-) -> Result<(Health, Vec<String>, Vec<ProductState>, MachinePins)> {
+fn assess(catalog: &Snapshot, m: &Machine) -> Result<(Health, Vec<String>, Vec<ProductState>, MachinePins)> {
     let info = m.info.clone().unwrap_or_default();
-    let given = given(store, &info)?;
+    let given = given(&catalog.decided, &info)?;
     let (offers, plan) = plan_for(catalog, &given, &info).unwrap_or_default();
     let pins = given.pins;
     let mut problems = info.problems.clone();
@@ -211,7 +178,7 @@ fn assess(
         }
     }
     // Offered, but the group's mode or install window decides when (high priority excepted).
-    let pol = effective(store, &info)?;
+    let pol = effective(&catalog.decided, &info);
     let waits = pol.settings.as_ref().and_then(|s| when_offered(&pol.group, s));
     let states = products
         .into_iter()

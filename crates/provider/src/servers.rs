@@ -5,9 +5,10 @@ use tonic::{Request, Status};
 use updraft_proto::v1::{Discovery, ListPeersResponse, PairReply, Peer};
 
 use crate::admin::{AdminService, who};
+use crate::decided::Decided;
 use crate::error::{ProviderError, Result};
 use crate::import::record_catalog_activity;
-use crate::store::{Change, Store};
+use crate::store::Change;
 
 /// The key agents accept when none is configured, as in the seed product.
 pub const DEFAULT_DISCOVERY_KEY: &str = "Production";
@@ -58,16 +59,16 @@ pub fn peer_url(p: &Peer) -> String {
 
 /// A group's provider entry as agents get it: a peer's name becomes its URL; a URL stays.
 /// Names of peers that no longer exist are dropped.
-pub fn resolve_providers(store: &Store, entries: &[String]) -> Result<Vec<String>> {
+pub fn resolve_providers(decided: &Decided, entries: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for e in entries {
         if e.contains("://") {
             out.push(e.clone());
-        } else if let Some(p) = store.get_peer(e)? {
-            out.push(peer_url(&p));
+        } else if let Some(p) = decided.peer(e) {
+            out.push(peer_url(p));
         }
     }
-    Ok(out)
+    out
 }
 
 /// Discovery keys travel in mDNS TXT records and agent configs: printable, no spaces.

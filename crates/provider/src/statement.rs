@@ -15,8 +15,9 @@ use updraft_core::freshness::{CapEntry, Entry, GroupEntry, IntervalBounds, State
 use updraft_core::keys::ReleaseKey;
 use updraft_proto::v1::{Deployment, SignedStatement, Update};
 
+use crate::decided::Decided;
 use crate::error::Result;
-use crate::store::{Change, DEFAULT_GROUP, Store};
+use crate::store::{Change, Store};
 use crate::{Shared, now_ms};
 
 /// A statement and the machine tree whose root it carries: an answer's proof comes from the
@@ -79,25 +80,21 @@ pub fn entry_of(u: &Update) -> Entry {
 }
 
 /// Every group (the default one always), with its settings, providers as URLs and deployments.
-fn groups(store: &Store, deployments: &[Deployment]) -> Result<Vec<GroupEntry>> {
+fn groups(decided: &Decided, deployments: &[Deployment]) -> Vec<GroupEntry> {
     let mut out: Vec<GroupEntry> = Vec::new();
-    let mut names: Vec<String> = store.list_groups()?.into_iter().map(|g| g.name).collect();
-    if !names.iter().any(|n| n == DEFAULT_GROUP) {
-        names.push(DEFAULT_GROUP.to_string());
-    }
-    for name in names {
-        let s = crate::policy::group_settings(store, &name)?;
+    for name in decided.group_names() {
+        let s = decided.settings(&name);
         out.push(GroupEntry {
             mode: s.mode,
             install_day: s.install_day,
             install_hour: s.install_hour,
             download_early: s.download_early,
-            providers: crate::servers::resolve_providers(store, &s.providers)?,
+            providers: crate::servers::resolve_providers(decided, &s.providers),
             deployed: deployments.iter().filter(|d| d.group == name).map(|d| d.product.clone()).collect(),
             name,
         });
     }
-    Ok(out)
+    out
 }
 
 /// Every machine's own record: group, administrator's role, pins, own deployments.
@@ -160,7 +157,7 @@ impl Signer {
             expires_unix_ms: now + ttl_ms,
             entries: store.list_updates()?.iter().map(entry_of).collect(),
             caps,
-            groups: groups(store, &deployments)?,
+            groups: groups(&Decided::read(store)?, &deployments),
             check_interval: Some(interval),
             machines: tree.root(),
             decides: true,

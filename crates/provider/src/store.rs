@@ -688,19 +688,6 @@ impl Store {
         self.deployments.iter().values().map(|v| decode(&v?)).collect()
     }
 
-    /// The products deployed to `machine`, directly or through `group`.
-    pub fn deployed_to(&self, machine: &str, group: &str) -> Result<std::collections::BTreeSet<String>> {
-        let mut out = std::collections::BTreeSet::new();
-        for (kind, target) in [("g", group), ("m", machine)] {
-            let prefix = format!("{kind}\0{target}\0");
-            for k in self.deployments.scan_prefix(prefix.as_bytes()).keys() {
-                let k = k?;
-                out.insert(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-            }
-        }
-        Ok(out)
-    }
-
     /// Sets (or, with an empty role, clears) an administrator's choice of a machine's role.
     pub async fn set_role(&self, r: &MachineRole) -> Result<u64> {
         let value = (!r.role.is_empty()).then(|| r.role.as_bytes().to_vec());
@@ -1205,12 +1192,16 @@ mod tests {
         s.deploy(&to_lab, false).await.unwrap();
         s.deploy(&to_pc, false).await.unwrap();
         s.set_role(&MachineRole { machine: "srv".into(), role: "server".into() }).await.unwrap();
-        assert_eq!(s.deployed_to("pc/1:odd", "default").unwrap().into_iter().collect::<Vec<_>>(), ["client"]);
-        assert_eq!(s.deployed_to("other", "lab").unwrap().len(), 1);
-        assert!(s.deployed_to("other", "default").unwrap().is_empty());
+        s.assign(&Assignment { machine: "other".into(), group: "lab".into() }).await.unwrap();
+        let decided = crate::decided::Decided::read(&s).unwrap();
+        assert_eq!(decided.deployed_to("pc/1:odd").into_iter().collect::<Vec<_>>(), ["client"]);
+        assert_eq!(decided.deployed_to("other").len(), 1, "through its group");
+        assert!(decided.deployed_to("third").is_empty());
+        assert_eq!(decided.role_of("srv"), Some("server"));
+        s.assign(&Assignment { machine: "other".into(), group: String::new() }).await.unwrap();
         let undeployed = s.deploy(&to_lab, true).await.unwrap();
         let changes = s.changes_after(0).unwrap();
-        assert_eq!(changes.len(), 3, "{changes:?}");
+        assert_eq!(changes.len(), 4, "two deployments, a role, an assignment: {changes:?}");
         assert!(changes.contains(&Change::Undeployed { deployment: to_lab.clone(), seq: undeployed }));
         // A replica fed the same changes answers the same.
         let rdir = tempfile::tempdir().unwrap();
