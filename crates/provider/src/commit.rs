@@ -1,7 +1,7 @@
-//! Group commit for the store. One thread flushes sled for every writer waiting at that moment,
+//! Group commit for the store. One thread flushes the engine for every writer waiting at that moment,
 //! checking the fence first, so a flush costs one fsync however many writes it covers, and
-//! nothing waits on sled's `flush_async` (concurrent ones can be left unwoken: sled #1241,
-//! #1308). Writes nobody waits on (a machine's last contact, recorded on every check) are
+//! nothing waits on an engine's asynchronous flush (sled's concurrent `flush_async` futures can be
+//! left unwoken: sled #1241, #1308). Writes nobody waits on (a machine's last contact, recorded on every check) are
 //! flushed by the next commit, within [`FLUSH_EVERY`].
 //!
 //! The invariant: [`Committer::durable`] returns `Ok` only after a flush that *began after it
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::db::Db;
 use crate::error::{ProviderError, Result};
 use crate::pair::Fence;
 
@@ -54,7 +55,7 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(db: sled::Db, fence: Arc<OnceLock<Fence>>) -> Result<Self> {
+    pub fn start(db: Db, fence: Arc<OnceLock<Fence>>) -> Result<Self> {
         let shared = Arc::new(Shared { queue: Mutex::new(Queue::default()), wake: Condvar::new() });
         let (tx, done) = watch::channel(Flushed { generation: 0, failure: None });
         let thread_shared = shared.clone();
@@ -110,7 +111,7 @@ fn poisoned() -> ProviderError {
     ProviderError::Store("the store's commit queue is poisoned".into())
 }
 
-fn run(db: sled::Db, fence: Arc<OnceLock<Fence>>, shared: Arc<Shared>, tx: watch::Sender<Flushed>) {
+fn run(db: Db, fence: Arc<OnceLock<Fence>>, shared: Arc<Shared>, tx: watch::Sender<Flushed>) {
     let mut served = 0u64;
     loop {
         let (generation, stop) = {
@@ -154,13 +155,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn many_concurrent_writers_all_become_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).flush_every_ms(None).open().unwrap();
+        let db = Db::open_embedded(dir.path()).unwrap();
+        let t = db.open_tree("t").unwrap();
         let c = Arc::new(Committer::start(db.clone(), Default::default()).unwrap());
         let tasks: Vec<_> = (0..500u32)
             .map(|i| {
-                let (c, db) = (c.clone(), db.clone());
+                let (c, t) = (c.clone(), t.clone());
                 tokio::spawn(async move {
-                    db.insert(i.to_be_bytes(), &b"x"[..]).unwrap();
+                    t.insert(i.to_be_bytes(), b"x").unwrap();
                     c.durable().await
                 })
             })
@@ -169,7 +171,7 @@ mod tests {
         let all = all.expect("no writer is left waiting");
         assert!(all.into_iter().all(|r| r.unwrap().is_ok()));
         // Writes nobody waits on are flushed by the next commit.
-        db.insert(b"contact", &b"y"[..]).unwrap();
+        t.insert(b"contact", b"y").unwrap();
         c.soon();
         drop(c);
     }
@@ -181,8 +183,7 @@ mod tests {
         let mine = pair.take_over("a", "http://a:1").unwrap();
         let fence = Arc::new(OnceLock::new());
         let _ = fence.set(pair.fence(mine));
-        let db = sled::Config::new().path(dir.path().join("db")).flush_every_ms(None).open().unwrap();
-        let c = Committer::start(db, fence).unwrap();
+        let c = Committer::start(Db::open_embedded(&dir.path().join("db")).unwrap(), fence).unwrap();
         c.durable().await.unwrap();
         pair.take_over("b", "http://b:1").unwrap();
         assert!(matches!(c.durable().await, Err(ProviderError::Fenced { .. })));

@@ -36,17 +36,11 @@ pub enum ProviderError {
     Core(#[from] CoreError),
 }
 
-impl From<sled::Error> for ProviderError {
-    fn from(e: sled::Error) -> Self {
-        ProviderError::Store(e.to_string())
-    }
-}
-
-impl From<sled::transaction::TransactionError<ProviderError>> for ProviderError {
-    fn from(e: sled::transaction::TransactionError<ProviderError>) -> Self {
+impl From<crate::db::Error> for ProviderError {
+    fn from(e: crate::db::Error) -> Self {
         match e {
-            sled::transaction::TransactionError::Abort(e) => e,
-            sled::transaction::TransactionError::Storage(e) => e.into(),
+            crate::db::Error::InUse(what) => ProviderError::StoreInUse(what),
+            e @ crate::db::Error::Engine { .. } => ProviderError::Store(e.to_string()),
         }
     }
 }

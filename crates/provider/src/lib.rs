@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod catalog;
 pub mod ceiling;
 pub mod commit;
+pub mod db;
 pub mod decided;
 pub mod error;
 pub mod fleet;

@@ -1,4 +1,4 @@
-//! The provider's embedded store: the only module that touches sled. Holds the catalog (with
+//! The provider's store, over the engine seam in `db`. Holds the catalog (with
 //! its change log and sequence number), machines, activity and the site outbox. Every write
 //! that a caller acknowledges is on disk before the method returns (a group commit: see
 //! `commit`); a machine's last contact, recorded on every check, is not worth its own fsync
@@ -10,13 +10,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prost::Message;
-use sled::Transactional;
 use updraft_proto::v1::{
     Activity, Assignment, AuditEntry, Deployment, Discovery, ForwardedReport, Group, Machine, MachineInfo, MachinePins,
     MachineRole, Peer, ProductLineCap, SignedStatement, SiteStats, Update, User, WatchFolder,
 };
 
 use crate::commit::Committer;
+use crate::db::{Db, Iter, Tree, Tx};
 use crate::error::{ProviderError, Result};
 use crate::pair::Fence;
 
@@ -188,60 +188,48 @@ fn deployment_of_name(name: &str) -> Option<Deployment> {
     Some(d)
 }
 
-type TxResult<T> = std::result::Result<T, sled::transaction::ConflictableTransactionError<ProviderError>>;
-
-fn abort<T>(e: ProviderError) -> TxResult<T> {
-    Err(sled::transaction::ConflictableTransactionError::Abort(e))
-}
-
 /// Gives logical key `key` the next sequence number (or `seq`, for a replica), replacing its
 /// previous log entry. Returns the sequence number used.
-fn log_change(
-    log: &sled::transaction::TransactionalTree,
-    index: &sled::transaction::TransactionalTree,
-    meta: &sled::transaction::TransactionalTree,
-    key: &[u8],
-    seq: Option<u64>,
-) -> TxResult<u64> {
-    let current = meta.get(CATALOG_SEQ)?.map(|v| read_u64(&v)).unwrap_or(0);
+fn log_change(tx: &Tx<'_>, s: &Store, key: &[u8], seq: Option<u64>) -> Result<u64> {
+    let current = tx.get(&s.meta, CATALOG_SEQ)?.map(|v| read_u64(&v)).unwrap_or(0);
     let seq = seq.unwrap_or(current + 1);
-    if let Some(old) = index.get(key)? {
-        log.remove(old)?;
+    if let Some(old) = tx.get(&s.log_index, key)? {
+        tx.remove(&s.log, old)?;
     }
-    log.insert(&be(seq), key)?;
-    index.insert(key, &be(seq))?;
-    meta.insert(CATALOG_SEQ, &be(current.max(seq)))?;
+    tx.insert(&s.log, be(seq), key)?;
+    tx.insert(&s.log_index, key, be(seq))?;
+    tx.insert(&s.meta, CATALOG_SEQ, be(current.max(seq)))?;
     Ok(seq)
 }
 
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    updates: sled::Tree,
-    log: sled::Tree,
-    log_index: sled::Tree,
-    caps: sled::Tree,
-    meta: sled::Tree,
-    machines: sled::Tree,
-    activity: sled::Tree,
+    db: Db,
+    updates: Tree,
+    log: Tree,
+    log_index: Tree,
+    caps: Tree,
+    meta: Tree,
+    machines: Tree,
+    activity: Tree,
     /// `machine \0 activity key` -> (): each machine's entries in time order.
-    activity_by_machine: sled::Tree,
-    outbox: sled::Tree,
-    watches: sled::Tree,
-    groups: sled::Tree,
-    assignments: sled::Tree,
-    pins: sled::Tree,
-    peers: sled::Tree,
-    settings: sled::Tree,
-    deployments: sled::Tree,
-    roles: sled::Tree,
-    users: sled::Tree,
-    audit: sled::Tree,
+    activity_by_machine: Tree,
+    outbox: Tree,
+    watches: Tree,
+    groups: Tree,
+    assignments: Tree,
+    pins: Tree,
+    peers: Tree,
+    settings: Tree,
+    deployments: Tree,
+    roles: Tree,
+    users: Tree,
+    audit: Tree,
     /// Audit appends read the last entry to chain the next: one at a time.
     audit_lock: std::sync::Arc<std::sync::Mutex<()>>,
     fence: std::sync::Arc<std::sync::OnceLock<Fence>>,
     commit: std::sync::Arc<Committer>,
-    /// Entries in `activity` and `outbox`, counted once at open: sled's `len()` walks the whole
+    /// Entries in `activity` and `outbox`, counted once at open: a tree's `len()` may walk the whole
     /// tree, which made every report (and, at a site, every check) cost O(entries).
     activity_count: std::sync::Arc<AtomicUsize>,
     outbox_count: std::sync::Arc<AtomicUsize>,
@@ -262,6 +250,11 @@ pub fn audit_fields(e: &AuditEntry) -> updraft_core::audit::Fields<'_> {
 
 fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
     M::decode(bytes).map_err(|e| ProviderError::Store(format!("corrupt record: {e}")))
+}
+
+/// Every value of `entries`, decoded.
+fn decode_all<M: Message + Default>(entries: Iter<'_>) -> Result<Vec<M>> {
+    entries.map(|kv| decode(&kv?.1)).collect()
 }
 
 fn be(n: u64) -> [u8; 8] {
@@ -293,14 +286,7 @@ impl Store {
         }
         // No background flushes: data reaches the disk only through `flush`, which checks the
         // fence first, so a provider that lost the store cannot commit anything.
-        let db = sled::Config::new().path(dir.join("db")).flush_every_ms(None).open().map_err(|e| {
-            let text = e.to_string();
-            if text.contains("could not acquire lock") {
-                ProviderError::StoreInUse(format!("store {} is in use by another process", dir.display()))
-            } else {
-                ProviderError::Store(format!("cannot open store {}: {text}", dir.display()))
-            }
-        })?;
+        let db = Db::open_embedded(&dir.join("db"))?;
         let fence: std::sync::Arc<std::sync::OnceLock<Fence>> = Default::default();
         let commit = std::sync::Arc::new(Committer::start(db.clone(), fence.clone())?);
         let store = Self {
@@ -330,8 +316,8 @@ impl Store {
             commit,
             db,
         };
-        store.activity_count.store(store.activity.len(), Ordering::Relaxed);
-        store.outbox_count.store(store.outbox.len(), Ordering::Relaxed);
+        store.activity_count.store(store.activity.len()?, Ordering::Relaxed);
+        store.outbox_count.store(store.outbox.len()?, Ordering::Relaxed);
         store.migrate(dir)?;
         Ok(store)
     }
@@ -342,7 +328,7 @@ impl Store {
         let found = match self.meta.get(SCHEMA)? {
             Some(v) => read_u64(&v),
             // No schema mark: a new store, or one from before schema versions (1).
-            None if self.updates.is_empty() && self.caps.is_empty() && self.machines.is_empty() => SCHEMA_VERSION,
+            None if self.updates.is_empty()? && self.caps.is_empty()? && self.machines.is_empty()? => SCHEMA_VERSION,
             None => 1,
         };
         if found > SCHEMA_VERSION {
@@ -353,7 +339,7 @@ impl Store {
         }
         if found < 2 {
             // Caps were bare version strings.
-            for kv in self.caps.iter() {
+            for kv in self.caps.iter()? {
                 let (k, v) = kv?;
                 let cap = ProductLineCap {
                     product_line: String::from_utf8_lossy(&k).into_owned(),
@@ -365,17 +351,17 @@ impl Store {
         }
         if found < 3 {
             // Activity gained a per-machine index.
-            for kv in self.activity.iter() {
+            for kv in self.activity.iter()? {
                 let (k, v) = kv?;
                 let a: Activity = decode(&v)?;
-                self.activity_by_machine.insert(machine_activity_key(&a.machine, &k), &[])?;
+                self.activity_by_machine.insert(machine_activity_key(&a.machine, &k), [])?;
             }
         }
         if found < SCHEMA_VERSION {
             tracing::info!(store = %dir.display(), from = found, to = SCHEMA_VERSION, "migrated the store");
         }
         if found != SCHEMA_VERSION || self.meta.get(SCHEMA)?.is_none() {
-            self.meta.insert(SCHEMA, &be(SCHEMA_VERSION))?;
+            self.meta.insert(SCHEMA, be(SCHEMA_VERSION))?;
             self.db.flush()?;
         }
         Ok(())
@@ -383,10 +369,10 @@ impl Store {
 
     /// Holds nothing but its schema mark (a store just created).
     fn is_blank(&self) -> Result<bool> {
-        for name in self.db.tree_names() {
+        for name in self.db.tree_names()? {
             let tree = self.db.open_tree(&name)?;
-            let only_mark = name == b"meta".as_slice() && tree.len() == 1 && tree.contains_key(SCHEMA)?;
-            if !tree.is_empty() && !only_mark {
+            let only_mark = name == "meta" && tree.len()? == 1 && tree.contains_key(SCHEMA)?;
+            if !tree.is_empty()? && !only_mark {
                 return Ok(false);
             }
         }
@@ -425,7 +411,7 @@ impl Store {
     }
 
     pub fn list_updates(&self) -> Result<Vec<Update>> {
-        self.updates.iter().values().map(|v| decode(&v?)).collect()
+        decode_all(self.updates.iter()?)
     }
 
     /// Applies `change` to the update `id` (or inserts `fresh` when it does not exist yet),
@@ -437,15 +423,15 @@ impl Store {
         fresh: Option<Update>,
         change: impl Fn(&mut Update) -> Result<()>,
     ) -> Result<Update> {
-        let out = (&self.updates, &self.log, &self.log_index, &self.meta).transaction(|(u, l, i, m)| {
-            let mut rec: Update = match (u.get(id.as_bytes())?, &fresh) {
-                (Some(v), _) => decode(&v).or_else(abort)?,
+        let out = self.db.transaction(|tx| {
+            let mut rec: Update = match (tx.get(&self.updates, id)?, &fresh) {
+                (Some(v), _) => decode(&v)?,
                 (None, Some(f)) => f.clone(),
-                (None, None) => return abort(ProviderError::UnknownUpdate(id.to_string())),
+                (None, None) => return Err(ProviderError::UnknownUpdate(id.to_string())),
             };
-            change(&mut rec).or_else(abort)?;
-            rec.catalog_seq = log_change(l, i, m, &update_key(id), None)?;
-            u.insert(id.as_bytes(), rec.encode_to_vec())?;
+            change(&mut rec)?;
+            rec.catalog_seq = log_change(tx, self, &update_key(id), None)?;
+            tx.insert(&self.updates, id, rec.encode_to_vec())?;
             Ok(rec)
         })?;
         self.flush().await?;
@@ -454,11 +440,11 @@ impl Store {
 
     /// Removes an update from the catalog; followers learn of it as a deletion.
     pub async fn delete_update(&self, id: &str) -> Result<u64> {
-        let seq = (&self.updates, &self.log, &self.log_index, &self.meta).transaction(|(u, l, i, m)| {
-            if u.remove(id.as_bytes())?.is_none() {
-                return abort(ProviderError::UnknownUpdate(id.to_string()));
+        let seq = self.db.transaction(|tx| {
+            if tx.remove(&self.updates, id)?.is_none() {
+                return Err(ProviderError::UnknownUpdate(id.to_string()));
             }
-            log_change(l, i, m, &update_key(id), None)
+            log_change(tx, self, &update_key(id), None)
         })?;
         self.flush().await?;
         Ok(seq)
@@ -470,20 +456,20 @@ impl Store {
     }
 
     async fn apply_cap(&self, cap: &ProductLineCap, seq: Option<u64>) -> Result<u64> {
-        let seq = (&self.caps, &self.log, &self.log_index, &self.meta).transaction(|(c, l, i, m)| {
+        let seq = self.db.transaction(|tx| {
             if cap.version.is_empty() && cap.follow_role.is_empty() {
-                c.remove(cap.product_line.as_bytes())?;
+                tx.remove(&self.caps, &cap.product_line)?;
             } else {
-                c.insert(cap.product_line.as_bytes(), cap.encode_to_vec())?;
+                tx.insert(&self.caps, &cap.product_line, cap.encode_to_vec())?;
             }
-            log_change(l, i, m, &cap_key(&cap.product_line), seq)
+            log_change(tx, self, &cap_key(&cap.product_line), seq)
         })?;
         self.flush().await?;
         Ok(seq)
     }
 
     pub fn list_caps(&self) -> Result<Vec<ProductLineCap>> {
-        self.caps.iter().values().map(|v| decode(&v?)).collect()
+        decode_all(self.caps.iter()?)
     }
 
     pub fn get_cap(&self, line: &str) -> Result<Option<ProductLineCap>> {
@@ -495,17 +481,17 @@ impl Store {
     pub async fn apply_replicated(&self, change: &Change) -> Result<()> {
         match change {
             Change::Upsert(rec) => {
-                (&self.updates, &self.log, &self.log_index, &self.meta).transaction(|(u, l, i, m)| {
-                    log_change(l, i, m, &update_key(&rec.id), Some(rec.catalog_seq))?;
-                    u.insert(rec.id.as_bytes(), rec.encode_to_vec())?;
-                    Ok(())
+                self.db.transaction(|tx| {
+                    log_change(tx, self, &update_key(&rec.id), Some(rec.catalog_seq))?;
+                    tx.insert(&self.updates, &rec.id, rec.encode_to_vec())?;
+                    Ok::<_, ProviderError>(())
                 })?;
             }
             Change::Deleted { id, seq } => {
-                (&self.updates, &self.log, &self.log_index, &self.meta).transaction(|(u, l, i, m)| {
-                    u.remove(id.as_bytes())?;
-                    log_change(l, i, m, &update_key(id), Some(*seq))?;
-                    Ok(())
+                self.db.transaction(|tx| {
+                    tx.remove(&self.updates, id)?;
+                    log_change(tx, self, &update_key(id), Some(*seq))?;
+                    Ok::<_, ProviderError>(())
                 })?;
             }
             Change::Cap { cap, seq } => {
@@ -553,7 +539,7 @@ impl Store {
     /// Catalog changes after `after_seq`, oldest first (the latest change of each thing once).
     pub fn changes_after(&self, after_seq: u64) -> Result<Vec<Change>> {
         let mut out = Vec::new();
-        for kv in self.log.range(be(after_seq + 1)..) {
+        for kv in self.log.from(be(after_seq + 1), false)? {
             let (seq, key) = kv?;
             let seq = read_u64(&seq);
             let (kind, name) = key.split_at(1);
@@ -607,7 +593,7 @@ impl Store {
         Ok(out)
     }
 
-    fn policy_tree(&self, p: Policy) -> &sled::Tree {
+    fn policy_tree(&self, p: Policy) -> &Tree {
         match p {
             Policy::Group => &self.groups,
             Policy::Assignment => &self.assignments,
@@ -622,12 +608,13 @@ impl Store {
     /// Writes (or, with `None`, removes) a policy record and logs the change.
     async fn put_policy(&self, p: Policy, name: &str, value: Option<Vec<u8>>, seq: Option<u64>) -> Result<u64> {
         let key = [p.kind(), name.as_bytes()].concat();
-        let seq = (self.policy_tree(p), &self.log, &self.log_index, &self.meta).transaction(|(t, l, i, m)| {
+        let tree = self.policy_tree(p);
+        let seq = self.db.transaction(|tx| {
             match &value {
-                Some(v) => t.insert(name.as_bytes(), v.as_slice())?,
-                None => t.remove(name.as_bytes())?,
+                Some(v) => tx.insert(tree, name, v)?,
+                None => tx.remove(tree, name)?,
             };
-            log_change(l, i, m, &key, seq)
+            log_change(tx, self, &key, seq)
         })?;
         self.flush().await?;
         Ok(seq)
@@ -646,7 +633,7 @@ impl Store {
     }
 
     pub fn list_groups(&self) -> Result<Vec<Group>> {
-        self.groups.iter().values().map(|v| decode(&v?)).collect()
+        decode_all(self.groups.iter()?)
     }
 
     /// Moves a machine to a group (the default group when `group` is empty).
@@ -685,7 +672,7 @@ impl Store {
     }
 
     pub fn list_deployments(&self) -> Result<Vec<Deployment>> {
-        self.deployments.iter().values().map(|v| decode(&v?)).collect()
+        decode_all(self.deployments.iter()?)
     }
 
     /// Sets (or, with an empty role, clears) an administrator's choice of a machine's role.
@@ -711,7 +698,7 @@ impl Store {
     }
 
     pub fn list_peers(&self) -> Result<Vec<Peer>> {
-        self.peers.iter().values().map(|v| decode(&v?)).collect()
+        decode_all(self.peers.iter()?)
     }
 
     /// Keeps the latest signed catalog statement (a site's copy of the centre's).
@@ -749,7 +736,7 @@ impl Store {
     }
 
     pub fn list_users(&self) -> Result<Vec<User>> {
-        self.users.iter().values().map(|v| decode(&v?)).collect()
+        decode_all(self.users.iter()?)
     }
 
     /// Appends to the audit log, chaining the entry to the last one (seq and hashes are
@@ -772,7 +759,7 @@ impl Store {
     /// [`MAX_AUDIT_PAGE`], so an answer always fits in a message: callers page).
     pub fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
         let limit = if limit == 0 { MAX_AUDIT_PAGE } else { limit.min(MAX_AUDIT_PAGE) };
-        self.audit.range(be(after_seq + 1)..).values().take(limit).map(|v| decode(&v?)).collect()
+        self.audit.from(be(after_seq + 1), false)?.take(limit).map(|kv| decode(&kv?.1)).collect()
     }
 
     pub async fn add_watch(&self, folder: &WatchFolder) -> Result<()> {
@@ -787,7 +774,7 @@ impl Store {
     }
 
     pub fn list_watches(&self) -> Result<Vec<WatchFolder>> {
-        self.watches.iter().values().map(|v| decode(&v?)).collect()
+        decode_all(self.watches.iter()?)
     }
 
     /// Records a machine's contact; keeps fields the report does not carry. Not waited on: it
@@ -846,7 +833,7 @@ impl Store {
     /// Every machine moved out of the default group, with its group.
     pub fn list_assignments(&self) -> Result<Vec<Assignment>> {
         self.assignments
-            .iter()
+            .iter()?
             .map(|kv| {
                 let (k, v) = kv?;
                 Ok(Assignment {
@@ -860,7 +847,7 @@ impl Store {
     /// Every administrator's choice of a machine's role.
     pub fn list_roles(&self) -> Result<Vec<MachineRole>> {
         self.roles
-            .iter()
+            .iter()?
             .map(|kv| {
                 let (k, v) = kv?;
                 Ok(MachineRole {
@@ -872,7 +859,7 @@ impl Store {
     }
 
     pub fn list_pins(&self) -> Result<Vec<MachinePins>> {
-        self.pins.iter().values().map(|v| decode(&v?)).collect()
+        decode_all(self.pins.iter()?)
     }
 
     /// Copies this whole store (every tree, as it is now) into a new, empty store at `dir`.
@@ -882,15 +869,15 @@ impl Store {
         if !dest.is_blank()? {
             return Err(ProviderError::InvalidArgument(format!("{} already holds a store", dir.display())));
         }
-        // The copy brings its own schema mark (sled's import refuses to overwrite anything).
+        // The copy brings its own schema mark.
         dest.meta.remove(SCHEMA)?;
-        dest.db.import(self.db.export());
+        self.db.copy_into(&dest.db)?;
         dest.flush().await?;
         Ok(dest)
     }
 
     pub fn list_machines(&self) -> Result<Vec<Machine>> {
-        self.machines.iter().values().map(|v| decode(&v?)).collect()
+        decode_all(self.machines.iter()?)
     }
 
     /// What every machine with an agent last said about itself (remote providers left out).
@@ -912,7 +899,7 @@ impl Store {
             let id = self.db.generate_id()?;
             let mut key = be(a.at_unix_ms as u64).to_vec();
             key.extend_from_slice(&be(id));
-            self.activity_by_machine.insert(machine_activity_key(&a.machine, &key), &[])?;
+            self.activity_by_machine.insert(machine_activity_key(&a.machine, &key), [])?;
             if self.activity.insert(key, a.encode_to_vec())?.is_none() {
                 self.activity_count.fetch_add(1, Ordering::Relaxed);
             }
@@ -921,11 +908,10 @@ impl Store {
         let machines: std::collections::BTreeSet<&str> = entries.iter().map(|a| a.machine.as_str()).collect();
         for m in machines {
             let prefix = machine_activity_key(m, &[]);
-            let held = self.activity_by_machine.scan_prefix(&prefix).keys().count();
-            for k in
-                self.activity_by_machine.scan_prefix(&prefix).keys().take(held.saturating_sub(MAX_ACTIVITY_PER_MACHINE))
+            let held = self.activity_by_machine.scan_prefix(&prefix)?.count();
+            for kv in self.activity_by_machine.scan_prefix(&prefix)?.take(held.saturating_sub(MAX_ACTIVITY_PER_MACHINE))
             {
-                let k = k?;
+                let (k, _) = kv?;
                 self.activity_by_machine.remove(&k)?;
                 if self.activity.remove(&k[prefix.len()..])?.is_some() {
                     self.activity_count.fetch_sub(1, Ordering::Relaxed);
@@ -949,8 +935,8 @@ impl Store {
     /// Newest first; only entries at or after `since_ms`.
     pub fn list_activity(&self, machine: &str, update_id: &str, since_ms: i64, limit: usize) -> Result<Vec<Activity>> {
         let mut out = Vec::new();
-        for v in self.activity.range(be(since_ms.max(0) as u64).to_vec()..).values().rev() {
-            let a: Activity = decode(&v?)?;
+        for kv in self.activity.from(be(since_ms.max(0) as u64), true)? {
+            let a: Activity = decode(&kv?.1)?;
             if (machine.is_empty() || a.machine == machine) && (update_id.is_empty() || a.update_id == update_id) {
                 out.push(a);
                 if out.len() >= limit {
@@ -964,7 +950,7 @@ impl Store {
     /// Removes activity entries (of one machine, or all). Returns how many.
     pub async fn clear_activity(&self, machine: &str) -> Result<u32> {
         let mut n = 0;
-        for kv in self.activity.iter() {
+        for kv in self.activity.iter()? {
             let (k, v) = kv?;
             let a: Activity = decode(&v)?;
             if (machine.is_empty() || a.machine == machine) && self.activity.remove(&k)?.is_some() {
@@ -1000,7 +986,7 @@ impl Store {
         max_entries: usize,
     ) -> Result<Vec<(Vec<u8>, ForwardedReport)>> {
         let (mut out, mut bytes, mut entries) = (Vec::new(), 0, 0);
-        for kv in self.outbox.iter() {
+        for kv in self.outbox.iter()? {
             let (k, v) = kv?;
             let r: ForwardedReport = decode(&v)?;
             let n = r.activities.len() + 1;
@@ -1048,7 +1034,7 @@ mod tests {
         assert_eq!(loud.len(), MAX_ACTIVITY_PER_MACHINE, "the flood keeps only its newest");
         assert_eq!(loud.last().unwrap().at_unix_ms, 510, "its oldest went first");
         assert_eq!(s.clear_activity("loud").await.unwrap() as usize, MAX_ACTIVITY_PER_MACHINE);
-        assert_eq!(s.activity_by_machine.len(), 2, "the index follows the entries");
+        assert_eq!(s.activity_by_machine.len().unwrap(), 2, "the index follows the entries");
     }
 
     #[tokio::test]
@@ -1147,7 +1133,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             // What a provider before schema 2 wrote: caps as bare version strings, no mark.
-            let db = sled::open(dir.path().join("db")).unwrap();
+            let db = Db::open_embedded(&dir.path().join("db")).unwrap();
             db.open_tree("caps").unwrap().insert("suite", "2.0.0.0").unwrap();
             db.open_tree("updates")
                 .unwrap()
@@ -1166,7 +1152,7 @@ mod tests {
         // A store from a newer provider is refused, not misread.
         {
             let s = reopen(dir.path()).await;
-            s.meta.insert(SCHEMA, &be(SCHEMA_VERSION + 1)).unwrap();
+            s.meta.insert(SCHEMA, be(SCHEMA_VERSION + 1)).unwrap();
             s.db.flush().unwrap();
         }
         let mut err = Store::open(dir.path()).err();
