@@ -18,6 +18,7 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
+mod postgres_adapter;
 mod sled_adapter;
 
 #[cfg(test)]
@@ -95,6 +96,11 @@ impl Db {
     /// for as long as this process keeps a handle.
     pub fn open_embedded(dir: &Path) -> Result<Db> {
         Ok(Db(Arc::new(sled_adapter::SledEngine::open(dir)?)))
+    }
+
+    /// Connects to a PostgreSQL database (`postgres://…`), shared by every provider using it.
+    pub fn open_postgres(url: &str) -> Result<Db> {
+        Ok(Db(Arc::new(postgres_adapter::PgEngine::open(url)?)))
     }
 
     pub fn engine(&self) -> &'static str {
