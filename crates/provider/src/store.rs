@@ -286,7 +286,12 @@ impl Store {
         }
         // No background flushes: data reaches the disk only through `flush`, which checks the
         // fence first, so a provider that lost the store cannot commit anything.
-        let db = Db::open_embedded(&dir.join("db"))?;
+        Self::on(Db::open_embedded(&dir.join("db"))?, &dir.display().to_string())
+    }
+
+    /// The store in database `db` (at `location`, for messages), brought to this provider's
+    /// schema first.
+    pub fn on(db: Db, location: &str) -> Result<Self> {
         let fence: std::sync::Arc<std::sync::OnceLock<Fence>> = Default::default();
         let commit = std::sync::Arc::new(Committer::start(db.clone(), fence.clone())?);
         let store = Self {
@@ -318,13 +323,13 @@ impl Store {
         };
         store.activity_count.store(store.activity.len()?, Ordering::Relaxed);
         store.outbox_count.store(store.outbox.len()?, Ordering::Relaxed);
-        store.migrate(dir)?;
+        store.migrate(location)?;
         Ok(store)
     }
 
     /// Brings a store written by an older provider to [`SCHEMA_VERSION`], durably, before
     /// anything reads it; refuses one written by a newer provider.
-    fn migrate(&self, dir: &Path) -> Result<()> {
+    fn migrate(&self, location: &str) -> Result<()> {
         let found = match self.meta.get(SCHEMA)? {
             Some(v) => read_u64(&v),
             // No schema mark: a new store, or one from before schema versions (1).
@@ -333,8 +338,7 @@ impl Store {
         };
         if found > SCHEMA_VERSION {
             return Err(ProviderError::Store(format!(
-                "store {} has schema {found}, newer than this provider's {SCHEMA_VERSION}: run a newer provider",
-                dir.display()
+                "store {location} has schema {found}, newer than this provider's {SCHEMA_VERSION}: run a newer provider"
             )));
         }
         if found < 2 {
@@ -358,7 +362,7 @@ impl Store {
             }
         }
         if found < SCHEMA_VERSION {
-            tracing::info!(store = %dir.display(), from = found, to = SCHEMA_VERSION, "migrated the store");
+            tracing::info!(store = %location, from = found, to = SCHEMA_VERSION, "migrated the store");
         }
         if found != SCHEMA_VERSION || self.meta.get(SCHEMA)?.is_none() {
             self.meta.insert(SCHEMA, be(SCHEMA_VERSION))?;
@@ -1018,10 +1022,27 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// Rules every engine's store keeps, each run on a fresh store (`open` gives one by name).
+    async fn rules(open: impl Fn(&str) -> Store) {
+        one_machine_flooding_activity_evicts_only_its_own_entries(open("flood")).await;
+        outbox_batches_are_bounded_and_always_hold_the_first_report(open("outbox")).await;
+        deployments_and_roles_are_logged_and_replicate(open("deployments"), open("replica")).await;
+        the_audit_chain_detects_an_edited_entry(open("audit")).await;
+    }
+
     #[tokio::test]
-    async fn one_machine_flooding_activity_evicts_only_its_own_entries() {
+    async fn the_rules_hold_on_sled() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        rules(|name| Store::open(&dir.path().join(name)).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn the_rules_hold_on_postgres() {
+        let cluster = crate::db::conformance::Cluster::start();
+        rules(|name| Store::on(Db::open_postgres(&cluster.database(name)).unwrap(), name).unwrap()).await;
+    }
+
+    async fn one_machine_flooding_activity_evicts_only_its_own_entries(s: Store) {
         let entry = |machine: &str, at: i64| Activity { machine: machine.into(), at_unix_ms: at, ..Default::default() };
         s.append_activity(&[entry("admin", 1), entry("quiet", 2)]).await.unwrap();
         let flood: Vec<Activity> = (0..MAX_ACTIVITY_PER_MACHINE as i64 + 500).map(|i| entry("loud", 10 + i)).collect();
@@ -1037,10 +1058,7 @@ mod tests {
         assert_eq!(s.activity_by_machine.len().unwrap(), 2, "the index follows the entries");
     }
 
-    #[tokio::test]
-    async fn outbox_batches_are_bounded_and_always_hold_the_first_report() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+    async fn outbox_batches_are_bounded_and_always_hold_the_first_report(s: Store) {
         let report = |name: &str, entries: usize| ForwardedReport {
             machine: Some(MachineInfo { name: name.into(), ..Default::default() }),
             activities: vec![Activity { detail: "x".repeat(100), ..Default::default() }; entries],
@@ -1169,10 +1187,7 @@ mod tests {
         assert_eq!(Store::open(fresh.path()).unwrap().schema_version().unwrap(), SCHEMA_VERSION);
     }
 
-    #[tokio::test]
-    async fn deployments_and_roles_are_logged_and_replicate() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+    async fn deployments_and_roles_are_logged_and_replicate(s: Store, replica: Store) {
         let to_lab = Deployment { product: "client".into(), group: "lab".into(), machine: String::new() };
         let to_pc = Deployment { product: "client".into(), group: String::new(), machine: "pc/1:odd".into() };
         s.deploy(&to_lab, false).await.unwrap();
@@ -1190,8 +1205,6 @@ mod tests {
         assert_eq!(changes.len(), 4, "two deployments, a role, an assignment: {changes:?}");
         assert!(changes.contains(&Change::Undeployed { deployment: to_lab.clone(), seq: undeployed }));
         // A replica fed the same changes answers the same.
-        let rdir = tempfile::tempdir().unwrap();
-        let replica = Store::open(rdir.path()).unwrap();
         for c in &changes {
             replica.apply_replicated(c).await.unwrap();
         }
@@ -1200,10 +1213,7 @@ mod tests {
         assert_eq!(replica.catalog_seq().unwrap(), s.catalog_seq().unwrap());
     }
 
-    #[tokio::test]
-    async fn the_audit_chain_detects_an_edited_entry() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+    async fn the_audit_chain_detects_an_edited_entry(s: Store) {
         for (who, outcome) in [("ops", "ok"), ("pc-1", "refused: agent certificate"), ("ops", "ok")] {
             let e = AuditEntry { who: who.into(), outcome: outcome.into(), action: "a".into(), ..Default::default() };
             s.append_audit(e).await.unwrap();

@@ -227,10 +227,21 @@ impl Cluster {
         );
     }
 
-    /// The database's URL: the socket directory, percent-encoded as the host.
+    /// The default database's URL: the socket directory, percent-encoded as the host.
     pub fn url(&self) -> String {
+        self.url_of("postgres")
+    }
+
+    fn url_of(&self, database: &str) -> String {
         let host = self.dir.path().display().to_string().replace('/', "%2F");
-        format!("postgres://postgres@{host}/postgres")
+        format!("postgres://postgres@{host}/{database}")
+    }
+
+    /// A new, empty database `name`, and its URL.
+    pub fn database(&self, name: &str) -> String {
+        let socket = self.dir.path().display().to_string();
+        self.run("createdb", &["-h", &socket, "-U", "postgres", name]);
+        self.url_of(name)
     }
 }
 

@@ -22,7 +22,7 @@ mod postgres_adapter;
 mod sled_adapter;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 
 pub type Value = Vec<u8>;
 pub type Entry = (Value, Value);
