@@ -32,7 +32,6 @@ use crate::error::{ProviderError, Result};
 use crate::import::{self, Receiver, record_catalog_activity};
 use crate::policy;
 use crate::scanner::{self, ScanConfig};
-use crate::store::Change;
 
 pub struct AdminService {
     pub(crate) shared: Arc<Shared>,
@@ -128,7 +127,6 @@ impl AdminService {
         let mut out = Vec::new();
         for id in ids {
             let u = self.shared.store.change_update(id, None, &change).await?;
-            self.shared.hub.publish(Change::Upsert(Box::new(u.clone())));
             out.push(u);
         }
         Ok(out)
@@ -305,8 +303,7 @@ impl Admin for AdminService {
             doomed.push(u);
         }
         for u in &doomed {
-            let seq = self.shared.store.delete_update(&u.id).await?;
-            self.shared.hub.publish(Change::Deleted { id: u.id.clone(), seq });
+            self.shared.store.delete_update(&u.id).await?;
             record_catalog_activity(
                 &self.shared,
                 &who,
@@ -382,8 +379,7 @@ impl Admin for AdminService {
         }
         // The ceiling is the centre's to compute, never a caller's to set.
         cap.ceiling = String::new();
-        let seq = self.shared.store.set_cap(&cap).await?;
-        self.shared.hub.publish(Change::Cap { cap: cap.clone(), seq });
+        self.shared.store.set_cap(&cap).await?;
         crate::ceiling::refresh(&self.shared).await?;
         let mut what = match (cap.version.is_empty(), cap.follow_role.is_empty()) {
             (true, true) => format!("product line {:?} uncapped", cap.product_line),

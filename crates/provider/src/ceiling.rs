@@ -12,7 +12,6 @@ use updraft_proto::v1::{MachineInfo, ProductLineCap};
 use crate::Shared;
 use crate::error::Result;
 use crate::policy::role_of;
-use crate::store::Change;
 
 /// Machines that counted in the last computation: when one of them changes role or version,
 /// the ceilings are computed again even if it no longer has a followed role.
@@ -70,8 +69,7 @@ pub async fn refresh(shared: &Shared) -> Result<()> {
         if ceiling != cap.ceiling {
             tracing::info!(line = %cap.product_line, role = %role, from = %cap.ceiling, to = %ceiling, "role ceiling moved");
             cap.ceiling = ceiling;
-            let seq = store.set_cap(&cap).await?;
-            shared.hub.publish(Change::Cap { cap, seq });
+            store.set_cap(&cap).await?;
         }
     }
     Ok(())

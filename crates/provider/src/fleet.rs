@@ -16,7 +16,7 @@ use crate::admin::{AdminService, who};
 use crate::error::{ProviderError, Result};
 use crate::import::record_catalog_activity;
 use crate::policy;
-use crate::store::{Change, DEFAULT_GROUP};
+use crate::store::DEFAULT_GROUP;
 
 /// Group names are shown everywhere and stored as keys: keep them short and plain.
 fn validate_group_name(name: &str) -> Result<()> {
@@ -182,8 +182,7 @@ impl AdminService {
             settings.download_early = new.download_early;
         }
         let group = Group { name: req.name.clone(), settings: Some(settings.clone()) };
-        let seq = store.put_group(&group).await?;
-        self.shared.hub.publish(Change::Group { group, seq });
+        store.put_group(&group).await?;
         let what = format!(
             "group {} {}: mode {}{}, day {}, hour {}, providers [{}]",
             req.name,
@@ -214,16 +213,13 @@ impl AdminService {
         // Its machines go back to the default group first, so none is left in a missing group.
         for member in self.members(&name)? {
             let assignment = Assignment { machine: member, group: String::new() };
-            let seq = store.assign(&assignment).await?;
-            self.shared.hub.publish(Change::Assign { assignment, seq });
+            store.assign(&assignment).await?;
         }
         // Its deployments go with it.
         for deployment in store.list_deployments()?.into_iter().filter(|d| d.group == name) {
-            let seq = store.deploy(&deployment, true).await?;
-            self.shared.hub.publish(Change::Undeployed { deployment, seq });
+            store.deploy(&deployment, true).await?;
         }
-        let seq = store.delete_group(&name).await?;
-        self.shared.hub.publish(Change::GroupDeleted { name: name.clone(), seq });
+        store.delete_group(&name).await?;
         record_catalog_activity(&self.shared, &who, None, format!("group {name} removed")).await?;
         Ok(self.groups()?)
     }
@@ -250,8 +246,7 @@ impl AdminService {
         self.check_machines(&req.machines)?;
         for m in &req.machines {
             let assignment = Assignment { machine: m.clone(), group: group.clone() };
-            let seq = store.assign(&assignment).await?;
-            self.shared.hub.publish(Change::Assign { assignment, seq });
+            store.assign(&assignment).await?;
         }
         let target = if group.is_empty() { DEFAULT_GROUP } else { group.as_str() };
         record_catalog_activity(
@@ -280,8 +275,7 @@ impl AdminService {
             } else {
                 pins.pins.insert(req.product.clone(), req.version.clone());
             }
-            let seq = store.set_pins(&pins).await?;
-            self.shared.hub.publish(Change::Pins { pins, seq });
+            store.set_pins(&pins).await?;
         }
         let what = if req.version.is_empty() {
             format!("{} unpinned from {}", req.machines.join(", "), req.product)
@@ -345,10 +339,7 @@ impl AdminService {
         if !req.remove && exists {
             return Ok(self.deployments("")?);
         }
-        let seq = store.deploy(&deployment, req.remove).await?;
-        let change =
-            if req.remove { Change::Undeployed { deployment, seq } } else { Change::Deployed { deployment, seq } };
-        self.shared.hub.publish(change);
+        store.deploy(&deployment, req.remove).await?;
         let what = if req.remove {
             format!("{} no longer deployed to {target}", req.product)
         } else {
@@ -371,8 +362,7 @@ impl AdminService {
         let store = &self.shared.store;
         for m in &req.machines {
             let r = MachineRole { machine: m.clone(), role: role.clone() };
-            let seq = store.set_role(&r).await?;
-            self.shared.hub.publish(Change::Role { role: r, seq });
+            store.set_role(&r).await?;
         }
         crate::ceiling::refresh(&self.shared).await?;
         let what = if role.is_empty() {
@@ -405,26 +395,22 @@ impl AdminService {
             let list: Vec<String> = pins.pins.iter().map(|(p, v)| format!("{p} {v}")).collect();
             removed.push(format!("pins: {}", list.join(", ")));
             let pins = MachinePins { machine: name.clone(), ..Default::default() };
-            let seq = store.set_pins(&pins).await?;
-            self.shared.hub.publish(Change::Pins { pins, seq });
+            store.set_pins(&pins).await?;
         }
         let group = store.group_of(&name)?;
         if group != DEFAULT_GROUP {
             removed.push(format!("group: {group}"));
             let assignment = Assignment { machine: name.clone(), group: String::new() };
-            let seq = store.assign(&assignment).await?;
-            self.shared.hub.publish(Change::Assign { assignment, seq });
+            store.assign(&assignment).await?;
         }
         if let Some(role) = store.role_of(&name)? {
             removed.push(format!("role: {role}"));
             let role = MachineRole { machine: name.clone(), role: String::new() };
-            let seq = store.set_role(&role).await?;
-            self.shared.hub.publish(Change::Role { role, seq });
+            store.set_role(&role).await?;
         }
         for deployment in store.list_deployments()?.into_iter().filter(|d| d.machine == name) {
             removed.push(format!("deployment: {}", deployment.product));
-            let seq = store.deploy(&deployment, true).await?;
-            self.shared.hub.publish(Change::Undeployed { deployment, seq });
+            store.deploy(&deployment, true).await?;
         }
         store.remove_machine(&name).await?;
         crate::ceiling::refresh(&self.shared).await?;

@@ -11,7 +11,6 @@ use updraft_proto::v1::{Activity, ActivityKind, Update};
 use crate::blobs::append;
 use crate::catalog::record_from_manifest;
 use crate::error::{ProviderError, Result};
-use crate::store::Change;
 use crate::{Shared, now_ms};
 
 /// A complete file in the blob store's incoming directory, with its hash and size.
@@ -115,7 +114,6 @@ pub async fn commit(shared: &Shared, staged: Staged, name: &str, who: &str) -> R
     let rec = record_from_manifest(&manifest, &staged.content_hash, staged.size, verified, now_ms() / 1000);
     shared.blobs.commit_hashed(staged.tmp.path(), &staged.content_hash).await?;
     let stored = shared.store.change_update(&rec.id.clone(), Some(rec), |_| Ok(())).await?;
-    shared.hub.publish(Change::Upsert(Box::new(stored.clone())));
     record_catalog_activity(shared, who, Some(&stored), format!("imported {name} ({} bytes)", staged.size)).await?;
     tracing::info!(id = %stored.id, size = staged.size, verified, %who, "imported update");
     Ok(stored)

@@ -372,6 +372,8 @@ async fn active(
     }
     let fence = shared.pair.fence(epoch);
     shared.store.set_fence(fence.clone());
+    let hub = shared.hub.clone();
+    shared.store.announce_to(move |change| hub.publish(change))?;
     let tier = Arc::new(LocalTier { shared: shared.clone() });
     let addr = listener.local_addr().map_err(io)?;
     tokio::spawn(

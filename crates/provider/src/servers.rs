@@ -8,7 +8,6 @@ use crate::admin::{AdminService, who};
 use crate::decided::Decided;
 use crate::error::{ProviderError, Result};
 use crate::import::record_catalog_activity;
-use crate::store::Change;
 
 /// The key agents accept when none is configured, as in the seed product.
 pub const DEFAULT_DISCOVERY_KEY: &str = "Production";
@@ -94,10 +93,9 @@ impl AdminService {
         validate_peer(&peer)?;
         let store = &self.shared.store;
         let existed = store.get_peer(&peer.name)?.is_some();
-        let seq = store.put_peer(&peer).await?;
+        store.put_peer(&peer).await?;
         let what =
             format!("provider {} {} at {}", peer.name, if existed { "changed" } else { "added" }, peer_url(&peer));
-        self.shared.hub.publish(Change::Peer { peer, seq });
         record_catalog_activity(&self.shared, &who, None, what).await?;
         Ok(self.peers()?)
     }
@@ -122,8 +120,7 @@ impl AdminService {
             ))
             .into());
         }
-        let seq = store.remove_peer(&name).await?;
-        self.shared.hub.publish(Change::PeerRemoved { name: name.clone(), seq });
+        store.remove_peer(&name).await?;
         record_catalog_activity(&self.shared, &who, None, format!("provider {name} removed")).await?;
         Ok(self.peers()?)
     }
@@ -140,8 +137,7 @@ impl AdminService {
             // Keep the key, so turning discovery on again without one reuses it.
             d.key = self.shared.store.discovery()?.key;
         }
-        let seq = self.shared.store.set_discovery(&d).await?;
-        self.shared.hub.publish(Change::Discovery { discovery: d.clone(), seq });
+        self.shared.store.set_discovery(&d).await?;
         let what = if d.enabled { format!("discovery on, key {}", d.key) } else { "discovery off".into() };
         record_catalog_activity(&self.shared, &who, None, what).await?;
         Ok(d)

@@ -233,6 +233,16 @@ pub struct Store {
     /// tree, which made every report (and, at a site, every check) cost O(entries).
     activity_count: std::sync::Arc<AtomicUsize>,
     outbox_count: std::sync::Arc<AtomicUsize>,
+    /// Where committed catalog changes are announced, at the centre.
+    announce: std::sync::Arc<std::sync::OnceLock<Announce>>,
+}
+
+/// Announces catalog changes once they are durable, in sequence order, each once: the one
+/// place a change is published (the centre's hub is the sink), whoever wrote it.
+struct Announce {
+    sink: Box<dyn Fn(Change) + Send + Sync>,
+    /// The last sequence number announced.
+    announced: std::sync::Mutex<u64>,
 }
 
 /// The chained fields of an audit entry.
@@ -315,6 +325,7 @@ impl Store {
             users: db.open_tree("users")?,
             audit: db.open_tree("audit")?,
             audit_lock: Default::default(),
+            announce: Default::default(),
             activity_count: Default::default(),
             outbox_count: Default::default(),
             fence,
@@ -392,9 +403,32 @@ impl Store {
         let _ = self.fence.set(fence);
     }
 
-    /// Waits until every write made so far is on disk (the fence permitting).
+    /// Waits until every write made so far is on disk (the fence permitting), then announces
+    /// the catalog changes among them.
     async fn flush(&self) -> Result<()> {
-        self.commit.durable().await
+        self.commit.durable().await?;
+        self.announce_new()
+    }
+
+    /// From now on, every catalog change is passed to `sink` once it is durable: after the
+    /// write that made it, or any later one (the centre; a site passes on what its upstream
+    /// sends itself). Changes made before this call are not announced.
+    pub fn announce_to(&self, sink: impl Fn(Change) + Send + Sync + 'static) -> Result<()> {
+        let announced = std::sync::Mutex::new(self.catalog_seq()?);
+        self.announce
+            .set(Announce { sink: Box::new(sink), announced })
+            .map_err(|_| ProviderError::Store("the store's changes are already announced".into()))
+    }
+
+    /// Announces the durable changes not announced yet, oldest first.
+    fn announce_new(&self) -> Result<()> {
+        let Some(a) = self.announce.get() else { return Ok(()) };
+        let mut announced = a.announced.lock().map_err(|_| ProviderError::Store("announce lock poisoned".into()))?;
+        for change in self.changes_after(*announced)? {
+            *announced = (*announced).max(change.seq());
+            (a.sink)(change);
+        }
+        Ok(())
     }
 
     /// Makes everything written so far durable: for callers that acknowledge a batch of
@@ -1021,6 +1055,37 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_changes_are_announced_once_each_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.put_group(&Group { name: "before".into(), settings: None }).await.unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        s.announce_to(move |c| sink.lock().unwrap().push(c.seq())).unwrap();
+        let writers: Vec<_> = (0..20)
+            .map(|i| {
+                let (s, seen) = (s.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let seq = s.put_group(&Group { name: format!("g{i}"), settings: None }).await.unwrap();
+                    assert!(seen.lock().unwrap().contains(&seq), "change {seq} acknowledged before it was announced");
+                    seq
+                })
+            })
+            .collect();
+        let mut acknowledged: Vec<u64> =
+            futures::future::join_all(writers).await.into_iter().map(Result::unwrap).collect();
+        acknowledged.sort();
+        // Every acknowledged change was announced by the time it was acknowledged, once, in
+        // sequence order; the change made before `announce_to` was not.
+        assert_eq!(*seen.lock().unwrap(), acknowledged);
+        assert_eq!(acknowledged, (2..=21).collect::<Vec<_>>());
+        // A write outside the catalog announces nothing.
+        s.append_activity(&[Activity { machine: "pc".into(), ..Default::default() }]).await.unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 20);
+        assert!(s.announce_to(|_| {}).is_err(), "one sink");
+    }
 
     /// Rules every engine's store keeps, each run on a fresh store (`open` gives one by name).
     async fn rules(open: impl Fn(&str) -> Store) {
