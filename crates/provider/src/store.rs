@@ -1103,7 +1103,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_rules_hold_on_postgres() {
-        let cluster = crate::db::conformance::Cluster::start();
+        let cluster = updraft_pgtest::Cluster::start();
         rules(|name| Store::on(Db::open_postgres(&cluster.database(name)).unwrap(), name).unwrap()).await;
     }
 

@@ -22,7 +22,7 @@ mod postgres_adapter;
 mod sled_adapter;
 
 #[cfg(test)]
-pub(crate) mod conformance;
+mod conformance;
 
 pub type Value = Vec<u8>;
 pub type Entry = (Value, Value);
