@@ -468,7 +468,18 @@ impl World {
     /// A provider with extra flags and extra environment variables (as systemd sets them, say).
     pub fn provider_env(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
         let store = self.path(name);
-        let mut args = vec!["--store", store.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name];
+        self.provider_at(name, store.to_str().unwrap(), extra, env)
+    }
+
+    /// A provider called `name` on the PostgreSQL database at `url`, with its content location
+    /// in `content` (shared with other providers or its own), trusting the world's release key.
+    pub fn provider_on_database(&self, name: &str, url: &str, content: &Path) -> (Proc, String) {
+        let pubkey = self.pubkey.to_str().unwrap().to_string();
+        self.provider_at(name, url, &["--content", content.to_str().unwrap(), "--trust-key", &pubkey], &[])
+    }
+
+    fn provider_at(&self, name: &str, store: &str, extra: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
+        let mut args = vec!["--store", store, "--listen", "127.0.0.1:0", "--name", name];
         args.extend(PROBES);
         args.extend(["--scan-delay-secs", "0", "--scan-interval-secs", "1", "--scan-quiet-secs", "1"]);
         args.extend(["--bootstrap-admin", ADMIN, "--catalog-key", self.catalog_key.to_str().unwrap()]);

@@ -85,8 +85,12 @@ impl AdminService {
                 header.file_name, header.size
             )));
         }
-        updraft_runtime::ensure_room(&self.shared.config.data_dir, header.size, self.shared.config.disk_reserve_bytes)
-            .map_err(ProviderError::LimitReached)?;
+        updraft_runtime::ensure_room(
+            &self.shared.config.content_dir(),
+            header.size,
+            self.shared.config.disk_reserve_bytes,
+        )
+        .map_err(ProviderError::LimitReached)?;
         let mut rx = Receiver::new(&self.shared)?;
         while let Some(msg) = stream.next().await {
             let msg =
@@ -402,6 +406,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let path = scanner::normalise_folder(&req.path)?;
         scanner::check_not_data(&path, &self.shared.config.data_dir)?;
+        scanner::check_not_data(&path, &self.shared.config.content_dir())?;
         scanner::check_writable(&path)?;
         let folder = WatchFolder { path: path.to_string_lossy().into_owned(), auto: req.auto };
         self.shared.store.add_watch(&folder).await?;

@@ -11,6 +11,7 @@ pub mod ceiling;
 pub mod commit;
 pub mod db;
 pub mod decided;
+pub mod duty;
 pub mod error;
 pub mod fleet;
 pub mod forward;
@@ -59,8 +60,15 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub struct Config {
     /// Name reported to agents as `served_by`.
     pub name: String,
-    /// Directory holding the sled store (`db/`) and the blobs (`blobs/`).
+    /// Directory holding the sled store (`db/`), the pair directory and, unless `content` says
+    /// otherwise, the blobs (`blobs/`).
     pub data_dir: PathBuf,
+    /// A PostgreSQL database (`postgres://…`) holding the store instead of sled in `data_dir`:
+    /// shared by every provider started on it, all of them active.
+    pub database: Option<String>,
+    /// The content location, whose `blobs/` holds the packages (default `data_dir`); may be
+    /// shared between providers.
+    pub content: Option<PathBuf>,
     /// Release keys accepted on import.
     pub trusted_keys: Vec<PublicKey>,
     /// Accept packages no trusted key verifies (recorded as unverified). Off by default.
@@ -106,10 +114,17 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where package blobs live.
+    pub fn content_dir(&self) -> PathBuf {
+        self.content.as_ref().unwrap_or(&self.data_dir).join("blobs")
+    }
+
     pub fn new(name: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         Self {
             name: name.into(),
             data_dir: data_dir.into(),
+            database: None,
+            content: None,
             trusted_keys: Vec::new(),
             allow_unverified: false,
             scan: scanner::ScanConfig::default(),
@@ -168,8 +183,11 @@ impl Shared {
                 config.min_check_secs, config.max_check_secs
             )));
         }
-        let store = Store::open(&config.data_dir)?;
-        let blobs = BlobStore::open(&config.data_dir.join("blobs"))?;
+        let store = match &config.database {
+            Some(url) => Store::on(db::Db::open_postgres(url)?, "the PostgreSQL database")?,
+            None => Store::open(&config.data_dir)?,
+        };
+        let blobs = BlobStore::open(&config.content_dir())?;
         let pair = PairDir::open(&config.data_dir)?;
         let signer = config.catalog_key.clone().map(|k| statement::Signer::new(k, config.statement_ttl));
         let downloads = Arc::new(tokio::sync::Semaphore::new(config.max_downloads));
@@ -205,9 +223,14 @@ impl Shared {
     /// The current catalog: decoded from the store only when the catalog sequence has moved
     /// since the last call, so a check costs no pass over every update record.
     pub fn catalog(&self) -> Result<Arc<catalog::Snapshot>> {
-        let seq = self.store.catalog_seq()?;
+        // Where changes are announced, the last one announced is the catalog as this process
+        // knows it, without a store read (a round trip, on a database server).
+        let seq = match self.store.announced_seq() {
+            Some(seq) => seq,
+            None => self.store.catalog_seq()?,
+        };
         let current = self.snapshot.lock().expect("catalog snapshot").clone();
-        if current.seq == seq {
+        if current.seq >= seq {
             return Ok(current);
         }
         let fresh = Arc::new(catalog::Snapshot::read(&self.store)?);
@@ -270,6 +293,11 @@ pub async fn run(config: Config, listener: TcpListener, probe: Probe, shutdown: 
     let listener = listener.into_std().map_err(io)?;
     let addr = listener.local_addr().map_err(io)?;
     let url = advertised_url(&config, addr);
+    if config.database.is_some() {
+        // Every provider on a database server is active: nothing to stand by for.
+        let shared = Shared::open(config)?;
+        return active(shared, &url, TcpListener::from_std(listener).map_err(io)?, probe, shutdown).await;
+    }
     let shared = match Shared::open(config.clone()) {
         Ok(s) => s,
         Err(ProviderError::StoreInUse(why)) => {
@@ -362,7 +390,10 @@ async fn active(
     probe: Probe,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let epoch = shared.pair.take_over(&shared.config.name, url)?;
+    let on_database = shared.store.is_shared();
+    // A pair on one embedded store has one active at a time, fenced by epoch; providers on a
+    // database server are all active, and the database keeps their writes apart.
+    let epoch = if on_database { 0 } else { shared.pair.take_over(&shared.config.name, url)? };
     for name in &shared.config.bootstrap_admins {
         let u = updraft_proto::v1::User { name: name.clone(), role: "admin".into() };
         if shared.store.get_user(name)?.as_ref() != Some(&u) {
@@ -371,16 +402,34 @@ async fn active(
         }
     }
     let fence = shared.pair.fence(epoch);
-    shared.store.set_fence(fence.clone());
+    if !on_database {
+        shared.store.set_fence(fence.clone());
+    }
     let hub = shared.hub.clone();
     shared.store.announce_to(move |change| hub.publish(change))?;
     let tier = Arc::new(LocalTier { shared: shared.clone() });
     let addr = listener.local_addr().map_err(io)?;
-    tokio::spawn(
-        scanner::scan_loop(shared.clone(), shared.config.scan, shutdown.clone())
-            .instrument(tracing::info_span!("content_scanner")),
-    );
     let fenced = shutdown.child_token();
+    let scan = shared.config.scan;
+    let first = std::sync::atomic::AtomicBool::new(true);
+    tokio::spawn(
+        duty::hold_while(shared.clone(), "content-scanner", shutdown.clone(), {
+            let shared = shared.clone();
+            move |stop| {
+                // The start delay is for the provider's start, not for a duty taken over.
+                let delay = if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    scan.start_delay
+                } else {
+                    Duration::ZERO
+                };
+                scanner::scan_loop(shared.clone(), scanner::ScanConfig { start_delay: delay, ..scan }, stop)
+            }
+        })
+        .instrument(tracing::info_span!("content_scanner")),
+    );
+    if on_database {
+        tokio::spawn(announce_loop(shared.clone(), fenced.clone()).instrument(tracing::info_span!("catalog_changes")));
+    }
     tokio::spawn(
         scrub::scrub_loop(shared.clone(), shared.config.scrub_interval, fenced.clone())
             .instrument(tracing::info_span!("blob_scrub")),
@@ -392,12 +441,17 @@ async fn active(
         announce::announce_loop(shared.clone(), "local", String::new(), addr, fenced.clone())
             .instrument(tracing::info_span!("mdns_announce")),
     );
-    tokio::spawn(
-        heartbeat_loop(shared.clone(), Member::new(&shared.config.name, url, Role::Active, epoch), fenced.clone())
-            .instrument(tracing::info_span!("pair_heartbeat", epoch)),
-    );
+    if !on_database {
+        tokio::spawn(
+            heartbeat_loop(shared.clone(), Member::new(&shared.config.name, url, Role::Active, epoch), fenced.clone())
+                .instrument(tracing::info_span!("pair_heartbeat", epoch)),
+        );
+    }
     tracing::info!(%addr, %url, epoch, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening (active)");
-    probe.started(true, format!("active (epoch {epoch})"));
+    probe.started(
+        true,
+        if on_database { "active (shared database)".to_string() } else { format!("active (epoch {epoch})") },
+    );
     serve(shared.clone(), tier, true, listener, &probe, fenced.cancelled()).await?;
     if !shutdown.is_cancelled()
         && let Err(e) = fence.check()
@@ -407,6 +461,26 @@ async fn active(
         return Err(e);
     }
     Ok(())
+}
+
+/// How often a provider on a database server looks for catalog changes other providers made.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
+
+/// Announces the changes other providers on the same database commit, within
+/// [`ANNOUNCE_EVERY`] (this provider's own are announced as they commit).
+async fn announce_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(ANNOUNCE_EVERY) => {}
+        }
+        let store = shared.store.clone();
+        match tokio::task::spawn_blocking(move || store.announce_new()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the catalog's changes"),
+            Err(e) => tracing::warn!(error = %e, "reading the catalog's changes failed"),
+        }
+    }
 }
 
 /// Serves the agent and replication APIs (and, on a local provider, the admin API) from

@@ -21,9 +21,16 @@ struct Args {
     tls: updraft_runtime::tls::TlsArgs,
     #[command(flatten)]
     probes: updraft_runtime::probe::ProbeArgs,
-    /// Data directory (sled store and blobs).
+    /// The store: a directory (the embedded sled store, with the blobs and the pair directory),
+    /// or a PostgreSQL database, `postgres://USER@HOST[,HOST2…]/DB[?target_session_attrs=read-write]`,
+    /// which every provider started on it shares, all of them active.
     #[arg(long, env = "UPDRAFT_PROVIDER_STORE")]
-    store: Option<PathBuf>,
+    store: Option<String>,
+    /// The content location: the directory whose blobs/ holds the packages (default: the store
+    /// directory; with a database, the default data directory). Providers on one database may
+    /// share it or each keep their own.
+    #[arg(long, env = "UPDRAFT_PROVIDER_CONTENT")]
+    content: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "UPDRAFT_PROVIDER_LISTEN", default_value = "127.0.0.1:8092")]
     listen: SocketAddr,
@@ -85,12 +92,14 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum StoreCmd {
-    /// Copy the store to a new location; the old one then refuses to start.
+    /// Copy the store to a new location — a directory, or a PostgreSQL database
+    /// (`postgres://…`, keeping the blobs in FROM as the content location); the old one then
+    /// refuses to start.
     Move {
         #[arg(long)]
         from: PathBuf,
         #[arg(long)]
-        to: PathBuf,
+        to: String,
     },
     /// Merge a provider's separate store into a shared one (most recent machine records win).
     Merge {
@@ -101,9 +110,26 @@ enum StoreCmd {
     },
 }
 
+/// Whether a `--store`/`--to` value names a PostgreSQL database rather than a directory.
+fn is_database(store: &str) -> bool {
+    store.starts_with("postgres://") || store.starts_with("postgresql://")
+}
+
 async fn store_cmd(cmd: StoreCmd) -> anyhow::Result<()> {
     match cmd {
+        StoreCmd::Move { from, to } if is_database(&to) => {
+            let r = updraft_provider::storage::move_store_to_database(&from, &to).await?;
+            println!(
+                "moved {} into the database: {} updates, {} machines; its {} blobs stay: start the provider(s) with --store URL --content {}",
+                from.display(),
+                r.updates,
+                r.machines,
+                r.blobs,
+                from.display()
+            );
+        }
         StoreCmd::Move { from, to } => {
+            let to = PathBuf::from(to);
             let r = updraft_provider::storage::move_store(&from, &to).await?;
             println!(
                 "moved {} to {}: {} updates, {} blobs, {} machines; start the provider(s) with --store {}",
@@ -131,8 +157,17 @@ async fn main() -> anyhow::Result<()> {
         return store_cmd(cmd).await;
     }
     let telemetry = updraft_runtime::telemetry::init("updraft-provider");
-    let data_dir = args.store.unwrap_or_else(|| updraft_runtime::default_data_dir("provider"));
+    // With a database, the provider's own directory is its content location.
+    let (data_dir, database, content) = match args.store {
+        Some(url) if is_database(&url) => {
+            (args.content.unwrap_or_else(|| updraft_runtime::default_data_dir("provider")), Some(url), None)
+        }
+        Some(dir) => (PathBuf::from(dir), None, args.content),
+        None => (updraft_runtime::default_data_dir("provider"), None, args.content),
+    };
     let mut config = updraft_provider::Config::new(args.name.unwrap_or_else(updraft_runtime::hostname), data_dir);
+    config.database = database;
+    config.content = content;
     for k in &args.trust_keys {
         config.trusted_keys.push(PublicKey::load(k)?);
     }

@@ -64,6 +64,25 @@ pub async fn move_store(from: &Path, to: &Path) -> Result<MoveReport> {
     Ok(report)
 }
 
+/// Copies the store at `from` into the PostgreSQL database at `url` (which must hold no store
+/// yet) and marks `from` as moved. The blobs stay where they are: `from` becomes the content
+/// location of the providers started with `--store URL --content FROM`.
+pub async fn move_store_to_database(from: &Path, url: &str) -> Result<MoveReport> {
+    if !from.join("db").exists() {
+        return Err(ProviderError::InvalidArgument(format!("{} holds no store", from.display())));
+    }
+    let src = Store::open(from)?;
+    let dest = Store::on(crate::db::Db::open_postgres(url)?, "the PostgreSQL database")?;
+    src.copy_into(&dest, "the PostgreSQL database").await?;
+    let report = MoveReport {
+        machines: dest.list_machines()?.len(),
+        updates: dest.list_updates()?.len(),
+        blobs: BlobStore::open(&from.join("blobs"))?.list()?.len(),
+    };
+    updraft_core::package::write_atomic(from, MOVED_TO, crate::db::redacted(url).as_bytes())?;
+    Ok(report)
+}
+
 /// Merges the store at `from` into the store at `into`. What `into` already has wins, except
 /// machines: each machine's most recent record (and its group, pins and role) wins.
 pub async fn merge_store(from: &Path, into: &Path) -> Result<MergeReport> {

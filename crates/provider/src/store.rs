@@ -420,8 +420,25 @@ impl Store {
             .map_err(|_| ProviderError::Store("the store's changes are already announced".into()))
     }
 
-    /// Announces the durable changes not announced yet, oldest first.
-    fn announce_new(&self) -> Result<()> {
+    /// Whether other providers may write this store at the same time (a database server).
+    pub fn is_shared(&self) -> bool {
+        self.db.shared()
+    }
+
+    /// The database, for duties held through it (see `duty`).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The last catalog sequence number announced, when changes are announced: what this
+    /// process knows of the catalog without asking the database.
+    pub fn announced_seq(&self) -> Option<u64> {
+        self.announce.get().and_then(|a| a.announced.lock().ok().map(|n| *n))
+    }
+
+    /// Announces the durable changes not announced yet, oldest first: after every commit of
+    /// this process, and, on a shared database, regularly for the commits of others.
+    pub fn announce_new(&self) -> Result<()> {
         let Some(a) = self.announce.get() else { return Ok(()) };
         let mut announced = a.announced.lock().map_err(|_| ProviderError::Store("announce lock poisoned".into()))?;
         for change in self.changes_after(*announced)? {
@@ -902,16 +919,23 @@ impl Store {
 
     /// Copies this whole store (every tree, as it is now) into a new, empty store at `dir`.
     pub async fn copy_to(&self, dir: &Path) -> Result<Store> {
-        self.flush().await?;
         let dest = Store::open(dir)?;
+        self.copy_into(&dest, &dir.display().to_string()).await?;
+        Ok(dest)
+    }
+
+    /// Copies this whole store (every tree, as it is now: catalog and its log, machines,
+    /// users, the audit chain, groups, pins, deployments…) into `dest`, a new, empty store of
+    /// any engine (`location` names it in errors).
+    pub async fn copy_into(&self, dest: &Store, location: &str) -> Result<()> {
+        self.flush().await?;
         if !dest.is_blank()? {
-            return Err(ProviderError::InvalidArgument(format!("{} already holds a store", dir.display())));
+            return Err(ProviderError::InvalidArgument(format!("{location} already holds a store")));
         }
         // The copy brings its own schema mark.
         dest.meta.remove(SCHEMA)?;
         self.db.copy_into(&dest.db)?;
-        dest.flush().await?;
-        Ok(dest)
+        dest.flush().await
     }
 
     pub fn list_machines(&self) -> Result<Vec<Machine>> {

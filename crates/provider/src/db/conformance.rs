@@ -11,6 +11,7 @@ pub fn suite(open: &dyn Fn() -> Db) {
     ordered_ranges(&open());
     transactions_commit_whole_or_not_at_all(&open());
     concurrent_transactions_serialize(open());
+    one_holder_per_duty(open);
     durable_after_flush_and_copyable(open);
 }
 
@@ -114,6 +115,22 @@ fn concurrent_transactions_serialize(db: Db) {
     }
     let n = u64::from_be_bytes(t.get("n").unwrap().unwrap().try_into().unwrap());
     assert_eq!(n, threads * each, "no increment lost");
+}
+
+fn one_holder_per_duty(open: &dyn Fn() -> Db) {
+    let db = open();
+    let held = db.hold("scan").unwrap().expect("a free duty is taken");
+    assert!(held.still_held());
+    if !db.shared() {
+        // The one process holding an embedded database holds every duty.
+        return;
+    }
+    let other = open();
+    assert!(other.hold("scan").unwrap().is_none(), "a held duty is refused to another");
+    assert!(other.hold("sign").unwrap().is_some(), "duties are separate");
+    drop(held);
+    let taken = other.hold("scan").unwrap().expect("a duty let go is taken by the next");
+    assert!(taken.still_held());
 }
 
 fn durable_after_flush_and_copyable(open: &dyn Fn() -> Db) {

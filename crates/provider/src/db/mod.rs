@@ -56,6 +56,13 @@ pub trait Engine: Send + Sync {
     fn len(&self, tree: usize) -> Result<usize>;
     fn range(&self, tree: usize, from: Bound<&[u8]>, to: Bound<&[u8]>, rev: bool) -> Result<Iter<'_>>;
 
+    /// Whether other processes may use this database at the same time (a database server), as
+    /// opposed to this process holding it alone (an embedded engine's lock).
+    fn shared(&self) -> bool;
+    /// Takes duty `name` if no other process holds it: held until the returned handle is
+    /// dropped or this process dies. An embedded engine's one process holds every duty.
+    fn hold(&self, duty: &str) -> Result<Option<Box<dyn Held>>>;
+
     /// Runs `f` as one transaction over every open tree (see the module's invariants).
     fn transaction(&self, f: &dyn Fn(&dyn EngineTx) -> TxStep) -> Result<()>;
     /// Makes every write that returned before this call durable.
@@ -69,6 +76,12 @@ pub trait EngineTx {
     fn get(&self, tree: usize, key: &[u8]) -> Result<Option<Value>>;
     fn insert(&self, tree: usize, key: &[u8], value: &[u8]) -> Result<Option<Value>>;
     fn remove(&self, tree: usize, key: &[u8]) -> Result<Option<Value>>;
+}
+
+/// A duty held (see [`Engine::hold`]).
+pub trait Held: Send + Sync {
+    /// Whether the duty is still this process's (a database connection can be lost).
+    fn still_held(&self) -> bool;
 }
 
 /// What a transaction's closure tells its engine: commit, or roll back.
@@ -119,6 +132,14 @@ impl Db {
         self.0.flush()
     }
 
+    pub fn shared(&self) -> bool {
+        self.0.shared()
+    }
+
+    pub fn hold(&self, duty: &str) -> Result<Option<Box<dyn Held>>> {
+        self.0.hold(duty)
+    }
+
     pub fn generate_id(&self) -> Result<u64> {
         self.0.generate_id()
     }
@@ -149,6 +170,11 @@ impl Db {
         }
         Ok(())
     }
+}
+
+/// A database's connection string with any password left out, for messages and files.
+pub fn redacted(url: &str) -> String {
+    postgres_adapter::redact(url)
 }
 
 /// The least key greater than every key starting with `prefix`, if there is one.

@@ -20,7 +20,7 @@ use postgres::error::SqlState;
 use postgres::types::ToSql;
 use postgres::{NoTls, Row, Statement};
 
-use super::{Engine, EngineTx, Entry, Error, Iter, Result, TxStep, Value};
+use super::{Engine, EngineTx, Entry, Error, Held, Iter, Result, TxStep, Value};
 
 const ENGINE: &str = "postgresql";
 /// Connections one provider holds at most.
@@ -275,8 +275,8 @@ impl PgEngine {
     }
 }
 
-/// A connection string with its password, if any, left out (for error messages).
-fn redact(url: &str) -> String {
+/// A connection string with its password, if any, left out (for messages).
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => format!("{}://…@{}", &url[..scheme], &url[at + 1..]),
         _ if url.contains("password") => "(a connection string with a password)".into(),
@@ -365,6 +365,21 @@ impl Engine for PgEngine {
         }))
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn hold(&self, duty: &str) -> Result<Option<Box<dyn Held>>> {
+        // A session lock on a connection of the duty's own, outside the pool: released when
+        // the handle (its connection) goes, or when this process or its connection dies.
+        let mut worker = Worker::connect(&self.pool.config)?;
+        let duty = duty.to_string();
+        let got = worker.run(move |c| {
+            Ok(c.client.query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&duty])?.get::<_, bool>(0))
+        })?;
+        Ok(got.then(|| Box::new(Duty(Mutex::new(worker))) as Box<dyn Held>))
+    }
+
     fn transaction(&self, f: &dyn Fn(&dyn EngineTx) -> TxStep) -> Result<()> {
         let mut last = None;
         for attempt in 0..TX_ATTEMPTS {
@@ -406,6 +421,16 @@ impl Engine for PgEngine {
             let n: i64 = c.query("SELECT nextval('updraft_ids')", &[])?[0].get(0);
             Ok(n as u64)
         })
+    }
+}
+
+/// A duty's lock, held by its connection.
+struct Duty(Mutex<Worker>);
+
+impl Held for Duty {
+    fn still_held(&self) -> bool {
+        let Ok(mut worker) = self.0.lock() else { return false };
+        !worker.broken && worker.run(|c| c.client.simple_query("SELECT 1").map(drop)).is_ok()
     }
 }
 

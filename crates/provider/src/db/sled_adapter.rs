@@ -9,7 +9,7 @@ use std::sync::RwLock;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree, UnabortableTransactionError};
 use sled::{IVec, Transactional};
 
-use super::{Engine, EngineTx, Error, Iter, Result, TxStep, Value};
+use super::{Engine, EngineTx, Error, Held, Iter, Result, TxStep, Value};
 
 const ENGINE: &str = "sled";
 /// sled's own tree, which the store never uses: left out of [`Engine::tree_names`].
@@ -101,6 +101,14 @@ impl Engine for SledEngine {
         Ok(if rev { Box::new(it.rev().map(map)) } else { Box::new(it.map(map)) })
     }
 
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn hold(&self, _duty: &str) -> Result<Option<Box<dyn Held>>> {
+        Ok(Some(Box::new(Alone)))
+    }
+
     fn transaction(&self, f: &dyn Fn(&dyn EngineTx) -> TxStep) -> Result<()> {
         let trees: Vec<sled::Tree> =
             self.trees.read().map_err(|_| poisoned())?.iter().map(|(_, t)| t.clone()).collect();
@@ -129,6 +137,15 @@ impl Engine for SledEngine {
 
     fn generate_id(&self) -> Result<u64> {
         self.db.generate_id().map_err(err)
+    }
+}
+
+/// The process holding sled's lock holds every duty.
+struct Alone;
+
+impl Held for Alone {
+    fn still_held(&self) -> bool {
+        true
     }
 }
 
