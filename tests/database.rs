@@ -119,3 +119,43 @@ fn a_directory_store_moves_into_a_database() {
         w.installed("m2", "editor").as_deref() == Some("1.0.0.0")
     });
 }
+
+/// Providers of one database with content locations of their own: a package uploaded through
+/// one is fetched by another on first demand (and checked against its hash) to serve an agent;
+/// `provider pair` lists every provider of the database as active.
+#[test]
+fn a_provider_fetches_content_it_lacks_from_another_of_the_database() {
+    let cluster = updraft_pgtest::Cluster::start();
+    let db = cluster.database("content");
+    let w = World::new();
+    let (_a, aurl) = w.provider_on_database("pg-a", &db, &w.path("content-a"));
+    let (_b, burl) = w.provider_on_database("pg-b", &db, &w.path("content-b"));
+    let v1 = w.publish(&aurl, &w.package("viewer", "1.0.0.0", &w.key));
+    let hash = w.admin_json(&aurl, &["update", "show", &v1])["content_hash"].as_str().unwrap().to_string();
+    let blob = |dir: &str| {
+        let hex = hash.split_once(':').map_or(hash.as_str(), |(_, h)| h).to_string();
+        walk(&w.path(dir)).into_iter().any(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains(&hex)))
+    };
+    assert!(blob("content-a") && !blob("content-b"), "the upload went to pg-a's content only");
+    wait_until("both providers advertise themselves", T, || {
+        let pair = w.admin_json(&burl, &["provider", "pair"]);
+        pair["members"].as_array().is_some_and(|m| m.iter().filter(|m| m["role"] == "active").count() == 2)
+    });
+
+    let _agent = w.agent("m1", &burl);
+    wait_until("v1 installed from pg-b", T, || w.installed("m1", "viewer").as_deref() == Some("1.0.0.0"));
+    assert!(blob("content-b"), "pg-b keeps what it fetched");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

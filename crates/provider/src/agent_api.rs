@@ -62,7 +62,14 @@ pub struct LocalTier {
 
 impl Tier for LocalTier {
     async fn ensure_blob(&self, content_hash: &str) -> Result<()> {
-        if self.shared.blobs.has(content_hash) { Ok(()) } else { Err(ProviderError::BlobMissing(content_hash.into())) }
+        if self.shared.blobs.has(content_hash) {
+            Ok(())
+        } else if self.shared.store.is_shared() {
+            // Another provider of the database may have it (per-host content locations).
+            crate::content::fetch(&self.shared, content_hash).await
+        } else {
+            Err(ProviderError::BlobMissing(content_hash.into()))
+        }
     }
     async fn relay(&self, report: ForwardedReport) -> Result<()> {
         match &report.machine {

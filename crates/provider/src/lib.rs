@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod catalog;
 pub mod ceiling;
 pub mod commit;
+pub mod content;
 pub mod db;
 pub mod decided;
 pub mod duty;
@@ -169,6 +170,8 @@ pub struct Shared {
     pub downloads: Arc<tokio::sync::Semaphore>,
     /// Downloads each machine holds open (see [`agent_api::DOWNLOADS_PER_MACHINE`]).
     pub machine_downloads: limits::PerKey<String>,
+    /// Held while content is fetched from another provider of the database (see `content`).
+    pub member_fetches: tokio::sync::Mutex<()>,
     /// Held while an import checks for a duplicate and records its update (see `import`).
     pub imports: tokio::sync::Mutex<()>,
     /// Cancelled when this server stops serving: push streams end at once (see [`serve`]).
@@ -196,6 +199,7 @@ impl Shared {
             downloads,
             machine_downloads: Default::default(),
             imports: Default::default(),
+            member_fetches: Default::default(),
             stopping: CancellationToken::new(),
             store,
             blobs,
@@ -429,6 +433,10 @@ async fn active(
     );
     if on_database {
         tokio::spawn(announce_loop(shared.clone(), fenced.clone()).instrument(tracing::info_span!("catalog_changes")));
+        tokio::spawn(
+            content::member_loop(shared.clone(), url.to_string(), fenced.clone())
+                .instrument(tracing::info_span!("database_member")),
+        );
     }
     tokio::spawn(
         scrub::scrub_loop(shared.clone(), shared.config.scrub_interval, fenced.clone())

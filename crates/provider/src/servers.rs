@@ -80,7 +80,18 @@ pub fn validate_discovery_key(key: &str) -> Result<()> {
 
 impl AdminService {
     pub(crate) fn do_get_pair(&self) -> Result<PairReply> {
-        self.shared.pair.report()
+        if !self.shared.store.is_shared() {
+            return self.shared.pair.report();
+        }
+        // On a database server every provider is active; one silent for a while is gone.
+        let gone_before = crate::now_ms() - crate::content::GONE_AFTER.as_millis() as i64;
+        let mut members = self.shared.store.list_members()?;
+        for m in &mut members {
+            if m.last_seen_unix_ms < gone_before {
+                m.role = "gone".into();
+            }
+        }
+        Ok(PairReply { epoch: 0, active: self.shared.config.name.clone(), members })
     }
 
     pub(crate) fn peers(&self) -> Result<ListPeersResponse> {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use prost::Message;
 use updraft_proto::v1::{
     Activity, Assignment, AuditEntry, Deployment, Discovery, ForwardedReport, Group, Machine, MachineInfo, MachinePins,
-    MachineRole, Peer, ProductLineCap, SignedStatement, SiteStats, Update, User, WatchFolder,
+    MachineRole, PairMember, Peer, ProductLineCap, SignedStatement, SiteStats, Update, User, WatchFolder,
 };
 
 use crate::commit::Committer;
@@ -225,6 +225,8 @@ pub struct Store {
     roles: Tree,
     users: Tree,
     audit: Tree,
+    /// Providers sharing a database server, by name: each says where it is and when it last did.
+    members: Tree,
     /// Audit appends read the last entry to chain the next: one at a time.
     audit_lock: std::sync::Arc<std::sync::Mutex<()>>,
     fence: std::sync::Arc<std::sync::OnceLock<Fence>>,
@@ -324,6 +326,7 @@ impl Store {
             roles: db.open_tree("roles")?,
             users: db.open_tree("users")?,
             audit: db.open_tree("audit")?,
+            members: db.open_tree("members")?,
             audit_lock: Default::default(),
             announce: Default::default(),
             activity_count: Default::default(),
@@ -826,6 +829,17 @@ impl Store {
         let removed = self.watches.remove(path.as_bytes())?.is_some();
         self.flush().await?;
         Ok(removed)
+    }
+
+    /// Records a provider of this database as alive; not waited on (said again within seconds).
+    pub fn put_member(&self, m: &PairMember) -> Result<()> {
+        self.members.insert(&m.name, m.encode_to_vec())?;
+        self.commit.soon();
+        Ok(())
+    }
+
+    pub fn list_members(&self) -> Result<Vec<PairMember>> {
+        decode_all(self.members.iter()?)
     }
 
     pub fn list_watches(&self) -> Result<Vec<WatchFolder>> {

@@ -95,6 +95,7 @@ async fn answer<T: Tier>(
     to_agent: bool,
 ) -> Result<http::Response<Body>, Status> {
     let caller = req.extensions().get::<crate::auth::Caller>().cloned();
+    let member_fetch = req.headers().contains_key(crate::content::MEMBER_FETCH);
     let body = http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BYTES)
         .collect()
         .await
@@ -108,6 +109,9 @@ async fn answer<T: Tier>(
     } else {
         None
     };
+    if member_fetch && !shared.blobs.has(&request.content_hash) {
+        return Err(crate::error::ProviderError::BlobMissing(request.content_hash).into());
+    }
     let chunks = agent_api::serve_blob(shared, tier, request, slot).await?;
     let mut response = http::Response::new(Body::new(http_body_util::StreamBody::new(frames(chunks))));
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
