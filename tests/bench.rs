@@ -9,12 +9,14 @@
 //!   (answered, failed, time to the last answer, p50/p99), and an admin call's latency meanwhile;
 //! - check answers per second and download serving (MB/s, 64 MiB to 1, 10 and 100 clients), each
 //!   beside nginx serving a same-sized file to the same h2load (Debian `nghttp2-client`) run;
-//! - one real agent's idle memory and CPU; provider import of 1 GiB beside `sha256sum`.
+//! - one real agent's idle memory and CPU; provider import of 1 GiB beside `sha256sum`;
+//! - the store's engines (`store`): acknowledged admin writes and checks per second on sled and
+//!   on PostgreSQL, beside `pgbench` upserting one row per transaction on the same cluster.
 //!
 //! Agents are simulated cheaply as gRPC clients (downloads and push subscriptions), many per
 //! connection, except in the herd (one connection each). Run:
 //! `cargo run --release -p updraft-tests --bin bench` (needs nginx and h2load for the baselines);
-//! `UPDRAFT_BENCH=wan,push,herd,serving,agent,import` picks sections (default: all).
+//! `UPDRAFT_BENCH=wan,push,herd,serving,agent,import,store` picks sections (default: all).
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -24,7 +26,8 @@ use updraft_proto::v1::admin_client::AdminClient;
 use updraft_proto::v1::agent_api_client::AgentApiClient;
 use updraft_proto::v1::replication_client::ReplicationClient;
 use updraft_proto::v1::{
-    BlobRequest, CheckRequest, ListUpdatesRequest, MachineInfo, PushKind, SiteStatusRequest, SubscribeRequest,
+    BlobRequest, CheckRequest, ListUpdatesRequest, MachineInfo, PushKind, PutGroupRequest, SiteStatusRequest,
+    SubscribeRequest,
 };
 use updraft_runtime::tls::Role;
 use updraft_tests::herdsim::check_all;
@@ -360,6 +363,86 @@ async fn main() {
     if section("fleet") {
         fleet_section().await;
     }
+    if section("store") {
+        store_section(&w).await;
+    }
+}
+
+/// Calls per second: `clients` tasks, each on its own connection to `url`, each making `each`
+/// calls of `call(channel, client, i)` one after another.
+async fn per_second<F, Fut>(url: &str, clients: usize, each: usize, call: F) -> f64
+where
+    F: Fn(Channel, usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let chans = channels(url, clients).await;
+    let start = Instant::now();
+    let tasks: Vec<_> = chans
+        .into_iter()
+        .enumerate()
+        .map(|(c, ch)| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                for i in 0..each {
+                    call(ch.clone(), c, i).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (clients * each) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The store's two engines under the same load: acknowledged admin writes (groups put by 16
+/// clients at once) and check answers (16 clients, steady machines), one provider on each;
+/// PostgreSQL's own `pgbench` upserting one row per transaction on the same cluster, as the
+/// baseline for writes.
+async fn store_section(w: &World) {
+    const CLIENTS: usize = 16;
+    println!("The store's engines: one provider on sled, one on PostgreSQL ({CLIENTS} clients each)");
+    let cluster = updraft_pgtest::Cluster::start();
+    let db = cluster.database("bench");
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    let (_sled, sled_url) = w.provider_with("store-sled", &["--trust-key", &pubkey]);
+    let (_pg, pg_url) = w.provider_on_database("store-pg", &db, &w.path("store-pg"));
+    let mut figures = Vec::new();
+    for (engine, url) in [("sled", &sled_url), ("postgresql", &pg_url)] {
+        let writes = per_second(url, CLIENTS, 50, |ch, c, i| async move {
+            let req = PutGroupRequest { name: format!("g-{c}-{i}"), create: true, ..Default::default() };
+            AdminClient::new(ch).put_group(req).await.expect("group put");
+        })
+        .await;
+        let checks = per_second(url, CLIENTS, 300, |ch, c, _| async move {
+            let machine = MachineInfo { name: format!("store-bench-{c}"), ..Default::default() };
+            AgentApiClient::new(ch)
+                .check(CheckRequest { machine: Some(machine), ..Default::default() })
+                .await
+                .expect("check");
+        })
+        .await;
+        println!("{engine:<12} acknowledged writes {writes:>8.0}/s   checks {checks:>8.0}/s");
+        figures.push((writes, checks));
+    }
+    let script = w.path("upsert.sql");
+    std::fs::write(
+        &script,
+        "\\set k random(1, 1000000)\nINSERT INTO updraft_kv (tree, k, v) VALUES ('pgbench', int8send(:k), 'x') \
+         ON CONFLICT (tree, k) DO UPDATE SET v = EXCLUDED.v;\n",
+    )
+    .unwrap();
+    let clients = CLIENTS.to_string();
+    let tps = cluster.pgbench("bench", &script, &["-c", &clients, "-j", "2", "-T", "5"]);
+    let ((sled_w, sled_c), (pg_w, pg_c)) = (figures[0], figures[1]);
+    println!("pgbench, one upsert per transaction, same cluster: {tps:.0} tps");
+    println!(
+        "ratios: writes postgresql/sled {:.2}, postgresql/pgbench {:.2}; checks postgresql/sled {:.2}",
+        pg_w / sled_w,
+        pg_w / tps,
+        pg_c / sled_c
+    );
+    println!();
 }
 
 /// CPU seconds a process has used so far (user + system, from /proc).

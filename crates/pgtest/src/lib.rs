@@ -45,7 +45,23 @@ impl Cluster {
         self.dir.path().join("data").display().to_string()
     }
 
-    fn run(&self, tool: &str, args: &[&str]) {
+    /// Runs `pgbench` on `database` with `script` (a file the `postgres` user can read) and
+    /// `args`; returns its transactions per second.
+    pub fn pgbench(&self, database: &str, script: &std::path::Path, args: &[&str]) -> f64 {
+        let socket = self.dir.path().display().to_string();
+        let file = self.dir.path().join("pgbench.sql");
+        std::fs::copy(script, &file).unwrap();
+        let file = file.display().to_string();
+        let mut all = vec!["-h", &socket, "-U", "postgres", "-n", "-f", &file];
+        all.extend_from_slice(args);
+        all.push(database);
+        let out = self.run("pgbench", &all);
+        out.lines()
+            .find_map(|l| l.strip_prefix("tps = ")?.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no tps in pgbench's output: {out}"))
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> String {
         let exe = self.bin.join(tool);
         let mut cmd = if is_root() {
             let mut c = std::process::Command::new("runuser");
@@ -55,12 +71,9 @@ impl Cluster {
             std::process::Command::new(&exe)
         };
         let out = cmd.args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{tool} {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{tool} {args:?}: {text}");
+        text
     }
 
     /// The default database's URL: the socket directory, percent-encoded as the host.
