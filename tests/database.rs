@@ -76,20 +76,13 @@ fn a_directory_store_moves_into_a_database() {
     let cluster = updraft_pgtest::Cluster::start();
     let db = cluster.database("moved");
     let w = World::new();
-    let (mut one, url) = w.provider("one", true);
-    let id = w.publish(&url, &w.package("editor", "1.0.0.0", &w.key));
-    w.admin_ok(&url, &["group", "create", "lab"]);
-    let mut m1 = w.agent("m1", &url);
-    wait_until("m1 on v1", T, || w.installed("m1", "editor").as_deref() == Some("1.0.0.0"));
+    let (mut one, url, id, mut m1) = w.provider_with_a_store("one");
     let audited = w.admin_json(&url, &["audit", "list"]).as_array().unwrap().len();
     m1.kill9();
     one.term();
     assert!(one.wait_exit(T), "the provider stops");
 
-    let provider = |args: &[&str]| {
-        let out = std::process::Command::new(updraft_tests::bin("provider")).args(args).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), updraft_tests::stderr(&out)))
-    };
+    let provider = updraft_tests::provider_cmd;
     let from = w.path("one");
     let (ok, text) = provider(&["store", "move", "--from", from.to_str().unwrap(), "--to", &db]);
     assert!(ok && text.contains("1 updates, 1 machines"), "{text}");
@@ -102,6 +95,8 @@ fn a_directory_store_moves_into_a_database() {
     let other = w.path("other-store");
     let (ok, text) = provider(&["store", "move", "--from", other.to_str().unwrap(), "--to", &db]);
     assert!(!ok && text.contains("already holds a store"), "{text}");
+    let (ok, text) = provider(&["store", "merge", "--from", other.to_str().unwrap(), "--into", &db]);
+    assert!(!ok && text.contains("not supported yet"), "{text}");
 
     let (_two, url) = w.provider_on_database("two", &db, &from);
     assert_eq!(w.admin_json(&url, &["update", "show", &id])["id"], id.as_str());

@@ -471,6 +471,20 @@ impl World {
         self.provider_at(name, store.to_str().unwrap(), extra, env)
     }
 
+    /// A provider called `name` with something in its store to move or merge: a published
+    /// `editor` 1.0.0.0 (its id is returned), a group `lab`, and machine `m1` (an agent, also
+    /// returned) having installed it.
+    pub fn provider_with_a_store(&self, name: &str) -> (Proc, String, String, Proc) {
+        let (p, url) = self.provider(name, true);
+        let id = self.publish(&url, &self.package("editor", "1.0.0.0", &self.key));
+        self.admin_ok(&url, &["group", "create", "lab"]);
+        let m1 = self.agent("m1", &url);
+        wait_until("m1 on v1", Duration::from_secs(40), || {
+            self.installed("m1", "editor").as_deref() == Some("1.0.0.0")
+        });
+        (p, url, id, m1)
+    }
+
     /// A provider called `name` on the PostgreSQL database at `url`, with its content location
     /// in `content` (shared with other providers or its own), trusting the world's release key.
     pub fn provider_on_database(&self, name: &str, url: &str, content: &Path) -> (Proc, String) {
@@ -679,6 +693,13 @@ pub fn write_noise(path: &std::path::Path, mib: usize) {
         f.write_all(&block).unwrap();
     }
     f.flush().unwrap();
+}
+
+/// Runs the provider binary with `args` (store management, or a start expected to fail):
+/// whether it succeeded, and what it printed.
+pub fn provider_cmd(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("provider")).args(args).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out)))
 }
 
 pub fn run_ok(cmd: &mut Command) -> String {

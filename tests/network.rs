@@ -338,11 +338,7 @@ fn a_superseded_active_cannot_commit_and_steps_down() {
 #[test]
 fn stores_move_and_merge_with_the_provider_binary() {
     let w = World::new();
-    let (mut one, url) = w.provider("one", true);
-    let id = w.publish(&url, &w.package("editor", "1.0.0.0", &w.key));
-    w.admin_ok(&url, &["group", "create", "lab"]);
-    let mut m1 = w.agent("m1", &url);
-    wait_until("m1 on v1", T, || w.installed("m1", "editor").as_deref() == Some("1.0.0.0"));
+    let (mut one, url, id, mut m1) = w.provider_with_a_store("one");
     let (mut other, other_url) = w.provider("other", true);
     let mut m2 = w.agent("m2", &other_url);
     wait_until("m2 known to the other provider", T, || {
@@ -352,10 +348,7 @@ fn stores_move_and_merge_with_the_provider_binary() {
         p.kill9();
     }
 
-    let provider = |args: &[&str]| {
-        let out = std::process::Command::new(updraft_tests::bin("provider")).args(args).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), updraft_tests::stderr(&out)))
-    };
+    let provider = updraft_tests::provider_cmd;
     let (from, to, sep) = (w.path("one"), w.path("two"), w.path("other"));
     let (ok, text) = provider(&["store", "move", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap()]);
     assert!(ok, "{text}");

@@ -141,6 +141,11 @@ async fn store_cmd(cmd: StoreCmd) -> anyhow::Result<()> {
                 to.display()
             );
         }
+        StoreCmd::Merge { into, .. } if is_database(&into.to_string_lossy()) => {
+            anyhow::bail!(
+                "store merge into a database is not supported yet: merge the directory stores first, then `store move` the result into the database"
+            );
+        }
         StoreCmd::Merge { from, into } => {
             let r = updraft_provider::storage::merge_store(&from, &into).await?;
             println!("merged {} into {}:", from.display(), into.display());
