@@ -16,7 +16,7 @@ use updraft_proto::v1::{
 };
 
 use crate::commit::Committer;
-use crate::db::{Db, Iter, Tree, Tx};
+use crate::db::{Db, Tree, Tx};
 use crate::error::{ProviderError, Result};
 use crate::pair::Fence;
 
@@ -264,9 +264,25 @@ fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
     M::decode(bytes).map_err(|e| ProviderError::Store(format!("corrupt record: {e}")))
 }
 
-/// Every value of `entries`, decoded.
-fn decode_all<M: Message + Default>(entries: Iter<'_>) -> Result<Vec<M>> {
-    entries.map(|kv| decode(&kv?.1)).collect()
+/// Protobuf records in a tree: the one place the store reads and writes them.
+trait Records {
+    fn record<M: Message + Default>(&self, key: impl AsRef<[u8]>) -> Result<Option<M>>;
+    fn records<M: Message + Default>(&self) -> Result<Vec<M>>;
+    fn put_record(&self, key: impl AsRef<[u8]>, record: &impl Message) -> Result<Option<crate::db::Value>>;
+}
+
+impl Records for Tree {
+    fn record<M: Message + Default>(&self, key: impl AsRef<[u8]>) -> Result<Option<M>> {
+        self.get(key)?.map(|v| decode(&v)).transpose()
+    }
+
+    fn records<M: Message + Default>(&self) -> Result<Vec<M>> {
+        self.iter()?.map(|kv| decode(&kv?.1)).collect()
+    }
+
+    fn put_record(&self, key: impl AsRef<[u8]>, record: &impl Message) -> Result<Option<crate::db::Value>> {
+        Ok(self.insert(key, record.encode_to_vec())?)
+    }
 }
 
 fn be(n: u64) -> [u8; 8] {
@@ -364,7 +380,7 @@ impl Store {
                     version: String::from_utf8_lossy(&v).into_owned(),
                     ..Default::default()
                 };
-                self.caps.insert(k, cap.encode_to_vec())?;
+                self.caps.put_record(k, &cap)?;
             }
         }
         if found < 3 {
@@ -462,14 +478,11 @@ impl Store {
     }
 
     pub fn get_update(&self, id: &str) -> Result<Update> {
-        match self.updates.get(id.as_bytes())? {
-            Some(v) => decode(&v),
-            None => Err(ProviderError::UnknownUpdate(id.to_string())),
-        }
+        self.updates.record(id)?.ok_or_else(|| ProviderError::UnknownUpdate(id.to_string()))
     }
 
     pub fn list_updates(&self) -> Result<Vec<Update>> {
-        decode_all(self.updates.iter()?)
+        self.updates.records()
     }
 
     /// Applies `change` to the update `id` (or inserts `fresh` when it does not exist yet),
@@ -527,11 +540,11 @@ impl Store {
     }
 
     pub fn list_caps(&self) -> Result<Vec<ProductLineCap>> {
-        decode_all(self.caps.iter()?)
+        self.caps.records()
     }
 
     pub fn get_cap(&self, line: &str) -> Result<Option<ProductLineCap>> {
-        self.caps.get(line.as_bytes())?.map(|v| decode(&v)).transpose()
+        self.caps.record(line.as_bytes())
     }
 
     /// Stores a change exactly as an upstream sent it (a site replica keeps the upstream's
@@ -603,8 +616,8 @@ impl Store {
             let (kind, name) = key.split_at(1);
             let name = String::from_utf8_lossy(name).into_owned();
             out.push(match kind {
-                b"u" => match self.updates.get(name.as_bytes())? {
-                    Some(v) => Change::Upsert(Box::new(decode(&v)?)),
+                b"u" => match self.updates.record(&name)? {
+                    Some(u) => Change::Upsert(Box::new(u)),
                     None => Change::Deleted { id: name, seq },
                 },
                 b"g" => match self.get_group(&name)? {
@@ -687,11 +700,11 @@ impl Store {
     }
 
     pub fn get_group(&self, name: &str) -> Result<Option<Group>> {
-        self.groups.get(name.as_bytes())?.map(|v| decode(&v)).transpose()
+        self.groups.record(name.as_bytes())
     }
 
     pub fn list_groups(&self) -> Result<Vec<Group>> {
-        decode_all(self.groups.iter()?)
+        self.groups.records()
     }
 
     /// Moves a machine to a group (the default group when `group` is empty).
@@ -717,9 +730,7 @@ impl Store {
     pub fn pins_of(&self, machine: &str) -> Result<MachinePins> {
         Ok(self
             .pins
-            .get(machine.as_bytes())?
-            .map(|v| decode(&v))
-            .transpose()?
+            .record(machine)?
             .unwrap_or_else(|| MachinePins { machine: machine.to_string(), ..Default::default() }))
     }
 
@@ -730,7 +741,7 @@ impl Store {
     }
 
     pub fn list_deployments(&self) -> Result<Vec<Deployment>> {
-        decode_all(self.deployments.iter()?)
+        self.deployments.records()
     }
 
     /// Sets (or, with an empty role, clears) an administrator's choice of a machine's role.
@@ -752,21 +763,21 @@ impl Store {
     }
 
     pub fn get_peer(&self, name: &str) -> Result<Option<Peer>> {
-        self.peers.get(name.as_bytes())?.map(|v| decode(&v)).transpose()
+        self.peers.record(name.as_bytes())
     }
 
     pub fn list_peers(&self) -> Result<Vec<Peer>> {
-        decode_all(self.peers.iter()?)
+        self.peers.records()
     }
 
     /// Keeps the latest signed catalog statement (a site's copy of the centre's).
     pub async fn put_statement(&self, s: &SignedStatement) -> Result<()> {
-        self.meta.insert(STATEMENT, s.encode_to_vec())?;
+        self.meta.put_record(STATEMENT, s)?;
         self.flush().await
     }
 
     pub fn statement(&self) -> Result<Option<SignedStatement>> {
-        self.meta.get(STATEMENT)?.map(|v| decode(&v)).transpose()
+        self.meta.record(STATEMENT)
     }
 
     pub async fn set_discovery(&self, d: &Discovery) -> Result<u64> {
@@ -775,11 +786,11 @@ impl Store {
 
     /// Whether providers announce themselves (off until an admin turns it on).
     pub fn discovery(&self) -> Result<Discovery> {
-        Ok(self.settings.get(DISCOVERY.as_bytes())?.map(|v| decode(&v)).transpose()?.unwrap_or_default())
+        Ok(self.settings.record(DISCOVERY.as_bytes())?.unwrap_or_default())
     }
 
     pub async fn put_user(&self, u: &User) -> Result<()> {
-        self.users.insert(u.name.as_bytes(), u.encode_to_vec())?;
+        self.users.put_record(u.name.as_bytes(), u)?;
         self.flush().await
     }
 
@@ -790,11 +801,11 @@ impl Store {
     }
 
     pub fn get_user(&self, name: &str) -> Result<Option<User>> {
-        self.users.get(name.as_bytes())?.map(|v| decode(&v)).transpose()
+        self.users.record(name.as_bytes())
     }
 
     pub fn list_users(&self) -> Result<Vec<User>> {
-        decode_all(self.users.iter()?)
+        self.users.records()
     }
 
     /// Appends to the audit log, chaining the entry to the last one (seq and hashes are
@@ -806,7 +817,7 @@ impl Store {
             e.seq = last.as_ref().map(|l| l.seq + 1).unwrap_or(1);
             e.prev_hash = last.map(|l| l.hash).unwrap_or_default();
             e.hash = updraft_core::audit::chain_hash(&audit_fields(&e));
-            self.audit.insert(be(e.seq), e.encode_to_vec())?;
+            self.audit.put_record(be(e.seq), &e)?;
         }
         self.flush().await?;
         Ok(e)
@@ -821,7 +832,7 @@ impl Store {
     }
 
     pub async fn add_watch(&self, folder: &WatchFolder) -> Result<()> {
-        self.watches.insert(folder.path.as_bytes(), folder.encode_to_vec())?;
+        self.watches.put_record(folder.path.as_bytes(), folder)?;
         self.flush().await
     }
 
@@ -833,17 +844,17 @@ impl Store {
 
     /// Records a provider of this database as alive; not waited on (said again within seconds).
     pub fn put_member(&self, m: &PairMember) -> Result<()> {
-        self.members.insert(&m.name, m.encode_to_vec())?;
+        self.members.put_record(&m.name, m)?;
         self.commit.soon();
         Ok(())
     }
 
     pub fn list_members(&self) -> Result<Vec<PairMember>> {
-        decode_all(self.members.iter()?)
+        self.members.records()
     }
 
     pub fn list_watches(&self) -> Result<Vec<WatchFolder>> {
-        decode_all(self.watches.iter()?)
+        self.watches.records()
     }
 
     /// Records a machine's contact; keeps fields the report does not carry. Not waited on: it
@@ -866,7 +877,7 @@ impl Store {
         m.last_contact_unix_ms = at_ms.max(m.last_contact_unix_ms);
         m.via = via.to_string();
         m.is_remote_provider |= remote_provider;
-        self.machines.insert(key, m.encode_to_vec())?;
+        self.machines.put_record(key, &m)?;
         self.commit.soon();
         Ok(new)
     }
@@ -876,12 +887,12 @@ impl Store {
         let Some(v) = self.machines.get(site.as_bytes())? else { return Ok(()) };
         let mut m: Machine = decode(&v)?;
         m.site_stats = Some(stats);
-        self.machines.insert(site.as_bytes(), m.encode_to_vec())?;
+        self.machines.put_record(site.as_bytes(), &m)?;
         self.flush().await
     }
 
     pub fn get_machine(&self, name: &str) -> Result<Option<Machine>> {
-        self.machines.get(name.as_bytes())?.map(|v| decode(&v)).transpose()
+        self.machines.record(name.as_bytes())
     }
 
     /// Deletes a machine's record (`machine forget`; its policy goes through the logged
@@ -895,7 +906,7 @@ impl Store {
     /// Replaces a machine's record whole (store merges).
     pub async fn put_machine(&self, m: &Machine) -> Result<()> {
         let name = m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
-        self.machines.insert(name.as_bytes(), m.encode_to_vec())?;
+        self.machines.put_record(name.as_bytes(), m)?;
         self.flush().await
     }
 
@@ -928,7 +939,7 @@ impl Store {
     }
 
     pub fn list_pins(&self) -> Result<Vec<MachinePins>> {
-        decode_all(self.pins.iter()?)
+        self.pins.records()
     }
 
     /// Copies this whole store (every tree, as it is now) into a new, empty store at `dir`.
@@ -953,7 +964,7 @@ impl Store {
     }
 
     pub fn list_machines(&self) -> Result<Vec<Machine>> {
-        decode_all(self.machines.iter()?)
+        self.machines.records()
     }
 
     /// What every machine with an agent last said about itself (remote providers left out).
@@ -976,7 +987,7 @@ impl Store {
             let mut key = be(a.at_unix_ms as u64).to_vec();
             key.extend_from_slice(&be(id));
             self.activity_by_machine.insert(machine_activity_key(&a.machine, &key), [])?;
-            if self.activity.insert(key, a.encode_to_vec())?.is_none() {
+            if self.activity.put_record(key, &a)?.is_none() {
                 self.activity_count.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -1046,7 +1057,7 @@ impl Store {
             self.outbox_count.fetch_sub(1, Ordering::Relaxed);
         }
         let id = self.db.generate_id()?;
-        if self.outbox.insert(be(id), report.encode_to_vec())?.is_none() {
+        if self.outbox.put_record(be(id), report)?.is_none() {
             self.outbox_count.fetch_add(1, Ordering::Relaxed);
         }
         self.flush().await
