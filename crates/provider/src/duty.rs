@@ -30,22 +30,22 @@ where
                 let token = shutdown.child_token();
                 let task = tokio::spawn(work(token.clone()));
                 let held = Arc::new(held);
-                loop {
+                // Until a stop (Break) or the duty is lost (Continue); either way the work ends.
+                let after = loop {
                     tokio::select! {
-                        _ = shutdown.cancelled() => {
-                            token.cancel();
-                            let _ = task.await;
-                            return;
-                        }
+                        _ = shutdown.cancelled() => break std::ops::ControlFlow::Break(()),
                         _ = tokio::time::sleep(RETRY) => {}
                     }
                     let still = held.clone();
                     if !tokio::task::spawn_blocking(move || still.still_held()).await.unwrap_or(false) {
                         tracing::warn!(duty, "lost the duty");
-                        token.cancel();
-                        let _ = task.await;
-                        break;
+                        break std::ops::ControlFlow::Continue(());
                     }
+                };
+                token.cancel();
+                let _ = task.await;
+                if after.is_break() {
+                    return;
                 }
             }
             Ok(Ok(None)) => {}

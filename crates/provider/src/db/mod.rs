@@ -116,10 +116,6 @@ impl Db {
         Ok(Db(Arc::new(postgres_adapter::PgEngine::open(url)?)))
     }
 
-    pub fn engine(&self) -> &'static str {
-        self.0.name()
-    }
-
     pub fn open_tree(&self, name: &str) -> Result<Tree> {
         Ok(Tree { db: self.0.clone(), index: self.0.open_tree(name)? })
     }
