@@ -18,6 +18,9 @@ use crate::pair::Fence;
 /// Longest time a write nobody waits on stays only in memory.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
+/// Work done on the commit thread before each flush.
+pub type BeforeFlush = Box<dyn Fn() + Send>;
+
 #[derive(Default)]
 struct Queue {
     /// Generations asked for by waiting writers; the flusher serves all of them at once.
@@ -55,13 +58,15 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(db: Db, fence: Arc<OnceLock<Fence>>) -> Result<Self> {
+    /// Starts the commit thread for `db`; `before` runs before every flush (writes gathered in
+    /// memory, such as machines' contacts, join the commit there).
+    pub fn start(db: Db, fence: Arc<OnceLock<Fence>>, before: BeforeFlush) -> Result<Self> {
         let shared = Arc::new(Shared { queue: Mutex::new(Queue::default()), wake: Condvar::new() });
         let (tx, done) = watch::channel(Flushed { generation: 0, failure: None });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || run(db, fence, thread_shared, tx))
+            .spawn(move || run(db, fence, before, thread_shared, tx))
             .map_err(|e| ProviderError::Io(format!("cannot start the store's commit thread: {e}")))?;
         Ok(Self { shared, done, thread: Some(thread) })
     }
@@ -111,7 +116,7 @@ fn poisoned() -> ProviderError {
     ProviderError::Store("the store's commit queue is poisoned".into())
 }
 
-fn run(db: Db, fence: Arc<OnceLock<Fence>>, shared: Arc<Shared>, tx: watch::Sender<Flushed>) {
+fn run(db: Db, fence: Arc<OnceLock<Fence>>, before: BeforeFlush, shared: Arc<Shared>, tx: watch::Sender<Flushed>) {
     let mut served = 0u64;
     loop {
         let (generation, stop) = {
@@ -132,6 +137,7 @@ fn run(db: Db, fence: Arc<OnceLock<Fence>>, shared: Arc<Shared>, tx: watch::Send
             q.dirty = false;
             (q.requested, q.stop)
         };
+        before();
         let failure = match fence.get().map(Fence::check) {
             Some(Err(ProviderError::Fenced { mine, current })) => Some(Failure::Fenced { mine, current }),
             Some(Err(e)) => Some(Failure::Io(e.to_string())),
@@ -157,7 +163,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open_embedded(dir.path()).unwrap();
         let t = db.open_tree("t").unwrap();
-        let c = Arc::new(Committer::start(db.clone(), Default::default()).unwrap());
+        let c = Arc::new(Committer::start(db.clone(), Default::default(), Box::new(|| {})).unwrap());
         let tasks: Vec<_> = (0..500u32)
             .map(|i| {
                 let (c, t) = (c.clone(), t.clone());
@@ -183,7 +189,7 @@ mod tests {
         let mine = pair.take_over("a", "http://a:1").unwrap();
         let fence = Arc::new(OnceLock::new());
         let _ = fence.set(pair.fence(mine));
-        let c = Committer::start(Db::open_embedded(&dir.path().join("db")).unwrap(), fence).unwrap();
+        let c = Committer::start(Db::open_embedded(&dir.path().join("db")).unwrap(), fence, Box::new(|| {})).unwrap();
         c.durable().await.unwrap();
         pair.take_over("b", "http://b:1").unwrap();
         assert!(matches!(c.durable().await, Err(ProviderError::Fenced { .. })));

@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod catalog;
 pub mod ceiling;
 pub mod commit;
+pub mod contacts;
 pub mod content;
 pub mod db;
 pub mod decided;
@@ -176,6 +177,9 @@ pub struct Shared {
     pub imports: tokio::sync::Mutex<()>,
     /// Cancelled when this server stops serving: push streams end at once (see [`serve`]).
     pub stopping: CancellationToken,
+    /// Whether the store's database server answers (always, for an embedded store): a provider
+    /// cut off from it reports NOT_SERVING and sends agents elsewhere (see `content::member_loop`).
+    pub database_ok: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -201,6 +205,7 @@ impl Shared {
             imports: Default::default(),
             member_fetches: Default::default(),
             stopping: CancellationToken::new(),
+            database_ok: tokio::sync::watch::Sender::new(true),
             store,
             blobs,
             hub: Hub::default(),
@@ -519,6 +524,22 @@ pub async fn serve<T: agent_api::Tier>(
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health::report(&health, &services.iter().map(|s| (*s, true)).collect::<Vec<_>>()).await;
+    // Serving while the store answers; NOT_SERVING while its database server cannot be reached.
+    tokio::spawn({
+        let (health, services, stopping, probe) = (health.clone(), services.clone(), stopping.clone(), probe.clone());
+        let mut reachable = shared.database_ok.subscribe();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    changed = reachable.changed() => if changed.is_err() { return },
+                }
+                let ok = *reachable.borrow_and_update();
+                health::report(&health, &services.iter().map(|s| (*s, ok)).collect::<Vec<_>>()).await;
+                probe.set(ok, if ok { "active (shared database)" } else { "cut off from the database" });
+            }
+        }
+    });
     let signal = {
         let (stopping, probe) = (stopping.clone(), probe.clone());
         async move {

@@ -16,6 +16,7 @@ use updraft_proto::v1::{
 };
 
 use crate::commit::Committer;
+use crate::contacts::{Contact, Contacts};
 use crate::db::{Db, Tree, Tx};
 use crate::error::{ProviderError, Result};
 use crate::pair::Fence;
@@ -211,6 +212,8 @@ pub struct Store {
     caps: Tree,
     meta: Tree,
     machines: Tree,
+    /// Machines' last contacts, written with the next commit.
+    contacts: std::sync::Arc<Contacts>,
     activity: Tree,
     /// `machine \0 activity key` -> (): each machine's entries in time order.
     activity_by_machine: Tree,
@@ -321,14 +324,25 @@ impl Store {
     /// schema first.
     pub fn on(db: Db, location: &str) -> Result<Self> {
         let fence: std::sync::Arc<std::sync::OnceLock<Fence>> = Default::default();
-        let commit = std::sync::Arc::new(Committer::start(db.clone(), fence.clone())?);
+        let machines = db.open_tree("machines")?;
+        let contacts = std::sync::Arc::new(Contacts::open(machines.clone())?);
+        let before = {
+            let (db, contacts) = (db.clone(), contacts.clone());
+            Box::new(move || {
+                if let Err(e) = contacts.write_pending(&db) {
+                    tracing::warn!(error = %e, pending = contacts.pending(), "cannot write machines' contacts yet");
+                }
+            })
+        };
+        let commit = std::sync::Arc::new(Committer::start(db.clone(), fence.clone(), before)?);
         let store = Self {
             updates: db.open_tree("updates")?,
             log: db.open_tree("catalog_log")?,
             log_index: db.open_tree("catalog_log_index")?,
             caps: db.open_tree("caps")?,
             meta: db.open_tree("meta")?,
-            machines: db.open_tree("machines")?,
+            machines,
+            contacts,
             activity: db.open_tree("activity")?,
             activity_by_machine: db.open_tree("activity_by_machine")?,
             outbox: db.open_tree("outbox")?,
@@ -857,9 +871,9 @@ impl Store {
         self.watches.records()
     }
 
-    /// Records a machine's contact; keeps fields the report does not carry. Not waited on: it
-    /// reaches the disk with the next commit (within `commit::FLUSH_EVERY`). Returns whether
-    /// the machine is new, so that callers can make a first record durable ([`Store::sync`]:
+    /// Records a machine's contact (see [`crate::contacts`]): a known machine's waits for the next
+    /// commit (within `commit::FLUSH_EVERY`); a machine new here is written at once. Returns
+    /// whether it was written, so that callers can make a first record durable ([`Store::sync`]:
     /// a check does; a forwarded batch syncs once for all).
     pub async fn record_machine(
         &self,
@@ -868,37 +882,40 @@ impl Store {
         at_ms: i64,
         remote_provider: bool,
     ) -> Result<bool> {
-        let key = info.name.as_bytes();
-        let (mut m, new): (Machine, bool) = match self.machines.get(key)? {
-            Some(v) => (decode(&v)?, false),
-            None => (Machine::default(), true),
-        };
-        m.info = Some(info.clone());
-        m.last_contact_unix_ms = at_ms.max(m.last_contact_unix_ms);
-        m.via = via.to_string();
-        m.is_remote_provider |= remote_provider;
-        self.machines.put_record(key, &m)?;
-        self.commit.soon();
+        let contact = Contact { info: info.clone(), via: via.to_string(), at_ms, remote_provider };
+        let new = self.contacts.record(&self.db, &info.name, contact)?;
+        if !new {
+            self.commit.soon();
+        }
         Ok(new)
     }
 
     /// Keeps a site's last reported counters on its machine record.
     pub async fn set_site_stats(&self, site: &str, stats: SiteStats) -> Result<()> {
-        let Some(v) = self.machines.get(site.as_bytes())? else { return Ok(()) };
-        let mut m: Machine = decode(&v)?;
-        m.site_stats = Some(stats);
-        self.machines.put_record(site.as_bytes(), &m)?;
+        let machines = &self.machines;
+        self.db.transaction(|tx| {
+            let Some(v) = tx.get(machines, site)? else { return Ok(()) };
+            let mut m: Machine = decode(&v)?;
+            m.site_stats = Some(stats.clone());
+            tx.insert(machines, site, m.encode_to_vec())?;
+            Ok::<_, ProviderError>(())
+        })?;
         self.flush().await
     }
 
     pub fn get_machine(&self, name: &str) -> Result<Option<Machine>> {
-        self.machines.record(name.as_bytes())
+        let mut m: Option<Machine> = self.machines.record(name.as_bytes())?;
+        if let Some(m) = &mut m {
+            self.contacts.overlay(name, m);
+        }
+        Ok(m)
     }
 
     /// Deletes a machine's record (`machine forget`; its policy goes through the logged
     /// writes). Whether there was one.
     pub async fn remove_machine(&self, name: &str) -> Result<bool> {
         let had = self.machines.remove(name.as_bytes())?.is_some();
+        self.contacts.forget(name);
         self.flush().await?;
         Ok(had)
     }
@@ -964,7 +981,12 @@ impl Store {
     }
 
     pub fn list_machines(&self) -> Result<Vec<Machine>> {
-        self.machines.records()
+        let mut all: Vec<Machine> = self.machines.records()?;
+        for m in &mut all {
+            let name = m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+            self.contacts.overlay(&name, m);
+        }
+        Ok(all)
     }
 
     /// What every machine with an agent last said about itself (remote providers left out).
