@@ -105,6 +105,11 @@ impl Lab {
         ip(&["-n", &host.ns, "link", "set", "eth0", "down"]);
     }
 
+    /// Cuts `host` off the back network (its lan stays up).
+    pub fn cut_back(&self, host: &Host) {
+        ip(&["-n", &host.ns, "link", "set", "eth1", "down"]);
+    }
+
     /// Waits until something listens on `addr:port` as seen from inside `host`.
     pub fn wait_port(&self, host: &Host, addr: &str, port: u16) {
         let start = Instant::now();

@@ -88,6 +88,61 @@ fn pair_roles(w: &World, host: &Host, provider: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A steady stream of admin writes (`group create wN`) from `ops`, alternating between
+/// providers, each acknowledged one kept with when it was sent.
+struct AdminWrites {
+    acked: Arc<Mutex<Vec<(String, Instant)>>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl AdminWrites {
+    fn start(w: &World, ops: &Host, urls: [String; 2]) -> AdminWrites {
+        let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (acked2, stop2, ops) = (acked.clone(), stop.clone(), ops.clone());
+        let env = w.tls_env(updraft_tests::ADMIN, "admin", &[]);
+        let thread = std::thread::spawn(move || {
+            let mut refused = 0;
+            for i in 0.. {
+                if stop2.load(Ordering::SeqCst) {
+                    return refused;
+                }
+                let name = format!("w{i}");
+                let started = Instant::now();
+                let mut cmd = command_in(&ops, "admin-cli");
+                cmd.envs(env.clone()).args(["--provider", &urls[i % 2], "group", "create", &name]);
+                if cmd.output().unwrap().status.success() {
+                    acked2.lock().unwrap().push((name, started));
+                } else {
+                    refused += 1;
+                }
+            }
+            refused
+        });
+        AdminWrites { acked, stop, thread }
+    }
+
+    fn acked(&self) -> Vec<(String, Instant)> {
+        self.acked.lock().unwrap().clone()
+    }
+
+    /// Waits for a write sent after `t` to be acknowledged; how long after `t` it was sent (an
+    /// upper bound on the time to serve writes again).
+    fn first_acked_after(&self, t: Instant) -> Duration {
+        wait_until("a write sent after the loss to be acknowledged", T, || self.acked().iter().any(|(_, s)| *s > t));
+        self.acked().iter().find(|(_, s)| *s > t).map(|(_, s)| *s - t).unwrap()
+    }
+
+    /// Stops the writes: every acknowledged one, and how many were refused.
+    fn finish(self) -> (Vec<(String, Instant)>, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        let refused = self.thread.join().unwrap();
+        let acked = self.acked.lock().unwrap().clone();
+        (acked, refused)
+    }
+}
+
 /// How the active member of a pair goes away.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Loss {
@@ -133,34 +188,9 @@ fn pair_survives_the_loss_of_its_active(how: Loss) {
     });
 
     // A steady stream of admin writes, alternating between the two members' addresses.
-    // Each acknowledged write, with when it was sent.
-    let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (acked, stop, ops, urls) = (acked.clone(), stop.clone(), ops.clone(), [aurl.clone(), burl.clone()]);
-        let env = w.tls_env(updraft_tests::ADMIN, "admin", &[]);
-        std::thread::spawn(move || {
-            let mut refused = 0;
-            for i in 0.. {
-                if stop.load(Ordering::SeqCst) {
-                    return refused;
-                }
-                let name = format!("w{i}");
-                let started = Instant::now();
-                let mut cmd = command_in(&ops, "admin-cli");
-                cmd.envs(env.clone()).args(["--provider", &urls[i % 2], "group", "create", &name]);
-                let out = cmd.output().unwrap();
-                if out.status.success() {
-                    acked.lock().unwrap().push((name, started));
-                } else {
-                    refused += 1;
-                }
-            }
-            refused
-        })
-    };
+    let writes = AdminWrites::start(&w, &ops, [aurl.clone(), burl.clone()]);
     std::thread::sleep(Duration::from_secs(3));
-    let before = acked.lock().unwrap().len();
+    let before = writes.acked().len();
     let killed = Instant::now();
     match how {
         Loss::Kill9 => a.kill9(),
@@ -170,16 +200,9 @@ fn pair_survives_the_loss_of_its_active(how: Loss) {
             eprintln!("pair: the active exited {:?} after SIGTERM", killed.elapsed());
         }
     }
-    wait_until("a write sent after the kill to be acknowledged", T, || {
-        acked.lock().unwrap().iter().any(|(_, t)| *t > killed)
-    });
-    // An upper bound on the takeover: the first write sent after the kill that was acknowledged
-    // was sent this long after it.
-    let takeover = acked.lock().unwrap().iter().find(|(_, t)| *t > killed).map(|(_, t)| *t - killed).unwrap();
+    let takeover = writes.first_acked_after(killed);
     std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, Ordering::SeqCst);
-    let refused = writer.join().unwrap();
-    let acked = acked.lock().unwrap().clone();
+    let (acked, refused) = writes.finish();
     eprintln!(
         "pair ({how:?}): {} writes acknowledged ({before} before the loss), {refused} refused; first acknowledged write sent {takeover:?} after it",
         acked.len()
@@ -429,4 +452,117 @@ fn nginx(w: &World, port: u16, upstream: &str) -> Proc {
     let p = Proc::spawn(w.dir.path(), "nginx", cmd);
     updraft_tests::wait_port(port);
     p
+}
+
+/// Two providers on two hosts share a PostgreSQL database on a third (over the back network);
+/// agents and a site use both. A mark made through one reaches an agent subscribed to the
+/// other; `kill -9` of one under a steady stream of admin writes and checks loses no
+/// acknowledged write and leaves every agent served by the other; a provider cut off from the
+/// database stops acknowledging writes and reports NOT_SERVING within seconds.
+#[test]
+fn providers_on_two_hosts_share_a_database_on_a_third() {
+    let w = World::new();
+    let mut lab = Lab::new();
+    let (hdb, ha, hb) = (lab.host("db", true), lab.host("pa", true), lab.host("pb", true));
+    let (ops, hs) = (lab.host("ops", false), lab.host("site", false));
+    let (m1, m2, m3) = (lab.host("m1", false), lab.host("m2", false), lab.host("m3", false));
+    // Declared after the lab: dropped (stopped) before its namespaces go.
+    let cluster = updraft_pgtest::Cluster::start_in(&hdb.ns, hdb.back.as_deref().unwrap());
+    cluster.database("updraft");
+    let db = cluster.tcp_url("updraft");
+    // Content locations per host: what one imports, the other fetches on demand.
+    let on_db = |host: &Host, name: &str| {
+        let content = w.path(&format!("{name}-content"));
+        let extra = ["--content", content.to_str().unwrap(), "--metrics-listen", "0.0.0.0:9093"];
+        provider_on(&w, &lab, host, name, &db, &extra)
+    };
+    let mut a = on_db(&ha, "centre-a");
+    let _b = on_db(&hb, "centre-b");
+    let (aurl, burl) = (url(&ha.lan), url(&hb.lan));
+
+    let v1 = publish_in(&w, &ops, &aurl, &w.package("editor", "1.0.0.0", &w.key));
+    let site_store = w.path("site-store");
+    let mut site = command_in(&hs, "remote-provider");
+    let listen = format!("0.0.0.0:{PORT}");
+    site.args(["--upstream", &format!("{aurl},{burl}"), "--store", site_store.to_str().unwrap()])
+        .args(["--listen", &listen, "--name", "site-a"])
+        .envs(w.env_for("site-a", "remote-provider", &[&hs.lan]));
+    let _site = Proc::spawn(w.dir.path(), "site-a", site);
+    lab.wait_port(&hs, &hs.lan, PORT);
+    let (ab, ba) = (format!("{aurl},{burl}"), format!("{burl},{aurl}"));
+    let _a1 = agent_on(&w, &m1, "m1", &["--provider", &ab, "--min-interval", "1"]);
+    // m2 checks once an hour: what reaches it after its first check comes through its push stream.
+    let a2 = agent_on(&w, &m2, "m2", &["--provider", &ba, "--min-interval", "3600"]);
+    let _a3 = agent_on(&w, &m3, "m3", &["--provider", &url(&hs.lan), "--min-interval", "1"]);
+    wait_until("three agents on v1, m2's push stream open", T, || {
+        ["m1", "m2", "m3"].iter().all(|m| w.installed(m, "editor").as_deref() == Some("1.0.0.0"))
+            && a2.log_text().contains("push stream open")
+    });
+
+    // A fix published and marked high priority through A reaches m2 through B's push stream.
+    let v2 = publish_in(&w, &ops, &aurl, &w.package("editor", "2.0.0.0", &w.key));
+    let marked = Instant::now();
+    admin_in_ok(&w, &ops, &aurl, &["update", "priority", &v2, "high"]);
+    wait_until("the fix pushed to m2 through B", Duration::from_secs(20), || {
+        w.installed("m2", "editor").as_deref() == Some("2.0.0.0")
+    });
+    eprintln!("database: a mark made on A installed on B's agent {:?} later", marked.elapsed());
+    assert_eq!(last_provider(&w, "m2"), burl);
+
+    // kill -9 of A under a steady stream of admin writes to both and checks every second.
+    let writes = AdminWrites::start(&w, &ops, [aurl.clone(), burl.clone()]);
+    std::thread::sleep(Duration::from_secs(3));
+    let killed = Instant::now();
+    a.kill9();
+    let served = writes.first_acked_after(killed);
+    std::thread::sleep(Duration::from_secs(2));
+    let (acked, refused) = writes.finish();
+    eprintln!(
+        "database: {} writes acknowledged, {refused} refused; one acknowledged {served:?} after the kill",
+        acked.len()
+    );
+    let groups = admin_in_json(&w, &ops, &burl, &["group", "list"]);
+    let names: Vec<&str> = groups.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    for (g, _) in &acked {
+        assert_eq!(names.iter().filter(|n| **n == g).count(), 1, "acknowledged group {g} lost or doubled: {names:?}");
+    }
+    // Every agent carries on through B, the site's directly and through the site.
+    let v3 = publish_in(&w, &ops, &burl, &w.package("editor", "3.0.0.0", &w.key));
+    wait_until("m1 and m3 on v3 with A gone", T, || {
+        ["m1", "m3"].iter().all(|m| w.installed(m, "editor").as_deref() == Some("3.0.0.0"))
+            && last_provider(&w, "m1") == burl
+    });
+    assert!(v1 != v2 && v2 != v3);
+
+    // A again, then cut off from the database: it reports NOT_SERVING (gRPC health and its
+    // readiness probe) and refuses writes, within seconds; B acknowledges them.
+    let _a_again = on_db(&ha, "centre-a");
+    let health = |u: &str| admin_cmd(&w, &ops, u, &["provider", "health"]).output().unwrap().status.code();
+    wait_until("A serving again", T, || health(&aurl) == Some(0));
+    let ready = || {
+        let probe = format!("http://{}:9093/readyz", ha.lan);
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ops.ns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &probe])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(ready(), "200");
+    let cut = Instant::now();
+    lab.cut_back(&ha);
+    wait_until("A to report NOT_SERVING", T, || health(&aurl) == Some(3));
+    eprintln!("database: A reported NOT_SERVING {:?} after its cut", cut.elapsed());
+    assert!(cut.elapsed() < Duration::from_secs(15), "NOT_SERVING took {:?}", cut.elapsed());
+    assert_eq!(ready(), "503");
+    let refused = admin_cmd(&w, &ops, &aurl, &["group", "create", "while-cut-off"]).output().unwrap();
+    assert!(!refused.status.success(), "a provider without its database acknowledged a write");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("database"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    admin_in_ok(&w, &ops, &burl, &["group", "create", "through-b"]);
+    let groups = admin_in_json(&w, &ops, &burl, &["group", "list"]);
+    assert!(!groups.as_array().unwrap().iter().any(|g| g["name"] == "while-cut-off"), "{groups}");
+    assert_eq!(health(&burl), Some(0));
 }

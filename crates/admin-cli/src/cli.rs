@@ -435,6 +435,9 @@ pub enum GroupCmd {
 pub enum ProviderCmd {
     /// The providers started on this store: which one is active, which are standby.
     Pair,
+    /// Whether this provider serves (gRPC health): NOT_SERVING on a standby, a provider
+    /// stopping, or one cut off from its database. Exits 3 when not serving.
+    Health,
     /// Add (or change) a provider server that groups can assign with `group set --providers NAME`.
     Add {
         name: String,

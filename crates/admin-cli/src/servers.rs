@@ -5,7 +5,7 @@ use updraft_proto::v1::{
 };
 
 use crate::cli::{DiscoveryCmd, ProviderCmd};
-use crate::commands::{connect, rpc};
+use crate::commands::{channel, connect, rpc};
 use crate::output::{age, json as print_json, table};
 
 fn peer_json(p: &Peer) -> Value {
@@ -20,6 +20,9 @@ fn member_json(m: &PairMember) -> Value {
 }
 
 pub async fn provider(url: &str, cmd: ProviderCmd, as_json: bool) -> anyhow::Result<()> {
+    if let ProviderCmd::Health = cmd {
+        return health(url, as_json).await;
+    }
     let mut c = connect(url).await?;
     let peers = match cmd {
         ProviderCmd::Pair => {
@@ -49,6 +52,7 @@ pub async fn provider(url: &str, cmd: ProviderCmd, as_json: bool) -> anyhow::Res
             }
             return Ok(());
         }
+        ProviderCmd::Health => unreachable!("answered above"),
         ProviderCmd::Add { name, address, port, tls, path } => {
             c.put_peer(Peer { name, address, port, tls, path }).await
         }
@@ -93,6 +97,24 @@ pub async fn discovery(url: &str, cmd: DiscoveryCmd, as_json: bool) -> anyhow::R
         println!("discovery on, key {}", d.key);
     } else {
         println!("discovery off");
+    }
+    Ok(())
+}
+
+/// The provider's gRPC health as a whole (`grpc.health.v1`, the empty service name).
+async fn health(url: &str, as_json: bool) -> anyhow::Result<()> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut c = tonic_health::pb::health_client::HealthClient::new(channel(url).await?);
+    let status = c.check(HealthCheckRequest { service: String::new() }).await.map_err(rpc(url))?.into_inner().status();
+    let name = status.as_str_name();
+    if as_json {
+        print_json(&json!({"provider": url, "status": name}));
+    } else {
+        println!("{url}: {name}");
+    }
+    if status != ServingStatus::Serving {
+        std::process::exit(3);
     }
     Ok(())
 }

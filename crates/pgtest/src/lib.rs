@@ -8,10 +8,25 @@
 pub struct Cluster {
     dir: tempfile::TempDir,
     bin: std::path::PathBuf,
+    /// The address it listens on, when it does (see [`Cluster::start_in`]).
+    addr: Option<String>,
 }
 
 impl Cluster {
+    /// A cluster reached only through its Unix socket.
     pub fn start() -> Cluster {
+        Self::start_with(None)
+    }
+
+    /// A cluster whose server runs inside network namespace `netns` and listens on `addr`
+    /// there (port 5432), open to its own subnet without a password (a test network of its
+    /// own, see `tests/netns.rs`); [`Cluster::tcp_url`] names its databases by that address.
+    /// Its socket still serves [`Cluster::database`].
+    pub fn start_in(netns: &str, addr: &str) -> Cluster {
+        Self::start_with(Some((netns, addr)))
+    }
+
+    fn start_with(net: Option<(&str, &str)>) -> Cluster {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .into_iter()
             .flatten()
@@ -21,7 +36,7 @@ impl Cluster {
             .max_by_key(|b| b.parent().and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok()))
             .expect("PostgreSQL's server is not installed (Debian: apt-get install postgresql; .ci/run does)");
         let dir = tempfile::Builder::new().prefix("updraft-pg").tempdir_in("/tmp").unwrap();
-        let cluster = Cluster { dir, bin };
+        let cluster = Cluster { dir, bin, addr: net.map(|(_, a)| a.to_string()) };
         if is_root() {
             let ok = std::process::Command::new("chown").arg("postgres:").arg(cluster.dir.path()).status().unwrap();
             assert!(ok.success(), "chown the cluster's directory to postgres");
@@ -29,15 +44,27 @@ impl Cluster {
         let data = cluster.data();
         cluster.run("initdb", &["-D", &data, "-U", "postgres", "-A", "trust", "--no-sync"]);
         let conf = format!(
-            "listen_addresses = ''\nunix_socket_directories = '{}'\nfsync = on\n",
+            "listen_addresses = '{}'\nunix_socket_directories = '{}'\nfsync = on\n",
+            net.map(|(_, a)| a).unwrap_or(""),
             cluster.dir.path().display()
         );
         let path = cluster.dir.path().join("data/postgresql.conf");
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str(&conf);
         std::fs::write(&path, text).unwrap();
+        if net.is_some() {
+            let hba = cluster.dir.path().join("data/pg_hba.conf");
+            let mut text = std::fs::read_to_string(&hba).unwrap();
+            text.push_str("host all all samenet trust\n");
+            std::fs::write(&hba, text).unwrap();
+        }
         let log = cluster.dir.path().join("log").display().to_string();
-        cluster.run("pg_ctl", &["-D", &data, "-l", &log, "-w", "-t", "120", "start"]);
+        let start = ["-D", data.as_str(), "-l", log.as_str(), "-w", "-t", "120", "start"];
+        match net {
+            // The server lives in the namespace; stopping it later needs only its pid file.
+            Some((ns, _)) => cluster.run_in(Some(ns), "pg_ctl", &start),
+            None => cluster.run("pg_ctl", &start),
+        };
         cluster
     }
 
@@ -62,14 +89,21 @@ impl Cluster {
     }
 
     fn run(&self, tool: &str, args: &[&str]) -> String {
-        let exe = self.bin.join(tool);
-        let mut cmd = if is_root() {
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
-            c
-        } else {
-            std::process::Command::new(&exe)
-        };
+        self.run_in(None, tool, args)
+    }
+
+    fn run_in(&self, netns: Option<&str>, tool: &str, args: &[&str]) -> String {
+        // [ip netns exec NS] [runuser -u postgres --] TOOL
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = netns {
+            argv.extend(["ip", "netns", "exec", ns].map(Into::into));
+        }
+        if is_root() {
+            argv.extend(["runuser", "-u", "postgres", "--"].map(Into::into));
+        }
+        argv.push(self.bin.join(tool).into());
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         let out = cmd.args(args).output().unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{tool} {args:?}: {text}");
@@ -84,6 +118,12 @@ impl Cluster {
     fn url_of(&self, database: &str) -> String {
         let host = self.dir.path().display().to_string().replace('/', "%2F");
         format!("postgres://postgres@{host}/{database}")
+    }
+
+    /// Database `name`'s URL over TCP, for a cluster started with [`Cluster::start_in`].
+    pub fn tcp_url(&self, name: &str) -> String {
+        let addr = self.addr.as_deref().expect("a cluster started with start_in listens on an address");
+        format!("postgres://postgres@{addr}:5432/{name}")
     }
 
     /// A new, empty database `name`, and its URL.

@@ -77,6 +77,14 @@ impl Tier for LocalTier {
             None => Ok(()),
         }
     }
+    /// A provider cut off from its database sends agents and sites to another provider of it
+    /// (its catalog in memory may already be behind theirs).
+    fn ready(&self) -> Result<()> {
+        match *self.shared.database_ok.borrow() {
+            true => Ok(()),
+            false => Err(ProviderError::NotReady("this provider cannot reach its database; ask another".into())),
+        }
+    }
     fn status(&self) -> SiteStats {
         SiteStats {
             site: self.shared.config.name.clone(),
@@ -428,6 +436,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
     type SubscribeStream = PushStream;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<PushStream>, Status> {
+        self.tier.ready()?;
         let caller = crate::auth::Caller::of(&request).cloned();
         let req = request.into_inner();
         validate_machine_name(&req.machine)?;
@@ -451,6 +460,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
         let first = hello(&shared);
         let (streams, machine) = (self.streams.clone(), req.machine.clone());
         let (generation, superseded) = streams.open(&machine);
+        let mut reachable = self.shared.database_ok.subscribe();
         tokio::spawn(
             async move {
                 let _guard = guard;
@@ -466,6 +476,11 @@ impl<T: Tier> AgentApi for AgentService<T> {
                         }
                         _ = shared.stopping.cancelled() => {
                             let _ = tx.try_send(Err(Status::unavailable("this provider is stopping: reconnect elsewhere")));
+                            break;
+                        }
+                        // Cut off from the database, this provider hears no other's changes.
+                        _ = async { reachable.wait_for(|ok| !*ok).await.is_ok() } => {
+                            let _ = tx.try_send(Err(Status::unavailable("this provider cannot reach its database: reconnect elsewhere")));
                             break;
                         }
                         ev = rx.recv() => {

@@ -21,7 +21,12 @@ pub const MEMBER_FETCH: &str = "updraft-member-fetch";
 pub const BEAT: Duration = Duration::from_secs(2);
 pub const GONE_AFTER: Duration = Duration::from_secs(10);
 
-/// Advertises this provider (name, URL) in the database until `stop`.
+/// How long the database may take to take this provider's beat before the provider counts
+/// itself cut off (and reports NOT_SERVING until a beat is taken again).
+pub const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
+
+/// Advertises this provider (name, URL) in the database until `stop`; each beat also tells
+/// whether the database answers ([`Shared::database_ok`]).
 pub async fn member_loop(shared: Arc<Shared>, url: String, stop: CancellationToken) {
     let since = now_ms();
     loop {
@@ -35,14 +40,33 @@ pub async fn member_loop(shared: Arc<Shared>, url: String, stop: CancellationTok
             ..Default::default()
         };
         let store = shared.store.clone();
-        match tokio::task::spawn_blocking(move || store.put_member(&me)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot advertise this provider in the database"),
+        let beat = tokio::task::spawn_blocking(move || store.put_member(&me));
+        tokio::pin!(beat);
+        let taken = match tokio::time::timeout(CUT_OFF_AFTER, &mut beat).await {
+            Ok(taken) => taken,
+            Err(_) => {
+                reachable(&shared, false, "the database has not answered for 3 s");
+                beat.await
+            }
+        };
+        match taken {
+            Ok(Ok(())) => reachable(&shared, true, ""),
+            Ok(Err(e)) => reachable(&shared, false, &e.to_string()),
             Err(e) => tracing::warn!(error = %e, "advertising this provider failed"),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(BEAT) => {}
+        }
+    }
+}
+
+/// Records whether the database answers, logging each change once.
+fn reachable(shared: &Shared, ok: bool, why: &str) {
+    if shared.database_ok.send_replace(ok) != ok {
+        match ok {
+            true => tracing::info!("the database answers again: serving"),
+            false => tracing::error!(error = %why, "cut off from the database: NOT_SERVING until it answers"),
         }
     }
 }

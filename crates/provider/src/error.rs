@@ -23,6 +23,9 @@ pub enum ProviderError {
     NotReady(String),
     #[error("store error: {0}")]
     Store(String),
+    /// The store's database server cannot be reached from this provider.
+    #[error("store error: {0}")]
+    StoreUnreachable(String),
     #[error("{0}")]
     StoreInUse(String),
     #[error(
@@ -41,6 +44,7 @@ impl From<crate::db::Error> for ProviderError {
         match e {
             crate::db::Error::InUse(what) => ProviderError::StoreInUse(what),
             e @ crate::db::Error::Engine { .. } => ProviderError::Store(e.to_string()),
+            e @ crate::db::Error::Unreachable { .. } => ProviderError::StoreUnreachable(e.to_string()),
         }
     }
 }
@@ -56,6 +60,7 @@ impl From<ProviderError> for Status {
             ProviderError::Upstream(_)
             | ProviderError::NotReady(_)
             | ProviderError::StoreInUse(_)
+            | ProviderError::StoreUnreachable(_)
             | ProviderError::Fenced { .. } => Code::Unavailable,
             ProviderError::Store(_) | ProviderError::Io(_) => Code::Internal,
             ProviderError::Core(c) => match c {

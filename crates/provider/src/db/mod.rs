@@ -28,14 +28,18 @@ pub type Value = Vec<u8>;
 pub type Entry = (Value, Value);
 pub type Iter<'a> = Box<dyn Iterator<Item = Result<Entry>> + Send + 'a>;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     /// Another process holds the database.
     #[error("{0}")]
     InUse(String),
-    /// The engine failed: I/O, corruption, a lost connection.
+    /// The engine failed: I/O, corruption, a refused statement.
     #[error("{engine}: {message}")]
     Engine { engine: &'static str, message: String },
+    /// The database server cannot be reached (connection refused, lost or timed out): another
+    /// provider of the database may still serve.
+    #[error("{engine} unreachable: {message}")]
+    Unreachable { engine: &'static str, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -41,20 +41,58 @@ const SCHEMA: &str = "
     CREATE SEQUENCE IF NOT EXISTS updraft_ids;
 ";
 
+/// An error from the client: [`Error::Unreachable`] when the server cannot be reached or has
+/// gone (no answer at all, a connection exception, the server shutting down or read-only after a
+/// failover), [`Error::Engine`] when it refused a statement.
 fn err(e: &postgres::Error) -> Error {
-    let message = match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+    match e.as_db_error() {
+        Some(db) => {
+            let message = format!("{} ({})", db.message(), db.code().code());
+            let code = db.code().code();
+            if code.starts_with("08") || code.starts_with("57P") || code == "25006" {
+                Error::Unreachable { engine: ENGINE, message }
+            } else {
+                Error::Engine { engine: ENGINE, message }
+            }
+        }
         None => {
-            let mut text = e.to_string();
+            let mut message = e.to_string();
             let mut source = std::error::Error::source(e);
             while let Some(s) = source {
-                text = format!("{text}: {s}");
+                message = format!("{message}: {s}");
                 source = s.source();
             }
-            text
+            Error::Unreachable { engine: ENGINE, message }
         }
-    };
-    Error::Engine { engine: ENGINE, message }
+    }
+}
+
+/// How long a provider waits for the database server before it takes it for unreachable:
+/// connecting, and for a statement's bytes to be acknowledged (a link cut, a host gone).
+const REACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Bounds every wait on the server, unless the connection string chose otherwise: connecting,
+/// unacknowledged bytes (`tcp_user_timeout`), and a silent peer on an idle connection (TCP
+/// keepalives, at both ends, so the server also drops a cut-off provider's session and its
+/// duty locks within seconds instead of the system's two hours).
+fn bounded(mut config: postgres::Config) -> postgres::Config {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(REACH_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(REACH_TIMEOUT);
+    }
+    if config.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
+        config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(3));
+        config.keepalives_interval(std::time::Duration::from_secs(1)).keepalives_retries(3);
+    }
+    if config.get_options().is_none() {
+        config.options(&format!(
+            "-c tcp_keepalives_idle=3 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 -c tcp_user_timeout={}",
+            REACH_TIMEOUT.as_millis()
+        ));
+    }
+    config
 }
 
 fn retryable(e: &postgres::Error) -> bool {
@@ -246,6 +284,7 @@ impl PgEngine {
             engine: ENGINE,
             message: format!("not a PostgreSQL connection string ({e}): {}", redact(url)),
         })?;
+        let config = bounded(config);
         let pool = Arc::new(Pool { config, state: Mutex::new(PoolState::default()), freed: Condvar::new() });
         pool.lease()?
             .run(|c| {
@@ -453,7 +492,7 @@ impl PgTx<'_> {
             None => self.lease.borrow_mut().run(f),
         };
         outcome.map_err(|failure| {
-            let e = Error::Engine { engine: ENGINE, message: failure.error().to_string() };
+            let e = failure.error().clone();
             self.failed.set(Some(failure));
             e
         })
