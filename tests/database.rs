@@ -70,7 +70,8 @@ fn providers_on_one_database_all_serve_and_hand_over_duties() {
 
 /// `provider store move --to postgres://…`: everything a directory store held — catalog,
 /// groups, machines, users, the audit chain — is in the database, the blobs stay as the
-/// content location, and the directory refuses to start a provider again.
+/// content location, and the directory refuses to start a provider again; `store merge
+/// --into postgres://… --content DIR` brings a second store's updates and blobs in.
 #[test]
 fn a_directory_store_moves_into_a_database() {
     let cluster = updraft_pgtest::Cluster::start();
@@ -88,18 +89,25 @@ fn a_directory_store_moves_into_a_database() {
     assert!(ok && text.contains("1 updates, 1 machines"), "{text}");
     let (ok, text) = provider(&["--store", from.to_str().unwrap(), "--listen", "127.0.0.1:0", "--insecure"]);
     assert!(!ok && text.contains("was moved to postgres://"), "{text}");
-    // Moving into a database that holds a store already is refused, and changes nothing.
-    let (mut other, _) = w.provider("other-store", true);
+    // Moving into a database that holds a store already is refused, and changes nothing;
+    // merging into it brings the other store's updates, and their blobs into the content
+    // location named.
+    let (mut other, other_url) = w.provider("other-store", true);
+    let viewer = w.publish(&other_url, &w.package("viewer", "1.0.0.0", &w.key));
     other.term();
     assert!(other.wait_exit(T), "the other provider stops");
     let other = w.path("other-store");
     let (ok, text) = provider(&["store", "move", "--from", other.to_str().unwrap(), "--to", &db]);
     assert!(!ok && text.contains("already holds a store"), "{text}");
     let (ok, text) = provider(&["store", "merge", "--from", other.to_str().unwrap(), "--into", &db]);
-    assert!(!ok && text.contains("not supported yet"), "{text}");
+    assert!(!ok && text.contains("needs --content"), "{text}");
+    let merge = ["store", "merge", "--from", other.to_str().unwrap(), "--into", &db, "--content", from.to_str().unwrap()];
+    let (ok, text) = provider(&merge);
+    assert!(ok && text.contains("\"updates_added\": 1") && text.contains("\"blobs_copied\": 1"), "{text}");
 
     let (_two, url) = w.provider_on_database("two", &db, &from);
     assert_eq!(w.admin_json(&url, &["update", "show", &id])["id"], id.as_str());
+    assert_eq!(w.admin_json(&url, &["update", "show", &viewer])["product"], "viewer");
     let groups = w.admin_json(&url, &["group", "list"]);
     assert!(groups.as_array().unwrap().iter().any(|g| g["name"] == "lab"), "{groups}");
     let machines = w.admin_json(&url, &["machine", "list"]);
@@ -108,10 +116,12 @@ fn a_directory_store_moves_into_a_database() {
     let audit = w.admin_json(&url, &["audit", "list"]);
     assert!(audit.as_array().unwrap().len() >= audited, "{audit}");
     w.admin_ok(&url, &["audit", "verify"]);
-    // The blobs stayed where they were: an agent still gets the package from them.
+    // The blobs stayed where they were, and the merged ones joined them: an agent gets both
+    // packages from them.
     let _m2 = w.agent("m2", &url);
-    wait_until("m2 on v1 from the database's provider", T, || {
+    wait_until("m2 on editor and viewer from the database's provider", T, || {
         w.installed("m2", "editor").as_deref() == Some("1.0.0.0")
+            && w.installed("m2", "viewer").as_deref() == Some("1.0.0.0")
     });
 }
 

@@ -101,12 +101,17 @@ enum StoreCmd {
         #[arg(long)]
         to: String,
     },
-    /// Merge a provider's separate store into a shared one (most recent machine records win).
+    /// Merge a provider's separate store into a shared one — a directory, or a PostgreSQL
+    /// database with `--content` (most recent machine records win).
     Merge {
         #[arg(long)]
         from: PathBuf,
         #[arg(long)]
-        into: PathBuf,
+        into: String,
+        /// With a database: the content location that receives the merged updates' blobs
+        /// (a provider of the database started with `--content` there serves them).
+        #[arg(long)]
+        content: Option<PathBuf>,
     },
 }
 
@@ -141,12 +146,21 @@ async fn store_cmd(cmd: StoreCmd) -> anyhow::Result<()> {
                 to.display()
             );
         }
-        StoreCmd::Merge { into, .. } if is_database(&into.to_string_lossy()) => {
-            anyhow::bail!(
-                "store merge into a database is not supported yet: merge the directory stores first, then `store move` the result into the database"
-            );
+        StoreCmd::Merge { from, into, content } if is_database(&into) => {
+            let Some(content) = content else {
+                anyhow::bail!(
+                    "store merge into a database needs --content DIR: the content location that receives the merged blobs"
+                );
+            };
+            let r = updraft_provider::storage::merge_store_into_database(&from, &into, &content).await?;
+            println!("merged {} into the database (blobs into {}):", from.display(), content.display());
+            println!("{}", serde_json::to_string_pretty(&r)?);
         }
-        StoreCmd::Merge { from, into } => {
+        StoreCmd::Merge { content: Some(_), .. } => {
+            anyhow::bail!("--content is for a merge into a database: a directory store keeps its blobs inside it");
+        }
+        StoreCmd::Merge { from, into, content: None } => {
+            let into = PathBuf::from(into);
             let r = updraft_provider::storage::merge_store(&from, &into).await?;
             println!("merged {} into {}:", from.display(), into.display());
             println!("{}", serde_json::to_string_pretty(&r)?);

@@ -91,6 +91,27 @@ pub async fn merge_store(from: &Path, into: &Path) -> Result<MergeReport> {
     }
     let (src, dst) = (Store::open(from)?, Store::open(into)?);
     let (src_blobs, dst_blobs) = (BlobStore::open(&from.join("blobs"))?, BlobStore::open(&into.join("blobs"))?);
+    let r = merge(&src, &src_blobs, &dst, &dst_blobs).await?;
+    PairDir::open(into)?.raise_epoch_to(PairDir::open(from)?.epoch()?)?;
+    Ok(r)
+}
+
+/// Merges the store at `from` into the store in the PostgreSQL database at `url`, as
+/// [`merge_store`] does; the blobs of the updates it brings are copied into the content
+/// location `content` (a provider of the database started with `--content CONTENT` serves
+/// them; the others fetch them from it).
+pub async fn merge_store_into_database(from: &Path, url: &str, content: &Path) -> Result<MergeReport> {
+    if !from.join("db").exists() {
+        return Err(ProviderError::InvalidArgument(format!("{} holds no store", from.display())));
+    }
+    let src = Store::open(from)?;
+    let dst = Store::on(crate::db::Db::open_postgres(url)?, "the PostgreSQL database")?;
+    let (src_blobs, dst_blobs) = (BlobStore::open(&from.join("blobs"))?, BlobStore::open(&content.join("blobs"))?);
+    merge(&src, &src_blobs, &dst, &dst_blobs).await
+}
+
+/// The merge itself, between stores of any engines.
+async fn merge(src: &Store, src_blobs: &BlobStore, dst: &Store, dst_blobs: &BlobStore) -> Result<MergeReport> {
     let mut r = MergeReport::default();
 
     for u in src.list_updates()? {
@@ -177,7 +198,6 @@ pub async fn merge_store(from: &Path, into: &Path) -> Result<MergeReport> {
     let activity = src.list_activity("", "", 0, crate::store::MAX_ACTIVITY)?;
     r.activity_copied = activity.len();
     dst.append_activity(&activity).await?;
-    PairDir::open(into)?.raise_epoch_to(PairDir::open(from)?.epoch()?)?;
     Ok(r)
 }
 
