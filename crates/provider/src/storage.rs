@@ -119,7 +119,7 @@ async fn merge(src: &Store, src_blobs: &BlobStore, dst: &Store, dst_blobs: &Blob
         if dst.get_update(&u.id).is_ok() || dup {
             continue;
         }
-        if src_blobs.has(&u.content_hash) && dst_blobs.copy_from(&src_blobs, &u.content_hash).await? {
+        if src_blobs.has(&u.content_hash) && dst_blobs.copy_from(src_blobs, &u.content_hash).await? {
             r.blobs_copied += 1;
         }
         dst.change_update(&u.id, Some(u.clone()), |_| Ok(())).await?;
