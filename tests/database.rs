@@ -101,7 +101,8 @@ fn a_directory_store_moves_into_a_database() {
     assert!(!ok && text.contains("already holds a store"), "{text}");
     let (ok, text) = provider(&["store", "merge", "--from", other.to_str().unwrap(), "--into", &db]);
     assert!(!ok && text.contains("needs --content"), "{text}");
-    let merge = ["store", "merge", "--from", other.to_str().unwrap(), "--into", &db, "--content", from.to_str().unwrap()];
+    let merge =
+        ["store", "merge", "--from", other.to_str().unwrap(), "--into", &db, "--content", from.to_str().unwrap()];
     let (ok, text) = provider(&merge);
     assert!(ok && text.contains("\"updates_added\": 1") && text.contains("\"blobs_copied\": 1"), "{text}");
 

@@ -15,8 +15,9 @@ use std::sync::Mutex;
 use prost::Message;
 use updraft_proto::v1::{Machine, MachineInfo};
 
-use crate::db::{Db, Tree, Tx};
+use crate::db::{Db, Tx};
 use crate::error::{ProviderError, Result};
+use crate::table::Table;
 
 /// One contact: what a machine said, through whom, and when.
 #[derive(Clone, Debug)]
@@ -49,7 +50,7 @@ impl Contact {
 
 /// Contacts not yet written, and the machines known to have a record.
 pub struct Contacts {
-    machines: Tree,
+    machines: Table<Machine>,
     state: Mutex<State>,
 }
 
@@ -67,7 +68,7 @@ fn poisoned() -> ProviderError {
 
 impl Contacts {
     /// Knows every machine that has a record in `machines`.
-    pub fn open(machines: Tree) -> Result<Self> {
+    pub fn open(machines: Table<Machine>) -> Result<Self> {
         let mut known = HashSet::new();
         for kv in machines.iter()? {
             let (k, _) = kv?;
@@ -96,8 +97,8 @@ impl Contacts {
     }
 
     fn write(&self, tx: &Tx<'_>, name: &str, contact: &Contact) -> Result<()> {
-        let mut m = match tx.get(&self.machines, name)? {
-            Some(v) => Machine::decode(v.as_ref()).map_err(|e| ProviderError::Store(format!("machine {name}: {e}")))?,
+        let mut m: Machine = match tx.get(&self.machines, name)? {
+            Some(v) => crate::table::decode(&v)?,
             None => Machine::default(),
         };
         contact.apply(&mut m);
@@ -187,12 +188,12 @@ mod tests {
     fn a_first_contact_is_written_at_once_and_later_ones_with_the_commit() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open_embedded(dir.path()).unwrap();
-        let machines = db.open_tree("machines").unwrap();
+        let machines: Table<Machine> = Table::open(&db, "machines").unwrap();
         let contacts = Contacts::open(machines.clone()).unwrap();
         assert!(contacts.record(&db, "m", contact(1, "direct", false)).unwrap());
         assert!(machines.contains_key("m").unwrap());
         assert!(!contacts.record(&db, "m", contact(2, "site", false)).unwrap());
-        let stored = |t: &Tree| Machine::decode(t.get("m").unwrap().unwrap().as_ref()).unwrap();
+        let stored = |t: &Table<Machine>| t.get("m").unwrap().unwrap();
         assert_eq!(stored(&machines).last_contact_unix_ms, 1);
         let mut seen = stored(&machines);
         contacts.overlay("m", &mut seen);

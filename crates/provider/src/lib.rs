@@ -30,6 +30,7 @@ pub mod servers;
 pub mod statement;
 pub mod storage;
 pub mod store;
+pub mod table;
 pub mod wire;
 
 use std::path::PathBuf;

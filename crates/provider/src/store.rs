@@ -20,6 +20,7 @@ use crate::contacts::{Contact, Contacts};
 use crate::db::{Db, Tree, Tx};
 use crate::error::{ProviderError, Result};
 use crate::pair::Fence;
+use crate::table::{Table, decode};
 
 const CATALOG_SEQ: &[u8] = b"catalog_seq";
 const STATEMENT: &[u8] = b"statement";
@@ -206,30 +207,30 @@ fn log_change(tx: &Tx<'_>, s: &Store, key: &[u8], seq: Option<u64>) -> Result<u6
 #[derive(Clone)]
 pub struct Store {
     db: Db,
-    updates: Tree,
+    updates: Table<Update>,
     log: Tree,
     log_index: Tree,
-    caps: Tree,
+    caps: Table<ProductLineCap>,
     meta: Tree,
-    machines: Tree,
+    machines: Table<Machine>,
     /// Machines' last contacts, written with the next commit.
     contacts: std::sync::Arc<Contacts>,
-    activity: Tree,
+    activity: Table<Activity>,
     /// `machine \0 activity key` -> (): each machine's entries in time order.
     activity_by_machine: Tree,
-    outbox: Tree,
-    watches: Tree,
-    groups: Tree,
+    outbox: Table<ForwardedReport>,
+    watches: Table<WatchFolder>,
+    groups: Table<Group>,
     assignments: Tree,
-    pins: Tree,
-    peers: Tree,
-    settings: Tree,
-    deployments: Tree,
+    pins: Table<MachinePins>,
+    peers: Table<Peer>,
+    settings: Table<Discovery>,
+    deployments: Table<Deployment>,
     roles: Tree,
-    users: Tree,
-    audit: Tree,
+    users: Table<User>,
+    audit: Table<AuditEntry>,
     /// Providers sharing a database server, by name: each says where it is and when it last did.
-    members: Tree,
+    members: Table<PairMember>,
     /// Audit appends read the last entry to chain the next: one at a time.
     audit_lock: std::sync::Arc<std::sync::Mutex<()>>,
     fence: std::sync::Arc<std::sync::OnceLock<Fence>>,
@@ -260,31 +261,6 @@ pub fn audit_fields(e: &AuditEntry) -> updraft_core::audit::Fields<'_> {
         action: &e.action,
         outcome: &e.outcome,
         prev_hash: &e.prev_hash,
-    }
-}
-
-fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
-    M::decode(bytes).map_err(|e| ProviderError::Store(format!("corrupt record: {e}")))
-}
-
-/// Protobuf records in a tree: the one place the store reads and writes them.
-trait Records {
-    fn record<M: Message + Default>(&self, key: impl AsRef<[u8]>) -> Result<Option<M>>;
-    fn records<M: Message + Default>(&self) -> Result<Vec<M>>;
-    fn put_record(&self, key: impl AsRef<[u8]>, record: &impl Message) -> Result<Option<crate::db::Value>>;
-}
-
-impl Records for Tree {
-    fn record<M: Message + Default>(&self, key: impl AsRef<[u8]>) -> Result<Option<M>> {
-        self.get(key)?.map(|v| decode(&v)).transpose()
-    }
-
-    fn records<M: Message + Default>(&self) -> Result<Vec<M>> {
-        self.iter()?.map(|kv| decode(&kv?.1)).collect()
-    }
-
-    fn put_record(&self, key: impl AsRef<[u8]>, record: &impl Message) -> Result<Option<crate::db::Value>> {
-        Ok(self.insert(key, record.encode_to_vec())?)
     }
 }
 
@@ -324,7 +300,7 @@ impl Store {
     /// schema first.
     pub fn on(db: Db, location: &str) -> Result<Self> {
         let fence: std::sync::Arc<std::sync::OnceLock<Fence>> = Default::default();
-        let machines = db.open_tree("machines")?;
+        let machines = Table::open(&db, "machines")?;
         let contacts = std::sync::Arc::new(Contacts::open(machines.clone())?);
         let before = {
             let (db, contacts) = (db.clone(), contacts.clone());
@@ -336,27 +312,27 @@ impl Store {
         };
         let commit = std::sync::Arc::new(Committer::start(db.clone(), fence.clone(), before)?);
         let store = Self {
-            updates: db.open_tree("updates")?,
+            updates: Table::open(&db, "updates")?,
             log: db.open_tree("catalog_log")?,
             log_index: db.open_tree("catalog_log_index")?,
-            caps: db.open_tree("caps")?,
+            caps: Table::open(&db, "caps")?,
             meta: db.open_tree("meta")?,
             machines,
             contacts,
-            activity: db.open_tree("activity")?,
+            activity: Table::open(&db, "activity")?,
             activity_by_machine: db.open_tree("activity_by_machine")?,
-            outbox: db.open_tree("outbox")?,
-            watches: db.open_tree("watches")?,
-            groups: db.open_tree("groups")?,
+            outbox: Table::open(&db, "outbox")?,
+            watches: Table::open(&db, "watches")?,
+            groups: Table::open(&db, "groups")?,
             assignments: db.open_tree("assignments")?,
-            pins: db.open_tree("pins")?,
-            peers: db.open_tree("peers")?,
-            settings: db.open_tree("settings")?,
-            deployments: db.open_tree("deployments")?,
+            pins: Table::open(&db, "pins")?,
+            peers: Table::open(&db, "peers")?,
+            settings: Table::open(&db, "settings")?,
+            deployments: Table::open(&db, "deployments")?,
             roles: db.open_tree("roles")?,
-            users: db.open_tree("users")?,
-            audit: db.open_tree("audit")?,
-            members: db.open_tree("members")?,
+            users: Table::open(&db, "users")?,
+            audit: Table::open(&db, "audit")?,
+            members: Table::open(&db, "members")?,
             audit_lock: Default::default(),
             announce: Default::default(),
             activity_count: Default::default(),
@@ -394,7 +370,7 @@ impl Store {
                     version: String::from_utf8_lossy(&v).into_owned(),
                     ..Default::default()
                 };
-                self.caps.put_record(k, &cap)?;
+                self.caps.put(k, &cap)?;
             }
         }
         if found < 3 {
@@ -492,11 +468,11 @@ impl Store {
     }
 
     pub fn get_update(&self, id: &str) -> Result<Update> {
-        self.updates.record(id)?.ok_or_else(|| ProviderError::UnknownUpdate(id.to_string()))
+        self.updates.get(id)?.ok_or_else(|| ProviderError::UnknownUpdate(id.to_string()))
     }
 
     pub fn list_updates(&self) -> Result<Vec<Update>> {
-        self.updates.records()
+        self.updates.all()
     }
 
     /// Applies `change` to the update `id` (or inserts `fresh` when it does not exist yet),
@@ -554,11 +530,11 @@ impl Store {
     }
 
     pub fn list_caps(&self) -> Result<Vec<ProductLineCap>> {
-        self.caps.records()
+        self.caps.all()
     }
 
     pub fn get_cap(&self, line: &str) -> Result<Option<ProductLineCap>> {
-        self.caps.record(line.as_bytes())
+        self.caps.get(line.as_bytes())
     }
 
     /// Stores a change exactly as an upstream sent it (a site replica keeps the upstream's
@@ -630,7 +606,7 @@ impl Store {
             let (kind, name) = key.split_at(1);
             let name = String::from_utf8_lossy(name).into_owned();
             out.push(match kind {
-                b"u" => match self.updates.record(&name)? {
+                b"u" => match self.updates.get(&name)? {
                     Some(u) => Change::Upsert(Box::new(u)),
                     None => Change::Deleted { id: name, seq },
                 },
@@ -714,11 +690,11 @@ impl Store {
     }
 
     pub fn get_group(&self, name: &str) -> Result<Option<Group>> {
-        self.groups.record(name.as_bytes())
+        self.groups.get(name.as_bytes())
     }
 
     pub fn list_groups(&self) -> Result<Vec<Group>> {
-        self.groups.records()
+        self.groups.all()
     }
 
     /// Moves a machine to a group (the default group when `group` is empty).
@@ -744,7 +720,7 @@ impl Store {
     pub fn pins_of(&self, machine: &str) -> Result<MachinePins> {
         Ok(self
             .pins
-            .record(machine)?
+            .get(machine)?
             .unwrap_or_else(|| MachinePins { machine: machine.to_string(), ..Default::default() }))
     }
 
@@ -755,7 +731,7 @@ impl Store {
     }
 
     pub fn list_deployments(&self) -> Result<Vec<Deployment>> {
-        self.deployments.records()
+        self.deployments.all()
     }
 
     /// Sets (or, with an empty role, clears) an administrator's choice of a machine's role.
@@ -777,21 +753,21 @@ impl Store {
     }
 
     pub fn get_peer(&self, name: &str) -> Result<Option<Peer>> {
-        self.peers.record(name.as_bytes())
+        self.peers.get(name.as_bytes())
     }
 
     pub fn list_peers(&self) -> Result<Vec<Peer>> {
-        self.peers.records()
+        self.peers.all()
     }
 
     /// Keeps the latest signed catalog statement (a site's copy of the centre's).
     pub async fn put_statement(&self, s: &SignedStatement) -> Result<()> {
-        self.meta.put_record(STATEMENT, s)?;
+        self.meta.insert(STATEMENT, s.encode_to_vec())?;
         self.flush().await
     }
 
     pub fn statement(&self) -> Result<Option<SignedStatement>> {
-        self.meta.record(STATEMENT)
+        self.meta.get(STATEMENT)?.map(|v| decode(&v)).transpose()
     }
 
     pub async fn set_discovery(&self, d: &Discovery) -> Result<u64> {
@@ -800,11 +776,11 @@ impl Store {
 
     /// Whether providers announce themselves (off until an admin turns it on).
     pub fn discovery(&self) -> Result<Discovery> {
-        Ok(self.settings.record(DISCOVERY.as_bytes())?.unwrap_or_default())
+        Ok(self.settings.get(DISCOVERY.as_bytes())?.unwrap_or_default())
     }
 
     pub async fn put_user(&self, u: &User) -> Result<()> {
-        self.users.put_record(u.name.as_bytes(), u)?;
+        self.users.put(u.name.as_bytes(), u)?;
         self.flush().await
     }
 
@@ -815,11 +791,11 @@ impl Store {
     }
 
     pub fn get_user(&self, name: &str) -> Result<Option<User>> {
-        self.users.record(name.as_bytes())
+        self.users.get(name.as_bytes())
     }
 
     pub fn list_users(&self) -> Result<Vec<User>> {
-        self.users.records()
+        self.users.all()
     }
 
     /// Appends to the audit log, chaining the entry to the last one (seq and hashes are
@@ -831,7 +807,7 @@ impl Store {
             e.seq = last.as_ref().map(|l| l.seq + 1).unwrap_or(1);
             e.prev_hash = last.map(|l| l.hash).unwrap_or_default();
             e.hash = updraft_core::audit::chain_hash(&audit_fields(&e));
-            self.audit.put_record(be(e.seq), &e)?;
+            self.audit.put(be(e.seq), &e)?;
         }
         self.flush().await?;
         Ok(e)
@@ -846,7 +822,7 @@ impl Store {
     }
 
     pub async fn add_watch(&self, folder: &WatchFolder) -> Result<()> {
-        self.watches.put_record(folder.path.as_bytes(), folder)?;
+        self.watches.put(folder.path.as_bytes(), folder)?;
         self.flush().await
     }
 
@@ -858,17 +834,17 @@ impl Store {
 
     /// Records a provider of this database as alive; not waited on (said again within seconds).
     pub fn put_member(&self, m: &PairMember) -> Result<()> {
-        self.members.put_record(&m.name, m)?;
+        self.members.put(&m.name, m)?;
         self.commit.soon();
         Ok(())
     }
 
     pub fn list_members(&self) -> Result<Vec<PairMember>> {
-        self.members.records()
+        self.members.all()
     }
 
     pub fn list_watches(&self) -> Result<Vec<WatchFolder>> {
-        self.watches.records()
+        self.watches.all()
     }
 
     /// Records a machine's contact (see [`crate::contacts`]): a known machine's waits for the next
@@ -904,7 +880,7 @@ impl Store {
     }
 
     pub fn get_machine(&self, name: &str) -> Result<Option<Machine>> {
-        let mut m: Option<Machine> = self.machines.record(name.as_bytes())?;
+        let mut m: Option<Machine> = self.machines.get(name.as_bytes())?;
         if let Some(m) = &mut m {
             self.contacts.overlay(name, m);
         }
@@ -923,7 +899,7 @@ impl Store {
     /// Replaces a machine's record whole (store merges).
     pub async fn put_machine(&self, m: &Machine) -> Result<()> {
         let name = m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
-        self.machines.put_record(name.as_bytes(), m)?;
+        self.machines.put(name.as_bytes(), m)?;
         self.flush().await
     }
 
@@ -956,7 +932,7 @@ impl Store {
     }
 
     pub fn list_pins(&self) -> Result<Vec<MachinePins>> {
-        self.pins.records()
+        self.pins.all()
     }
 
     /// Copies this whole store (every tree, as it is now) into a new, empty store at `dir`.
@@ -981,7 +957,7 @@ impl Store {
     }
 
     pub fn list_machines(&self) -> Result<Vec<Machine>> {
-        let mut all: Vec<Machine> = self.machines.records()?;
+        let mut all: Vec<Machine> = self.machines.all()?;
         for m in &mut all {
             let name = m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
             self.contacts.overlay(&name, m);
@@ -1009,7 +985,7 @@ impl Store {
             let mut key = be(a.at_unix_ms as u64).to_vec();
             key.extend_from_slice(&be(id));
             self.activity_by_machine.insert(machine_activity_key(&a.machine, &key), [])?;
-            if self.activity.put_record(key, &a)?.is_none() {
+            if self.activity.put(key, &a)? {
                 self.activity_count.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -1079,7 +1055,7 @@ impl Store {
             self.outbox_count.fetch_sub(1, Ordering::Relaxed);
         }
         let id = self.db.generate_id()?;
-        if self.outbox.put_record(be(id), report)?.is_none() {
+        if self.outbox.put(be(id), report)? {
             self.outbox_count.fetch_add(1, Ordering::Relaxed);
         }
         self.flush().await
