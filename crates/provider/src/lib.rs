@@ -230,15 +230,20 @@ impl Shared {
         }
     }
 
+    /// The catalog sequence number as this process knows it: where changes are announced, the
+    /// last one announced, without a store read (a round trip, on a database server); else the
+    /// store's.
+    pub fn known_seq(&self) -> Result<u64> {
+        match self.store.announced_seq() {
+            Some(seq) => Ok(seq),
+            None => self.store.catalog_seq(),
+        }
+    }
+
     /// The current catalog: decoded from the store only when the catalog sequence has moved
     /// since the last call, so a check costs no pass over every update record.
     pub fn catalog(&self) -> Result<Arc<catalog::Snapshot>> {
-        // Where changes are announced, the last one announced is the catalog as this process
-        // knows it, without a store read (a round trip, on a database server).
-        let seq = match self.store.announced_seq() {
-            Some(seq) => seq,
-            None => self.store.catalog_seq()?,
-        };
+        let seq = self.known_seq()?;
         let current = self.snapshot.lock().expect("catalog snapshot").clone();
         if current.seq >= seq {
             return Ok(current);

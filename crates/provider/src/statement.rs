@@ -126,10 +126,9 @@ impl Signer {
         Self { key, ttl, last: Mutex::new(None) }
     }
 
-    /// The current statement: the last one, unless the catalog changed or it is half-way to
-    /// expiry. Returns it and whether it was just signed.
-    pub fn current(&self, store: &Store, interval: IntervalBounds) -> Result<(Signed, bool)> {
-        let seq = store.catalog_seq()?;
+    /// The current statement for catalog sequence `seq`: the last one, unless the catalog
+    /// moved or it is half-way to expiry. Returns it and whether it was just signed.
+    pub fn current(&self, store: &Store, seq: u64, interval: IntervalBounds) -> Result<(Signed, bool)> {
         let now = now_ms();
         let ttl_ms = self.ttl.as_millis() as i64;
         let mut last = self.last.lock().expect("signer lock");
@@ -214,7 +213,7 @@ impl SiteProofs {
 /// the one a site last received from upstream.
 pub fn current(shared: &Shared) -> Result<Option<SignedStatement>> {
     match &shared.signer {
-        Some(s) => Ok(Some(s.current(&shared.store, interval(shared))?.0.statement)),
+        Some(s) => Ok(Some(s.current(&shared.store, shared.known_seq()?, interval(shared))?.0.statement)),
         None => shared.store.statement(),
     }
 }
@@ -223,7 +222,7 @@ pub fn current(shared: &Shared) -> Result<Option<SignedStatement>> {
 /// a site last received from upstream, with the tree to prove machines from.
 pub fn for_answer(shared: &Shared) -> Result<Option<Signed>> {
     match &shared.signer {
-        Some(s) => Ok(Some(s.current(&shared.store, interval(shared))?.0)),
+        Some(s) => Ok(Some(s.current(&shared.store, shared.known_seq()?, interval(shared))?.0)),
         None => match shared.store.statement()? {
             Some(stored) => Ok(Some(shared.site_proofs.lock().expect("site proofs").current(&shared.store, stored)?)),
             None => Ok(None),
@@ -241,7 +240,8 @@ pub async fn statement_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut changes = shared.hub.follow_catalog();
     let refresh = (signer.ttl / 4).max(Duration::from_millis(500));
     loop {
-        match signer.current(&shared.store, interval(&shared)) {
+        let current = shared.known_seq().and_then(|seq| signer.current(&shared.store, seq, interval(&shared)));
+        match current {
             Ok((signed, true)) => {
                 if let Err(e) = shared.store.put_statement(&signed.statement).await {
                     tracing::warn!(error = %e, "cannot store the catalog statement");
