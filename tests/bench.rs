@@ -368,14 +368,18 @@ async fn main() {
     }
 }
 
-/// Calls per second: `clients` tasks, each on its own connection to `url`, each making `each`
-/// calls of `call(channel, client, i)` one after another.
-async fn per_second<F, Fut>(url: &str, clients: usize, each: usize, call: F) -> f64
+/// Calls per second: `clients` tasks, each on its own connection, client `c` to
+/// `urls[c % urls.len()]`, each making `each` calls of `call(channel, client, i)` one after
+/// another, all at once.
+async fn per_second<F, Fut>(urls: &[&str], clients: usize, each: usize, call: F) -> f64
 where
     F: Fn(Channel, usize, usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
-    let chans = channels(url, clients).await;
+    let mut chans = Vec::new();
+    for c in 0..clients {
+        chans.push(Endpoint::from_shared(urls[c % urls.len()].to_string()).unwrap().connect().await.unwrap());
+    }
     let start = Instant::now();
     let tasks: Vec<_> = chans
         .into_iter()
@@ -395,26 +399,36 @@ where
     (clients * each) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// The store's two engines under the same load: acknowledged admin writes (groups put by 16
-/// clients at once) and check answers (16 clients, steady machines), one provider on each;
-/// PostgreSQL's own `pgbench` upserting one row per transaction on the same cluster, as the
-/// baseline for writes.
+/// The store's two engines under the same load, one provider and two: acknowledged admin
+/// writes (groups put by 16 clients at once) and check answers (16 clients, steady machines),
+/// on sled (one provider; a switchover pair, clients split between the active and the standby,
+/// which forwards) and on PostgreSQL (one provider; two on one database, clients split); and the
+/// failover time when a provider is killed with `kill -9`. PostgreSQL's own `pgbench`, upserting
+/// one row per transaction on the same cluster, is the baseline for writes.
 async fn store_section(w: &World) {
     const CLIENTS: usize = 16;
-    println!("The store's engines: one provider on sled, one on PostgreSQL ({CLIENTS} clients each)");
+    println!("The store's engines: sled and PostgreSQL, one provider and two ({CLIENTS} clients in all)");
     let cluster = updraft_pgtest::Cluster::start();
     let db = cluster.database("bench");
     let pubkey = w.pubkey.to_str().unwrap().to_string();
-    let (_sled, sled_url) = w.provider_with("store-sled", &["--trust-key", &pubkey]);
-    let (_pg, pg_url) = w.provider_on_database("store-pg", &db, &w.path("store-pg"));
+    let (mut sled_a, sled_a_url) = w.provider_with("store-sled", &["--trust-key", &pubkey]);
+    let (_sled_b, sled_b_url) = w.pair_member("store-sled-b", "store-sled");
+    let (mut pg_a, pg_a_url) = w.provider_on_database("store-pg", &db, &w.path("store-pg"));
+    let (mut pg_b, pg_b_url) = w.provider_on_database("store-pg-b", &db, &w.path("store-pg"));
+    let setups: [(&str, Vec<&str>); 4] = [
+        ("sled, one", vec![&sled_a_url]),
+        ("sled, pair", vec![&sled_a_url, &sled_b_url]),
+        ("postgresql, one", vec![&pg_a_url]),
+        ("postgresql, two", vec![&pg_a_url, &pg_b_url]),
+    ];
     let mut figures = Vec::new();
-    for (engine, url) in [("sled", &sled_url), ("postgresql", &pg_url)] {
-        let writes = per_second(url, CLIENTS, 50, |ch, c, i| async move {
-            let req = PutGroupRequest { name: format!("g-{c}-{i}"), create: true, ..Default::default() };
+    for (n, (setup, urls)) in setups.iter().enumerate() {
+        let writes = per_second(urls, CLIENTS, 40, move |ch, c, i| async move {
+            let req = PutGroupRequest { name: format!("g-{n}-{c}-{i}"), create: true, ..Default::default() };
             AdminClient::new(ch).put_group(req).await.expect("group put");
         })
         .await;
-        let checks = per_second(url, CLIENTS, 300, |ch, c, _| async move {
+        let checks = per_second(urls, CLIENTS, 200, |ch, c, _| async move {
             let machine = MachineInfo { name: format!("store-bench-{c}"), ..Default::default() };
             AgentApiClient::new(ch)
                 .check(CheckRequest { machine: Some(machine), ..Default::default() })
@@ -422,7 +436,7 @@ async fn store_section(w: &World) {
                 .expect("check");
         })
         .await;
-        println!("{engine:<12} acknowledged writes {writes:>8.0}/s   checks {checks:>8.0}/s");
+        println!("{setup:<16} acknowledged writes {writes:>8.0}/s   checks {checks:>8.0}/s");
         figures.push((writes, checks));
     }
     let script = w.path("upsert.sql");
@@ -434,13 +448,45 @@ async fn store_section(w: &World) {
     .unwrap();
     let clients = CLIENTS.to_string();
     let tps = cluster.pgbench("bench", &script, &["-c", &clients, "-j", "2", "-T", "5"]);
-    let ((sled_w, sled_c), (pg_w, pg_c)) = (figures[0], figures[1]);
-    println!("pgbench, one upsert per transaction, same cluster: {tps:.0} tps");
+    let [(sled_w, sled_c), _, (pg_w, pg_c), (pg2_w, pg2_c)] = figures[..] else { unreachable!() };
+    println!("pgbench, one upsert per transaction, same cluster, {CLIENTS} clients: {tps:.0} tps");
     println!(
-        "ratios: writes postgresql/sled {:.2}, postgresql/pgbench {:.2}; checks postgresql/sled {:.2}",
+        "ratios: writes postgresql/sled {:.2}, postgresql/pgbench {:.2}, two/one {:.2}; checks postgresql/sled {:.2}, two/one {:.2}",
         pg_w / sled_w,
         pg_w / tps,
-        pg_c / sled_c
+        pg2_w / pg_w,
+        pg_c / sled_c,
+        pg2_c / pg_c
+    );
+
+    // Failover. sled: the active killed, until the standby acknowledges a write. PostgreSQL:
+    // every provider is active (a client of the dead one goes to the next at once); the
+    // watched-folder duty's holder killed, until the other holds it.
+    let killed = Instant::now();
+    sled_a.kill9();
+    let mut admin = AdminClient::new(Endpoint::from_shared(sled_b_url.clone()).unwrap().connect().await.unwrap());
+    let mut tries = 0;
+    while admin
+        .put_group(PutGroupRequest { name: format!("after-{tries}"), create: true, ..Default::default() })
+        .await
+        .is_err()
+    {
+        tries += 1;
+        assert!(killed.elapsed() < Duration::from_secs(60), "the standby never took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sled_failover = killed.elapsed();
+    let holds = |p: &updraft_tests::Proc| p.log_text().contains("holding the duty");
+    wait_until("one provider holds the duty", Duration::from_secs(30), || holds(&pg_a) || holds(&pg_b));
+    let (holder, other) = if holds(&pg_a) { (&mut pg_a, &pg_b) } else { (&mut pg_b, &pg_a) };
+    let killed = Instant::now();
+    holder.kill9();
+    wait_until("the other takes the duty", Duration::from_secs(60), || holds(other));
+    let pg_failover = killed.elapsed();
+    println!(
+        "failover after kill -9: sled pair, standby acknowledging writes after {:.2} s; postgresql, duty taken over after {:.2} s",
+        sled_failover.as_secs_f64(),
+        pg_failover.as_secs_f64()
     );
     println!();
 }

@@ -43,6 +43,11 @@ fn ensure_built() {
         if bin_dir().file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
+        // Into the target directory this program runs from, whatever CARGO_TARGET_DIR says now
+        // (a bench started by path would otherwise build elsewhere and run stale binaries).
+        if let Some(target) = bin_dir().parent() {
+            cmd.arg("--target-dir").arg(target);
+        }
         let status = cmd.status().expect("cannot run cargo to build the binaries");
         assert!(status.success(), "building the workspace binaries failed");
     });
