@@ -165,3 +165,31 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A PostgreSQL failover: the provider's URL names the primary and its standby with
+/// `target_session_attrs=read-write`. The primary crashes and the standby is promoted; the
+/// provider follows — its writes are acknowledged again, and the one it acknowledged before
+/// (commits wait for the standby) is there.
+#[test]
+fn a_provider_follows_a_postgresql_failover() {
+    let primary = updraft_pgtest::Cluster::start();
+    primary.database("updraft");
+    let standby = primary.standby();
+    primary.synchronous();
+    let url = primary.url_with(&standby, "updraft");
+    let w = World::new();
+    let (_p, purl) = w.provider_on_database("pg-f", &url, &w.path("content"));
+    w.admin_ok(&purl, &["group", "create", "before"]);
+
+    primary.crash();
+    standby.promote();
+    let failed_over = std::time::Instant::now();
+    wait_until("a write acknowledged after the failover", T, || {
+        w.admin(&purl, &["group", "create", "after"]).status.success()
+    });
+    eprintln!("failover: writes acknowledged again {:?} after the promotion", failed_over.elapsed());
+    let groups = w.admin_json(&purl, &["group", "list"]);
+    for g in ["before", "after"] {
+        assert!(groups.as_array().unwrap().iter().any(|x| x["name"] == g), "{g} missing: {groups}");
+    }
+}

@@ -72,6 +72,51 @@ impl Cluster {
         self.dir.path().join("data").display().to_string()
     }
 
+    /// A hot standby of this cluster (`pg_basebackup -R`: it streams this one's WAL), on a
+    /// socket of its own; [`Cluster::promote`] makes it the primary.
+    pub fn standby(&self) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("updraft-pg").tempdir_in("/tmp").unwrap();
+        let standby = Cluster { dir, bin: self.bin.clone(), addr: None };
+        if is_root() {
+            let ok = std::process::Command::new("chown").arg("postgres:").arg(standby.dir.path()).status().unwrap();
+            assert!(ok.success(), "chown the standby's directory to postgres");
+        }
+        let (socket, data) = (self.socket(), standby.data());
+        standby
+            .run("pg_basebackup", &["-h", &socket, "-U", "postgres", "-D", &data, "-R", "-X", "stream", "-c", "fast"]);
+        // Its own socket (the copied configuration names the primary's).
+        let path = standby.dir.path().join("data/postgresql.conf");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!("unix_socket_directories = '{}'\n", standby.socket()));
+        std::fs::write(&path, text).unwrap();
+        let log = standby.dir.path().join("log").display().to_string();
+        standby.run("pg_ctl", &["-D", &data, "-l", &log, "-w", "-t", "120", "start"]);
+        standby
+    }
+
+    /// From now on a commit here returns only once a standby has it (no acknowledged write is
+    /// lost when the standby takes over).
+    pub fn synchronous(&self) {
+        let socket = self.socket();
+        self.run("psql", &["-h", &socket, "-U", "postgres", "-c", "ALTER SYSTEM SET synchronous_standby_names = '*'"]);
+        self.run("pg_ctl", &["-D", &self.data(), "-w", "reload"]);
+    }
+
+    /// Promotes this standby to a primary, and waits until it accepts writes.
+    pub fn promote(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-w", "promote"]);
+    }
+
+    /// Stops the server at once, as a crash would (the directory stays until dropped).
+    pub fn crash(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"]);
+    }
+
+    /// The directory of its Unix socket: a `host` in a connection string.
+    pub fn socket(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+
     /// Runs `pgbench` on `database` with `script` (a file the `postgres` user can read) and
     /// `args`; returns its transactions per second.
     pub fn pgbench(&self, database: &str, script: &std::path::Path, args: &[&str]) -> f64 {
@@ -93,7 +138,14 @@ impl Cluster {
     }
 
     fn run_in(&self, netns: Option<&str>, tool: &str, args: &[&str]) -> String {
-        // [ip netns exec NS] [runuser -u postgres --] TOOL
+        let out = self.command(netns, tool).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{tool} {args:?}: {text}");
+        text
+    }
+
+    /// `[ip netns exec NETNS] [runuser -u postgres --] TOOL`: the server's tools refuse root.
+    fn command(&self, netns: Option<&str>, tool: &str) -> std::process::Command {
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
         if let Some(ns) = netns {
             argv.extend(["ip", "netns", "exec", ns].map(Into::into));
@@ -104,10 +156,7 @@ impl Cluster {
         argv.push(self.bin.join(tool).into());
         let mut cmd = std::process::Command::new(&argv[0]);
         cmd.args(&argv[1..]);
-        let out = cmd.args(args).output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{tool} {args:?}: {text}");
-        text
+        cmd
     }
 
     /// The default database's URL: the socket directory, percent-encoded as the host.
@@ -118,6 +167,13 @@ impl Cluster {
     fn url_of(&self, database: &str) -> String {
         let host = self.dir.path().display().to_string().replace('/', "%2F");
         format!("postgres://postgres@{host}/{database}")
+    }
+
+    /// Database `name`'s URL naming this cluster and `standby` as its hosts, with
+    /// `target_session_attrs=read-write`: a client connects to whichever is the primary.
+    pub fn url_with(&self, standby: &Cluster, name: &str) -> String {
+        let host = |c: &Cluster| c.socket().replace('/', "%2F");
+        format!("postgres://postgres@{},{}/{name}?target_session_attrs=read-write", host(self), host(standby))
     }
 
     /// Database `name`'s URL over TCP, for a cluster started with [`Cluster::start_in`].
@@ -136,8 +192,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let data = self.data();
-        self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+        // Not `run`: a cluster already crashed on purpose has nothing to stop.
+        if self.dir.path().join("data/postmaster.pid").exists() {
+            let _ = self.command(None, "pg_ctl").args(["-D", &self.data(), "-m", "immediate", "-w", "stop"]).output();
+        }
     }
 }
 
