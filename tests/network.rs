@@ -143,6 +143,15 @@ impl AdminWrites {
     }
 }
 
+/// Every acknowledged write's group is listed by `provider`, once.
+fn assert_each_once(w: &World, ops: &Host, provider: &str, acked: &[(String, Instant)]) {
+    let groups = admin_in_json(w, ops, provider, &["group", "list"]);
+    let names: Vec<&str> = groups.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    for (g, _) in acked {
+        assert_eq!(names.iter().filter(|n| **n == g).count(), 1, "acknowledged group {g} lost or doubled: {names:?}");
+    }
+}
+
 /// How the active member of a pair goes away.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Loss {
@@ -211,11 +220,7 @@ fn pair_survives_the_loss_of_its_active(how: Loss) {
     assert!(takeover < bound, "{how:?}: the standby took {takeover:?} to take over");
 
     // Every acknowledged write is in the store the standby now holds.
-    let groups = admin_in_json(&w, &ops, &burl, &["group", "list"]);
-    let names: Vec<&str> = groups.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
-    for (g, _) in &acked {
-        assert!(names.contains(&g.as_str()), "acknowledged group {g} was lost");
-    }
+    assert_each_once(&w, &ops, &burl, &acked);
     assert_eq!(admin_in_json(&w, &ops, &burl, &["provider", "pair"])["active"], "centre-b");
 
     // Agents carry on through B: a new version reaches both.
@@ -521,11 +526,7 @@ fn providers_on_two_hosts_share_a_database_on_a_third() {
         "database: {} writes acknowledged, {refused} refused; one acknowledged {served:?} after the kill",
         acked.len()
     );
-    let groups = admin_in_json(&w, &ops, &burl, &["group", "list"]);
-    let names: Vec<&str> = groups.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
-    for (g, _) in &acked {
-        assert_eq!(names.iter().filter(|n| **n == g).count(), 1, "acknowledged group {g} lost or doubled: {names:?}");
-    }
+    assert_each_once(&w, &ops, &burl, &acked);
     // Every agent carries on through B, the site's directly and through the site.
     let v3 = publish_in(&w, &ops, &burl, &w.package("editor", "3.0.0.0", &w.key));
     wait_until("m1 and m3 on v3 with A gone", T, || {
