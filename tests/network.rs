@@ -527,6 +527,8 @@ fn providers_on_two_hosts_share_a_database_on_a_third() {
         acked.len()
     );
     assert_each_once(&w, &ops, &burl, &acked);
+    // Both providers appended to one audit chain, which holds.
+    admin_in_ok(&w, &ops, &burl, &["audit", "verify"]);
     // Every agent carries on through B, the site's directly and through the site.
     let v3 = publish_in(&w, &ops, &burl, &w.package("editor", "3.0.0.0", &w.key));
     wait_until("m1 and m3 on v3 with A gone", T, || {

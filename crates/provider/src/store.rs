@@ -25,9 +25,12 @@ use crate::table::{Table, decode};
 const CATALOG_SEQ: &[u8] = b"catalog_seq";
 const STATEMENT: &[u8] = b"statement";
 const SCHEMA: &[u8] = b"schema";
+/// The audit chain's last sequence number (meta), so an append is one transaction.
+const AUDIT_SEQ: &[u8] = b"audit_seq";
 /// The layout this code writes. 1: caps held bare version strings (before deployments and
-/// role ceilings); 2: caps are `ProductLineCap` messages, deployments and roles have trees.
-pub const SCHEMA_VERSION: u64 = 3;
+/// role ceilings); 2: caps are `ProductLineCap` messages, deployments and roles have trees;
+/// 3: activity has a per-machine index; 4: the audit chain's last sequence number is kept.
+pub const SCHEMA_VERSION: u64 = 4;
 /// Left in a store's directory once it has been moved: holds the new location.
 pub const MOVED_TO: &str = "MOVED-TO";
 
@@ -231,8 +234,6 @@ pub struct Store {
     audit: Table<AuditEntry>,
     /// Providers sharing a database server, by name: each says where it is and when it last did.
     members: Table<PairMember>,
-    /// Audit appends read the last entry to chain the next: one at a time.
-    audit_lock: std::sync::Arc<std::sync::Mutex<()>>,
     fence: std::sync::Arc<std::sync::OnceLock<Fence>>,
     commit: std::sync::Arc<Committer>,
     /// Entries in `activity` and `outbox`, counted once at open: a tree's `len()` may walk the whole
@@ -333,7 +334,6 @@ impl Store {
             users: Table::open(&db, "users")?,
             audit: Table::open(&db, "audit")?,
             members: Table::open(&db, "members")?,
-            audit_lock: Default::default(),
             announce: Default::default(),
             activity_count: Default::default(),
             outbox_count: Default::default(),
@@ -380,6 +380,12 @@ impl Store {
                 let a: Activity = decode(&v)?;
                 self.activity_by_machine.insert(machine_activity_key(&a.machine, &k), [])?;
             }
+        }
+        if found < 4 {
+            // Audit appends read the chain's last entry outside any transaction: two providers
+            // of one database could both append the same sequence number.
+            let last = self.audit.last()?.map(|(_, v)| decode::<AuditEntry>(&v)).transpose()?;
+            self.meta.insert(AUDIT_SEQ, be(last.map(|e| e.seq).unwrap_or(0)))?;
         }
         if found < SCHEMA_VERSION {
             tracing::info!(store = %location, from = found, to = SCHEMA_VERSION, "migrated the store");
@@ -800,15 +806,22 @@ impl Store {
 
     /// Appends to the audit log, chaining the entry to the last one (seq and hashes are
     /// filled in here). Durable before it returns.
-    pub async fn append_audit(&self, mut e: AuditEntry) -> Result<AuditEntry> {
-        {
-            let _one = self.audit_lock.lock().map_err(|_| ProviderError::Store("audit lock poisoned".into()))?;
-            let last: Option<AuditEntry> = self.audit.last()?.map(|(_, v)| decode(&v)).transpose()?;
-            e.seq = last.as_ref().map(|l| l.seq + 1).unwrap_or(1);
+    /// Appends `e` to the audit chain: its sequence number follows the chain's last and its
+    /// hash covers the last one's, in one transaction (providers of one database append to
+    /// one chain).
+    pub async fn append_audit(&self, e: AuditEntry) -> Result<AuditEntry> {
+        let (audit, meta) = (&self.audit, &self.meta);
+        let e = self.db.transaction(|tx| {
+            let mut e = e.clone();
+            let last_seq = tx.get(meta, AUDIT_SEQ)?.map(|v| read_u64(&v)).unwrap_or(0);
+            let last: Option<AuditEntry> = tx.get(audit, be(last_seq))?.map(|v| decode(&v)).transpose()?;
+            e.seq = last_seq + 1;
             e.prev_hash = last.map(|l| l.hash).unwrap_or_default();
             e.hash = updraft_core::audit::chain_hash(&audit_fields(&e));
-            self.audit.put(be(e.seq), &e)?;
-        }
+            tx.insert(audit, be(e.seq), e.encode_to_vec())?;
+            tx.insert(meta, AUDIT_SEQ, be(e.seq))?;
+            Ok::<_, ProviderError>(e)
+        })?;
         self.flush().await?;
         Ok(e)
     }
@@ -1152,6 +1165,46 @@ mod tests {
     async fn the_rules_hold_on_postgres() {
         let cluster = updraft_pgtest::Cluster::start();
         rules(|name| Store::on(Db::open_postgres(&cluster.database(name)).unwrap(), name).unwrap()).await;
+    }
+
+    /// Two providers of one database append to one audit chain at once: every entry lands,
+    /// each sequence number once, and the chain verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn providers_of_one_database_append_one_audit_chain() {
+        let cluster = updraft_pgtest::Cluster::start();
+        let url = cluster.database("audit");
+        let stores = [0, 1].map(|_| Store::on(Db::open_postgres(&url).unwrap(), "audit").unwrap());
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let s = stores[i % 2].clone();
+                let e = AuditEntry { who: format!("admin-{i}"), action: "Put".into(), ..Default::default() };
+                tokio::spawn(async move { s.append_audit(e).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let chain = stores[0].list_audit(0, 0).unwrap();
+        assert_eq!(chain.len(), 40, "every append landed once");
+        let verified = updraft_core::audit::verify(chain.iter().map(|e| (audit_fields(e), e.hash.as_str())));
+        assert_eq!(verified, Ok(40));
+    }
+
+    /// A store of schema 3 kept no audit sequence number: the chain goes on from its last entry.
+    #[tokio::test]
+    async fn an_audit_chain_from_schema_3_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let s = Store::open(dir.path()).unwrap();
+            let first = s.append_audit(AuditEntry { who: "a".into(), ..Default::default() }).await.unwrap();
+            s.meta.remove(AUDIT_SEQ).unwrap();
+            s.meta.insert(SCHEMA, be(3)).unwrap();
+            s.db.flush().unwrap();
+            first
+        };
+        let s = reopen(dir.path()).await;
+        let next = s.append_audit(AuditEntry { who: "b".into(), ..Default::default() }).await.unwrap();
+        assert_eq!((next.seq, next.prev_hash), (2, first.hash));
     }
 
     async fn one_machine_flooding_activity_evicts_only_its_own_entries(s: Store) {
