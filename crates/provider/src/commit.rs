@@ -18,8 +18,9 @@ use crate::pair::Fence;
 /// Longest time a write nobody waits on stays only in memory.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
-/// Work done on the commit thread before each flush.
-pub type BeforeFlush = Box<dyn Fn() + Send>;
+/// Work done on the commit thread before each flush (writes gathered in memory); a failure
+/// fails the writers waiting on that flush.
+pub type BeforeFlush = Box<dyn Fn() -> Result<()> + Send>;
 
 #[derive(Default)]
 struct Queue {
@@ -137,11 +138,11 @@ fn run(db: Db, fence: Arc<OnceLock<Fence>>, before: BeforeFlush, shared: Arc<Sha
             q.dirty = false;
             (q.requested, q.stop)
         };
-        before();
+        let gathered = before().err().map(|e| Failure::Io(e.to_string()));
         let failure = match fence.get().map(Fence::check) {
             Some(Err(ProviderError::Fenced { mine, current })) => Some(Failure::Fenced { mine, current }),
             Some(Err(e)) => Some(Failure::Io(e.to_string())),
-            _ => db.flush().err().map(|e| Failure::Io(e.to_string())),
+            _ => db.flush().err().map(|e| Failure::Io(e.to_string())).or(gathered),
         };
         if let Some(f) = &failure {
             tracing::error!(failure = ?f, "store flush refused or failed");
@@ -163,7 +164,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open_embedded(dir.path()).unwrap();
         let t = db.open_tree("t").unwrap();
-        let c = Arc::new(Committer::start(db.clone(), Default::default(), Box::new(|| {})).unwrap());
+        let c = Arc::new(Committer::start(db.clone(), Default::default(), Box::new(|| Ok(()))).unwrap());
         let tasks: Vec<_> = (0..500u32)
             .map(|i| {
                 let (c, t) = (c.clone(), t.clone());
@@ -189,7 +190,8 @@ mod tests {
         let mine = pair.take_over("a", "http://a:1").unwrap();
         let fence = Arc::new(OnceLock::new());
         let _ = fence.set(pair.fence(mine));
-        let c = Committer::start(Db::open_embedded(&dir.path().join("db")).unwrap(), fence, Box::new(|| {})).unwrap();
+        let c =
+            Committer::start(Db::open_embedded(&dir.path().join("db")).unwrap(), fence, Box::new(|| Ok(()))).unwrap();
         c.durable().await.unwrap();
         pair.take_over("b", "http://b:1").unwrap();
         assert!(matches!(c.durable().await, Err(ProviderError::Fenced { .. })));

@@ -1,14 +1,16 @@
 //! Machines' last contacts, gathered in memory and written together. Every check records when
 //! its machine was last heard from and what it said about itself; written one by one, that was a
 //! read and a write of the machine's record per check — two round trips on a database server, and
-//! a read-modify-write outside any transaction. Here a check of a known machine only updates a map;
-//! the store's commit thread writes the whole map in one transaction before each flush (within
+//! a read-modify-write outside any transaction. Here a check only updates a map; the store's
+//! commit thread writes the whole map in one transaction before each flush (within
 //! `commit::FLUSH_EVERY`), each record read, merged and written inside it.
 //!
-//! The invariants: a machine's first contact is written at once (so its caller can make it durable
-//! before answering); a later contact is in the store within one commit, merged so that the newest
-//! contact time wins whoever wrote last; and reads of machine records see pending contacts, so
-//! nothing the provider shows lags behind what it was told.
+//! The invariants: every contact is in the store within one commit, merged so that the newest
+//! contact time wins whoever wrote last (a machine new here is reported as such, and its caller
+//! waits for that commit before answering: machines arriving together share one transaction);
+//! a failed write keeps the contacts for the next commit and fails the writers waiting on it;
+//! and reads of machine records see pending contacts, so nothing the provider shows lags behind
+//! what it was told.
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
@@ -77,23 +79,16 @@ impl Contacts {
         Ok(Self { machines, state: Mutex::new(State { known, ..Default::default() }) })
     }
 
-    /// Records `contact` for machine `name`. A known machine's contact waits for the next
-    /// commit; a machine not known here is written at once, in a transaction. Whether it was
-    /// written (the caller makes a first record durable).
-    pub fn record(&self, db: &Db, name: &str, contact: Contact) -> Result<bool> {
-        {
-            let mut state = self.state.lock().map_err(|_| poisoned())?;
-            if state.known.contains(name) {
-                match state.pending.get_mut(name) {
-                    Some(held) => held.merge(contact),
-                    None => drop(state.pending.insert(name.to_string(), contact)),
-                }
-                return Ok(false);
-            }
+    /// Records `contact` for machine `name`, to be written with the next commit. Whether the
+    /// machine is new here (its caller makes the first record durable at once).
+    pub fn record(&self, name: &str, contact: Contact) -> Result<bool> {
+        let mut state = self.state.lock().map_err(|_| poisoned())?;
+        let new = state.known.insert(name.to_string());
+        match state.pending.get_mut(name) {
+            Some(held) => held.merge(contact),
+            None => drop(state.pending.insert(name.to_string(), contact)),
         }
-        db.transaction(|tx| self.write(tx, name, &contact))?;
-        self.state.lock().map_err(|_| poisoned())?.known.insert(name.to_string());
-        Ok(true)
+        Ok(new)
     }
 
     fn write(&self, tx: &Tx<'_>, name: &str, contact: &Contact) -> Result<()> {
@@ -185,26 +180,26 @@ mod tests {
     }
 
     #[test]
-    fn a_first_contact_is_written_at_once_and_later_ones_with_the_commit() {
+    fn contacts_are_written_together_and_seen_before_they_are() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open_embedded(dir.path()).unwrap();
         let machines: Table<Machine> = Table::open(&db, "machines").unwrap();
         let contacts = Contacts::open(machines.clone()).unwrap();
-        assert!(contacts.record(&db, "m", contact(1, "direct", false)).unwrap());
-        assert!(machines.contains_key("m").unwrap());
-        assert!(!contacts.record(&db, "m", contact(2, "site", false)).unwrap());
-        let stored = |t: &Table<Machine>| t.get("m").unwrap().unwrap();
-        assert_eq!(stored(&machines).last_contact_unix_ms, 1);
-        let mut seen = stored(&machines);
+        assert!(contacts.record("m", contact(1, "direct", false)).unwrap(), "new here");
+        assert!(!contacts.record("m", contact(2, "site", false)).unwrap(), "known from now on");
+        assert!(contacts.record("n", contact(1, "direct", false)).unwrap());
+        assert_eq!(machines.get("m").unwrap(), None, "nothing written before the commit");
+        let mut seen = Machine::default();
         contacts.overlay("m", &mut seen);
         assert_eq!((seen.last_contact_unix_ms, seen.via.as_str()), (2, "site"));
-        assert_eq!(contacts.write_pending(&db).unwrap(), 1);
-        assert_eq!((stored(&machines).last_contact_unix_ms, contacts.pending()), (2, 0));
-        // A store opened again knows the machine.
+        assert_eq!(contacts.write_pending(&db).unwrap(), 2, "both machines in one transaction");
+        let stored = machines.get("m").unwrap().unwrap();
+        assert_eq!((stored.last_contact_unix_ms, stored.via.as_str(), contacts.pending()), (2, "site", 0));
+        // A store opened again knows the machines; one forgotten is new again.
         let again = Contacts::open(machines.clone()).unwrap();
-        assert!(!again.record(&db, "m", contact(3, "direct", false)).unwrap());
+        assert!(!again.record("m", contact(3, "direct", false)).unwrap());
         again.forget("m");
         assert_eq!(again.pending(), 0);
-        assert!(again.record(&db, "m", contact(4, "direct", false)).unwrap());
+        assert!(again.record("m", contact(4, "direct", false)).unwrap());
     }
 }

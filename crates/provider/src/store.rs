@@ -306,9 +306,9 @@ impl Store {
         let before = {
             let (db, contacts) = (db.clone(), contacts.clone());
             Box::new(move || {
-                if let Err(e) = contacts.write_pending(&db) {
+                contacts.write_pending(&db).map(drop).inspect_err(|e| {
                     tracing::warn!(error = %e, pending = contacts.pending(), "cannot write machines' contacts yet");
-                }
+                })
             })
         };
         let commit = std::sync::Arc::new(Committer::start(db.clone(), fence.clone(), before)?);
@@ -860,10 +860,10 @@ impl Store {
         self.watches.all()
     }
 
-    /// Records a machine's contact (see [`crate::contacts`]): a known machine's waits for the next
-    /// commit (within `commit::FLUSH_EVERY`); a machine new here is written at once. Returns
-    /// whether it was written, so that callers can make a first record durable ([`Store::sync`]:
-    /// a check does; a forwarded batch syncs once for all).
+    /// Records a machine's contact (see [`crate::contacts`]): it is written with the next commit
+    /// (within `commit::FLUSH_EVERY`). Returns whether the machine is new here, so that callers
+    /// can make its first record durable at once ([`Store::sync`]: a check does; a forwarded
+    /// batch syncs once for all) — new machines arriving together share one transaction.
     pub async fn record_machine(
         &self,
         info: &MachineInfo,
@@ -872,10 +872,8 @@ impl Store {
         remote_provider: bool,
     ) -> Result<bool> {
         let contact = Contact { info: info.clone(), via: via.to_string(), at_ms, remote_provider };
-        let new = self.contacts.record(&self.db, &info.name, contact)?;
-        if !new {
-            self.commit.soon();
-        }
+        let new = self.contacts.record(&info.name, contact)?;
+        self.commit.soon();
         Ok(new)
     }
 
