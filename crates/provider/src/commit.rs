@@ -138,11 +138,14 @@ fn run(db: Db, fence: Arc<OnceLock<Fence>>, before: BeforeFlush, shared: Arc<Sha
             q.dirty = false;
             (q.requested, q.stop)
         };
-        let gathered = before().err().map(|e| Failure::Io(e.to_string()));
+        // The fence first: a superseded provider writes nothing more, gathered writes included.
         let failure = match fence.get().map(Fence::check) {
             Some(Err(ProviderError::Fenced { mine, current })) => Some(Failure::Fenced { mine, current }),
             Some(Err(e)) => Some(Failure::Io(e.to_string())),
-            _ => db.flush().err().map(|e| Failure::Io(e.to_string())).or(gathered),
+            _ => {
+                let gathered = before().err().map(|e| Failure::Io(e.to_string()));
+                db.flush().err().map(|e| Failure::Io(e.to_string())).or(gathered)
+            }
         };
         if let Some(f) = &failure {
             tracing::error!(failure = ?f, "store flush refused or failed");

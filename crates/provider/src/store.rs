@@ -418,6 +418,17 @@ impl Store {
         let _ = self.fence.set(fence);
     }
 
+    /// Runs `f` as one transaction of the engine — unless another provider has taken the store
+    /// over (the fence), checked before anything is written: a superseded provider's write
+    /// must not even reach the engine's memory, from which an engine may write it out with a
+    /// later transaction of its own (sled seals its log buffers so), flush or no flush.
+    fn transaction<R>(&self, f: impl Fn(&Tx<'_>) -> Result<R>) -> Result<R> {
+        if let Some(fence) = self.fence.get() {
+            fence.check()?;
+        }
+        self.db.transaction(f)
+    }
+
     /// Waits until every write made so far is on disk (the fence permitting), then announces
     /// the catalog changes among them.
     async fn flush(&self) -> Result<()> {
@@ -490,7 +501,7 @@ impl Store {
         fresh: Option<Update>,
         change: impl Fn(&mut Update) -> Result<()>,
     ) -> Result<Update> {
-        let out = self.db.transaction(|tx| {
+        let out = self.transaction(|tx| {
             let mut rec: Update = match (tx.get(&self.updates, id)?, &fresh) {
                 (Some(v), _) => decode(&v)?,
                 (None, Some(f)) => f.clone(),
@@ -507,7 +518,7 @@ impl Store {
 
     /// Removes an update from the catalog; followers learn of it as a deletion.
     pub async fn delete_update(&self, id: &str) -> Result<u64> {
-        let seq = self.db.transaction(|tx| {
+        let seq = self.transaction(|tx| {
             if tx.remove(&self.updates, id)?.is_none() {
                 return Err(ProviderError::UnknownUpdate(id.to_string()));
             }
@@ -523,7 +534,7 @@ impl Store {
     }
 
     async fn apply_cap(&self, cap: &ProductLineCap, seq: Option<u64>) -> Result<u64> {
-        let seq = self.db.transaction(|tx| {
+        let seq = self.transaction(|tx| {
             if cap.version.is_empty() && cap.follow_role.is_empty() {
                 tx.remove(&self.caps, &cap.product_line)?;
             } else {
@@ -548,14 +559,14 @@ impl Store {
     pub async fn apply_replicated(&self, change: &Change) -> Result<()> {
         match change {
             Change::Upsert(rec) => {
-                self.db.transaction(|tx| {
+                self.transaction(|tx| {
                     log_change(tx, self, &update_key(&rec.id), Some(rec.catalog_seq))?;
                     tx.insert(&self.updates, &rec.id, rec.encode_to_vec())?;
                     Ok::<_, ProviderError>(())
                 })?;
             }
             Change::Deleted { id, seq } => {
-                self.db.transaction(|tx| {
+                self.transaction(|tx| {
                     tx.remove(&self.updates, id)?;
                     log_change(tx, self, &update_key(id), Some(*seq))?;
                     Ok::<_, ProviderError>(())
@@ -676,7 +687,7 @@ impl Store {
     async fn put_policy(&self, p: Policy, name: &str, value: Option<Vec<u8>>, seq: Option<u64>) -> Result<u64> {
         let key = [p.kind(), name.as_bytes()].concat();
         let tree = self.policy_tree(p);
-        let seq = self.db.transaction(|tx| {
+        let seq = self.transaction(|tx| {
             match &value {
                 Some(v) => tx.insert(tree, name, v)?,
                 None => tx.remove(tree, name)?,
@@ -811,7 +822,7 @@ impl Store {
     /// one chain).
     pub async fn append_audit(&self, e: AuditEntry) -> Result<AuditEntry> {
         let (audit, meta) = (&self.audit, &self.meta);
-        let e = self.db.transaction(|tx| {
+        let e = self.transaction(|tx| {
             let mut e = e.clone();
             let last_seq = tx.get(meta, AUDIT_SEQ)?.map(|v| read_u64(&v)).unwrap_or(0);
             let last: Option<AuditEntry> = tx.get(audit, be(last_seq))?.map(|v| decode(&v)).transpose()?;
@@ -880,7 +891,7 @@ impl Store {
     /// Keeps a site's last reported counters on its machine record.
     pub async fn set_site_stats(&self, site: &str, stats: SiteStats) -> Result<()> {
         let machines = &self.machines;
-        self.db.transaction(|tx| {
+        self.transaction(|tx| {
             let Some(v) = tx.get(machines, site)? else { return Ok(()) };
             let mut m: Machine = decode(&v)?;
             m.site_stats = Some(stats.clone());
