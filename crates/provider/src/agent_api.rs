@@ -80,10 +80,7 @@ impl Tier for LocalTier {
     /// A provider cut off from its database sends agents and sites to another provider of it
     /// (its catalog in memory may already be behind theirs).
     fn ready(&self) -> Result<()> {
-        match *self.shared.database_ok.borrow() {
-            true => Ok(()),
-            false => Err(ProviderError::NotReady("this provider cannot reach its database; ask another".into())),
-        }
+        self.shared.database_reachable()
     }
     fn status(&self) -> SiteStats {
         SiteStats {

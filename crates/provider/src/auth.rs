@@ -188,12 +188,7 @@ fn authorize(caller: &Caller, access: Access, shared: Option<&Shared>) -> Result
     }
     if let (Some(shared), Access::Read | Access::Write) = (shared, access) {
         // Cut off from its database, a provider can neither check the user nor do the work.
-        if !*shared.database_ok.borrow() {
-            return Err(crate::error::ProviderError::NotReady(
-                "this provider cannot reach its database; ask another provider of it".into(),
-            )
-            .into());
-        }
+        shared.database_reachable().map_err(Status::from)?;
         let user = shared.store.get_user(&caller.name).map_err(Status::from)?;
         match user {
             None if shared.store.list_users().map_err(Status::from)?.is_empty() => {

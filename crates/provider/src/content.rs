@@ -45,7 +45,7 @@ pub async fn member_loop(shared: Arc<Shared>, url: String, stop: CancellationTok
         let taken = match tokio::time::timeout(CUT_OFF_AFTER, &mut beat).await {
             Ok(taken) => taken,
             Err(_) => {
-                reachable(&shared, false, "the database has not answered for 3 s");
+                reachable(&shared, false, &format!("the database has not answered for {CUT_OFF_AFTER:?}"));
                 beat.await
             }
         };

@@ -230,6 +230,17 @@ impl Shared {
         }
     }
 
+    /// Fails while the store's database server cannot be reached (see `database_ok`): the one
+    /// refusal that sends agents, sites and admins to another provider of the database.
+    pub fn database_reachable(&self) -> Result<()> {
+        match *self.database_ok.borrow() {
+            true => Ok(()),
+            false => Err(ProviderError::NotReady(
+                "this provider cannot reach its database; ask another provider of it".into(),
+            )),
+        }
+    }
+
     /// The catalog sequence number as this process knows it: where changes are announced, the
     /// last one announced, without a store read (a round trip, on a database server); else the
     /// store's.
