@@ -2,7 +2,7 @@
 //! verification.
 use anyhow::bail;
 use serde_json::{Value, json};
-use updraft_proto::v1::{AuditEntry, ListAuditRequest, ListUsersRequest, RemoveUserRequest, User};
+use updraft_proto::v1::{AuditEntry, ListAuditRequest, ListUsersRequest, RemoveUserRequest, SetPasswordRequest, User};
 
 use crate::cli::{AuditCmd, UserCmd};
 use crate::commands::{connect, rpc};
@@ -13,10 +13,21 @@ const AUDIT_PAGE: u32 = 2_000;
 
 pub async fn user(url: &str, cmd: UserCmd, as_json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
+    if let UserCmd::Passwd { name, clear, .. } = cmd {
+        let password = if clear { String::new() } else { read_password()? };
+        c.set_password(SetPasswordRequest { name: name.clone(), password }).await.map_err(rpc(url))?;
+        if as_json {
+            print_json(&json!({"name": name, "password": if clear { "cleared" } else { "set" }}));
+        } else {
+            println!("password of {name} {}", if clear { "cleared" } else { "set" });
+        }
+        return Ok(());
+    }
     let users = match cmd {
         UserCmd::Add { name, role } => c.put_user(User { name, role }).await,
         UserCmd::Remove { name } => c.remove_user(RemoveUserRequest { name }).await,
         UserCmd::List => c.list_users(ListUsersRequest {}).await,
+        UserCmd::Passwd { .. } => unreachable!("handled above"),
     }
     .map_err(rpc(url))?
     .into_inner()
@@ -27,6 +38,17 @@ pub async fn user(url: &str, cmd: UserCmd, as_json: bool) -> anyhow::Result<()> 
         table(&["USER", "ROLE"], &users.iter().map(|u| vec![u.name.clone(), u.role.clone()]).collect::<Vec<_>>());
     }
     Ok(())
+}
+
+/// The first line of standard input, without its line ending.
+fn read_password() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.trim_end_matches(['\n', '\r']).to_string();
+    if password.is_empty() {
+        bail!("no password on standard input (to clear one, use --clear)");
+    }
+    Ok(password)
 }
 
 fn entry_json(e: &AuditEntry) -> Value {

@@ -473,6 +473,18 @@ pub enum UserCmd {
         name: String,
     },
     List,
+    /// Set the password NAME signs in to the web console with (stored as an Argon2 hash).
+    /// The password is read from standard input (its first line), never from the command line.
+    Passwd {
+        name: String,
+        /// Read the password from standard input (required: a password on the command line
+        /// would show in the process list and the shell's history).
+        #[arg(long, required_unless_present = "clear")]
+        password_stdin: bool,
+        /// Clear NAME's password instead (they can then use admin-cli only).
+        #[arg(long, conflicts_with = "password_stdin")]
+        clear: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -15,6 +15,7 @@ use tonic::{Code, Status};
 use updraft_proto::v1::AuditEntry;
 use updraft_runtime::tls::{Peer, Role, Transport, peer_of};
 
+use crate::ops::{self, Op};
 use crate::{Shared, health, now_ms};
 
 /// Set by a standby on what it forwards: who the original caller is. Believed only from a
@@ -23,9 +24,6 @@ pub const FORWARDED_NAME: &str = "x-updraft-forwarded-name";
 pub const FORWARDED_ROLE: &str = "x-updraft-forwarded-role";
 /// What admin-cli says about its user; the only identity there is with `--insecure`.
 pub const CLAIMED_USER: &str = "x-updraft-user";
-
-/// Roles of the admin API's users.
-pub const USER_ROLES: [&str; 2] = ["admin", "viewer"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -88,8 +86,12 @@ fn access_of(path: &str) -> Option<Access> {
         health::AGENT_API => Access::Agent,
         health::REPLICATION if method == "SiteStatus" => Access::Status,
         health::REPLICATION => Access::Site,
-        health::ADMIN if ["List", "Get", "Report"].iter().any(|p| method.starts_with(p)) => Access::Read,
-        health::ADMIN => Access::Write,
+        // The operations table says what each admin method needs (one it lacks counts as a
+        // change: admins only, audited).
+        health::ADMIN => match Op::from_name(method).map(Op::access) {
+            Some(ops::Access::Read) => Access::Read,
+            Some(ops::Access::Write) | None => Access::Write,
+        },
         // For load balancers, probes and tools: any certificate of ours.
         "grpc.health.v1.Health" | "grpc.reflection.v1.ServerReflection" => Access::Infra,
         _ => return None,
@@ -187,31 +189,13 @@ fn authorize(caller: &Caller, access: Access, shared: Option<&Shared>) -> Result
         return Err(Status::permission_denied(format!("a {role} certificate ({}) may not call {what}", caller.name)));
     }
     if let (Some(shared), Access::Read | Access::Write) = (shared, access) {
-        // Cut off from its database, a provider can neither check the user nor do the work.
-        shared.database_reachable().map_err(Status::from)?;
-        let user = shared.store.get_user(&caller.name).map_err(Status::from)?;
-        match user {
-            None if shared.store.list_users().map_err(Status::from)?.is_empty() => {
-                return Err(Status::permission_denied(
-                    "no authorized users yet: start the provider with --bootstrap-admin NAME",
-                ));
-            }
-            None => {
-                return Err(Status::permission_denied(format!(
-                    "{} is not an authorized user (an admin can run `admin-cli user add {} --role viewer|admin`)",
-                    caller.name, caller.name
-                )));
-            }
-            Some(u) if access == Access::Write && u.role != "admin" => {
-                return Err(Status::permission_denied(format!("{} is a {}: it may look, not change", u.name, u.role)));
-            }
-            Some(_) => {}
-        }
+        let access = if access == Access::Read { ops::Access::Read } else { ops::Access::Write };
+        ops::check_user(shared, &caller.name, access).map_err(Status::from)?;
     }
     Ok(())
 }
 
-async fn audit(shared: &Shared, caller: &Caller, action: &str, outcome: String) {
+pub(crate) async fn audit(shared: &Shared, caller: &Caller, action: &str, outcome: String) {
     let entry = AuditEntry {
         at_unix_ms: now_ms(),
         who: caller.name.clone(),
@@ -232,7 +216,7 @@ async fn audit(shared: &Shared, caller: &Caller, action: &str, outcome: String) 
 pub const AUDITED_REFUSALS_PER_MINUTE: u32 = 10;
 
 #[derive(Default)]
-struct RefusalLog {
+pub(crate) struct RefusalLog {
     by_caller: std::sync::Mutex<std::collections::HashMap<String, RefusalWindow>>,
 }
 
@@ -268,7 +252,7 @@ impl RefusalLog {
 }
 
 /// Audits a refusal, within the caller's allowance (see [`RefusalLog`]).
-async fn audit_refusal(shared: &Shared, log: &RefusalLog, caller: &Caller, action: &str, reason: &str) {
+pub(crate) async fn audit_refusal(shared: &Shared, log: &RefusalLog, caller: &Caller, action: &str, reason: &str) {
     let key = format!("{}@{}", caller.name, caller.addr.map(|a| a.ip().to_string()).unwrap_or_default());
     match log.admit(&key) {
         None => {}

@@ -49,9 +49,25 @@ impl From<crate::db::Error> for ProviderError {
     }
 }
 
-impl From<ProviderError> for Status {
-    fn from(e: ProviderError) -> Self {
-        let code = match &e {
+impl ProviderError {
+    /// The HTTP status the web console answers with: the counterpart of the gRPC code below.
+    pub fn http_status(&self) -> tonic::codegen::http::StatusCode {
+        use tonic::codegen::http::StatusCode;
+        match Code::from(self) {
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            Code::AlreadyExists => StatusCode::CONFLICT,
+            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Code::PermissionDenied => StatusCode::FORBIDDEN,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<&ProviderError> for Code {
+    fn from(e: &ProviderError) -> Self {
+        match e {
             ProviderError::UnknownUpdate(_) | ProviderError::BlobMissing(_) => Code::NotFound,
             ProviderError::InvalidArgument(_) => Code::InvalidArgument,
             ProviderError::Duplicate { .. } => Code::AlreadyExists,
@@ -67,8 +83,13 @@ impl From<ProviderError> for Status {
                 CoreError::Io { .. } => Code::Internal,
                 _ => Code::InvalidArgument,
             },
-        };
-        Status::new(code, e.to_string())
+        }
+    }
+}
+
+impl From<ProviderError> for Status {
+    fn from(e: ProviderError) -> Self {
+        Status::new(Code::from(&e), e.to_string())
     }
 }
 

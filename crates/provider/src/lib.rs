@@ -15,22 +15,22 @@ pub mod db;
 pub mod decided;
 pub mod duty;
 pub mod error;
-pub mod fleet;
 pub mod forward;
 pub mod health;
 pub mod hub;
 pub mod import;
 pub mod limits;
+pub mod ops;
 pub mod pair;
 pub mod policy;
 pub mod replication;
 pub mod scanner;
 pub mod scrub;
-pub mod servers;
 pub mod statement;
 pub mod storage;
 pub mod store;
 pub mod table;
+pub mod web;
 pub mod wire;
 
 use std::path::PathBuf;
@@ -112,6 +112,8 @@ pub struct Config {
     pub max_machines_per_site: usize,
     /// How often every blob is re-hashed (see `scrub`; zero: never).
     pub scrub_interval: Duration,
+    /// How long a web console session lasts without a request.
+    pub web_idle: Duration,
     /// How long requests in flight may take to finish once a stop is asked for (see [`serve`]).
     pub shutdown_grace: Duration,
 }
@@ -147,6 +149,7 @@ impl Config {
             max_downloads: 256,
             max_machines_per_site: 50_000,
             scrub_interval: Duration::from_secs(24 * 3600),
+            web_idle: web::DEFAULT_IDLE,
             shutdown_grace: Duration::from_secs(2),
         }
     }
@@ -314,7 +317,15 @@ pub fn advertised_url(config: &Config, addr: std::net::SocketAddr) -> String {
 ///
 /// `probe` learns the process's state: standby (not ready: a load balancer should prefer the
 /// active), active (ready), stopping.
-pub async fn run(config: Config, listener: TcpListener, probe: Probe, shutdown: CancellationToken) -> Result<()> {
+///
+/// `web`, when given, is where the web console is served (by the active provider).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    web: Option<TcpListener>,
+    probe: Probe,
+    shutdown: CancellationToken,
+) -> Result<()> {
     // The standby's server and the active's share the socket, so clients never see it close.
     let listener = listener.into_std().map_err(io)?;
     let addr = listener.local_addr().map_err(io)?;
@@ -322,7 +333,7 @@ pub async fn run(config: Config, listener: TcpListener, probe: Probe, shutdown: 
     if config.database.is_some() {
         // Every provider on a database server is active: nothing to stand by for.
         let shared = Shared::open(config)?;
-        return active(shared, &url, TcpListener::from_std(listener).map_err(io)?, probe, shutdown).await;
+        return active(shared, &url, TcpListener::from_std(listener).map_err(io)?, web, probe, shutdown).await;
     }
     let shared = match Shared::open(config.clone()) {
         Ok(s) => s,
@@ -339,7 +350,7 @@ pub async fn run(config: Config, listener: TcpListener, probe: Probe, shutdown: 
         }
         Err(e) => return Err(e),
     };
-    active(shared, &url, TcpListener::from_std(listener).map_err(io)?, probe, shutdown).await
+    active(shared, &url, TcpListener::from_std(listener).map_err(io)?, web, probe, shutdown).await
 }
 
 /// Forwards every RPC to the active member until this one can take the store (returned), or
@@ -413,6 +424,7 @@ async fn active(
     shared: Arc<Shared>,
     url: &str,
     listener: TcpListener,
+    web: Option<TcpListener>,
     probe: Probe,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -477,6 +489,14 @@ async fn active(
                 .instrument(tracing::info_span!("pair_heartbeat", epoch)),
         );
     }
+    if let Some(web) = web {
+        let tls = web::tls_config(&shared.config.transport, &shared.config.name)?;
+        let at = web.local_addr().map_err(io)?;
+        let ops = Arc::new(ops::Ops::new(shared.clone(), shared.config.scan));
+        let console = Arc::new(web::Console::new(ops, shared.config.web_idle, at));
+        tokio::spawn(web::serve(web, tls, console, fenced.clone()).instrument(tracing::info_span!("web_console")));
+        tracing::info!(address = %at, "web console served");
+    }
     tracing::info!(%addr, %url, epoch, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening (active)");
     probe.started(
         true,
@@ -530,7 +550,7 @@ pub async fn serve<T: agent_api::Tier>(
     stop: impl Future<Output = ()>,
 ) -> Result<()> {
     let admin = with_admin.then(|| {
-        AdminServer::new(admin::AdminService::new(shared.clone(), shared.config.scan))
+        AdminServer::new(admin::AdminService::new(Arc::new(ops::Ops::new(shared.clone(), shared.config.scan))))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
     });
     let limit = shared.config.max_connections_per_peer;

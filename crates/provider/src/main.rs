@@ -78,6 +78,16 @@ struct Args {
     /// URL the other member of a switchover pair reaches this one at (default: from --listen).
     #[arg(long, env = "UPDRAFT_PROVIDER_ADVERTISE")]
     advertise: Option<String>,
+    /// Where the web console listens (HTTPS). Default: the loopback address, on the port after
+    /// --listen's (any free port when --listen's is 0).
+    #[arg(long, env = "UPDRAFT_WEB_LISTEN")]
+    web_listen: Option<SocketAddr>,
+    /// Serve no web console.
+    #[arg(long, env = "UPDRAFT_NO_WEB", conflicts_with = "web_listen")]
+    no_web: bool,
+    /// Minutes a web console session lasts without a request.
+    #[arg(long, env = "UPDRAFT_WEB_IDLE_MINS", default_value_t = 30)]
+    web_idle_mins: u64,
     /// Largest package accepted by `update add`, in bytes.
     #[arg(long, env = "UPDRAFT_MAX_UPLOAD_BYTES", default_value_t = 16 << 30)]
     max_upload_bytes: u64,
@@ -169,6 +179,38 @@ async fn store_cmd(cmd: StoreCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Binds the web console's listener: `--web-listen` (an error when taken), or by default the
+/// loopback address on the port after the gRPC one (a warning when taken: the console is then
+/// off, the provider serves on).
+async fn web_listener(
+    no_web: bool,
+    web_listen: Option<SocketAddr>,
+    grpc: SocketAddr,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    if no_web {
+        return Ok(None);
+    }
+    let listener = match web_listen {
+        Some(at) => {
+            tokio::net::TcpListener::bind(at).await.with_context(|| format!("cannot listen on {at} (--web-listen)"))?
+        }
+        None => {
+            let port = if grpc.port() == 0 { 0 } else { grpc.port().wrapping_add(1) };
+            let at = SocketAddr::from(([127, 0, 0, 1], port));
+            match tokio::net::TcpListener::bind(at).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(%at, error = %e, "no web console: its default address is taken (see --web-listen)");
+                    eprintln!("provider: no web console: {at} is taken ({e}); give --web-listen ADDR or --no-web");
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    println!("provider: web console on https://{}", listener.local_addr()?);
+    Ok(Some(listener))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -218,9 +260,14 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     updraft_runtime::report_listening("provider", listener.local_addr()?);
+    if !(1..=7 * 24 * 60).contains(&args.web_idle_mins) {
+        anyhow::bail!("--web-idle-mins must be 1 to 10080 (a week)");
+    }
+    config.web_idle = Duration::from_secs(args.web_idle_mins * 60);
+    let web = web_listener(args.no_web, args.web_listen, listener.local_addr()?).await?;
     let (probe, shutdown) = (updraft_runtime::Probe::new(), updraft_runtime::shutdown_on_signals());
     args.probes.start("provider", &probe, &shutdown).await?;
-    let result = updraft_provider::run(config, listener, probe, shutdown).await;
+    let result = updraft_provider::run(config, listener, web, probe, shutdown).await;
     telemetry.shutdown().await;
     Ok(result?)
 }

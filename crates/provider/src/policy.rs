@@ -32,7 +32,7 @@ pub fn effective(decided: &Decided, machine: &MachineInfo) -> Policy {
         }
     }
     // Groups may name provider servers; agents get their URLs.
-    settings.providers = crate::servers::resolve_providers(decided, &settings.providers);
+    settings.providers = crate::ops::servers::resolve_providers(decided, &settings.providers);
     Policy { group: group.to_string(), settings: Some(settings), managed }
 }
 

@@ -89,7 +89,7 @@ fn groups(decided: &Decided, deployments: &[Deployment]) -> Vec<GroupEntry> {
             install_day: s.install_day,
             install_hour: s.install_hour,
             download_early: s.download_early,
-            providers: crate::servers::resolve_providers(decided, &s.providers),
+            providers: crate::ops::servers::resolve_providers(decided, &s.providers),
             deployed: deployments.iter().filter(|d| d.group == name).map(|d| d.product.clone()).collect(),
             name,
         });

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use prost::Message;
 use updraft_proto::v1::{
     Activity, Assignment, AuditEntry, Deployment, Discovery, ForwardedReport, Group, Machine, MachineInfo, MachinePins,
-    MachineRole, PairMember, Peer, ProductLineCap, SignedStatement, SiteStats, Update, User, WatchFolder,
+    MachineRole, PairMember, Password, Peer, ProductLineCap, SignedStatement, SiteStats, Update, User, WatchFolder,
 };
 
 use crate::commit::Committer;
@@ -231,6 +231,8 @@ pub struct Store {
     deployments: Table<Deployment>,
     roles: Tree,
     users: Table<User>,
+    /// Users' web console passwords (Argon2 PHC strings); like users, never sent to sites.
+    passwords: Table<Password>,
     audit: Table<AuditEntry>,
     /// Providers sharing a database server, by name: each says where it is and when it last did.
     members: Table<PairMember>,
@@ -332,6 +334,7 @@ impl Store {
             deployments: Table::open(&db, "deployments")?,
             roles: db.open_tree("roles")?,
             users: Table::open(&db, "users")?,
+            passwords: Table::open(&db, "passwords")?,
             audit: Table::open(&db, "audit")?,
             members: Table::open(&db, "members")?,
             announce: Default::default(),
@@ -803,6 +806,7 @@ impl Store {
 
     pub async fn remove_user(&self, name: &str) -> Result<bool> {
         let removed = self.users.remove(name.as_bytes())?.is_some();
+        self.passwords.remove(name.as_bytes())?;
         self.flush().await?;
         Ok(removed)
     }
@@ -813,6 +817,24 @@ impl Store {
 
     pub fn list_users(&self) -> Result<Vec<User>> {
         self.users.all()
+    }
+
+    /// Sets (`Some`) or clears a user's password hash; durable before it returns.
+    pub async fn set_password(&self, name: &str, phc: Option<&str>) -> Result<()> {
+        match phc {
+            Some(phc) => {
+                let p = Password { name: name.to_string(), phc: phc.to_string(), set_unix_ms: crate::now_ms() };
+                self.passwords.put(name.as_bytes(), &p)?;
+            }
+            None => {
+                self.passwords.remove(name.as_bytes())?;
+            }
+        }
+        self.flush().await
+    }
+
+    pub fn password_of(&self, name: &str) -> Result<Option<Password>> {
+        self.passwords.get(name.as_bytes())
     }
 
     /// Appends to the audit log, chaining the entry to the last one (seq and hashes are

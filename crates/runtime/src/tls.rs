@@ -133,12 +133,28 @@ impl Credentials {
             .timeout(HANDSHAKE_TIMEOUT)
     }
 
+    /// Our certificate chain and private key (PEM), for a server that presents the same identity
+    /// to clients without certificates (the provider's web console).
+    pub fn identity_pem(&self) -> (&[u8], &[u8]) {
+        (&self.cert, &self.key)
+    }
+
     /// Client side: trust only our CA; present our certificate.
     pub fn client_config(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca))
             .identity(Identity::from_pem(&self.cert, &self.key))
     }
+}
+
+/// A self-signed certificate and key (PEM) for `names`, for a server that has no certificate
+/// of its own (a plaintext `--insecure` provider's web console: still HTTPS, so its session
+/// cookies stay `Secure`; browsers ask once to accept it).
+pub fn self_signed(names: &[String]) -> Result<(String, String), TlsError> {
+    let err = |e: rcgen::Error| TlsError::Config(format!("cannot make a self-signed certificate: {e}"));
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = rcgen::CertificateParams::new(names.to_vec()).map_err(err)?.self_signed(&key).map_err(err)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// The first certificate in a PEM file, as DER.

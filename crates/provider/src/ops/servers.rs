@@ -1,10 +1,9 @@
 //! The provider-servers half of the admin API: the switchover pair's status, the peer
 //! providers that groups assign machines to, and the discovery setting. Changes are validated
 //! whole first, replicated to sites through the change log, and logged with who made them.
-use tonic::{Request, Status};
 use updraft_proto::v1::{Discovery, ListPeersResponse, PairReply, Peer};
 
-use crate::admin::{AdminService, who};
+use super::Ops;
 use crate::decided::Decided;
 use crate::error::{ProviderError, Result};
 use crate::import::record_catalog_activity;
@@ -78,8 +77,8 @@ pub fn validate_discovery_key(key: &str) -> Result<()> {
     Ok(())
 }
 
-impl AdminService {
-    pub(crate) fn do_get_pair(&self) -> Result<PairReply> {
+impl Ops {
+    pub fn get_pair(&self) -> Result<PairReply> {
         if !self.shared.store.is_shared() {
             return self.shared.pair.report();
         }
@@ -94,29 +93,29 @@ impl AdminService {
         Ok(PairReply { epoch: 0, active: self.shared.config.name.clone(), members })
     }
 
-    pub(crate) fn peers(&self) -> Result<ListPeersResponse> {
+    pub fn get_discovery(&self) -> Result<Discovery> {
+        self.shared.store.discovery()
+    }
+
+    pub fn list_peers(&self) -> Result<ListPeersResponse> {
         Ok(ListPeersResponse { peers: self.shared.store.list_peers()? })
     }
 
-    pub(crate) async fn do_put_peer(&self, request: Request<Peer>) -> Result<ListPeersResponse, Status> {
-        let who = who(&request);
-        let peer = request.into_inner();
+    pub async fn put_peer(&self, who: &str, peer: Peer) -> Result<ListPeersResponse> {
         validate_peer(&peer)?;
         let store = &self.shared.store;
         let existed = store.get_peer(&peer.name)?.is_some();
         store.put_peer(&peer).await?;
         let what =
             format!("provider {} {} at {}", peer.name, if existed { "changed" } else { "added" }, peer_url(&peer));
-        record_catalog_activity(&self.shared, &who, None, what).await?;
-        Ok(self.peers()?)
+        record_catalog_activity(&self.shared, who, None, what).await?;
+        self.list_peers()
     }
 
-    pub(crate) async fn do_remove_peer(&self, request: Request<String>) -> Result<ListPeersResponse, Status> {
-        let who = who(&request);
-        let name = request.into_inner();
+    pub async fn remove_peer(&self, who: &str, name: String) -> Result<ListPeersResponse> {
         let store = &self.shared.store;
         if store.get_peer(&name)?.is_none() {
-            return Err(bad(format!("unknown provider {name:?} (see `admin-cli provider list`)")).into());
+            return Err(bad(format!("unknown provider {name:?} (see `admin-cli provider list`)")));
         }
         let users: Vec<String> = store
             .list_groups()?
@@ -128,17 +127,14 @@ impl AdminService {
             return Err(bad(format!(
                 "provider {name} is assigned to group(s) {}; change their --providers first",
                 users.join(", ")
-            ))
-            .into());
+            )));
         }
         store.remove_peer(&name).await?;
-        record_catalog_activity(&self.shared, &who, None, format!("provider {name} removed")).await?;
-        Ok(self.peers()?)
+        record_catalog_activity(&self.shared, who, None, format!("provider {name} removed")).await?;
+        self.list_peers()
     }
 
-    pub(crate) async fn do_set_discovery(&self, request: Request<Discovery>) -> Result<Discovery, Status> {
-        let who = who(&request);
-        let mut d = request.into_inner();
+    pub async fn set_discovery(&self, who: &str, mut d: Discovery) -> Result<Discovery> {
         if d.enabled {
             if d.key.is_empty() {
                 d.key = DEFAULT_DISCOVERY_KEY.into();
@@ -150,7 +146,7 @@ impl AdminService {
         }
         self.shared.store.set_discovery(&d).await?;
         let what = if d.enabled { format!("discovery on, key {}", d.key) } else { "discovery off".into() };
-        record_catalog_activity(&self.shared, &who, None, what).await?;
+        record_catalog_activity(&self.shared, who, None, what).await?;
         Ok(d)
     }
 }

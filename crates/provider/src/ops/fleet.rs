@@ -1,18 +1,17 @@
 //! The fleet half of the admin API: groups, assignments, pins, machine detail, the status
 //! report and activity clearing. Each refuses bad input before changing anything, publishes
 //! its change to sites, and is logged with who made it.
-use tonic::{Request, Status};
 use updraft_core::model::{Role, validate_product};
 use updraft_core::policy::{Health, Mode};
 use updraft_proto::v1::{
     AssignRequest, Assignment, ClearActivityRequest, ClearActivityResponse, DeployRequest, Deployment, FleetReport,
     ForgetMachineRequest, ForgetMachineResponse, GetGroupRequest, GetMachineRequest, Group, GroupDetail, GroupSummary,
-    ListDeploymentsResponse, ListGroupsResponse, ListMachinesRequest, ListMachinesResponse, Machine, MachineDetail,
-    MachinePins, MachineRole, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportGroup, ReportRequest2,
-    SetRoleRequest,
+    ListDeploymentsRequest, ListDeploymentsResponse, ListGroupsResponse, ListMachinesRequest, ListMachinesResponse,
+    Machine, MachineDetail, MachinePins, MachineRole, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportGroup,
+    ReportRequest2, SetRoleRequest,
 };
 
-use crate::admin::{AdminService, who};
+use super::Ops;
 use crate::error::{ProviderError, Result};
 use crate::import::record_catalog_activity;
 use crate::policy;
@@ -30,11 +29,11 @@ fn validate_group_name(name: &str) -> Result<()> {
     }
 }
 
-fn bad(msg: String) -> Status {
-    ProviderError::InvalidArgument(msg).into()
+fn bad(msg: String) -> ProviderError {
+    ProviderError::InvalidArgument(msg)
 }
 
-impl AdminService {
+impl Ops {
     /// Every machine with its group, status and the reasons for it.
     fn assessed(&self) -> Result<Vec<Machine>> {
         let store = &self.shared.store;
@@ -102,7 +101,7 @@ impl AdminService {
         Ok(())
     }
 
-    pub(crate) async fn do_list_machines(&self, req: ListMachinesRequest) -> Result<ListMachinesResponse> {
+    pub async fn list_machines(&self, req: ListMachinesRequest) -> Result<ListMachinesResponse> {
         let f = req.filter.to_lowercase();
         let machines = self
             .assessed()?
@@ -118,7 +117,7 @@ impl AdminService {
         Ok(ListMachinesResponse { machines })
     }
 
-    pub(crate) async fn do_get_machine(&self, req: GetMachineRequest) -> Result<MachineDetail, Status> {
+    pub async fn get_machine(&self, req: GetMachineRequest) -> Result<MachineDetail> {
         let name = req.name;
         let store = &self.shared.store;
         let Some(mut m) = store.list_machines()?.into_iter().find(|m| m.info.as_ref().is_some_and(|i| i.name == name))
@@ -132,9 +131,7 @@ impl AdminService {
         Ok(MachineDetail { machine: Some(m), policy: Some(pol), products, recent, pins: pins.pins })
     }
 
-    pub(crate) async fn do_put_group(&self, request: Request<PutGroupRequest>) -> Result<GroupDetail, Status> {
-        let who = who(&request);
-        let req = request.into_inner();
+    pub async fn put_group(&self, who: &str, req: PutGroupRequest) -> Result<GroupDetail> {
         validate_group_name(&req.name)?;
         let store = &self.shared.store;
         let exists = req.name == DEFAULT_GROUP || store.get_group(&req.name)?.is_some();
@@ -193,16 +190,15 @@ impl AdminService {
             updraft_core::policy::hour_name(settings.install_hour),
             settings.providers.join(", ")
         );
-        record_catalog_activity(&self.shared, &who, None, what).await?;
-        Ok(self.group_detail(&req.name)?)
+        record_catalog_activity(&self.shared, who, None, what).await?;
+        self.group_detail(&req.name)
     }
 
-    pub(crate) async fn do_remove_group(
+    pub async fn remove_group(
         &self,
-        request: Request<RemoveGroupRequest>,
-    ) -> Result<ListGroupsResponse, Status> {
-        let who = who(&request);
-        let name = request.into_inner().name;
+        who: &str,
+        RemoveGroupRequest { name }: RemoveGroupRequest,
+    ) -> Result<ListGroupsResponse> {
         if name == DEFAULT_GROUP {
             return Err(bad("the default group cannot be removed".into()));
         }
@@ -220,24 +216,22 @@ impl AdminService {
             store.deploy(&deployment, true).await?;
         }
         store.delete_group(&name).await?;
-        record_catalog_activity(&self.shared, &who, None, format!("group {name} removed")).await?;
-        Ok(self.groups()?)
-    }
-
-    pub(crate) async fn do_list_groups(&self) -> Result<ListGroupsResponse> {
+        record_catalog_activity(&self.shared, who, None, format!("group {name} removed")).await?;
         self.groups()
     }
 
-    pub(crate) async fn do_get_group(&self, req: GetGroupRequest) -> Result<GroupDetail, Status> {
+    pub async fn list_groups(&self) -> Result<ListGroupsResponse> {
+        self.groups()
+    }
+
+    pub async fn get_group(&self, req: GetGroupRequest) -> Result<GroupDetail> {
         if req.name != DEFAULT_GROUP && self.shared.store.get_group(&req.name)?.is_none() {
             return Err(bad(format!("unknown group {:?}", req.name)));
         }
-        Ok(self.group_detail(&req.name)?)
+        self.group_detail(&req.name)
     }
 
-    pub(crate) async fn do_assign(&self, request: Request<AssignRequest>) -> Result<ListMachinesResponse, Status> {
-        let who = who(&request);
-        let req = request.into_inner();
+    pub async fn assign(&self, who: &str, req: AssignRequest) -> Result<ListMachinesResponse> {
         let store = &self.shared.store;
         let group = if req.group == DEFAULT_GROUP { String::new() } else { req.group.clone() };
         if !group.is_empty() && store.get_group(&group)?.is_none() {
@@ -251,7 +245,7 @@ impl AdminService {
         let target = if group.is_empty() { DEFAULT_GROUP } else { group.as_str() };
         record_catalog_activity(
             &self.shared,
-            &who,
+            who,
             None,
             format!("{} moved to group {target}", req.machines.join(", ")),
         )
@@ -259,9 +253,7 @@ impl AdminService {
         Ok(ListMachinesResponse { machines: self.assessed_named(&req.machines)? })
     }
 
-    pub(crate) async fn do_pin(&self, request: Request<PinRequest>) -> Result<ListMachinesResponse, Status> {
-        let who = who(&request);
-        let req = request.into_inner();
+    pub async fn pin(&self, who: &str, req: PinRequest) -> Result<ListMachinesResponse> {
         validate_product(&req.product).map_err(ProviderError::from)?;
         if !req.version.is_empty() {
             req.version.parse::<updraft_core::Version>().map_err(ProviderError::from)?;
@@ -282,11 +274,15 @@ impl AdminService {
         } else {
             format!("{} pinned to {} {}", req.machines.join(", "), req.product, req.version)
         };
-        record_catalog_activity(&self.shared, &who, None, what).await?;
+        record_catalog_activity(&self.shared, who, None, what).await?;
         Ok(ListMachinesResponse { machines: self.assessed_named(&req.machines)? })
     }
 
-    pub(crate) fn deployments(&self, product: &str) -> Result<ListDeploymentsResponse> {
+    pub async fn list_deployments(&self, req: ListDeploymentsRequest) -> Result<ListDeploymentsResponse> {
+        self.deployments(&req.product)
+    }
+
+    fn deployments(&self, product: &str) -> Result<ListDeploymentsResponse> {
         let store = &self.shared.store;
         let catalog = store.list_updates()?;
         let mut deployments: Vec<Deployment> =
@@ -305,9 +301,7 @@ impl AdminService {
 
     /// Gives a product to a group's or a machine's machines that lack it (or stops giving it).
     /// Undeploying uninstalls nothing: machines that took it keep it and get its updates.
-    pub(crate) async fn do_deploy(&self, request: Request<DeployRequest>) -> Result<ListDeploymentsResponse, Status> {
-        let who = who(&request);
-        let req = request.into_inner();
+    pub async fn deploy(&self, who: &str, req: DeployRequest) -> Result<ListDeploymentsResponse> {
         validate_product(&req.product).map_err(ProviderError::from)?;
         let store = &self.shared.store;
         let (target, deployment) = match (req.group.is_empty(), req.machine.is_empty()) {
@@ -337,7 +331,7 @@ impl AdminService {
             return Err(bad(format!("{} is not deployed to {target}", req.product)));
         }
         if !req.remove && exists {
-            return Ok(self.deployments("")?);
+            return self.deployments("");
         }
         store.deploy(&deployment, req.remove).await?;
         let what = if req.remove {
@@ -345,14 +339,12 @@ impl AdminService {
         } else {
             format!("{} deployed to {target}", req.product)
         };
-        record_catalog_activity(&self.shared, &who, None, what).await?;
-        Ok(self.deployments("")?)
+        record_catalog_activity(&self.shared, who, None, what).await?;
+        self.deployments("")
     }
 
     /// Sets (or clears) the role of machines; role ceilings follow at once.
-    pub(crate) async fn do_set_role(&self, request: Request<SetRoleRequest>) -> Result<ListMachinesResponse, Status> {
-        let who = who(&request);
-        let req = request.into_inner();
+    pub async fn set_role(&self, who: &str, req: SetRoleRequest) -> Result<ListMachinesResponse> {
         let role = if req.role.is_empty() {
             String::new()
         } else {
@@ -370,7 +362,7 @@ impl AdminService {
         } else {
             format!("{}: role {role}", req.machines.join(", "))
         };
-        record_catalog_activity(&self.shared, &who, None, what).await?;
+        record_catalog_activity(&self.shared, who, None, what).await?;
         Ok(ListMachinesResponse { machines: self.assessed_named(&req.machines)? })
     }
 
@@ -378,12 +370,11 @@ impl AdminService {
     /// through the logged writes sites follow, then its record goes; its activity stays as
     /// history. Each step is repeatable, the record last, so a forget cut short by a crash is
     /// finished by asking again.
-    pub(crate) async fn do_forget_machine(
+    pub async fn forget_machine(
         &self,
-        request: Request<ForgetMachineRequest>,
-    ) -> Result<ForgetMachineResponse, Status> {
-        let who = who(&request);
-        let name = request.into_inner().name;
+        who: &str,
+        ForgetMachineRequest { name }: ForgetMachineRequest,
+    ) -> Result<ForgetMachineResponse> {
         crate::catalog::validate_machine_name(&name)?;
         let store = &self.shared.store;
         if store.get_machine(&name)?.is_none() {
@@ -415,11 +406,11 @@ impl AdminService {
         store.remove_machine(&name).await?;
         crate::ceiling::refresh(&self.shared).await?;
         let what = if removed.is_empty() { String::new() } else { format!(" ({})", removed.join("; ")) };
-        record_catalog_activity(&self.shared, &who, None, format!("forgot machine {name}{what}")).await?;
+        record_catalog_activity(&self.shared, who, None, format!("forgot machine {name}{what}")).await?;
         Ok(ForgetMachineResponse { name, removed })
     }
 
-    pub(crate) async fn do_report(&self, req: ReportRequest2) -> Result<FleetReport> {
+    pub async fn report(&self, req: ReportRequest2) -> Result<FleetReport> {
         let mut groups: Vec<ReportGroup> = [Health::Error, Health::NeedsAttention, Health::UpToDate]
             .iter()
             .map(|h| ReportGroup { status: h.as_str().into(), machines: vec![] })
@@ -437,15 +428,14 @@ impl AdminService {
         Ok(FleetReport { groups })
     }
 
-    pub(crate) async fn do_clear_activity(
+    pub async fn clear_activity(
         &self,
-        request: Request<ClearActivityRequest>,
+        who: &str,
+        ClearActivityRequest { machine }: ClearActivityRequest,
     ) -> Result<ClearActivityResponse> {
-        let who = who(&request);
-        let machine = request.into_inner().machine;
         let removed = self.shared.store.clear_activity(&machine).await?;
         let scope = if machine.is_empty() { "all activity".to_string() } else { format!("activity of {machine}") };
-        record_catalog_activity(&self.shared, &who, None, format!("cleared {scope} ({removed} entries)")).await?;
+        record_catalog_activity(&self.shared, who, None, format!("cleared {scope} ({removed} entries)")).await?;
         Ok(ClearActivityResponse { removed })
     }
 }

@@ -1,0 +1,507 @@
+//! The console's pages, one function each: read through the admin operations, render with
+//! `layout`. Live pages (activity, report, sites) reload themselves every [`LIVE_SECS`].
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::Html;
+use maud::{Markup, html};
+use updraft_core::model::UpdateState;
+use updraft_core::policy::{Mode, day_name, hour_name};
+use updraft_proto::v1::{
+    Activity, ActivityKind, GetMachineRequest, ListActivityRequest, ListMachinesRequest, ListUpdatesRequest, Machine,
+    ReportRequest2,
+};
+
+use super::layout::{badge, bytes, csrf_field, flash, page, when};
+use super::{Console, Query, Refusal, Signed};
+
+/// Seconds after which live pages reload.
+pub const LIVE_SECS: u32 = 10;
+/// Rows per page of the activity log.
+pub const PAGE_ROWS: usize = 50;
+
+type Page = Result<Html<String>, Refusal>;
+
+fn done(m: Markup) -> Page {
+    Ok(Html(m.into_string()))
+}
+
+fn outcome(q: &Query) -> Markup {
+    flash(q.get("ok").map(String::as_str), q.get("err").map(String::as_str))
+}
+
+/// `ACTIVITY_KIND_DOWNLOAD_STARTED` → `download started`.
+pub fn kind_name(kind: i32) -> String {
+    ActivityKind::try_from(kind)
+        .map(|k| k.as_str_name().trim_start_matches("ACTIVITY_KIND_").to_lowercase().replace('_', " "))
+        .unwrap_or_else(|_| format!("kind {kind}"))
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    UpdateState::from_wire(state).map(UpdateState::as_str).unwrap_or("unknown")
+}
+
+fn name_of(m: &Machine) -> &str {
+    m.info.as_ref().map(|i| i.name.as_str()).unwrap_or("?")
+}
+
+pub async fn about(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
+    let shared = c.ops.shared();
+    let cfg = &shared.config;
+    let pair = c.ops.get_pair()?;
+    let store = match &cfg.database {
+        Some(url) => format!("PostgreSQL database {}", redact(url)),
+        None => format!("directory {}", cfg.data_dir.display()),
+    };
+    let up = c.uptime().as_secs();
+    let body = html! {
+        (outcome(&q))
+        div.card {
+            dl.facts {
+                dt { "Provider" } dd { (cfg.name) }
+                dt { "Version" } dd { (env!("CARGO_PKG_VERSION")) }
+                dt { "Address for agents and sites" } dd { (cfg.advertise.clone().unwrap_or_else(|| "(from --listen)".into())) }
+                dt { "Console" } dd { "https://" (c.address) }
+                dt { "Role" } dd {
+                    @if store_is_shared(&c) { (badge("active")) " every provider of the database is active" }
+                    @else if pair.active == cfg.name { (badge("active")) " epoch " (pair.epoch) }
+                    @else { (badge("standby")) " active: " (pair.active) }
+                }
+                dt { "Up for" } dd { (up / 3600) " h " (up % 3600 / 60) " min" }
+                dt { "Store" } dd { (store) }
+                dt { "Content location" } dd { (cfg.content_dir().display()) }
+                dt { "Catalog version" } dd { (shared.known_seq()?) }
+                dt { "Transport" } dd { @if cfg.transport.is_tls() { "mutual TLS" } @else { "plaintext (--insecure)" } }
+            }
+        }
+        h2 { "Switchover pair / providers of the store" }
+        table {
+            tr { th { "Name" } th { "Address" } th { "Role" } th { "Epoch" } th { "Last seen" } }
+            @for m in &pair.members {
+                tr { td { (m.name) } td { (m.url) } td { (badge(&m.role)) } td { (m.epoch) } td { (when(m.last_seen_unix_ms)) } }
+            }
+        }
+    };
+    done(page("About", "/about", s.user(), s.csrf(), None, body))
+}
+
+fn store_is_shared(c: &Console) -> bool {
+    c.ops.shared().store.is_shared()
+}
+
+/// A database URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or_default();
+            format!("{}{user}{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+pub async fn activity(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
+    let machine = q.get("machine").cloned().unwrap_or_default();
+    let product = q.get("product").cloned().unwrap_or_default();
+    let req = ListActivityRequest { machine: machine.clone(), limit: 10_000, ..Default::default() };
+    let mut rows: Vec<Activity> = c.ops.list_activity(req).await?.activities;
+    if !product.is_empty() {
+        rows.retain(|a| a.product == product);
+    }
+    let sort = q.get("sort").map(String::as_str).unwrap_or("time");
+    match sort {
+        "machine" => rows.sort_by(|a, b| (&a.machine, b.at_unix_ms).cmp(&(&b.machine, a.at_unix_ms))),
+        "kind" => rows.sort_by_key(|a| (kind_name(a.kind), -a.at_unix_ms)),
+        "product" => {
+            rows.sort_by(|a, b| (&a.product, &a.version, b.at_unix_ms).cmp(&(&b.product, &b.version, a.at_unix_ms)))
+        }
+        _ => rows.sort_by_key(|a| -a.at_unix_ms),
+    }
+    let pages = rows.len().div_ceil(PAGE_ROWS).max(1);
+    let at: usize = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1).clamp(1, pages);
+    let shown = rows.iter().skip((at - 1) * PAGE_ROWS).take(PAGE_ROWS);
+    let link = |page: usize, sort: &str| {
+        format!(
+            "/activity?page={page}&sort={sort}&machine={}&product={}",
+            super::encode(&machine),
+            super::encode(&product)
+        )
+    };
+    let body = html! {
+        (outcome(&q))
+        div.toolbar {
+            form.inline method="get" action="/activity" {
+                input name="machine" placeholder="machine" value=(machine);
+                input name="product" placeholder="product" value=(product);
+                input type="hidden" name="sort" value=(sort);
+                button.secondary type="submit" { "Filter" }
+            }
+            span.muted { (rows.len()) " entries · page " (at) " of " (pages) }
+            @if at > 1 { a href=(link(at - 1, sort)) { "← newer" } }
+            @if at < pages { a href=(link(at + 1, sort)) { "older →" } }
+            form.inline method="post" action="/activity/clear" {
+                (csrf_field(s.csrf()))
+                input type="hidden" name="machine" value=(machine);
+                button.secondary type="submit" { @if machine.is_empty() { "Clear all activity" } @else { "Clear this machine's activity" } }
+            }
+        }
+        table #activity {
+            tr {
+                th { a href=(link(1, "time")) { "Time" } }
+                th { a href=(link(1, "machine")) { "Machine" } }
+                th { a href=(link(1, "kind")) { "What" } }
+                th { a href=(link(1, "product")) { "Product / release" } }
+                th { "Update" } th { "Detail" }
+            }
+            @for a in shown {
+                tr {
+                    td { (when(a.at_unix_ms)) }
+                    td { @if !a.machine.is_empty() { a href={"/machines/" (super::encode(&a.machine))} { (a.machine) } } }
+                    td { (kind_name(a.kind)) }
+                    td { (a.product) " " (a.version) }
+                    td.muted { (a.update_id) }
+                    td { (a.detail) }
+                }
+            }
+        }
+    };
+    done(page("Activity", "/activity", s.user(), s.csrf(), Some(LIVE_SECS), body))
+}
+
+/// The report's quick ranges: query value, label, days.
+const RANGES: [(&str, &str, i64); 4] =
+    [("2w", "2 weeks", 14), ("3m", "3 months", 91), ("6m", "6 months", 182), ("all", "all time", 0)];
+
+pub async fn report(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
+    let range = c.remembered_range(s.user(), q.get("range").map(String::as_str));
+    let since = match RANGES.iter().find(|r| r.0 == range) {
+        Some((_, _, 0)) | None => 0,
+        Some((_, _, days)) => crate::now_ms() - days * 86_400_000,
+    };
+    let report = c.ops.report(ReportRequest2 { since_unix_ms: since }).await?;
+    let body = html! {
+        (outcome(&q))
+        div.toolbar {
+            span { "Machines in contact within: " }
+            @for (key, label, _) in RANGES {
+                @if key == range { strong { (label) } } @else { a href={"/report?range=" (key)} { (label) } }
+            }
+        }
+        @for g in &report.groups {
+            details.card open[g.status != "up-to-date"] {
+                summary { (badge(&g.status)) " " strong { (g.machines.len()) } " machine(s)" }
+                table {
+                    tr { th { "Machine" } th { "Group" } th { "Last contact" } th { "Why" } }
+                    @for m in &g.machines {
+                        tr {
+                            td { a href={"/machines/" (super::encode(name_of(m)))} { (name_of(m)) } }
+                            td { (m.group) }
+                            td { (when(m.last_contact_unix_ms)) }
+                            td { @for n in &m.notes { div { (n) } } }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    done(page("Report", "/report", s.user(), s.csrf(), Some(LIVE_SECS), body))
+}
+
+pub async fn machines(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
+    let filter = q.get("filter").cloned().unwrap_or_default();
+    let by = q.get("by").map(String::as_str).unwrap_or("group");
+    let list =
+        c.ops.list_machines(ListMachinesRequest { filter: filter.clone(), group: String::new() }).await?.machines;
+    let mut grouped: BTreeMap<String, Vec<&Machine>> = BTreeMap::new();
+    for m in &list {
+        let key = match by {
+            "site" => {
+                if m.via.is_empty() {
+                    "direct".to_string()
+                } else {
+                    m.via.clone()
+                }
+            }
+            "status" => m.status.clone(),
+            "version" => m.info.as_ref().map(|i| i.agent_version.clone()).unwrap_or_default(),
+            _ => m.group.clone(),
+        };
+        grouped.entry(key).or_default().push(m);
+    }
+    let body = html! {
+        (outcome(&q))
+        div.toolbar {
+            form.inline method="get" action="/machines" {
+                input name="filter" placeholder="name or address" value=(filter);
+                select name="by" {
+                    @for (v, l) in [("group", "by group"), ("site", "by site"), ("status", "by status"), ("version", "by agent version")] {
+                        option value=(v) selected[v == by] { (l) }
+                    }
+                }
+                button.secondary type="submit" { "Show" }
+            }
+            span.muted { (list.len()) " machine(s)" }
+        }
+        @for (key, ms) in &grouped {
+            h2 { (key) " " span.muted { "(" (ms.len()) ")" } }
+            table {
+                tr { th { "Machine" } th { "Status" } th { "Group" } th { "Addresses" } th { "Role" } th { "Agent" } th { "Via" } th { "Last contact" } }
+                @for m in ms {
+                    tr {
+                        td { a href={"/machines/" (super::encode(name_of(m)))} { (name_of(m)) } }
+                        td { (badge(&m.status)) }
+                        td { (m.group) }
+                        td { (m.info.as_ref().map(|i| i.addresses.join(", ")).unwrap_or_default()) }
+                        td { (m.role) }
+                        td { (m.info.as_ref().map(|i| i.agent_version.as_str()).unwrap_or_default()) }
+                        td { (m.via) }
+                        td { (when(m.last_contact_unix_ms)) }
+                    }
+                }
+            }
+        }
+    };
+    done(page("Machines", "/machines", s.user(), s.csrf(), None, body))
+}
+
+pub async fn machine(State(c): State<Arc<Console>>, s: Signed, Path(name): Path<String>, q: Query) -> Page {
+    let d = c.ops.get_machine(GetMachineRequest { name: name.clone() }).await?;
+    let m = d.machine.clone().unwrap_or_default();
+    let groups = c.ops.list_groups().await?.groups;
+    let tab = q.get("tab").map(String::as_str).unwrap_or("status");
+    let base = format!("/machines/{}", super::encode(&name));
+    let body = html! {
+        (outcome(&q))
+        div.tabs.toolbar {
+            a href={(base) "?tab=status"} { @if tab == "status" { strong { "Status" } } @else { "Status" } }
+            a href={(base) "?tab=apps"} { @if tab == "apps" { strong { "Installed applications" } } @else { "Installed applications" } }
+        }
+        @if tab == "apps" {
+            table #products {
+                tr { th { "Product" } th { "Installed" } th { "Available" } th { "Pinned" } th { "Status" } th { "Held" } }
+                @for p in &d.products {
+                    tr {
+                        td { (p.product) @if p.adopted { " " span.muted { "(adopted)" } } }
+                        td { (p.installed_version) }
+                        td { (p.available_version) }
+                        td { (p.pinned_version) }
+                        td { (badge(&p.status)) }
+                        td { @for h in &p.held { div.muted { (h) } } }
+                    }
+                }
+            }
+        } @else {
+            div.card {
+                dl.facts {
+                    dt { "Status" } dd { (badge(&m.status)) }
+                    dt { "Notes" } dd { @for n in &m.notes { div { (n) } } }
+                    dt { "Group" } dd { (m.group) }
+                    dt { "Role" } dd { (m.role) }
+                    dt { "Host name" } dd { (m.info.as_ref().map(|i| i.hostname.as_str()).unwrap_or_default()) }
+                    dt { "Addresses" } dd { (m.info.as_ref().map(|i| i.addresses.join(", ")).unwrap_or_default()) }
+                    dt { "Agent version" } dd { (m.info.as_ref().map(|i| i.agent_version.as_str()).unwrap_or_default()) }
+                    dt { "Reaches us via" } dd { (m.via) }
+                    dt { "Last contact" } dd { (when(m.last_contact_unix_ms)) }
+                    dt { "Pins" } dd { @for (p, v) in &d.pins { div { (p) " " (v) } } }
+                }
+            }
+            div.toolbar {
+                form.inline method="post" action="/groups/assign" {
+                    (csrf_field(s.csrf()))
+                    input type="hidden" name="machine" value=(name);
+                    input type="hidden" name="back" value=(base);
+                    label { "Move to group " }
+                    select name="group" {
+                        @for g in &groups {
+                            @let gname = g.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+                            option value=(gname) selected[gname == m.group] { (gname) }
+                        }
+                    }
+                    button type="submit" { "Move" }
+                }
+                form.inline method="post" action={(base) "/pin"} {
+                    (csrf_field(s.csrf()))
+                    input name="product" placeholder="product" required;
+                    input name="version" placeholder="version (empty: clear)";
+                    button type="submit" { "Pin" }
+                }
+            }
+            h2 { "Recent activity" }
+            table {
+                tr { th { "Time" } th { "What" } th { "Product" } th { "Detail" } }
+                @for a in &d.recent {
+                    tr { td { (when(a.at_unix_ms)) } td { (kind_name(a.kind)) } td { (a.product) " " (a.version) } td { (a.detail) } }
+                }
+            }
+        }
+    };
+    done(page(&format!("Machine {name}"), "/machines", s.user(), s.csrf(), None, body))
+}
+
+pub async fn groups(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
+    let groups = c.ops.list_groups().await?.groups;
+    let deployments = c.ops.list_deployments(Default::default()).await?.deployments;
+    let machines = c.ops.list_machines(ListMachinesRequest::default()).await?.machines;
+    let body = html! {
+        (outcome(&q))
+        table #groups {
+            tr { th { "Group" } th { "Members" } th { "Mode" } th { "Install day" } th { "Hour" } th { "Providers" } th { "Deployed products" } }
+            @for g in &groups {
+                @let name = g.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+                @let st = g.group.as_ref().and_then(|g| g.settings.clone()).unwrap_or_default();
+                tr {
+                    td { strong { (name) } }
+                    td { (g.members) }
+                    td { (Mode::from_wire(st.mode).unwrap_or_default().as_str()) @if st.download_early { " (downloads early)" } }
+                    td { (day_name(st.install_day)) }
+                    td { (hour_name(st.install_hour)) }
+                    td { (st.providers.join(", ")) }
+                    td { (deployments.iter().filter(|d| d.group == name).map(|d| d.product.as_str()).collect::<Vec<_>>().join(", ")) }
+                }
+            }
+        }
+        h2 { "New group" }
+        form.inline.card method="post" action="/groups/create" {
+            (csrf_field(s.csrf()))
+            input name="name" placeholder="name" required;
+            select name="mode" {
+                @for m in ["automatic", "download", "notify", "manual"] { option value=(m) { (m) } }
+            }
+            label { "day " input name="day" type="number" min="-1" max="6" value="-1"; }
+            label { "hour " input name="hour" type="number" min="-1" max="23" value="-1"; }
+            button type="submit" { "Create" }
+        }
+        h2 { "Assign machines" }
+        form.inline.card method="post" action="/groups/assign" {
+            (csrf_field(s.csrf()))
+            select name="machine" multiple size="6" {
+                @for m in &machines { option value=(name_of(m)) { (name_of(m)) " (" (m.group) ")" } }
+            }
+            select name="group" {
+                @for g in &groups {
+                    @let gname = g.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+                    option value=(gname) { (gname) }
+                }
+            }
+            button type="submit" { "Assign" }
+        }
+    };
+    done(page("Groups", "/groups", s.user(), s.csrf(), None, body))
+}
+
+pub async fn updates(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
+    let product = q.get("product").cloned().unwrap_or_default();
+    let listing = c.ops.list_updates(ListUpdatesRequest { product: product.clone(), ..Default::default() }).await?;
+    let mut by_release: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, u) in listing.updates.iter().enumerate() {
+        let release = if u.release_label.is_empty() { u.product.clone() } else { u.release_label.clone() };
+        by_release.entry(release).or_default().push(i);
+    }
+    let body = html! {
+        (outcome(&q))
+        @for w in &listing.warnings { div.flash.err { (w) } }
+        div.toolbar {
+            form.inline method="get" action="/updates" {
+                input name="product" placeholder="product" value=(product);
+                button.secondary type="submit" { "Filter" }
+            }
+            span.muted { (listing.updates.len()) " update(s)" }
+        }
+        form method="post" action="/updates/state" #updates-form {
+            (csrf_field(s.csrf()))
+            div.toolbar {
+                span { "Selected: " }
+                select name="state" {
+                    @for st in ["ga", "pre-approval", "inactive", "remove"] { option value=(st) { (st) } }
+                }
+                button type="submit" { "Set state" }
+                button.secondary type="submit" formaction="/updates/priority" name="high" value="true" { "Mark high priority" }
+                button.secondary type="submit" formaction="/updates/priority" name="high" value="false" { "Normal priority" }
+            }
+            @for (release, idx) in &by_release {
+                h2 { (release) }
+                table {
+                    tr { th {} th { "Update" } th { "Product" } th { "Version" } th { "Type" } th { "State" } th { "Priority" } th { "Size" } th { "Installed / applicable / offered" } th { "Notes" } }
+                    @for i in idx {
+                        @let u = &listing.updates[*i];
+                        @let st = listing.statuses.get(*i).cloned().unwrap_or_default();
+                        tr {
+                            td { input type="checkbox" name="id" value=(u.id) aria-label={"select " (u.id)}; }
+                            td { code { (u.id) } }
+                            td { (u.product) }
+                            td { (u.version) }
+                            td { (updraft_core::model::InstallType::from_wire(u.install_type).map(|t| t.as_str()).unwrap_or("install")) }
+                            td { (badge(state_name(u.state))) }
+                            td { @if u.high_priority { (badge("high")) } }
+                            td { (bytes(u.size)) }
+                            td { (st.installed_count) " / " (st.applicable_count) " / " (st.offered_count) }
+                            td { @for n in &st.notes { div.muted { (n) } } @if !st.held_by_cap.is_empty() { div { "held by cap " (st.held_by_cap) } } }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    done(page("Updates", "/updates", s.user(), s.csrf(), None, body))
+}
+
+pub async fn configuration(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
+    let pair = c.ops.get_pair()?;
+    let peers = c.ops.list_peers()?.peers;
+    let discovery = c.ops.get_discovery()?;
+    let users = c.ops.list_users().await?.users;
+    let watches = c.ops.list_watches().await?.folders;
+    let body = html! {
+        (outcome(&q))
+        h2 { "Switchover pair" }
+        table {
+            tr { th { "Member" } th { "Address" } th { "Role" } th { "Since" } }
+            @for m in &pair.members { tr { td { (m.name) } td { (m.url) } td { (badge(&m.role)) } td { (when(m.since_unix_ms)) } } }
+        }
+        h2 { "Provider servers" }
+        table {
+            tr { th { "Name" } th { "Address" } th { "Port" } th { "TLS" } th { "Path" } }
+            @for p in &peers { tr { td { (p.name) } td { (p.address) } td { (p.port) } td { (p.tls) } td { (p.path) } } }
+        }
+        h2 { "Discovery" }
+        div.card { @if discovery.enabled { (badge("ok")) " on, key " code { (discovery.key) } } @else { (badge("off")) " off" } }
+        h2 { "Authorized users" }
+        table #users {
+            tr { th { "User" } th { "Role" } }
+            @for u in &users { tr { td { (u.name) } td { (u.role) } } }
+        }
+        h2 { "Watched folders" }
+        table {
+            tr { th { "Folder" } th { "Mode" } }
+            @for w in &watches { tr { td { (w.path) } td { @if w.auto { "auto" } @else { "manual" } } } }
+        }
+    };
+    done(page("Configuration", "/configuration", s.user(), s.csrf(), None, body))
+}
+
+pub async fn sites(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
+    let machines = c.ops.list_machines(ListMachinesRequest::default()).await?.machines;
+    let seq = c.ops.shared().known_seq()?;
+    let body = html! {
+        (outcome(&q))
+        table #sites {
+            tr { th { "Site" } th { "Upstream" } th { "WAN bytes" } th { "Bytes served" } th { "Cache hit ratio" } th { "Catalog lag" } th { "Last contact" } }
+            @for m in machines.iter().filter(|m| m.is_remote_provider) {
+                @let st = m.site_stats.clone().unwrap_or_default();
+                @let lookups = st.cache_hits + st.cache_misses;
+                tr {
+                    td { a href={"/machines/" (super::encode(name_of(m)))} { (name_of(m)) } }
+                    td { (badge(if st.upstream_connected { "connected" } else { "disconnected" })) " " (st.upstream) }
+                    td { (bytes(st.wan_bytes)) }
+                    td { (bytes(st.served_bytes)) }
+                    td { @if lookups > 0 { (format!("{:.0} %", 100.0 * st.cache_hits as f64 / lookups as f64)) } @else { span.muted { "no downloads yet" } } }
+                    td { (seq.saturating_sub(st.catalog_seq)) " change(s)" }
+                    td { (when(m.last_contact_unix_ms)) }
+                }
+            }
+        }
+    };
+    done(page("Sites", "/sites", s.user(), s.csrf(), Some(LIVE_SECS), body))
+}
