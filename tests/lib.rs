@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod collector;
 pub mod herdsim;
 pub mod loadgen;
@@ -141,6 +142,19 @@ impl Proc {
             addr.is_some() || self.exited()
         });
         addr.unwrap_or_else(|| panic!("{} exited before serving probes:\n{}", self.name, self.log_text()))
+    }
+
+    /// Where a provider serves its web console (as it reports once bound): `host:port`.
+    pub fn web_addr(&mut self) -> std::net::SocketAddr {
+        let mut addr = None;
+        wait_until(&format!("{} to report its web console", self.name), Duration::from_secs(30), || {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            addr = log
+                .lines()
+                .find_map(|l| l.split_once(": web console on https://").and_then(|(_, a)| a.trim().parse().ok()));
+            addr.is_some() || self.exited()
+        });
+        addr.unwrap_or_else(|| panic!("{} exited before serving its web console:\n{}", self.name, self.log_text()))
     }
 
     /// The same program started again with exactly the same arguments and environment (on the

@@ -55,13 +55,20 @@ pub async fn about(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
         None => format!("directory {}", cfg.data_dir.display()),
     };
     let up = c.uptime().as_secs();
+    let own_url = pair
+        .members
+        .iter()
+        .find(|m| m.name == cfg.name)
+        .map(|m| m.url.clone())
+        .or_else(|| cfg.advertise.clone())
+        .unwrap_or_default();
     let body = html! {
         (outcome(&q))
         div.card {
             dl.facts {
                 dt { "Provider" } dd { (cfg.name) }
                 dt { "Version" } dd { (env!("CARGO_PKG_VERSION")) }
-                dt { "Address for agents and sites" } dd { (cfg.advertise.clone().unwrap_or_else(|| "(from --listen)".into())) }
+                dt { "Address for agents and sites" } dd { (own_url) }
                 dt { "Console" } dd { "https://" (c.address) }
                 dt { "Role" } dd {
                     @if store_is_shared(&c) { (badge("active")) " every provider of the database is active" }

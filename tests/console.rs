@@ -1,0 +1,164 @@
+//! The web console in a real headless Chromium: sign-in, every page with real data from a
+//! provider, a site and an agent, an update approved and marked high priority in the browser
+//! reaching the agent behind the site, a group
+//! made and a machine moved, a viewer's change refused, a form without its CSRF token refused,
+//! sign-out. One screenshot per page is saved (and checked not to be blank); with
+//! `UPDRAFT_SCREENSHOTS=DIR` the About, Updates and Machines ones are also copied to DIR (how
+//! `docs/` got its pictures).
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use fantoccini::Locator;
+use updraft_tests::browser::Browser;
+use updraft_tests::{ADMIN, World, wait_until};
+
+const T: Duration = Duration::from_secs(60);
+
+fn passwd(w: &World, url: &str, user: &str, password: &str) {
+    let mut c = w.admin_cli();
+    c.args(["--provider", url, "user", "passwd", user, "--password-stdin"]);
+    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "user passwd {user}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+async fn sign_in(b: &Browser, base: &str, user: &str, password: &str) {
+    b.client.goto(&format!("{base}/login")).await.unwrap();
+    b.find("#user").await.send_keys(user).await.unwrap();
+    b.find("#password").await.send_keys(password).await.unwrap();
+    b.find("form[action='/login'] button").await.click().await.unwrap();
+}
+
+async fn path(b: &Browser) -> String {
+    b.client.current_url().await.unwrap().path().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
+    let w = World::new();
+    let (mut p, purl) = w.provider("centre", true);
+    let base = format!("https://{}", p.web_addr());
+    let (_site, surl) = w.remote("branch", &purl);
+    let _agent = w.agent("pc-1", &surl);
+    w.admin_ok(&purl, &["user", "add", "val", "--role", "viewer"]);
+    passwd(&w, &purl, ADMIN, "admin password 1");
+    passwd(&w, &purl, "val", "viewer password 1");
+    let pkg = w.package("editor", "1.0.0.0", &w.key);
+    let id = w.admin_ok(&purl, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
+    w.admin_ok(&purl, &["deploy", "editor", "--group", "default"]);
+    wait_until("pc-1 known at the centre", T, || {
+        w.admin_json(&purl, &["machine", "list"]).as_array().unwrap().iter().any(|m| m["name"] == "pc-1")
+    });
+
+    let b = Browser::start(&w.path("chromedriver.log")).await;
+    // Not signed in: every page sends to the sign-in form; a wrong password is refused.
+    b.client.goto(&format!("{base}/updates")).await.unwrap();
+    assert_eq!(path(&b).await, "/login");
+    sign_in(&b, &base, ADMIN, "not the password").await;
+    b.wait_text("Wrong user name or password").await;
+    sign_in(&b, &base, ADMIN, "admin password 1").await;
+    b.wait_text(&format!("Signed in as {ADMIN}")).await;
+    assert_eq!(path(&b).await, "/about");
+
+    // Every page, with the fleet's real data.
+    let expect: [(&str, &str); 8] = [
+        ("/about", "centre"),
+        ("/activity", "editor deployed to group default"),
+        ("/report", "machine(s)"),
+        ("/machines", "pc-1"),
+        ("/groups", "default"),
+        ("/updates", id.as_str()),
+        ("/configuration", ADMIN),
+        ("/sites", "branch"),
+    ];
+    let shots = std::env::var_os("UPDRAFT_SCREENSHOTS").map(std::path::PathBuf::from);
+    for (page, shows) in expect {
+        b.client.goto(&format!("{base}{page}")).await.unwrap();
+        b.wait_text(shows).await;
+        let name = format!("console{}.png", page.replace('/', "-"));
+        let file = w.path(&name);
+        b.screenshot(&file).await;
+        if let Some(dir) = &shots
+            && ["/about", "/updates", "/machines"].contains(&page)
+        {
+            std::fs::copy(&file, dir.join(&name)).unwrap();
+        }
+    }
+    b.client.goto(&format!("{base}/machines/pc-1?tab=apps")).await.unwrap();
+    b.wait_text("editor").await;
+
+    // Approve the update in the browser; the agent behind the site installs it.
+    b.client.goto(&format!("{base}/updates")).await.unwrap();
+    b.find(&format!("input[type=checkbox][value='{id}']")).await.click().await.unwrap();
+    b.find("#updates-form select[name=state]").await.select_by_value("ga").await.unwrap();
+    b.find("#updates-form button[type=submit]").await.click().await.unwrap();
+    b.wait_text("1 update(s) set to ga").await;
+    // High priority, from the browser too: the fleet is told at once (the agent checks hourly).
+    b.find(&format!("input[type=checkbox][value='{id}']")).await.click().await.unwrap();
+    b.find("#updates-form button[formaction='/updates/priority'][value='true']").await.click().await.unwrap();
+    b.wait_text("1 update(s) marked high priority").await;
+    wait_until("pc-1 installs what the browser approved", T, || {
+        w.installed("pc-1", "editor").as_deref() == Some("1.0.0.0")
+    });
+
+    // Make a group and move the machine into it.
+    b.client.goto(&format!("{base}/groups")).await.unwrap();
+    b.find("form[action='/groups/create'] input[name=name]").await.send_keys("lab").await.unwrap();
+    b.find("form[action='/groups/create'] button").await.click().await.unwrap();
+    b.wait_text("group lab created").await;
+    b.find("form[action='/groups/assign'] select[name=machine]").await.select_by_value("pc-1").await.unwrap();
+    b.find("form[action='/groups/assign'] select[name=group]").await.select_by_value("lab").await.unwrap();
+    b.find("form[action='/groups/assign'] button").await.click().await.unwrap();
+    b.wait_text("pc-1 moved to group lab").await;
+    let group_of = |m: &str| {
+        w.admin_json(&purl, &["machine", "list"]).as_array().unwrap().iter().find(|x| x["name"] == m).unwrap()["group"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(group_of("pc-1"), "lab");
+    // The audit log has the web user's changes, under the actions gRPC uses.
+    let audit = w.admin_ok(&purl, &["audit", "list"]);
+    for action in ["SetUpdateState", "PutGroup", "Assign", "web sign-in"] {
+        assert!(audit.lines().any(|l| l.contains(ADMIN) && l.contains(action)), "{action} not audited:\n{audit}");
+    }
+
+    // A form posted without its CSRF token, with a live session cookie, is refused and changes nothing.
+    let cookie = b.client.get_named_cookie("updraft_session").await.unwrap().value().to_string();
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-b", &format!("updraft_session={cookie}")])
+        .args(["-d", "name=forged&mode=automatic", &format!("{base}/groups/create")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+    let groups = w.admin_ok(&purl, &["group", "list"]);
+    assert!(!groups.contains("forged"), "{groups}");
+
+    // Sign out: the session is over.
+    b.find("form[action='/logout'] button").await.click().await.unwrap();
+    b.find("#user").await;
+    b.client.goto(&format!("{base}/about")).await.unwrap();
+    assert_eq!(path(&b).await, "/login");
+
+    // A viewer sees everything and changes nothing.
+    sign_in(&b, &base, "val", "viewer password 1").await;
+    b.wait_text("Signed in as val").await;
+    b.client.goto(&format!("{base}/updates")).await.unwrap();
+    b.find(&format!("input[type=checkbox][value='{id}']")).await.click().await.unwrap();
+    b.find("#updates-form select[name=state]").await.select_by_value("inactive").await.unwrap();
+    b.find("#updates-form button[type=submit]").await.click().await.unwrap();
+    b.wait_text("may look, not change").await;
+    let state = w
+        .admin_json(&purl, &["update", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["id"] == id.as_str())
+        .unwrap()["state"]
+        .clone();
+    assert_eq!(state, "ga", "the viewer's change was refused");
+    assert!(b.client.find(Locator::Css("header")).await.is_err(), "the refusal is a page of its own");
+    b.client.close().await.unwrap();
+}
