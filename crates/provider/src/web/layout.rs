@@ -59,19 +59,26 @@ button.secondary { background:#fff; color:var(--accent); }
 .tabs a { margin-right:1rem; }
 "#;
 
+/// Every page's head: title, style, and for live pages a reload after `refresh` seconds.
+fn head(title: &str, refresh: Option<u32>) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            @if let Some(s) = refresh { meta http-equiv="refresh" content=(s); }
+            title { (title) " · Updraft" }
+            style { (PreEscaped(STYLE)) }
+        }
+    }
+}
+
 /// A whole console page: the shell around `body`, with `here` marked in the navigation.
 /// `refresh`: seconds after which the page reloads itself (live pages).
 pub fn page(title: &str, here: &str, user: &str, csrf: &str, refresh: Option<u32>, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                @if let Some(s) = refresh { meta http-equiv="refresh" content=(s); }
-                title { (title) " · Updraft" }
-                style { (PreEscaped(STYLE)) }
-            }
+            (head(title, refresh))
             body {
                 header {
                     span.brand { "Updraft" }
@@ -99,12 +106,7 @@ pub fn login(error: Option<&str>) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "Sign in · Updraft" }
-                style { (PreEscaped(STYLE)) }
-            }
+            (head("Sign in", None))
             body {
                 main.login {
                     div.card {
