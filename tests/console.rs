@@ -42,9 +42,7 @@ async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
     let base = format!("https://{}", p.web_addr());
     let (_site, surl) = w.remote("branch", &purl);
     let _agent = w.agent("pc-1", &surl);
-    w.admin_ok(&purl, &["user", "add", "val", "--role", "viewer"]);
     passwd(&w, &purl, ADMIN, "admin password 1");
-    passwd(&w, &purl, "val", "viewer password 1");
     let pkg = w.package("editor", "1.0.0.0", &w.key);
     let id = w.admin_ok(&purl, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
     w.admin_ok(&purl, &["deploy", "editor", "--group", "default"]);
@@ -124,6 +122,24 @@ async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
     for action in ["SetUpdateState", "PutGroup", "Assign", "web sign-in"] {
         assert!(audit.lines().any(|l| l.contains(ADMIN) && l.contains(action)), "{action} not audited:\n{audit}");
     }
+
+    // Change the group's settings, and make a viewer with a password, all in the browser.
+    b.client.goto(&format!("{base}/groups")).await.unwrap();
+    b.find("#group-lab summary").await.click().await.unwrap();
+    b.find("#group-lab select[name=mode]").await.select_by_value("manual").await.unwrap();
+    b.find("#group-lab button").await.click().await.unwrap();
+    b.wait_text("group lab changed").await;
+    let lab = w.admin_json(&purl, &["group", "show", "lab"]);
+    assert_eq!(lab["settings"]["mode"], "manual", "{lab}");
+    b.client.goto(&format!("{base}/configuration")).await.unwrap();
+    b.find("form[action='/configuration/users'] input[name=name]").await.send_keys("val").await.unwrap();
+    b.find("form[action='/configuration/users'] select[name=role]").await.select_by_value("viewer").await.unwrap();
+    b.find("form[action='/configuration/users'] button").await.click().await.unwrap();
+    b.wait_text("user val is viewer").await;
+    let pw = "form[action='/configuration/users/password']:has(input[value='val'])";
+    b.find(&format!("{pw} input[name=password]")).await.send_keys("viewer password 1").await.unwrap();
+    b.find(&format!("{pw} button")).await.click().await.unwrap();
+    b.wait_text("password of val set").await;
 
     // A form posted without its CSRF token, with a live session cookie, is refused and changes nothing.
     let cookie = b.client.get_named_cookie("updraft_session").await.unwrap().value().to_string();

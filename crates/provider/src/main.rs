@@ -78,8 +78,8 @@ struct Args {
     /// URL the other member of a switchover pair reaches this one at (default: from --listen).
     #[arg(long, env = "UPDRAFT_PROVIDER_ADVERTISE")]
     advertise: Option<String>,
-    /// Where the web console listens (HTTPS). Default: the loopback address, on the port after
-    /// --listen's (any free port when --listen's is 0).
+    /// Where the web console listens (HTTPS). Default: 127.0.0.1:8443 (any free loopback port
+    /// when --listen's port is 0).
     #[arg(long, env = "UPDRAFT_WEB_LISTEN")]
     web_listen: Option<SocketAddr>,
     /// Serve no web console.
@@ -179,9 +179,13 @@ async fn store_cmd(cmd: StoreCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the web console's listener: `--web-listen` (an error when taken), or by default the
-/// loopback address on the port after the gRPC one (a warning when taken: the console is then
-/// off, the provider serves on).
+/// The web console's port when --web-listen is not given (HTTPS's usual alternative; not the
+/// port after --listen's, which is a site's by convention).
+const DEFAULT_WEB_PORT: u16 = 8443;
+
+/// Binds the web console's listener: `--web-listen` (an error when taken), or by default
+/// [`DEFAULT_WEB_PORT`] on the loopback address (a warning when taken: the console is then off,
+/// the provider serves on).
 async fn web_listener(
     no_web: bool,
     web_listen: Option<SocketAddr>,
@@ -195,7 +199,7 @@ async fn web_listener(
             tokio::net::TcpListener::bind(at).await.with_context(|| format!("cannot listen on {at} (--web-listen)"))?
         }
         None => {
-            let port = if grpc.port() == 0 { 0 } else { grpc.port().wrapping_add(1) };
+            let port = if grpc.port() == 0 { 0 } else { DEFAULT_WEB_PORT };
             let at = SocketAddr::from(([127, 0, 0, 1], port));
             match tokio::net::TcpListener::bind(at).await {
                 Ok(l) => l,

@@ -10,13 +10,14 @@ use axum::response::Response;
 use updraft_core::model::UpdateState;
 use updraft_core::policy::Mode;
 use updraft_proto::v1::{
-    AssignRequest, ClearActivityRequest, GroupSettings, PinRequest, PutGroupRequest, SetPriorityRequest,
-    SetUpdateStateRequest,
+    AssignRequest, ClearActivityRequest, DeleteUpdatesRequest, DeployRequest, Discovery, GroupSettings, Peer,
+    PinRequest, PrestageRequest, PutGroupRequest, RemoveUserRequest, RemoveWatchRequest, SetPasswordRequest,
+    SetPriorityRequest, SetUpdateStateRequest, User, WatchFolder,
 };
 
 use super::{Console, Fields, Signed, back};
 use crate::error::{ProviderError, Result};
-use crate::ops::Op;
+use crate::ops::{Op, Ops};
 
 type Posted = Form<Vec<(String, String)>>;
 
@@ -136,6 +137,198 @@ pub async fn activity_clear(State(c): State<Arc<Console>>, s: Signed, Form(f): P
         Ok(format!("{} entries cleared", r.removed))
     };
     back("/activity", run.await)
+}
+
+/// A checkbox's value: present and "on" (or "true").
+fn ticked(f: &Fields, name: &str) -> bool {
+    matches!(f.get(name), Some("on" | "true"))
+}
+
+/// Checks the form's CSRF token, then runs `op` through the console (access check, audit).
+async fn submit<T>(
+    c: &Console,
+    s: &Signed,
+    f: &Fields,
+    op: Op,
+    run: impl AsyncFnOnce(&Ops, String) -> Result<T>,
+) -> Result<T> {
+    s.check_csrf(f)?;
+    c.change(s, op, run).await
+}
+
+pub async fn update_delete(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let req = DeleteUpdatesRequest { ids: f.all("id"), force: ticked(&f, "force") };
+    let n = req.ids.len();
+    let r = submit(&c, &s, &f, Op::DeleteUpdates, async |ops, who| ops.delete_updates(&who, req).await).await;
+    back("/updates", r.map(|_| format!("{n} update(s) deleted")))
+}
+
+pub async fn update_prestage(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let off = f.get("prestage") == Some("off");
+    let req = PrestageRequest { ids: f.all("id"), off };
+    let n = req.ids.len();
+    let r = submit(&c, &s, &f, Op::Prestage, async |ops, who| ops.prestage(&who, req).await).await;
+    back(
+        "/updates",
+        r.map(|_| format!("{n} update(s) {}", if off { "no longer prestaged" } else { "prestaged to sites" })),
+    )
+}
+
+pub async fn group_edit(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let run = async {
+        let name = f.need("name")?.to_string();
+        let mode: Mode = f.need("mode")?.parse()?;
+        let number = |field: &str| -> Result<i32> {
+            let v = f.need(field)?.trim();
+            v.parse().map_err(|_| bad(format!("{field} {v:?} is not a number")))
+        };
+        let providers: Vec<String> = f
+            .get("providers")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(String::from)
+            .collect();
+        let settings = GroupSettings {
+            mode: mode.to_wire(),
+            install_day: number("day")?,
+            install_hour: number("hour")?,
+            providers,
+            download_early: ticked(&f, "early"),
+        };
+        let req = PutGroupRequest {
+            name: name.clone(),
+            create: false,
+            settings: Some(settings),
+            set_mode: true,
+            set_day: true,
+            set_hour: true,
+            set_providers: true,
+            set_download_early: true,
+        };
+        submit(&c, &s, &f, Op::PutGroup, async |ops, who| ops.put_group(&who, req).await).await?;
+        Ok(format!("group {name} changed"))
+    };
+    back("/groups", run.await)
+}
+
+pub async fn deploy(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let run = async {
+        let req = DeployRequest {
+            product: f.need("product")?.trim().to_string(),
+            group: f.need("group")?.to_string(),
+            machine: String::new(),
+            remove: ticked(&f, "remove"),
+        };
+        let what = format!(
+            "{} {} group {}",
+            req.product,
+            if req.remove { "no longer deployed to" } else { "deployed to" },
+            req.group
+        );
+        submit(&c, &s, &f, Op::Deploy, async |ops, who| ops.deploy(&who, req).await).await?;
+        Ok(what)
+    };
+    back("/groups", run.await)
+}
+
+pub async fn user_put(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let run = async {
+        let u = User { name: f.need("name")?.trim().to_string(), role: f.need("role")?.to_string() };
+        let what = format!("user {} is {}", u.name, u.role);
+        submit(&c, &s, &f, Op::PutUser, async |ops, who| ops.put_user(&who, u).await).await?;
+        Ok(what)
+    };
+    back("/configuration", run.await)
+}
+
+pub async fn user_remove(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let run = async {
+        let name = f.need("name")?.to_string();
+        let req = RemoveUserRequest { name: name.clone() };
+        submit(&c, &s, &f, Op::RemoveUser, async |ops, who| ops.remove_user(&who, req).await).await?;
+        Ok(format!("user {name} removed"))
+    };
+    back("/configuration", run.await)
+}
+
+pub async fn user_password(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let run = async {
+        let name = f.need("name")?.to_string();
+        let req = SetPasswordRequest { name: name.clone(), password: f.need("password")?.to_string() };
+        submit(&c, &s, &f, Op::SetPassword, async |ops, who| ops.set_password(&who, req).await).await?;
+        Ok(format!("password of {name} set"))
+    };
+    back("/configuration", run.await)
+}
+
+pub async fn discovery(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let d = Discovery { enabled: ticked(&f, "enabled"), key: f.get("key").unwrap_or_default().trim().to_string() };
+    let r = submit(&c, &s, &f, Op::SetDiscovery, async |ops, who| ops.set_discovery(&who, d).await).await;
+    back(
+        "/configuration",
+        r.map(|d| if d.enabled { format!("discovery on, key {}", d.key) } else { "discovery off".into() }),
+    )
+}
+
+pub async fn peer_put(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let run = async {
+        let port = f.need("port")?.trim();
+        let peer = Peer {
+            name: f.need("name")?.trim().to_string(),
+            address: f.need("address")?.trim().to_string(),
+            port: port.parse().map_err(|_| bad(format!("port {port:?} is not a number")))?,
+            tls: ticked(&f, "tls"),
+            path: f.get("path").unwrap_or_default().trim().to_string(),
+        };
+        let name = peer.name.clone();
+        submit(&c, &s, &f, Op::PutPeer, async |ops, who| ops.put_peer(&who, peer).await).await?;
+        Ok(format!("provider server {name} saved"))
+    };
+    back("/configuration", run.await)
+}
+
+pub async fn peer_remove(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let run = async {
+        let name = f.need("name")?.to_string();
+        let n = name.clone();
+        submit(&c, &s, &f, Op::RemovePeer, async |ops, who| ops.remove_peer(&who, n).await).await?;
+        Ok(format!("provider server {name} removed"))
+    };
+    back("/configuration", run.await)
+}
+
+pub async fn watch_add(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let run = async {
+        let w = WatchFolder { path: f.need("path")?.trim().to_string(), auto: ticked(&f, "auto") };
+        let path = w.path.clone();
+        submit(&c, &s, &f, Op::AddWatch, async |ops, who| ops.add_watch(&who, w).await).await?;
+        Ok(format!("watching {path}"))
+    };
+    back("/configuration", run.await)
+}
+
+pub async fn watch_remove(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
+    let f = Fields(f);
+    let run = async {
+        let req = RemoveWatchRequest { path: f.need("path")?.to_string() };
+        let path = req.path.clone();
+        submit(&c, &s, &f, Op::RemoveWatch, async |ops, who| ops.remove_watch(&who, req).await).await?;
+        Ok(format!("stopped watching {path}"))
+    };
+    back("/configuration", run.await)
 }
 
 #[cfg(test)]

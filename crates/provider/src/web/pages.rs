@@ -369,6 +369,40 @@ pub async fn groups(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page 
                 }
             }
         }
+        h2 { "Change a group" }
+        @for g in &groups {
+            @let name = g.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+            @let st = g.group.as_ref().and_then(|g| g.settings.clone()).unwrap_or_default();
+            @let mode = Mode::from_wire(st.mode).unwrap_or_default().as_str();
+            details.card id={"group-" (name)} {
+                summary { strong { (name) } }
+                form.inline method="post" action="/groups/edit" {
+                    (csrf_field(s.csrf()))
+                    input type="hidden" name="name" value=(name);
+                    select name="mode" {
+                        @for m in ["automatic", "download", "notify", "manual"] { option value=(m) selected[m == mode] { (m) } }
+                    }
+                    label { "day " input name="day" type="number" min="-1" max="6" value=(st.install_day); }
+                    label { "hour " input name="hour" type="number" min="-1" max="23" value=(st.install_hour); }
+                    label { "providers " input name="providers" placeholder="name or URL, comma-separated" value=(st.providers.join(", ")); }
+                    label { input type="checkbox" name="early" checked[st.download_early]; " download early" }
+                    button type="submit" { "Save" }
+                }
+            }
+        }
+        h2 { "Deploy a product" }
+        form.inline.card method="post" action="/groups/deploy" {
+            (csrf_field(s.csrf()))
+            input name="product" placeholder="product" required;
+            select name="group" {
+                @for g in &groups {
+                    @let gname = g.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+                    option value=(gname) { (gname) }
+                }
+            }
+            label { input type="checkbox" name="remove"; " stop deploying (uninstalls nothing)" }
+            button type="submit" { "Deploy" }
+        }
         h2 { "New group" }
         form.inline.card method="post" action="/groups/create" {
             (csrf_field(s.csrf()))
@@ -426,6 +460,10 @@ pub async fn updates(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page
                 button type="submit" { "Set state" }
                 button.secondary type="submit" formaction="/updates/priority" name="high" value="true" { "Mark high priority" }
                 button.secondary type="submit" formaction="/updates/priority" name="high" value="false" { "Normal priority" }
+                button.secondary type="submit" formaction="/updates/prestage" name="prestage" value="on" { "Prestage to sites" }
+                button.secondary type="submit" formaction="/updates/prestage" name="prestage" value="off" { "No prestage" }
+                button.secondary type="submit" formaction="/updates/delete" { "Delete" }
+                label.muted { input type="checkbox" name="force"; " even if machines keep it for rollback" }
             }
             @for (release, idx) in &by_release {
                 h2 { (release) }
@@ -472,17 +510,83 @@ pub async fn configuration(State(c): State<Arc<Console>>, s: Signed, q: Query) -
             tr { th { "Name" } th { "Address" } th { "Port" } th { "TLS" } th { "Path" } }
             @for p in &peers { tr { td { (p.name) } td { (p.address) } td { (p.port) } td { (p.tls) } td { (p.path) } } }
         }
+        form.inline.card method="post" action="/configuration/providers" {
+            (csrf_field(s.csrf()))
+            input name="name" placeholder="name" required;
+            input name="address" placeholder="host or address" required;
+            input name="port" type="number" min="1" max="65535" value="8092" required;
+            label { input type="checkbox" name="tls" checked; " TLS" }
+            input name="path" placeholder="path prefix (optional)";
+            button type="submit" { "Add or change" }
+        }
+        @for p in &peers {
+            form.inline method="post" action="/configuration/providers/remove" {
+                (csrf_field(s.csrf()))
+                input type="hidden" name="name" value=(p.name);
+                button.secondary type="submit" { "Remove " (p.name) }
+            }
+        }
         h2 { "Discovery" }
-        div.card { @if discovery.enabled { (badge("ok")) " on, key " code { (discovery.key) } } @else { (badge("off")) " off" } }
+        form.inline.card method="post" action="/configuration/discovery" {
+            (csrf_field(s.csrf()))
+            @if discovery.enabled { (badge("ok")) " on" } @else { (badge("off")) " off" }
+            label { input type="checkbox" name="enabled" checked[discovery.enabled]; " announce and browse" }
+            label { "key " input name="key" value=(discovery.key) placeholder="Production"; }
+            button type="submit" { "Save" }
+        }
         h2 { "Authorized users" }
         table #users {
-            tr { th { "User" } th { "Role" } }
-            @for u in &users { tr { td { (u.name) } td { (u.role) } } }
+            tr { th { "User" } th { "Role" } th { "Password" } th {} }
+            @for u in &users {
+                tr {
+                    td { (u.name) }
+                    td { (u.role) }
+                    td {
+                        form.inline method="post" action="/configuration/users/password" {
+                            (csrf_field(s.csrf()))
+                            input type="hidden" name="name" value=(u.name);
+                            input type="password" name="password" placeholder="new password" autocomplete="new-password" required;
+                            button.secondary type="submit" { "Set" }
+                        }
+                    }
+                    td {
+                        form.inline method="post" action="/configuration/users/remove" {
+                            (csrf_field(s.csrf()))
+                            input type="hidden" name="name" value=(u.name);
+                            button.secondary type="submit" { "Remove" }
+                        }
+                    }
+                }
+            }
+        }
+        form.inline.card method="post" action="/configuration/users" {
+            (csrf_field(s.csrf()))
+            input name="name" placeholder="user name" required;
+            select name="role" { option value="viewer" { "viewer" } option value="admin" { "admin" } }
+            button type="submit" { "Add or change role" }
         }
         h2 { "Watched folders" }
         table {
-            tr { th { "Folder" } th { "Mode" } }
-            @for w in &watches { tr { td { (w.path) } td { @if w.auto { "auto" } @else { "manual" } } } }
+            tr { th { "Folder" } th { "Mode" } th {} }
+            @for w in &watches {
+                tr {
+                    td { (w.path) }
+                    td { @if w.auto { "auto" } @else { "manual" } }
+                    td {
+                        form.inline method="post" action="/configuration/watches/remove" {
+                            (csrf_field(s.csrf()))
+                            input type="hidden" name="path" value=(w.path);
+                            button.secondary type="submit" { "Stop watching" }
+                        }
+                    }
+                }
+            }
+        }
+        form.inline.card method="post" action="/configuration/watches" {
+            (csrf_field(s.csrf()))
+            input name="path" placeholder="folder on the provider" required;
+            label { input type="checkbox" name="auto"; " import automatically" }
+            button type="submit" { "Watch" }
         }
     };
     done(page("Configuration", "/configuration", s.user(), s.csrf(), None, body))
