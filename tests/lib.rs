@@ -68,6 +68,9 @@ pub fn bin(name: &str) -> PathBuf {
 /// A port free on 127.0.0.1 right now.
 /// Every server the harness starts serves probes on a port of its own (see [`Proc::probe_addr`]).
 pub const PROBES: [&str; 2] = ["--metrics-listen", "127.0.0.1:0"];
+/// Every provider the harness starts serves its web console on a port of its own (see
+/// [`Proc::web_addr`]), never on the shared default.
+pub const WEB: [&str; 2] = ["--web-listen", "127.0.0.1:0"];
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -352,6 +355,7 @@ impl World {
         let store = self.path(of);
         let mut args = vec!["--store", store.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name];
         args.extend(PROBES);
+        args.extend(WEB);
         let mut p = Proc::start_env(self.dir.path(), name, "provider", &args, &self.env_for(name, "provider", &[]));
         let port = p.listening_port();
         wait_port(port);
@@ -514,6 +518,7 @@ impl World {
     fn provider_at(&self, name: &str, store: &str, extra: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
         let mut args = vec!["--store", store, "--listen", "127.0.0.1:0", "--name", name];
         args.extend(PROBES);
+        args.extend(WEB);
         args.extend(["--scan-delay-secs", "0", "--scan-interval-secs", "1", "--scan-quiet-secs", "1"]);
         args.extend(["--bootstrap-admin", ADMIN, "--catalog-key", self.catalog_key.to_str().unwrap()]);
         args.extend_from_slice(extra);
@@ -544,6 +549,8 @@ impl World {
             &pubkey,
             "--catalog-key",
             catalog,
+            WEB[0],
+            WEB[1],
         ];
         let env = self.env_for(name, "provider", &[]);
         let p = Proc::start_env(self.dir.path(), &format!("{name}-again"), "provider", &args, &env);

@@ -185,11 +185,12 @@ const DEFAULT_WEB_PORT: u16 = 8443;
 
 /// Binds the web console's listener: `--web-listen` (an error when taken), or by default
 /// [`DEFAULT_WEB_PORT`] on the loopback address (a warning when taken: the console is then off,
-/// the provider serves on).
+/// the provider serves on). A provider asked to listen on port 0 (`asked`, as given) takes any
+/// free loopback port for its console too.
 async fn web_listener(
     no_web: bool,
     web_listen: Option<SocketAddr>,
-    grpc: SocketAddr,
+    asked: SocketAddr,
 ) -> anyhow::Result<Option<tokio::net::TcpListener>> {
     if no_web {
         return Ok(None);
@@ -199,7 +200,7 @@ async fn web_listener(
             tokio::net::TcpListener::bind(at).await.with_context(|| format!("cannot listen on {at} (--web-listen)"))?
         }
         None => {
-            let port = if grpc.port() == 0 { 0 } else { DEFAULT_WEB_PORT };
+            let port = if asked.port() == 0 { 0 } else { DEFAULT_WEB_PORT };
             let at = SocketAddr::from(([127, 0, 0, 1], port));
             match tokio::net::TcpListener::bind(at).await {
                 Ok(l) => l,
@@ -268,7 +269,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--web-idle-mins must be 1 to 10080 (a week)");
     }
     config.web_idle = Duration::from_secs(args.web_idle_mins * 60);
-    let web = web_listener(args.no_web, args.web_listen, listener.local_addr()?).await?;
+    let web = web_listener(args.no_web, args.web_listen, args.listen).await?;
     let (probe, shutdown) = (updraft_runtime::Probe::new(), updraft_runtime::shutdown_on_signals());
     args.probes.start("provider", &probe, &shutdown).await?;
     let result = updraft_provider::run(config, listener, web, probe, shutdown).await;
