@@ -253,6 +253,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
 
     let out = w.admin(&purl, &["update", "state", &id, "no-such-id", "ga"]);
     assert!(!out.status.success() && stderr(&out).contains("no update with id \"no-such-id\""), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(4), "not found has its own exit status");
     let list = w.admin_json(&purl, &["update", "list"]);
     assert_eq!(list[0]["state"], "pre-approval", "a failed multi-id change must change nothing");
 
@@ -272,6 +273,14 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let dead = format!("{}://127.0.0.1:{}", w.scheme(), updraft_tests::free_port());
     let out = w.admin(&dead, &["update", "list"]);
     assert!(!out.status.success() && stderr(&out).contains("cannot reach provider"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(6), "an unreachable provider has its own exit status");
+
+    // A reader that goes away (`| head`) ends admin-cli quietly, as it does any Unix tool.
+    let mut piped = std::process::Command::new("bash");
+    piped.arg("-c").arg("\"$0\" --provider \"$1\" update list | true").arg(updraft_tests::bin("admin-cli")).arg(&purl);
+    piped.envs(w.tls_env(updraft_tests::ADMIN, "admin", &[]));
+    let out = piped.output().unwrap();
+    assert!(!stderr(&out).contains("panicked") && !stderr(&out).contains("Broken pipe"), "{}", stderr(&out));
 
     let out = w.agent_cmd("nobody", &["check"]);
     assert!(!out.status.success() && stderr(&out).contains("no agent daemon"), "{}", stderr(&out));

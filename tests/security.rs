@@ -90,7 +90,9 @@ fn mutual_tls_refuses_every_wrong_caller_and_the_audit_log_shows_it() {
     w.admin_ok(&url, &["user", "add", "val", "--role", "viewer"]);
     let listed = admin_as(&ca, &pki_dir, "val", &url, &["group", "list"]);
     assert!(listed.status.success(), "{}", stderr(&listed));
-    refused(&admin_as(&ca, &pki_dir, "val", &url, &["group", "create", "mine"]), "val is a viewer");
+    let viewer = admin_as(&ca, &pki_dir, "val", &url, &["group", "create", "mine"]);
+    refused(&viewer, "val is a viewer");
+    assert_eq!(viewer.status.code(), Some(5), "a refusal has its own exit status");
     refused(&admin_as(&ca, &pki_dir, "val", &url, &["user", "add", "val", "--role", "admin"]), "val is a viewer");
     // The last admin stays.
     refused(&w.admin(&url, &["user", "remove", "ops"]), "last admin");

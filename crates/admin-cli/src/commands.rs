@@ -47,12 +47,12 @@ fn transport() -> anyhow::Result<updraft_runtime::tls::Transport> {
 
 /// A channel to the provider at `url`, with this invocation's transport.
 pub(crate) async fn channel(url: &str) -> anyhow::Result<tonic::transport::Channel> {
-    transport()?
-        .endpoint(url)?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| anyhow!("cannot reach provider {url}: {}", updraft_runtime::tls::describe(&e)))
+    transport()?.endpoint(url)?.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|e| {
+        anyhow::Error::new(RpcFailure {
+            code: tonic::Code::Unavailable,
+            message: format!("cannot reach provider {url}: {}", updraft_runtime::tls::describe(&e)),
+        })
+    })
 }
 
 pub(crate) async fn connect(url: &str) -> anyhow::Result<Admin> {
@@ -64,20 +64,62 @@ pub(crate) async fn connect(url: &str) -> anyhow::Result<Admin> {
 }
 
 /// Turns a gRPC status into the provider's own message.
+/// A call the provider answered with a failure (or could not be made): what to tell the user,
+/// and the gRPC code, which decides admin-cli's exit status (see [`RpcFailure::exit_code`]).
+#[derive(Debug)]
+pub(crate) struct RpcFailure {
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl std::fmt::Display for RpcFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RpcFailure {}
+
+/// admin-cli's exit statuses: 0 done, 1 failed (bad input included), 2 usage error (the
+/// command line itself), 3 a provider not serving (`provider health`), 4 not found, 5 refused
+/// (not allowed), 6 provider unavailable.
+pub(crate) const EXIT_FAILED: i32 = 1;
+pub(crate) const EXIT_NOT_FOUND: i32 = 4;
+pub(crate) const EXIT_REFUSED: i32 = 5;
+pub(crate) const EXIT_UNAVAILABLE: i32 = 6;
+
+impl RpcFailure {
+    pub fn exit_code(&self) -> i32 {
+        use tonic::Code;
+        match self.code {
+            Code::NotFound => EXIT_NOT_FOUND,
+            Code::PermissionDenied | Code::Unauthenticated => EXIT_REFUSED,
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => EXIT_UNAVAILABLE,
+            _ => EXIT_FAILED,
+        }
+    }
+}
+
+/// The exit status for an error: an RPC failure's own, else 1.
+pub(crate) fn exit_code(e: &anyhow::Error) -> i32 {
+    e.chain().find_map(|c| c.downcast_ref::<RpcFailure>()).map_or(EXIT_FAILED, RpcFailure::exit_code)
+}
+
 pub(crate) fn rpc(url: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
-    move |s| match s.code() {
-        // A refused certificate surfaces as a bare "transport error": the reason is in its causes.
-        tonic::Code::Cancelled => {
-            anyhow!(
+    move |s| {
+        let message = match s.code() {
+            // A refused certificate surfaces as a bare "transport error": the reason is in its causes.
+            tonic::Code::Cancelled => format!(
                 "cannot reach provider {url}: {} ({})",
                 updraft_runtime::tls::describe(&s),
                 updraft_runtime::tls::REFUSED_HINT
-            )
-        }
-        tonic::Code::Unavailable | tonic::Code::Unknown => {
-            anyhow!("cannot reach provider {url}: {}", updraft_runtime::tls::describe(&s))
-        }
-        _ => anyhow!("{}", s.message()),
+            ),
+            tonic::Code::Unavailable | tonic::Code::Unknown => {
+                format!("cannot reach provider {url}: {}", updraft_runtime::tls::describe(&s))
+            }
+            _ => s.message().to_string(),
+        };
+        anyhow::Error::new(RpcFailure { code: s.code(), message })
     }
 }
 
