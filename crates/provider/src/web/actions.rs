@@ -36,12 +36,11 @@ fn local(path: Option<&str>, default: &str) -> String {
 pub async fn update_state(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
     let f = Fields(f);
     let run = async {
-        s.check_csrf(&f)?;
         let ids = f.all("id");
         let state: UpdateState = f.need("state")?.parse()?;
         let n = ids.len();
         let req = SetUpdateStateRequest { ids, state: state.to_wire(), retire_older: false };
-        c.change(&s, Op::SetUpdateState, async |ops, who| ops.set_update_state(&who, req).await).await?;
+        submit(&c, &s, &f, Op::SetUpdateState, async |ops, who| ops.set_update_state(&who, req).await).await?;
         Ok(format!("{n} update(s) set to {state}"))
     };
     back("/updates", run.await)
@@ -50,11 +49,10 @@ pub async fn update_state(State(c): State<Arc<Console>>, s: Signed, Form(f): Pos
 pub async fn update_priority(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
     let f = Fields(f);
     let run = async {
-        s.check_csrf(&f)?;
         let high = f.get("high") == Some("true");
         let req = SetPriorityRequest { ids: f.all("id"), high };
         let n = req.ids.len();
-        c.change(&s, Op::SetPriority, async |ops, who| ops.set_priority(&who, req).await).await?;
+        submit(&c, &s, &f, Op::SetPriority, async |ops, who| ops.set_priority(&who, req).await).await?;
         Ok(format!("{n} update(s) {}", if high { "marked high priority" } else { "back to normal priority" }))
     };
     back("/updates", run.await)
@@ -63,7 +61,6 @@ pub async fn update_priority(State(c): State<Arc<Console>>, s: Signed, Form(f): 
 pub async fn group_create(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
     let f = Fields(f);
     let run = async {
-        s.check_csrf(&f)?;
         let name = f.need("name")?.trim().to_string();
         let mode: Mode = f.get("mode").unwrap_or("automatic").parse()?;
         let number = |field: &str| -> Result<i32> {
@@ -85,7 +82,7 @@ pub async fn group_create(State(c): State<Arc<Console>>, s: Signed, Form(f): Pos
             set_hour: true,
             ..Default::default()
         };
-        c.change(&s, Op::PutGroup, async |ops, who| ops.put_group(&who, req).await).await?;
+        submit(&c, &s, &f, Op::PutGroup, async |ops, who| ops.put_group(&who, req).await).await?;
         Ok(format!("group {name} created"))
     };
     back("/groups", run.await)
@@ -95,11 +92,10 @@ pub async fn group_assign(State(c): State<Arc<Console>>, s: Signed, Form(f): Pos
     let f = Fields(f);
     let to = local(f.get("back"), "/groups");
     let run = async {
-        s.check_csrf(&f)?;
         let machines = f.all("machine");
         let group = f.need("group")?.to_string();
         let req = AssignRequest { machines: machines.clone(), group: group.clone() };
-        c.change(&s, Op::Assign, async |ops, who| ops.assign(&who, req).await).await?;
+        submit(&c, &s, &f, Op::Assign, async |ops, who| ops.assign(&who, req).await).await?;
         Ok(format!("{} moved to group {group}", machines.join(", ")))
     };
     back(&to, run.await)
@@ -114,11 +110,10 @@ pub async fn machine_pin(
     let f = Fields(f);
     let to = format!("/machines/{}", super::encode(&name));
     let run = async {
-        s.check_csrf(&f)?;
         let product = f.need("product")?.trim().to_string();
         let version = f.get("version").unwrap_or_default().trim().to_string();
         let req = PinRequest { machines: vec![name.clone()], product: product.clone(), version: version.clone() };
-        c.change(&s, Op::Pin, async |ops, who| ops.pin(&who, req).await).await?;
+        submit(&c, &s, &f, Op::Pin, async |ops, who| ops.pin(&who, req).await).await?;
         Ok(if version.is_empty() {
             format!("{name} unpinned from {product}")
         } else {
@@ -131,9 +126,8 @@ pub async fn machine_pin(
 pub async fn activity_clear(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
     let f = Fields(f);
     let run = async {
-        s.check_csrf(&f)?;
         let req = ClearActivityRequest { machine: f.get("machine").unwrap_or_default().to_string() };
-        let r = c.change(&s, Op::ClearActivity, async |ops, who| ops.clear_activity(&who, req).await).await?;
+        let r = submit(&c, &s, &f, Op::ClearActivity, async |ops, who| ops.clear_activity(&who, req).await).await?;
         Ok(format!("{} entries cleared", r.removed))
     };
     back("/activity", run.await)

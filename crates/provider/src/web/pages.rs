@@ -9,8 +9,8 @@ use maud::{Markup, html};
 use updraft_core::model::UpdateState;
 use updraft_core::policy::{Mode, day_name, hour_name};
 use updraft_proto::v1::{
-    Activity, ActivityKind, GetMachineRequest, ListActivityRequest, ListMachinesRequest, ListUpdatesRequest, Machine,
-    ReportRequest2,
+    Activity, ActivityKind, GetMachineRequest, GroupSummary, ListActivityRequest, ListMachinesRequest,
+    ListUpdatesRequest, Machine, ReportRequest2,
 };
 
 use super::layout::{badge, bytes, csrf_field, flash, page, when};
@@ -40,6 +40,29 @@ pub fn kind_name(kind: i32) -> String {
 
 pub fn state_name(state: i32) -> &'static str {
     UpdateState::from_wire(state).map(UpdateState::as_str).unwrap_or("unknown")
+}
+
+/// A `group` select listing every group, `selected` chosen.
+fn group_select(groups: &[GroupSummary], selected: &str) -> Markup {
+    html! {
+        select name="group" {
+            @for g in groups {
+                @let name = g.group.as_ref().map(|g| g.name.as_str()).unwrap_or_default();
+                option value=(name) selected[name == selected] { (name) }
+            }
+        }
+    }
+}
+
+/// A one-button form posting one hidden field (a removal, say).
+fn one_field_form(action: &str, csrf: &str, (field, value): (&str, &str), label: &str) -> Markup {
+    html! {
+        form.inline method="post" action=(action) {
+            (csrf_field(csrf))
+            input type="hidden" name=(field) value=(value);
+            button.secondary type="submit" { (label) }
+        }
+    }
 }
 
 fn name_of(m: &Machine) -> &str {
@@ -320,12 +343,7 @@ pub async fn machine(State(c): State<Arc<Console>>, s: Signed, Path(name): Path<
                     input type="hidden" name="machine" value=(name);
                     input type="hidden" name="back" value=(base);
                     label { "Move to group " }
-                    select name="group" {
-                        @for g in &groups {
-                            @let gname = g.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
-                            option value=(gname) selected[gname == m.group] { (gname) }
-                        }
-                    }
+                    (group_select(&groups, &m.group))
                     button type="submit" { "Move" }
                 }
                 form.inline method="post" action={(base) "/pin"} {
@@ -394,12 +412,7 @@ pub async fn groups(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page 
         form.inline.card method="post" action="/groups/deploy" {
             (csrf_field(s.csrf()))
             input name="product" placeholder="product" required;
-            select name="group" {
-                @for g in &groups {
-                    @let gname = g.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
-                    option value=(gname) { (gname) }
-                }
-            }
+            (group_select(&groups, ""))
             label { input type="checkbox" name="remove"; " stop deploying (uninstalls nothing)" }
             button type="submit" { "Deploy" }
         }
@@ -420,12 +433,7 @@ pub async fn groups(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page 
             select name="machine" multiple size="6" {
                 @for m in &machines { option value=(name_of(m)) { (name_of(m)) " (" (m.group) ")" } }
             }
-            select name="group" {
-                @for g in &groups {
-                    @let gname = g.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
-                    option value=(gname) { (gname) }
-                }
-            }
+            (group_select(&groups, ""))
             button type="submit" { "Assign" }
         }
     };
@@ -520,11 +528,7 @@ pub async fn configuration(State(c): State<Arc<Console>>, s: Signed, q: Query) -
             button type="submit" { "Add or change" }
         }
         @for p in &peers {
-            form.inline method="post" action="/configuration/providers/remove" {
-                (csrf_field(s.csrf()))
-                input type="hidden" name="name" value=(p.name);
-                button.secondary type="submit" { "Remove " (p.name) }
-            }
+            (one_field_form("/configuration/providers/remove", s.csrf(), ("name", &p.name), &format!("Remove {}", p.name)))
         }
         h2 { "Discovery" }
         form.inline.card method="post" action="/configuration/discovery" {
@@ -550,11 +554,7 @@ pub async fn configuration(State(c): State<Arc<Console>>, s: Signed, q: Query) -
                         }
                     }
                     td {
-                        form.inline method="post" action="/configuration/users/remove" {
-                            (csrf_field(s.csrf()))
-                            input type="hidden" name="name" value=(u.name);
-                            button.secondary type="submit" { "Remove" }
-                        }
+                        (one_field_form("/configuration/users/remove", s.csrf(), ("name", &u.name), "Remove"))
                     }
                 }
             }
@@ -573,11 +573,7 @@ pub async fn configuration(State(c): State<Arc<Console>>, s: Signed, q: Query) -
                     td { (w.path) }
                     td { @if w.auto { "auto" } @else { "manual" } }
                     td {
-                        form.inline method="post" action="/configuration/watches/remove" {
-                            (csrf_field(s.csrf()))
-                            input type="hidden" name="path" value=(w.path);
-                            button.secondary type="submit" { "Stop watching" }
-                        }
+                        (one_field_form("/configuration/watches/remove", s.csrf(), ("path", &w.path), "Stop watching"))
                     }
                 }
             }
