@@ -178,3 +178,52 @@ async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
     assert!(b.client.find(Locator::Css("header")).await.is_err(), "the refusal is a page of its own");
     b.client.close().await.unwrap();
 }
+
+/// `curl` with a cookie jar: the status code and the body.
+fn curl(jar: &std::path::Path, args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "--max-time", "20", "-c", jar.to_str().unwrap(), "-b", jar.to_str().unwrap()])
+        .args(["-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
+/// A standby's console address serves the active's console (sign-in, pages, changes); after
+/// `kill -9` of the active, the same address serves the new active's own console.
+#[test]
+fn a_standby_serves_the_actives_console_and_its_own_after_a_switchover() {
+    let w = World::new();
+    let (mut a, aurl) = w.provider("centre-a", true);
+    let (mut b, _burl) = w.pair_member("centre-b", "centre-a");
+    let base = format!("https://{}", b.web_addr());
+    passwd(&w, &aurl, ADMIN, "admin password 1");
+    let jar = w.path("cookies");
+    let sign_in = |password: &str| {
+        curl(&jar, &["-d", &format!("user={ADMIN}"), "-d", &format!("password={password}"), &format!("{base}/login")])
+    };
+
+    assert_eq!(sign_in("admin password 1").0, "303", "signed in through the standby");
+    let (code, about) = curl(&jar, &[&format!("{base}/about")]);
+    assert_eq!(code, "200");
+    assert!(about.contains("<dt>Provider</dt><dd>centre-a</dd>"), "the active's page: {about}");
+    // A change made through the standby is the active's change, in its audit log.
+    let csrf = about.split("name=\"csrf\" value=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+    let (code, _) =
+        curl(&jar, &["-d", &format!("csrf={csrf}"), "-d", "name=through-standby", &format!("{base}/groups/create")]);
+    assert_eq!(code, "303");
+    assert!(w.admin_ok(&aurl, &["group", "list"]).contains("through-standby"));
+
+    a.kill9();
+    // The same address, now the new active's own console (sessions were the old active's).
+    wait_until("centre-b's own console at its address", T, || {
+        sign_in("admin password 1").0 == "303"
+            && curl(&jar, &[&format!("{base}/about")]).1.contains("<dt>Provider</dt><dd>centre-b</dd>")
+    });
+    let (_, groups) = curl(&jar, &[&format!("{base}/groups")]);
+    assert!(groups.contains("through-standby"), "the store the pair shares");
+    assert!(!b.exited());
+}

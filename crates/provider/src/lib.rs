@@ -318,11 +318,12 @@ pub fn advertised_url(config: &Config, addr: std::net::SocketAddr) -> String {
 /// `probe` learns the process's state: standby (not ready: a load balancer should prefer the
 /// active), active (ready), stopping.
 ///
-/// `web`, when given, is where the web console is served (by the active provider).
+/// `web`, when given, is where the web console is served: by the active provider, and by a
+/// standby passing every request on to the active's.
 pub async fn run(
     config: Config,
     listener: TcpListener,
-    web: Option<TcpListener>,
+    mut web: Option<TcpListener>,
     probe: Probe,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -340,7 +341,11 @@ pub async fn run(
         Err(ProviderError::StoreInUse(why)) => {
             tracing::info!(%addr, %why, "standby: another provider holds the store");
             let standby_listener = listener.try_clone().map_err(io)?;
-            match standby(&config, &url, standby_listener, &probe, &shutdown).await? {
+            // The standby's console and the active's share the socket too.
+            let web_std = web.map(|w| w.into_std()).transpose().map_err(io)?;
+            let standby_web = web_std.as_ref().map(|w| w.try_clone()).transpose().map_err(io)?;
+            web = web_std.map(TcpListener::from_std).transpose().map_err(io)?;
+            match standby(&config, &url, standby_listener, standby_web, &probe, &shutdown).await? {
                 Some(s) => s,
                 None => {
                     probe.stopping();
@@ -359,6 +364,7 @@ async fn standby(
     config: &Config,
     url: &str,
     listener: std::net::TcpListener,
+    web: Option<std::net::TcpListener>,
     probe: &Probe,
     shutdown: &CancellationToken,
 ) -> Result<Option<Arc<Shared>>> {
@@ -393,6 +399,14 @@ async fn standby(
         }
         .instrument(tracing::info_span!("standby_forwarder")),
     );
+    if let Some(web) = web {
+        let tls = web::tls_config(&config.transport, &config.name)?;
+        let web = TcpListener::from_std(web).map_err(io)?;
+        tokio::spawn(
+            web::serve(web, tls.server, web::standby::router(pair.clone()), stop.clone())
+                .instrument(tracing::info_span!("standby_console")),
+        );
+    }
     probe.started(false, "standby: forwarding to the active member");
     let me = Member::new(name, url, Role::Standby, 0);
     let mut last_beat = std::time::Instant::now() - pair::HEARTBEAT;
@@ -494,7 +508,19 @@ async fn active(
         let at = web.local_addr().map_err(io)?;
         let ops = Arc::new(ops::Ops::new(shared.clone(), shared.config.scan));
         let console = Arc::new(web::Console::new(ops, shared.config.web_idle, at));
-        tokio::spawn(web::serve(web, tls, console, fenced.clone()).instrument(tracing::info_span!("web_console")));
+        if !on_database {
+            let record = pair::ConsoleRecord {
+                address: at,
+                cert_pem: tls.cert_pem,
+                forward_key: console.forward_key.clone(),
+                epoch,
+            };
+            shared.pair.publish_console(&record)?;
+        }
+        tokio::spawn(
+            web::serve(web, tls.server, web::router(console), fenced.clone())
+                .instrument(tracing::info_span!("web_console")),
+        );
         tracing::info!(address = %at, "web console served");
     }
     tracing::info!(%addr, %url, epoch, data_dir = %shared.config.data_dir.display(), seq = shared.store.catalog_seq()?, "provider listening (active)");

@@ -24,6 +24,7 @@ pub const TAKEOVER_POLL: Duration = Duration::from_millis(250);
 
 const EPOCH: &str = "epoch";
 const ACTIVE: &str = "active.json";
+const CONSOLE: &str = "console.json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,6 +50,22 @@ impl Member {
         let now = now_ms();
         Self { name: name.into(), url: url.into(), role, epoch, pid: std::process::id(), seen_ms: now, since_ms: now }
     }
+}
+
+/// Where the active member serves its web console, for a standby that forwards to it. Written
+/// (owner-only) by the active each time it takes over; the pair directory is as trusted as the
+/// store beside it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsoleRecord {
+    /// The console's socket address.
+    pub address: std::net::SocketAddr,
+    /// The certificate it presents (PEM): the standby trusts exactly this one.
+    pub cert_pem: String,
+    /// A secret the standby shows to have the browser's address believed (sign-in limits are
+    /// per address).
+    pub forward_key: String,
+    /// The active's fencing epoch when it wrote this.
+    pub epoch: u64,
 }
 
 /// The `pair/` directory of one store.
@@ -172,6 +189,19 @@ impl PairDir {
             })
             .collect();
         Ok(PairReply { epoch, active: active.map(|a| a.name).unwrap_or_default(), members })
+    }
+
+    /// Records where the active serves its console (see [`ConsoleRecord`]).
+    pub fn publish_console(&self, record: &ConsoleRecord) -> Result<()> {
+        let json = serde_json::to_vec_pretty(record).expect("console record serialises");
+        updraft_core::package::write_atomic(&self.dir, CONSOLE, &json)?;
+        Ok(())
+    }
+
+    /// Where the current active serves its console, if it said so since it took over.
+    pub fn console(&self) -> Option<ConsoleRecord> {
+        let record: ConsoleRecord = serde_json::from_slice(&std::fs::read(self.dir.join(CONSOLE)).ok()?).ok()?;
+        (record.epoch == self.epoch().ok()?).then_some(record)
     }
 
     /// The fence of a holder that took over with `epoch`.

@@ -1,10 +1,9 @@
-//! The console's forms, one function each: check the session's CSRF token, turn the fields
+//! The console's forms, one function each (the CSRF token already checked by [`Posted`]): turn the fields
 //! into an admin operation's request, run it through [`Console::change`] (access check and
 //! audit), and return to the page with the outcome. Nothing here validates what the operation
 //! itself validates.
 use std::sync::Arc;
 
-use axum::Form;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use updraft_core::model::UpdateState;
@@ -15,11 +14,9 @@ use updraft_proto::v1::{
     SetPriorityRequest, SetUpdateStateRequest, User, WatchFolder,
 };
 
-use super::{Console, Fields, Signed, back};
+use super::{Console, Fields, Posted, back};
 use crate::error::{ProviderError, Result};
-use crate::ops::{Op, Ops};
-
-type Posted = Form<Vec<(String, String)>>;
+use crate::ops::Op;
 
 fn bad(msg: String) -> ProviderError {
     ProviderError::InvalidArgument(msg)
@@ -33,33 +30,30 @@ fn local(path: Option<&str>, default: &str) -> String {
     }
 }
 
-pub async fn update_state(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn update_state(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let ids = f.all("id");
         let state: UpdateState = f.need("state")?.parse()?;
         let n = ids.len();
         let req = SetUpdateStateRequest { ids, state: state.to_wire(), retire_older: false };
-        submit(&c, &s, &f, Op::SetUpdateState, async |ops, who| ops.set_update_state(&who, req).await).await?;
+        c.change(&s, Op::SetUpdateState, async |ops, who| ops.set_update_state(&who, req).await).await?;
         Ok(format!("{n} update(s) set to {state}"))
     };
     back("/updates", run.await)
 }
 
-pub async fn update_priority(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn update_priority(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let high = f.get("high") == Some("true");
         let req = SetPriorityRequest { ids: f.all("id"), high };
         let n = req.ids.len();
-        submit(&c, &s, &f, Op::SetPriority, async |ops, who| ops.set_priority(&who, req).await).await?;
+        c.change(&s, Op::SetPriority, async |ops, who| ops.set_priority(&who, req).await).await?;
         Ok(format!("{n} update(s) {}", if high { "marked high priority" } else { "back to normal priority" }))
     };
     back("/updates", run.await)
 }
 
-pub async fn group_create(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn group_create(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let name = f.need("name")?.trim().to_string();
         let mode: Mode = f.get("mode").unwrap_or("automatic").parse()?;
@@ -82,20 +76,19 @@ pub async fn group_create(State(c): State<Arc<Console>>, s: Signed, Form(f): Pos
             set_hour: true,
             ..Default::default()
         };
-        submit(&c, &s, &f, Op::PutGroup, async |ops, who| ops.put_group(&who, req).await).await?;
+        c.change(&s, Op::PutGroup, async |ops, who| ops.put_group(&who, req).await).await?;
         Ok(format!("group {name} created"))
     };
     back("/groups", run.await)
 }
 
-pub async fn group_assign(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn group_assign(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let to = local(f.get("back"), "/groups");
     let run = async {
         let machines = f.all("machine");
         let group = f.need("group")?.to_string();
         let req = AssignRequest { machines: machines.clone(), group: group.clone() };
-        submit(&c, &s, &f, Op::Assign, async |ops, who| ops.assign(&who, req).await).await?;
+        c.change(&s, Op::Assign, async |ops, who| ops.assign(&who, req).await).await?;
         Ok(format!("{} moved to group {group}", machines.join(", ")))
     };
     back(&to, run.await)
@@ -103,17 +96,15 @@ pub async fn group_assign(State(c): State<Arc<Console>>, s: Signed, Form(f): Pos
 
 pub async fn machine_pin(
     State(c): State<Arc<Console>>,
-    s: Signed,
     Path(name): Path<String>,
-    Form(f): Posted,
+    Posted { signed: s, fields: f }: Posted,
 ) -> Response {
-    let f = Fields(f);
     let to = format!("/machines/{}", super::encode(&name));
     let run = async {
         let product = f.need("product")?.trim().to_string();
         let version = f.get("version").unwrap_or_default().trim().to_string();
         let req = PinRequest { machines: vec![name.clone()], product: product.clone(), version: version.clone() };
-        submit(&c, &s, &f, Op::Pin, async |ops, who| ops.pin(&who, req).await).await?;
+        c.change(&s, Op::Pin, async |ops, who| ops.pin(&who, req).await).await?;
         Ok(if version.is_empty() {
             format!("{name} unpinned from {product}")
         } else {
@@ -123,11 +114,10 @@ pub async fn machine_pin(
     back(&to, run.await)
 }
 
-pub async fn activity_clear(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn activity_clear(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let req = ClearActivityRequest { machine: f.get("machine").unwrap_or_default().to_string() };
-        let r = submit(&c, &s, &f, Op::ClearActivity, async |ops, who| ops.clear_activity(&who, req).await).await?;
+        let r = c.change(&s, Op::ClearActivity, async |ops, who| ops.clear_activity(&who, req).await).await?;
         Ok(format!("{} entries cleared", r.removed))
     };
     back("/activity", run.await)
@@ -138,40 +128,25 @@ fn ticked(f: &Fields, name: &str) -> bool {
     matches!(f.get(name), Some("on" | "true"))
 }
 
-/// Checks the form's CSRF token, then runs `op` through the console (access check, audit).
-async fn submit<T>(
-    c: &Console,
-    s: &Signed,
-    f: &Fields,
-    op: Op,
-    run: impl AsyncFnOnce(&Ops, String) -> Result<T>,
-) -> Result<T> {
-    s.check_csrf(f)?;
-    c.change(s, op, run).await
-}
-
-pub async fn update_delete(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn update_delete(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let req = DeleteUpdatesRequest { ids: f.all("id"), force: ticked(&f, "force") };
     let n = req.ids.len();
-    let r = submit(&c, &s, &f, Op::DeleteUpdates, async |ops, who| ops.delete_updates(&who, req).await).await;
+    let r = c.change(&s, Op::DeleteUpdates, async |ops, who| ops.delete_updates(&who, req).await).await;
     back("/updates", r.map(|_| format!("{n} update(s) deleted")))
 }
 
-pub async fn update_prestage(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn update_prestage(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let off = f.get("prestage") == Some("off");
     let req = PrestageRequest { ids: f.all("id"), off };
     let n = req.ids.len();
-    let r = submit(&c, &s, &f, Op::Prestage, async |ops, who| ops.prestage(&who, req).await).await;
+    let r = c.change(&s, Op::Prestage, async |ops, who| ops.prestage(&who, req).await).await;
     back(
         "/updates",
         r.map(|_| format!("{n} update(s) {}", if off { "no longer prestaged" } else { "prestaged to sites" })),
     )
 }
 
-pub async fn group_edit(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn group_edit(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let name = f.need("name")?.to_string();
         let mode: Mode = f.need("mode")?.parse()?;
@@ -204,14 +179,13 @@ pub async fn group_edit(State(c): State<Arc<Console>>, s: Signed, Form(f): Poste
             set_providers: true,
             set_download_early: true,
         };
-        submit(&c, &s, &f, Op::PutGroup, async |ops, who| ops.put_group(&who, req).await).await?;
+        c.change(&s, Op::PutGroup, async |ops, who| ops.put_group(&who, req).await).await?;
         Ok(format!("group {name} changed"))
     };
     back("/groups", run.await)
 }
 
-pub async fn deploy(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn deploy(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let req = DeployRequest {
             product: f.need("product")?.trim().to_string(),
@@ -225,57 +199,52 @@ pub async fn deploy(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -
             if req.remove { "no longer deployed to" } else { "deployed to" },
             req.group
         );
-        submit(&c, &s, &f, Op::Deploy, async |ops, who| ops.deploy(&who, req).await).await?;
+        c.change(&s, Op::Deploy, async |ops, who| ops.deploy(&who, req).await).await?;
         Ok(what)
     };
     back("/groups", run.await)
 }
 
-pub async fn user_put(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn user_put(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let u = User { name: f.need("name")?.trim().to_string(), role: f.need("role")?.to_string() };
         let what = format!("user {} is {}", u.name, u.role);
-        submit(&c, &s, &f, Op::PutUser, async |ops, who| ops.put_user(&who, u).await).await?;
+        c.change(&s, Op::PutUser, async |ops, who| ops.put_user(&who, u).await).await?;
         Ok(what)
     };
     back("/configuration", run.await)
 }
 
-pub async fn user_remove(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn user_remove(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let name = f.need("name")?.to_string();
         let req = RemoveUserRequest { name: name.clone() };
-        submit(&c, &s, &f, Op::RemoveUser, async |ops, who| ops.remove_user(&who, req).await).await?;
+        c.change(&s, Op::RemoveUser, async |ops, who| ops.remove_user(&who, req).await).await?;
         Ok(format!("user {name} removed"))
     };
     back("/configuration", run.await)
 }
 
-pub async fn user_password(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn user_password(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let name = f.need("name")?.to_string();
         let req = SetPasswordRequest { name: name.clone(), password: f.need("password")?.to_string() };
-        submit(&c, &s, &f, Op::SetPassword, async |ops, who| ops.set_password(&who, req).await).await?;
+        c.change(&s, Op::SetPassword, async |ops, who| ops.set_password(&who, req).await).await?;
         Ok(format!("password of {name} set"))
     };
     back("/configuration", run.await)
 }
 
-pub async fn discovery(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn discovery(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let d = Discovery { enabled: ticked(&f, "enabled"), key: f.get("key").unwrap_or_default().trim().to_string() };
-    let r = submit(&c, &s, &f, Op::SetDiscovery, async |ops, who| ops.set_discovery(&who, d).await).await;
+    let r = c.change(&s, Op::SetDiscovery, async |ops, who| ops.set_discovery(&who, d).await).await;
     back(
         "/configuration",
         r.map(|d| if d.enabled { format!("discovery on, key {}", d.key) } else { "discovery off".into() }),
     )
 }
 
-pub async fn peer_put(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn peer_put(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let port = f.need("port")?.trim();
         let peer = Peer {
@@ -286,40 +255,37 @@ pub async fn peer_put(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted)
             path: f.get("path").unwrap_or_default().trim().to_string(),
         };
         let name = peer.name.clone();
-        submit(&c, &s, &f, Op::PutPeer, async |ops, who| ops.put_peer(&who, peer).await).await?;
+        c.change(&s, Op::PutPeer, async |ops, who| ops.put_peer(&who, peer).await).await?;
         Ok(format!("provider server {name} saved"))
     };
     back("/configuration", run.await)
 }
 
-pub async fn peer_remove(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn peer_remove(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let name = f.need("name")?.to_string();
         let n = name.clone();
-        submit(&c, &s, &f, Op::RemovePeer, async |ops, who| ops.remove_peer(&who, n).await).await?;
+        c.change(&s, Op::RemovePeer, async |ops, who| ops.remove_peer(&who, n).await).await?;
         Ok(format!("provider server {name} removed"))
     };
     back("/configuration", run.await)
 }
 
-pub async fn watch_add(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn watch_add(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let w = WatchFolder { path: f.need("path")?.trim().to_string(), auto: ticked(&f, "auto") };
         let path = w.path.clone();
-        submit(&c, &s, &f, Op::AddWatch, async |ops, who| ops.add_watch(&who, w).await).await?;
+        c.change(&s, Op::AddWatch, async |ops, who| ops.add_watch(&who, w).await).await?;
         Ok(format!("watching {path}"))
     };
     back("/configuration", run.await)
 }
 
-pub async fn watch_remove(State(c): State<Arc<Console>>, s: Signed, Form(f): Posted) -> Response {
-    let f = Fields(f);
+pub async fn watch_remove(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let req = RemoveWatchRequest { path: f.need("path")?.to_string() };
         let path = req.path.clone();
-        submit(&c, &s, &f, Op::RemoveWatch, async |ops, who| ops.remove_watch(&who, req).await).await?;
+        c.change(&s, Op::RemoveWatch, async |ops, who| ops.remove_watch(&who, req).await).await?;
         Ok(format!("stopped watching {path}"))
     };
     back("/configuration", run.await)

@@ -8,7 +8,8 @@
 //! - `session`: sessions (cookie tokens, CSRF tokens, idle timeout) and sign-in throttling;
 //! - `layout`: the page shell and shared pieces;
 //! - `pages`: one function per page (GET);
-//! - `actions`: one function per form (POST), each checked for its CSRF token first.
+//! - `actions`: one function per form (POST), each checked for its CSRF token first;
+//! - `standby`: a standby's console, which passes every request to the active's.
 //!
 //! Served by [`serve`] on its own listener with the provider's certificate (a self-signed one
 //! on an `--insecure` provider), bounded in connections overall and per address.
@@ -36,6 +37,7 @@ pub mod actions;
 pub mod layout;
 pub mod pages;
 pub mod session;
+pub mod standby;
 
 use session::{COOKIE, Session, Sessions, SignInLimiter};
 
@@ -56,6 +58,8 @@ pub struct Console {
     started: std::time::Instant,
     /// Where the console itself listens (for the About page).
     pub address: SocketAddr,
+    /// Shown by a standby passing on a browser's request, so its address is believed.
+    pub forward_key: String,
 }
 
 impl Console {
@@ -68,6 +72,7 @@ impl Console {
             ranges: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
             address,
+            forward_key: session::token(),
         }
     }
 
@@ -143,7 +148,7 @@ impl Signed {
     }
 
     /// Refuses a form that does not carry this session's CSRF token.
-    pub fn check_csrf(&self, form: &Fields) -> Result<()> {
+    fn check_csrf(&self, form: &Fields) -> Result<()> {
         match form.get("csrf") {
             Some(t) if session::same(t, &self.session.csrf) => Ok(()),
             _ => Err(ProviderError::Denied(
@@ -200,6 +205,28 @@ impl FromRequestParts<Arc<Console>> for Signed {
         }
         let addr = parts.extensions.get::<ClientAddr>().map(|a| a.0);
         Ok(Signed { session, addr })
+    }
+}
+
+/// A form posted by a signed-in user, its CSRF token already checked: a handler that takes
+/// this cannot act on a forged form, and reads no field before the check.
+pub struct Posted {
+    pub signed: Signed,
+    pub fields: Fields,
+}
+
+impl axum::extract::FromRequest<Arc<Console>> for Posted {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, console: &Arc<Console>) -> std::result::Result<Self, Response> {
+        let (mut parts, body) = req.into_parts();
+        let signed = Signed::from_request_parts(&mut parts, console).await.map_err(IntoResponse::into_response)?;
+        let req = axum::extract::Request::from_parts(parts, body);
+        let Form(fields) =
+            Form::<Vec<(String, String)>>::from_request(req, console).await.map_err(IntoResponse::into_response)?;
+        let fields = Fields(fields);
+        signed.check_csrf(&fields).map_err(|e| error_page(&e))?;
+        Ok(Posted { signed, fields })
     }
 }
 
@@ -313,15 +340,7 @@ async fn login(
     resp
 }
 
-async fn logout(
-    State(console): State<Arc<Console>>,
-    s: Signed,
-    headers: HeaderMap,
-    Form(form): Form<Vec<(String, String)>>,
-) -> Response {
-    if let Err(e) = s.check_csrf(&Fields(form)) {
-        return error_page(&e);
-    }
+async fn logout(State(console): State<Arc<Console>>, headers: HeaderMap, _checked: Posted) -> Response {
     if let Some(t) = cookie_token(&headers) {
         console.sessions.end(&t);
     }
@@ -365,7 +384,27 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/configuration/watches", post(actions::watch_add))
         .route("/configuration/watches/remove", post(actions::watch_remove))
         .layer(axum::middleware::map_response(secure_headers))
+        .layer(axum::middleware::from_fn_with_state(console.clone(), forwarded_client))
         .with_state(console)
+}
+
+/// A request a standby passed on carries the browser's address under the forwarding key: the
+/// browser's address is then the client's. Without the key, both headers are dropped.
+async fn forwarded_client(
+    State(console): State<Arc<Console>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let h = req.headers_mut();
+    let key = h.remove(standby::KEY_HEADER);
+    let client = h.remove(standby::CLIENT_HEADER);
+    if let (Some(key), Some(client)) = (key, client)
+        && key.to_str().is_ok_and(|k| session::same(k, &console.forward_key))
+        && let Some(addr) = client.to_str().ok().and_then(|c| c.parse::<SocketAddr>().ok())
+    {
+        req.extensions_mut().insert(ClientAddr(addr));
+    }
+    next.run(req).await
 }
 
 /// Headers every answer carries: no framing, no sniffing, no caching of pages with fleet data.
@@ -385,9 +424,15 @@ async fn secure_headers(mut resp: Response) -> Response {
     resp
 }
 
+/// The console's TLS settings, and the certificate it presents (PEM).
+pub struct ConsoleTls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub cert_pem: String,
+}
+
 /// The console's TLS settings: the provider's own certificate (no client certificate asked
 /// for: users sign in with a password), or a self-signed one on an `--insecure` provider.
-pub fn tls_config(transport: &Transport, name: &str) -> Result<Arc<rustls::ServerConfig>> {
+pub fn tls_config(transport: &Transport, name: &str) -> Result<ConsoleTls> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let bad = |e: String| ProviderError::InvalidArgument(format!("web console certificate: {e}"));
@@ -402,6 +447,7 @@ pub fn tls_config(transport: &Transport, name: &str) -> Result<Arc<rustls::Serve
             (c.into_bytes(), k.into_bytes())
         }
     };
+    let cert_pem = String::from_utf8_lossy(&cert).into_owned();
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(&cert).collect::<std::result::Result<_, _>>().map_err(|e| bad(e.to_string()))?;
     let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad(e.to_string()))?;
@@ -412,7 +458,7 @@ pub fn tls_config(transport: &Transport, name: &str) -> Result<Arc<rustls::Serve
         .with_single_cert(certs, key)
         .map_err(|e| bad(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(ConsoleTls { server: Arc::new(config), cert_pem })
 }
 
 /// Connections open per client address.
@@ -445,14 +491,9 @@ impl PerAddress {
     }
 }
 
-/// Serves the console on `listener` until `stop`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    console: Arc<Console>,
-    stop: CancellationToken,
-) {
-    let app = router(console);
+/// Serves `app` (the console's [`router`], or a standby's [`standby::router`]) on `listener`
+/// until `stop`.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router, stop: CancellationToken) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let per_address = Arc::new(PerAddress::default());
