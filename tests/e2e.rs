@@ -286,6 +286,49 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert!(!out.status.success() && stderr(&out).contains("no agent daemon"), "{}", stderr(&out));
 }
 
+/// admin-cli prints what it is asked for: `update show` field by field (and its JSON, from the
+/// same view, with every field of the record), spans read like other tools (`2m` is two
+/// minutes), and completions and man pages come from the grammar.
+#[test]
+fn admin_cli_shows_records_reads_spans_and_documents_itself() {
+    let w = World::new();
+    let (_p, purl) = w.provider("centre", true);
+    let pkg = w.package("viewer", "2.0.1.0", &w.key);
+    let id = w.publish(&purl, &pkg);
+    w.admin_ok(&purl, &["update", "prestage", &id]);
+
+    let u = w.admin_json(&purl, &["update", "show", &id]);
+    assert_eq!(u["prestage"], true, "{u}");
+    assert_eq!(u["state"], "ga");
+    assert!(u["status"]["notes"].is_array(), "{u}");
+    let text = w.admin_ok(&purl, &["update", "show", &id]);
+    let line = |key: &str| {
+        text.lines().find(|l| l.starts_with(&format!("{key:<20} "))).unwrap_or_else(|| panic!("no {key}: {text}"))[21..]
+            .to_string()
+    };
+    assert_eq!(line("prestage"), "yes");
+    assert_eq!(line("install properties"), "-", "properties, not status notes, on that line");
+    assert_eq!(line("version"), "2.0.1.0");
+    assert!(line("fleet").starts_with("installed on 0"), "{text}");
+
+    w.admin_ok(&purl, &["activity", "--last", "2m"]);
+    w.admin_ok(&purl, &["report", "--last", "6mo"]);
+    let out = w.admin(&purl, &["activity", "--last", "2x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--last: invalid time span \"2x\""), "{}", stderr(&out));
+    let out = w.admin(&purl, &["activity", "--since", "2026-02-30"]);
+    assert!(stderr(&out).contains("--since: invalid date \"2026-02-30\""), "{}", stderr(&out));
+
+    let completions = w.admin_ok(&purl, &["completions", "bash"]);
+    assert!(completions.contains("complete -F _admin__cli") && completions.contains("update"), "{completions}");
+    let man = w.path("man");
+    w.admin_ok(&purl, &["man", "--out", man.to_str().unwrap()]);
+    for page in ["admin-cli.1", "admin-cli-update.1", "admin-cli-update-show.1", "admin-cli-group-assign.1"] {
+        let text = std::fs::read_to_string(man.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}: {text}");
+    }
+}
+
 #[test]
 fn acknowledged_admin_writes_survive_kill_9() {
     let w = World::new();

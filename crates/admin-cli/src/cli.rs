@@ -61,14 +61,8 @@ pub enum Cmd {
     Activity {
         #[command(subcommand)]
         cmd: Option<ActivityCmd>,
-        #[arg(long)]
-        machine: Option<String>,
-        #[arg(long)]
-        update: Option<String>,
         #[command(flatten)]
-        since: Since,
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
+        filter: ActivityFilter,
     },
     /// Remote (site) providers: WAN bytes, cache hits, upstream connection.
     #[command(subcommand)]
@@ -95,6 +89,33 @@ pub enum Cmd {
         #[command(flatten)]
         since: Since,
     },
+    /// Shell completions for admin-cli (e.g. `admin-cli completions bash > /etc/bash_completion.d/admin-cli`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Man pages for admin-cli and each of its commands.
+    Man {
+        /// Directory to write them to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Which activity entries to show.
+#[derive(Args)]
+pub struct ActivityFilter {
+    /// Only this machine's.
+    #[arg(long)]
+    pub machine: Option<String>,
+    /// Only this update's.
+    #[arg(long)]
+    pub update: Option<String>,
+    #[command(flatten)]
+    pub since: Since,
+    /// At most this many, newest first.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
 }
 
 #[derive(Subcommand)]
@@ -356,9 +377,25 @@ pub struct Since {
     /// A date, YYYY-MM-DD (UTC).
     #[arg(long, conflicts_with = "last")]
     pub since: Option<String>,
-    /// A span back from now: Nh, Nd, Nw or Nm (30-day months), e.g. 2w, 3m, 6m.
+    /// A span back from now: a number and s, m (minutes), h, d, w, mo (30 days) or y, e.g.
+    /// 90m, 2w, 6mo.
     #[arg(long)]
     pub last: Option<String>,
+}
+
+impl Since {
+    /// Milliseconds since the epoch where the span starts; 0 (everything) when neither is given.
+    pub fn unix_ms(&self) -> anyhow::Result<i64> {
+        if let Some(d) = &self.since {
+            return updraft_core::when::parse_date(d).map_err(|e| anyhow::anyhow!("--since: {e}"));
+        }
+        if let Some(l) = &self.last {
+            let span = updraft_core::when::parse_span(l).map_err(|e| anyhow::anyhow!("--last: {e}"))?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            return Ok(now.saturating_sub(span).as_millis() as i64);
+        }
+        Ok(0)
+    }
 }
 
 #[derive(Subcommand)]

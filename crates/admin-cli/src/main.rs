@@ -1,10 +1,16 @@
-//! `admin-cli`: the operator's tool. Parses the command line and hands over to `commands`.
-mod access;
+//! `admin-cli`: the operator's tool. `main` parses the command line, builds the context and
+//! hands over to the dispatcher.
+//!
+//! Code map: `cli` the grammar; the core every command uses — `ctx` (provider, transport,
+//! output mode), `rpc` (channel, Admin client, failures and exit statuses), `render` (tables,
+//! JSON, terminal-safe text), `views` (what is printed about each kind of record); `cmd` one
+//! module per command group, depending only on that core.
 mod cli;
-mod commands;
-mod fleet;
-mod output;
-mod servers;
+mod cmd;
+mod ctx;
+mod render;
+mod rpc;
+mod views;
 
 use clap::Parser;
 
@@ -25,8 +31,9 @@ async fn main() {
         default_hook(info)
     }));
     let cli = cli::Cli::parse();
-    if let Err(e) = commands::run(cli).await {
+    let ctx = ctx::Ctx::new(&cli);
+    if let Err(e) = cmd::run(&ctx, cli.cmd).await {
         eprintln!("error: {e:#}");
-        std::process::exit(commands::exit_code(&e));
+        std::process::exit(rpc::exit_code(&e));
     }
 }

@@ -13,6 +13,7 @@ pub mod package;
 pub mod plan;
 pub mod policy;
 pub mod version;
+pub mod when;
 
 pub use error::CoreError;
 pub use version::Version;

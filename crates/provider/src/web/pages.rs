@@ -200,24 +200,43 @@ pub async fn activity(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Pag
     done(page("Activity", "/activity", s.user(), s.csrf(), Some(LIVE_SECS), body))
 }
 
-/// The report's quick ranges: query value, label, days.
-const RANGES: [(&str, &str, i64); 4] =
-    [("2w", "2 weeks", 14), ("3m", "3 months", 91), ("6m", "6 months", 182), ("all", "all time", 0)];
+/// The report's quick ranges: query value (a span as admin-cli's `--last` reads it), label.
+const RANGES: [(&str, &str); 4] = [("2w", "2 weeks"), ("3mo", "3 months"), ("6mo", "6 months"), ("all", "all time")];
+
+/// Where a report range starts (ms since the epoch): a quick range, or a start date
+/// (YYYY-MM-DD) from the date field.
+fn range_start(range: &str) -> crate::error::Result<i64> {
+    if range == "all" {
+        return Ok(0);
+    }
+    if let Ok(span) = updraft_core::when::parse_span(range) {
+        return Ok(crate::now_ms() - span.as_millis() as i64);
+    }
+    Ok(updraft_core::when::parse_date(range)?)
+}
 
 pub async fn report(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
-    let range = c.remembered_range(s.user(), q.get("range").map(String::as_str));
-    let since = match RANGES.iter().find(|r| r.0 == range) {
-        Some((_, _, 0)) | None => 0,
-        Some((_, _, days)) => crate::now_ms() - days * 86_400_000,
-    };
+    let asked = q.get("range").map(String::as_str);
+    if let Some(r) = asked {
+        range_start(r)?; // a bad range is refused before it is remembered
+    }
+    let range = c.remembered_range(s.user(), asked);
+    let since = range_start(&range)?;
+    let date = if RANGES.iter().any(|r| r.0 == range) { String::new() } else { range.clone() };
     let report = c.ops.report(ReportRequest2 { since_unix_ms: since }).await?;
     let body = html! {
         (outcome(&q))
         div.toolbar {
             span { "Machines in contact within: " }
-            @for (key, label, _) in RANGES {
+            @for (key, label) in RANGES {
                 @if key == range { strong { (label) } } @else { a href={"/report?range=" (key)} { (label) } }
             }
+            form.inline method="get" action="/report" {
+                label for="from" { "or since" }
+                input #from type="date" name="range" value=(date) required;
+                button.secondary type="submit" { "Show" }
+            }
+            @if !date.is_empty() { span.muted { "since " (date) } }
         }
         @for g in &report.groups {
             details.card open[g.status != "up-to-date"] {

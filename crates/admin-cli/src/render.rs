@@ -1,5 +1,6 @@
-//! How admin-cli prints: aligned tables for people, JSON for scripts.
-use serde_json::Value;
+//! How admin-cli prints: aligned tables for people, JSON for scripts, and text from elsewhere
+//! made safe for a terminal.
+use serde::Serialize;
 
 /// Text from elsewhere (machine inventories, activity details, names) made safe for a
 /// terminal: control and invisible formatting characters are shown escaped (`\u{1b}`), so
@@ -45,8 +46,19 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub fn json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("json value serialises"));
+/// Prints any serialisable value as pretty JSON.
+pub fn json<T: Serialize + ?Sized>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("output values serialise"));
+}
+
+/// A cell: the text, or `-` when empty.
+pub fn dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.to_string() }
+}
+
+/// A list cell: the items joined, or `-` when none.
+pub fn list(items: &[String], sep: &str) -> String {
+    if items.is_empty() { "-".into() } else { items.join(sep) }
 }
 
 /// "5m ago"-style age of a unix-millisecond timestamp.
