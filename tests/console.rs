@@ -86,6 +86,20 @@ async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
     }
     b.client.goto(&format!("{base}/machines/pc-1?tab=apps")).await.unwrap();
     b.wait_text("editor").await;
+    // The report from a start date, remembered for this user; a bad one refused, not remembered.
+    b.client.goto(&format!("{base}/report?range=2026-01-01")).await.unwrap();
+    b.wait_text("since 2026-01-01").await;
+    b.client.goto(&format!("{base}/report?range=soon")).await.unwrap();
+    b.wait_text("invalid date \"soon\"").await;
+    b.client.goto(&format!("{base}/report")).await.unwrap();
+    b.wait_text("since 2026-01-01").await;
+    // Activity grouped by product; an entry opened, then the next one.
+    b.client.goto(&format!("{base}/activity?by=product")).await.unwrap();
+    b.wait_text("(no product)").await;
+    b.find("#activity tr:not(.group) td a").await.click().await.unwrap();
+    b.wait_text("Entry 1 of").await;
+    b.client.find(Locator::LinkText("next →")).await.unwrap().click().await.unwrap();
+    b.wait_text("Entry 2 of").await;
 
     // Approve the update in the browser; the agent behind the site installs it.
     b.client.goto(&format!("{base}/updates")).await.unwrap();
@@ -131,6 +145,39 @@ async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
     b.wait_text("group lab changed").await;
     let lab = w.admin_json(&purl, &["group", "show", "lab"]);
     assert_eq!(lab["settings"]["mode"], "manual", "{lab}");
+
+    // Upload a package (the page's script sends it with a progress bar), install a product
+    // alongside it, cap a product line, set a machine's role, remove the group.
+    let viewer = w.package("viewer", "2.0.0.0", &w.key);
+    b.client.goto(&format!("{base}/updates")).await.unwrap();
+    b.find("#upload-file").await.send_keys(viewer.to_str().unwrap()).await.unwrap();
+    b.find("#upload-form button").await.click().await.unwrap();
+    b.wait_text("imported viewer").await;
+    let updates = w.admin_json(&purl, &["update", "list", "--product", "viewer"]);
+    let viewer_id = updates[0]["id"].as_str().unwrap().to_string();
+    b.find(&format!("input[type=checkbox][value='{viewer_id}']")).await.click().await.unwrap();
+    b.find("#related").await.send_keys("editor").await.unwrap();
+    b.find("#updates-form button[formaction='/updates/related']").await.click().await.unwrap();
+    b.wait_text("1 update(s) install editor alongside").await;
+    assert_eq!(w.admin_json(&purl, &["update", "show", &viewer_id])["related_installs"][0], "editor");
+    b.find("form.card[action='/updates/caps'] input[name=line]").await.send_keys("tools").await.unwrap();
+    b.find("form.card[action='/updates/caps'] input[name=version]").await.send_keys("3.0.0.0").await.unwrap();
+    b.find("form.card[action='/updates/caps'] button").await.click().await.unwrap();
+    b.wait_text("product line tools capped").await;
+    assert_eq!(w.admin_json(&purl, &["product-line", "list"])[0]["cap"], "3.0.0.0");
+    b.client.goto(&format!("{base}/machines/pc-1")).await.unwrap();
+    b.find("#role").await.select_by_value("server").await.unwrap();
+    b.find("form[action='/machines/pc-1/role'] button").await.click().await.unwrap();
+    b.wait_text("pc-1: role server").await;
+    b.client.goto(&format!("{base}/groups")).await.unwrap();
+    b.find("#group-lab summary").await.click().await.unwrap();
+    b.find("form[action='/groups/remove'] button").await.click().await.unwrap();
+    b.wait_text("group lab removed").await;
+    assert_eq!(group_of("pc-1"), "default");
+    let audit = w.admin_ok(&purl, &["audit", "list"]);
+    for action in ["AddUpdate", "SetRelatedInstalls", "SetCap", "SetRole", "RemoveGroup"] {
+        assert!(audit.lines().any(|l| l.contains(ADMIN) && l.contains(action)), "{action} not audited:\n{audit}");
+    }
     b.client.goto(&format!("{base}/configuration")).await.unwrap();
     b.find("form[action='/configuration/users'] input[name=name]").await.send_keys("val").await.unwrap();
     b.find("form[action='/configuration/users'] select[name=role]").await.select_by_value("viewer").await.unwrap();

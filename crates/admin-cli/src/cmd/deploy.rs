@@ -30,10 +30,8 @@ pub async fn undeploy(ctx: &Ctx, target: DeployTarget) -> anyhow::Result<()> {
 }
 
 async fn change(ctx: &Ctx, target: DeployTarget, remove: bool) -> anyhow::Result<()> {
-    let product = target.product.unwrap_or_default();
-    updraft_core::model::validate_product(&product)?;
     let req = DeployRequest {
-        product,
+        product: target.product.unwrap_or_default(),
         group: target.group.unwrap_or_default(),
         machine: target.machine.unwrap_or_default(),
         remove,

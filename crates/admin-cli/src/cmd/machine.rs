@@ -18,7 +18,6 @@ pub async fn run(ctx: &Ctx, cmd: MachineCmd) -> anyhow::Result<()> {
         }
         MachineCmd::Show { name } => return show(ctx, c.get_machine(GetMachineRequest { name }).await),
         MachineCmd::Pin { machines, product, version } => {
-            version.parse::<updraft_core::Version>()?;
             c.pin(PinRequest { machines, product, version }).await.map_err(ctx.failed())?.into_inner().machines
         }
         MachineCmd::Unpin { machines, product } => {
@@ -26,8 +25,8 @@ pub async fn run(ctx: &Ctx, cmd: MachineCmd) -> anyhow::Result<()> {
             c.pin(req).await.map_err(ctx.failed())?.into_inner().machines
         }
         MachineCmd::Role { machine, role } => {
-            let role =
-                if role == "agent" { String::new() } else { role.parse::<updraft_core::model::Role>()?.to_string() };
+            // `agent` is the grammar's word for no administrator's role (the provider checks the rest).
+            let role = if role == "agent" { String::new() } else { role };
             let req = SetRoleRequest { machines: vec![machine], role };
             c.set_role(req).await.map_err(ctx.failed())?.into_inner().machines
         }

@@ -1,4 +1,5 @@
-//! `admin-cli product-line`: version caps per product line, fixed or following a role.
+//! `admin-cli product-line`: version caps per product line, fixed or following a role (checked
+//! by the provider, as every value admin-cli passes on).
 use serde::Serialize;
 use updraft_proto::v1::{ListCapsRequest, ProductLineCap};
 
@@ -18,14 +19,7 @@ pub async fn run(ctx: &Ctx, cmd: ProductLineCmd) -> anyhow::Result<()> {
     let mut c = ctx.admin().await?;
     let caps = match cmd {
         ProductLineCmd::Cap { line, version, follow_role } => {
-            let version = version.unwrap_or_default();
-            if !version.is_empty() {
-                version.parse::<updraft_core::Version>()?;
-            }
-            let follow_role = follow_role.unwrap_or_default();
-            if !follow_role.is_empty() {
-                follow_role.parse::<updraft_core::model::Role>()?;
-            }
+            let (version, follow_role) = (version.unwrap_or_default(), follow_role.unwrap_or_default());
             c.set_cap(ProductLineCap { product_line: line, version, follow_role, ceiling: String::new() }).await
         }
         ProductLineCmd::Uncap { line } => c.set_cap(ProductLineCap { product_line: line, ..Default::default() }).await,

@@ -10,11 +10,12 @@ use updraft_core::model::UpdateState;
 use updraft_core::policy::Mode;
 use updraft_proto::v1::{
     AssignRequest, ClearActivityRequest, DeleteUpdatesRequest, DeployRequest, Discovery, GroupSettings, Peer,
-    PinRequest, PrestageRequest, PutGroupRequest, RemoveUserRequest, RemoveWatchRequest, SetPasswordRequest,
-    SetPriorityRequest, SetUpdateStateRequest, User, WatchFolder,
+    PinRequest, PrestageRequest, ProductLineCap, PutGroupRequest, RelatedInstallsRequest, RemoveGroupRequest,
+    RemoveUserRequest, RemoveWatchRequest, SetPasswordRequest, SetPriorityRequest, SetRoleRequest,
+    SetUpdateStateRequest, UploadHeader, User, WatchFolder,
 };
 
-use super::{Console, Fields, Posted, back};
+use super::{Console, Fields, Posted, Signed, back};
 use crate::error::{ProviderError, Result};
 use crate::ops::Op;
 
@@ -289,6 +290,106 @@ pub async fn watch_remove(State(c): State<Arc<Console>>, Posted { signed: s, fie
         Ok(format!("stopped watching {path}"))
     };
     back("/configuration", run.await)
+}
+
+pub async fn update_related(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
+    let run = async {
+        let remove = ticked(&f, "remove");
+        let products: Vec<String> = f
+            .get("related")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(String::from)
+            .collect();
+        let req = RelatedInstallsRequest { ids: f.all("id"), products: products.clone(), remove };
+        let n = req.ids.len();
+        c.change(&s, Op::SetRelatedInstalls, async |ops, who| ops.set_related_installs(&who, req).await).await?;
+        Ok(match (remove, products.is_empty()) {
+            (true, true) => format!("{n} update(s) install nothing alongside"),
+            (true, false) => format!("{n} update(s) no longer install {} alongside", products.join(", ")),
+            (false, _) => format!("{n} update(s) install {} alongside", products.join(", ")),
+        })
+    };
+    back("/updates", run.await)
+}
+
+pub async fn cap_put(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
+    let field = |name: &str| f.get(name).unwrap_or_default().trim().to_string();
+    let cap = ProductLineCap {
+        product_line: field("line"),
+        version: if ticked(&f, "uncap") { String::new() } else { field("version") },
+        follow_role: if ticked(&f, "uncap") { String::new() } else { field("role") },
+        ceiling: String::new(),
+    };
+    let what = if cap.version.is_empty() && cap.follow_role.is_empty() {
+        format!("product line {} uncapped", cap.product_line)
+    } else {
+        format!("product line {} capped", cap.product_line)
+    };
+    let r = c.change(&s, Op::SetCap, async |ops, who| ops.set_cap(&who, cap).await).await;
+    back("/updates", r.map(|_| what))
+}
+
+pub async fn machine_role(
+    State(c): State<Arc<Console>>,
+    Path(name): Path<String>,
+    Posted { signed: s, fields: f }: Posted,
+) -> Response {
+    let to = format!("/machines/{}", super::encode(&name));
+    let role = f.get("role").unwrap_or_default().trim().to_string();
+    let what = if role.is_empty() { format!("{name}: role as its agent says") } else { format!("{name}: role {role}") };
+    let req = SetRoleRequest { machines: vec![name], role };
+    let r = c.change(&s, Op::SetRole, async |ops, who| ops.set_role(&who, req).await).await;
+    back(&to, r.map(|_| what))
+}
+
+pub async fn group_remove(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
+    let run = async {
+        let name = f.need("name")?.to_string();
+        let req = RemoveGroupRequest { name: name.clone() };
+        c.change(&s, Op::RemoveGroup, async |ops, who| ops.remove_group(&who, req).await).await?;
+        Ok(format!("group {name} removed; its machines are in the default group"))
+    };
+    back("/groups", run.await)
+}
+
+/// A package uploaded by the console's script: the body is the package (its length from
+/// `Content-Length`), the file name in the query, the CSRF token in `x-csrf-token`. Access is
+/// checked before a byte is read; one upload per user at a time, [`super::MAX_UPLOADS`] in all.
+pub async fn upload(
+    State(c): State<Arc<Console>>,
+    s: Signed,
+    headers: axum::http::HeaderMap,
+    q: super::Query,
+    body: axum::body::Body,
+) -> Response {
+    let run = async {
+        s.check_csrf_token(headers.get("x-csrf-token").and_then(|v| v.to_str().ok()))?;
+        let name = q.get("name").map(|n| n.rsplit(['/', '\\']).next().unwrap_or_default().to_string());
+        let name = name.filter(|n| !n.is_empty()).ok_or_else(|| bad("the upload names no file".into()))?;
+        let size = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .ok_or_else(|| bad(format!("{name}: the upload does not say its length")))?;
+        let _slot = c.upload_slot(s.user())?;
+        let header = UploadHeader { file_name: name, size };
+        let u = c
+            .change(&s, Op::AddUpdate, async |ops, who| {
+                let mut rx = ops.start_upload(&header)?;
+                let mut data = body.into_data_stream();
+                while let Some(chunk) = futures::StreamExt::next(&mut data).await {
+                    let chunk = chunk.map_err(|e| bad(format!("{}: upload interrupted: {e}", header.file_name)))?;
+                    ops.upload_data(&header, &mut rx, &chunk).await?;
+                }
+                ops.finish_upload(&who, &header, rx).await
+            })
+            .await?;
+        let state = UpdateState::from_wire(u.state).map(|s| s.to_string()).unwrap_or_default();
+        Ok(format!("imported {} as {} (state {state})", header.file_name, u.id))
+    };
+    back("/updates", run.await)
 }
 
 #[cfg(test)]

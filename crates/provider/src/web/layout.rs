@@ -48,6 +48,9 @@ dl.facts dd { margin:0; }
 .flash.ok { background:#e3f4e8; color:var(--ok); }
 .flash.err { background:#fbe4e2; color:var(--err); }
 form.inline { display:inline-flex; gap:.4rem; align-items:center; flex-wrap:wrap; margin:0; }
+[hidden] { display:none !important; }
+tr.group th { background:#eef2f7; text-align:left; padding-top:.6rem; }
+pre.detail { white-space:pre-wrap; margin:0; font:inherit; }
 .toolbar { display:flex; gap:1rem; align-items:center; flex-wrap:wrap; margin-bottom:.8rem; }
 input, select, button { font:inherit; padding:.3rem .5rem; border:1px solid #b9c2cf; border-radius:4px; background:#fff; }
 button { background:var(--accent); color:#fff; border-color:var(--accent); cursor:pointer; }
@@ -68,6 +71,7 @@ fn head(title: &str, refresh: Option<u32>) -> Markup {
             @if let Some(s) = refresh { meta http-equiv="refresh" content=(s); }
             title { (title) " · Updraft" }
             style { (PreEscaped(STYLE)) }
+            script src="/console.js" defer {}
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Console {
     pub address: SocketAddr,
     /// Shown by a standby passing on a browser's request, so its address is believed.
     pub forward_key: String,
+    /// Users with a package upload in progress (one each, [`MAX_UPLOADS`] in all).
+    uploading: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Console {
@@ -73,6 +75,7 @@ impl Console {
             started: std::time::Instant::now(),
             address,
             forward_key: session::token(),
+            uploading: Mutex::default(),
         }
     }
 
@@ -89,6 +92,21 @@ impl Console {
             }
             _ => m.get(user).cloned().unwrap_or_else(|| "2w".into()),
         }
+    }
+
+    /// A slot for one package upload by `user`: one at a time per user, [`MAX_UPLOADS`] in all.
+    pub fn upload_slot(self: &Arc<Self>, user: &str) -> Result<UploadSlot> {
+        let mut up = self.uploading.lock().expect("uploads");
+        if up.contains(user) {
+            return Err(ProviderError::LimitReached(format!("{user} is already uploading a package; wait for it")));
+        }
+        if up.len() >= MAX_UPLOADS {
+            return Err(ProviderError::LimitReached(format!(
+                "{MAX_UPLOADS} packages are being uploaded through the console; try again shortly"
+            )));
+        }
+        up.insert(user.to_string());
+        Ok(UploadSlot(self.clone(), user.to_string()))
     }
 
     pub fn uptime(&self) -> Duration {
@@ -115,6 +133,18 @@ impl Console {
             audit(shared, &caller, &op.action(), outcome).await;
         }
         result
+    }
+}
+
+/// Package uploads through the console at once, in all.
+pub const MAX_UPLOADS: usize = 4;
+
+/// An upload in progress; its user may start another once this is dropped.
+pub struct UploadSlot(Arc<Console>, String);
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        self.0.uploading.lock().expect("uploads").remove(&self.1);
     }
 }
 
@@ -149,7 +179,13 @@ impl Signed {
 
     /// Refuses a form that does not carry this session's CSRF token.
     fn check_csrf(&self, form: &Fields) -> Result<()> {
-        match form.get("csrf") {
+        self.check_csrf_token(form.get("csrf"))
+    }
+
+    /// Refuses a request whose CSRF token (a form field, or the upload's header) is not this
+    /// session's.
+    pub fn check_csrf_token(&self, token: Option<&str>) -> Result<()> {
+        match token {
             Some(t) if session::same(t, &self.session.csrf) => Ok(()),
             _ => Err(ProviderError::Denied(
                 "the form did not carry this session's CSRF token; reload the page and try again".into(),
@@ -355,6 +391,7 @@ pub fn router(console: Arc<Console>) -> Router {
     Router::new()
         .route("/", get(|| async { Redirect::to("/about") }))
         .route("/login", get(login_form).post(login))
+        .route("/console.js", get(script))
         .route("/logout", post(logout))
         .route("/about", get(pages::about))
         .route("/activity", get(pages::activity))
@@ -383,6 +420,11 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/configuration/providers/remove", post(actions::peer_remove))
         .route("/configuration/watches", post(actions::watch_add))
         .route("/configuration/watches/remove", post(actions::watch_remove))
+        .route("/updates/upload", post(actions::upload))
+        .route("/updates/related", post(actions::update_related))
+        .route("/updates/caps", post(actions::cap_put))
+        .route("/machines/{name}/role", post(actions::machine_role))
+        .route("/groups/remove", post(actions::group_remove))
         .layer(axum::middleware::map_response(secure_headers))
         .layer(axum::middleware::from_fn_with_state(console.clone(), forwarded_client))
         .with_state(console)
@@ -407,6 +449,12 @@ async fn forwarded_client(
     next.run(req).await
 }
 
+/// The console's one script: the package upload with a progress bar (every other page works
+/// without script).
+async fn script() -> Response {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], include_str!("console.js")).into_response()
+}
+
 /// Headers every answer carries: no framing, no sniffing, no caching of pages with fleet data.
 async fn secure_headers(mut resp: Response) -> Response {
     let h = resp.headers_mut();
@@ -417,7 +465,7 @@ async fn secure_headers(mut resp: Response) -> Response {
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; frame-ancestors 'none'",
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; frame-ancestors 'none'",
         ),
     );
     h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::response::Html;
 use maud::{Markup, html};
-use updraft_core::model::UpdateState;
+use updraft_core::model::{Role, UpdateState};
 use updraft_core::policy::{Mode, day_name, hour_name};
 use updraft_proto::v1::{
     Activity, ActivityKind, GetMachineRequest, GroupSummary, ListActivityRequest, ListMachinesRequest,
@@ -132,16 +132,84 @@ fn redact(url: &str) -> String {
     }
 }
 
-pub async fn activity(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
-    let machine = q.get("machine").cloned().unwrap_or_default();
-    let product = q.get("product").cloned().unwrap_or_default();
-    let req = ListActivityRequest { machine: machine.clone(), limit: 10_000, ..Default::default() };
-    let mut rows: Vec<Activity> = c.ops.list_activity(req).await?.activities;
-    if !product.is_empty() {
-        rows.retain(|a| a.product == product);
+/// What the activity page shows: its filters, order, grouping, page and the entry opened.
+#[derive(Clone, Default)]
+struct ActivityView {
+    machine: String,
+    product: String,
+    since: String,
+    sort: String,
+    by: String,
+    page: usize,
+    detail: Option<usize>,
+}
+
+/// How the activity page can group its entries: query value, label.
+const ACTIVITY_GROUPS: [(&str, &str); 6] = [
+    ("", "no grouping"),
+    ("day", "by day"),
+    ("machine", "by machine"),
+    ("product", "by product"),
+    ("release", "by release"),
+    ("patch", "by patch"),
+];
+
+impl ActivityView {
+    fn from_query(q: &Query) -> Self {
+        let text = |k: &str| q.get(k).cloned().unwrap_or_default();
+        Self {
+            machine: text("machine"),
+            product: text("product"),
+            since: text("since"),
+            sort: q.get("sort").cloned().unwrap_or_else(|| "time".into()),
+            by: text("by"),
+            page: q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1),
+            detail: q.get("detail").and_then(|d| d.parse().ok()),
+        }
     }
-    let sort = q.get("sort").map(String::as_str).unwrap_or("time");
-    match sort {
+
+    /// This view with `change` applied, as a link.
+    fn href(&self, change: impl FnOnce(&mut Self)) -> String {
+        let mut v = self.clone();
+        change(&mut v);
+        let mut out = format!(
+            "/activity?page={}&sort={}&by={}&machine={}&product={}&since={}",
+            v.page,
+            super::encode(&v.sort),
+            super::encode(&v.by),
+            super::encode(&v.machine),
+            super::encode(&v.product),
+            super::encode(&v.since)
+        );
+        if let Some(d) = v.detail {
+            out.push_str(&format!("&detail={d}"));
+        }
+        out
+    }
+
+    /// The group an entry falls in under this view's grouping.
+    fn group_of(&self, a: &Activity) -> String {
+        let or = |s: &str, none: &str| if s.is_empty() { none.to_string() } else { s.to_string() };
+        match self.by.as_str() {
+            "day" => when(a.at_unix_ms).chars().take(10).collect(),
+            "machine" => or(&a.machine, "(the catalog)"),
+            "product" => or(&a.product, "(no product)"),
+            "release" => format!("{} {}", a.product, a.version.split('.').take(2).collect::<Vec<_>>().join(".")),
+            "patch" => format!("{} {}", a.product, a.version),
+            _ => String::new(),
+        }
+    }
+}
+
+pub async fn activity(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
+    let v = ActivityView::from_query(&q);
+    let since_unix_ms = if v.since.is_empty() { 0 } else { range_start(&v.since)? };
+    let req = ListActivityRequest { machine: v.machine.clone(), limit: 10_000, since_unix_ms, ..Default::default() };
+    let mut rows: Vec<Activity> = c.ops.list_activity(req).await?.activities;
+    if !v.product.is_empty() {
+        rows.retain(|a| a.product == v.product);
+    }
+    match v.sort.as_str() {
         "machine" => rows.sort_by(|a, b| (&a.machine, b.at_unix_ms).cmp(&(&b.machine, a.at_unix_ms))),
         "kind" => rows.sort_by_key(|a| (kind_name(a.kind), -a.at_unix_ms)),
         "product" => {
@@ -149,45 +217,71 @@ pub async fn activity(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Pag
         }
         _ => rows.sort_by_key(|a| -a.at_unix_ms),
     }
+    if !v.by.is_empty() {
+        // Stable: within a group, the order chosen above.
+        rows.sort_by_cached_key(|a| v.group_of(a));
+    }
     let pages = rows.len().div_ceil(PAGE_ROWS).max(1);
-    let at: usize = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1).clamp(1, pages);
-    let shown = rows.iter().skip((at - 1) * PAGE_ROWS).take(PAGE_ROWS);
-    let link = |page: usize, sort: &str| {
-        format!(
-            "/activity?page={page}&sort={sort}&machine={}&product={}",
-            super::encode(&machine),
-            super::encode(&product)
-        )
-    };
+    let at = v.page.clamp(1, pages);
+    let first = (at - 1) * PAGE_ROWS;
+    let shown: Vec<(usize, &Activity)> = rows.iter().enumerate().skip(first).take(PAGE_ROWS).collect();
+    let opened = v.detail.and_then(|d| rows.get(d).map(|a| (d, a)));
     let body = html! {
         (outcome(&q))
         div.toolbar {
             form.inline method="get" action="/activity" {
-                input name="machine" placeholder="machine" value=(machine);
-                input name="product" placeholder="product" value=(product);
-                input type="hidden" name="sort" value=(sort);
-                button.secondary type="submit" { "Filter" }
+                input name="machine" placeholder="machine" value=(v.machine);
+                input name="product" placeholder="product" value=(v.product);
+                input name="since" placeholder="since: 2w, 3mo or YYYY-MM-DD" value=(v.since);
+                select name="by" {
+                    @for (key, label) in ACTIVITY_GROUPS { option value=(key) selected[key == v.by] { (label) } }
+                }
+                input type="hidden" name="sort" value=(v.sort);
+                button.secondary type="submit" { "Show" }
             }
             span.muted { (rows.len()) " entries · page " (at) " of " (pages) }
-            @if at > 1 { a href=(link(at - 1, sort)) { "← newer" } }
-            @if at < pages { a href=(link(at + 1, sort)) { "older →" } }
+            @if at > 1 { a href=(v.href(|v| { v.page = at - 1; v.detail = None; })) { "← newer" } }
+            @if at < pages { a href=(v.href(|v| { v.page = at + 1; v.detail = None; })) { "older →" } }
             form.inline method="post" action="/activity/clear" {
                 (csrf_field(s.csrf()))
-                input type="hidden" name="machine" value=(machine);
-                button.secondary type="submit" { @if machine.is_empty() { "Clear all activity" } @else { "Clear this machine's activity" } }
+                input type="hidden" name="machine" value=(v.machine);
+                button.secondary type="submit" { @if v.machine.is_empty() { "Clear all activity" } @else { "Clear this machine's activity" } }
+            }
+        }
+        @if let Some((i, a)) = opened {
+            div.card #activity-detail {
+                div.toolbar {
+                    strong { "Entry " (i + 1) " of " (rows.len()) }
+                    @if i > 0 { a href=(v.href(|v| { v.detail = Some(i - 1); v.page = (i - 1) / PAGE_ROWS + 1; })) { "← previous" } }
+                    @if i + 1 < rows.len() { a href=(v.href(|v| { v.detail = Some(i + 1); v.page = (i + 1) / PAGE_ROWS + 1; })) { "next →" } }
+                    a href=(v.href(|v| v.detail = None)) { "close" }
+                }
+                dl.facts {
+                    dt { "Time" } dd { (when(a.at_unix_ms)) }
+                    dt { "Machine" } dd { @if a.machine.is_empty() { "the catalog" } @else { a href={"/machines/" (super::encode(&a.machine))} { (a.machine) } } }
+                    dt { "What" } dd { (kind_name(a.kind)) }
+                    dt { "Product" } dd { (a.product) }
+                    dt { "Version" } dd { (a.version) }
+                    dt { "Update" } dd { code { (a.update_id) } }
+                    dt { "Detail" } dd { pre.detail { (a.detail) } }
+                }
             }
         }
         table #activity {
             tr {
-                th { a href=(link(1, "time")) { "Time" } }
-                th { a href=(link(1, "machine")) { "Machine" } }
-                th { a href=(link(1, "kind")) { "What" } }
-                th { a href=(link(1, "product")) { "Product / release" } }
+                th { a href=(v.href(|v| { v.sort = "time".into(); v.page = 1; })) { "Time" } }
+                th { a href=(v.href(|v| { v.sort = "machine".into(); v.page = 1; })) { "Machine" } }
+                th { a href=(v.href(|v| { v.sort = "kind".into(); v.page = 1; })) { "What" } }
+                th { a href=(v.href(|v| { v.sort = "product".into(); v.page = 1; })) { "Product / release" } }
                 th { "Update" } th { "Detail" }
             }
-            @for a in shown {
+            @for (n, (i, a)) in shown.iter().enumerate() {
+                @let group = v.group_of(a);
+                @if !v.by.is_empty() && (n == 0 || v.group_of(shown[n - 1].1) != group) {
+                    tr.group { th colspan="6" { (group) } }
+                }
                 tr {
-                    td { (when(a.at_unix_ms)) }
+                    td { a href=(v.href(|v| { v.detail = Some(*i); v.page = at; })) { (when(a.at_unix_ms)) } }
                     td { @if !a.machine.is_empty() { a href={"/machines/" (super::encode(&a.machine))} { (a.machine) } } }
                     td { (kind_name(a.kind)) }
                     td { (a.product) " " (a.version) }
@@ -371,6 +465,17 @@ pub async fn machine(State(c): State<Arc<Console>>, s: Signed, Path(name): Path<
                     input name="version" placeholder="version (empty: clear)";
                     button type="submit" { "Pin" }
                 }
+                form.inline method="post" action={(base) "/role"} {
+                    (csrf_field(s.csrf()))
+                    label for="role" { "Role " }
+                    select #role name="role" {
+                        option value="" { "as its agent says" }
+                        @for r in [Role::Workstation, Role::Server, Role::Site] {
+                            option value=(r.as_str()) selected[r.as_str() == m.role] { (r.as_str()) }
+                        }
+                    }
+                    button type="submit" { "Set role" }
+                }
             }
             h2 { "Recent activity" }
             table {
@@ -425,6 +530,9 @@ pub async fn groups(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page 
                     label { input type="checkbox" name="early" checked[st.download_early]; " download early" }
                     button type="submit" { "Save" }
                 }
+                @if name != "default" {
+                    (one_field_form("/groups/remove", s.csrf(), ("name", &name), &format!("Remove group {name}")))
+                }
             }
         }
         h2 { "Deploy a product" }
@@ -462,6 +570,7 @@ pub async fn groups(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page 
 pub async fn updates(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
     let product = q.get("product").cloned().unwrap_or_default();
     let listing = c.ops.list_updates(ListUpdatesRequest { product: product.clone(), ..Default::default() }).await?;
+    let caps = c.ops.list_caps().await?.caps;
     let mut by_release: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, u) in listing.updates.iter().enumerate() {
         let release = if u.release_label.is_empty() { u.product.clone() } else { u.release_label.clone() };
@@ -477,6 +586,15 @@ pub async fn updates(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page
             }
             span.muted { (listing.updates.len()) " update(s)" }
         }
+        // Shown by the console's script, which sends the file with a progress bar.
+        form.inline.card #upload-form data-csrf=(s.csrf()) hidden {
+            label for="upload-file" { "Add a package " }
+            input #upload-file type="file" required;
+            button type="submit" { "Upload" }
+            progress #upload-progress value="0" max="1" hidden {}
+            span #upload-msg.muted {}
+        }
+        noscript { p.muted { "Uploading from the console needs JavaScript; or use " code { "admin-cli update add FILE" } "." } }
         form method="post" action="/updates/state" #updates-form {
             (csrf_field(s.csrf()))
             div.toolbar {
@@ -492,10 +610,16 @@ pub async fn updates(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page
                 button.secondary type="submit" formaction="/updates/delete" { "Delete" }
                 label.muted { input type="checkbox" name="force"; " even if machines keep it for rollback" }
             }
+            div.toolbar {
+                label for="related" { "Install alongside: " }
+                input #related name="related" placeholder="products, comma-separated";
+                button.secondary type="submit" formaction="/updates/related" { "Add related installs" }
+                button.secondary type="submit" formaction="/updates/related" name="remove" value="on" { "Remove (all when empty)" }
+            }
             @for (release, idx) in &by_release {
                 h2 { (release) }
                 table {
-                    tr { th {} th { "Update" } th { "Product" } th { "Version" } th { "Type" } th { "State" } th { "Priority" } th { "Size" } th { "Installed / applicable / offered" } th { "Notes" } }
+                    tr { th {} th { "Update" } th { "Product" } th { "Version" } th { "Type" } th { "State" } th { "Priority" } th { "Size" } th { "Installed / applicable / offered" } th { "Related" } th { "Notes" } }
                     @for i in idx {
                         @let u = &listing.updates[*i];
                         @let st = listing.statuses.get(*i).cloned().unwrap_or_default();
@@ -509,11 +633,40 @@ pub async fn updates(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page
                             td { @if u.high_priority { (badge("high")) } }
                             td { (bytes(u.size)) }
                             td { (st.installed_count) " / " (st.applicable_count) " / " (st.offered_count) }
+                            td { (u.related_installs.join(", ")) }
                             td { @for n in &st.notes { div.muted { (n) } } @if !st.held_by_cap.is_empty() { div { "held by cap " (st.held_by_cap) } } }
                         }
                     }
                 }
             }
+        }
+        h2 { "Product line caps" }
+        p.muted { "No machine is offered a version of a capped product line above its cap, or above the newest version a machine of the followed role runs (the ceiling)." }
+        table {
+            tr { th { "Product line" } th { "Cap" } th { "Follows role" } th { "Ceiling now" } th {} }
+            @for cap in &caps {
+                tr {
+                    td { (cap.product_line) } td { (cap.version) } td { (cap.follow_role) } td { (cap.ceiling) }
+                    td {
+                        form.inline method="post" action="/updates/caps" {
+                            (csrf_field(s.csrf()))
+                            input type="hidden" name="line" value=(cap.product_line);
+                            input type="hidden" name="uncap" value="on";
+                            button.secondary type="submit" { "Uncap" }
+                        }
+                    }
+                }
+            }
+        }
+        form.inline.card method="post" action="/updates/caps" {
+            (csrf_field(s.csrf()))
+            input name="line" placeholder="product line" required;
+            input name="version" placeholder="cap version (optional)";
+            select name="role" {
+                option value="" { "follows no role" }
+                @for r in [Role::Workstation, Role::Server, Role::Site] { option value=(r.as_str()) { "follows " (r.as_str()) } }
+            }
+            button type="submit" { "Cap" }
         }
     };
     done(page("Updates", "/updates", s.user(), s.csrf(), None, body))
