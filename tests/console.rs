@@ -153,6 +153,9 @@ async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
     b.find("#upload-file").await.send_keys(viewer.to_str().unwrap()).await.unwrap();
     b.find("#upload-form button").await.click().await.unwrap();
     b.wait_text("imported viewer").await;
+    b.client.goto(&format!("{base}/updates?state=remove")).await.unwrap();
+    b.wait_text("0 update(s)").await;
+    b.client.goto(&format!("{base}/updates")).await.unwrap();
     let updates = w.admin_json(&purl, &["update", "list", "--product", "viewer"]);
     let viewer_id = updates[0]["id"].as_str().unwrap().to_string();
     b.find(&format!("input[type=checkbox][value='{viewer_id}']")).await.click().await.unwrap();

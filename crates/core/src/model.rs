@@ -18,6 +18,9 @@ pub enum UpdateState {
 
 impl UpdateState {
     pub const ALL: &'static str = "pre-approval, ga, inactive, remove";
+    /// Every state, in the order of [`UpdateState::ALL`].
+    pub const VALUES: [UpdateState; 4] =
+        [UpdateState::PreApproval, UpdateState::Ga, UpdateState::Inactive, UpdateState::Remove];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -155,14 +155,7 @@ pub async fn group_edit(State(c): State<Arc<Console>>, Posted { signed: s, field
             let v = f.need(field)?.trim();
             v.parse().map_err(|_| bad(format!("{field} {v:?} is not a number")))
         };
-        let providers: Vec<String> = f
-            .get("providers")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(String::from)
-            .collect();
+        let providers = f.list("providers");
         let settings = GroupSettings {
             mode: mode.to_wire(),
             install_day: number("day")?,
@@ -295,14 +288,7 @@ pub async fn watch_remove(State(c): State<Arc<Console>>, Posted { signed: s, fie
 pub async fn update_related(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let remove = ticked(&f, "remove");
-        let products: Vec<String> = f
-            .get("related")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(String::from)
-            .collect();
+        let products = f.list("related");
         let req = RelatedInstallsRequest { ids: f.all("id"), products: products.clone(), remove };
         let n = req.ids.len();
         c.change(&s, Op::SetRelatedInstalls, async |ops, who| ops.set_related_installs(&who, req).await).await?;

@@ -274,6 +274,12 @@ impl Fields {
         self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
+    /// A comma-separated field as its items, trimmed, empty ones dropped.
+    pub fn list(&self, name: &str) -> Vec<String> {
+        let items = self.get(name).unwrap_or_default().split(',').map(str::trim);
+        items.filter(|p| !p.is_empty()).map(String::from).collect()
+    }
+
     pub fn all(&self, name: &str) -> Vec<String> {
         self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
     }

@@ -15,6 +15,7 @@ use updraft_proto::v1::{
 
 use super::layout::{badge, bytes, csrf_field, flash, page, when};
 use super::{Console, Query, Refusal, Signed};
+use crate::error::ProviderError;
 
 /// Seconds after which live pages reload.
 pub const LIVE_SECS: u32 = 10;
@@ -569,7 +570,11 @@ pub async fn groups(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page 
 
 pub async fn updates(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
     let product = q.get("product").cloned().unwrap_or_default();
-    let listing = c.ops.list_updates(ListUpdatesRequest { product: product.clone(), ..Default::default() }).await?;
+    let state = q.get("state").cloned().unwrap_or_default();
+    let wire_state =
+        if state.is_empty() { 0 } else { state.parse::<UpdateState>().map_err(ProviderError::from)?.to_wire() };
+    let req = ListUpdatesRequest { product: product.clone(), state: wire_state, ..Default::default() };
+    let listing = c.ops.list_updates(req).await?;
     let caps = c.ops.list_caps().await?.caps;
     let mut by_release: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, u) in listing.updates.iter().enumerate() {
@@ -582,6 +587,10 @@ pub async fn updates(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page
         div.toolbar {
             form.inline method="get" action="/updates" {
                 input name="product" placeholder="product" value=(product);
+                select name="state" aria-label="state" {
+                    option value="" { "any state" }
+                    @for st in UpdateState::VALUES.map(UpdateState::as_str) { option value=(st) selected[st == state] { (st) } }
+                }
                 button.secondary type="submit" { "Filter" }
             }
             span.muted { (listing.updates.len()) " update(s)" }
@@ -600,7 +609,7 @@ pub async fn updates(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page
             div.toolbar {
                 span { "Selected: " }
                 select name="state" {
-                    @for st in ["ga", "pre-approval", "inactive", "remove"] { option value=(st) { (st) } }
+                    @for st in UpdateState::VALUES.map(UpdateState::as_str) { option value=(st) { (st) } }
                 }
                 button type="submit" { "Set state" }
                 button.secondary type="submit" formaction="/updates/priority" name="high" value="true" { "Mark high priority" }
