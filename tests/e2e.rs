@@ -18,6 +18,7 @@ mod insiders;
 mod install;
 mod lifecycle;
 mod network;
+mod observability;
 mod security;
 mod sites;
 

@@ -935,8 +935,10 @@ impl Agent {
                     // Not a failure: someone asked to stop, or the application is in use; the
                     // next check tries again.
                     self.record(ActivityKind::InstallFailed, u, e.to_string()).await;
+                    count_install(u, "deferred");
                     return Err(e);
                 }
+                count_install(u, "failed");
                 let kind = if matches!(e, AgentError::Verify { .. }) {
                     ActivityKind::VerifyFailed
                 } else {
@@ -955,9 +957,11 @@ impl Agent {
                 tracing::error!(error = %e2, "could not settle a failed install; start-up recovery will");
             }
             self.record(ActivityKind::InstallFailed, u, e.to_string()).await;
+            count_install(u, "rolled back");
             return Err(e);
         }
         self.record(ActivityKind::Installed, u, format!("{} {} is live", u.product, u.version)).await;
+        count_install(u, "installed");
         Ok(())
     }
 
@@ -1697,6 +1701,19 @@ async fn push_loop(agent: Arc<Shared>, tx: mpsc::Sender<Queued>, shutdown: Cance
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
+}
+
+/// `updraft.installs` by outcome: installed; failed (the install stopped — a bad package, a
+/// hook or the health check — and, as every install guarantees, the previous version is what
+/// runs); rolled back (the new version was live but could not be committed, and the previous
+/// one is back); deferred (stopped, or the application in use; tried again later).
+fn count_install(u: &Update, outcome: &'static str) {
+    use updraft_runtime::metrics::KeyValue;
+    updraft_runtime::metrics::count(
+        "updraft.installs",
+        "Installs the agent finished, by outcome",
+        &[KeyValue::new("outcome", outcome), KeyValue::new("product", u.product.clone())],
+    );
 }
 
 #[cfg(test)]

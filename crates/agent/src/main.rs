@@ -311,9 +311,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             a.discovery_key.or(file.discovery_key),
         )?,
     };
+    cfg.transport.register_expiry_metric();
     let (probe, shutdown) = (updraft_runtime::Probe::new(), updraft_runtime::shutdown_on_signals());
     let probes = updraft_runtime::probe::ProbeArgs { metrics_listen: a.probes.metrics_listen.or(file.metrics_listen) };
-    probes.start("agent", &probe, &shutdown).await?;
+    probes.start("agent", &probe, telemetry.scrape(), &shutdown).await?;
     let result = updraft_agent::run(cfg, probe, shutdown).await;
     telemetry.shutdown().await;
     Ok(result?)

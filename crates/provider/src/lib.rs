@@ -20,6 +20,7 @@ pub mod health;
 pub mod hub;
 pub mod import;
 pub mod limits;
+pub mod metrics;
 pub mod ops;
 pub mod pair;
 pub mod policy;
@@ -275,9 +276,12 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A gRPC server with Updraft's limits, a span per RPC, and mutual TLS unless the transport
+/// A gRPC server with Updraft's limits, a span and an `rpc.server.duration` per RPC, and mutual TLS unless the transport
 /// is explicitly insecure.
-pub fn grpc_server(transport: &Transport) -> Result<tonic::transport::Server<tower_layer::Identity>> {
+pub fn grpc_server(
+    transport: &Transport,
+) -> Result<tonic::transport::Server<tower_layer::Stack<updraft_runtime::metrics::RpcServerLayer, tower_layer::Identity>>>
+{
     let server = tonic::transport::Server::builder();
     let server = match transport {
         Transport::Tls(c) => {
@@ -289,7 +293,8 @@ pub fn grpc_server(transport: &Transport) -> Result<tonic::transport::Server<tow
         .trace_fn(updraft_runtime::telemetry::server_span)
         .max_concurrent_streams(Some(1024))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10))))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(updraft_runtime::metrics::RpcServerLayer::default()))
 }
 
 fn io(e: std::io::Error) -> ProviderError {
@@ -503,11 +508,12 @@ async fn active(
                 .instrument(tracing::info_span!("pair_heartbeat", epoch)),
         );
     }
+    let ops = Arc::new(ops::Ops::new(shared.clone(), shared.config.scan));
+    metrics::register(&shared, &ops, epoch);
     if let Some(web) = web {
         let tls = web::tls_config(&shared.config.transport, &shared.config.name)?;
         let at = web.local_addr().map_err(io)?;
-        let ops = Arc::new(ops::Ops::new(shared.clone(), shared.config.scan));
-        let console = Arc::new(web::Console::new(ops, shared.config.web_idle, at));
+        let console = Arc::new(web::Console::new(ops.clone(), shared.config.web_idle, at));
         if !on_database {
             let record = pair::ConsoleRecord {
                 address: at,

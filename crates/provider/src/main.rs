@@ -252,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
     config.max_upload_bytes = args.max_upload_bytes;
     config.advertise = args.advertise;
     config.transport = args.tls.transport("provider")?;
+    config.transport.register_expiry_metric();
     config.bootstrap_admins = args.bootstrap_admins;
     if let Some(k) = &args.catalog_key {
         config.catalog_key = Some(std::sync::Arc::new(updraft_core::keys::ReleaseKey::load(k)?));
@@ -271,7 +272,7 @@ async fn main() -> anyhow::Result<()> {
     config.web_idle = Duration::from_secs(args.web_idle_mins * 60);
     let web = web_listener(args.no_web, args.web_listen, args.listen).await?;
     let (probe, shutdown) = (updraft_runtime::Probe::new(), updraft_runtime::shutdown_on_signals());
-    args.probes.start("provider", &probe, &shutdown).await?;
+    args.probes.start("provider", &probe, telemetry.scrape(), &shutdown).await?;
     let result = updraft_provider::run(config, listener, web, probe, shutdown).await;
     telemetry.shutdown().await;
     Ok(result?)

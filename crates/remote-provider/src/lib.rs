@@ -31,6 +31,7 @@ pub struct RemoteConfig {
 pub async fn run(cfg: RemoteConfig, listener: TcpListener, probe: Probe, shutdown: CancellationToken) -> Result<()> {
     let shared = Shared::open(cfg.provider.clone())?;
     let tier = Arc::new(SiteTier::new(shared.clone(), &cfg.upstream, probe.clone())?);
+    tier.register_metrics();
     let upstream = cfg.upstream.join(",");
     let addr = listener.local_addr().map_err(|e| ProviderError::Io(e.to_string()))?;
     tracing::info!(%addr, %upstream, site = %shared.config.name, seq = shared.store.catalog_seq()?, "remote provider listening");

@@ -36,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let data_dir = args.store.unwrap_or_else(|| updraft_runtime::default_data_dir("remote-provider"));
     let mut provider = updraft_provider::Config::new(args.name.unwrap_or_else(updraft_runtime::hostname), data_dir);
     provider.transport = args.tls.transport("remote-provider")?;
+    provider.transport.register_expiry_metric();
     args.limits.apply(&mut provider)?;
     let cfg = updraft_remote_provider::RemoteConfig { provider, upstream: args.upstream };
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -43,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     updraft_runtime::report_listening("remote-provider", listener.local_addr()?);
     let (probe, shutdown) = (updraft_runtime::Probe::new(), updraft_runtime::shutdown_on_signals());
-    args.probes.start("remote-provider", &probe, &shutdown).await?;
+    args.probes.start("remote-provider", &probe, telemetry.scrape(), &shutdown).await?;
     let result = updraft_remote_provider::run(cfg, listener, probe, shutdown).await;
     telemetry.shutdown().await;
     Ok(result?)

@@ -231,6 +231,60 @@ pub async fn prefetch_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
     }
 }
 
+/// One number of a site's [`SiteStats`].
+type ReadStat = fn(&SiteStats) -> u64;
+
+impl SiteTier {
+    /// The site's counters as metrics, read from it at each collection: WAN bytes (fetched
+    /// from the upstream), bytes served, cache hits and misses, whether the upstream is
+    /// connected, and the catalog version here (its lag is the centre's minus this).
+    pub fn register_metrics(self: &Arc<Self>) {
+        use updraft_runtime::metrics::KeyValue;
+        let meter = updraft_runtime::metrics::meter();
+        let counters: [(&str, &str, &'static str, ReadStat); 4] = [
+            ("updraft.site.wan", "By", "Bytes fetched from the upstream", |s| s.wan_bytes),
+            ("updraft.site.served", "By", "Bytes served to this site's agents and sites", |s| s.served_bytes),
+            ("updraft.site.cache.hits", "{download}", "Downloads served from content already here", |s| s.cache_hits),
+            ("updraft.site.cache.misses", "{download}", "Downloads that waited for an upstream fetch", |s| {
+                s.cache_misses
+            }),
+        ];
+        for (name, unit, description, read) in counters {
+            let site = Arc::downgrade(self);
+            meter
+                .u64_observable_counter(name)
+                .with_unit(unit)
+                .with_description(description)
+                .with_callback(move |o| {
+                    if let Some(site) = site.upgrade() {
+                        let s = site.status();
+                        o.observe(read(&s), &[KeyValue::new("site", s.site)]);
+                    }
+                })
+                .build();
+        }
+        let gauges: [(&'static str, &'static str, ReadStat); 2] = [
+            ("updraft.site.upstream.connected", "1 while the upstream answers, 0 while working alone", |s| {
+                u64::from(s.upstream_connected)
+            }),
+            ("updraft.catalog.seq", "The catalog version this server has", |s| s.catalog_seq),
+        ];
+        for (name, description, read) in gauges {
+            let site = Arc::downgrade(self);
+            meter
+                .u64_observable_gauge(name)
+                .with_description(description)
+                .with_callback(move |o| {
+                    if let Some(site) = site.upgrade() {
+                        let s = site.status();
+                        o.observe(read(&s), &[KeyValue::new("site", s.site)]);
+                    }
+                })
+                .build();
+        }
+    }
+}
+
 impl Tier for SiteTier {
     async fn ensure_blob(&self, content_hash: &str) -> Result<()> {
         if self.shared.blobs.has(content_hash) {

@@ -2,6 +2,7 @@
 //! and default data directories. Nothing domain-specific lives here.
 pub mod held;
 pub mod mdns;
+pub mod metrics;
 pub mod probe;
 pub mod telemetry;
 pub mod tls;

@@ -1,7 +1,7 @@
 //! What a server tells the infrastructure around it: systemd (ready, status, stopping, the
 //! watchdog) and, on the plain-HTTP probe port (`--metrics-listen`), load balancers and
 //! orchestrators — `/healthz` (the process answers) and `/readyz` (it should get traffic now,
-//! and if not, why).
+//! and if not, why) — and Prometheus, `/metrics`.
 //!
 //! One [`Probe`] per process is the single place its state is set; systemd and the probe port
 //! both read it, so they cannot disagree.
@@ -101,8 +101,9 @@ async fn feed_watchdog(every: Duration) {
 /// The probe port's flag, shared by every server.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ProbeArgs {
-    /// Plain-HTTP address for probes: `/healthz` and `/readyz` (off by default). Unencrypted
-    /// and unauthenticated: bind it to loopback or a management network.
+    /// Plain-HTTP address for probes and metrics: `/healthz`, `/readyz` and `/metrics`
+    /// (Prometheus text; off by default). Unencrypted and unauthenticated: bind it to loopback
+    /// or a management network.
     #[arg(long = "metrics-listen", env = "UPDRAFT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -110,7 +111,13 @@ pub struct ProbeArgs {
 impl ProbeArgs {
     /// Binds the probe port, when asked for, says where on standard output (`PROGRAM: probes
     /// on http://ADDR`: with port 0 the kernel picks it), and serves it until `shutdown`.
-    pub async fn start(&self, program: &str, probe: &Probe, shutdown: &CancellationToken) -> io::Result<()> {
+    pub async fn start(
+        &self,
+        program: &str,
+        probe: &Probe,
+        metrics: crate::metrics::Scrape,
+        shutdown: &CancellationToken,
+    ) -> io::Result<()> {
         let Some(addr) = self.metrics_listen else { return Ok(()) };
         let listener = TcpListener::bind(addr)
             .await
@@ -118,7 +125,7 @@ impl ProbeArgs {
         println!("{program}: probes on http://{}", listener.local_addr()?);
         let (probe, shutdown) = (probe.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve(listener, probe, shutdown).await {
+            if let Err(e) = serve(listener, probe, metrics, shutdown).await {
                 tracing::error!(error = %e, "probe port failed");
             }
         });
@@ -126,11 +133,27 @@ impl ProbeArgs {
     }
 }
 
-/// Serves `/healthz` and `/readyz` on `listener` until `shutdown`. `/readyz` answers 200 with
-/// the reason when ready, 503 with it when not; `/healthz` answers 200 while the process runs.
-pub async fn serve(listener: TcpListener, probe: Probe, shutdown: CancellationToken) -> io::Result<()> {
+/// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until `shutdown`. `/readyz`
+/// answers 200 with the reason when ready, 503 with it when not; `/healthz` answers 200 while
+/// the process runs; `/metrics` collects the process's metrics at each request.
+pub async fn serve(
+    listener: TcpListener,
+    probe: Probe,
+    metrics: crate::metrics::Scrape,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
     let ready = probe.clone();
     let router = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    let text = tokio::task::spawn_blocking(move || metrics.text()).await.unwrap_or_default();
+                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+                }
+            }),
+        )
         .route("/healthz", get(move || async move { format!("alive: {}\n", probe.state().why) }))
         .route(
             "/readyz",

@@ -1,6 +1,7 @@
 //! Tracing and OpenTelemetry: log output driven by `RUST_LOG`, OTLP span export when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific variable) is set, and W3C
-//! trace-context propagation across gRPC calls in both directions.
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific variable) is set, the meter provider
+//! (see `metrics`), one resource for both (service name, version, instance id, host name), and
+//! W3C trace-context propagation across gRPC calls in both directions.
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -16,13 +17,41 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[must_use = "call shutdown() before exit so buffered spans are exported"]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: opentelemetry_sdk::metrics::SdkMeterProvider,
+    scrape: crate::metrics::Scrape,
 }
 
-/// True when the standard OTLP variables ask for export.
+/// True when the standard OTLP variables ask for span export.
 pub fn otlp_requested() -> bool {
-    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+    any_set(&["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
+}
+
+/// True when the standard OTLP variables ask for metric export.
+pub fn otlp_metrics_requested() -> bool {
+    any_set(&["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"])
+}
+
+fn any_set(vars: &[&str]) -> bool {
+    vars.iter().any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+}
+
+/// What every span and metric of this process says about where it comes from: the service
+/// (`OTEL_SERVICE_NAME` wins over `service_name`), its version, this process, this host.
+fn resource(service_name: &'static str) -> opentelemetry_sdk::Resource {
+    use opentelemetry::KeyValue;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service_name);
+    }
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let instance = format!("{}-{}-{started}", crate::hostname(), std::process::id());
+    resource
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("service.instance.id", instance),
+            KeyValue::new("host.name", crate::hostname()),
+        ])
+        .build()
 }
 
 /// Installs the global subscriber. Must run inside a tokio runtime (the OTLP exporter spawns
@@ -34,15 +63,12 @@ pub fn init(service_name: &'static str) -> Telemetry {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
     let mut provider = None;
+    let resource = resource(service_name);
+    let (meters, scrape) = crate::metrics::provider(resource.clone(), otlp_metrics_requested());
     let otel_layer = if otlp_requested() {
         match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
             Ok(exporter) => {
-                let mut resource = opentelemetry_sdk::Resource::builder();
-                if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
-                    resource = resource.with_service_name(service_name);
-                }
-                let p =
-                    SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build();
+                let p = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
                 let tracer = p.tracer("updraft");
                 opentelemetry::global::set_tracer_provider(p.clone());
                 provider = Some(p);
@@ -58,20 +84,27 @@ pub fn init(service_name: &'static str) -> Telemetry {
     };
     // `try_init` so tests that start several components in one process do not panic.
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel_layer).try_init();
-    Telemetry { provider }
+    Telemetry { provider, meters, scrape }
 }
 
 impl Telemetry {
     /// Flushes and stops the exporter. The SDK blocks the calling thread, so this runs on the
     /// blocking pool rather than stalling a runtime worker.
     pub async fn shutdown(self) {
-        if let Some(p) = self.provider {
-            let _ = tokio::task::spawn_blocking(move || {
+        let (provider, meters) = (self.provider, self.meters);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(p) = provider {
                 let _ = p.force_flush();
                 let _ = p.shutdown();
-            })
-            .await;
-        }
+            }
+            let _ = meters.shutdown();
+        })
+        .await;
+    }
+
+    /// What the probe port's `/metrics` serves.
+    pub fn scrape(&self) -> crate::metrics::Scrape {
+        self.scrape.clone()
     }
 }
 

@@ -139,6 +139,42 @@ impl Credentials {
         (&self.cert, &self.key)
     }
 
+    /// Seconds until our certificate and our CA's expire, as the gauge
+    /// `updraft.tls.certificate.expiry` (`certificate` = `own` or `ca`), read at each
+    /// collection so the value counts down.
+    pub fn register_expiry_metric(&self) {
+        let not_after = |pem: &[u8]| -> Option<i64> {
+            let der = pem_der(pem)?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+            Some(cert.validity().not_after.timestamp())
+        };
+        let certs: Vec<(&'static str, i64)> = [("own", not_after(&self.cert)), ("ca", not_after(&self.ca))]
+            .into_iter()
+            .filter_map(|(which, at)| Some((which, at?)))
+            .collect();
+        let (name, role) = (self.me.name.clone(), self.me.role.as_str());
+        crate::metrics::meter()
+            .i64_observable_gauge("updraft.tls.certificate.expiry")
+            .with_unit("s")
+            .with_description("Seconds until the certificate expires (negative once it has)")
+            .with_callback(move |o| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                for (which, at) in &certs {
+                    o.observe(
+                        at - now,
+                        &[
+                            opentelemetry::KeyValue::new("certificate", *which),
+                            opentelemetry::KeyValue::new("name", name.clone()),
+                            opentelemetry::KeyValue::new("role", role),
+                        ],
+                    );
+                }
+            })
+            .build();
+    }
+
     /// Client side: trust only our CA; present our certificate.
     pub fn client_config(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
@@ -224,6 +260,14 @@ impl Transport {
             _ => Err(TlsError::Config(format!(
                 "{program}: --tls-ca, --tls-cert and --tls-key go together; one is missing"
             ))),
+        }
+    }
+
+    /// With TLS, exports the certificates' time to expiry (see
+    /// [`Credentials::register_expiry_metric`]).
+    pub fn register_expiry_metric(&self) {
+        if let Transport::Tls(c) = self {
+            c.register_expiry_metric();
         }
     }
 

@@ -410,6 +410,26 @@ impl Ops {
         Ok(ForgetMachineResponse { name, removed })
     }
 
+    /// Managed machines (sites excluded) by status, a silent one as `silent` whatever it last
+    /// said; every status present, with 0 when none has it.
+    pub fn machines_by_status(&self) -> Result<std::collections::BTreeMap<&'static str, u64>> {
+        let mut counts: std::collections::BTreeMap<&'static str, u64> =
+            [Health::Error, Health::NeedsAttention, Health::UpToDate].iter().map(|h| (h.as_str(), 0)).collect();
+        counts.insert("silent", 0);
+        for m in self.assessed()?.iter().filter(|m| !m.is_remote_provider) {
+            let status = if m.silent {
+                "silent"
+            } else {
+                match counts.keys().find(|k| **k == m.status) {
+                    Some(k) => *k,
+                    None => continue,
+                }
+            };
+            *counts.entry(status).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
     pub async fn report(&self, req: ReportRequest2) -> Result<FleetReport> {
         let mut groups: Vec<ReportGroup> = [Health::Error, Health::NeedsAttention, Health::UpToDate]
             .iter()

@@ -1,0 +1,60 @@
+//! The provider's own metrics, read from its state at each collection (see
+//! `updraft_runtime::metrics` for the exporters): machines by status, push subscribers, the
+//! catalog version, and the pair's epoch with whether this process is the active one.
+use std::sync::{Arc, Weak};
+
+use updraft_runtime::metrics::{KeyValue, meter};
+
+use crate::Shared;
+use crate::ops::Ops;
+
+/// Registers the active provider's gauges; `epoch` is the fencing epoch it took over with (0
+/// on a database, where every provider is active).
+pub fn register(shared: &Arc<Shared>, ops: &Arc<Ops>, epoch: u64) {
+    let m = meter();
+    let weak: Weak<Ops> = Arc::downgrade(ops);
+    m.u64_observable_gauge("updraft.machines")
+        .with_unit("{machine}")
+        .with_description("Managed machines by status (error, needs-attention, up-to-date, silent)")
+        .with_callback(move |o| {
+            let Some(ops) = weak.upgrade() else { return };
+            match ops.machines_by_status() {
+                Ok(counts) => {
+                    for (status, n) in counts {
+                        o.observe(n, &[KeyValue::new("status", status)]);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot count machines by status"),
+            }
+        })
+        .build();
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    m.u64_observable_gauge("updraft.push.subscribers")
+        .with_unit("{stream}")
+        .with_description("Agents and sites holding a push stream open to this server")
+        .with_callback(move |o| {
+            if let Some(s) = weak.upgrade() {
+                o.observe(s.hub.push_subscribers() as u64, &[]);
+            }
+        })
+        .build();
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    m.u64_observable_gauge("updraft.catalog.seq")
+        .with_description("The catalog version this server has")
+        .with_callback(move |o| {
+            if let Some(seq) = weak.upgrade().and_then(|s| s.known_seq().ok()) {
+                o.observe(seq, &[KeyValue::new("site", "")]);
+            }
+        })
+        .build();
+    let name = shared.config.name.clone();
+    m.u64_observable_gauge("updraft.pair.active")
+        .with_description("1 on the provider that holds the store (every provider of a database)")
+        .with_callback(move |o| o.observe(1, &[KeyValue::new("provider", name.clone())]))
+        .build();
+    let name = shared.config.name.clone();
+    m.u64_observable_gauge("updraft.pair.epoch")
+        .with_description("The fencing epoch the active provider took over with")
+        .with_callback(move |o| o.observe(epoch, &[KeyValue::new("provider", name.clone())]))
+        .build();
+}

@@ -1,0 +1,306 @@
+//! Metrics: one OpenTelemetry instrumentation, two exporters. Every instrument comes from
+//! [`meter`]; the process's meter provider (installed by `telemetry::init`) has a reader that
+//! the probe port's `/metrics` collects on each scrape ([`Scrape::text`], the Prometheus text
+//! exposition format) and, when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the metrics-specific
+//! variable) is set, a periodic OTLP exporter.
+//!
+//! Names follow the OpenTelemetry semantic conventions (`rpc.server.duration` in ms); in the
+//! Prometheus text they become `rpc_server_duration_milliseconds`, counters get `_total`, and
+//! the resource (service, version, instance, host) is the `target_info` series, as the
+//! OpenTelemetry-to-Prometheus compatibility rules have it.
+use std::fmt::Write as _;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+pub use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Histogram, Meter};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+use opentelemetry_sdk::metrics::reader::MetricReader;
+use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality};
+use tonic::codegen::http;
+
+/// The meter every Updraft instrument is made from.
+pub fn meter() -> Meter {
+    opentelemetry::global::meter("updraft")
+}
+
+/// Counts one event of `name` (a counter of the meter) with `attrs`. For rare events (installs,
+/// takeovers); a hot path keeps its instrument.
+pub fn count(name: &'static str, description: &'static str, attrs: &[KeyValue]) {
+    meter().u64_counter(name).with_description(description).build().add(1, attrs);
+}
+
+/// What `/metrics` collects from: the process's metrics, on demand.
+#[derive(Clone)]
+pub struct Scrape(Arc<ManualReader>);
+
+/// The reader the meter provider owns, sharing the one [`Scrape`] collects from.
+#[derive(Debug)]
+struct Shared(Arc<ManualReader>);
+
+impl MetricReader for Shared {
+    fn register_pipeline(&self, pipeline: Weak<Pipeline>) {
+        self.0.register_pipeline(pipeline)
+    }
+    fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.0.collect(rm)
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+    fn temporality(&self, kind: InstrumentKind) -> Temporality {
+        self.0.temporality(kind)
+    }
+}
+
+impl Scrape {
+    /// Everything measured so far, as Prometheus text.
+    pub fn text(&self) -> String {
+        let mut rm = ResourceMetrics::default();
+        if let Err(e) = self.0.collect(&mut rm) {
+            tracing::warn!(error = %e, "cannot collect metrics");
+        }
+        encode(&rm)
+    }
+}
+
+/// The process's meter provider: the scrape reader, plus OTLP export when asked for.
+pub(crate) fn provider(resource: Resource, otlp: bool) -> (SdkMeterProvider, Scrape) {
+    let reader = Arc::new(ManualReader::builder().build());
+    let mut builder = SdkMeterProvider::builder().with_resource(resource).with_reader(Shared(reader.clone()));
+    if otlp {
+        match opentelemetry_otlp::MetricExporter::builder().with_tonic().build() {
+            Ok(exporter) => builder = builder.with_periodic_exporter(exporter),
+            Err(e) => eprintln!("warning: OTLP metric exporter could not be built, metrics will not be pushed: {e}"),
+        }
+    }
+    let provider = builder.build();
+    opentelemetry::global::set_meter_provider(provider.clone());
+    (provider, Scrape(reader))
+}
+
+/// A Prometheus metric or label name: letters, digits and `_`, not starting with a digit.
+fn prom_name(s: &str) -> String {
+    let mut out: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+    if out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+/// The name suffix for a unit (UCUM, as OpenTelemetry writes them).
+fn unit_suffix(unit: &str) -> &'static str {
+    match unit {
+        "ms" => "_milliseconds",
+        "s" => "_seconds",
+        "By" => "_bytes",
+        _ => "",
+    }
+}
+
+fn labels(attrs: &[&KeyValue], extra: Option<(&str, String)>) -> String {
+    let mut parts: Vec<String> = attrs
+        .iter()
+        .map(|kv| format!("{}=\"{}\"", prom_name(kv.key.as_str()), escape(&kv.value.to_string())))
+        .collect();
+    if let Some((k, v)) = extra {
+        parts.push(format!("{k}=\"{v}\""));
+    }
+    if parts.is_empty() { String::new() } else { format!("{{{}}}", parts.join(",")) }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn number(v: f64) -> String {
+    if v.is_infinite() { if v > 0.0 { "+Inf".into() } else { "-Inf".into() } } else { format!("{v}") }
+}
+
+/// The Prometheus text exposition (format 0.0.4) of collected metrics.
+pub(crate) fn encode(rm: &ResourceMetrics) -> String {
+    let mut out = String::new();
+    let resource: Vec<KeyValue> = rm.resource().iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect();
+    let refs: Vec<&KeyValue> = resource.iter().collect();
+    out.push_str("# HELP target_info Target metadata\n# TYPE target_info gauge\n");
+    let _ = writeln!(out, "target_info{} 1", labels(&refs, None));
+    for scope in rm.scope_metrics() {
+        for m in scope.metrics() {
+            let base = format!("{}{}", prom_name(m.name()), unit_suffix(m.unit()));
+            match m.data() {
+                AggregatedMetrics::F64(d) => family(&mut out, &base, m.description(), d, |v| *v),
+                AggregatedMetrics::U64(d) => family(&mut out, &base, m.description(), d, |v| *v as f64),
+                AggregatedMetrics::I64(d) => family(&mut out, &base, m.description(), d, |v| *v as f64),
+            }
+        }
+    }
+    out
+}
+
+fn family<T: Copy>(out: &mut String, base: &str, help: &str, data: &MetricData<T>, f: impl Fn(&T) -> f64) {
+    let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+    match data {
+        MetricData::Sum(sum) => {
+            let (name, kind) =
+                if sum.is_monotonic() { (format!("{base}_total"), "counter") } else { (base.to_string(), "gauge") };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for p in sum.data_points() {
+                let attrs: Vec<&KeyValue> = p.attributes().collect();
+                let _ = writeln!(out, "{name}{} {}", labels(&attrs, None), number(f(&p.value())));
+            }
+        }
+        MetricData::Gauge(g) => {
+            let _ = writeln!(out, "# HELP {base} {help}\n# TYPE {base} gauge");
+            for p in g.data_points() {
+                let attrs: Vec<&KeyValue> = p.attributes().collect();
+                let _ = writeln!(out, "{base}{} {}", labels(&attrs, None), number(f(&p.value())));
+            }
+        }
+        MetricData::Histogram(h) => {
+            let _ = writeln!(out, "# HELP {base} {help}\n# TYPE {base} histogram");
+            for p in h.data_points() {
+                let attrs: Vec<&KeyValue> = p.attributes().collect();
+                let mut cumulative = 0;
+                for (bound, count) in p.bounds().chain([f64::INFINITY]).zip(p.bucket_counts()) {
+                    cumulative += count;
+                    let le = Some(("le", number(bound)));
+                    let _ = writeln!(out, "{base}_bucket{} {cumulative}", labels(&attrs, le));
+                }
+                let _ = writeln!(out, "{base}_sum{} {}", labels(&attrs, None), number(f(&p.sum())));
+                let _ = writeln!(out, "{base}_count{} {}", labels(&attrs, None), p.count());
+            }
+        }
+        MetricData::ExponentialHistogram(_) => {} // none are made here
+    }
+}
+
+/// `rpc.server.duration` for every call a tonic server answers, by service, method and gRPC
+/// status (the status of an answer that carries it in its headers — every failure does; an
+/// answer whose status comes in the trailers is counted as OK when its headers leave, which
+/// for a stream is when it starts).
+#[derive(Clone)]
+pub struct RpcServerLayer {
+    duration: Histogram<f64>,
+}
+
+impl Default for RpcServerLayer {
+    fn default() -> Self {
+        let duration = meter()
+            .f64_histogram("rpc.server.duration")
+            .with_unit("ms")
+            .with_description("Time to answer an incoming RPC (to its first byte for streams)")
+            .build();
+        Self { duration }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for RpcServerLayer {
+    type Service = RpcServer<S>;
+    fn layer(&self, inner: S) -> RpcServer<S> {
+        RpcServer { inner, duration: self.duration.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcServer<S> {
+    inner: S,
+    duration: Histogram<f64>,
+}
+
+/// `rpc.service` and `rpc.method` of a gRPC path (`/updraft.v1.AgentApi/Check`).
+pub fn rpc_names(path: &str) -> (String, String) {
+    let path = path.trim_start_matches('/');
+    match path.rsplit_once('/') {
+        Some((service, method)) => (service.rsplit('/').next().unwrap_or(service).to_string(), method.to_string()),
+        None => (path.to_string(), String::new()),
+    }
+}
+
+impl<S, B, RB> tonic::codegen::Service<http::Request<B>> for RpcServer<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let (service, method) = rpc_names(req.uri().path());
+        let started = Instant::now();
+        let duration = self.duration.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            let code = match &result {
+                Ok(resp) => {
+                    resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i64>().ok()).unwrap_or(0)
+                }
+                Err(_) => tonic::Code::Unknown as i64,
+            };
+            duration.record(
+                started.elapsed().as_secs_f64() * 1000.0,
+                &[
+                    KeyValue::new("rpc.system", "grpc"),
+                    KeyValue::new("rpc.service", service),
+                    KeyValue::new("rpc.method", method),
+                    KeyValue::new("rpc.grpc.status_code", code),
+                ],
+            );
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::metrics::MeterProvider as _;
+
+    #[test]
+    fn counters_gauges_and_histograms_in_prometheus_text() {
+        let reader = Arc::new(ManualReader::builder().build());
+        let resource = Resource::builder_empty().with_attribute(KeyValue::new("service.name", "t")).build();
+        let provider = SdkMeterProvider::builder().with_resource(resource).with_reader(Shared(reader.clone())).build();
+        let m = provider.meter("test");
+        m.u64_counter("updraft.checks").build().add(3, &[KeyValue::new("tier", "site")]);
+        m.u64_counter("updraft.wan").with_unit("By").build().add(10, &[]);
+        let h = m.f64_histogram("rpc.server.duration").with_unit("ms").with_boundaries(vec![1.0, 10.0]).build();
+        h.record(0.5, &[KeyValue::new("rpc.method", "Check")]);
+        h.record(5.0, &[KeyValue::new("rpc.method", "Check")]);
+        let text = Scrape(reader).text();
+        assert!(text.contains("target_info{service_name=\"t\"} 1"), "{text}");
+        assert!(text.contains("# TYPE updraft_checks_total counter\nupdraft_checks_total{tier=\"site\"} 3"), "{text}");
+        assert!(text.contains("updraft_wan_bytes_total 10"), "{text}");
+        for line in [
+            "rpc_server_duration_milliseconds_bucket{rpc_method=\"Check\",le=\"1\"} 1",
+            "rpc_server_duration_milliseconds_bucket{rpc_method=\"Check\",le=\"10\"} 2",
+            "rpc_server_duration_milliseconds_bucket{rpc_method=\"Check\",le=\"+Inf\"} 2",
+            "rpc_server_duration_milliseconds_sum{rpc_method=\"Check\"} 5.5",
+            "rpc_server_duration_milliseconds_count{rpc_method=\"Check\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn rpc_paths_name_service_and_method() {
+        assert_eq!(rpc_names("/updraft.v1.AgentApi/Check"), ("updraft.v1.AgentApi".into(), "Check".into()));
+        assert_eq!(
+            rpc_names("/updraft/updraft.v1.Admin/ListUpdates"),
+            ("updraft.v1.Admin".into(), "ListUpdates".into())
+        );
+    }
+}

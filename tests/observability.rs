@@ -1,0 +1,105 @@
+//! Metrics as an SRE reads them: a real Prometheus server (Debian's `prometheus`, which
+//! `.ci/run` installs) scrapes a provider, a site and an agent during an install, and PromQL
+//! through its HTTP API returns what happened.
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use updraft_tests::{World, free_port, http_get, wait_until};
+
+const T: Duration = Duration::from_secs(60);
+
+/// A Prometheus server on loopback scraping `targets` every second; killed when dropped.
+struct Prometheus {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn start(w: &World, targets: &[std::net::SocketAddr]) -> Prometheus {
+        let dir = w.path("prometheus");
+        std::fs::create_dir_all(&dir).unwrap();
+        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: updraft\n    \
+             static_configs:\n      - targets: [{}]\n",
+            list.join(", ")
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the prometheus server (Debian package `prometheus`; .ci/run installs it)");
+        let p = Prometheus { child, addr };
+        wait_until("prometheus ready", T, || http_get(addr, "/-/ready").is_ok_and(|(code, _)| code == 200));
+        p
+    }
+
+    /// The value of an instant PromQL query with one result, if it has one.
+    fn value(&self, query: &str) -> Option<f64> {
+        let encoded: String = query
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}")).ok()?;
+        if code != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        result.first()?["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Waits until `query` has the value `want`, and says what it was otherwise.
+    fn wait_for(&self, query: &str, want: f64) {
+        let mut last = None;
+        wait_until(&format!("{query} = {want}"), T, || {
+            last = self.value(query);
+            last == Some(want)
+        });
+        assert_eq!(last, Some(want), "{query}");
+    }
+}
+
+#[test]
+fn prometheus_scrapes_a_provider_a_site_and_an_agent_during_an_install() {
+    let w = World::new();
+    let (mut centre, curl) = w.provider("centre", true);
+    let (mut site, surl) = w.remote("branch", &curl);
+    let mut agent = w.agent_with("pc-1", &surl, &["--min-interval", "3600", "--metrics-listen", "127.0.0.1:0"]);
+    let targets = [centre.probe_addr(), site.probe_addr(), agent.probe_addr()];
+    let prom = Prometheus::start(&w, &targets);
+    prom.wait_for("count(up == 1)", 3.0);
+
+    let pkg = w.package("editor", "1.0.0.0", &w.key);
+    let size = std::fs::metadata(&pkg).unwrap().len() as f64;
+    let id = w.publish(&curl, &pkg);
+    w.admin_ok(&curl, &["update", "priority", &id, "high"]);
+    wait_until("pc-1 installs the update", T, || w.installed("pc-1", "editor").as_deref() == Some("1.0.0.0"));
+
+    // What Prometheus now knows, through PromQL.
+    prom.wait_for("sum(updraft_installs_total{outcome=\"installed\"})", 1.0);
+    prom.wait_for("sum(updraft_site_wan_bytes_total)", size);
+    prom.wait_for("updraft_machines{status=\"up-to-date\"}", 1.0);
+    prom.wait_for("sum(updraft_machines)", 1.0);
+    prom.wait_for("updraft_pair_active", 1.0);
+    // Checks answered (the site answers its agent's), by the RPC conventions' labels.
+    let checks = "rpc_server_duration_milliseconds_count{rpc_system=\"grpc\",rpc_service=\"updraft.v1.AgentApi\",\
+                  rpc_method=\"Check\",rpc_grpc_status_code=\"0\"}";
+    prom.wait_for(&format!("clamp_max(sum({checks}), 1)"), 1.0);
+    // Every program says how long its certificate and its CA have left (mutual TLS here).
+    prom.wait_for("count(updraft_tls_certificate_expiry_seconds{certificate=\"own\"} > 86400)", 3.0);
+    prom.wait_for("count(target_info{service_name=~\"updraft-.*\",host_name!=\"\",service_version!=\"\"})", 3.0);
+}
