@@ -11,6 +11,27 @@ pub struct SpanSeen {
     pub service: String,
     pub name: String,
     pub trace_id: Vec<u8>,
+    pub span_id: Vec<u8>,
+    pub parent_span_id: Vec<u8>,
+    /// `SPAN_KIND_SERVER`, `SPAN_KIND_CLIENT`, …
+    pub kind: String,
+    /// 0 unset, 1 ok, 2 error.
+    pub status: i32,
+    /// Its attributes, values as text.
+    pub attributes: std::collections::BTreeMap<String, String>,
+    /// Its resource's attributes, values as text.
+    pub resource: std::collections::BTreeMap<String, String>,
+}
+
+fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        _ => String::new(),
+    }
 }
 
 #[derive(Clone, Default)]
@@ -41,20 +62,25 @@ impl TraceService for Collector {
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let mut seen = self.spans.lock().unwrap();
         for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref())
-                .and_then(|v| match &v.value {
-                    Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
-                    _ => None,
-                })
-                .unwrap_or_default();
+            let resource: std::collections::BTreeMap<String, String> =
+                rs.resource.iter().flat_map(|r| &r.attributes).map(|kv| (kv.key.clone(), text(&kv.value))).collect();
+            let service = resource.get("service.name").cloned().unwrap_or_default();
             for ss in rs.scope_spans {
                 for s in ss.spans {
-                    seen.push(SpanSeen { service: service.clone(), name: s.name, trace_id: s.trace_id });
+                    let kind = opentelemetry_proto::tonic::trace::v1::span::SpanKind::try_from(s.kind)
+                        .map(|k| k.as_str_name().to_string())
+                        .unwrap_or_default();
+                    seen.push(SpanSeen {
+                        service: service.clone(),
+                        name: s.name,
+                        trace_id: s.trace_id,
+                        span_id: s.span_id,
+                        parent_span_id: s.parent_span_id,
+                        kind,
+                        status: s.status.map_or(0, |st| st.code),
+                        attributes: s.attributes.iter().map(|kv| (kv.key.clone(), text(&kv.value))).collect(),
+                        resource: resource.clone(),
+                    });
                 }
             }
         }

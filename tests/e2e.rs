@@ -346,8 +346,13 @@ fn acknowledged_admin_writes_survive_kill_9() {
     assert_eq!(u["version"], "3.1.0.7");
 }
 
+/// Traces by the OpenTelemetry conventions: one check is one trace agent → site → centre,
+/// each call a client span whose server span is its child, named `updraft.v1.AgentApi/Check`
+/// with the RPC attributes; a failed call has status Error; every span's resource names the
+/// service, its version, the instance and the host.
 #[test]
 fn one_check_is_one_trace_from_agent_through_site_to_centre() {
+    use updraft_tests::collector::SpanSeen;
     let collector = updraft_tests::collector::Collector::default();
     let endpoint = collector.spawn();
     let mut w = World::new();
@@ -358,34 +363,92 @@ fn one_check_is_one_trace_from_agent_through_site_to_centre() {
     w.wait_site_has(&rurl, &id);
     let _a = w.agent("t1", &rurl);
     wait_until("install", T, || w.installed("t1", "traced").is_some());
-    let joined = |spans: &[updraft_tests::collector::SpanSeen]| {
-        spans.iter().filter(|s| s.service == "updraft-agent" && s.name == "check").any(|check| {
-            let in_trace = |service: &str, name: &str| {
-                spans.iter().any(|s| s.trace_id == check.trace_id && s.service == service && s.name == name)
-            };
-            in_trace("updraft-remote-provider", "/updraft.v1.AgentApi/Check")
-                && in_trace("updraft-provider", "/updraft.v1.Replication/ForwardReports")
+    // A call the centre refuses: NOT_FOUND.
+    let out = w.admin(&purl, &["update", "show", "no-such-update-1.0.0.0-000000000000"]);
+    assert_eq!(out.status.code(), Some(4));
+
+    // client span (service, name) -> its server span's service, each the parent of the next
+    let child_of = |spans: &[SpanSeen], parent: &SpanSeen, service: &str, name: &str, kind: &str| -> Option<SpanSeen> {
+        spans
+            .iter()
+            .find(|s| {
+                s.trace_id == parent.trace_id
+                    && s.parent_span_id == parent.span_id
+                    && s.service == service
+                    && s.name == name
+                    && s.kind == kind
+            })
+            .cloned()
+    };
+    let joined = |spans: &[SpanSeen]| -> Option<Vec<SpanSeen>> {
+        spans.iter().filter(|s| s.service == "updraft-agent" && s.name == "check").find_map(|check| {
+            let call = spans.iter().find(|s| {
+                s.trace_id == check.trace_id
+                    && s.service == "updraft-agent"
+                    && s.name == "updraft.v1.AgentApi/Check"
+                    && s.kind == "SPAN_KIND_CLIENT"
+            })?;
+            let served =
+                child_of(spans, call, "updraft-remote-provider", "updraft.v1.AgentApi/Check", "SPAN_KIND_SERVER")?;
+            let forward = spans.iter().find(|s| {
+                s.trace_id == check.trace_id
+                    && s.service == "updraft-remote-provider"
+                    && s.name == "updraft.v1.Replication/ForwardReports"
+                    && s.kind == "SPAN_KIND_CLIENT"
+            })?;
+            let centre = child_of(
+                spans,
+                forward,
+                "updraft-provider",
+                "updraft.v1.Replication/ForwardReports",
+                "SPAN_KIND_SERVER",
+            )?;
+            Some(vec![call.clone(), served, forward.clone(), centre])
         })
     };
+    let refused = |spans: &[SpanSeen]| {
+        spans.iter().find(|s| s.service == "updraft-provider" && s.name == "updraft.v1.Admin/GetUpdate").cloned()
+    };
     let start = std::time::Instant::now();
-    while !joined(&collector.snapshot()) {
+    let (chain, refusal) = loop {
+        let spans = collector.snapshot();
+        if let (Some(chain), Some(refusal)) = (joined(&spans), refused(&spans)) {
+            break (chain, refusal);
+        }
         if start.elapsed() > T {
-            let seen: Vec<String> = collector
-                .snapshot()
+            let seen: Vec<String> = spans
                 .iter()
                 .map(|s| {
+                    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
                     format!(
-                        "{} {} {}",
+                        "{} {} {} {} parent {}",
                         s.service,
+                        s.kind,
                         s.name,
-                        s.trace_id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                        hex(&s.trace_id),
+                        hex(&s.parent_span_id)
                     )
                 })
                 .collect();
             panic!("no trace joins agent, site and centre; spans seen:\n{}", seen.join("\n"));
         }
         std::thread::sleep(Duration::from_millis(100));
+    };
+    for s in &chain {
+        let (service, method) = s.name.split_once('/').unwrap();
+        assert_eq!(s.attributes.get("rpc.system").map(String::as_str), Some("grpc"), "{s:?}");
+        assert_eq!(s.attributes.get("rpc.service").map(String::as_str), Some(service), "{s:?}");
+        assert_eq!(s.attributes.get("rpc.method").map(String::as_str), Some(method), "{s:?}");
+        assert_eq!(s.attributes.get("rpc.grpc.status_code").map(String::as_str), Some("0"), "{s:?}");
+        assert!(s.attributes.get("server.address").is_some_and(|a| !a.is_empty()), "{s:?}");
+        assert_ne!(s.status, 2, "{s:?}");
+        for key in ["service.name", "service.version", "service.instance.id", "host.name"] {
+            assert!(s.resource.get(key).is_some_and(|v| !v.is_empty()), "{key} missing: {s:?}");
+        }
     }
+    assert!(chain[1].attributes.get("network.peer.address").is_some_and(|a| a == "127.0.0.1"), "{:?}", chain[1]);
+    assert_eq!(refusal.attributes.get("rpc.grpc.status_code").map(String::as_str), Some("5"), "{refusal:?}");
+    assert_eq!(refusal.status, 2, "NOT_FOUND is an error: {refusal:?}");
 }
 
 #[test]

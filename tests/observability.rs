@@ -103,3 +103,28 @@ fn prometheus_scrapes_a_provider_a_site_and_an_agent_during_an_install() {
     prom.wait_for("count(updraft_tls_certificate_expiry_seconds{certificate=\"own\"} > 86400)", 3.0);
     prom.wait_for("count(target_info{service_name=~\"updraft-.*\",host_name!=\"\",service_version!=\"\"})", 3.0);
 }
+
+/// `UPDRAFT_LOG_FORMAT=json` (or `--log-format json`): every log line is one JSON object, and a
+/// line written while answering an RPC carries that call's trace and span ids.
+#[test]
+fn json_log_lines_carry_their_trace() {
+    let mut w = World::new();
+    w.env = vec![("UPDRAFT_LOG_FORMAT".into(), "json".into())];
+    let (p, purl) = w.provider("centre", true);
+    w.approve(&purl, &w.package("logged", "1.0.0.0", &w.key));
+    let mut imported = None;
+    wait_until("the import logged", T, || {
+        imported = p.log_text().lines().find(|l| l.contains("imported update")).map(str::to_string);
+        imported.is_some()
+    });
+    let line: serde_json::Value = serde_json::from_str(imported.as_deref().unwrap()).expect("a JSON log line");
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert_eq!(line["message"], "imported update", "{line}");
+    assert_eq!(line["span"], "rpc", "{line}");
+    assert_eq!(line["trace_id"].as_str().map(str::len), Some(32), "{line}");
+    assert_eq!(line["span_id"].as_str().map(str::len), Some(16), "{line}");
+    // Every line the provider logged is JSON (its stdout lines say where it listens).
+    for l in p.log_text().lines().filter(|l| !l.starts_with("provider: ")) {
+        serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+    }
+}

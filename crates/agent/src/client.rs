@@ -248,7 +248,7 @@ impl Providers {
             Ok(Ok(ch)) => {
                 // A provider behind a reverse proxy is reached under the URL's path.
                 let path = url.parse::<tonic::codegen::http::Uri>().map(|u| u.path().to_string()).unwrap_or_default();
-                Ok(AgentApiClient::new(updraft_runtime::traced_under(ch, &path))
+                Ok(AgentApiClient::new(updraft_runtime::traced_under(ch, &path).with_server(url))
                     .max_decoding_message_size(self.max_message_bytes))
             }
             Ok(Err(e)) => Err(updraft_runtime::tls::describe(&e)),

@@ -100,6 +100,8 @@ struct RunArgs {
     tls: updraft_runtime::tls::TlsArgs,
     #[command(flatten)]
     probes: updraft_runtime::probe::ProbeArgs,
+    #[command(flatten)]
+    logs: updraft_runtime::logs::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -253,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
-    let telemetry = updraft_runtime::telemetry::init("updraft-agent");
+    let telemetry = updraft_runtime::telemetry::init("updraft-agent", &a.logs);
     let file = match &a.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),

@@ -21,6 +21,8 @@ struct Args {
     tls: updraft_runtime::tls::TlsArgs,
     #[command(flatten)]
     probes: updraft_runtime::probe::ProbeArgs,
+    #[command(flatten)]
+    logs: updraft_runtime::logs::LogArgs,
     /// The store: a directory (the embedded sled store, with the blobs and the pair directory),
     /// or a PostgreSQL database, `postgres://USER@HOST[,HOST2…]/DB[?target_session_attrs=read-write]`,
     /// which every provider started on it shares, all of them active.
@@ -222,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Cmd::Store(cmd)) = args.cmd {
         return store_cmd(cmd).await;
     }
-    let telemetry = updraft_runtime::telemetry::init("updraft-provider");
+    let telemetry = updraft_runtime::telemetry::init("updraft-provider", &args.logs);
     // With a database, the provider's own directory is its content location.
     let (data_dir, database, content) = match args.store {
         Some(url) if is_database(&url) => {

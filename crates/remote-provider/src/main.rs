@@ -27,12 +27,14 @@ struct Args {
     tls: updraft_runtime::tls::TlsArgs,
     #[command(flatten)]
     probes: updraft_runtime::probe::ProbeArgs,
+    #[command(flatten)]
+    logs: updraft_runtime::logs::LogArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = updraft_runtime::telemetry::init("updraft-remote-provider");
+    let telemetry = updraft_runtime::telemetry::init("updraft-remote-provider", &args.logs);
     let data_dir = args.store.unwrap_or_else(|| updraft_runtime::default_data_dir("remote-provider"));
     let mut provider = updraft_provider::Config::new(args.name.unwrap_or_else(updraft_runtime::hostname), data_dir);
     provider.transport = args.tls.transport("remote-provider")?;

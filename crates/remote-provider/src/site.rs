@@ -80,11 +80,10 @@ impl SiteTier {
         // A lazy channel reconnects by itself when the upstream comes back; a balanced one
         // sends each request to a member that is up.
         let channel = match endpoints.len() {
-            1 => endpoints.remove(0).connect_lazy(),
-            _ => tonic::transport::Channel::balance_list(endpoints.into_iter()),
+            1 => updraft_runtime::traced(endpoints.remove(0).connect_lazy()).with_server(&upstreams[0]),
+            _ => updraft_runtime::traced(tonic::transport::Channel::balance_list(endpoints.into_iter())),
         };
-        let upstream = ReplicationClient::new(updraft_runtime::traced(channel))
-            .max_decoding_message_size(updraft_provider::MAX_MESSAGE_BYTES);
+        let upstream = ReplicationClient::new(channel).max_decoding_message_size(updraft_provider::MAX_MESSAGE_BYTES);
         Ok(Self {
             shared,
             upstream,

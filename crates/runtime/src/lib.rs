@@ -1,6 +1,7 @@
 //! Process glue shared by every Updraft binary: telemetry, shutdown on signals, the host name
 //! and default data directories. Nothing domain-specific lives here.
 pub mod held;
+pub mod logs;
 pub mod mdns;
 pub mod metrics;
 pub mod probe;

@@ -180,6 +180,31 @@ fn family<T: Copy>(out: &mut String, base: &str, help: &str, data: &MetricData<T
     }
 }
 
+/// The gRPC status an answer's headers carry (every failure does), else OK (an answer that
+/// succeeds carries it in its trailers).
+pub fn status_of(headers: &http::HeaderMap) -> i64 {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i64>().ok()).unwrap_or(0)
+}
+
+/// The attributes of an RPC measurement, by the OpenTelemetry RPC conventions.
+pub fn rpc_attributes(service: String, method: String, code: i64) -> [KeyValue; 4] {
+    [
+        KeyValue::new("rpc.system", "grpc"),
+        KeyValue::new("rpc.service", service),
+        KeyValue::new("rpc.method", method),
+        KeyValue::new("rpc.grpc.status_code", code),
+    ]
+}
+
+/// `rpc.client.duration`: time to the answer of an outgoing call (its first byte for streams).
+pub(crate) fn client_duration() -> Histogram<f64> {
+    meter()
+        .f64_histogram("rpc.client.duration")
+        .with_unit("ms")
+        .with_description("Time to the answer of an outgoing RPC (to its first byte for streams)")
+        .build()
+}
+
 /// `rpc.server.duration` for every call a tonic server answers, by service, method and gRPC
 /// status (the status of an answer that carries it in its headers — every failure does; an
 /// answer whose status comes in the trailers is counted as OK when its headers leave, which
@@ -245,20 +270,12 @@ where
         Box::pin(async move {
             let result = fut.await;
             let code = match &result {
-                Ok(resp) => {
-                    resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i64>().ok()).unwrap_or(0)
-                }
+                Ok(resp) => status_of(resp.headers()),
                 Err(_) => tonic::Code::Unknown as i64,
             };
-            duration.record(
-                started.elapsed().as_secs_f64() * 1000.0,
-                &[
-                    KeyValue::new("rpc.system", "grpc"),
-                    KeyValue::new("rpc.service", service),
-                    KeyValue::new("rpc.method", method),
-                    KeyValue::new("rpc.grpc.status_code", code),
-                ],
-            );
+            // Polled inside the call's span (tonic's `trace_fn`, `telemetry::server_span`).
+            crate::telemetry::record_status(&tracing::Span::current(), code);
+            duration.record(started.elapsed().as_secs_f64() * 1000.0, &rpc_attributes(service, method, code));
             result
         })
     }

@@ -7,7 +7,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tonic::codegen::http;
-use tracing::Span;
+use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -55,13 +55,18 @@ fn resource(service_name: &'static str) -> opentelemetry_sdk::Resource {
 }
 
 /// Installs the global subscriber. Must run inside a tokio runtime (the OTLP exporter spawns
-/// on it). Logs go to stderr so program output on stdout stays machine-readable.
-pub fn init(service_name: &'static str) -> Telemetry {
+/// on it). Logs go to stderr, as `logs` says, so program output on stdout stays
+/// machine-readable.
+pub fn init(service_name: &'static str, logs: &crate::logs::LogArgs) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: log files and journald should get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
+    let json = logs.format == crate::logs::LogFormat::Json;
+    let text = (!json)
+        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi));
+    let json_lines = json
+        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).event_format(crate::logs::JsonLines));
     let mut provider = None;
     let resource = resource(service_name);
     let (meters, scrape) = crate::metrics::provider(resource.clone(), otlp_metrics_requested());
@@ -79,11 +84,17 @@ pub fn init(service_name: &'static str) -> Telemetry {
                 None
             }
         }
+    } else if json {
+        // Spans get trace and span ids for the JSON lines, though none are exported.
+        let p = SdkTracerProvider::builder().with_resource(resource).build();
+        let tracer = p.tracer("updraft");
+        provider = Some(p);
+        Some(tracing_opentelemetry::layer().with_tracer(tracer))
     } else {
         None
     };
     // `try_init` so tests that start several components in one process do not panic.
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel_layer).try_init();
+    let _ = tracing_subscriber::registry().with(filter).with(text).with(json_lines).with(otel_layer).try_init();
     Telemetry { provider, meters, scrape }
 }
 
@@ -132,14 +143,61 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
-/// The span for one incoming RPC, a child of the caller's trace when the request carries a
-/// `traceparent`. Pass to `tonic::transport::Server::builder().trace_fn(..)`.
+/// The span for one incoming RPC, named and described by the OpenTelemetry RPC conventions
+/// (`updraft.v1.AgentApi/Check`; `rpc.system`, `rpc.service`, `rpc.method`, `server.address`,
+/// `network.peer.address`; `rpc.grpc.status_code` and, when not OK, status Error, recorded by
+/// `metrics::RpcServerLayer` once answered), a child of the caller's trace when the request
+/// carries a `traceparent`. Pass to `tonic::transport::Server::builder().trace_fn(..)`.
 pub fn server_span(req: &http::Request<()>) -> Span {
-    let path = req.uri().path();
-    let span = tracing::info_span!("rpc", otel.name = %path, otel.kind = "server", rpc.system = "grpc");
+    let (service, method) = crate::metrics::rpc_names(req.uri().path());
+    let peer =
+        req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|i| i.remote_addr()).or_else(
+            || {
+                req.extensions()
+                    .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+                    .and_then(|i| i.get_ref().remote_addr())
+            },
+        );
+    let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
+    let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
+    let (address, port) = split_host_port(&host);
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %format!("{service}/{method}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        server.address = %address,
+        server.port = port,
+        network.peer.address = %peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+    );
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
     let _ = span.set_parent(parent);
     span
+}
+
+/// `host:port` (or `[v6]:port`, or a bare host) as host and port (0 when none).
+fn split_host_port(s: &str) -> (String, u16) {
+    match s.rsplit_once(':') {
+        Some((h, p))
+            if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            (h.trim_start_matches('[').trim_end_matches(']').to_string(), p.parse().unwrap_or(0))
+        }
+        _ => (s.to_string(), 0),
+    }
+}
+
+/// Records an answered call's gRPC status on `span` (a server or client span made here):
+/// the code, and status Error unless it is OK.
+pub fn record_status(span: &Span, code: i64) {
+    span.record("rpc.grpc.status_code", code);
+    if code != 0 {
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 /// Client interceptor: puts the current span's context into the outgoing request.
@@ -171,6 +229,22 @@ impl Injector for HeaderInjector<'_> {
 pub struct TracedChannel {
     inner: tonic::transport::Channel,
     prefix: Option<std::sync::Arc<str>>,
+    duration: opentelemetry::metrics::Histogram<f64>,
+    /// The server's host and port, for the client spans' `server.address` / `server.port`.
+    server: Option<(std::sync::Arc<str>, u16)>,
+}
+
+impl TracedChannel {
+    /// Names the server this channel reaches (`https://host:port/...`) in its client spans.
+    pub fn with_server(mut self, url: &str) -> Self {
+        if let Ok(uri) = url.parse::<http::Uri>()
+            && let Some(host) = uri.host()
+        {
+            let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            self.server = Some((host.trim_start_matches('[').trim_end_matches(']').into(), port));
+        }
+        self
+    }
 }
 
 impl tonic::codegen::Service<http::Request<tonic::body::Body>> for TracedChannel {
@@ -183,14 +257,47 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for TracedChannel
     }
 
     fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
-        let cx = Span::current().context();
+        // A client span per call, child of the caller's, whose context the server continues.
+        let (service, method) = crate::metrics::rpc_names(req.uri().path());
+        let (address, port) = match &self.server {
+            Some((host, port)) => (host.to_string(), *port),
+            None => split_host_port(&req.uri().authority().map(|a| a.to_string()).unwrap_or_default()),
+        };
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %format!("{service}/{method}"),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            server.address = %address,
+            server.port = port,
+        );
+        let cx = span.context();
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut HeaderInjector(req.headers_mut()))
         });
         if let Some(prefix) = &self.prefix {
             *req.uri_mut() = prefixed(req.uri(), prefix);
         }
-        Box::pin(tonic::codegen::Service::call(&mut self.inner, req))
+        let fut = tonic::codegen::Service::call(&mut self.inner, req);
+        let duration = self.duration.clone();
+        let started = std::time::Instant::now();
+        Box::pin(async move {
+            let result = fut.instrument(span.clone()).await;
+            let code = match &result {
+                Ok(resp) => crate::metrics::status_of(resp.headers()),
+                Err(_) => tonic::Code::Unavailable as i64,
+            };
+            record_status(&span, code);
+            duration.record(
+                started.elapsed().as_secs_f64() * 1000.0,
+                &crate::metrics::rpc_attributes(service, method, code),
+            );
+            result
+        })
     }
 }
 
@@ -208,14 +315,15 @@ fn prefixed(uri: &http::Uri, prefix: &str) -> http::Uri {
 }
 
 pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
-    TracedChannel { inner: channel, prefix: None }
+    TracedChannel { inner: channel, prefix: None, duration: crate::metrics::client_duration(), server: None }
 }
 
 /// A traced channel to a provider whose URL has a path (behind a reverse proxy): every RPC's
 /// path is put under it. An empty path or `/` means none.
 pub fn traced_under(channel: tonic::transport::Channel, path: &str) -> TracedChannel {
     let path = path.trim_end_matches('/');
-    TracedChannel { inner: channel, prefix: (!path.is_empty()).then(|| path.into()) }
+    let prefix = (!path.is_empty()).then(|| path.into());
+    TracedChannel { inner: channel, prefix, duration: crate::metrics::client_duration(), server: None }
 }
 
 /// The current span's context as a W3C `traceparent` value (empty when not sampled or when no
