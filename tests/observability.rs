@@ -47,13 +47,18 @@ impl Prometheus {
         p
     }
 
-    /// The value of an instant PromQL query with one result, if it has one.
-    fn value(&self, query: &str) -> Option<f64> {
+    /// An instant PromQL query: the HTTP status and the answer.
+    fn query(&self, query: &str) -> (u16, String) {
         let encoded: String = query
             .bytes()
             .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
             .collect();
-        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}")).ok()?;
+        http_get(self.addr, &format!("/api/v1/query?query={encoded}")).unwrap_or((0, String::new()))
+    }
+
+    /// The value of an instant PromQL query with one result, if it has one.
+    fn value(&self, query: &str) -> Option<f64> {
+        let (code, body) = self.query(query);
         if code != 200 {
             return None;
         }
@@ -101,6 +106,18 @@ fn prometheus_scrapes_a_provider_a_site_and_an_agent_during_an_install() {
     prom.wait_for(&format!("clamp_max(sum({checks}), 1)"), 1.0);
     // Every program says how long its certificate and its CA have left (mutual TLS here).
     prom.wait_for("count(updraft_tls_certificate_expiry_seconds{certificate=\"own\"} > 86400)", 3.0);
+    // Every query of the Grafana dashboard in deploy/ is one Prometheus accepts, and the
+    // machines-by-status panel shows this fleet.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../deploy/grafana/updraft-fleet.json")).expect("the dashboard is JSON");
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let (code, body) = prom.query(expr);
+            assert!(code == 200 && body.contains("\"status\":\"success\""), "{}: {expr}: {body}", panel["title"]);
+        }
+    }
+    prom.wait_for("sum(sum by (status) (updraft_machines))", 1.0);
     prom.wait_for("count(target_info{service_name=~\"updraft-.*\",host_name!=\"\",service_version!=\"\"})", 3.0);
 }
 
