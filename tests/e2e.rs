@@ -449,6 +449,20 @@ fn one_check_is_one_trace_from_agent_through_site_to_centre() {
     assert!(chain[1].attributes.get("network.peer.address").is_some_and(|a| a == "127.0.0.1"), "{:?}", chain[1]);
     assert_eq!(refusal.attributes.get("rpc.grpc.status_code").map(String::as_str), Some("5"), "{refusal:?}");
     assert_eq!(refusal.status, 2, "NOT_FOUND is an error: {refusal:?}");
+    // A loop's work is not one trace that grows for ever: the site's report forwarder sends a
+    // heartbeat (an empty batch) every few seconds, each in a trace of its own.
+    let forwards = |spans: &[SpanSeen]| -> Vec<Vec<u8>> {
+        spans
+            .iter()
+            .filter(|s| s.service == "updraft-remote-provider" && s.name == "forward_reports")
+            .filter(|s| s.attributes.get("count").map(String::as_str) == Some("0"))
+            .map(|s| s.trace_id.clone())
+            .collect()
+    };
+    wait_until("two heartbeats traced", T, || forwards(&collector.snapshot()).len() >= 2);
+    let traces = forwards(&collector.snapshot());
+    let distinct: std::collections::BTreeSet<&Vec<u8>> = traces.iter().collect();
+    assert_eq!(distinct.len(), traces.len(), "heartbeats share a trace: {traces:?}");
 }
 
 #[test]

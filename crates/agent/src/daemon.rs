@@ -318,7 +318,7 @@ impl Agent {
     /// One full check: ask, act on each offer as the policy says, report. Removals are followed
     /// by another round so that a machine returns to the previous version in the same check.
     pub async fn check_once(&mut self, reason: Reason) -> Result<CheckReport> {
-        let span = tracing::info_span!("check", machine = %self.cfg.name, ?reason);
+        let span = tracing::info_span!(parent: None, "check", machine = %self.cfg.name, ?reason);
         // A cancel stops the check that runs when it is asked for, not a later one; a stop
         // (SIGTERM) cancels whatever runs from then on.
         let reset = |a: &Self| {
@@ -1423,16 +1423,17 @@ pub async fn run(cfg: AgentConfig, probe: updraft_runtime::Probe, shutdown: Canc
 
     tokio::spawn(
         control_loop(shared.clone(), listener, tx.clone(), shutdown.clone())
-            .instrument(tracing::info_span!("control_socket")),
+            .instrument(updraft_runtime::telemetry::task("control_socket", "")),
     );
     tokio::spawn(
-        push_loop(shared.clone(), tx.clone(), shutdown.clone()).instrument(tracing::info_span!("push_subscriber")),
+        push_loop(shared.clone(), tx.clone(), shutdown.clone())
+            .instrument(updraft_runtime::telemetry::task("push_subscriber", "")),
     );
     if let Some(key) = agent.cfg.discovery_key.clone() {
         let found = shared.providers.lock().await.discovered();
         tokio::spawn(
             browse_loop(key.clone(), found, tx.clone(), shutdown.clone())
-                .instrument(tracing::info_span!("mdns_browse", %key)),
+                .instrument(updraft_runtime::telemetry::task("mdns_browse", &key)),
         );
     }
 
@@ -1652,7 +1653,10 @@ async fn push_loop(agent: Arc<Shared>, tx: mpsc::Sender<Queued>, shutdown: Cance
         if let Ok((url, mut client)) = connected {
             let last_seen_seq = agent.saved.borrow().last_seen_seq;
             let req = SubscribeRequest { machine: agent.cfg.name.clone(), last_seen_seq };
-            if let Ok(Ok(resp)) = tokio::time::timeout(agent.cfg.request_timeout, client.subscribe(req)).await {
+            // Each subscription is a trace of its own (the loop runs for ever).
+            let span = tracing::info_span!(parent: None, "push_subscribe", provider = %url);
+            let subscribed = client.subscribe(req).instrument(span);
+            if let Ok(Ok(resp)) = tokio::time::timeout(agent.cfg.request_timeout, subscribed).await {
                 tracing::info!(provider = %url, "push stream open");
                 backoff = Duration::from_millis(500);
                 let mut stream = resp.into_inner();

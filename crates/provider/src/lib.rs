@@ -402,20 +402,20 @@ async fn standby(
                 tracing::error!(error = %e, "standby server failed");
             }
         }
-        .instrument(tracing::info_span!("standby_forwarder")),
+        .instrument(updraft_runtime::telemetry::task("standby_forwarder", "")),
     );
     if let Some(web) = web {
         let tls = web::tls_config(&config.transport, &config.name)?;
         let web = TcpListener::from_std(web).map_err(io)?;
         tokio::spawn(
             web::serve(web, tls.server, web::standby::router(pair.clone()), stop.clone())
-                .instrument(tracing::info_span!("standby_console")),
+                .instrument(updraft_runtime::telemetry::task("standby_console", "")),
         );
     }
     probe.started(false, "standby: forwarding to the active member");
     let me = Member::new(name, url, Role::Standby, 0);
     let mut last_beat = std::time::Instant::now() - pair::HEARTBEAT;
-    let span = tracing::info_span!("standby_watch");
+    let span = updraft_runtime::telemetry::task("standby_watch", "");
     loop {
         link.refresh();
         if last_beat.elapsed() >= pair::HEARTBEAT {
@@ -482,30 +482,34 @@ async fn active(
                 scanner::scan_loop(shared.clone(), scanner::ScanConfig { start_delay: delay, ..scan }, stop)
             }
         })
-        .instrument(tracing::info_span!("content_scanner")),
+        .instrument(updraft_runtime::telemetry::task("content_scanner", "")),
     );
     if on_database {
-        tokio::spawn(announce_loop(shared.clone(), fenced.clone()).instrument(tracing::info_span!("catalog_changes")));
+        tokio::spawn(
+            announce_loop(shared.clone(), fenced.clone())
+                .instrument(updraft_runtime::telemetry::task("catalog_changes", "")),
+        );
         tokio::spawn(
             content::member_loop(shared.clone(), url.to_string(), fenced.clone())
-                .instrument(tracing::info_span!("database_member")),
+                .instrument(updraft_runtime::telemetry::task("database_member", "")),
         );
     }
     tokio::spawn(
         scrub::scrub_loop(shared.clone(), shared.config.scrub_interval, fenced.clone())
-            .instrument(tracing::info_span!("blob_scrub")),
+            .instrument(updraft_runtime::telemetry::task("blob_scrub", "")),
     );
     tokio::spawn(
-        statement::statement_loop(shared.clone(), fenced.clone()).instrument(tracing::info_span!("catalog_statement")),
+        statement::statement_loop(shared.clone(), fenced.clone())
+            .instrument(updraft_runtime::telemetry::task("catalog_statement", "")),
     );
     tokio::spawn(
         announce::announce_loop(shared.clone(), "local", String::new(), addr, fenced.clone())
-            .instrument(tracing::info_span!("mdns_announce")),
+            .instrument(updraft_runtime::telemetry::task("mdns_announce", "")),
     );
     if !on_database {
         tokio::spawn(
             heartbeat_loop(shared.clone(), Member::new(&shared.config.name, url, Role::Active, epoch), fenced.clone())
-                .instrument(tracing::info_span!("pair_heartbeat", epoch)),
+                .instrument(updraft_runtime::telemetry::task("pair_heartbeat", format!("epoch {epoch}"))),
         );
     }
     let ops = Arc::new(ops::Ops::new(shared.clone(), shared.config.scan));
@@ -525,7 +529,7 @@ async fn active(
         }
         tokio::spawn(
             web::serve(web, tls.server, web::router(console), fenced.clone())
-                .instrument(tracing::info_span!("web_console")),
+                .instrument(updraft_runtime::telemetry::task("web_console", "")),
         );
         tracing::info!(address = %at, "web console served");
     }

@@ -39,21 +39,25 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, probe: Probe, shutdow
     // soon, then says ready after this, never before.
     probe.started(false, "catching up with the upstream catalog");
     tokio::spawn(
-        site::follow_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("catalog_follow", %upstream)),
+        site::follow_loop(tier.clone(), shutdown.clone())
+            .instrument(updraft_runtime::telemetry::task("catalog_follow", &upstream)),
     );
-    tokio::spawn(site::prefetch_loop(tier.clone(), shutdown.clone()).instrument(tracing::info_span!("prefetch")));
+    tokio::spawn(
+        site::prefetch_loop(tier.clone(), shutdown.clone())
+            .instrument(updraft_runtime::telemetry::task("prefetch", "")),
+    );
     tokio::spawn(
         updraft_provider::scrub::scrub_loop(shared.clone(), shared.config.scrub_interval, shutdown.clone())
-            .instrument(tracing::info_span!("blob_scrub")),
+            .instrument(updraft_runtime::telemetry::task("blob_scrub", "")),
     );
     tokio::spawn(
         site::forward_loop(tier.clone(), shutdown.clone())
-            .instrument(tracing::info_span!("report_forwarder", %upstream)),
+            .instrument(updraft_runtime::telemetry::task("report_forwarder", &upstream)),
     );
     let site = shared.config.name.clone();
     tokio::spawn(
         updraft_provider::announce::announce_loop(shared.clone(), "remote", site, addr, shutdown.clone())
-            .instrument(tracing::info_span!("mdns_announce")),
+            .instrument(updraft_runtime::telemetry::task("mdns_announce", "")),
     );
     // Sites keep no users: no admin API here (`site status` is on the replication API).
     updraft_provider::serve(shared, tier, false, listener, &probe, shutdown.cancelled()).await

@@ -219,7 +219,8 @@ pub async fn prefetch_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
         let mut failed = 0;
         for content_hash in wanted {
             let fetched =
-                tier.ensure_blob(&content_hash).instrument(tracing::info_span!("prefetch", %content_hash)).await;
+                // Each fetch is a trace of its own (the loop runs for ever).
+                tier.ensure_blob(&content_hash).instrument(tracing::info_span!(parent: None, "prefetch", %content_hash)).await;
             if let Err(e) = fetched {
                 failed += 1;
                 tracing::warn!(%content_hash, error = %e, "prefetch failed; will fetch on demand");
@@ -407,7 +408,9 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let after = tier.shared.store.catalog_seq().unwrap_or(0);
         let req = FollowRequest { after_seq: after, site: tier.shared.config.name.clone() };
-        match tier.upstream.clone().follow_catalog(req).await {
+        // Each connection is a trace of its own (the loop runs for ever).
+        let span = tracing::info_span!(parent: None, "follow_catalog", after);
+        match async { tier.upstream.clone().follow_catalog(req).await }.instrument(span).await {
             Ok(resp) => {
                 tier.set_connected(true);
                 let mut stream = resp.into_inner();
@@ -478,7 +481,8 @@ pub async fn forward_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                 _ => break,
             };
             first = false;
-            let span = tracing::info_span!("forward_reports", count = batch.len());
+            // Each batch is a trace of its own (the loop runs for ever), or joins its first entry's.
+            let span = tracing::info_span!(parent: None, "forward_reports", count = batch.len());
             // The batch joins the trace of its first entry, so one check can be followed
             // agent -> site -> centre.
             if let Some((_, r)) = batch.first() {

@@ -94,6 +94,13 @@ pub fn init(service_name: &'static str, logs: &crate::logs::LogArgs) -> Telemetr
         None
     };
     // `try_init` so tests that start several components in one process do not panic.
+    // Long-lived task spans stay out of traces (see `task`).
+    let otel_layer = otel_layer.map(|l| {
+        tracing_subscriber::Layer::with_filter(
+            l,
+            tracing_subscriber::filter::filter_fn(|m| !(m.is_span() && m.name() == "task")),
+        )
+    });
     let _ = tracing_subscriber::registry().with(filter).with(text).with(json_lines).with(otel_layer).try_init();
     Telemetry { provider, meters, scrape }
 }
@@ -141,6 +148,15 @@ impl Injector for MetadataInjector<'_> {
             self.0.insert(k, v);
         }
     }
+}
+
+/// The span of a long-lived task (a loop that runs as long as the process: a follower, a
+/// heartbeat, a scrubber), for its log lines: `task{task=NAME detail=…}`. It is never an
+/// OpenTelemetry span (`init` filters spans named `task` out of the exporter), so a loop's
+/// work is not one trace that grows for ever: each call or unit of work it starts is a trace
+/// of its own.
+pub fn task(name: &'static str, detail: impl std::fmt::Display) -> Span {
+    tracing::info_span!("task", task = name, detail = %detail)
 }
 
 /// The span for one incoming RPC, named and described by the OpenTelemetry RPC conventions
