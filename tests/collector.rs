@@ -49,6 +49,17 @@ impl Collector {
         )
     }
 
+    /// Serves over TLS with the certificate and key (PEM files) given; returns the
+    /// `https://localhost:PORT` endpoint.
+    pub fn spawn_tls(&self, cert: &std::path::Path, key: &std::path::Path) -> String {
+        let identity = tonic::transport::Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+        let mut server = tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .unwrap();
+        let addr = crate::serve_in_background(server.add_service(TraceServiceServer::new(self.clone())));
+        format!("https://localhost:{}", addr.rsplit(':').next().unwrap())
+    }
+
     pub fn snapshot(&self) -> Vec<SpanSeen> {
         self.spans.lock().unwrap().clone()
     }

@@ -145,3 +145,24 @@ fn json_log_lines_carry_their_trace() {
         serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
     }
 }
+
+/// An `https://` collector is reached over TLS, trusting the CA `OTEL_EXPORTER_OTLP_CERTIFICATE`
+/// names (the system's roots otherwise).
+#[test]
+fn spans_reach_an_https_collector_through_the_given_ca() {
+    let collector = updraft_tests::collector::Collector::default();
+    let mut w = World::new();
+    let tls: std::collections::HashMap<String, String> =
+        w.tls_env("otel-collector", "provider", &["localhost", "127.0.0.1"]).into_iter().collect();
+    let endpoint = collector.spawn_tls(tls["UPDRAFT_TLS_CERT"].as_ref(), tls["UPDRAFT_TLS_KEY"].as_ref());
+    w.env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE".into(), tls["UPDRAFT_TLS_CA"].clone()),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    let (_p, purl) = w.provider("centre", true);
+    w.admin_ok(&purl, &["group", "create", "lab"]);
+    wait_until("the provider's span of the change at the https collector", T, || {
+        collector.snapshot().iter().any(|s| s.service == "updraft-provider" && s.name == "updraft.v1.Admin/PutGroup")
+    });
+}

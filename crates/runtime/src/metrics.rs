@@ -75,7 +75,16 @@ pub(crate) fn provider(resource: Resource, otlp: bool) -> (SdkMeterProvider, Scr
     let reader = Arc::new(ManualReader::builder().build());
     let mut builder = SdkMeterProvider::builder().with_resource(resource).with_reader(Shared(reader.clone()));
     if otlp {
-        match opentelemetry_otlp::MetricExporter::builder().with_tonic().build() {
+        let exporter = crate::telemetry::otlp_tls("METRICS").and_then(|tls| {
+            use opentelemetry_otlp::WithTonicConfig as _;
+            let builder = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+            let builder = match tls {
+                Some(tls) => builder.with_tls_config(tls),
+                None => builder,
+            };
+            builder.build().map_err(|e| e.to_string())
+        });
+        match exporter {
             Ok(exporter) => builder = builder.with_periodic_exporter(exporter),
             Err(e) => eprintln!("warning: OTLP metric exporter could not be built, metrics will not be pushed: {e}"),
         }

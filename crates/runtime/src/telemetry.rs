@@ -31,6 +31,44 @@ pub fn otlp_metrics_requested() -> bool {
     any_set(&["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"])
 }
 
+/// TLS for an `https://` collector: the system's roots, and the CA in
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` (PEM) when given. `None` for a plain `http://` one.
+pub fn otlp_tls(signal: &str) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    let endpoint = std::env::var(format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+        .ok()
+        .filter(|e| !e.is_empty())
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .unwrap_or_default();
+    if !endpoint.starts_with("https://") {
+        return Ok(None);
+    }
+    let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+    let ca = std::env::var(format!("OTEL_EXPORTER_OTLP_{signal}_CERTIFICATE"))
+        .ok()
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_CERTIFICATE").ok())
+        .filter(|p| !p.is_empty());
+    if let Some(path) = ca {
+        let pem = std::fs::read(&path).map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE {path}: {e}"))?;
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    }
+    Ok(Some(tls))
+}
+
+/// The OTLP protocol asked for: only `grpc` is built in; anything else is said once, and gRPC
+/// is used.
+fn otlp_protocol_check() {
+    for var in
+        ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"]
+    {
+        if let Ok(p) = std::env::var(var)
+            && !p.is_empty()
+            && !p.eq_ignore_ascii_case("grpc")
+        {
+            eprintln!("warning: {var}={p}: this build exports OTLP over gRPC only; using grpc");
+        }
+    }
+}
+
 fn any_set(vars: &[&str]) -> bool {
     vars.iter().any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
 }
@@ -70,8 +108,20 @@ pub fn init(service_name: &'static str, logs: &crate::logs::LogArgs) -> Telemetr
     let mut provider = None;
     let resource = resource(service_name);
     let (meters, scrape) = crate::metrics::provider(resource.clone(), otlp_metrics_requested());
+    if otlp_requested() || otlp_metrics_requested() {
+        otlp_protocol_check();
+    }
     let otel_layer = if otlp_requested() {
-        match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
+        let exporter = otlp_tls("TRACES").and_then(|tls| {
+            use opentelemetry_otlp::WithTonicConfig as _;
+            let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            let builder = match tls {
+                Some(tls) => builder.with_tls_config(tls),
+                None => builder,
+            };
+            builder.build().map_err(|e| e.to_string())
+        });
+        match exporter {
             Ok(exporter) => {
                 let p = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
                 let tracer = p.tracer("updraft");
