@@ -97,6 +97,7 @@ fn prometheus_scrapes_a_provider_a_site_and_an_agent_during_an_install() {
     // What Prometheus now knows, through PromQL.
     prom.wait_for("sum(updraft_installs_total{outcome=\"installed\"})", 1.0);
     prom.wait_for("sum(updraft_site_wan_bytes_total)", size);
+    prom.wait_for("sum(updraft_download_bytes_total)", size);
     prom.wait_for("updraft_machines{status=\"up-to-date\"}", 1.0);
     prom.wait_for("sum(updraft_machines)", 1.0);
     prom.wait_for("updraft_pair_active", 1.0);

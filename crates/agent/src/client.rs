@@ -343,6 +343,11 @@ pub async fn download(
             Ok(Err(s)) => return Err(fail(s.message().to_string())),
             Err(_) => return Err(fail(format!("no answer within {idle:?}"))),
         };
+        let downloaded = updraft_runtime::metrics::meter()
+            .u64_counter("updraft.download")
+            .with_unit("By")
+            .with_description("Package bytes this agent downloaded")
+            .build();
         loop {
             let next = tokio::select! {
                 biased;
@@ -364,6 +369,7 @@ pub async fn download(
             hasher.update(&chunk.data);
             file.write_all(&chunk.data).await.map_err(|e| AgentError::io(&part, e))?;
             pos += chunk.data.len() as u64;
+            downloaded.add(chunk.data.len() as u64, &[]);
             // Whole chunks reach the file, so a crash re-fetches at most the one in flight.
             file.flush().await.map_err(|e| AgentError::io(&part, e))?;
             if pos < update.size {
