@@ -239,8 +239,18 @@ impl SiteTier {
     /// from the upstream), bytes served, cache hits and misses, whether the upstream is
     /// connected, and the catalog version here (its lag is the centre's minus this).
     pub fn register_metrics(self: &Arc<Self>) {
-        use updraft_runtime::metrics::KeyValue;
+        use updraft_runtime::metrics::{AsyncInstrument, KeyValue};
         let meter = updraft_runtime::metrics::meter();
+        // Reads one number of this site's status at each collection (none once it is gone).
+        let observe = |read: ReadStat| {
+            let site = Arc::downgrade(self);
+            move |o: &dyn AsyncInstrument<u64>| {
+                if let Some(site) = site.upgrade() {
+                    let s = site.status();
+                    o.observe(read(&s), &[KeyValue::new("site", s.site)]);
+                }
+            }
+        };
         let counters: [(&str, &str, &'static str, ReadStat); 4] = [
             ("updraft.site.wan", "By", "Bytes fetched from the upstream", |s| s.wan_bytes),
             ("updraft.site.served", "By", "Bytes served to this site's agents and sites", |s| s.served_bytes),
@@ -250,17 +260,11 @@ impl SiteTier {
             }),
         ];
         for (name, unit, description, read) in counters {
-            let site = Arc::downgrade(self);
             meter
                 .u64_observable_counter(name)
                 .with_unit(unit)
                 .with_description(description)
-                .with_callback(move |o| {
-                    if let Some(site) = site.upgrade() {
-                        let s = site.status();
-                        o.observe(read(&s), &[KeyValue::new("site", s.site)]);
-                    }
-                })
+                .with_callback(observe(read))
                 .build();
         }
         let gauges: [(&'static str, &'static str, ReadStat); 2] = [
@@ -270,17 +274,7 @@ impl SiteTier {
             ("updraft.catalog.seq", "The catalog version this server has", |s| s.catalog_seq),
         ];
         for (name, description, read) in gauges {
-            let site = Arc::downgrade(self);
-            meter
-                .u64_observable_gauge(name)
-                .with_description(description)
-                .with_callback(move |o| {
-                    if let Some(site) = site.upgrade() {
-                        let s = site.status();
-                        o.observe(read(&s), &[KeyValue::new("site", s.site)]);
-                    }
-                })
-                .build();
+            meter.u64_observable_gauge(name).with_description(description).with_callback(observe(read)).build();
         }
     }
 }

@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 pub use opentelemetry::KeyValue;
+pub use opentelemetry::metrics::AsyncInstrument;
 use opentelemetry::metrics::{Histogram, Meter};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -75,15 +76,9 @@ pub(crate) fn provider(resource: Resource, otlp: bool) -> (SdkMeterProvider, Scr
     let reader = Arc::new(ManualReader::builder().build());
     let mut builder = SdkMeterProvider::builder().with_resource(resource).with_reader(Shared(reader.clone()));
     if otlp {
-        let exporter = crate::telemetry::otlp_tls("METRICS").and_then(|tls| {
-            use opentelemetry_otlp::WithTonicConfig as _;
-            let builder = opentelemetry_otlp::MetricExporter::builder().with_tonic();
-            let builder = match tls {
-                Some(tls) => builder.with_tls_config(tls),
-                None => builder,
-            };
-            builder.build().map_err(|e| e.to_string())
-        });
+        let exporter =
+            crate::telemetry::with_otlp_tls(opentelemetry_otlp::MetricExporter::builder().with_tonic(), "METRICS")
+                .and_then(|b| b.build().map_err(|e| e.to_string()));
         match exporter {
             Ok(exporter) => builder = builder.with_periodic_exporter(exporter),
             Err(e) => eprintln!("warning: OTLP metric exporter could not be built, metrics will not be pushed: {e}"),

@@ -54,6 +54,14 @@ pub fn otlp_tls(signal: &str) -> Result<Option<tonic::transport::ClientTlsConfig
     Ok(Some(tls))
 }
 
+/// `builder` with TLS for an `https://` collector of `signal` (`TRACES`, `METRICS`).
+pub(crate) fn with_otlp_tls<B: opentelemetry_otlp::WithTonicConfig>(builder: B, signal: &str) -> Result<B, String> {
+    Ok(match otlp_tls(signal)? {
+        Some(tls) => builder.with_tls_config(tls),
+        None => builder,
+    })
+}
+
 /// The OTLP protocol asked for: only `grpc` is built in; anything else is said once, and gRPC
 /// is used.
 fn otlp_protocol_check() {
@@ -112,15 +120,8 @@ pub fn init(service_name: &'static str, logs: &crate::logs::LogArgs) -> Telemetr
         otlp_protocol_check();
     }
     let otel_layer = if otlp_requested() {
-        let exporter = otlp_tls("TRACES").and_then(|tls| {
-            use opentelemetry_otlp::WithTonicConfig as _;
-            let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-            let builder = match tls {
-                Some(tls) => builder.with_tls_config(tls),
-                None => builder,
-            };
-            builder.build().map_err(|e| e.to_string())
-        });
+        let exporter = with_otlp_tls(opentelemetry_otlp::SpanExporter::builder().with_tonic(), "TRACES")
+            .and_then(|b| b.build().map_err(|e| e.to_string()));
         match exporter {
             Ok(exporter) => {
                 let p = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
@@ -227,10 +228,22 @@ pub fn server_span(req: &http::Request<()>) -> Span {
     let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
     let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
     let (address, port) = split_host_port(&host);
-    let span = tracing::info_span!(
+    let span = rpc_span("server", &service, &method, &address, port);
+    if let Some(peer) = peer {
+        span.record("network.peer.address", peer.ip().to_string());
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// A span for one RPC (`kind` is `server` or `client`), by the OpenTelemetry RPC conventions;
+/// its status and peer address are recorded later.
+fn rpc_span(kind: &'static str, service: &str, method: &str, address: &str, port: u16) -> Span {
+    tracing::info_span!(
         "rpc",
         otel.name = %format!("{service}/{method}"),
-        otel.kind = "server",
+        otel.kind = kind,
         otel.status_code = tracing::field::Empty,
         rpc.system = "grpc",
         rpc.service = %service,
@@ -238,11 +251,8 @@ pub fn server_span(req: &http::Request<()>) -> Span {
         rpc.grpc.status_code = tracing::field::Empty,
         server.address = %address,
         server.port = port,
-        network.peer.address = %peer.map(|p| p.ip().to_string()).unwrap_or_default(),
-    );
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
-    let _ = span.set_parent(parent);
-    span
+        network.peer.address = tracing::field::Empty,
+    )
 }
 
 /// `host:port` (or `[v6]:port`, or a bare host) as host and port (0 when none).
@@ -329,18 +339,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for TracedChannel
             Some((host, port)) => (host.to_string(), *port),
             None => split_host_port(&req.uri().authority().map(|a| a.to_string()).unwrap_or_default()),
         };
-        let span = tracing::info_span!(
-            "rpc",
-            otel.name = %format!("{service}/{method}"),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
-            rpc.grpc.status_code = tracing::field::Empty,
-            server.address = %address,
-            server.port = port,
-        );
+        let span = rpc_span("client", &service, &method, &address, port);
         let cx = span.context();
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut HeaderInjector(req.headers_mut()))
