@@ -152,6 +152,12 @@ pub fn claimed_version(body: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Statement>(body).ok().map(|s| s.version)
 }
 
+/// When a statement says it expires (ms since the epoch), unverified: for the metrics of a
+/// server that holds it.
+pub fn claimed_expiry(body: &[u8]) -> Option<i64> {
+    serde_json::from_slice::<Statement>(body).ok().map(|s| s.expires_unix_ms)
+}
+
 /// Checks a statement: signed by one of `keys`, not older than `seen_version`, not expired at
 /// `now_ms`. Returns it parsed.
 pub fn verify(keys: &[PublicKey], body: &[u8], signature: &[u8], seen_version: u64, now_ms: i64) -> Result<Statement> {

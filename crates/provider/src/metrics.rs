@@ -47,6 +47,7 @@ pub fn register(shared: &Arc<Shared>, ops: &Arc<Ops>, epoch: u64) {
             }
         })
         .build();
+    statement_expiry(shared);
     let name = shared.config.name.clone();
     m.u64_observable_gauge("updraft.pair.active")
         .with_description("1 on the provider that holds the store (every provider of a database)")
@@ -56,5 +57,24 @@ pub fn register(shared: &Arc<Shared>, ops: &Arc<Ops>, epoch: u64) {
     m.u64_observable_gauge("updraft.pair.epoch")
         .with_description("The fencing epoch the active provider took over with")
         .with_callback(move |o| o.observe(epoch, &[KeyValue::new("provider", name.clone())]))
+        .build();
+}
+
+/// `updraft.catalog.statement.expiry`: seconds until the signed catalog statement this server
+/// holds expires (agents then refuse its answers); the centre re-signs before half its life, so
+/// a falling value means it stopped. Registered by the centre and by sites.
+pub fn statement_expiry(shared: &Arc<Shared>) {
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    meter()
+        .i64_observable_gauge("updraft.catalog.statement.expiry")
+        .with_unit("s")
+        .with_description("Seconds until the signed catalog statement held here expires")
+        .with_callback(move |o| {
+            let Some(shared) = weak.upgrade() else { return };
+            let held = shared.store.statement().ok().flatten();
+            if let Some(expires) = held.and_then(|st| updraft_core::freshness::claimed_expiry(&st.body)) {
+                o.observe((expires - crate::now_ms()) / 1000, &[KeyValue::new("server", shared.config.name.clone())]);
+            }
+        })
         .build();
 }
