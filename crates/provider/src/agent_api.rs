@@ -18,6 +18,7 @@ use updraft_proto::v1::{
     ActivityKind, BlobRequest, CheckRequest, CheckResponse, Chunk, ForwardedReport, PushEvent, PushKind, ReportRequest,
     ReportResponse, SiteStats, SubscribeRequest,
 };
+use updraft_runtime::metrics::{Histogram, KeyValue};
 
 use crate::auth::Caller;
 use crate::catalog::validate_machine_name;
@@ -123,11 +124,18 @@ pub struct AgentService<T: Tier> {
     tier: Arc<T>,
     subscribers: Arc<AtomicUsize>,
     streams: Arc<PushStreams>,
+    /// `updraft.push.fan_out`: from a change's publication to its event handed to a stream.
+    fan_out: Histogram<f64>,
 }
 
 impl<T: Tier> AgentService<T> {
     pub fn new(shared: Arc<Shared>, tier: Arc<T>) -> Self {
-        Self { shared, tier, subscribers: Arc::new(AtomicUsize::new(0)), streams: Default::default() }
+        let fan_out = updraft_runtime::metrics::meter()
+            .f64_histogram("updraft.push.fan_out")
+            .with_unit("ms")
+            .with_description("Time from a catalog change's publication to its push event handed to each stream")
+            .build();
+        Self { shared, tier, subscribers: Arc::new(AtomicUsize::new(0)), streams: Default::default(), fan_out }
     }
 }
 
@@ -455,6 +463,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
         };
         let (tx, out) = mpsc::channel(16);
         let first = hello(&shared);
+        let fan_out = self.fan_out.clone();
         let (streams, machine) = (self.streams.clone(), req.machine.clone());
         let (generation, superseded) = streams.open(&machine);
         let mut reachable = self.shared.database_ok.subscribe();
@@ -481,13 +490,18 @@ impl<T: Tier> AgentApi for AgentService<T> {
                             break;
                         }
                         ev = rx.recv() => {
-                            let ev = match ev {
-                                Ok(ev) => ev,
+                            let (ev, published) = match ev {
+                                Ok(p) => (p.event, Some(p.at)),
                                 // Fell behind: a fresh hello makes the agent check, so nothing is missed.
-                                Err(broadcast::error::RecvError::Lagged(_)) => hello(&shared),
+                                Err(broadcast::error::RecvError::Lagged(_)) => (hello(&shared), None),
                                 Err(broadcast::error::RecvError::Closed) => break,
                             };
+                            let kind = PushKind::try_from(ev.kind).unwrap_or(PushKind::Unspecified);
                             if tx.send(Ok(ev)).await.is_err() { break; }
+                            if let Some(at) = published {
+                                let kind = KeyValue::new("kind", kind.as_str_name().trim_start_matches("PUSH_KIND_").to_lowercase());
+                                fan_out.record(at.elapsed().as_secs_f64() * 1000.0, &[kind]);
+                            }
                         }
                         _ = tx.closed() => break,
                     }

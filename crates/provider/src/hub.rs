@@ -12,7 +12,14 @@ const CAPACITY: usize = 4096;
 #[derive(Clone)]
 pub struct Hub {
     catalog: broadcast::Sender<Change>,
-    push: broadcast::Sender<PushEvent>,
+    push: broadcast::Sender<Published>,
+}
+
+/// A push event and when it was published, so each stream can measure its fan-out delay.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub event: PushEvent,
+    pub at: std::time::Instant,
 }
 
 impl Default for Hub {
@@ -40,14 +47,14 @@ impl Hub {
             ev.product = u.product.clone();
         }
         let _ = self.catalog.send(change);
-        let _ = self.push.send(ev);
+        let _ = self.push.send(Published { event: ev, at: std::time::Instant::now() });
     }
 
     pub fn follow_catalog(&self) -> broadcast::Receiver<Change> {
         self.catalog.subscribe()
     }
 
-    pub fn subscribe_push(&self) -> broadcast::Receiver<PushEvent> {
+    pub fn subscribe_push(&self) -> broadcast::Receiver<Published> {
         self.push.subscribe()
     }
 

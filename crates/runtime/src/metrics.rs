@@ -14,8 +14,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 pub use opentelemetry::KeyValue;
-pub use opentelemetry::metrics::AsyncInstrument;
-use opentelemetry::metrics::{Histogram, Meter};
+use opentelemetry::metrics::Meter;
+pub use opentelemetry::metrics::{AsyncInstrument, Histogram};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
