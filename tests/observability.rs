@@ -98,6 +98,8 @@ fn prometheus_scrapes_a_provider_a_site_and_an_agent_during_an_install() {
     prom.wait_for("sum(updraft_installs_total{outcome=\"installed\"})", 1.0);
     prom.wait_for("sum(updraft_site_wan_bytes_total)", size);
     prom.wait_for("sum(updraft_download_bytes_total)", size);
+    // The centre sent the package once (to the site), the site once (to the agent).
+    prom.wait_for("sum(updraft_served_bytes_total)", 2.0 * size);
     prom.wait_for("updraft_machines{status=\"up-to-date\"}", 1.0);
     prom.wait_for("sum(updraft_machines)", 1.0);
     prom.wait_for("updraft_pair_active", 1.0);

@@ -190,6 +190,11 @@ pub async fn stream_blob(
     file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| ProviderError::Io(e.to_string()))?;
     // Two chunks read ahead: enough to keep the connection busy, little memory per stream.
     let (tx, rx) = mpsc::channel(2);
+    let served = updraft_runtime::metrics::meter()
+        .u64_counter("updraft.served")
+        .with_unit("By")
+        .with_description("Package bytes this server sent to agents and sites")
+        .build();
     tokio::spawn(
         async move {
             let _slot = slot;
@@ -220,6 +225,7 @@ pub async fn stream_blob(
                 if tx.send(Ok(Chunk { offset: pos, data, total_size: total })).await.is_err() {
                     break; // the receiver went away
                 }
+                served.add(n, &[]);
                 pos += n;
             }
         }
