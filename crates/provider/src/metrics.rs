@@ -1,6 +1,7 @@
 //! The provider's own metrics, read from its state at each collection (see
 //! `updraft_runtime::metrics` for the exporters): machines by status, push subscribers, the
-//! catalog version, and the pair's epoch with whether this process is the active one.
+//! catalog version, the pair's epoch with whether this process is the active one, the held
+//! catalog statement's time to expiry and the store's size.
 use std::sync::{Arc, Weak};
 
 use updraft_runtime::metrics::{KeyValue, meter};
@@ -48,6 +49,7 @@ pub fn register(shared: &Arc<Shared>, ops: &Arc<Ops>, epoch: u64) {
         })
         .build();
     statement_expiry(shared);
+    store_size(shared);
     let name = shared.config.name.clone();
     m.u64_observable_gauge("updraft.pair.active")
         .with_description("1 on the provider that holds the store (every provider of a database)")
@@ -74,6 +76,24 @@ pub fn statement_expiry(shared: &Arc<Shared>) {
             let held = shared.store.statement().ok().flatten();
             if let Some(expires) = held.and_then(|st| updraft_core::freshness::claimed_expiry(&st.body)) {
                 o.observe((expires - crate::now_ms()) / 1000, &[KeyValue::new("server", shared.config.name.clone())]);
+            }
+        })
+        .build();
+}
+
+/// `updraft.store.size`: bytes the store takes (its files, or its tables on a database).
+/// Registered by the centre and by sites.
+pub fn store_size(shared: &Arc<Shared>) {
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    meter()
+        .u64_observable_gauge("updraft.store.size")
+        .with_unit("By")
+        .with_description("Bytes the store takes where it is kept")
+        .with_callback(move |o| {
+            let Some(shared) = weak.upgrade() else { return };
+            match shared.store.size_on_disk() {
+                Ok(n) => o.observe(n, &[KeyValue::new("server", shared.config.name.clone())]),
+                Err(e) => tracing::warn!(error = %e, "cannot measure the store"),
             }
         })
         .build();

@@ -483,6 +483,11 @@ impl Store {
         self.flush().await
     }
 
+    /// Bytes the store takes where it is kept.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+
     pub fn catalog_seq(&self) -> Result<u64> {
         Ok(self.meta.get(CATALOG_SEQ)?.map(|v| read_u64(&v)).unwrap_or(0))
     }

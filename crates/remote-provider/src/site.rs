@@ -240,6 +240,7 @@ impl SiteTier {
     /// connected, and the catalog version here (its lag is the centre's minus this).
     pub fn register_metrics(self: &Arc<Self>) {
         updraft_provider::metrics::statement_expiry(&self.shared);
+        updraft_provider::metrics::store_size(&self.shared);
         use updraft_runtime::metrics::{AsyncInstrument, KeyValue};
         let meter = updraft_runtime::metrics::meter();
         // Reads one number of this site's status at each collection (none once it is gone).

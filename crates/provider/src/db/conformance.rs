@@ -161,6 +161,7 @@ fn durable_after_flush_and_copyable(open: &dyn Fn() -> Db) {
     assert_eq!(t.get("k").unwrap(), Some(b"v".to_vec()), "a flushed write survives a reopen");
     assert_eq!(t.get("tx").unwrap(), Some(b"v".to_vec()));
     assert!(db.generate_id().unwrap() > first_id, "ids are never handed out twice");
+    assert!(db.size_on_disk().unwrap() > 0, "a store with records takes room");
 
     let dir = tempfile::tempdir().unwrap();
     let copy = Db::open_embedded(dir.path()).unwrap();

@@ -73,6 +73,8 @@ pub trait Engine: Send + Sync {
     fn flush(&self) -> Result<()>;
     /// A number never handed out before by this database, also after a restart.
     fn generate_id(&self) -> Result<u64>;
+    /// Bytes the store takes where it is kept (files, or the database's tables).
+    fn size_on_disk(&self) -> Result<u64>;
 }
 
 /// Inside a transaction: reads see the transaction's own writes.
@@ -138,6 +140,10 @@ impl Db {
 
     pub fn hold(&self, duty: &str) -> Result<Option<Box<dyn Held>>> {
         self.0.hold(duty)
+    }
+
+    pub fn size_on_disk(&self) -> Result<u64> {
+        self.0.size_on_disk()
     }
 
     pub fn generate_id(&self) -> Result<u64> {

@@ -486,6 +486,14 @@ impl Engine for PgEngine {
             Ok(n as u64)
         })
     }
+
+    fn size_on_disk(&self) -> Result<u64> {
+        self.one(|c| {
+            let q = "SELECT pg_total_relation_size('updraft_kv') + pg_total_relation_size('updraft_trees')";
+            let n: i64 = c.query(q, &[])?[0].get(0);
+            Ok(n.max(0) as u64)
+        })
+    }
 }
 
 /// A duty's lock, held by its connection.

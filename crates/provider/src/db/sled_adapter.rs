@@ -138,6 +138,10 @@ impl Engine for SledEngine {
     fn generate_id(&self) -> Result<u64> {
         self.db.generate_id().map_err(err)
     }
+
+    fn size_on_disk(&self) -> Result<u64> {
+        self.db.size_on_disk().map_err(err)
+    }
 }
 
 /// The process holding sled's lock holds every duty.
