@@ -60,19 +60,70 @@ impl Collector {
         format!("https://localhost:{}", addr.rsplit(':').next().unwrap())
     }
 
-    pub fn snapshot(&self) -> Vec<SpanSeen> {
-        self.spans.lock().unwrap().clone()
+    /// Serves OTLP over HTTP with protobuf bodies (`POST /v1/traces`) on a fresh loopback port;
+    /// returns the `http://` endpoint.
+    pub fn spawn_http(&self) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let me = self.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let me = me.clone();
+                std::thread::spawn(move || me.serve_http(conn));
+            }
+        });
+        format!("http://{addr}")
     }
-}
 
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+    /// One HTTP/1.1 connection: requests with a Content-Length body, each answered 200.
+    fn serve_http(&self, conn: std::net::TcpStream) {
+        use prost::Message;
+        use std::io::{BufRead, Read, Write};
+        let mut out = conn.try_clone().unwrap();
+        let mut reader = std::io::BufReader::new(conn);
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or_default().to_string();
+            let mut len = 0;
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                    return;
+                }
+                if header == "\r\n" {
+                    break;
+                }
+                if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            if path == "/v1/traces"
+                && let Ok(req) = ExportTraceServiceRequest::decode(&body[..])
+            {
+                self.record(req);
+            }
+            let answer = ExportTraceServiceResponse { partial_success: None }.encode_to_vec();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+                answer.len()
+            );
+            if out.write_all(head.as_bytes()).and_then(|_| out.write_all(&answer)).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Keeps the spans of an export request.
+    fn record(&self, request: ExportTraceServiceRequest) {
         let mut seen = self.spans.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
+        for rs in request.resource_spans {
             let resource: std::collections::BTreeMap<String, String> =
                 rs.resource.iter().flat_map(|r| &r.attributes).map(|kv| (kv.key.clone(), text(&kv.value))).collect();
             let service = resource.get("service.name").cloned().unwrap_or_default();
@@ -95,6 +146,20 @@ impl TraceService for Collector {
                 }
             }
         }
+    }
+
+    pub fn snapshot(&self) -> Vec<SpanSeen> {
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        self.record(request.into_inner());
         Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
 }

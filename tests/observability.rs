@@ -174,3 +174,21 @@ fn spans_reach_an_https_collector_through_the_given_ca() {
         collector.snapshot().iter().any(|s| s.service == "updraft-provider" && s.name == "updraft.v1.Admin/PutGroup")
     });
 }
+
+/// `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`: spans go over HTTP to `/v1/traces`.
+#[test]
+fn spans_reach_an_http_protobuf_collector_when_asked() {
+    let collector = updraft_tests::collector::Collector::default();
+    let endpoint = collector.spawn_http();
+    let mut w = World::new();
+    w.env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "http/protobuf".into()),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    let (_p, purl) = w.provider("centre", true);
+    w.admin_ok(&purl, &["group", "create", "lab"]);
+    wait_until("the provider's span of the change at the HTTP collector", T, || {
+        collector.snapshot().iter().any(|s| s.service == "updraft-provider" && s.name == "updraft.v1.Admin/PutGroup")
+    });
+}

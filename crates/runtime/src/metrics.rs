@@ -76,9 +76,14 @@ pub(crate) fn provider(resource: Resource, otlp: bool) -> (SdkMeterProvider, Scr
     let reader = Arc::new(ManualReader::builder().build());
     let mut builder = SdkMeterProvider::builder().with_resource(resource).with_reader(Shared(reader.clone()));
     if otlp {
-        let exporter =
-            crate::telemetry::with_otlp_tls(opentelemetry_otlp::MetricExporter::builder().with_tonic(), "METRICS")
-                .and_then(|b| b.build().map_err(|e| e.to_string()));
+        use crate::telemetry::{Protocol, otlp_protocol, with_otlp_tls};
+        let exporter = match otlp_protocol("METRICS") {
+            Protocol::HttpProtobuf => {
+                opentelemetry_otlp::MetricExporter::builder().with_http().build().map_err(|e| e.to_string())
+            }
+            Protocol::Grpc => with_otlp_tls(opentelemetry_otlp::MetricExporter::builder().with_tonic(), "METRICS")
+                .and_then(|b| b.build().map_err(|e| e.to_string())),
+        };
         match exporter {
             Ok(exporter) => builder = builder.with_periodic_exporter(exporter),
             Err(e) => eprintln!("warning: OTLP metric exporter could not be built, metrics will not be pushed: {e}"),

@@ -62,17 +62,38 @@ pub(crate) fn with_otlp_tls<B: opentelemetry_otlp::WithTonicConfig>(builder: B, 
     })
 }
 
-/// The OTLP protocol asked for: only `grpc` is built in; anything else is said once, and gRPC
-/// is used.
-fn otlp_protocol_check() {
-    for var in
-        ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"]
-    {
-        if let Ok(p) = std::env::var(var)
-            && !p.is_empty()
-            && !p.eq_ignore_ascii_case("grpc")
-        {
-            eprintln!("warning: {var}={p}: this build exports OTLP over gRPC only; using grpc");
+/// How OTLP is sent: gRPC (the default) or HTTP with protobuf bodies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// The protocol `OTEL_EXPORTER_OTLP_{signal}_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL` asks
+/// for; anything else is said once, and gRPC used. HTTP goes to `http://` collectors only.
+pub(crate) fn otlp_protocol(signal: &str) -> Protocol {
+    let var = format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL");
+    let (var, value) = match std::env::var(&var) {
+        Ok(v) if !v.is_empty() => (var, v),
+        _ => (
+            "OTEL_EXPORTER_OTLP_PROTOCOL".to_string(),
+            std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_default(),
+        ),
+    };
+    match value.to_ascii_lowercase().as_str() {
+        "" | "grpc" => Protocol::Grpc,
+        "http/protobuf" => {
+            if otlp_tls(signal).is_ok_and(|tls| tls.is_some()) {
+                eprintln!(
+                    "warning: {var}=http/protobuf: this build sends OTLP over HTTP to http:// collectors only; using grpc"
+                );
+                return Protocol::Grpc;
+            }
+            Protocol::HttpProtobuf
+        }
+        _ => {
+            eprintln!("warning: {var}={value}: supported are grpc and http/protobuf; using grpc");
+            Protocol::Grpc
         }
     }
 }
@@ -116,12 +137,14 @@ pub fn init(service_name: &'static str, logs: &crate::logs::LogArgs) -> Telemetr
     let mut provider = None;
     let resource = resource(service_name);
     let (meters, scrape) = crate::metrics::provider(resource.clone(), otlp_metrics_requested());
-    if otlp_requested() || otlp_metrics_requested() {
-        otlp_protocol_check();
-    }
     let otel_layer = if otlp_requested() {
-        let exporter = with_otlp_tls(opentelemetry_otlp::SpanExporter::builder().with_tonic(), "TRACES")
-            .and_then(|b| b.build().map_err(|e| e.to_string()));
+        let exporter = match otlp_protocol("TRACES") {
+            Protocol::HttpProtobuf => {
+                opentelemetry_otlp::SpanExporter::builder().with_http().build().map_err(|e| e.to_string())
+            }
+            Protocol::Grpc => with_otlp_tls(opentelemetry_otlp::SpanExporter::builder().with_tonic(), "TRACES")
+                .and_then(|b| b.build().map_err(|e| e.to_string())),
+        };
         match exporter {
             Ok(exporter) => {
                 let p = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
