@@ -108,6 +108,7 @@ fn prometheus_scrapes_a_provider_a_site_and_an_agent_during_an_install() {
                   rpc_method=\"Check\",rpc_grpc_status_code=\"0\"}";
     prom.wait_for(&format!("clamp_max(sum({checks}), 1)"), 1.0);
     prom.wait_for("count(updraft_store_size_bytes > 0)", 2.0);
+    prom.wait_for("updraft_site_catalog_lag{site=\"branch\"}", 0.0);
     // The high-priority mark was fanned out to the agent's push stream, and timed.
     prom.wait_for("clamp_max(sum(updraft_push_fan_out_milliseconds_count{kind=\"high_priority\"}), 1)", 1.0);
     // The centre and the site hold a signed catalog statement with a day or so left.

@@ -1,6 +1,6 @@
 //! The provider's own metrics, read from its state at each collection (see
 //! `updraft_runtime::metrics` for the exporters): machines by status, push subscribers, the
-//! catalog version, the pair's epoch with whether this process is the active one, the held
+//! catalog version and each site's lag behind it, the pair's epoch with whether this process is the active one, the held
 //! catalog statement's time to expiry and the store's size.
 use std::sync::{Arc, Weak};
 
@@ -26,6 +26,20 @@ pub fn register(shared: &Arc<Shared>, ops: &Arc<Ops>, epoch: u64) {
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot count machines by status"),
+            }
+        })
+        .build();
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    m.u64_observable_gauge("updraft.site.catalog.lag")
+        .with_unit("{change}")
+        .with_description("Catalog changes each site was behind this server when it last reported")
+        .with_callback(move |o| {
+            let Some(shared) = weak.upgrade() else { return };
+            let (Ok(seq), Ok(machines)) = (shared.known_seq(), shared.store.list_machines()) else { return };
+            for m in machines.iter().filter(|m| m.is_remote_provider) {
+                let site_seq = m.site_stats.as_ref().map_or(0, |s| s.catalog_seq);
+                let name = m.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+                o.observe(seq.saturating_sub(site_seq), &[KeyValue::new("site", name)]);
             }
         })
         .build();
