@@ -58,7 +58,7 @@ fn hooks_health_check_gate_and_apply_at_restart() {
             &["--post-install", "hooks/post", "--health-check", "hooks/health"],
         ),
     );
-    let mut agent = w.agent("m1", &url);
+    let mut agent = w.agent_with("m1", &url, &["--min-interval", "3600", "--metrics-listen", "127.0.0.1:0"]);
     // Installed means swapped and healthy: the agent's records, not just the tree on disk.
     wait_until("v1 installed and healthy", T, || recorded(&w, "m1") == "1.0.0.0");
     assert!(marker.exists());
@@ -82,6 +82,12 @@ fn hooks_health_check_gate_and_apply_at_restart() {
     let err = stderr(&out);
     assert!(err.contains("database unreachable") && err.contains("swapped back to 1.0.0.0"), "{err}");
     assert_eq!(w.installed("m1", "app").as_deref(), Some("1.0.0.0"));
+    // Its metrics count one install and one rolled back.
+    let (_, metrics) = updraft_tests::http_get(agent.probe_addr(), "/metrics").unwrap();
+    for outcome in ["installed", "rolled back"] {
+        let line = format!("updraft_installs_total{{outcome=\"{outcome}\",product=\"app\"}} 1");
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
     assert!(!w.root("m1").join("app_update_pending").exists());
     let st = status(&w, "m1");
     assert_eq!(st["installed"][0]["version"], "1.0.0.0", "{st}");

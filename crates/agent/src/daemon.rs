@@ -938,7 +938,7 @@ impl Agent {
                     count_install(u, "deferred");
                     return Err(e);
                 }
-                count_install(u, "failed");
+                count_install(u, if matches!(e, AgentError::RolledBack { .. }) { "rolled back" } else { "failed" });
                 let kind = if matches!(e, AgentError::Verify { .. }) {
                     ActivityKind::VerifyFailed
                 } else {
@@ -1707,9 +1707,9 @@ async fn push_loop(agent: Arc<Shared>, tx: mpsc::Sender<Queued>, shutdown: Cance
     }
 }
 
-/// `updraft.installs` by outcome: installed; failed (the install stopped — a bad package, a
-/// hook or the health check — and, as every install guarantees, the previous version is what
-/// runs); rolled back (the new version was live but could not be committed, and the previous
+/// `updraft.installs` by outcome: installed; failed (the install stopped before the new
+/// version went live — a bad package or a hook — and nothing changed); rolled back (the new
+/// version went live but failed its health check or could not be committed, and the previous
 /// one is back); deferred (stopped, or the application in use; tried again later).
 fn count_install(u: &Update, outcome: &'static str) {
     use updraft_runtime::metrics::KeyValue;

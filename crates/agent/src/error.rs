@@ -13,6 +13,9 @@ pub enum AgentError {
     Verify { update: String, reason: String },
     #[error("install of {update} failed: {reason}")]
     Install { update: String, reason: String },
+    /// The new version was live but not healthy, and the previous one is back.
+    #[error("install of {update} failed and was rolled back: {reason}")]
+    RolledBack { update: String, reason: String },
     #[error("{path}: {source}")]
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("agent state {path}: {reason}")]

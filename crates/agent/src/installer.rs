@@ -143,7 +143,7 @@ pub fn advance(ctx: &Ctx, op: &mut Op, pkg: &mut Option<Package>) -> Result<Step
                     Some(p) => format!("swapped back to {}", p.version),
                     None => "removed it (there was no earlier version)".to_string(),
                 };
-                fail(format!("{reason}; {back}"))
+                AgentError::RolledBack { update: op.update_id.clone(), reason: format!("{reason}; {back}") }
             })?;
             Ok(Step::Healthy)
         }
