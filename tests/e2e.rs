@@ -9,6 +9,7 @@ use updraft_tests::{World, stderr, wait_until};
 
 mod applicability;
 mod catalog;
+mod certificates;
 mod console;
 mod database;
 mod docs;

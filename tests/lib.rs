@@ -377,7 +377,14 @@ impl World {
     pub fn server(&self, name: &str) -> tonic::transport::Server {
         let b = tonic::transport::Server::builder();
         match self.transport(name, "provider") {
-            updraft_runtime::tls::Transport::Tls(c) => b.tls_config(c.server_config()).unwrap(),
+            updraft_runtime::tls::Transport::Tls(t) => {
+                let c = t.current();
+                let (cert, key) = c.identity_pem();
+                let tls = tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key))
+                    .client_ca_root(tonic::transport::Certificate::from_pem(c.ca_pem()));
+                b.tls_config(tls).unwrap()
+            }
             updraft_runtime::tls::Transport::Insecure => b,
         }
     }
@@ -564,18 +571,32 @@ impl World {
 
     /// A site with extra flags (limits, say).
     pub fn remote_with(&self, name: &str, upstream: &str, extra: &[&str]) -> (Proc, String) {
+        self.remote_in_env(name, upstream, extra, &self.env_for(name, "remote-provider", &[]))
+    }
+
+    /// A site with the certificate `remote-provider enroll` left in its store directory.
+    pub fn enrolled_remote(&self, name: &str, upstream: &str) -> (Proc, String) {
+        self.remote_in_env(name, upstream, &[], &self.env)
+    }
+
+    /// `remote-provider enroll` for site `name` (its store directory) at `upstream`.
+    pub fn enroll_remote(&self, name: &str, upstream: &str, args: &[&str]) -> Output {
+        let ca = self.path("pki").join("ca.crt");
+        Command::new(bin("remote-provider"))
+            .args(["enroll", "--upstream", upstream, "--ca", ca.to_str().unwrap(), "--name", name, "--store"])
+            .arg(self.path(name))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn remote_in_env(&self, name: &str, upstream: &str, extra: &[&str], env: &[(String, String)]) -> (Proc, String) {
         let store = self.path(name);
         let mut args =
             vec!["--upstream", upstream, "--store", store.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name];
         args.extend(PROBES);
         args.extend_from_slice(extra);
-        let mut p = Proc::start_env(
-            self.dir.path(),
-            name,
-            "remote-provider",
-            &args,
-            &self.env_for(name, "remote-provider", &[]),
-        );
+        let mut p = Proc::start_env(self.dir.path(), name, "remote-provider", &args, env);
         let port = p.listening_port();
         wait_port(port);
         (p, format!("{}://127.0.0.1:{port}", self.scheme()))
@@ -590,14 +611,35 @@ impl World {
     /// An agent with its own extra flags (e.g. a short check interval). Returns once its
     /// control socket is there (so `agent check` and the like reach it), or once it has exited.
     pub fn agent_with(&self, name: &str, provider: &str, extra: &[&str]) -> Proc {
+        self.agent_in_env(name, provider, extra, &self.env_for(name, "agent", &[]))
+    }
+
+    /// An agent with the certificate `agent enroll` left in its state directory (no TLS flags:
+    /// it finds them there).
+    pub fn enrolled_agent(&self, name: &str, provider: &str, extra: &[&str]) -> Proc {
+        self.agent_in_env(name, provider, extra, &self.env)
+    }
+
+    fn agent_in_env(&self, name: &str, provider: &str, extra: &[&str], env: &[(String, String)]) -> Proc {
         let mut args = self.agent_args(name, extra);
         args.extend(["--provider".to_string(), provider.to_string()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let sock = self.state(name).join("agent.sock");
         let _ = std::fs::remove_file(&sock); // a crashed predecessor's
-        let mut p = Proc::start_env(self.dir.path(), name, "agent", &args, &self.env_for(name, "agent", &[]));
+        let mut p = Proc::start_env(self.dir.path(), name, "agent", &args, env);
         wait_until(&format!("agent {name} listening or gone"), Duration::from_secs(30), || sock.exists() || p.exited());
         p
+    }
+
+    /// `agent enroll` for agent `name` (its state directory) at `provider` with `args`.
+    pub fn enroll_agent(&self, name: &str, provider: &str, args: &[&str]) -> Output {
+        let ca = self.path("pki").join("ca.crt");
+        Command::new(bin("agent"))
+            .args(["enroll", "--provider", provider, "--ca", ca.to_str().unwrap(), "--state-dir"])
+            .arg(self.state(name))
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// `agent run` arguments for agent `name` in this world (install root, state, key), with

@@ -3,7 +3,8 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["common", "agent", "replication", "admin"].map(|f| root.join(format!("updraft/v1/{f}.proto")));
+    let files =
+        ["common", "agent", "replication", "admin", "enrollment"].map(|f| root.join(format!("updraft/v1/{f}.proto")));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

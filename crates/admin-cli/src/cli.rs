@@ -154,6 +154,38 @@ pub enum PkiCmd {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// A join token for enrollment (`agent enroll --token T`, `remote-provider enroll`): the
+    /// provider holding the CA (`--pki-dir`) signs the certificate of whoever presents it.
+    Token {
+        /// agent or remote-provider.
+        #[arg(long, default_value = "agent")]
+        role: String,
+        /// The only name it admits (default: the enrolling host names itself).
+        #[arg(long)]
+        name: Option<String>,
+        /// Machines enrolled with it join this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// How many hosts may use it (a named token: one).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it stays valid (`24h`, `7d`).
+        #[arg(long, default_value = "24h", value_parser = updraft_core::when::parse_span)]
+        expires: std::time::Duration,
+    },
+    /// Every certificate the provider issued (name, role, serial, expiry, last use, revoked),
+    /// the enrollment requests waiting for approval and the join tokens still valid.
+    List {
+        /// Also certificates that have expired (kept 30 days).
+        #[arg(long)]
+        expired: bool,
+    },
+    /// Sign the certificate a host asked for without a token (see `pki list`); the host
+    /// collects it with its next request.
+    Approve { name: String },
+    /// Revoke a certificate by serial, or every current certificate of a name: refused at the
+    /// provider and at every site within one catalog round, open connections closed.
+    Revoke { name_or_serial: String },
 }
 
 #[derive(Subcommand)]

@@ -1429,6 +1429,12 @@ pub async fn run(cfg: AgentConfig, probe: updraft_runtime::Probe, shutdown: Canc
         push_loop(shared.clone(), tx.clone(), shutdown.clone())
             .instrument(updraft_runtime::telemetry::task("push_subscriber", "")),
     );
+    if let updraft_runtime::tls::Transport::Tls(tls) = &agent.cfg.transport {
+        tokio::spawn(
+            renew_loop(shared.clone(), tls.clone(), agent.cfg.transport.clone(), shutdown.clone())
+                .instrument(updraft_runtime::telemetry::task("certificate_renewal", "")),
+        );
+    }
     if let Some(key) = agent.cfg.discovery_key.clone() {
         let found = shared.providers.lock().await.discovered();
         tokio::spawn(
@@ -1641,6 +1647,29 @@ async fn browse_loop(key: String, found: client::Discovered, tx: mpsc::Sender<Qu
 
 /// Holds a push stream to a provider; a high-priority event, or a catalog version newer than
 /// the one last seen, triggers a check at once.
+/// Renews this machine's certificate before it expires (see `updraft_runtime::enroll`), at
+/// whichever provider the agent reaches.
+async fn renew_loop(
+    agent: Arc<Shared>,
+    tls: Arc<updraft_runtime::tls::Tls>,
+    transport: updraft_runtime::tls::Transport,
+    shutdown: CancellationToken,
+) {
+    let connect = || async {
+        let (url, _, _) = agent.providers.lock().await.connect().await.map_err(|e| e.to_string())?;
+        let channel = transport
+            .endpoint(&url)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(30))
+            .connect()
+            .await
+            .map_err(|e| format!("{url}: {}", updraft_runtime::tls::describe(&e)))?;
+        Ok(updraft_runtime::traced(channel).with_server(&url))
+    };
+    updraft_runtime::enroll::renew_loop(tls, vec![], connect, shutdown).await
+}
+
 async fn push_loop(agent: Arc<Shared>, tx: mpsc::Sender<Queued>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(500);
     loop {

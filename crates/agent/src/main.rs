@@ -104,10 +104,36 @@ struct RunArgs {
     logs: updraft_runtime::logs::LogArgs,
 }
 
+/// Where `agent enroll` writes the machine's key and certificate, under the state directory.
+const ENROLLED: &str = "tls";
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent daemon.
     Run(Box<RunArgs>),
+    /// Get this machine's certificate: a key made here (it never leaves the machine), signed by
+    /// the provider's CA for a join token (`admin-cli pki token`) or, without one, once an
+    /// administrator approves (`admin-cli pki approve NAME`). Written to STATE_DIR/tls, where
+    /// `agent run` finds it; renewed by the agent before it expires.
+    Enroll {
+        #[command(flatten)]
+        state: StateDir,
+        /// The provider (or site) URL, https://HOST:PORT.
+        #[arg(long)]
+        provider: String,
+        /// The CA certificate the provider's must be signed by (ca.crt from the administrator).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The join token; without one, the request waits for an administrator's approval.
+        #[arg(long, env = "UPDRAFT_JOIN_TOKEN")]
+        token: Option<String>,
+        /// The machine name to ask for (default: host name; a token naming one decides).
+        #[arg(long)]
+        name: Option<String>,
+        /// How long to wait for an approval before giving up (run again to go on waiting).
+        #[arg(long, default_value = "10m", value_parser = updraft_core::when::parse_span)]
+        wait: std::time::Duration,
+    },
     /// Show installed products, waiting updates, problems and the daemon's view.
     Status(StateDir),
     /// Make the running daemon check now, and show what it did.
@@ -214,6 +240,38 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Run(args) => run(*args).await,
         Cmd::Status(state) => status(&state).await,
+        Cmd::Enroll { state, provider, ca, token, name, wait } => {
+            let e = updraft_runtime::enroll::Enrollment {
+                provider,
+                ca,
+                token,
+                name: name.unwrap_or_else(updraft_runtime::hostname),
+                role: updraft_runtime::tls::Role::Agent,
+                sans: vec![],
+                dir: state.path().join(ENROLLED),
+                wait,
+            };
+            let waiting = std::sync::Once::new();
+            let paths = updraft_runtime::enroll::enroll(&e, || {
+                waiting.call_once(|| eprintln!("waiting for an administrator: admin-cli pki approve {}", e.name))
+            })
+            .await?;
+            let c = updraft_runtime::tls::Tls::load(paths.clone())?.current();
+            let until = updraft_runtime::utc_text(c.not_after * 1000);
+            if state.json {
+                let v = serde_json::json!({"name": c.me.name, "serial": c.serial, "not_after": until,
+                    "certificate": paths.cert, "key": paths.key, "ca": paths.ca});
+                println!("{v}");
+            } else {
+                println!(
+                    "enrolled as {} (certificate {}, valid until {until}); key {}",
+                    c.me.name,
+                    c.serial,
+                    paths.key.display()
+                );
+            }
+            Ok(())
+        }
         Cmd::Check { state, later } => act(&state, Request::Check { later }).await,
         Cmd::Apply { state, select } => act(&state, Request::Apply { select }).await,
         Cmd::Cancel { state } => act(&state, Request::Cancel).await,
@@ -268,6 +326,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let trust_key =
         a.trust_key.or(file.trust_key).context("no release key: use --trust-key or trust_key in the config file")?;
     let state_dir = a.state_dir.or(file.state_dir).unwrap_or_else(|| updraft_runtime::default_data_dir("agent"));
+    let enrolled = state_dir.join(ENROLLED);
     let cfg = updraft_agent::AgentConfig {
         name: a.name.or(file.name).unwrap_or_else(updraft_runtime::hostname),
         providers,
@@ -284,7 +343,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             tls_key: a.tls.tls_key.or(file.tls_key),
             insecure: a.tls.insecure || file.insecure.unwrap_or(false),
         }
-        .transport("agent")?,
+        .transport_or_enrolled("agent", Some(&enrolled))?,
         self_product: a.self_product.unwrap_or_else(|| "updraft-agent".into()),
         self_update_deadline: std::time::Duration::from_secs(a.self_update_deadline_secs.unwrap_or(120).clamp(1, 3600)),
         argv: std::env::args_os().collect(),

@@ -8,6 +8,10 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use updraft_proto::v1::admin_server::Admin;
 use updraft_proto::v1::{
+    ApproveEnrollmentRequest, CreateJoinTokenRequest, JoinToken, ListCertificatesRequest, ListCertificatesResponse,
+    RevokeCertificateRequest,
+};
+use updraft_proto::v1::{
     AssignRequest, ClearActivityRequest, ClearActivityResponse, DeleteUpdatesRequest, DeployRequest, Discovery,
     FleetReport, ForgetMachineRequest, ForgetMachineResponse, GetDiscoveryRequest, GetGroupRequest, GetMachineRequest,
     GetPairRequest, GetUpdateRequest, GroupDetail, ImportPendingRequest, ImportPendingResponse, ListActivityRequest,
@@ -265,5 +269,33 @@ impl Admin for AdminService {
     ) -> Result<Response<SetPasswordResponse>, Status> {
         let who = who(&request);
         Ok(Response::new(self.ops.set_password(&who, request.into_inner()).await?))
+    }
+
+    async fn create_join_token(&self, request: Request<CreateJoinTokenRequest>) -> Result<Response<JoinToken>, Status> {
+        let who = who(&request);
+        Ok(Response::new(self.ops.create_join_token(&who, request.into_inner()).await?))
+    }
+
+    async fn list_certificates(
+        &self,
+        request: Request<ListCertificatesRequest>,
+    ) -> Result<Response<ListCertificatesResponse>, Status> {
+        Ok(Response::new(self.ops.list_certificates(request.into_inner()).await?))
+    }
+
+    async fn approve_enrollment(
+        &self,
+        request: Request<ApproveEnrollmentRequest>,
+    ) -> Result<Response<ListCertificatesResponse>, Status> {
+        let who = who(&request);
+        Ok(Response::new(self.ops.approve_enrollment(&who, request.into_inner()).await?))
+    }
+
+    async fn revoke_certificate(
+        &self,
+        request: Request<RevokeCertificateRequest>,
+    ) -> Result<Response<ListCertificatesResponse>, Status> {
+        let who = who(&request);
+        Ok(Response::new(self.ops.revoke_certificate(&who, request.into_inner()).await?))
     }
 }

@@ -54,6 +54,19 @@ pub trait Tier: Send + Sync + 'static {
     fn offered(&self, _offers: &[updraft_proto::v1::Offer]) {}
     /// This tier's own status: upstream, connection, counters.
     fn status(&self) -> SiteStats;
+    /// A host's first certificate (see `certs`): the centre signs; a site passes it upstream.
+    fn enroll(
+        &self,
+        req: updraft_proto::v1::EnrollRequest,
+        from: Option<std::net::SocketAddr>,
+    ) -> impl Future<Output = Result<updraft_proto::v1::CertificateReply>> + Send;
+    /// A renewal by `caller`, who presented `leaf` (DER) on its connection.
+    fn renew(
+        &self,
+        req: updraft_proto::v1::RenewRequest,
+        caller: &crate::auth::Caller,
+        leaf: Option<Vec<u8>>,
+    ) -> impl Future<Output = Result<updraft_proto::v1::CertificateReply>> + Send;
 }
 
 /// The local provider's tier: blobs are only what was imported; nothing is relayed.
@@ -82,6 +95,21 @@ impl Tier for LocalTier {
     /// (its catalog in memory may already be behind theirs).
     fn ready(&self) -> Result<()> {
         self.shared.database_reachable()
+    }
+    async fn enroll(
+        &self,
+        req: updraft_proto::v1::EnrollRequest,
+        from: Option<std::net::SocketAddr>,
+    ) -> Result<updraft_proto::v1::CertificateReply> {
+        crate::certs::enroll(&self.shared, req, from).await
+    }
+    async fn renew(
+        &self,
+        req: updraft_proto::v1::RenewRequest,
+        caller: &crate::auth::Caller,
+        _leaf: Option<Vec<u8>>,
+    ) -> Result<updraft_proto::v1::CertificateReply> {
+        crate::certs::renew(&self.shared, caller, req).await
     }
     fn status(&self) -> SiteStats {
         SiteStats {

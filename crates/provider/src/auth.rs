@@ -77,6 +77,11 @@ enum Access {
     Write,
     /// Health and reflection.
     Infra,
+    /// A first certificate: no client certificate needed (a join token or an administrator's
+    /// approval decides).
+    Enroll,
+    /// A renewal: any holder of a certificate of ours (the tier decides what it gets).
+    Renew,
 }
 
 fn access_of(path: &str) -> Option<Access> {
@@ -92,6 +97,8 @@ fn access_of(path: &str) -> Option<Access> {
             Some(ops::Access::Read) => Access::Read,
             Some(ops::Access::Write) | None => Access::Write,
         },
+        health::ENROLLMENT if method == "Enroll" => Access::Enroll,
+        health::ENROLLMENT => Access::Renew,
         // For load balancers, probes and tools: any certificate of ours.
         "grpc.health.v1.Health" | "grpc.reflection.v1.ServerReflection" => Access::Infra,
         _ => return None,
@@ -133,13 +140,22 @@ impl Peers {
     /// Least size at which the map is swept.
     const SWEEP_FLOOR: usize = 1024;
 
-    fn of(&self, chain: &Arc<Chain>) -> Result<Peer, Status> {
+    /// The peer of a connection; on its first request, the certificate's use is noted (see
+    /// `Shared::cert_uses`).
+    fn of(&self, chain: &Arc<Chain>, shared: Option<&Shared>) -> Result<Peer, Status> {
         let key = Arc::as_ptr(chain) as usize;
         if let Some((_, peer)) = self.0.lock().expect("peer cache").by_chain.get(&key) {
             return Ok(peer.clone());
         }
         let leaf = chain.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let peer = peer_of(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if let (Some(shared), Ok(info)) = (shared, updraft_runtime::tls::pki::CertInfo::of_der(leaf)) {
+            let mut uses = shared.cert_uses.lock().expect("certificate uses");
+            if uses.len() >= 100_000 {
+                uses.clear(); // bounded; the next connection of each notes it again
+            }
+            uses.insert(info.serial, now_ms());
+        }
         let mut m = self.0.lock().expect("peer cache");
         if m.by_chain.len() >= m.sweep_at.max(Self::SWEEP_FLOOR) {
             m.by_chain.retain(|_, (chain, _)| chain.strong_count() > 0);
@@ -151,7 +167,12 @@ impl Peers {
 }
 
 /// Who is calling, from the connection's certificate (or the claim, without TLS).
-fn identify(transport: &Transport, peers: &Peers, req: &http::Request<Body>) -> Result<Caller, Status> {
+fn identify(
+    transport: &Transport,
+    peers: &Peers,
+    req: &http::Request<Body>,
+    shared: Option<&Shared>,
+) -> Result<Caller, Status> {
     let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
     let addr = remote_addr(req);
     let Transport::Tls(_) = transport else {
@@ -159,7 +180,7 @@ fn identify(transport: &Transport, peers: &Peers, req: &http::Request<Body>) -> 
         return Ok(Caller { name, role: None, via: None, addr });
     };
     let certs = info.and_then(|i| i.peer_certs()).ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let peer = peers.of(&certs)?;
+    let peer = peers.of(&certs, shared)?;
     if peer.role == Role::Provider
         && let (Some(name), Some(role)) = (header(req, FORWARDED_NAME), header(req, FORWARDED_ROLE))
     {
@@ -177,14 +198,14 @@ fn authorize(caller: &Caller, access: Access, shared: Option<&Shared>) -> Result
         Access::Site => matches!(role, Role::RemoteProvider | Role::Provider),
         Access::Status => matches!(role, Role::RemoteProvider | Role::Provider | Role::Admin),
         Access::Read | Access::Write => role == Role::Admin,
-        Access::Infra => true,
+        Access::Infra | Access::Enroll | Access::Renew => true,
     };
     if !ok {
         let what = match access {
             Access::Agent => "the agent API",
             Access::Site | Access::Status => "the replication API",
             Access::Read | Access::Write => "the admin API",
-            Access::Infra => "health and reflection",
+            Access::Infra | Access::Enroll | Access::Renew => "health and reflection",
         };
         return Err(Status::permission_denied(format!("a {role} certificate ({}) may not call {what}", caller.name)));
     }
@@ -332,8 +353,12 @@ where
         Box::pin(async move {
             let path = req.uri().path().to_string();
             let Some(access) = access_of(&path) else { return inner.call(req).await };
-            let caller = match identify(&transport, &peers, &req) {
+            let caller = match identify(&transport, &peers, &req, shared.as_deref()) {
                 Ok(c) => c,
+                // Enrolling is how a host without a certificate gets one.
+                Err(_) if access == Access::Enroll => {
+                    Caller { name: "enrolling host".into(), role: None, via: None, addr: remote_addr(&req) }
+                }
                 Err(status) => {
                     tracing::warn!(%path, reason = %status.message(), "refused an unidentified caller");
                     if let Some(s) = &shared {
@@ -451,21 +476,21 @@ mod tests {
         };
         let peers = Peers::default();
         let (a, b) = (chain("pc-1"), chain("pc-2"));
-        assert_eq!(peers.of(&a).unwrap().name, "pc-1");
-        assert_eq!(peers.of(&b).unwrap().name, "pc-2");
+        assert_eq!(peers.of(&a, None).unwrap().name, "pc-1");
+        assert_eq!(peers.of(&b, None).unwrap().name, "pc-2");
         // Found again, by the connection's chain, not by parsing it.
-        assert_eq!(peers.of(&a).unwrap(), Peer { name: "pc-1".into(), role: Role::Agent });
+        assert_eq!(peers.of(&a, None).unwrap(), Peer { name: "pc-1".into(), role: Role::Agent });
         assert_eq!(peers.0.lock().unwrap().by_chain.len(), 2);
-        assert!(peers.of(&Arc::new(vec![])).is_err(), "no certificate, no identity");
+        assert!(peers.of(&Arc::new(vec![]), None).is_err(), "no certificate, no identity");
         // Many connections come and go: the map stays within twice the open ones.
         drop(b);
         for _ in 0..3 * Peers::SWEEP_FLOOR {
             let c: Arc<Chain> = Arc::new(vec![a[0].clone()]);
-            peers.of(&c).unwrap();
+            peers.of(&c, None).unwrap();
         }
         let held = peers.0.lock().unwrap().by_chain.len();
         assert!(held <= 2 * Peers::SWEEP_FLOOR, "{held} entries held for one open connection");
-        assert_eq!(peers.of(&a).unwrap().name, "pc-1", "the open connection's entry survives sweeps");
+        assert_eq!(peers.of(&a, None).unwrap().name, "pc-1", "the open connection's entry survives sweeps");
     }
 
     #[test]

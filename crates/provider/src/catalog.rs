@@ -287,6 +287,7 @@ pub fn to_event(change: &Change, caught_up: bool) -> CatalogEvent {
         Change::Deployed { deployment, .. } => catalog_event::Change::Deployed(deployment.clone()),
         Change::Undeployed { deployment, .. } => catalog_event::Change::Undeployed(deployment.clone()),
         Change::Role { role, .. } => catalog_event::Change::Role(role.clone()),
+        Change::Trust { trust, .. } => catalog_event::Change::Trust(trust.clone()),
         Change::Statement { statement, .. } => catalog_event::Change::Statement(statement.clone()),
     };
     CatalogEvent { seq, change: Some(c), caught_up }
@@ -307,6 +308,7 @@ pub fn from_event(ev: CatalogEvent) -> Option<Change> {
         catalog_event::Change::Deployed(deployment) => Change::Deployed { deployment, seq: ev.seq },
         catalog_event::Change::Undeployed(deployment) => Change::Undeployed { deployment, seq: ev.seq },
         catalog_event::Change::Role(role) => Change::Role { role, seq: ev.seq },
+        catalog_event::Change::Trust(trust) => Change::Trust { trust, seq: ev.seq },
         catalog_event::Change::Statement(statement) => Change::Statement { statement, seq: ev.seq },
     })
 }

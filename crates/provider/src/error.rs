@@ -17,6 +17,11 @@ pub enum ProviderError {
     /// The caller may not do this (its certificate is genuine, the request is not its to make).
     #[error("{0}")]
     Denied(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// This provider cannot do it as it is set up (one that holds no CA asked to sign).
+    #[error("{0}")]
+    Precondition(String),
     #[error("upstream provider unavailable: {0}")]
     Upstream(String),
     #[error("not ready: {0}")]
@@ -59,6 +64,7 @@ impl ProviderError {
             Code::AlreadyExists => StatusCode::CONFLICT,
             Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
             Code::PermissionDenied => StatusCode::FORBIDDEN,
+            Code::FailedPrecondition => StatusCode::CONFLICT,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -68,7 +74,10 @@ impl ProviderError {
 impl From<&ProviderError> for Code {
     fn from(e: &ProviderError) -> Self {
         match e {
-            ProviderError::UnknownUpdate(_) | ProviderError::BlobMissing(_) => Code::NotFound,
+            ProviderError::UnknownUpdate(_) | ProviderError::BlobMissing(_) | ProviderError::NotFound(_) => {
+                Code::NotFound
+            }
+            ProviderError::Precondition(_) => Code::FailedPrecondition,
             ProviderError::InvalidArgument(_) => Code::InvalidArgument,
             ProviderError::Duplicate { .. } => Code::AlreadyExists,
             ProviderError::LimitReached(_) => Code::ResourceExhausted,

@@ -18,6 +18,7 @@ pub const SERVER: &str = "";
 pub const AGENT_API: &str = <AgentApiServer<()> as NamedService>::NAME;
 pub const REPLICATION: &str = <ReplicationServer<()> as NamedService>::NAME;
 pub const ADMIN: &str = <AdminServer<()> as NamedService>::NAME;
+pub const ENROLLMENT: &str = <updraft_proto::v1::enrollment_server::EnrollmentServer<()> as NamedService>::NAME;
 
 /// Sets each named service's status.
 pub async fn report(health: &HealthReporter, statuses: &[(&str, bool)]) {

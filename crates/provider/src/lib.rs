@@ -8,12 +8,14 @@ pub mod auth;
 pub mod blobs;
 pub mod catalog;
 pub mod ceiling;
+pub mod certs;
 pub mod commit;
 pub mod contacts;
 pub mod content;
 pub mod db;
 pub mod decided;
 pub mod duty;
+pub mod enrollment;
 pub mod error;
 pub mod forward;
 pub mod health;
@@ -44,6 +46,7 @@ use tracing::Instrument;
 use updraft_core::keys::PublicKey;
 use updraft_proto::v1::admin_server::AdminServer;
 use updraft_proto::v1::agent_api_server::AgentApiServer;
+use updraft_proto::v1::enrollment_server::EnrollmentServer;
 use updraft_proto::v1::replication_server::ReplicationServer;
 pub use updraft_runtime::Probe;
 pub use updraft_runtime::tls::Transport;
@@ -117,6 +120,9 @@ pub struct Config {
     pub web_idle: Duration,
     /// How long requests in flight may take to finish once a stop is asked for (see [`serve`]).
     pub shutdown_grace: Duration,
+    /// The CA this provider signs hosts' certificate requests with (see `certs`); none: it
+    /// signs nothing (a site passes requests upstream).
+    pub pki: Option<certs::PkiConfig>,
 }
 
 impl Config {
@@ -152,6 +158,7 @@ impl Config {
             scrub_interval: Duration::from_secs(24 * 3600),
             web_idle: web::DEFAULT_IDLE,
             shutdown_grace: Duration::from_secs(2),
+            pki: None,
         }
     }
 }
@@ -185,6 +192,9 @@ pub struct Shared {
     /// Whether the store's database server answers (always, for an embedded store): a provider
     /// cut off from it reports NOT_SERVING and sends agents elsewhere (see `content::member_loop`).
     pub database_ok: tokio::sync::watch::Sender<bool>,
+    /// When each client certificate (by serial) last opened a connection here, for
+    /// `admin-cli pki list`; in memory, bounded.
+    pub cert_uses: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Shared {
@@ -211,6 +221,7 @@ impl Shared {
             member_fetches: Default::default(),
             stopping: CancellationToken::new(),
             database_ok: tokio::sync::watch::Sender::new(true),
+            cert_uses: Default::default(),
             store,
             blobs,
             hub: Hub::default(),
@@ -276,25 +287,40 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A gRPC server with Updraft's limits, a span and an `rpc.server.duration` per RPC, and mutual TLS unless the transport
-/// is explicitly insecure.
+/// A gRPC server with Updraft's limits, a span and an `rpc.server.duration` per RPC; served
+/// by [`serve_on`], which does the TLS.
 pub fn grpc_server(
     transport: &Transport,
 ) -> Result<tonic::transport::Server<tower_layer::Stack<updraft_runtime::metrics::RpcServerLayer, tower_layer::Identity>>>
 {
-    let server = tonic::transport::Server::builder();
-    let server = match transport {
-        Transport::Tls(c) => {
-            server.tls_config(c.server_config()).map_err(|e| ProviderError::InvalidArgument(format!("TLS: {e}")))?
-        }
-        Transport::Insecure => server,
-    };
-    Ok(server
+    let _ = transport; // TLS is done on the connections, by `serve_on`
+    Ok(tonic::transport::Server::builder()
         .trace_fn(updraft_runtime::telemetry::server_span)
         .max_concurrent_streams(Some(1024))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(updraft_runtime::metrics::RpcServerLayer::default()))
+}
+
+/// Serves `router` on the connections `incoming` yields until `signal`: each through the TLS
+/// handshake of the process's live credentials (mutual, except that a client without a
+/// certificate may enroll; a revoked one's connections close), or in plaintext when the
+/// transport is explicitly insecure.
+macro_rules! serve_on {
+    ($router:expr, $transport:expr, $incoming:expr, $signal:expr) => {{
+        let (router, incoming, signal) = ($router, $incoming, $signal);
+        match $transport {
+            Transport::Tls(t) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        t.accept(incoming, updraft_runtime::tls::ClientAuth::Optional),
+                        signal,
+                    )
+                    .await
+            }
+            Transport::Insecure => router.serve_with_incoming_shutdown(incoming, signal).await,
+        }
+    }};
 }
 
 fn io(e: std::io::Error) -> ProviderError {
@@ -385,17 +411,17 @@ async fn standby(
         &[(health::SERVER, false), (health::ADMIN, false), (health::AGENT_API, true), (health::REPLICATION, true)],
     )
     .await;
-    let server = grpc_server(&config.transport)?
+    let router = grpc_server(&config.transport)?
         .layer(auth::AuthLayer::new(config.transport.clone(), None, config.request_timeout))
         .add_service(Forward::<AgentApiServer<()>>::new(link.clone(), name))
         .add_service(Forward::<ReplicationServer<()>>::new(link.clone(), name))
         .add_service(Forward::<AdminServer<()>>::new(link.clone(), name))
+        .add_service(Forward::<EnrollmentServer<()>>::new(link.clone(), name))
         .add_service(health_service)
-        .add_service(health::reflection()?)
-        .serve_with_incoming_shutdown(
-            limits::incoming(TcpListener::from_std(listener).map_err(io)?, config.max_connections_per_peer),
-            stop.clone().cancelled_owned(),
-        );
+        .add_service(health::reflection()?);
+    let incoming = limits::incoming(TcpListener::from_std(listener).map_err(io)?, config.max_connections_per_peer);
+    let (transport, signal) = (config.transport.clone(), stop.clone().cancelled_owned());
+    let server = async move { serve_on!(router, &transport, incoming, signal) };
     tokio::spawn(
         async move {
             if let Err(e) = server.await {
@@ -464,6 +490,10 @@ async fn active(
     }
     let hub = shared.hub.clone();
     shared.store.announce_to(move |change| hub.publish(change))?;
+    if shared.config.pki.is_some() {
+        // The trust record every tier enforces, current before anyone connects.
+        certs::refresh_trust(&shared).await?;
+    }
     let tier = Arc::new(LocalTier { shared: shared.clone() });
     let addr = listener.local_addr().map_err(io)?;
     let fenced = shutdown.child_token();
@@ -589,6 +619,7 @@ pub async fn serve<T: agent_api::Tier>(
         AdminServer::new(admin::AdminService::new(Arc::new(ops::Ops::new(shared.clone(), shared.config.scan))))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
     });
+    let enrollment = EnrollmentServer::new(enrollment::EnrollmentService::new(tier.clone()));
     let limit = shared.config.max_connections_per_peer;
     let (stopping, grace) = (shared.stopping.clone(), shared.config.shutdown_grace);
     let mut services = vec![health::SERVER, health::AGENT_API, health::REPLICATION];
@@ -623,7 +654,8 @@ pub async fn serve<T: agent_api::Tier>(
             stopping.cancel();
         }
     };
-    let server = grpc_server(&shared.config.transport)?
+    let transport = shared.config.transport.clone();
+    let router = grpc_server(&shared.config.transport)?
         .layer(auth::AuthLayer::new(
             shared.config.transport.clone(),
             Some(shared.clone()),
@@ -642,9 +674,10 @@ pub async fn serve<T: agent_api::Tier>(
             tier,
         ))
         .add_optional_service(admin)
+        .add_service(enrollment)
         .add_service(health_service)
-        .add_service(health::reflection()?)
-        .serve_with_incoming_shutdown(limits::incoming(listener, limit), signal);
+        .add_service(health::reflection()?);
+    let server = async move { serve_on!(router, &transport, limits::incoming(listener, limit), signal) };
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => r.map_err(|e| ProviderError::Io(format!("server: {e}"))),

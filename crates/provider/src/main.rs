@@ -93,6 +93,14 @@ struct Args {
     /// Largest package accepted by `update add`, in bytes.
     #[arg(long, env = "UPDRAFT_MAX_UPLOAD_BYTES", default_value_t = 16 << 30)]
     max_upload_bytes: u64,
+    /// The CA directory (`admin-cli pki init`): this provider signs the certificates agents and
+    /// sites enroll for and renew, and keeps the revocation list every tier enforces.
+    #[arg(long, env = "UPDRAFT_PKI_DIR")]
+    pki_dir: Option<PathBuf>,
+    /// How long an agent's or site's certificate lasts (`30d`, `12h`, `90s`); renewed after
+    /// two thirds of it.
+    #[arg(long, env = "UPDRAFT_CERT_LIFETIME", default_value = "30d", value_parser = updraft_core::when::parse_span)]
+    cert_lifetime: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -263,6 +271,14 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--catalog-expiry-secs must be 2 to 2592000 (30 days)");
     }
     config.statement_ttl = Duration::from_secs(args.catalog_expiry_secs);
+    if let Some(dir) = args.pki_dir {
+        if args.cert_lifetime < Duration::from_secs(2) || args.cert_lifetime > Duration::from_secs(3650 * 86_400) {
+            anyhow::bail!("--cert-lifetime must be 2 s to 10 years");
+        }
+        // Refuse to start with a CA that cannot sign, rather than fail every enrollment.
+        updraft_runtime::tls::pki::Ca::load(&dir)?;
+        config.pki = Some(updraft_provider::certs::PkiConfig { dir, lifetime: args.cert_lifetime });
+    }
     args.limits.apply(&mut config)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prost::Message;
 use updraft_proto::v1::{
-    Activity, Assignment, AuditEntry, Deployment, Discovery, ForwardedReport, Group, Machine, MachineInfo, MachinePins,
-    MachineRole, PairMember, Password, Peer, ProductLineCap, SignedStatement, SiteStats, Update, User, WatchFolder,
+    Activity, Assignment, AuditEntry, Deployment, Discovery, ForwardedReport, Group, IssuedCertificate, JoinToken,
+    Machine, MachineInfo, MachinePins, MachineRole, PairMember, Password, Peer, PendingEnrollment, ProductLineCap,
+    SignedStatement, SiteStats, Trust, Update, User, WatchFolder,
 };
 
 use crate::commit::Committer;
@@ -21,6 +22,8 @@ use crate::db::{Db, Tree, Tx};
 use crate::error::{ProviderError, Result};
 use crate::pair::Fence;
 use crate::table::{Table, decode};
+
+mod pki;
 
 const CATALOG_SEQ: &[u8] = b"catalog_seq";
 const STATEMENT: &[u8] = b"statement";
@@ -95,6 +98,11 @@ pub enum Change {
         role: MachineRole,
         seq: u64,
     },
+    /// What every tier trusts: the CA bundle and the revocation lists.
+    Trust {
+        trust: Trust,
+        seq: u64,
+    },
     /// The centre's signed catalog statement: sent to followers, never in the log.
     Statement {
         statement: SignedStatement,
@@ -118,6 +126,7 @@ impl Change {
             | Change::Deployed { seq, .. }
             | Change::Undeployed { seq, .. }
             | Change::Role { seq, .. }
+            | Change::Trust { seq, .. }
             | Change::Statement { seq, .. } => *seq,
         }
     }
@@ -153,6 +162,8 @@ enum Policy {
     Deployment,
     /// An administrator's choice of a machine's role, by machine name.
     Role,
+    /// The trust record (one, [`TRUST`]).
+    Trust,
 }
 
 impl Policy {
@@ -165,11 +176,13 @@ impl Policy {
             Policy::Setting => b"s",
             Policy::Deployment => b"d",
             Policy::Role => b"o",
+            Policy::Trust => b"t",
         }
     }
 }
 
 const DISCOVERY: &str = "discovery";
+const TRUST: &str = "trust";
 
 /// The record name of a deployment: its target and product, NUL-separated (names never hold
 /// a NUL), so one product deployed to a group and to a machine are two records.
@@ -230,6 +243,12 @@ pub struct Store {
     settings: Table<Discovery>,
     deployments: Table<Deployment>,
     roles: Tree,
+    trust: Table<Trust>,
+    /// Certificates the centre issued, by serial; join tokens by id; enrollment requests
+    /// waiting for approval, by name. The centre's alone: never replicated.
+    certificates: Table<IssuedCertificate>,
+    join_tokens: Table<JoinToken>,
+    enrollments: Table<PendingEnrollment>,
     users: Table<User>,
     /// Users' web console passwords (Argon2 PHC strings); like users, never sent to sites.
     passwords: Table<Password>,
@@ -333,6 +352,10 @@ impl Store {
             settings: Table::open(&db, "settings")?,
             deployments: Table::open(&db, "deployments")?,
             roles: db.open_tree("roles")?,
+            trust: Table::open(&db, "trust")?,
+            certificates: Table::open(&db, "certificates")?,
+            join_tokens: Table::open(&db, "join_tokens")?,
+            enrollments: Table::open(&db, "enrollments")?,
             users: Table::open(&db, "users")?,
             passwords: Table::open(&db, "passwords")?,
             audit: Table::open(&db, "audit")?,
@@ -617,6 +640,9 @@ impl Store {
                 let value = (!role.role.is_empty()).then(|| role.role.as_bytes().to_vec());
                 self.put_policy(Policy::Role, &role.machine, value, Some(*seq)).await?;
             }
+            Change::Trust { trust, seq } => {
+                self.put_policy(Policy::Trust, TRUST, Some(trust.encode_to_vec()), Some(*seq)).await?;
+            }
             Change::Statement { statement, .. } => return self.put_statement(statement).await,
         }
         self.flush().await
@@ -656,6 +682,7 @@ impl Store {
                     None => Change::PeerRemoved { name, seq },
                 },
                 b"s" => Change::Discovery { discovery: self.discovery()?, seq },
+                b"t" => Change::Trust { trust: self.trust()?.unwrap_or_default(), seq },
                 b"d" => {
                     let Some(deployment) = deployment_of_name(&name) else { continue };
                     if self.deployments.contains_key(name.as_bytes())? {
@@ -688,6 +715,7 @@ impl Store {
             Policy::Setting => &self.settings,
             Policy::Deployment => &self.deployments,
             Policy::Role => &self.roles,
+            Policy::Trust => &self.trust,
         }
     }
 

@@ -32,6 +32,10 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, probe: Probe, shutdow
     let shared = Shared::open(cfg.provider.clone())?;
     let tier = Arc::new(SiteTier::new(shared.clone(), &cfg.upstream, probe.clone())?);
     tier.register_metrics();
+    // The trust record as last received: revocations stay in force across a restart.
+    if let Some(trust) = shared.store.trust()? {
+        updraft_provider::certs::apply_trust(&shared.config.transport, &trust);
+    }
     let upstream = cfg.upstream.join(",");
     let addr = listener.local_addr().map_err(|e| ProviderError::Io(e.to_string()))?;
     tracing::info!(%addr, %upstream, site = %shared.config.name, seq = shared.store.catalog_seq()?, "remote provider listening");
@@ -54,6 +58,22 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, probe: Probe, shutdow
         site::forward_loop(tier.clone(), shutdown.clone())
             .instrument(updraft_runtime::telemetry::task("report_forwarder", &upstream)),
     );
+    if let updraft_runtime::tls::Transport::Tls(tls) = &shared.config.transport {
+        // Renewed at the upstream, keeping the host names agents reach the site at.
+        let sans = updraft_runtime::tls::pki::CertInfo::of_pem(tls.current().identity_pem().0)
+            .map(|i| i.sans)
+            .unwrap_or_default();
+        let renewing = tier.clone();
+        tokio::spawn(
+            updraft_runtime::enroll::renew_loop(
+                tls.clone(),
+                sans,
+                move || std::future::ready(Ok(renewing.channel())),
+                shutdown.clone(),
+            )
+            .instrument(updraft_runtime::telemetry::task("certificate_renewal", "")),
+        );
+    }
     let site = shared.config.name.clone();
     tokio::spawn(
         updraft_provider::announce::announce_loop(shared.clone(), "remote", site, addr, shutdown.clone())

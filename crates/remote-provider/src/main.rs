@@ -6,7 +6,51 @@ use anyhow::Context;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "remote-provider", version, about = "Updraft site provider: caches an upstream provider for one site")]
+#[command(
+    name = "remote-provider",
+    version,
+    about = "Updraft site provider: caches an upstream provider for one site",
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: Args,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Get this site's certificate: a key made here (it never leaves the host), signed by the
+    /// upstream provider's CA for a join token (`admin-cli pki token --role remote-provider`)
+    /// or, without one, once an administrator approves (`admin-cli pki approve NAME`). Written
+    /// to STORE/tls, where the site finds it; renewed by the site before it expires.
+    Enroll {
+        /// The upstream provider's URL, https://HOST:PORT.
+        #[arg(long, env = "UPDRAFT_REMOTE_UPSTREAM")]
+        upstream: String,
+        /// The CA certificate the provider's must be signed by (ca.crt from the administrator).
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long, env = "UPDRAFT_JOIN_TOKEN")]
+        token: Option<String>,
+        /// The site name to ask for (default: host name; a token naming one decides).
+        #[arg(long, env = "UPDRAFT_REMOTE_NAME")]
+        name: Option<String>,
+        /// Host names and addresses agents reach this site at (default: the name, localhost,
+        /// 127.0.0.1).
+        #[arg(long, value_delimiter = ',')]
+        san: Vec<String>,
+        /// Data directory (as for running the site).
+        #[arg(long, env = "UPDRAFT_REMOTE_STORE")]
+        store: Option<PathBuf>,
+        /// How long to wait for an approval before giving up.
+        #[arg(long, default_value = "10m", value_parser = updraft_core::when::parse_span)]
+        wait: std::time::Duration,
+    },
+}
+
+#[derive(clap::Args)]
 struct Args {
     /// URL of the provider to follow, e.g. http://10.0.0.5:8092 (repeat or comma-separate for
     /// both members of a switchover pair).
@@ -31,13 +75,50 @@ struct Args {
     logs: updraft_runtime::logs::LogArgs,
 }
 
+/// Where enrollment writes the site's key and certificate, under its data directory.
+const ENROLLED: &str = "tls";
+
+fn data_dir(store: Option<PathBuf>) -> PathBuf {
+    store.unwrap_or_else(|| updraft_runtime::default_data_dir("remote-provider"))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    let args = match cli.cmd {
+        Some(Cmd::Enroll { upstream, ca, token, name, san, store, wait }) => {
+            let e = updraft_runtime::enroll::Enrollment {
+                provider: upstream,
+                ca,
+                token,
+                name: name.unwrap_or_else(updraft_runtime::hostname),
+                role: updraft_runtime::tls::Role::RemoteProvider,
+                sans: san,
+                dir: data_dir(store).join(ENROLLED),
+                wait,
+            };
+            let waiting = std::sync::Once::new();
+            let paths = updraft_runtime::enroll::enroll(&e, || {
+                waiting.call_once(|| eprintln!("waiting for an administrator: admin-cli pki approve {}", e.name))
+            })
+            .await?;
+            let c = updraft_runtime::tls::Tls::load(paths.clone())?.current();
+            let until = updraft_runtime::utc_text(c.not_after * 1000);
+            println!(
+                "enrolled as {} (certificate {}, valid until {until}); key {}",
+                c.me.name,
+                c.serial,
+                paths.key.display()
+            );
+            return Ok(());
+        }
+        None => cli.run,
+    };
     let telemetry = updraft_runtime::telemetry::init("updraft-remote-provider", &args.logs);
-    let data_dir = args.store.unwrap_or_else(|| updraft_runtime::default_data_dir("remote-provider"));
+    let data_dir = data_dir(args.store);
+    let enrolled = data_dir.join(ENROLLED);
     let mut provider = updraft_provider::Config::new(args.name.unwrap_or_else(updraft_runtime::hostname), data_dir);
-    provider.transport = args.tls.transport("remote-provider")?;
+    provider.transport = args.tls.transport_or_enrolled("remote-provider", Some(&enrolled))?;
     provider.transport.register_expiry_metric();
     args.limits.apply(&mut provider)?;
     let cfg = updraft_remote_provider::RemoteConfig { provider, upstream: args.upstream };

@@ -12,9 +12,12 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use updraft_core::plan::Action;
+use updraft_proto::v1::enrollment_client::EnrollmentClient;
 use updraft_proto::v1::replication_client::ReplicationClient;
 use updraft_proto::v1::{BlobRequest, FollowRequest, ForwardRequest, ForwardedReport, MachineInfo, SiteStats};
+use updraft_proto::v1::{CertificateReply, EnrollRequest, RenewRequest};
 use updraft_provider::agent_api::Tier;
+use updraft_provider::auth::Caller;
 use updraft_provider::error::{ProviderError, Result};
 use updraft_provider::store::Change;
 use updraft_provider::{Shared, policy};
@@ -30,7 +33,10 @@ const FETCH_ATTEMPTS: u32 = 5;
 
 pub struct SiteTier {
     shared: Arc<Shared>,
-    upstream: ReplicationClient<TracedChannel>,
+    /// The channel to the upstream, and the credentials generation it was built with: rebuilt
+    /// after this site's certificate or trust changed (see [`SiteTier::channel`]).
+    channel: std::sync::Mutex<(u64, TracedChannel)>,
+    upstreams: Vec<String>,
     /// One lock per blob being fetched: concurrent requests wait for the single transfer.
     inflight: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     outbox_ready: Notify,
@@ -56,7 +62,48 @@ pub struct SiteTier {
     prefetch_failed: AtomicU64,
 }
 
+/// A channel to the upstream(s) with the credentials in use now.
+fn connect_upstream(transport: &updraft_runtime::tls::Transport, upstreams: &[String]) -> Result<TracedChannel> {
+    let mut endpoints = Vec::new();
+    for u in upstreams {
+        endpoints.push(
+            transport
+                .endpoint(u)
+                .map_err(|e| ProviderError::InvalidArgument(format!("upstream: {e}")))?
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10)),
+        );
+    }
+    // A lazy channel reconnects by itself when the upstream comes back; a balanced one
+    // sends each request to a member that is up.
+    Ok(match endpoints.len() {
+        1 => updraft_runtime::traced(endpoints.remove(0).connect_lazy()).with_server(&upstreams[0]),
+        _ => updraft_runtime::traced(tonic::transport::Channel::balance_list(endpoints.into_iter())),
+    })
+}
+
 impl SiteTier {
+    /// The channel to the upstream: the one built with the credentials in use, or a new one
+    /// once they changed (a renewed certificate, a new CA bundle), so a reconnection never
+    /// presents a certificate that has been replaced.
+    pub fn channel(&self) -> TracedChannel {
+        let transport = &self.shared.config.transport;
+        let mut slot = self.channel.lock().expect("upstream channel");
+        let now = transport.generation();
+        if slot.0 != now {
+            match connect_upstream(transport, &self.upstreams) {
+                Ok(ch) => *slot = (now, ch),
+                Err(e) => tracing::error!(error = %e, "cannot rebuild the upstream channel; the previous stays"),
+            }
+        }
+        slot.1.clone()
+    }
+
+    fn upstream(&self) -> ReplicationClient<TracedChannel> {
+        ReplicationClient::new(self.channel()).max_decoding_message_size(updraft_provider::MAX_MESSAGE_BYTES)
+    }
+
     /// `upstreams`: one provider, or several that serve the same catalog (both members of a
     /// switchover pair); requests go to whichever of them is reachable.
     pub fn new(shared: Arc<Shared>, upstreams: &[String], probe: updraft_runtime::Probe) -> Result<Self> {
@@ -64,29 +111,11 @@ impl SiteTier {
             return Err(ProviderError::InvalidArgument("no upstream provider given (use --upstream URL)".into()));
         }
         let upstream_url = upstreams.join(",");
-        let mut endpoints = Vec::new();
-        for u in upstreams {
-            endpoints.push(
-                shared
-                    .config
-                    .transport
-                    .endpoint(u)
-                    .map_err(|e| ProviderError::InvalidArgument(format!("upstream: {e}")))?
-                    .connect_timeout(Duration::from_secs(5))
-                    .http2_keep_alive_interval(Duration::from_secs(20))
-                    .keep_alive_timeout(Duration::from_secs(10)),
-            );
-        }
-        // A lazy channel reconnects by itself when the upstream comes back; a balanced one
-        // sends each request to a member that is up.
-        let channel = match endpoints.len() {
-            1 => updraft_runtime::traced(endpoints.remove(0).connect_lazy()).with_server(&upstreams[0]),
-            _ => updraft_runtime::traced(tonic::transport::Channel::balance_list(endpoints.into_iter())),
-        };
-        let upstream = ReplicationClient::new(channel).max_decoding_message_size(updraft_provider::MAX_MESSAGE_BYTES);
+        let channel = connect_upstream(&shared.config.transport, upstreams)?;
         Ok(Self {
+            channel: std::sync::Mutex::new((shared.config.transport.generation(), channel)),
+            upstreams: upstreams.to_vec(),
             shared,
-            upstream,
             inflight: Mutex::new(HashMap::new()),
             outbox_ready: Notify::new(),
             upstream_url,
@@ -133,8 +162,7 @@ impl SiteTier {
         let io = |e: std::io::Error| ProviderError::Io(format!("{}: {e}", part.display()));
         let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(part).await.map_err(io)?;
         let mut stream = self
-            .upstream
-            .clone()
+            .upstream()
             .fetch_blob(BlobRequest { content_hash: content_hash.to_string(), offset })
             .await
             .map_err(|s| ProviderError::Upstream(s.message().to_string()))?
@@ -282,6 +310,27 @@ impl SiteTier {
 }
 
 impl Tier for SiteTier {
+    /// A site signs nothing: the request goes upstream as it came.
+    async fn enroll(&self, req: EnrollRequest, _from: Option<std::net::SocketAddr>) -> Result<CertificateReply> {
+        let mut client = EnrollmentClient::new(self.channel());
+        Ok(client.enroll(req).await.map_err(upstream_refusal)?.into_inner())
+    }
+
+    /// An agent's renewal goes upstream with the certificate the agent presented here, for the
+    /// centre to check.
+    async fn renew(&self, mut req: RenewRequest, caller: &Caller, leaf: Option<Vec<u8>>) -> Result<CertificateReply> {
+        if caller.role != Some(updraft_runtime::tls::Role::Agent) {
+            return Err(ProviderError::Denied(format!(
+                "{}: a site renews its agents' certificates only",
+                caller.describe()
+            )));
+        }
+        req.on_behalf_of =
+            leaf.ok_or_else(|| ProviderError::Denied("no client certificate on this connection".into()))?;
+        let mut client = EnrollmentClient::new(self.channel());
+        Ok(client.renew(req).await.map_err(upstream_refusal)?.into_inner())
+    }
+
     async fn ensure_blob(&self, content_hash: &str) -> Result<()> {
         if self.shared.blobs.has(content_hash) {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -364,6 +413,19 @@ fn statement_version(st: &updraft_proto::v1::SignedStatement) -> u64 {
     updraft_core::freshness::claimed_version(&st.body).unwrap_or(0)
 }
 
+/// An upstream's refusal, passed on with its code (a refused token stays a refusal, not an
+/// unavailable upstream).
+fn upstream_refusal(s: tonic::Status) -> ProviderError {
+    match s.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => ProviderError::Denied(s.message().into()),
+        tonic::Code::InvalidArgument => ProviderError::InvalidArgument(s.message().into()),
+        tonic::Code::NotFound => ProviderError::NotFound(s.message().into()),
+        tonic::Code::FailedPrecondition => ProviderError::Precondition(s.message().into()),
+        tonic::Code::ResourceExhausted => ProviderError::LimitReached(s.message().into()),
+        _ => ProviderError::Upstream(s.message().into()),
+    }
+}
+
 impl Held {
     fn new(last: Option<&updraft_proto::v1::SignedStatement>) -> Self {
         Self { signed: last.is_some(), version: last.map(statement_version).unwrap_or(0), changes: vec![], since: None }
@@ -406,7 +468,7 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
         let req = FollowRequest { after_seq: after, site: tier.shared.config.name.clone() };
         // Each connection is a trace of its own (the loop runs for ever).
         let span = tracing::info_span!(parent: None, "follow_catalog", after);
-        match async { tier.upstream.clone().follow_catalog(req).await }.instrument(span).await {
+        match async { tier.upstream().follow_catalog(req).await }.instrument(span).await {
             Ok(resp) => {
                 tier.set_connected(true);
                 let mut stream = resp.into_inner();
@@ -429,6 +491,10 @@ pub async fn follow_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                             if let Err(e) = tier.shared.store.apply_replicated(&change).await {
                                 tracing::error!(error = %e, "cannot store replicated change");
                                 break;
+                            }
+                            if let Change::Trust { trust, .. } = &change {
+                                // In force here at once: a revoked agent is refused from now on.
+                                updraft_provider::certs::apply_trust(&tier.shared.config.transport, trust);
                             }
                             if !matches!(change, Change::Statement { .. }) {
                                 tier.needs_changed.notify_one();
@@ -499,7 +565,7 @@ pub async fn forward_loop(tier: Arc<SiteTier>, shutdown: CancellationToken) {
                 }),
                 stats: Some(tier.status()),
             };
-            let sent = async { tier.upstream.clone().forward_reports(req).await }.instrument(span).await;
+            let sent = async { tier.upstream().forward_reports(req).await }.instrument(span).await;
             match sent {
                 Ok(_) => {
                     backoff = Duration::from_millis(250);

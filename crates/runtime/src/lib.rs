@@ -1,5 +1,6 @@
 //! Process glue shared by every Updraft binary: telemetry, shutdown on signals, the host name
 //! and default data directories. Nothing domain-specific lives here.
+pub mod enroll;
 pub mod held;
 pub mod logs;
 pub mod mdns;

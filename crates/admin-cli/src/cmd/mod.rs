@@ -24,7 +24,7 @@ use crate::ctx::Ctx;
 pub async fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Key(c) => key::run(ctx, c),
-        Cmd::Pki(c) => pki::run(ctx, c),
+        Cmd::Pki(c) => pki::run(ctx, c).await,
         Cmd::Package(c) => package::run(ctx, c),
         Cmd::Update(c) => update::run(ctx, c).await,
         Cmd::Machine(c) => machine::run(ctx, c).await,

@@ -1,7 +1,12 @@
 //! The access half of the admin operations: authorized users and their roles, their web
-//! console passwords, and reading the audit and activity logs.
+//! console passwords, reading the audit and activity logs, and the certificates hosts hold
+//! (join tokens, approvals, revocations: the rules are `certs`').
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use updraft_proto::v1::{
+    ApproveEnrollmentRequest, CreateJoinTokenRequest, JoinToken, ListCertificatesRequest, ListCertificatesResponse,
+    RevokeCertificateRequest,
+};
 use updraft_proto::v1::{
     ListActivityRequest, ListActivityResponse, ListAuditRequest, ListAuditResponse, ListUsersResponse,
     RemoveUserRequest, SetPasswordRequest, SetPasswordResponse, User,
@@ -18,6 +23,30 @@ pub const USER_ROLES: [&str; 2] = ["admin", "viewer"];
 pub const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 10..=1024;
 
 impl Ops {
+    pub async fn create_join_token(&self, who: &str, req: CreateJoinTokenRequest) -> Result<JoinToken> {
+        crate::certs::create_token(&self.shared, who, req).await
+    }
+
+    pub async fn list_certificates(&self, req: ListCertificatesRequest) -> Result<ListCertificatesResponse> {
+        crate::certs::list(&self.shared, req.include_expired).await
+    }
+
+    pub async fn approve_enrollment(
+        &self,
+        who: &str,
+        req: ApproveEnrollmentRequest,
+    ) -> Result<ListCertificatesResponse> {
+        crate::certs::approve(&self.shared, who, &req.name).await
+    }
+
+    pub async fn revoke_certificate(
+        &self,
+        who: &str,
+        req: RevokeCertificateRequest,
+    ) -> Result<ListCertificatesResponse> {
+        crate::certs::revoke(&self.shared, who, req.name_or_serial.trim()).await
+    }
+
     /// Refuses a change that would leave no admin (no one could manage users any more short
     /// of restarting the provider with --bootstrap-admin).
     fn guard_last_admin(&self, name: &str, new_role: &str) -> Result<()> {

@@ -95,6 +95,10 @@ operations! {
     ListUsers => Read,
     ListAudit => Read,
     SetPassword => Write,
+    CreateJoinToken => Write,
+    ListCertificates => Read,
+    ApproveEnrollment => Write,
+    RevokeCertificate => Write,
 }
 
 impl Op {

@@ -484,33 +484,35 @@ pub struct ConsoleTls {
     pub cert_pem: String,
 }
 
-/// The console's TLS settings: the provider's own certificate (no client certificate asked
-/// for: users sign in with a password), or a self-signed one on an `--insecure` provider.
+/// The console's TLS settings: the provider's own certificate as it is at each handshake (no
+/// client certificate asked for: users sign in with a password), or a self-signed one on an
+/// `--insecure` provider. `cert_pem` is the one presented now.
 pub fn tls_config(transport: &Transport, name: &str) -> Result<ConsoleTls> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let bad = |e: String| ProviderError::InvalidArgument(format!("web console certificate: {e}"));
-    let (cert, key) = match transport {
-        Transport::Tls(c) => {
-            let (cert, key) = c.identity_pem();
-            (cert.to_vec(), key.to_vec())
+    let (mut config, cert_pem) = match transport {
+        Transport::Tls(t) => {
+            let cert = String::from_utf8_lossy(t.current().identity_pem().0).into_owned();
+            (t.server_config(updraft_runtime::tls::ClientAuth::None), cert)
         }
         Transport::Insecure => {
             let (c, k) = updraft_runtime::tls::self_signed(&[name.to_string(), "localhost".into(), "127.0.0.1".into()])
                 .map_err(|e| bad(e.to_string()))?;
-            (c.into_bytes(), k.into_bytes())
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(c.as_bytes())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            let key = PrivateKeyDer::from_pem_slice(k.as_bytes()).map_err(|e| bad(e.to_string()))?;
+            let config =
+                rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_no_client_auth()
+                    .with_single_cert(certs, key)
+                    .map_err(|e| bad(e.to_string()))?;
+            (config, c)
         }
     };
-    let cert_pem = String::from_utf8_lossy(&cert).into_owned();
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&cert).collect::<std::result::Result<_, _>>().map_err(|e| bad(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad(e.to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| bad(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(ConsoleTls { server: Arc::new(config), cert_pem })
 }

@@ -1,0 +1,351 @@
+//! The private CA and the certificates it issues: made on an administrator's disk
+//! (`admin-cli pki init`, `pki issue`), or signed from a host's own request by the provider that
+//! holds the CA (`provider --pki-dir`), so the host's key never leaves it; the requests hosts
+//! make ([`request`]); the CA's signed revocation lists.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertificateSigningRequestParams,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
+};
+use sha2::Digest;
+
+use super::{Role, TlsError, file_err};
+
+pub const CA_CERT: &str = "ca.crt";
+pub const CA_KEY: &str = "ca.key";
+
+fn write_secret(path: &Path, text: &str) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| file_err(path, e))?;
+    f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| file_err(path, e))
+}
+
+fn write_public(path: &Path, text: &str) -> Result<(), TlsError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| file_err(path, e))?;
+    f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| file_err(path, e))
+}
+
+fn err(e: rcgen::Error) -> TlsError {
+    TlsError::Config(e.to_string())
+}
+
+/// Creates a CA in `dir` (ca.crt, and ca.key readable by the owner only). Refuses to
+/// replace an existing one.
+pub fn init(dir: &Path, name: &str) -> Result<PathBuf, TlsError> {
+    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    let (crt, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    if crt.exists() || key_path.exists() {
+        return Err(file_err(&crt, "a CA already exists here; it is not replaced"));
+    }
+    let key = KeyPair::generate().map_err(err)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn.push(DnType::OrganizationName, "Updraft");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(3650);
+    params.serial_number = Some(random_serial()?);
+    let cert = params.self_signed(&key).map_err(err)?;
+    write_secret(&key_path, &key.serialize_pem())?;
+    write_public(&crt, &cert.pem())?;
+    Ok(crt)
+}
+
+/// A positive 16-byte serial number whose first byte is not zero (so its DER form, and the hex
+/// every listing shows, is these bytes).
+fn random_serial() -> Result<SerialNumber, TlsError> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| TlsError::Config(format!("no randomness for a serial number: {e}")))?;
+    b[0] = (b[0] & 0x7f) | 0x01;
+    Ok(SerialNumber::from(b.to_vec()))
+}
+
+/// The checks every name in a certificate passes.
+fn check_name(name: &str) -> Result<(), TlsError> {
+    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c == '/') {
+        return Err(TlsError::Config(format!("name {name:?} must be 1-64 printable characters, no '/'")));
+    }
+    Ok(())
+}
+
+/// What a certificate for `name` with `role` holds, valid from `valid_from` for `valid_for`.
+/// Server roles get `sans` (host names or IP addresses; the name, localhost and 127.0.0.1 when
+/// none are given).
+fn params_for(
+    role: Role,
+    name: &str,
+    sans: &[String],
+    valid_from: time::OffsetDateTime,
+    valid_for: Duration,
+) -> Result<CertificateParams, TlsError> {
+    check_name(name)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn.push(DnType::OrganizationalUnitName, role.as_str());
+    dn.push(DnType::OrganizationName, "Updraft");
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if role.serves() {
+        params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+        let defaults = [name.to_string(), "localhost".into(), "127.0.0.1".into()];
+        let sans: &[String] = if sans.is_empty() { &defaults } else { sans };
+        if sans.len() > 32 {
+            return Err(TlsError::Config(format!("{} host names and addresses: at most 32", sans.len())));
+        }
+        for s in sans {
+            params.subject_alt_names.push(match s.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    s.clone().try_into().map_err(|_| TlsError::Config(format!("{s:?} is not a host name")))?,
+                ),
+            });
+        }
+    }
+    params.not_before = valid_from;
+    params.not_after = valid_from + time::Duration::seconds(valid_for.as_secs() as i64);
+    params.serial_number = Some(random_serial()?);
+    Ok(params)
+}
+
+/// A certificate the CA signed: PEM, and what a listing shows of it.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub pem: String,
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Signed {
+    fn of(cert: rcgen::Certificate) -> Result<Self, TlsError> {
+        let info = CertInfo::of_der(cert.der())?;
+        Ok(Signed { pem: cert.pem(), serial: info.serial, not_before: info.not_before, not_after: info.not_after })
+    }
+}
+
+/// What a certificate says: holder, serial (hex), validity (Unix seconds), the SHA-256 of its
+/// public key (hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub name: String,
+    pub role: Option<Role>,
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub key_sha256: String,
+    pub issuer: String,
+    /// Host names and addresses (a server's).
+    pub sans: Vec<String>,
+}
+
+impl CertInfo {
+    pub fn of_der(der: &[u8]) -> Result<Self, TlsError> {
+        let (_, c) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| TlsError::Config(format!("unreadable certificate: {e}")))?;
+        let peer = super::peer_of(der).ok();
+        let mut sans = Vec::new();
+        if let Ok(Some(ext)) = c.subject_alternative_name() {
+            for n in &ext.value.general_names {
+                match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => sans.push(d.to_string()),
+                    x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                        4 => {
+                            sans.push(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).expect("4 bytes")).to_string())
+                        }
+                        16 => sans
+                            .push(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).expect("16 bytes")).to_string()),
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+        }
+        Ok(CertInfo {
+            sans,
+            name: peer.as_ref().map(|p| p.name.clone()).unwrap_or_default(),
+            role: peer.map(|p| p.role),
+            serial: hex::encode(c.raw_serial()),
+            not_before: c.validity().not_before.timestamp(),
+            not_after: c.validity().not_after.timestamp(),
+            key_sha256: hex::encode(sha2::Sha256::digest(c.public_key().subject_public_key.data.as_ref())),
+            issuer: c.issuer().to_string(),
+        })
+    }
+
+    pub fn of_pem(pem: &[u8]) -> Result<Self, TlsError> {
+        Self::of_der(&super::pem_der(pem).ok_or_else(|| TlsError::Config("not a PEM certificate".into()))?)
+    }
+}
+
+/// A host's request for a certificate: its public key, signed by its private key.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub(crate) params: CertificateSigningRequestParams,
+    /// SHA-256 of the requested public key (hex), to compare with what the host shows.
+    pub key_sha256: String,
+}
+
+impl Request {
+    /// Parses a request (PEM) and checks its signature: whoever sent it holds the key.
+    pub fn parse(csr_pem: &str) -> Result<Self, TlsError> {
+        if csr_pem.len() > 16 * 1024 {
+            return Err(TlsError::Config("the certificate request is larger than 16 KiB".into()));
+        }
+        let params = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| TlsError::Config(format!("the certificate request is not valid: {e}")))?;
+        let key_sha256 = hex::encode(sha2::Sha256::digest(rcgen::PublicKeyData::der_bytes(&params.public_key)));
+        Ok(Self { params, key_sha256 })
+    }
+}
+
+/// A new key (PEM) and a request for a certificate with it (PEM), made on the host that will
+/// use it.
+pub fn request(name: &str) -> Result<(String, String), TlsError> {
+    let key = KeyPair::generate().map_err(err)?;
+    Ok((request_for_key(&key, name)?, key.serialize_pem()))
+}
+
+/// A request for a new certificate with the key we hold (PEM): a renewal.
+pub fn request_with_key(key_pem: &[u8], name: &str) -> Result<String, TlsError> {
+    let key = KeyPair::from_pem(&String::from_utf8_lossy(key_pem)).map_err(err)?;
+    request_for_key(&key, name)
+}
+
+fn request_for_key(key: &KeyPair, name: &str) -> Result<String, TlsError> {
+    check_name(name)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.serialize_request(key).map_err(err)?.pem().map_err(err)
+}
+
+/// A CA loaded once, to issue many certificates (the provider signing requests, a test
+/// harness issuing thousands).
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    fingerprint: String,
+}
+
+impl Ca {
+    /// The CA in `dir` (ca.crt and ca.key).
+    pub fn load(dir: &Path) -> Result<Ca, TlsError> {
+        let (crt, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+        let ca_pem = std::fs::read_to_string(&crt).map_err(|e| file_err(&crt, e))?;
+        let ca_key_pem = std::fs::read_to_string(&key).map_err(|e| file_err(&key, e))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| file_err(&key, e))?;
+        let der = super::pem_der(ca_pem.as_bytes()).ok_or_else(|| file_err(&crt, "not a PEM certificate"))?;
+        let fingerprint = hex::encode(&sha2::Sha256::digest(&der)[..8]);
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| file_err(&crt, e))?;
+        Ok(Ca { issuer, cert_pem: ca_pem, fingerprint })
+    }
+
+    /// The CA's certificate (PEM).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The first 8 bytes of the SHA-256 of the CA's certificate (hex): how listings name it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// A new key and a certificate for `name` with `role` (see [`params_for`]), as PEM
+    /// (certificate, private key).
+    pub fn issue_pem(
+        &self,
+        role: Role,
+        name: &str,
+        sans: &[String],
+        valid_from: time::OffsetDateTime,
+        valid_for: Duration,
+    ) -> Result<(String, String), TlsError> {
+        let params = params_for(role, name, sans, valid_from, valid_for)?;
+        let key = KeyPair::generate().map_err(err)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A certificate for the key in `request`: the CA decides everything else (name, role,
+    /// host names, validity); nothing the request asks for besides its key is used.
+    pub fn sign(
+        &self,
+        request: &Request,
+        role: Role,
+        name: &str,
+        sans: &[String],
+        valid_from: time::OffsetDateTime,
+        valid_for: Duration,
+    ) -> Result<Signed, TlsError> {
+        let params = params_for(role, name, sans, valid_from, valid_for)?;
+        let csr = CertificateSigningRequestParams { params, public_key: request.params.public_key.clone() };
+        Signed::of(csr.signed_by(&self.issuer).map_err(err)?)
+    }
+
+    /// The CA's list of revoked certificates (DER), numbered `number` (it only grows):
+    /// `revoked` is (serial hex, revoked at, Unix ms).
+    pub fn revocation_list(&self, revoked: &[(String, i64)], number: u64) -> Result<Vec<u8>, TlsError> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut certs = Vec::with_capacity(revoked.len());
+        for (serial, at_ms) in revoked {
+            let bytes = hex::decode(serial).map_err(|_| TlsError::Config(format!("serial {serial:?} is not hex")))?;
+            certs.push(RevokedCertParams {
+                serial_number: SerialNumber::from(bytes),
+                revocation_time: time::OffsetDateTime::from_unix_timestamp(at_ms / 1000).unwrap_or(now),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(3650),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer).map_err(err)?.der().to_vec())
+    }
+}
+
+/// Issues a certificate for `name` with `role`, signed by the CA in `dir` (see
+/// [`Ca::issue_pem`]). Writes `out.crt` and `out.key` (owner-only); refuses to replace them.
+pub fn issue(
+    dir: &Path,
+    role: Role,
+    name: &str,
+    sans: &[String],
+    valid_from: time::OffsetDateTime,
+    valid_for: Duration,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), TlsError> {
+    let (cert, key) = Ca::load(dir)?.issue_pem(role, name, sans, valid_from, valid_for)?;
+    let (crt_path, key_path) = (out.with_extension("crt"), out.with_extension("key"));
+    write_secret(&key_path, &key)?;
+    write_public(&crt_path, &cert)?;
+    Ok((crt_path, key_path))
+}
+
+/// Writes a new host key (owner-only) where it does not exist yet; the host's first step of
+/// enrollment.
+pub fn write_new_key(path: &Path, key_pem: &str) -> Result<(), TlsError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    }
+    write_secret(path, key_pem)
+}

@@ -1,0 +1,146 @@
+//! Certificates that never strand a fleet: hosts enroll with their own keys (join tokens, or an
+//! administrator's approval), short-lived certificates renew themselves under load, and a
+//! revocation takes effect at the provider at once and at a site within one catalog round.
+use std::path::Path;
+use std::time::Duration;
+
+use updraft_proto::v1::agent_api_client::AgentApiClient;
+use updraft_proto::v1::{CheckRequest, MachineInfo};
+use updraft_runtime::tls::{Paths, Transport};
+use updraft_tests::{World, stderr, wait_until};
+
+use super::T;
+
+/// A check sent straight to `url` with the credentials enrollment left in `dir`, as machine
+/// `name`: Ok, or why it was refused.
+fn check_with(dir: &Path, url: &str, name: &str) -> Result<(), String> {
+    let paths = Paths::enrolled(dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t = Transport::from_flags("test", Some(&paths.ca), Some(&paths.cert), Some(&paths.key), false)
+            .map_err(|e| e.to_string())?;
+        let ep = t.endpoint(url).map_err(|e| e.to_string())?.connect_timeout(Duration::from_secs(5));
+        let ch = ep.connect().await.map_err(|e| updraft_runtime::tls::describe(&e))?;
+        let req = CheckRequest {
+            machine: Some(MachineInfo { name: name.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        AgentApiClient::new(ch).check(req).await.map(drop).map_err(|s| updraft_runtime::tls::describe(&s))
+    })
+}
+
+fn token(w: &World, url: &str, args: &[&str]) -> String {
+    let mut all = vec!["pki", "token"];
+    all.extend_from_slice(args);
+    let t = w.admin_json(url, &all);
+    t["token"].as_str().unwrap().to_string()
+}
+
+/// Certificates issued to `name`, as `pki list` shows them.
+fn issued(w: &World, url: &str, name: &str) -> Vec<serde_json::Value> {
+    let l = w.admin_json(url, &["pki", "list", "--expired"]);
+    l["certificates"].as_array().unwrap().iter().filter(|c| c["name"] == name).cloned().collect()
+}
+
+#[test]
+fn hosts_enroll_with_their_own_keys_renew_under_load_and_a_revocation_holds_everywhere() {
+    let w = World::new();
+    let pki = w.path("pki");
+    // Certificates of ten seconds: each renewed after about five, twice within the test.
+    let trust = w.pubkey.to_str().unwrap();
+    let pki_args = ["--trust-key", trust, "--pki-dir", pki.to_str().unwrap(), "--cert-lifetime", "10s"];
+    let (_p, url) = w.provider_with("centre", &pki_args);
+    w.admin_ok(&url, &["group", "create", "lab"]);
+    w.admin_ok(&url, &["deploy", "editor", "--group", "lab"]);
+
+    // An agent enrolls with a token naming it; the token is then used up.
+    let t1 = token(&w, &url, &["--role", "agent", "--name", "pc-1", "--group", "lab"]);
+    let out = w.enroll_agent("pc-1", &url, &["--token", &t1]);
+    assert!(out.status.success(), "enroll: {}", stderr(&out));
+    let tls1 = w.state("pc-1").join("tls");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tls1.join("identity.key")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the key stays the host's alone");
+    let again = w.enroll_agent("pc-9", &url, &["--token", &t1, "--name", "pc-9"]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("unknown, used up or expired"), "{}", stderr(&again));
+    // An expired token is refused too.
+    let short = token(&w, &url, &["--role", "agent", "--expires", "1s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let late = w.enroll_agent("pc-8", &url, &["--token", &short, "--name", "pc-8"]);
+    assert!(stderr(&late).contains("unknown, used up or expired"), "{}", stderr(&late));
+
+    // A site enrolls with a token for its role; an agent behind it enrolls through it.
+    let ts = token(&w, &url, &["--role", "remote-provider"]);
+    let out = w.enroll_remote("site-b", &url, &["--token", &ts, "--san", "localhost,127.0.0.1"]);
+    assert!(out.status.success(), "site enroll: {}", stderr(&out));
+    let (_site, surl) = w.enrolled_remote("site-b", &url);
+    w.wait_site_caught_up(&surl, &url);
+    let t2 = token(&w, &url, &["--role", "agent", "--uses", "2"]);
+    let out = w.enroll_agent("pc-2", &surl, &["--token", &t2, "--name", "pc-2"]);
+    assert!(out.status.success(), "enroll through the site: {}", stderr(&out));
+
+    // Without a token, the request waits for an administrator.
+    let waiting = w.enroll_agent("pc-3", &url, &["--name", "pc-3", "--wait", "0s"]);
+    assert!(!waiting.status.success());
+    assert!(stderr(&waiting).contains("pki approve pc-3"), "{}", stderr(&waiting));
+    let l = w.admin_json(&url, &["pki", "list"]);
+    assert_eq!(l["pending"][0]["name"], "pc-3", "{l}");
+    w.admin_ok(&url, &["pki", "approve", "pc-3"]);
+    let collected = w.enroll_agent("pc-3", &url, &["--name", "pc-3", "--wait", "0s"]);
+    assert!(collected.status.success(), "{}", stderr(&collected));
+    assert!(check_with(&w.state("pc-3").join("tls"), &url, "pc-3").is_ok());
+
+    // The agents run on what enrollment wrote, and keep checking while every certificate of
+    // theirs (and the site's) is renewed twice over: no check may fail.
+    let v1 = w.publish(&url, &w.package("editor", "1.0.0.0", &w.key));
+    let _a1 = w.enrolled_agent("pc-1", &url, &["--min-interval", "3600"]);
+    w.wait_site_has(&surl, &v1);
+    let _a2 = w.enrolled_agent("pc-2", &surl, &["--min-interval", "3600"]);
+    wait_until("both installed", T, || {
+        w.installed("pc-1", "editor").as_deref() == Some("1.0.0.0")
+            && w.installed("pc-2", "editor").as_deref() == Some("1.0.0.0")
+    });
+    // The token's group is the machine's.
+    let lab = w.admin_json(&url, &["group", "show", "lab"]);
+    assert!(lab["members"].to_string().contains("pc-1"), "{lab}");
+    let mut checks = 0;
+    wait_until("pc-1, pc-2 and site-b renewed twice over", Duration::from_secs(90), || {
+        for agent in ["pc-1", "pc-2"] {
+            let out = w.agent_cmd(agent, &["check"]);
+            assert!(out.status.success(), "a check of {agent} failed during renewals: {}", stderr(&out));
+            checks += 1;
+        }
+        ["pc-1", "pc-2", "site-b"].iter().all(|n| issued(&w, &url, n).len() >= 4)
+    });
+    eprintln!("{checks} checks, all answered, while certificates renewed");
+    // What the agents hold now is the newest, and the first has expired by now.
+    let newest = |name: &str| {
+        let mut c = issued(&w, &url, name);
+        c.sort_by_key(|c| c["not_after"].as_str().unwrap().to_string());
+        c.last().unwrap()["serial"].as_str().unwrap().to_string()
+    };
+    let held = updraft_runtime::tls::Tls::load(Paths::enrolled(&tls1)).unwrap().current().serial.clone();
+    assert_eq!(held, newest("pc-1"), "pc-1 holds its newest certificate");
+    assert!(issued(&w, &url, "pc-1").iter().any(|c| c["expires_in_secs"].as_i64().unwrap() <= 0));
+    // The site forwarded pc-2's reports with its renewed certificate all along.
+    let ms = w.admin_json(&url, &["machine", "list"]);
+    let pc2 = ms.as_array().unwrap().iter().find(|m| m["name"] == "pc-2").cloned();
+    assert!(pc2.is_some(), "{ms}");
+
+    // Revocation: pc-1 is refused at the provider at once; pc-2 at the site within one round.
+    let tls2 = w.state("pc-2").join("tls");
+    assert!(check_with(&tls2, &surl, "pc-2").is_ok());
+    w.admin_ok(&url, &["pki", "revoke", "pc-1"]);
+    let refused = check_with(&tls1, &url, "pc-1").unwrap_err();
+    eprintln!("revoked pc-1 at the provider: {refused}");
+    w.admin_ok(&url, &["pki", "revoke", "pc-2"]);
+    wait_until("the site refuses revoked pc-2", T, || check_with(&tls2, &surl, "pc-2").is_err());
+    // Others are untouched: the site, on its renewed certificate, still follows the centre.
+    let v2 = w.publish(&url, &w.package("editor", "2.0.0.0", &w.key));
+    w.wait_site_has(&surl, &v2);
+    let l = w.admin_json(&url, &["pki", "list"]);
+    let revoked: Vec<&serde_json::Value> =
+        l["certificates"].as_array().unwrap().iter().filter(|c| c["revoked"] != "").collect();
+    assert!(revoked.iter().any(|c| c["name"] == "pc-1") && revoked.iter().any(|c| c["name"] == "pc-2"), "{l}");
+}
