@@ -144,3 +144,95 @@ fn hosts_enroll_with_their_own_keys_renew_under_load_and_a_revocation_holds_ever
         l["certificates"].as_array().unwrap().iter().filter(|c| c["revoked"] != "").collect();
     assert!(revoked.iter().any(|c| c["name"] == "pc-1") && revoked.iter().any(|c| c["name"] == "pc-2"), "{l}");
 }
+
+/// CA certificates in a PEM file.
+fn cas_in(path: &Path) -> usize {
+    updraft_runtime::tls::pem_ders(&std::fs::read(path).unwrap_or_default()).len()
+}
+
+/// The CA (fingerprint) of `name`'s newest certificate.
+fn newest_ca(w: &World, url: &str, name: &str) -> String {
+    let mut c = issued(w, url, name);
+    c.sort_by_key(|c| c["not_after"].as_str().unwrap().to_string());
+    c.last().map(|c| c["ca"].as_str().unwrap().to_string()).unwrap_or_default()
+}
+
+#[test]
+fn the_ca_rotates_with_agents_and_a_site_connected_throughout() {
+    let w = World::new();
+    let pki = w.path("pki");
+    let trust = w.pubkey.to_str().unwrap();
+    let pki_args = ["--trust-key", trust, "--pki-dir", pki.to_str().unwrap(), "--cert-lifetime", "10s"];
+    let (_p, url) = w.provider_with("centre", &pki_args);
+    let t = token(&w, &url, &["--role", "agent", "--uses", "2"]);
+    let ts = token(&w, &url, &["--role", "remote-provider"]);
+    assert!(w.enroll_remote("site-r", &url, &["--token", &ts]).status.success());
+    let (_site, surl) = w.enrolled_remote("site-r", &url);
+    w.wait_site_caught_up(&surl, &url);
+    for (agent, at) in [("pc-a", &url), ("pc-b", &surl)] {
+        let out = w.enroll_agent(agent, at, &["--token", &t, "--name", agent]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let _a = w.enrolled_agent("pc-a", &url, &["--min-interval", "3600"]);
+    let _b = w.enrolled_agent("pc-b", &surl, &["--min-interval", "3600"]);
+    let old_ca = newest_ca(&w, &url, "pc-a");
+    let ca_files =
+        [w.state("pc-a").join("tls/ca.crt"), w.state("pc-b").join("tls/ca.crt"), w.path("site-r").join("tls/ca.crt")];
+    // Every check of both agents, from here to the end, must be answered.
+    let mut checks = 0;
+    let mut check_all = |w: &World| {
+        for agent in ["pc-a", "pc-b"] {
+            let out = w.agent_cmd(agent, &["check"]);
+            assert!(out.status.success(), "a check of {agent} failed during the rotation: {}", stderr(&out));
+            checks += 1;
+        }
+    };
+    let admin_dir = ["pki", "rotate", "--dir", pki.to_str().unwrap()];
+    let rotate = |step: &str| {
+        let mut args = admin_dir.to_vec();
+        args.push(step);
+        let out = std::process::Command::new(updraft_tests::bin("admin-cli")).args(&args).output().unwrap();
+        assert!(out.status.success(), "rotate {step}: {}", stderr(&out));
+    };
+
+    // 1. A new CA is introduced: every host comes to trust both.
+    rotate("--introduce");
+    wait_until("every host trusts both CAs", Duration::from_secs(90), || {
+        check_all(&w);
+        ca_files.iter().all(|f| cas_in(f) == 2)
+    });
+    // 2. It is promoted: every certificate, the provider's own included, is re-issued by it.
+    rotate("--promote");
+    wait_until("every certificate re-issued by the new CA", Duration::from_secs(90), || {
+        check_all(&w);
+        ["pc-a", "pc-b", "site-r", "centre"].iter().all(|n| {
+            let ca = newest_ca(&w, &url, n);
+            !ca.is_empty() && ca != old_ca
+        })
+    });
+    // Keep a certificate of the old CA: after retirement it must be refused.
+    let old_admin = (pki.join("ops.crt"), pki.join("ops.key"));
+    let kept = w.path("old-ops");
+    std::fs::create_dir_all(&kept).unwrap();
+    std::fs::copy(&old_admin.0, kept.join("identity.crt")).unwrap();
+    std::fs::copy(&old_admin.1, kept.join("identity.key")).unwrap();
+    std::fs::copy(pki.join("ca.crt"), kept.join("ca.crt")).unwrap();
+    // The administrator's own certificate, from `pki issue`, is re-issued by the new CA too.
+    std::fs::remove_file(&old_admin.0).unwrap();
+    std::fs::remove_file(&old_admin.1).unwrap();
+    w.tls_env(updraft_tests::ADMIN, "admin", &[]);
+    w.admin_ok(&url, &["pki", "list"]);
+    // 3. The old CA is retired: every host trusts the new one only.
+    rotate("--retire");
+    wait_until("every host trusts the new CA only", Duration::from_secs(90), || {
+        check_all(&w);
+        ca_files.iter().all(|f| cas_in(f) == 1)
+    });
+    check_all(&w);
+    eprintln!("{checks} checks answered through the rotation");
+    let refused = check_with(&kept, &url, "ops");
+    assert!(refused.is_err(), "a certificate of the retired CA is still accepted");
+    // The site, too, only trusts the new CA, and still follows the centre.
+    let v = w.publish(&url, &w.package("editor", "1.0.0.0", &w.key));
+    w.wait_site_has(&surl, &v);
+}

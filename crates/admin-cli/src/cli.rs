@@ -154,6 +154,24 @@ pub enum PkiCmd {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Rotate the CA in DIR (on the provider's host, its --pki-dir), one step at a time, each
+    /// step after every host has renewed once since the last (a third of a certificate's life;
+    /// `pki list` shows the CA of each certificate): --introduce a new CA (trusted everywhere,
+    /// issuing nothing), --promote it (it issues; the old stays trusted), --retire the old one.
+    #[command(group = clap::ArgGroup::new("step").required(true).multiple(false))]
+    Rotate {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        #[arg(long, group = "step")]
+        introduce: bool,
+        #[arg(long, group = "step")]
+        promote: bool,
+        #[arg(long, group = "step")]
+        retire: bool,
+        /// The new CA's name (with --introduce).
+        #[arg(long, default_value = "Updraft CA")]
+        name: String,
+    },
     /// A join token for enrollment (`agent enroll --token T`, `remote-provider enroll`): the
     /// provider holding the CA (`--pki-dir`) signs the certificate of whoever presents it.
     Token {

@@ -33,8 +33,11 @@ pub struct PkiConfig {
     pub lifetime: Duration,
 }
 
-/// More CA certificates trusted besides the issuing one (PEM), in the CA directory.
-pub const EXTRA_TRUST: &str = "trusted.crt";
+use updraft_runtime::tls::pki::EXTRA_TRUST;
+
+/// How often the centre looks at its CA directory (a rotation step taken there is in force
+/// within this) and at its own certificate.
+pub const TRUST_REFRESH: Duration = Duration::from_secs(5);
 /// A join token's default life, and the longest.
 pub const TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_TOKEN_LIFE: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -59,21 +62,26 @@ fn bad(e: impl std::fmt::Display) -> ProviderError {
     ProviderError::InvalidArgument(e.to_string())
 }
 
-/// The CA bundle every tier trusts: the issuing CA, then the extra ones.
+/// The CA bundle every tier trusts: the issuing CA, then the extra ones (a rotation's), each
+/// once.
 fn bundle(shared: &Shared, ca: &Ca) -> Result<String> {
-    let mut pem = ca.cert_pem().trim_end().to_string();
-    pem.push('\n');
     let extra = config(shared)?.dir.join(EXTRA_TRUST);
-    match std::fs::read_to_string(&extra) {
-        Ok(more) => {
-            for der in updraft_runtime::tls::pem_ders(more.as_bytes()) {
-                CertInfo::of_der(&der).map_err(|e| ProviderError::Precondition(format!("{}: {e}", extra.display())))?;
-            }
-            pem.push_str(more.trim_end());
-            pem.push('\n');
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let more = match std::fs::read_to_string(&extra) {
+        Ok(more) => more,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(ProviderError::Precondition(format!("{}: {e}", extra.display()))),
+    };
+    let mut seen = Vec::new();
+    let mut pem = String::new();
+    for (i, block) in updraft_runtime::tls::pem_blocks(&format!("{}\n{more}", ca.cert_pem())).into_iter().enumerate() {
+        let Some(der) = updraft_runtime::tls::pem_der(block.as_bytes()) else { continue };
+        if i > 0 {
+            CertInfo::of_der(&der).map_err(|e| ProviderError::Precondition(format!("{}: {e}", extra.display())))?;
+        }
+        if !seen.contains(&der) {
+            pem.push_str(&block);
+            seen.push(der);
+        }
     }
     Ok(pem)
 }
@@ -382,25 +390,71 @@ pub async fn refresh_trust(shared: &Shared) -> Result<()> {
         .map(|c| (c.serial, c.revoked_unix_ms))
         .collect();
     let bundle = bundle(shared, &ca)?;
+    let previous = Ca::load_previous(&config(shared)?.dir).map_err(|e| ProviderError::Precondition(e.to_string()))?;
     let stored = shared.store.trust()?;
     let same_revocations = stored.as_ref().is_some_and(|t| {
         let mut listed: Vec<String> =
             t.crls_der.iter().flat_map(|c| updraft_runtime::tls::revoked_serials(c)).collect();
         let mut want: Vec<String> = revoked.iter().map(|(s, _)| s.clone()).collect();
         listed.sort();
+        listed.dedup();
         want.sort();
-        listed == want && !t.crls_der.is_empty()
+        listed == want && t.crls_der.len() == 1 + usize::from(previous.is_some())
     });
     let trust = match stored {
         Some(t) if same_revocations && t.ca_bundle_pem == bundle => t,
         _ => {
-            let crl = ca.revocation_list(&revoked, now as u64).map_err(bad)?;
-            let t = Trust { ca_bundle_pem: bundle, crls_der: vec![crl] };
+            // One list per CA whose certificates may still be in use, each signed by its CA
+            // (a list only speaks for the certificates its signer issued).
+            let mut crls_der = vec![ca.revocation_list(&revoked, now as u64).map_err(bad)?];
+            if let Some(p) = &previous {
+                crls_der.push(p.revocation_list(&revoked, now as u64).map_err(bad)?);
+            }
+            let t = Trust { ca_bundle_pem: bundle, crls_der };
             shared.store.set_trust(&t).await?;
             t
         }
     };
     apply_trust(&shared.config.transport, &trust);
+    Ok(())
+}
+
+/// The centre's watch over its CA directory and its own certificate, every [`TRUST_REFRESH`]:
+/// the trust record follows a rotation step taken on disk, and the provider's own certificate
+/// is renewed by its own CA — after two thirds of its life, or at once when another CA issues
+/// now (a rotation's promotion).
+pub async fn trust_loop(shared: std::sync::Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        if let Err(e) = refresh_trust(&shared).await {
+            tracing::error!(error = %e, "the trust record was not refreshed");
+        }
+        if let Err(e) = renew_own(&shared).await {
+            tracing::error!(error = %e, "this provider's certificate was not renewed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(TRUST_REFRESH) => {}
+        }
+    }
+}
+
+/// Renews the provider's own certificate when due (see [`trust_loop`]).
+async fn renew_own(shared: &Shared) -> Result<()> {
+    let Transport::Tls(tls) = &shared.config.transport else { return Ok(()) };
+    let ca = ca(shared)?;
+    let current = tls.current();
+    let leaf = updraft_runtime::tls::pem_der(current.identity_pem().0)
+        .ok_or_else(|| ProviderError::Precondition("this provider's certificate is not PEM".into()))?;
+    let due = std::time::SystemTime::now() >= updraft_runtime::enroll::renewal_due(&current);
+    if !due && ca.issued(&leaf) {
+        return Ok(());
+    }
+    let info = CertInfo::of_der(&leaf).map_err(bad)?;
+    let csr = updraft_runtime::tls::pki::request_with_key(current.identity_pem().1, &current.me.name).map_err(bad)?;
+    let request = Request::parse(&csr).map_err(bad)?;
+    let how = if due { "renewal of its own" } else { "re-issued by the new CA" };
+    let signed = issue(shared, &ca, &request, current.me.role, &current.me.name, &info.sans, how.into()).await?;
+    tls.install_renewal(bundle(shared, &ca)?.as_bytes(), signed.pem.as_bytes()).map_err(bad)?;
     Ok(())
 }
 

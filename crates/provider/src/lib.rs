@@ -528,6 +528,12 @@ async fn active(
         scrub::scrub_loop(shared.clone(), shared.config.scrub_interval, fenced.clone())
             .instrument(updraft_runtime::telemetry::task("blob_scrub", "")),
     );
+    if shared.config.pki.is_some() {
+        tokio::spawn(
+            certs::trust_loop(shared.clone(), fenced.clone())
+                .instrument(updraft_runtime::telemetry::task("certificates", "")),
+        );
+    }
     tokio::spawn(
         statement::statement_loop(shared.clone(), fenced.clone())
             .instrument(updraft_runtime::telemetry::task("catalog_statement", "")),

@@ -29,6 +29,11 @@ struct Issued {
 }
 
 #[derive(Serialize)]
+struct Step {
+    done: String,
+}
+
+#[derive(Serialize)]
 struct Token {
     token: String,
     id: String,
@@ -232,6 +237,16 @@ pub async fn run(ctx: &Ctx, cmd: PkiCmd) -> anyhow::Result<()> {
             ctx.show(&issued, |i| {
                 println!("issued {} and {} ({} {}, {days} days)", i.cert.display(), i.key.display(), i.role, i.name)
             });
+        }
+        PkiCmd::Rotate { dir, introduce, promote, retire: _, name } => {
+            use updraft_runtime::tls::pki::Rotation;
+            let step = match (introduce, promote) {
+                (true, _) => Rotation::Introduce,
+                (_, true) => Rotation::Promote,
+                _ => Rotation::Retire,
+            };
+            let done = Step { done: updraft_runtime::tls::pki::rotate(&dir, step, &name)? };
+            ctx.show(&done, |d| println!("{}", d.done));
         }
         PkiCmd::Token { role, name, group, uses, expires } => {
             let t = ctx

@@ -115,6 +115,20 @@ pub fn pem_der(pem: &[u8]) -> Option<Vec<u8>> {
     x509_parser::pem::Pem::iter_from_buffer(pem).next()?.ok().map(|p| p.contents)
 }
 
+/// The certificate blocks of a PEM text, each as written (with a final newline).
+pub fn pem_blocks(text: &str) -> Vec<String> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(BEGIN) {
+        let Some(len) = rest[start..].find(END) else { break };
+        out.push(format!("{}\n", &rest[start..start + len + END.len()]));
+        rest = &rest[start + len + END.len()..];
+    }
+    out
+}
+
 /// Every certificate in a PEM file (a CA bundle, a chain), as DER.
 pub fn pem_ders(pem: &[u8]) -> Vec<Vec<u8>> {
     x509_parser::pem::Pem::iter_from_buffer(pem)

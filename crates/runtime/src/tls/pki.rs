@@ -16,6 +16,13 @@ use super::{Role, TlsError, file_err};
 
 pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
+/// CA certificates trusted besides the issuing one (PEM): during a rotation, the CA being
+/// introduced, then the one being retired.
+pub const EXTRA_TRUST: &str = "trusted.crt";
+/// The CA a rotation introduces (trusted, not yet issuing), and the one it replaced (trusted,
+/// no longer issuing; its key signs its revocation list).
+pub const NEXT: &str = "next";
+pub const PREVIOUS: &str = "previous";
 
 fn write_secret(path: &Path, text: &str) -> Result<(), TlsError> {
     use std::io::Write;
@@ -47,6 +54,94 @@ pub fn init(dir: &Path, name: &str) -> Result<PathBuf, TlsError> {
     if crt.exists() || key_path.exists() {
         return Err(file_err(&crt, "a CA already exists here; it is not replaced"));
     }
+    let (cert, key) = new_ca(name)?;
+    write_secret(&key_path, &key)?;
+    write_public(&crt, &cert)?;
+    Ok(crt)
+}
+
+/// Which step of a CA rotation (`admin-cli pki rotate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// A new CA next to the current one: trusted everywhere, issuing nothing yet.
+    Introduce,
+    /// The new CA issues from now on; the old one stays trusted.
+    Promote,
+    /// The old CA is trusted no more.
+    Retire,
+}
+
+/// Takes one step of a CA rotation in `dir`; returns what it did. Each step must reach every
+/// host (a renewal round: a third of a certificate's life) before the next, so no host ever
+/// holds a certificate its peers do not trust: `pki list` shows which CA issued each one.
+pub fn rotate(dir: &Path, step: Rotation, name: &str) -> Result<String, TlsError> {
+    let path = |stem: &str, ext: &str| dir.join(format!("{stem}.{ext}"));
+    let (next_crt, next_key) = (path(NEXT, "crt"), path(NEXT, "key"));
+    let (prev_crt, prev_key) = (path(PREVIOUS, "crt"), path(PREVIOUS, "key"));
+    let extra = dir.join(EXTRA_TRUST);
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| file_err(p, e));
+    Ca::load(dir)?;
+    match step {
+        Rotation::Introduce => {
+            if next_crt.exists() || prev_crt.exists() {
+                return Err(file_err(&next_crt, "a rotation is under way already: promote or retire first"));
+            }
+            // Its own name: certificates are matched to their CA by the issuer's name, so two
+            // trusted CAs must not share one.
+            let mut tag = [0u8; 4];
+            getrandom::fill(&mut tag).map_err(|e| TlsError::Config(format!("no randomness: {e}")))?;
+            let (cert, key) = new_ca(&format!("{name} {}", hex::encode(tag)))?;
+            write_secret(&next_key, &key)?;
+            write_public(&next_crt, &cert)?;
+            super::write_file(&extra, cert.as_bytes())?;
+            Ok(format!(
+                "introduced a new CA ({}): trusted from the next round, issuing nothing yet",
+                next_crt.display()
+            ))
+        }
+        Rotation::Promote => {
+            if !next_crt.exists() {
+                return Err(file_err(&next_crt, "no CA was introduced: `pki rotate --introduce` first"));
+            }
+            let next = Ca::load_pair(&next_crt, &next_key)?;
+            let old = Ca::load(dir)?;
+            write_secret(&prev_key, &read(&dir.join(CA_KEY))?)?;
+            write_public(&prev_crt, &old.cert_pem)?;
+            // The old CA stays trusted (also in ca.crt, which tools may trust as it is); the
+            // new one, first in ca.crt, issues.
+            super::write_file(&extra, old.cert_pem.as_bytes())?;
+            super::write_file(&dir.join(CA_KEY), read(&next_key)?.as_bytes())?;
+            super::write_file(&dir.join(CA_CERT), format!("{}{}", next.cert_pem, old.cert_pem).as_bytes())?;
+            for p in [&next_key, &next_crt] {
+                std::fs::remove_file(p).map_err(|e| file_err(p, e))?;
+            }
+            Ok(format!("the new CA ({}) issues from now on; the previous one stays trusted", next.fingerprint))
+        }
+        Rotation::Retire => {
+            if !prev_crt.exists() {
+                return Err(file_err(&prev_crt, "no CA to retire: `pki rotate --promote` first"));
+            }
+            let old = Ca::load_pair(&prev_crt, &prev_key)?;
+            let current = Ca::load(dir)?;
+            super::write_file(&dir.join(CA_CERT), current.cert_pem.as_bytes())?;
+            let (ret_crt, ret_key) = (
+                path(&format!("retired-{}", old.fingerprint), "crt"),
+                path(&format!("retired-{}", old.fingerprint), "key"),
+            );
+            std::fs::rename(&prev_key, &ret_key).map_err(|e| file_err(&prev_key, e))?;
+            std::fs::rename(&prev_crt, &ret_crt).map_err(|e| file_err(&prev_crt, e))?;
+            match std::fs::remove_file(&extra) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(file_err(&extra, e)),
+            }
+            Ok(format!("retired CA {}: trusted no more from the next round", old.fingerprint))
+        }
+    }
+}
+
+/// A new self-signed CA for ten years: (certificate, key) as PEM.
+fn new_ca(name: &str) -> Result<(String, String), TlsError> {
     let key = KeyPair::generate().map_err(err)?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
     let mut dn = DistinguishedName::new();
@@ -60,9 +155,7 @@ pub fn init(dir: &Path, name: &str) -> Result<PathBuf, TlsError> {
     params.not_after = now + time::Duration::days(3650);
     params.serial_number = Some(random_serial()?);
     let cert = params.self_signed(&key).map_err(err)?;
-    write_secret(&key_path, &key.serialize_pem())?;
-    write_public(&crt, &cert.pem())?;
-    Ok(crt)
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// A positive 16-byte serial number whose first byte is not zero (so its DER form, and the hex
@@ -243,14 +336,36 @@ pub struct Ca {
 }
 
 impl Ca {
-    /// The CA in `dir` (ca.crt and ca.key).
+    /// The CA in `dir` (ca.crt and ca.key): the one that issues.
     pub fn load(dir: &Path) -> Result<Ca, TlsError> {
-        let (crt, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
-        let ca_pem = std::fs::read_to_string(&crt).map_err(|e| file_err(&crt, e))?;
+        Self::load_pair(&dir.join(CA_CERT), &dir.join(CA_KEY))
+    }
+
+    /// The previous CA of a rotation in `dir`, while there is one (its key signs its
+    /// revocation list).
+    pub fn load_previous(dir: &Path) -> Result<Option<Ca>, TlsError> {
+        let crt = dir.join(format!("{PREVIOUS}.crt"));
+        if !crt.exists() {
+            return Ok(None);
+        }
+        Self::load_pair(&crt, &dir.join(format!("{PREVIOUS}.key"))).map(Some)
+    }
+
+    /// A CA from its certificate and key files, which must belong together.
+    pub fn load_pair(crt: &Path, key: &Path) -> Result<Ca, TlsError> {
+        let (crt, key) = (crt.to_path_buf(), key.to_path_buf());
+        // The first certificate of the file: the CA itself (a bundle may follow it).
+        let text = std::fs::read_to_string(&crt).map_err(|e| file_err(&crt, e))?;
+        let ca_pem =
+            super::pem_blocks(&text).into_iter().next().ok_or_else(|| file_err(&crt, "holds no PEM certificate"))?;
         let ca_key_pem = std::fs::read_to_string(&key).map_err(|e| file_err(&key, e))?;
         let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| file_err(&key, e))?;
         let der = super::pem_der(ca_pem.as_bytes()).ok_or_else(|| file_err(&crt, "not a PEM certificate"))?;
         let fingerprint = hex::encode(&sha2::Sha256::digest(&der)[..8]);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| file_err(&crt, e))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != ca_key.public_key_raw() {
+            return Err(file_err(&key, format!("is not the key of the CA certificate {}", crt.display())));
+        }
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| file_err(&crt, e))?;
         Ok(Ca { issuer, cert_pem: ca_pem, fingerprint })
     }
@@ -258,6 +373,17 @@ impl Ca {
     /// The CA's certificate (PEM).
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// Whether this CA signed the certificate `der`.
+    pub fn issued(&self, der: &[u8]) -> bool {
+        let Some(ca_der) = super::pem_der(self.cert_pem.as_bytes()) else { return false };
+        let (Ok((_, ca)), Ok((_, cert))) =
+            (x509_parser::parse_x509_certificate(&ca_der), x509_parser::parse_x509_certificate(der))
+        else {
+            return false;
+        };
+        cert.verify_signature(Some(ca.public_key())).is_ok()
     }
 
     /// The first 8 bytes of the SHA-256 of the CA's certificate (hex): how listings name it.
