@@ -143,6 +143,12 @@ fn hosts_enroll_with_their_own_keys_renew_under_load_and_a_revocation_holds_ever
     let revoked: Vec<&serde_json::Value> =
         l["certificates"].as_array().unwrap().iter().filter(|c| c["revoked"] != "").collect();
     assert!(revoked.iter().any(|c| c["name"] == "pc-1") && revoked.iter().any(|c| c["name"] == "pc-2"), "{l}");
+    // The report calls out what certificates say: pc-1 revoked; pc-3, whose agent never ran to
+    // renew it, expired.
+    let pc1 = w.admin_json(&url, &["machine", "show", "pc-1"]).to_string();
+    assert!(pc1.contains("its certificate was revoked"), "{pc1}");
+    let pc3 = w.admin_json(&url, &["machine", "show", "pc-3"]).to_string();
+    assert!(pc3.contains("its certificate has expired") && pc3.contains("\"error\""), "{pc3}");
 }
 
 /// CA certificates in a PEM file.

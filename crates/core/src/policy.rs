@@ -148,6 +148,49 @@ impl Health {
     }
 }
 
+/// Within this of its certificate's expiry, a machine whose certificate did not renew is
+/// called out as expiring.
+pub const CERT_WARNING_MS: i64 = 14 * 86_400 * 1000;
+
+/// What a machine's newest certificate (valid `not_before_ms`..`not_after_ms`, revoked at
+/// `revoked_ms` or 0) says about it at `now_ms`. Certificates renew at two thirds of their
+/// life, so one still current a little after that (a minute, or a twentieth of its life when
+/// shorter) failed to renew: that needs attention, said as expiring when it expires within
+/// [`CERT_WARNING_MS`]. Expired or revoked is an error: the machine cannot reach a provider.
+pub fn certificate_health(
+    now_ms: i64,
+    not_before_ms: i64,
+    not_after_ms: i64,
+    revoked_ms: i64,
+) -> Option<(Health, String)> {
+    if revoked_ms > 0 {
+        return Some((Health::Error, "its certificate was revoked".into()));
+    }
+    if now_ms >= not_after_ms {
+        return Some((Health::Error, "its certificate has expired".into()));
+    }
+    let life = (not_after_ms - not_before_ms).max(0);
+    let late = not_before_ms + life * 2 / 3 + (life / 20).min(60_000);
+    if now_ms < late {
+        return None;
+    }
+    let left = not_after_ms - now_ms;
+    let span = match left / 1000 {
+        s if s >= 86_400 => format!("{} days", s / 86_400),
+        s if s >= 3_600 => format!("{} hours", s / 3_600),
+        s if s >= 60 => format!("{} minutes", s / 60),
+        s => format!("{s} seconds"),
+    };
+    Some((
+        Health::NeedsAttention,
+        if left < CERT_WARNING_MS {
+            format!("its certificate expires in {span} and failed to renew")
+        } else {
+            format!("its certificate failed to renew (it expires in {span})")
+        },
+    ))
+}
+
 /// The longest contact interval a machine's word counts for: one claiming more is still
 /// expected within a week.
 pub const MAX_CONTACT_INTERVAL_SECS: u32 = 7 * 24 * 3600;
@@ -180,6 +223,26 @@ pub fn classify(problems: &[String], waiting: &[String], restart_needed: bool) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_is_flagged_when_it_nears_expiry_fails_to_renew_or_is_gone() {
+        let day = 86_400_000;
+        // 30 days of life from day 0: renewal due at day 20; a minute later it failed.
+        let h = |now: i64, revoked: i64| certificate_health(now, 0, 30 * day, revoked);
+        assert_eq!(h(day, 0), None);
+        assert_eq!(h(17 * day, 0), None, "renewing certificates are not flagged before their renewal is due");
+        assert_eq!(h(20 * day, 0), None, "a renewal in progress is not a failure yet");
+        let (health, note) = h(21 * day, 0).unwrap();
+        assert_eq!(health, Health::NeedsAttention);
+        assert!(note.contains("expires in 9 days and failed to renew"), "{note}");
+        assert_eq!(h(30 * day, 0).unwrap().0, Health::Error);
+        assert_eq!(h(day, day).unwrap().0, Health::Error);
+        // A year's certificate that did not renew is called out well before its last 14 days.
+        let year = 365 * day;
+        assert_eq!(certificate_health(200 * day, 0, year, 0), None);
+        let (_, note) = certificate_health(250 * day, 0, year, 0).unwrap();
+        assert!(note.contains("failed to renew (it expires in 115 days)"), "{note}");
+    }
     use proptest::prelude::*;
 
     fn t(weekday: i32, hour: i32, minute: i32) -> LocalTime {

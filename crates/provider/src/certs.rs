@@ -327,9 +327,10 @@ pub async fn renew(shared: &Shared, caller: &Caller, req: RenewRequest) -> Resul
 pub async fn revoke(shared: &Shared, who: &str, what: &str) -> Result<ListCertificatesResponse> {
     config(shared)?;
     let now = now_ms();
-    let certs = shared.store.certificates(now).await?;
+    let certs = shared.store.all_certificates()?;
     let hit: Vec<IssuedCertificate> = certs
         .into_iter()
+        .filter(|c| c.not_after_unix_ms > now)
         .filter(|c| c.revoked_unix_ms == 0 && (c.serial == what.to_lowercase() || c.name == what))
         .collect();
     if hit.is_empty() {
@@ -345,6 +346,43 @@ pub async fn revoke(shared: &Shared, who: &str, what: &str) -> Result<ListCertif
     }
     refresh_trust(shared).await?;
     list(shared, false).await
+}
+
+/// Each name's newest certificate the centre issued (none without a CA: nothing is known).
+pub fn newest_by_name(shared: &Shared) -> Result<std::collections::HashMap<String, IssuedCertificate>> {
+    let mut out: std::collections::HashMap<String, IssuedCertificate> = Default::default();
+    if shared.config.pki.is_none() {
+        return Ok(out);
+    }
+    for c in shared.store.all_certificates()? {
+        match out.get(&c.name) {
+            Some(have) if have.not_after_unix_ms >= c.not_after_unix_ms => {}
+            _ => {
+                out.insert(c.name.clone(), c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Flags a machine whose newest certificate expires within 14 days, failed to renew, expired or
+/// was revoked (`updraft_core::policy::certificate_health`): a note, and its status at least as
+/// bad as that says.
+pub fn flag(m: &mut updraft_proto::v1::Machine, newest: Option<&IssuedCertificate>, now_ms: i64) {
+    use updraft_core::policy::Health;
+    let Some(c) = newest else { return };
+    let Some((health, note)) =
+        updraft_core::policy::certificate_health(now_ms, c.not_before_unix_ms, c.not_after_unix_ms, c.revoked_unix_ms)
+    else {
+        return;
+    };
+    let current = match m.status.as_str() {
+        "error" => Health::Error,
+        "needs-attention" => Health::NeedsAttention,
+        _ => Health::UpToDate,
+    };
+    m.status = current.min(health).as_str().into();
+    m.notes.push(note);
 }
 
 /// What `admin-cli pki list` shows.
@@ -381,12 +419,12 @@ pub async fn list(shared: &Shared, include_expired: bool) -> Result<ListCertific
 pub async fn refresh_trust(shared: &Shared) -> Result<()> {
     let ca = ca(shared)?;
     let now = now_ms();
+    // Revoked and not expired: an expired certificate is refused anyway.
     let revoked: Vec<(String, i64)> = shared
         .store
-        .certificates(now)
-        .await?
+        .all_certificates()?
         .into_iter()
-        .filter(|c| c.revoked_unix_ms != 0)
+        .filter(|c| c.revoked_unix_ms != 0 && c.not_after_unix_ms > now)
         .map(|c| (c.serial, c.revoked_unix_ms))
         .collect();
     let bundle = bundle(shared, &ca)?;

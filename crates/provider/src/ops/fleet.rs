@@ -39,9 +39,12 @@ impl Ops {
         let store = &self.shared.store;
         let catalog = self.shared.catalog()?;
         let silence = self.shared.silence();
+        let certs = crate::certs::newest_by_name(&self.shared)?;
         let mut out = Vec::new();
         for mut m in store.list_machines()? {
             policy::fill(&catalog, &silence, &mut m)?;
+            let newest = m.info.as_ref().and_then(|i| certs.get(&i.name));
+            crate::certs::flag(&mut m, newest, silence.now_ms);
             out.push(m);
         }
         out.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
@@ -126,6 +129,7 @@ impl Ops {
         };
         let catalog = self.shared.catalog()?;
         let (products, pins) = policy::fill(&catalog, &self.shared.silence(), &mut m)?;
+        crate::certs::flag(&mut m, crate::certs::newest_by_name(&self.shared)?.get(&name), crate::now_ms());
         let pol = policy::effective(&catalog.decided, m.info.as_ref().expect("found by its info"));
         let recent = store.list_activity(&name, "", 0, 20)?;
         Ok(MachineDetail { machine: Some(m), policy: Some(pol), products, recent, pins: pins.pins })

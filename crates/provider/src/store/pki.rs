@@ -69,6 +69,11 @@ impl Store {
         self.certificates.get(serial.as_bytes())
     }
 
+    /// Every certificate on record, as it is (no pruning: for readers).
+    pub fn all_certificates(&self) -> Result<Vec<IssuedCertificate>> {
+        self.certificates.all()
+    }
+
     /// Every certificate issued; those expired before `keep_after_ms` are dropped first (a
     /// revocation list only needs what has not expired).
     pub async fn certificates(&self, keep_after_ms: i64) -> Result<Vec<IssuedCertificate>> {
