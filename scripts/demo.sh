@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A complete local Updraft fleet in a temporary directory, on embedded defaults: a provider, a
-# remote (site) provider and three agents; a sample package built, signed, approved, deployed to
+# A complete local Updraft fleet in a temporary directory, on embedded defaults: a provider
+# holding the CA, a remote (site) provider and three agents that enroll with their own keys; a sample package built, signed, approved, deployed to
 # the agents' group and installed (a second approved product that nobody has or is given stays
 # off every machine); then v2 pushed with high priority; ending with the machine list.
 # Everything listens on 127.0.0.1 only. Ports: UPDRAFT_DEMO_PORT (default 18092) and the next.
@@ -16,20 +16,19 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; echo; echo "demo files kept in $DEMO (logs: *.log)"; }
 trap cleanup EXIT
 step() { printf '\n== %s\n' "$*"; }
-# Every process gets its own certificate from the demo's CA (mutual TLS, as in production).
+# Mutual TLS, as in production: the provider and the administrator get certificates from the
+# demo's CA on disk; the site and the agents enroll, keeping their keys to themselves.
 tls() { echo --tls-ca pki/ca.crt --tls-cert "pki/$1.crt" --tls-key "pki/$1.key"; }
 admin() { "$BIN/admin-cli" --provider "$P" $(tls ops) "$@"; }
 wait_for() { for _ in $(seq 1 150); do if eval "$1"; then return 0; fi; sleep 0.1; done; echo "timed out: $1" >&2; exit 1; }
 
 cd "$DEMO"
-step "release key, and a private CA with certificates for every process"
+step "release key, and a private CA with certificates for the provider and the administrator"
 "$BIN/admin-cli" key generate --out release
 "$BIN/admin-cli" key generate --out catalog
 "$BIN/admin-cli" pki init --dir pki
 "$BIN/admin-cli" pki issue centre --role provider --dir pki
-"$BIN/admin-cli" pki issue branch-1 --role remote-provider --dir pki
 "$BIN/admin-cli" pki issue ops --role admin --dir pki
-for a in pc-1 pc-2 pc-3; do "$BIN/admin-cli" pki issue "$a" --role agent --dir pki; done
 
 step "sample product 'hello', versions 1.0.0.0 and 2.0.0.0; and 'tools' 1.0.0.0"
 for v in 1.0.0.0 2.0.0.0; do
@@ -42,9 +41,12 @@ done
 
 step "provider on $P, remote provider 'branch-1' on $R"
 "$BIN/provider" --store provider --listen "127.0.0.1:$PORT" --trust-key release.pub --name centre $(tls centre) --catalog-key catalog.key \
-  --bootstrap-admin ops > provider.log 2>&1 & pids+=($!)
+  --pki-dir pki --bootstrap-admin ops > provider.log 2>&1 & pids+=($!)
 wait_for "admin update list >/dev/null 2>&1"
-"$BIN/remote-provider" --upstream "$P" --store site --listen "127.0.0.1:$((PORT + 1))" --name branch-1 $(tls branch-1) \
+# The site enrolls with a join token: its key never leaves it; its certificate lands in site/tls.
+"$BIN/remote-provider" enroll --upstream "$P" --ca pki/ca.crt --store site --name branch-1 \
+  --token "$(admin pki token --role remote-provider --name branch-1 2>/dev/null)"
+"$BIN/remote-provider" --upstream "$P" --store site --listen "127.0.0.1:$((PORT + 1))" --name branch-1 \
   > site.log 2>&1 & pids+=($!)
 
 step "import hello v1 and tools, approve both (ga); deploy hello to the agents' group (default)"
@@ -57,11 +59,13 @@ admin deploy hello --group default
 catalog_of() { "$BIN/admin-cli" --provider "$1" $(tls ops) --json site status 2>/dev/null | tr -d ' \n' | grep -o '"catalog_seq":[0-9]*' | cut -d: -f2; }
 wait_for '[ -n "$(catalog_of "$R")" ] && [ "$(catalog_of "$R")" = "$(catalog_of "$P")" ]'
 
-step "three agents: pc-1 direct, pc-2 and pc-3 behind branch-1"
+step "three agents enroll with one join token (pc-2 and pc-3 through branch-1), then run"
+TOKEN=$(admin pki token --role agent --uses 3 --expires 1h 2>/dev/null)
 for a in pc-1:$P pc-2:$R pc-3:$R; do
   name=${a%%:*}; url=${a#*:}
+  "$BIN/agent" enroll --provider "$url" --ca pki/ca.crt --token "$TOKEN" --name "$name" --state-dir "$name/state"
   "$BIN/agent" run --provider "$url" --install-root "$name/apps" --state-dir "$name/state" --trust-key release.pub \
-    --name "$name" --min-interval 3600 $(tls "$name") --catalog-key catalog.pub > "$name.log" 2>&1 & pids+=($!)
+    --name "$name" --min-interval 3600 --catalog-key catalog.pub > "$name.log" 2>&1 & pids+=($!)
 done
 wait_for '[ "$(cat pc-*/apps/hello/VERSION 2>/dev/null | grep -cx 1.0.0.0)" = 3 ]'
 "$BIN/agent" status --state-dir pc-2/state
@@ -83,3 +87,5 @@ wait_for '[ "$(admin machine list | grep -c 2.0.0.0)" = 3 ]'
 admin machine list
 step "recent activity"
 admin activity --limit 6
+step "certificates the provider issued (admin-cli pki list)"
+admin pki list

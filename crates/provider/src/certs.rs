@@ -462,6 +462,9 @@ pub async fn refresh_trust(shared: &Shared) -> Result<()> {
 /// is renewed by its own CA — after two thirds of its life, or at once when another CA issues
 /// now (a rotation's promotion).
 pub async fn trust_loop(shared: std::sync::Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
+    if let Transport::Tls(tls) = &shared.config.transport {
+        updraft_runtime::enroll::register_renewal_metric(tls);
+    }
     loop {
         if let Err(e) = refresh_trust(&shared).await {
             tracing::error!(error = %e, "the trust record was not refreshed");

@@ -132,6 +132,7 @@ where
         .u64_counter("updraft.tls.renewals")
         .with_description("Certificate renewals, by outcome (renewed, failed)")
         .build();
+    register_renewal_metric(&tls);
     let mut retry_at: Option<SystemTime> = None;
     loop {
         let c = tls.current();
@@ -160,6 +161,32 @@ where
             }
         }
     }
+}
+
+/// Seconds until our certificate's renewal is due, negative once overdue, as the gauge
+/// `updraft.tls.certificate.renewal_due` (labelled like `updraft.tls.certificate.expiry`'s
+/// `own`): exported by programs that renew, so an alert on a near expiry can leave out those
+/// whose renewal is on time.
+pub fn register_renewal_metric(tls: &Arc<Tls>) {
+    let tls = Arc::downgrade(tls);
+    crate::metrics::meter()
+        .i64_observable_gauge("updraft.tls.certificate.renewal_due")
+        .with_unit("s")
+        .with_description("Seconds until the certificate's renewal is due (negative once overdue)")
+        .with_callback(move |o| {
+            let Some(tls) = tls.upgrade() else { return };
+            let c = tls.current();
+            let due = renewal_due(&c).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            o.observe(
+                due - now_secs(),
+                &[
+                    opentelemetry::KeyValue::new("certificate", "own"),
+                    opentelemetry::KeyValue::new("name", c.me.name.clone()),
+                    opentelemetry::KeyValue::new("role", c.me.role.as_str()),
+                ],
+            );
+        })
+        .build();
 }
 
 fn now_secs() -> i64 {
