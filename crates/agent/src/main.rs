@@ -251,26 +251,7 @@ async fn main() -> anyhow::Result<()> {
                 dir: state.path().join(ENROLLED),
                 wait,
             };
-            let waiting = std::sync::Once::new();
-            let paths = updraft_runtime::enroll::enroll(&e, || {
-                waiting.call_once(|| eprintln!("waiting for an administrator: admin-cli pki approve {}", e.name))
-            })
-            .await?;
-            let c = updraft_runtime::tls::Tls::load(paths.clone())?.current();
-            let until = updraft_runtime::utc_text(c.not_after * 1000);
-            if state.json {
-                let v = serde_json::json!({"name": c.me.name, "serial": c.serial, "not_after": until,
-                    "certificate": paths.cert, "key": paths.key, "ca": paths.ca});
-                println!("{v}");
-            } else {
-                println!(
-                    "enrolled as {} (certificate {}, valid until {until}); key {}",
-                    c.me.name,
-                    c.serial,
-                    paths.key.display()
-                );
-            }
-            Ok(())
+            Ok(updraft_runtime::enroll::enroll_command(&e, state.json).await?)
         }
         Cmd::Check { state, later } => act(&state, Request::Check { later }).await,
         Cmd::Apply { state, select } => act(&state, Request::Apply { select }).await,

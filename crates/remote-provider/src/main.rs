@@ -97,19 +97,7 @@ async fn main() -> anyhow::Result<()> {
                 dir: data_dir(store).join(ENROLLED),
                 wait,
             };
-            let waiting = std::sync::Once::new();
-            let paths = updraft_runtime::enroll::enroll(&e, || {
-                waiting.call_once(|| eprintln!("waiting for an administrator: admin-cli pki approve {}", e.name))
-            })
-            .await?;
-            let c = updraft_runtime::tls::Tls::load(paths.clone())?.current();
-            let until = updraft_runtime::utc_text(c.not_after * 1000);
-            println!(
-                "enrolled as {} (certificate {}, valid until {until}); key {}",
-                c.me.name,
-                c.serial,
-                paths.key.display()
-            );
+            updraft_runtime::enroll::enroll_command(&e, false).await?;
             return Ok(());
         }
         None => cli.run,

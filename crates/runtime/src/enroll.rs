@@ -112,6 +112,30 @@ pub async fn enroll(e: &Enrollment, on_waiting: impl Fn()) -> Result<Paths, Enro
     Ok(paths)
 }
 
+/// Enrolls as the `enroll` commands do: says once that the request waits for an administrator,
+/// and prints what was issued (a line, or a JSON object).
+pub async fn enroll_command(e: &Enrollment, json: bool) -> Result<(), EnrollError> {
+    let waiting = std::sync::Once::new();
+    let paths =
+        enroll(e, || waiting.call_once(|| eprintln!("waiting for an administrator: admin-cli pki approve {}", e.name)))
+            .await?;
+    let c = Tls::load(paths.clone())?.current();
+    let until = crate::utc_text(c.not_after * 1000);
+    if json {
+        let v = serde_json::json!({"name": c.me.name, "serial": c.serial, "not_after": until,
+            "certificate": paths.cert, "key": paths.key, "ca": paths.ca});
+        println!("{v}");
+    } else {
+        println!(
+            "enrolled as {} (certificate {}, valid until {until}); key {}",
+            c.me.name,
+            c.serial,
+            paths.key.display()
+        );
+    }
+    Ok(())
+}
+
 /// When a certificate is renewed: two thirds into its life.
 pub fn renewal_due(c: &Credentials) -> SystemTime {
     let life = (c.not_after - c.not_before).max(0) as u64;
