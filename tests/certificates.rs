@@ -242,3 +242,40 @@ fn the_ca_rotates_with_agents_and_a_site_connected_throughout() {
     let v = w.publish(&url, &w.package("editor", "1.0.0.0", &w.key));
     w.wait_site_has(&surl, &v);
 }
+
+/// The value of the own-certificate expiry gauge in a server's `/metrics`.
+fn own_expiry_secs(p: &mut updraft_tests::Proc) -> i64 {
+    let (_, text) = updraft_tests::http_get(p.probe_addr(), "/metrics").unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("updraft_tls_certificate_expiry_seconds") && l.contains("certificate=\"own\""))
+        .unwrap_or_else(|| panic!("no own-certificate expiry in {text}"));
+    line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as i64
+}
+
+#[test]
+fn a_provider_reloads_certificate_files_replaced_by_hand_on_sighup() {
+    let w = World::new();
+    let (mut p, url) = w.provider("centre", true);
+    let before = own_expiry_secs(&mut p);
+    assert!(before > 300 * 86_400, "a year's certificate: {before}");
+    // The administrator issues a new certificate (2 days) and puts it in place of the old one.
+    let pki = w.path("pki");
+    let out = std::process::Command::new(updraft_tests::bin("admin-cli"))
+        .args(["pki", "issue", "centre-2", "--role", "provider", "--days", "2", "--dir", pki.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::copy(pki.join("centre-2.crt"), pki.join("centre.crt")).unwrap();
+    std::fs::copy(pki.join("centre-2.key"), pki.join("centre.key")).unwrap();
+    // Nothing changes until it is told to reload.
+    assert!(own_expiry_secs(&mut p) > 300 * 86_400);
+    let pid = p.pid().unwrap();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    wait_until("the new certificate in use", T, || own_expiry_secs(&mut p) < 3 * 86_400);
+    // And it goes on serving with it.
+    let ms = w.admin_json(&url, &["machine", "list"]);
+    assert!(ms.is_array(), "{ms}");
+    let log = p.log_text();
+    assert!(log.contains("SIGHUP: TLS credentials reloaded"), "{log}");
+}

@@ -41,6 +41,8 @@ pub const TRUST_REFRESH: Duration = Duration::from_secs(5);
 /// A join token's default life, and the longest.
 pub const TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_TOKEN_LIFE: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Enrollment requests waiting from one address at most (the total is bounded by the store).
+pub const PENDING_PER_ADDRESS: usize = 20;
 /// How long the record of an expired certificate is kept.
 const KEEP_EXPIRED: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -87,7 +89,7 @@ fn bundle(shared: &Shared, ca: &Ca) -> Result<String> {
 }
 
 /// A new join token (`admin-cli pki token`): its secret is in the reply only.
-pub async fn create_token(shared: &Shared, who: &str, req: CreateJoinTokenRequest) -> Result<JoinToken> {
+pub async fn create_token(shared: &Shared, who: &str, mut req: CreateJoinTokenRequest) -> Result<JoinToken> {
     config(shared)?;
     let role = enrollable_role(&req.role)?;
     if !req.name.is_empty() {
@@ -95,6 +97,9 @@ pub async fn create_token(shared: &Shared, who: &str, req: CreateJoinTokenReques
     }
     if !req.group.is_empty() && role != Role::Agent {
         return Err(bad("--group is for agents' tokens"));
+    }
+    if req.group == crate::store::DEFAULT_GROUP {
+        req.group.clear(); // where every machine is unless assigned elsewhere
     }
     if !req.group.is_empty() && shared.store.get_group(&req.group)?.is_none() {
         return Err(ProviderError::NotFound(format!("no group {:?}", req.group)));
@@ -245,6 +250,13 @@ pub async fn enroll(
             },
         );
     }
+    let address = from.map(|a| a.ip().to_string()).unwrap_or_default();
+    let from_there = shared.store.enrollments()?.iter().filter(|p| p.address == address).count();
+    if from_there >= PENDING_PER_ADDRESS {
+        return Err(ProviderError::LimitReached(format!(
+            "{from_there} enrollment requests from {address} wait already; an administrator decides first"
+        )));
+    }
     shared
         .store
         .put_enrollment(&PendingEnrollment {
@@ -252,7 +264,7 @@ pub async fn enroll(
             role: role.as_str().into(),
             csr_pem: req.csr_pem,
             requested_unix_ms: now_ms(),
-            address: from.map(|a| a.ip().to_string()).unwrap_or_default(),
+            address,
             key_sha256: request.key_sha256,
             sans: req.sans,
             ..Default::default()
