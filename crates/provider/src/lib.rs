@@ -562,6 +562,14 @@ async fn active(
                 epoch,
             };
             shared.pair.publish_console(&record)?;
+            if let Transport::Tls(tls) = &shared.config.transport {
+                // The standby trusts exactly the published certificate: publish the new one
+                // whenever ours is renewed or replaced.
+                tokio::spawn(
+                    republish_console(shared.pair.clone(), record, tls.clone(), fenced.clone())
+                        .instrument(updraft_runtime::telemetry::task("console_record", "")),
+                );
+            }
         }
         tokio::spawn(
             web::serve(web, tls.server, web::router(console), fenced.clone())
@@ -690,6 +698,30 @@ pub async fn serve<T: agent_api::Tier>(
         _ = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace = ?grace, "requests still open after the shutdown grace: dropped");
             Ok(())
+        }
+    }
+}
+
+/// Publishes the console record again with the certificate in use whenever it changes.
+async fn republish_console(
+    pair: PairDir,
+    mut record: pair::ConsoleRecord,
+    tls: Arc<updraft_runtime::tls::Tls>,
+    stop: CancellationToken,
+) {
+    let mut seen = tls.generation();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pair::HEARTBEAT) => {}
+        }
+        if tls.generation() == seen {
+            continue;
+        }
+        seen = tls.generation();
+        record.cert_pem = String::from_utf8_lossy(tls.current().identity_pem().0).into_owned();
+        if let Err(e) = pair.publish_console(&record) {
+            tracing::warn!(error = %e, "cannot publish the console's new certificate; the standby's console may refuse it");
         }
     }
 }
