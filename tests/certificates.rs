@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use updraft_proto::v1::agent_api_client::AgentApiClient;
-use updraft_proto::v1::{CheckRequest, MachineInfo};
+use updraft_proto::v1::{CheckRequest, MachineInfo, SubscribeRequest};
 use updraft_runtime::tls::{Paths, Transport};
 use updraft_tests::{World, stderr, wait_until};
 
@@ -96,7 +96,7 @@ fn hosts_enroll_with_their_own_keys_renew_under_load_and_a_revocation_holds_ever
     let v1 = w.publish(&url, &w.package("editor", "1.0.0.0", &w.key));
     let _a1 = w.enrolled_agent("pc-1", &url, &["--min-interval", "3600"]);
     w.wait_site_has(&surl, &v1);
-    let _a2 = w.enrolled_agent("pc-2", &surl, &["--min-interval", "3600"]);
+    let a2 = w.enrolled_agent("pc-2", &surl, &["--min-interval", "3600"]);
     wait_until("both installed", T, || {
         w.installed("pc-1", "editor").as_deref() == Some("1.0.0.0")
             && w.installed("pc-2", "editor").as_deref() == Some("1.0.0.0")
@@ -128,13 +128,29 @@ fn hosts_enroll_with_their_own_keys_renew_under_load_and_a_revocation_holds_ever
     let pc2 = ms.as_array().unwrap().iter().find(|m| m["name"] == "pc-2").cloned();
     assert!(pc2.is_some(), "{ms}");
 
-    // Revocation: pc-1 is refused at the provider at once; pc-2 at the site within one round.
+    // Revocation: pc-1 is refused at the provider at once; pc-2 at the site within one round,
+    // and the push stream it holds open there is closed. (Its agent stops first: one push
+    // stream per machine, and this test holds pc-2's.)
     let tls2 = w.state("pc-2").join("tls");
     assert!(check_with(&tls2, &surl, "pc-2").is_ok());
+    drop(a2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut push = rt.block_on(async {
+        let paths = Paths::enrolled(&tls2);
+        let t = Transport::from_flags("test", Some(&paths.ca), Some(&paths.cert), Some(&paths.key), false).unwrap();
+        let ch = t.endpoint(&surl).unwrap().connect().await.unwrap();
+        let req = SubscribeRequest { machine: "pc-2".into(), last_seen_seq: 0 };
+        let mut s = AgentApiClient::new(ch).subscribe(req).await.unwrap().into_inner();
+        s.message().await.unwrap().expect("the stream's first event");
+        s
+    });
     w.admin_ok(&url, &["pki", "revoke", "pc-1"]);
     let refused = check_with(&tls1, &url, "pc-1").unwrap_err();
     eprintln!("revoked pc-1 at the provider: {refused}");
     w.admin_ok(&url, &["pki", "revoke", "pc-2"]);
+    let closed =
+        rt.block_on(async { tokio::time::timeout(T, async { while let Ok(Some(_)) = push.message().await {} }).await });
+    assert!(closed.is_ok(), "the revoked agent's open push stream at the site was not closed");
     wait_until("the site refuses revoked pc-2", T, || check_with(&tls2, &surl, "pc-2").is_err());
     // Others are untouched: the site, on its renewed certificate, still follows the centre.
     let v2 = w.publish(&url, &w.package("editor", "2.0.0.0", &w.key));
