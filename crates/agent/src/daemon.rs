@@ -1431,8 +1431,14 @@ pub async fn run(cfg: AgentConfig, probe: updraft_runtime::Probe, shutdown: Canc
     );
     if let updraft_runtime::tls::Transport::Tls(tls) = &agent.cfg.transport {
         tokio::spawn(
-            renew_loop(shared.clone(), tls.clone(), agent.cfg.transport.clone(), shutdown.clone())
-                .instrument(updraft_runtime::telemetry::task("certificate_renewal", "")),
+            renew_loop(
+                shared.clone(),
+                tls.clone(),
+                agent.cfg.transport.clone(),
+                agent.cfg.catalog_keys.clone(),
+                shutdown.clone(),
+            )
+            .instrument(updraft_runtime::telemetry::task("certificate_renewal", "")),
         );
     }
     if let Some(key) = agent.cfg.discovery_key.clone() {
@@ -1653,6 +1659,7 @@ async fn renew_loop(
     agent: Arc<Shared>,
     tls: Arc<updraft_runtime::tls::Tls>,
     transport: updraft_runtime::tls::Transport,
+    catalog_keys: Vec<updraft_core::keys::PublicKey>,
     shutdown: CancellationToken,
 ) {
     let connect = || async {
@@ -1667,7 +1674,8 @@ async fn renew_loop(
             .map_err(|e| format!("{url}: {}", updraft_runtime::tls::describe(&e)))?;
         Ok(updraft_runtime::traced(channel).with_server(&url))
     };
-    updraft_runtime::enroll::renew_loop(tls, vec![], connect, shutdown).await
+    // A new CA bundle only with the centre's signature: the provider answering may be a site.
+    updraft_runtime::enroll::renew_loop(tls, vec![], catalog_keys, connect, shutdown).await
 }
 
 async fn push_loop(agent: Arc<Shared>, tx: mpsc::Sender<Queued>, shutdown: CancellationToken) {

@@ -19,6 +19,8 @@ const MANIFEST_DOMAIN: &[u8] = b"updraft-manifest-v1\0";
 /// Catalog statements are signed under their own domain, so a signature over one can never
 /// pass for a signature over the other.
 const CATALOG_DOMAIN: &[u8] = b"updraft-catalog-v1\0";
+/// The CA bundle handed out with certificates, signed by the catalog key.
+const CA_BUNDLE_DOMAIN: &[u8] = b"updraft-ca-bundle-v1\0";
 
 pub struct ReleaseKey {
     signing: SigningKey,
@@ -78,6 +80,11 @@ impl ReleaseKey {
         self.sign_in(CATALOG_DOMAIN, body)
     }
 
+    /// The centre's word for the CA bundle it hands out with certificates (its catalog key).
+    pub fn sign_ca_bundle(&self, bundle: &[u8]) -> [u8; 64] {
+        self.sign_in(CA_BUNDLE_DOMAIN, bundle)
+    }
+
     fn sign_in(&self, domain: &[u8], body: &[u8]) -> [u8; 64] {
         let mut msg = domain.to_vec();
         msg.extend_from_slice(body);
@@ -108,6 +115,18 @@ impl PublicKey {
         msg.extend_from_slice(body);
         self.0.verify_strict(&msg, &Signature::from_bytes(&sig)).map_err(|_| {
             CoreError::Signature(format!("catalog statement is not signed by the pinned catalog key {}", self.key_id()))
+        })
+    }
+
+    /// Whether the CA bundle was signed by this (catalog) key.
+    pub fn verify_ca_bundle(&self, bundle: &[u8], signature: &[u8]) -> Result<()> {
+        let sig: [u8; 64] = signature
+            .try_into()
+            .map_err(|_| CoreError::Signature(format!("signature is {} bytes, expected 64", signature.len())))?;
+        let mut msg = CA_BUNDLE_DOMAIN.to_vec();
+        msg.extend_from_slice(bundle);
+        self.0.verify_strict(&msg, &Signature::from_bytes(&sig)).map_err(|_| {
+            CoreError::Signature(format!("the CA bundle is not signed by the pinned catalog key {}", self.key_id()))
         })
     }
 

@@ -184,12 +184,17 @@ async fn issue(
 }
 
 fn reply(shared: &Shared, ca: &Ca, signed: Signed) -> Result<CertificateReply> {
+    let bundle = bundle(shared, ca)?;
+    // Signed with the catalog key agents pin, so no site between can add a CA to their trust.
+    let ca_bundle_signature =
+        shared.config.catalog_key.as_ref().map(|k| k.sign_ca_bundle(bundle.as_bytes()).to_vec()).unwrap_or_default();
     Ok(CertificateReply {
         pending: false,
         certificate_pem: signed.pem,
-        ca_bundle_pem: bundle(shared, ca)?,
+        ca_bundle_pem: bundle,
         not_after_unix_ms: signed.not_after * 1000,
         serial: signed.serial,
+        ca_bundle_signature,
     })
 }
 

@@ -68,6 +68,7 @@ pub async fn run(cfg: RemoteConfig, listener: TcpListener, probe: Probe, shutdow
             updraft_runtime::enroll::renew_loop(
                 tls.clone(),
                 sans,
+                vec![], // its upstream is the centre, or a site it was told to follow
                 move || std::future::ready(Ok(renewing.channel())),
                 shutdown.clone(),
             )

@@ -146,9 +146,16 @@ pub fn renewal_due(c: &Credentials) -> SystemTime {
 /// a request with our key over a channel `connect` opens (to any provider of ours), the answer
 /// checked and put in force ([`Tls::install_renewal`]). A failed attempt is retried soon (an
 /// eighth of the time left, between 1 s and 5 min), and counted in
-/// `updraft.tls.renewals{outcome}`.
-pub async fn renew_loop<F, Fut>(tls: Arc<Tls>, sans: Vec<String>, connect: F, stop: CancellationToken)
-where
+/// `updraft.tls.renewals{outcome}`. With `bundle_keys` (an agent's pinned catalog keys), a new
+/// CA bundle is taken only with a signature by one of them; otherwise the bundle in use stays,
+/// and the new certificate must verify against it.
+pub async fn renew_loop<F, Fut>(
+    tls: Arc<Tls>,
+    sans: Vec<String>,
+    bundle_keys: Vec<updraft_core::keys::PublicKey>,
+    connect: F,
+    stop: CancellationToken,
+) where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<TracedChannel, String>>,
 {
@@ -170,7 +177,7 @@ where
         if SystemTime::now() < due || tls.current().serial != c.serial {
             continue;
         }
-        match renew_once(&tls, &c, &sans, &connect).await {
+        match renew_once(&tls, &c, &sans, &bundle_keys, &connect).await {
             Ok(serial) => {
                 tracing::info!(%serial, "certificate renewed");
                 renewals.add(1, &[opentelemetry::KeyValue::new("outcome", "renewed")]);
@@ -217,7 +224,13 @@ fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
-async fn renew_once<F, Fut>(tls: &Tls, c: &Credentials, sans: &[String], connect: &F) -> Result<String, String>
+async fn renew_once<F, Fut>(
+    tls: &Tls,
+    c: &Credentials,
+    sans: &[String],
+    bundle_keys: &[updraft_core::keys::PublicKey],
+    connect: &F,
+) -> Result<String, String>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<TracedChannel, String>>,
@@ -229,6 +242,52 @@ where
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
-    tls.install_renewal(reply.ca_bundle_pem.as_bytes(), reply.certificate_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let bundle = match vouched_bundle(bundle_keys, reply.ca_bundle_pem.as_bytes(), &reply.ca_bundle_signature) {
+        Ok(()) => reply.ca_bundle_pem.as_bytes(),
+        Err(why) => {
+            if reply.ca_bundle_pem.as_bytes() != c.ca_pem() {
+                tracing::warn!(%why, "the CA bundle that came with the certificate is not taken; the one in use stays");
+            }
+            c.ca_pem()
+        }
+    };
+    tls.install_renewal(bundle, reply.certificate_pem.as_bytes()).map_err(|e| e.to_string())?;
     Ok(reply.serial)
+}
+
+/// Whether a CA bundle may be taken: no keys pinned (nothing to check it with), or a signature
+/// by one of them.
+fn vouched_bundle(keys: &[updraft_core::keys::PublicKey], bundle: &[u8], signature: &[u8]) -> Result<(), String> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut why = "no signature by the centre's catalog key".to_string();
+    for k in keys {
+        match k.verify_ca_bundle(bundle, signature) {
+            Ok(()) => return Ok(()),
+            Err(e) if !signature.is_empty() => why = e.to_string(),
+            Err(_) => {}
+        }
+    }
+    Err(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_bundle_is_taken_only_with_the_centres_signature_when_keys_are_pinned() {
+        let centre = updraft_core::keys::ReleaseKey::generate().unwrap();
+        let other = updraft_core::keys::ReleaseKey::generate().unwrap();
+        let bundle = b"-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n";
+        let signed = centre.sign_ca_bundle(bundle);
+        assert!(vouched_bundle(&[], bundle, &[]).is_ok(), "nothing pinned: nothing to check with");
+        assert!(vouched_bundle(&[centre.public()], bundle, &signed).is_ok());
+        assert!(vouched_bundle(&[centre.public()], bundle, &[]).is_err(), "unsigned");
+        assert!(vouched_bundle(&[centre.public()], bundle, &other.sign_ca_bundle(bundle)).is_err(), "another key");
+        assert!(vouched_bundle(&[centre.public()], b"another bundle", &signed).is_err(), "changed on the way");
+        // A manifest or statement signature is not a bundle signature (domain separation).
+        assert!(vouched_bundle(&[centre.public()], bundle, &centre.sign_statement(bundle)).is_err());
+    }
 }
