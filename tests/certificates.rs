@@ -295,3 +295,21 @@ fn a_provider_reloads_certificate_files_replaced_by_hand_on_sighup() {
     let log = p.log_text();
     assert!(log.contains("SIGHUP: TLS credentials reloaded"), "{log}");
 }
+
+#[test]
+fn a_revoked_agent_is_refused_through_the_standby_too() {
+    let w = World::new();
+    let pki = w.path("pki");
+    let (_p, url) = w.provider_with("centre", &["--pki-dir", pki.to_str().unwrap()]);
+    let (_standby, surl) = w.pair_member("centre-b", "centre");
+    let t = token(&w, &url, &["--role", "agent", "--name", "pc-s"]);
+    let out = w.enroll_agent("pc-s", &url, &["--token", &t]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tls = w.state("pc-s").join("tls");
+    // The standby knows no revocation list of its own; it forwards the caller's serial, and the
+    // active refuses a revoked one.
+    assert!(check_with(&tls, &surl, "pc-s").is_ok(), "through the standby");
+    w.admin_ok(&url, &["pki", "revoke", "pc-s"]);
+    let refused = check_with(&tls, &surl, "pc-s").unwrap_err();
+    assert!(refused.contains("revoked"), "{refused}");
+}

@@ -22,10 +22,13 @@ use crate::{Shared, health, now_ms};
 /// peer whose certificate says it is a provider.
 pub const FORWARDED_NAME: &str = "x-updraft-forwarded-name";
 pub const FORWARDED_ROLE: &str = "x-updraft-forwarded-role";
+/// The serial of the original caller's certificate, so the active refuses a revoked one that
+/// came through a standby.
+pub const FORWARDED_SERIAL: &str = "x-updraft-forwarded-serial";
 /// What admin-cli says about its user; the only identity there is with `--insecure`.
 pub const CLAIMED_USER: &str = "x-updraft-user";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Caller {
     pub name: String,
     /// None: unauthenticated (the server runs with `--insecure`).
@@ -33,6 +36,8 @@ pub struct Caller {
     /// The standby provider that forwarded the call, if any.
     pub via: Option<String>,
     pub addr: Option<SocketAddr>,
+    /// The serial (hex) of the certificate it presented (empty without TLS).
+    pub serial: String,
 }
 
 impl Caller {
@@ -132,7 +137,7 @@ type Chain = Vec<tonic::transport::CertificateDer<'static>>;
 
 #[derive(Default)]
 struct PeerMap {
-    by_chain: std::collections::HashMap<usize, (std::sync::Weak<Chain>, Peer)>,
+    by_chain: std::collections::HashMap<usize, (std::sync::Weak<Chain>, Peer, String)>,
     sweep_at: usize,
 }
 
@@ -142,27 +147,28 @@ impl Peers {
 
     /// The peer of a connection; on its first request, the certificate's use is noted (see
     /// `Shared::cert_uses`).
-    fn of(&self, chain: &Arc<Chain>, shared: Option<&Shared>) -> Result<Peer, Status> {
+    fn of(&self, chain: &Arc<Chain>, shared: Option<&Shared>) -> Result<(Peer, String), Status> {
         let key = Arc::as_ptr(chain) as usize;
-        if let Some((_, peer)) = self.0.lock().expect("peer cache").by_chain.get(&key) {
-            return Ok(peer.clone());
+        if let Some((_, peer, serial)) = self.0.lock().expect("peer cache").by_chain.get(&key) {
+            return Ok((peer.clone(), serial.clone()));
         }
         let leaf = chain.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let peer = peer_of(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        if let (Some(shared), Ok(info)) = (shared, updraft_runtime::tls::pki::CertInfo::of_der(leaf)) {
+        let serial = updraft_runtime::tls::pki::CertInfo::of_der(leaf).map(|i| i.serial).unwrap_or_default();
+        if let Some(shared) = shared {
             let mut uses = shared.cert_uses.lock().expect("certificate uses");
             if uses.len() >= 100_000 {
                 uses.clear(); // bounded; the next connection of each notes it again
             }
-            uses.insert(info.serial, now_ms());
+            uses.insert(serial.clone(), now_ms());
         }
         let mut m = self.0.lock().expect("peer cache");
         if m.by_chain.len() >= m.sweep_at.max(Self::SWEEP_FLOOR) {
-            m.by_chain.retain(|_, (chain, _)| chain.strong_count() > 0);
+            m.by_chain.retain(|_, (chain, _, _)| chain.strong_count() > 0);
             m.sweep_at = 2 * m.by_chain.len();
         }
-        m.by_chain.insert(key, (Arc::downgrade(chain), peer.clone()));
-        Ok(peer)
+        m.by_chain.insert(key, (Arc::downgrade(chain), peer.clone(), serial.clone()));
+        Ok((peer, serial))
     }
 }
 
@@ -177,17 +183,24 @@ fn identify(
     let addr = remote_addr(req);
     let Transport::Tls(_) = transport else {
         let name = header(req, CLAIMED_USER).unwrap_or_else(|| "anonymous".into());
-        return Ok(Caller { name, role: None, via: None, addr });
+        return Ok(Caller { name, role: None, via: None, addr, serial: String::new() });
     };
     let certs = info.and_then(|i| i.peer_certs()).ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let peer = peers.of(&certs, shared)?;
+    let (peer, serial) = peers.of(&certs, shared)?;
     if peer.role == Role::Provider
         && let (Some(name), Some(role)) = (header(req, FORWARDED_NAME), header(req, FORWARDED_ROLE))
     {
         let role = role.parse().map_err(|_| Status::unauthenticated(format!("forwarded role {role:?}")))?;
-        return Ok(Caller { name, role: Some(role), via: Some(peer.name), addr });
+        // The standby's handshake checked the caller against its own lists; ours may be newer.
+        let forwarded = header(req, FORWARDED_SERIAL).unwrap_or_default();
+        if let Transport::Tls(tls) = transport
+            && tls.is_revoked(&forwarded)
+        {
+            return Err(Status::unauthenticated(format!("the certificate of {name} ({forwarded}) is revoked")));
+        }
+        return Ok(Caller { name, role: Some(role), via: Some(peer.name), addr, serial: forwarded });
     }
-    Ok(Caller { name: peer.name, role: Some(peer.role), via: None, addr })
+    Ok(Caller { name: peer.name, role: Some(peer.role), via: None, addr, serial })
 }
 
 /// The role rules, and (on the provider that holds the store) the admin users.
@@ -357,12 +370,12 @@ where
                 Ok(c) => c,
                 // Enrolling is how a host without a certificate gets one.
                 Err(_) if access == Access::Enroll => {
-                    Caller { name: "enrolling host".into(), role: None, via: None, addr: remote_addr(&req) }
+                    Caller { name: "enrolling host".into(), addr: remote_addr(&req), ..Default::default() }
                 }
                 Err(status) => {
                     tracing::warn!(%path, reason = %status.message(), "refused an unidentified caller");
                     if let Some(s) = &shared {
-                        let nobody = Caller { name: "unknown".into(), role: None, via: None, addr: remote_addr(&req) };
+                        let nobody = Caller { name: "unknown".into(), addr: remote_addr(&req), ..Default::default() };
                         audit_refusal(s, &refusals, &nobody, &path, status.message()).await;
                     }
                     return Ok(status.into_http());
@@ -378,12 +391,16 @@ where
             // Only a standby's own forwarding may carry these; never a client's.
             req.headers_mut().remove(FORWARDED_NAME);
             req.headers_mut().remove(FORWARDED_ROLE);
+            req.headers_mut().remove(FORWARDED_SERIAL);
             if shared.is_none()
                 && let Some(role) = caller.role
                 && let (Ok(n), Ok(r)) = (caller.name.parse(), role.as_str().parse())
             {
                 req.headers_mut().insert(FORWARDED_NAME, n);
                 req.headers_mut().insert(FORWARDED_ROLE, r);
+                if let Ok(s) = caller.serial.parse() {
+                    req.headers_mut().insert(FORWARDED_SERIAL, s);
+                }
             }
             req.extensions_mut().insert(caller.clone());
             let resp = if UNTIMED.contains(&path.as_str()) {
@@ -476,10 +493,10 @@ mod tests {
         };
         let peers = Peers::default();
         let (a, b) = (chain("pc-1"), chain("pc-2"));
-        assert_eq!(peers.of(&a, None).unwrap().name, "pc-1");
-        assert_eq!(peers.of(&b, None).unwrap().name, "pc-2");
+        assert_eq!(peers.of(&a, None).unwrap().0.name, "pc-1");
+        assert_eq!(peers.of(&b, None).unwrap().0.name, "pc-2");
         // Found again, by the connection's chain, not by parsing it.
-        assert_eq!(peers.of(&a, None).unwrap(), Peer { name: "pc-1".into(), role: Role::Agent });
+        assert_eq!(peers.of(&a, None).unwrap().0, Peer { name: "pc-1".into(), role: Role::Agent });
         assert_eq!(peers.0.lock().unwrap().by_chain.len(), 2);
         assert!(peers.of(&Arc::new(vec![]), None).is_err(), "no certificate, no identity");
         // Many connections come and go: the map stays within twice the open ones.
@@ -490,7 +507,7 @@ mod tests {
         }
         let held = peers.0.lock().unwrap().by_chain.len();
         assert!(held <= 2 * Peers::SWEEP_FLOOR, "{held} entries held for one open connection");
-        assert_eq!(peers.of(&a, None).unwrap().name, "pc-1", "the open connection's entry survives sweeps");
+        assert_eq!(peers.of(&a, None).unwrap().0.name, "pc-1", "the open connection's entry survives sweeps");
     }
 
     #[test]
@@ -509,7 +526,7 @@ mod tests {
 
     #[test]
     fn roles_meet_services() {
-        let c = |role| Caller { name: "x".into(), role: Some(role), via: None, addr: None };
+        let c = |role| Caller { name: "x".into(), role: Some(role), ..Default::default() };
         assert!(authorize(&c(Role::Agent), Access::Agent, None).is_ok());
         assert!(authorize(&c(Role::Agent), Access::Read, None).is_err());
         assert!(authorize(&c(Role::Agent), Access::Site, None).is_err());

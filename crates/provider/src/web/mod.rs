@@ -166,6 +166,7 @@ impl Signed {
             role: Some(Role::Admin),
             via: Some("the web console".into()),
             addr: self.addr,
+            serial: String::new(),
         }
     }
 
@@ -361,6 +362,7 @@ async fn login(
         role: Some(Role::Admin),
         via: Some("the web console".into()),
         addr: Some(addr),
+        serial: String::new(),
     };
     if !ok {
         console.limiter.failed(user, Some(addr.ip()));
