@@ -12,6 +12,7 @@ pub mod model;
 pub mod package;
 pub mod plan;
 pub mod policy;
+pub mod rollout;
 pub mod version;
 pub mod when;
 
