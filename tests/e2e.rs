@@ -20,6 +20,7 @@ mod install;
 mod lifecycle;
 mod network;
 mod observability;
+mod rollouts;
 mod security;
 mod sites;
 

@@ -35,6 +35,9 @@ pub enum Cmd {
     /// Managed machines.
     #[command(subcommand)]
     Machine(MachineCmd),
+    /// Rollouts in waves.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
     /// Version caps per product line.
     #[command(subcommand, name = "product-line")]
     ProductLine(ProductLineCmd),
@@ -600,6 +603,22 @@ pub enum DiscoveryCmd {
     Off,
     /// Show the setting.
     Status,
+}
+
+#[derive(Subcommand)]
+pub enum RolloutCmd {
+    /// Before anything happens: how many machines would take the update (were it approved
+    /// now) in each wave and at each site, and the WAN bytes each site would fetch.
+    Preview {
+        /// The update id.
+        id: String,
+        /// Only this group's machines.
+        #[arg(long)]
+        group: Option<String>,
+        /// Cumulative shares, e.g. 1%,10%,50%,100%.
+        #[arg(long, default_value = "1%,10%,50%,100%")]
+        waves: String,
+    },
 }
 
 #[derive(Subcommand)]

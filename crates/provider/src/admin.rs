@@ -291,6 +291,13 @@ impl Admin for AdminService {
         Ok(Response::new(self.ops.approve_enrollment(&who, request.into_inner()).await?))
     }
 
+    async fn preview_rollout(
+        &self,
+        request: Request<updraft_proto::v1::PreviewRolloutRequest>,
+    ) -> Result<Response<updraft_proto::v1::RolloutPreview>, Status> {
+        Ok(Response::new(self.ops.preview_rollout(request.into_inner()).await?))
+    }
+
     async fn revoke_certificate(
         &self,
         request: Request<RevokeCertificateRequest>,

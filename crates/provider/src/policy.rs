@@ -69,6 +69,39 @@ pub fn fleet_plans(store: &Store, catalog: &Snapshot) -> Result<Vec<MachinePlan>
     Ok(out)
 }
 
+/// Every known agent (of `group`, when given) that would be offered `update` to install were it
+/// approved now, with the site it comes through (`via`). Machines whose record does not read
+/// are left out, as in update statuses.
+pub fn takers(
+    store: &Store,
+    catalog: &Snapshot,
+    update: &Update,
+    group: Option<&str>,
+) -> Result<Vec<(String, String)>> {
+    let mut approved = update.clone();
+    approved.state = updraft_core::model::UpdateState::Ga.to_wire();
+    let items: Vec<_> = catalog
+        .updates
+        .iter()
+        .map(|u| if u.id == update.id { &approved } else { u })
+        .filter_map(crate::catalog::item_of)
+        .collect();
+    let mut out = Vec::new();
+    for m in store.list_machines()? {
+        let Some(info) = m.info.as_ref() else { continue };
+        if m.is_remote_provider || group.is_some_and(|g| catalog.decided.group_of(&info.name) != g) {
+            continue;
+        }
+        let Ok(given) = given(&catalog.decided, info) else { continue };
+        let Ok(view) = crate::catalog::view_of(&catalog.caps, &given, info) else { continue };
+        let plan = updraft_core::plan::plan(&items, &view);
+        if plan.actions.iter().any(|a| matches!(a, updraft_core::plan::Action::Install { id } if *id == update.id)) {
+            out.push((info.name.clone(), m.via.clone()));
+        }
+    }
+    Ok(out)
+}
+
 /// Problems the provider sees that the agent cannot: pins the catalog cannot meet.
 fn provider_problems(catalog: &[Update], pins: &MachinePins) -> Vec<String> {
     pins.pins

@@ -13,6 +13,7 @@ mod pki;
 mod product_line;
 mod provider;
 mod report;
+mod rollout;
 mod site;
 mod update;
 mod user;
@@ -28,6 +29,7 @@ pub async fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Package(c) => package::run(ctx, c),
         Cmd::Update(c) => update::run(ctx, c).await,
         Cmd::Machine(c) => machine::run(ctx, c).await,
+        Cmd::Rollout(c) => rollout::run(ctx, c).await,
         Cmd::ProductLine(c) => product_line::run(ctx, c).await,
         Cmd::Deploy { cmd, target } => deploy::run(ctx, cmd, target).await,
         Cmd::Undeploy { target } => deploy::undeploy(ctx, target).await,

@@ -11,6 +11,7 @@ use updraft_proto::v1::{
     PrestageRequest, ProductLineCap, RelatedInstallsRequest, RemoveWatchRequest, SetPriorityRequest,
     SetUpdateStateRequest, Update, UpdateDetail, UploadHeader, WatchFolder,
 };
+use updraft_proto::v1::{PreviewRolloutRequest, RolloutPreview, SitePreview, WavePreview};
 
 use super::Ops;
 use crate::catalog::{caps_map, dependents, ga_patch_warnings, install_type_of, item_of, status_of};
@@ -123,6 +124,57 @@ impl Ops {
             .collect();
         sort_updates(&mut updates);
         self.listing(updates)
+    }
+
+    /// Who would take an update in each wave of a rollout, and what each site would fetch (see
+    /// `updraft_core::rollout`): read-only, for before anything happens.
+    pub async fn preview_rollout(&self, req: PreviewRolloutRequest) -> Result<RolloutPreview> {
+        use updraft_core::rollout::{Waves, pct};
+        let waves: Waves = if req.waves.trim().is_empty() { "1%,10%,50%,100%".parse()? } else { req.waves.parse()? };
+        let u = self.shared.store.get_update(&req.update_id)?;
+        let catalog = self.shared.catalog()?;
+        let group = (!req.group.is_empty()).then_some(req.group.as_str());
+        if let Some(g) = group
+            && g != crate::store::DEFAULT_GROUP
+            && self.shared.store.get_group(g)?.is_none()
+        {
+            return Err(ProviderError::NotFound(format!("no group {g:?}")));
+        }
+        let takers = policy::takers(&self.shared.store, &catalog, &u, group)?;
+        let mut per_wave = vec![0u32; waves.len()];
+        let mut sites: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+        for (name, via) in &takers {
+            let wave = waves.wave_of(&u.id, name);
+            per_wave[wave] += 1;
+            let site = if via.is_empty() { "direct".to_string() } else { via.clone() };
+            sites.entry(site).or_insert_with(|| vec![0; waves.len()])[wave] += 1;
+        }
+        let mut cumulative = 0;
+        let per_wave = per_wave
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                cumulative += n;
+                WavePreview { wave: i as u32 + 1, share: pct(waves.share(i)), machines: *n, cumulative }
+            })
+            .collect();
+        let sites = sites
+            .into_iter()
+            .map(|(site, counts)| {
+                let first = counts.iter().position(|n| *n > 0).map_or(0, |i| i as u32 + 1);
+                // The centre serves its own machines; a site fetches the package once.
+                let wan_bytes = if site == "direct" || first == 0 { 0 } else { u.size };
+                SitePreview { site, machines_per_wave: counts, wan_bytes, first_wave: first }
+            })
+            .collect();
+        Ok(RolloutPreview {
+            update_id: u.id.clone(),
+            waves: waves.to_string(),
+            size: u.size,
+            machines: takers.len() as u32,
+            per_wave,
+            sites,
+        })
     }
 
     pub async fn get_update(&self, req: GetUpdateRequest) -> Result<UpdateDetail> {

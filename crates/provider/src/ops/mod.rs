@@ -99,6 +99,7 @@ operations! {
     ListCertificates => Read,
     ApproveEnrollment => Write,
     RevokeCertificate => Write,
+    PreviewRollout => Read,
 }
 
 impl Op {
