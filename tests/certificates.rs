@@ -313,3 +313,40 @@ fn a_revoked_agent_is_refused_through_the_standby_too() {
     let refused = check_with(&tls, &surl, "pc-s").unwrap_err();
     assert!(refused.contains("revoked"), "{refused}");
 }
+
+#[test]
+fn a_standby_renews_its_own_certificate_at_the_active() {
+    let w = World::new();
+    let pki = w.path("pki");
+    let (_p, url) = w.provider_with("centre", &["--pki-dir", pki.to_str().unwrap(), "--cert-lifetime", "10s"]);
+    // The standby's certificate lasts 8 seconds: it goes on serving only if it renews.
+    let out = std::process::Command::new(updraft_tests::bin("admin-cli"))
+        .args(["pki", "issue", "centre-b", "--role", "provider", "--lifetime", "8s", "--dir", pki.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_standby, surl) = w.pair_member("centre-b", "centre");
+    // An agent with a long-lived certificate, checking through the standby.
+    let env = w.tls_env("pc-l", "agent", &[]);
+    let dir = w.path("pc-l-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (var, file) in
+        [("UPDRAFT_TLS_CA", "ca.crt"), ("UPDRAFT_TLS_CERT", "identity.crt"), ("UPDRAFT_TLS_KEY", "identity.key")]
+    {
+        let from = &env.iter().find(|(k, _)| k == var).unwrap().1;
+        std::fs::copy(from, dir.join(file)).unwrap();
+    }
+    assert!(check_with(&dir, &surl, "pc-l").is_ok());
+    wait_until("the standby renewed twice at the active", Duration::from_secs(60), || {
+        issued(&w, &url, "centre-b").len() >= 2 && {
+            let c = issued(&w, &url, "centre-b");
+            c.iter().all(|c| c["how"] == "renewal")
+        }
+    });
+    wait_until("the standby's renewals outlive its first certificate", Duration::from_secs(60), || {
+        issued(&w, &url, "centre-b").iter().filter(|c| c["expires_in_secs"].as_i64().unwrap() <= 0).count() >= 1
+    });
+    // Its first certificate (never in the list: issued by hand) is long expired; it still serves.
+    let r = check_with(&dir, &surl, "pc-l");
+    assert!(r.is_ok(), "through the standby after its first certificate expired: {r:?}");
+}

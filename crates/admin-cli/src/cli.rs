@@ -154,8 +154,11 @@ pub enum PkiCmd {
         #[arg(long, value_delimiter = ',')]
         san: Vec<String>,
         /// Days the certificate is valid.
-        #[arg(long, default_value_t = 365)]
+        #[arg(long, default_value_t = 365, conflicts_with = "lifetime")]
         days: u32,
+        /// How long the certificate is valid, instead of --days (`12h`, `90d`, `30s`).
+        #[arg(long, value_parser = updraft_core::when::parse_span)]
+        lifetime: Option<std::time::Duration>,
     },
     /// Rotate the CA in DIR (on the provider's host, its --pki-dir), one step at a time, each
     /// step after every host has renewed once since the last (a third of a certificate's life;

@@ -332,6 +332,10 @@ pub async fn renew(shared: &Shared, caller: &Caller, req: RenewRequest) -> Resul
             Some(r @ (Role::Agent | Role::RemoteProvider | Role::Admin)) => {
                 (caller.name.clone(), r, "renewal".to_string())
             }
+            // A provider renewing itself (a pair's standby), not one forwarding for another.
+            Some(Role::Provider) if caller.via.is_none() => {
+                (caller.name.clone(), Role::Provider, "renewal".to_string())
+            }
             _ => return Err(denied(format!("{} renews no certificate here", caller.describe()))),
         }
     };

@@ -24,7 +24,8 @@ const WAIT_FOR_ACTIVE: Duration = Duration::from_secs(3);
 pub struct ActiveLink {
     pair: PairDir,
     transport: Transport,
-    inner: Arc<Mutex<Option<(String, Channel)>>>,
+    /// The active's URL, the credentials generation the channel was built with, the channel.
+    inner: Arc<Mutex<Option<(String, u64, Channel)>>>,
 }
 
 impl ActiveLink {
@@ -39,10 +40,12 @@ impl ActiveLink {
         }
     }
 
-    /// Points the link at `url`; keeps the open channel when it is already there.
+    /// Points the link at `url`; keeps the open channel when it is already there and was built
+    /// with the credentials in use (a renewed certificate gets a new channel).
     pub fn point_at(&self, url: &str) {
         let mut inner = self.inner.lock().expect("active link lock");
-        if inner.as_ref().is_some_and(|(u, _)| u == url) {
+        let generation = self.transport.generation();
+        if inner.as_ref().is_some_and(|(u, g, _)| u == url && *g == generation) {
             return;
         }
         match self.transport.endpoint(url) {
@@ -54,7 +57,7 @@ impl ActiveLink {
                     .keep_alive_timeout(Duration::from_secs(5))
                     .connect_lazy();
                 tracing::info!(active = %url, "forwarding to the active provider");
-                *inner = Some((url.to_string(), ch));
+                *inner = Some((url.to_string(), generation, ch));
             }
             Err(e) => {
                 tracing::warn!(active = %url, error = %e, "the active provider's address is unusable");
@@ -64,7 +67,13 @@ impl ActiveLink {
     }
 
     fn get(&self) -> Option<(String, Channel)> {
-        self.inner.lock().expect("active link lock").clone()
+        self.inner.lock().expect("active link lock").as_ref().map(|(u, _, c)| (u.clone(), c.clone()))
+    }
+
+    /// A channel to the active, when one is known (the standby renews its certificate there).
+    pub fn channel(&self) -> Option<updraft_runtime::TracedChannel> {
+        self.refresh();
+        self.get().map(|(url, ch)| updraft_runtime::traced(ch).with_server(&url))
     }
 }
 

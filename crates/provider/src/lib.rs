@@ -438,6 +438,19 @@ async fn standby(
                 .instrument(updraft_runtime::telemetry::task("standby_console", "")),
         );
     }
+    if let Transport::Tls(tls) = &config.transport {
+        // The standby's own certificate is renewed at the active, over the link it forwards on.
+        let sans = updraft_runtime::tls::pki::CertInfo::of_pem(tls.current().identity_pem().0)
+            .map(|i| i.sans)
+            .unwrap_or_default();
+        let link = link.clone();
+        let connect =
+            move || std::future::ready(link.channel().ok_or_else(|| "no active provider known yet".to_string()));
+        tokio::spawn(
+            updraft_runtime::enroll::renew_loop(tls.clone(), sans, vec![], connect, stop.clone())
+                .instrument(updraft_runtime::telemetry::task("certificate_renewal", "")),
+        );
+    }
     probe.started(false, "standby: forwarding to the active member");
     let me = Member::new(name, url, Role::Standby, 0);
     let mut last_beat = std::time::Instant::now() - pair::HEARTBEAT;

@@ -225,17 +225,23 @@ pub async fn run(ctx: &Ctx, cmd: PkiCmd) -> anyhow::Result<()> {
                 println!("created CA {} (its key, {}, stays with you)", c.ca.display(), dir.join("ca.key").display())
             });
         }
-        PkiCmd::Issue { name, role, dir, san, days } => {
+        PkiCmd::Issue { name, role, dir, san, days, lifetime } => {
             let role: updraft_runtime::tls::Role = role.parse()?;
             if !(1..=3650).contains(&days) {
                 bail!("--days must be 1-3650, got {days}");
             }
-            let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
-            let valid = Duration::from_secs(u64::from(days) * 86_400);
+            let valid = lifetime.unwrap_or(Duration::from_secs(u64::from(days) * 86_400));
+            if valid < Duration::from_secs(2) || valid > Duration::from_secs(3650 * 86_400) {
+                bail!("--lifetime must be 2 s to 10 years");
+            }
+            // Valid from a little before now (clocks behind ours), at most half the lifetime.
+            let skew = (valid / 2).min(Duration::from_secs(300));
+            let now = time::OffsetDateTime::now_utc() - time::Duration::seconds(skew.as_secs() as i64);
+            let valid = valid + skew;
             let (cert, key) = updraft_runtime::tls::pki::issue(&dir, role, &name, &san, now, valid, &dir.join(&name))?;
             let issued = Issued { cert, key, role: role.as_str(), name };
             ctx.show(&issued, |i| {
-                println!("issued {} and {} ({} {}, {days} days)", i.cert.display(), i.key.display(), i.role, i.name)
+                println!("issued {} and {} ({} {})", i.cert.display(), i.key.display(), i.role, i.name)
             });
         }
         PkiCmd::Rotate { dir, introduce, promote, retire: _, name } => {
