@@ -277,3 +277,66 @@ fn a_standby_serves_the_actives_console_and_its_own_after_a_switchover() {
     assert!(groups.contains("through-standby"), "the store the pair shares");
     assert!(!b.exited());
 }
+
+/// The Configuration page of a provider holding the CA lists the certificates it issued and the
+/// enrollment requests waiting; approving and revoking there are the admin operations, audited
+/// with the web user's name.
+#[test]
+fn the_console_approves_enrollments_and_revokes_certificates() {
+    let w = World::new();
+    let pki = w.path("pki");
+    let trust = w.pubkey.to_str().unwrap();
+    let (mut p, url) = w.provider_with("centre", &["--trust-key", trust, "--pki-dir", pki.to_str().unwrap()]);
+    let base = format!("https://{}", p.web_addr());
+    passwd(&w, &url, ADMIN, "admin password 1");
+    let jar = w.path("cookies");
+    let login =
+        curl(&jar, &["-d", &format!("user={ADMIN}"), "-d", "password=admin password 1", &format!("{base}/login")]);
+    assert_eq!(login.0, "303");
+    // A host asks without a token: its request waits, and the page shows it.
+    let ca = pki.join("ca.crt");
+    let enroll = || {
+        std::process::Command::new(updraft_tests::bin("agent"))
+            .args(["enroll", "--provider", &url, "--ca", ca.to_str().unwrap(), "--name", "pc-w", "--wait", "0s"])
+            .arg("--state-dir")
+            .arg(w.state("pc-w"))
+            .output()
+            .unwrap()
+    };
+    assert!(!enroll().status.success(), "waits for approval");
+    let (code, page) = curl(&jar, &[&format!("{base}/configuration")]);
+    assert_eq!(code, "200");
+    assert!(page.contains("Waiting for approval") && page.contains("<td>pc-w</td>"), "{page}");
+    let csrf = page.split("name=\"csrf\" value=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+    let (code, _) = curl(
+        &jar,
+        &["-d", &format!("csrf={csrf}"), "-d", "name=pc-w", &format!("{base}/configuration/certificates/approve")],
+    );
+    assert_eq!(code, "303");
+    let out = enroll();
+    assert!(out.status.success(), "collected after the approval: {}", updraft_tests::stderr(&out));
+    // The certificate is listed, and revoked from the page.
+    let listed = w.admin_json(&url, &["pki", "list"]);
+    let serial = listed["certificates"][0]["serial"].as_str().unwrap().to_string();
+    let (_, page) = curl(&jar, &[&format!("{base}/configuration")]);
+    assert!(page.contains(&serial[..16]) && page.contains("badge s-ok\">valid"), "{page}");
+    let (code, _) = curl(
+        &jar,
+        &[
+            "-d",
+            &format!("csrf={csrf}"),
+            "-d",
+            &format!("what={serial}"),
+            &format!("{base}/configuration/certificates/revoke"),
+        ],
+    );
+    assert_eq!(code, "303");
+    let listed = w.admin_json(&url, &["pki", "list"]);
+    assert!(listed["certificates"][0]["revoked"].as_str().unwrap().contains(ADMIN), "{listed}");
+    // Both changes are in the audit log under the web user's name.
+    let audit = w.admin_json(&url, &["audit", "list"]).to_string();
+    assert!(audit.contains("ApproveEnrollment") && audit.contains("RevokeCertificate"), "{audit}");
+    // Without a token or form token, nothing changes.
+    let (code, _) = curl(&jar, &["-d", "what=pc-w", &format!("{base}/configuration/certificates/revoke")]);
+    assert_ne!(code, "303");
+}

@@ -219,6 +219,26 @@ pub async fn user_remove(State(c): State<Arc<Console>>, Posted { signed: s, fiel
     back("/configuration", run.await)
 }
 
+pub async fn certificate_revoke(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
+    let run = async {
+        let what = f.need("what")?.to_string();
+        let req = updraft_proto::v1::RevokeCertificateRequest { name_or_serial: what.clone() };
+        c.change(&s, Op::RevokeCertificate, async |ops, who| ops.revoke_certificate(&who, req).await).await?;
+        Ok(format!("certificate {what} revoked"))
+    };
+    back("/configuration", run.await)
+}
+
+pub async fn certificate_approve(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
+    let run = async {
+        let name = f.need("name")?.to_string();
+        let req = updraft_proto::v1::ApproveEnrollmentRequest { name: name.clone() };
+        c.change(&s, Op::ApproveEnrollment, async |ops, who| ops.approve_enrollment(&who, req).await).await?;
+        Ok(format!("enrollment of {name} approved: the host collects its certificate with its next request"))
+    };
+    back("/configuration", run.await)
+}
+
 pub async fn user_password(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
     let run = async {
         let name = f.need("name")?.to_string();

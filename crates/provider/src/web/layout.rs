@@ -138,9 +138,9 @@ pub fn csrf_field(csrf: &str) -> Markup {
 /// A status word as a coloured badge.
 pub fn badge(status: &str) -> Markup {
     let class = match status {
-        "up-to-date" | "ga" | "GA" | "ok" | "active" | "installed" | "connected" => "s-ok",
+        "up-to-date" | "ga" | "GA" | "ok" | "active" | "installed" | "connected" | "valid" => "s-ok",
         "needs-attention" | "test" | "Test" | "standby" => "s-needs-attention",
-        "error" | "remove" | "Remove" | "gone" | "disconnected" => "s-error",
+        "error" | "remove" | "Remove" | "gone" | "disconnected" | "revoked" | "expired" => "s-error",
         _ => "s-other",
     };
     html! { span class={"badge " (class)} { (status) } }

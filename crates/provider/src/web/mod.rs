@@ -422,6 +422,8 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/groups/deploy", post(actions::deploy))
         .route("/configuration/users", post(actions::user_put))
         .route("/configuration/users/remove", post(actions::user_remove))
+        .route("/configuration/certificates/revoke", post(actions::certificate_revoke))
+        .route("/configuration/certificates/approve", post(actions::certificate_approve))
         .route("/configuration/users/password", post(actions::user_password))
         .route("/configuration/discovery", post(actions::discovery))
         .route("/configuration/providers", post(actions::peer_put))

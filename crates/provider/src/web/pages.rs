@@ -687,6 +687,13 @@ pub async fn configuration(State(c): State<Arc<Console>>, s: Signed, q: Query) -
     let discovery = c.ops.get_discovery()?;
     let users = c.ops.list_users().await?.users;
     let watches = c.ops.list_watches().await?.folders;
+    // Certificates, when this provider holds the CA (`--pki-dir`).
+    let certs = match c.ops.list_certificates(updraft_proto::v1::ListCertificatesRequest::default()).await {
+        Ok(l) => Some(l),
+        Err(crate::error::ProviderError::Precondition(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let now = crate::now_ms();
     let body = html! {
         (outcome(&q))
         h2 { "Switchover pair" }
@@ -745,6 +752,54 @@ pub async fn configuration(State(c): State<Arc<Console>>, s: Signed, q: Query) -
             input name="name" placeholder="user name" required;
             select name="role" { option value="viewer" { "viewer" } option value="admin" { "admin" } }
             button type="submit" { "Add or change role" }
+        }
+        h2 { "Certificates" }
+        @match &certs {
+            None => p.muted { "This provider issues no certificates (start it with --pki-dir, the CA from admin-cli pki init)." }
+            Some(l) => {
+                table #certificates {
+                    tr { th { "Name" } th { "Role" } th { "Serial" } th { "Not after" } th { "State" } th { "Last used" } th { "Issued for" } th {} }
+                    @for cert in &l.certificates {
+                        @let state = if cert.revoked_unix_ms > 0 { "revoked" } else if cert.not_after_unix_ms <= now { "expired" } else { "valid" };
+                        tr {
+                            td { (cert.name) }
+                            td { (cert.role) }
+                            td { code { (cert.serial.chars().take(16).collect::<String>()) } }
+                            td { (when(cert.not_after_unix_ms)) }
+                            td { (badge(state)) }
+                            td { (when(cert.last_used_unix_ms)) }
+                            td { (cert.how) }
+                            td {
+                                @if state == "valid" {
+                                    (one_field_form("/configuration/certificates/revoke", s.csrf(), ("what", &cert.serial), "Revoke"))
+                                }
+                            }
+                        }
+                    }
+                }
+                @if !l.pending.is_empty() {
+                    h3 { "Waiting for approval" }
+                    table #enrollments {
+                        tr { th { "Name" } th { "Role" } th { "From" } th { "Key SHA-256" } th { "Asked" } th {} }
+                        @for p in &l.pending {
+                            tr {
+                                td { (p.name) }
+                                td { (p.role) }
+                                td { (p.address) }
+                                td { code { (p.key_sha256.chars().take(16).collect::<String>()) } }
+                                td { (when(p.requested_unix_ms)) }
+                                td {
+                                    @if p.approved_by.is_empty() {
+                                        (one_field_form("/configuration/certificates/approve", s.csrf(), ("name", &p.name), "Approve"))
+                                    } @else {
+                                        "approved by " (p.approved_by)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
         h2 { "Watched folders" }
         table {
