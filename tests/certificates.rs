@@ -198,6 +198,13 @@ fn the_ca_rotates_with_agents_and_a_site_connected_throughout() {
     let _a = w.enrolled_agent("pc-a", &url, &["--min-interval", "3600"]);
     let _b = w.enrolled_agent("pc-b", &surl, &["--min-interval", "3600"]);
     let old_ca = newest_ca(&w, &url, "pc-a");
+    // A machine on a certificate of the old CA, never renewed (issued by hand).
+    let env = w.tls_env("pc-o", "agent", &[]);
+    let old_machine = w.path("pc-o-tls");
+    std::fs::create_dir_all(&old_machine).unwrap();
+    for (var, file) in [("UPDRAFT_TLS_CERT", "identity.crt"), ("UPDRAFT_TLS_KEY", "identity.key")] {
+        std::fs::copy(&env.iter().find(|(k, _)| k == var).unwrap().1, old_machine.join(file)).unwrap();
+    }
     let ca_files =
         [w.state("pc-a").join("tls/ca.crt"), w.state("pc-b").join("tls/ca.crt"), w.path("site-r").join("tls/ca.crt")];
     // Every check of both agents, from here to the end, must be answered.
@@ -244,8 +251,25 @@ fn the_ca_rotates_with_agents_and_a_site_connected_throughout() {
     std::fs::remove_file(&old_admin.1).unwrap();
     w.tls_env(updraft_tests::ADMIN, "admin", &[]);
     w.admin_ok(&url, &["pki", "list"]);
+    // pc-o holds a push stream open on its old-CA certificate (trusting both CAs, as hosts do by
+    // now); retiring the old CA closes it.
+    std::fs::copy(pki.join("ca.crt"), old_machine.join("ca.crt")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut push = rt.block_on(async {
+        let paths = Paths::enrolled(&old_machine);
+        let t = Transport::from_flags("test", Some(&paths.ca), Some(&paths.cert), Some(&paths.key), false).unwrap();
+        let ch = t.endpoint(&url).unwrap().connect().await.unwrap();
+        let req = SubscribeRequest { machine: "pc-o".into(), last_seen_seq: 0 };
+        let mut s = AgentApiClient::new(ch).subscribe(req).await.unwrap().into_inner();
+        s.message().await.unwrap().expect("the stream's first event");
+        s
+    });
     // 3. The old CA is retired: every host trusts the new one only.
     rotate("--retire");
+    let closed = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), async { while let Ok(Some(_)) = push.message().await {} }).await
+    });
+    assert!(closed.is_ok(), "the open connection of an old-CA certificate outlived the CA's retirement");
     wait_until("every host trusts the new CA only", Duration::from_secs(90), || {
         check_all(&w);
         ca_files.iter().all(|f| cas_in(f) == 1)

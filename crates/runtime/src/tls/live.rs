@@ -139,6 +139,14 @@ impl Credentials {
         Ok(next)
     }
 
+    /// The subject names of the CAs we trust.
+    fn ca_subjects(&self) -> Vec<String> {
+        super::pem_ders(&self.ca)
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok().map(|(_, c)| c.subject().to_string()))
+            .collect()
+    }
+
     /// Whether a revocation list (DER) is signed by one of our CAs.
     fn check_crl(&self, crl_der: &[u8]) -> Result<(), TlsError> {
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl_der)
@@ -275,9 +283,12 @@ impl Tls {
         let verifier = build_verifier(&creds.roots, &self.crls.read().expect("crls"))?;
         tracing::info!(name = %creds.me.name, role = %creds.me.role, serial = %creds.serial,
             not_after = creds.not_after, cas = creds.ca_not_after.len(), "TLS credentials loaded");
+        let trusted = creds.ca_subjects();
         *self.verifier.write().expect("verifier") = verifier;
         *self.current.write().expect("tls state") = Arc::new(creds);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        // A CA dropped from the bundle (a rotation's retirement): its holders' connections end.
+        self.open.close_untrusted(&trusted);
         Ok(())
     }
 
@@ -384,14 +395,14 @@ impl Tls {
                         .await
                     {
                         Ok(Ok(mut stream)) => {
-                            let serial =
+                            let client =
                                 stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|leaf| {
                                     x509_parser::parse_x509_certificate(leaf)
                                         .ok()
-                                        .map(|(_, c)| hex::encode(c.raw_serial()))
+                                        .map(|(_, c)| (hex::encode(c.raw_serial()), c.issuer().to_string()))
                                 });
-                            if let Some(serial) = serial {
-                                stream.get_mut().0.registration = Some(open.register(serial, token));
+                            if let Some((serial, issuer)) = client {
+                                stream.get_mut().0.registration = Some(open.register(serial, issuer, token));
                             }
                             let _ = tx.send(Ok(stream)).await;
                         }
@@ -545,18 +556,37 @@ impl ClientCertVerifier for LiveVerifier {
     }
 }
 
+/// One open connection: what closes it, and the issuer of the certificate it presented.
+type OpenConnection = (CancellationToken, String);
+
 /// Server-side connections by client certificate serial, to close those of a revoked one.
 #[derive(Default)]
 struct OpenConnections {
-    by_serial: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
+    /// serial -> connection id -> (its token, its certificate's issuer).
+    by_serial: Mutex<HashMap<String, HashMap<u64, OpenConnection>>>,
     next: AtomicU64,
 }
 
 impl OpenConnections {
-    fn register(self: &Arc<Self>, serial: String, token: CancellationToken) -> Registration {
+    fn register(self: &Arc<Self>, serial: String, issuer: String, token: CancellationToken) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.by_serial.lock().expect("open connections").entry(serial.clone()).or_default().insert(id, token);
+        self.by_serial.lock().expect("open connections").entry(serial.clone()).or_default().insert(id, (token, issuer));
         Registration { open: self.clone(), serial, id }
+    }
+
+    /// Closes every connection whose certificate's issuer is not among `trusted` (CA subject
+    /// names): what a retired CA's certificates get. Returns how many.
+    fn close_untrusted(&self, trusted: &[String]) -> usize {
+        let map = self.by_serial.lock().expect("open connections");
+        let mut n = 0;
+        for (token, _) in map.values().flat_map(|m| m.values()).filter(|(_, issuer)| !trusted.contains(issuer)) {
+            token.cancel();
+            n += 1;
+        }
+        if n > 0 {
+            tracing::warn!(connections = n, "closed the connections of certificates from a CA no longer trusted");
+        }
+        n
     }
 
     /// Closes every connection of the given serials; returns how many.
@@ -564,7 +594,7 @@ impl OpenConnections {
         let map = self.by_serial.lock().expect("open connections");
         let mut n = 0;
         for s in serials {
-            for token in map.get(s).into_iter().flat_map(|m| m.values()) {
+            for (token, _) in map.get(s).into_iter().flat_map(|m| m.values()) {
                 token.cancel();
                 n += 1;
             }
