@@ -252,16 +252,22 @@ fn limits_refuse_with_clear_errors_and_change_nothing() {
     assert_eq!(w.admin_json(&url, &["update", "list"]).as_array().unwrap().len(), 0);
 
     // Connections per peer: with four held open, a fifth is turned away; freed, it gets in.
-    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
-    let held: Vec<std::net::TcpStream> =
-        (0..4).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
-    // The four count once the provider has accepted them, which a loaded machine may take a
-    // while to do: wait for the refusal itself, not for a guess at how long that takes.
+    // The four are whole connections (TLS done): a bare TCP connection is dropped after the
+    // 10 s handshake timeout, which a loaded machine can outlast before the fifth is tried.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let held: Vec<tonic::transport::Channel> = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(w.connect_as(&url, updraft_tests::ADMIN, "admin").await);
+        }
+        held
+    });
     updraft_tests::wait_until("a fifth connection turned away", Duration::from_secs(20), || {
         let out = w.admin(&url, &["update", "list"]);
         !out.status.success() && stderr(&out).contains("cannot reach provider")
     });
     drop(held);
+    drop(rt);
     updraft_tests::wait_until("a connection to be let in again", Duration::from_secs(10), || {
         w.admin(&url, &["update", "list"]).status.success()
     });
