@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use updraft_proto::v1::agent_api_client::AgentApiClient;
 use updraft_proto::v1::{CheckRequest, MachineInfo, SubscribeRequest};
-use updraft_runtime::tls::{Paths, Transport};
+use updraft_runtime::tls::{Paths, Tls, Transport};
 use updraft_tests::{World, stderr, wait_until};
 
 use super::T;
@@ -14,11 +14,9 @@ use super::T;
 /// A check sent straight to `url` with the credentials enrollment left in `dir`, as machine
 /// `name`: Ok, or why it was refused.
 fn check_with(dir: &Path, url: &str, name: &str) -> Result<(), String> {
-    let paths = Paths::enrolled(dir);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let t = Transport::from_flags("test", Some(&paths.ca), Some(&paths.cert), Some(&paths.key), false)
-            .map_err(|e| e.to_string())?;
+        let t = Transport::Tls(Tls::load(Paths::enrolled(dir)).map_err(|e| e.to_string())?);
         let ep = t.endpoint(url).map_err(|e| e.to_string())?.connect_timeout(Duration::from_secs(5));
         let ch = ep.connect().await.map_err(|e| updraft_runtime::tls::describe(&e))?;
         let req = CheckRequest {
@@ -27,6 +25,36 @@ fn check_with(dir: &Path, url: &str, name: &str) -> Result<(), String> {
         };
         AgentApiClient::new(ch).check(req).await.map(drop).map_err(|s| updraft_runtime::tls::describe(&s))
     })
+}
+
+/// A push stream held open with the credentials in `dir`, as machine `name`, once its first
+/// event has arrived.
+struct Push {
+    rt: tokio::runtime::Runtime,
+    stream: tonic::Streaming<updraft_proto::v1::PushEvent>,
+}
+
+impl Push {
+    fn open(dir: &Path, url: &str, name: &str) -> Push {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let stream = rt.block_on(async {
+            let t = Transport::Tls(Tls::load(Paths::enrolled(dir)).unwrap());
+            let ch = t.endpoint(url).unwrap().connect().await.unwrap();
+            let req = SubscribeRequest { machine: name.into(), last_seen_seq: 0 };
+            let mut s = AgentApiClient::new(ch).subscribe(req).await.unwrap().into_inner();
+            s.message().await.unwrap().expect("the stream's first event");
+            s
+        });
+        Push { rt, stream }
+    }
+
+    /// Whether the stream ends (closed, or broken) within `within`.
+    fn ends_within(mut self, within: Duration) -> bool {
+        let stream = &mut self.stream;
+        self.rt.block_on(async {
+            tokio::time::timeout(within, async { while let Ok(Some(_)) = stream.message().await {} }).await.is_ok()
+        })
+    }
 }
 
 fn token(w: &World, url: &str, args: &[&str]) -> String {
@@ -134,23 +162,12 @@ fn hosts_enroll_with_their_own_keys_renew_under_load_and_a_revocation_holds_ever
     let tls2 = w.state("pc-2").join("tls");
     assert!(check_with(&tls2, &surl, "pc-2").is_ok());
     drop(a2);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut push = rt.block_on(async {
-        let paths = Paths::enrolled(&tls2);
-        let t = Transport::from_flags("test", Some(&paths.ca), Some(&paths.cert), Some(&paths.key), false).unwrap();
-        let ch = t.endpoint(&surl).unwrap().connect().await.unwrap();
-        let req = SubscribeRequest { machine: "pc-2".into(), last_seen_seq: 0 };
-        let mut s = AgentApiClient::new(ch).subscribe(req).await.unwrap().into_inner();
-        s.message().await.unwrap().expect("the stream's first event");
-        s
-    });
+    let push = Push::open(&tls2, &surl, "pc-2");
     w.admin_ok(&url, &["pki", "revoke", "pc-1"]);
     let refused = check_with(&tls1, &url, "pc-1").unwrap_err();
     eprintln!("revoked pc-1 at the provider: {refused}");
     w.admin_ok(&url, &["pki", "revoke", "pc-2"]);
-    let closed =
-        rt.block_on(async { tokio::time::timeout(T, async { while let Ok(Some(_)) = push.message().await {} }).await });
-    assert!(closed.is_ok(), "the revoked agent's open push stream at the site was not closed");
+    assert!(push.ends_within(T), "the revoked agent's open push stream at the site was not closed");
     wait_until("the site refuses revoked pc-2", T, || check_with(&tls2, &surl, "pc-2").is_err());
     // Others are untouched: the site, on its renewed certificate, still follows the centre.
     let v2 = w.publish(&url, &w.package("editor", "2.0.0.0", &w.key));
@@ -254,22 +271,13 @@ fn the_ca_rotates_with_agents_and_a_site_connected_throughout() {
     // pc-o holds a push stream open on its old-CA certificate (trusting both CAs, as hosts do by
     // now); retiring the old CA closes it.
     std::fs::copy(pki.join("ca.crt"), old_machine.join("ca.crt")).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut push = rt.block_on(async {
-        let paths = Paths::enrolled(&old_machine);
-        let t = Transport::from_flags("test", Some(&paths.ca), Some(&paths.cert), Some(&paths.key), false).unwrap();
-        let ch = t.endpoint(&url).unwrap().connect().await.unwrap();
-        let req = SubscribeRequest { machine: "pc-o".into(), last_seen_seq: 0 };
-        let mut s = AgentApiClient::new(ch).subscribe(req).await.unwrap().into_inner();
-        s.message().await.unwrap().expect("the stream's first event");
-        s
-    });
+    let push = Push::open(&old_machine, &url, "pc-o");
     // 3. The old CA is retired: every host trusts the new one only.
     rotate("--retire");
-    let closed = rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(60), async { while let Ok(Some(_)) = push.message().await {} }).await
-    });
-    assert!(closed.is_ok(), "the open connection of an old-CA certificate outlived the CA's retirement");
+    assert!(
+        push.ends_within(Duration::from_secs(60)),
+        "the open connection of an old-CA certificate outlived the CA's retirement"
+    );
     wait_until("every host trusts the new CA only", Duration::from_secs(90), || {
         check_all(&w);
         ca_files.iter().all(|f| cas_in(f) == 1)

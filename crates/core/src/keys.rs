@@ -108,37 +108,28 @@ impl PublicKey {
     }
 
     pub fn verify_statement(&self, body: &[u8], signature: &[u8]) -> Result<()> {
-        let sig: [u8; 64] = signature
-            .try_into()
-            .map_err(|_| CoreError::Signature(format!("signature is {} bytes, expected 64", signature.len())))?;
-        let mut msg = CATALOG_DOMAIN.to_vec();
-        msg.extend_from_slice(body);
-        self.0.verify_strict(&msg, &Signature::from_bytes(&sig)).map_err(|_| {
-            CoreError::Signature(format!("catalog statement is not signed by the pinned catalog key {}", self.key_id()))
-        })
+        self.verify_in(CATALOG_DOMAIN, body, signature, "catalog statement is not signed by the pinned catalog key")
     }
 
     /// Whether the CA bundle was signed by this (catalog) key.
     pub fn verify_ca_bundle(&self, bundle: &[u8], signature: &[u8]) -> Result<()> {
-        let sig: [u8; 64] = signature
-            .try_into()
-            .map_err(|_| CoreError::Signature(format!("signature is {} bytes, expected 64", signature.len())))?;
-        let mut msg = CA_BUNDLE_DOMAIN.to_vec();
-        msg.extend_from_slice(bundle);
-        self.0.verify_strict(&msg, &Signature::from_bytes(&sig)).map_err(|_| {
-            CoreError::Signature(format!("the CA bundle is not signed by the pinned catalog key {}", self.key_id()))
-        })
+        self.verify_in(CA_BUNDLE_DOMAIN, bundle, signature, "the CA bundle is not signed by the pinned catalog key")
     }
 
     pub fn verify_manifest(&self, manifest: &[u8], signature: &[u8]) -> Result<()> {
+        self.verify_in(MANIFEST_DOMAIN, manifest, signature, "manifest is not signed by the trusted release key")
+    }
+
+    /// The counterpart of `ReleaseKey::sign_in`: `refused` names what failed (the key id follows).
+    fn verify_in(&self, domain: &[u8], body: &[u8], signature: &[u8], refused: &str) -> Result<()> {
         let sig: [u8; 64] = signature
             .try_into()
             .map_err(|_| CoreError::Signature(format!("signature is {} bytes, expected 64", signature.len())))?;
-        let mut msg = MANIFEST_DOMAIN.to_vec();
-        msg.extend_from_slice(manifest);
-        self.0.verify_strict(&msg, &Signature::from_bytes(&sig)).map_err(|_| {
-            CoreError::Signature(format!("manifest is not signed by the trusted release key {}", self.key_id()))
-        })
+        let mut msg = domain.to_vec();
+        msg.extend_from_slice(body);
+        self.0
+            .verify_strict(&msg, &Signature::from_bytes(&sig))
+            .map_err(|_| CoreError::Signature(format!("{refused} {}", self.key_id())))
     }
 }
 

@@ -134,10 +134,7 @@ pub async fn create_token(shared: &Shared, who: &str, mut req: CreateJoinTokenRe
 }
 
 fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c == '/') {
-        return Err(bad(format!("name {name:?} must be 1-64 printable characters, no '/'")));
-    }
-    Ok(())
+    updraft_runtime::tls::pki::check_name(name).map_err(bad)
 }
 
 /// Enrollment gives agents and sites their certificates; providers and administrators get

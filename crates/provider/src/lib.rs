@@ -289,17 +289,14 @@ pub fn now_ms() -> i64 {
 
 /// A gRPC server with Updraft's limits, a span and an `rpc.server.duration` per RPC; served
 /// by [`serve_on`], which does the TLS.
-pub fn grpc_server(
-    transport: &Transport,
-) -> Result<tonic::transport::Server<tower_layer::Stack<updraft_runtime::metrics::RpcServerLayer, tower_layer::Identity>>>
-{
-    let _ = transport; // TLS is done on the connections, by `serve_on`
-    Ok(tonic::transport::Server::builder()
+pub fn grpc_server()
+-> tonic::transport::Server<tower_layer::Stack<updraft_runtime::metrics::RpcServerLayer, tower_layer::Identity>> {
+    tonic::transport::Server::builder()
         .trace_fn(updraft_runtime::telemetry::server_span)
         .max_concurrent_streams(Some(1024))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(updraft_runtime::metrics::RpcServerLayer::default()))
+        .layer(updraft_runtime::metrics::RpcServerLayer::default())
 }
 
 /// Serves `router` on the connections `incoming` yields until `signal`: each through the TLS
@@ -411,7 +408,7 @@ async fn standby(
         &[(health::SERVER, false), (health::ADMIN, false), (health::AGENT_API, true), (health::REPLICATION, true)],
     )
     .await;
-    let router = grpc_server(&config.transport)?
+    let router = grpc_server()
         .layer(auth::AuthLayer::new(config.transport.clone(), None, config.request_timeout))
         .add_service(Forward::<AgentApiServer<()>>::new(link.clone(), name))
         .add_service(Forward::<ReplicationServer<()>>::new(link.clone(), name))
@@ -682,7 +679,7 @@ pub async fn serve<T: agent_api::Tier>(
         }
     };
     let transport = shared.config.transport.clone();
-    let router = grpc_server(&shared.config.transport)?
+    let router = grpc_server()
         .layer(auth::AuthLayer::new(
             shared.config.transport.clone(),
             Some(shared.clone()),

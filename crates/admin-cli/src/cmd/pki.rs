@@ -208,6 +208,15 @@ fn show_listing(ctx: &Ctx, l: &Listing) {
     });
 }
 
+/// Shows the listing a call answered with, or says why it failed.
+fn show_reply(
+    ctx: &Ctx,
+    reply: Result<tonic::Response<ListCertificatesResponse>, tonic::Status>,
+) -> anyhow::Result<()> {
+    show_listing(ctx, &listing(reply.map_err(ctx.failed())?.into_inner()));
+    Ok(())
+}
+
 fn span(secs: i64) -> String {
     match secs {
         ..=0 => "0s".into(),
@@ -289,35 +298,17 @@ pub async fn run(ctx: &Ctx, cmd: PkiCmd) -> anyhow::Result<()> {
                 );
             });
         }
+        // Each answers with the listing as it is afterwards.
         PkiCmd::List { expired } => {
-            let r = ctx
-                .admin()
-                .await?
-                .list_certificates(ListCertificatesRequest { include_expired: expired })
-                .await
-                .map_err(ctx.failed())?
-                .into_inner();
-            show_listing(ctx, &listing(r));
+            let r = ctx.admin().await?.list_certificates(ListCertificatesRequest { include_expired: expired }).await;
+            show_reply(ctx, r)?;
         }
         PkiCmd::Approve { name } => {
-            let r = ctx
-                .admin()
-                .await?
-                .approve_enrollment(ApproveEnrollmentRequest { name })
-                .await
-                .map_err(ctx.failed())?
-                .into_inner();
-            show_listing(ctx, &listing(r));
+            show_reply(ctx, ctx.admin().await?.approve_enrollment(ApproveEnrollmentRequest { name }).await)?;
         }
         PkiCmd::Revoke { name_or_serial } => {
-            let r = ctx
-                .admin()
-                .await?
-                .revoke_certificate(RevokeCertificateRequest { name_or_serial })
-                .await
-                .map_err(ctx.failed())?
-                .into_inner();
-            show_listing(ctx, &listing(r));
+            let r = ctx.admin().await?.revoke_certificate(RevokeCertificateRequest { name_or_serial }).await;
+            show_reply(ctx, r)?;
         }
     }
     Ok(())

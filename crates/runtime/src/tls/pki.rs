@@ -168,7 +168,7 @@ fn random_serial() -> Result<SerialNumber, TlsError> {
 }
 
 /// The checks every name in a certificate passes.
-fn check_name(name: &str) -> Result<(), TlsError> {
+pub fn check_name(name: &str) -> Result<(), TlsError> {
     if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c == '/') {
         return Err(TlsError::Config(format!("name {name:?} must be 1-64 printable characters, no '/'")));
     }
