@@ -194,6 +194,7 @@ impl AgentApi for RogueSite {
                 catalog_seq: u64::MAX / 2,
                 update_id: id.clone(),
                 product: crate::product_of_id(id).to_string(),
+                ..Default::default()
             };
             events.push(Ok(push));
         }

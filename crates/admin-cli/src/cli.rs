@@ -286,6 +286,11 @@ pub struct BuildArgs {
     /// Seconds the health process must stay up.
     #[arg(long, default_value_t = 0)]
     pub health_window: u32,
+    /// After the install proved healthy, how long agents keep watching it (the health check
+    /// repeated, the health process up and not restarting) before reporting it verified, e.g.
+    /// `10m` (the default), `30s`, `0s` (verified at once); a failure inside it swaps back.
+    #[arg(long, value_parser = updraft_core::when::parse_span)]
+    pub verify_window: Option<std::time::Duration>,
     /// Seconds each hook may take (default 60).
     #[arg(long, default_value_t = 0)]
     pub hook_timeout: u32,
@@ -621,6 +626,49 @@ pub enum RolloutCmd {
         /// Cumulative shares, e.g. 1%,10%,50%,100%.
         #[arg(long, default_value = "1%,10%,50%,100%")]
         waves: String,
+    },
+    /// Approve an update in waves: each machine's wave is fixed by a hash of its name and the
+    /// update (the same on every tier); the next wave opens only when the open ones have the
+    /// verified share, no more than the failed share, and the wave's wait has passed. A wave
+    /// that fails more halts the rollout by itself.
+    Start {
+        /// The update id.
+        id: String,
+        /// Cumulative shares, e.g. 1%,10%,50%,100%.
+        #[arg(long, default_value = "1%,10%,50%,100%")]
+        waves: String,
+        /// Only this group's machines take part (the others are not offered it).
+        #[arg(long)]
+        group: Option<String>,
+        /// The share of the open waves' machines that must be verified before the next opens.
+        #[arg(long, default_value = "95%")]
+        min_verified: String,
+        /// The share of the open waves' machines that may fail before the rollout halts.
+        #[arg(long, default_value = "2%")]
+        max_failed: String,
+        /// The least time a wave stays before the next opens (`30m`, `2h`, `0s`).
+        #[arg(long, default_value = "30m")]
+        wave_wait: String,
+    },
+    /// Each wave's machines: installed, verified, failed, rolled back, waiting; and what the
+    /// rollout does next. Without an id: every rollout.
+    Status {
+        /// The update id.
+        id: Option<String>,
+    },
+    /// Continue a halted rollout after a human decision.
+    Resume {
+        /// The update id.
+        id: String,
+        /// The machines that failed so far no longer count against the gate.
+        #[arg(long)]
+        ack_failures: bool,
+    },
+    /// Withdraw the update: the machines that took it go back to their previous version (the
+    /// removal path); no machine is offered it any more.
+    Revert {
+        /// The update id.
+        id: String,
     },
 }
 

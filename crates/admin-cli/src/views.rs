@@ -59,6 +59,9 @@ pub struct StatusView {
     pub offered_count: u32,
     pub held_count: u32,
     pub held: Vec<String>,
+    pub verified_count: u32,
+    pub failed_count: u32,
+    pub rolled_back_count: u32,
 }
 
 impl From<&pb::UpdateStatus> for StatusView {
@@ -71,6 +74,9 @@ impl From<&pb::UpdateStatus> for StatusView {
             offered_count: s.offered_count,
             held_count: s.held_count,
             held: s.held.clone(),
+            verified_count: s.verified_count,
+            failed_count: s.failed_count,
+            rolled_back_count: s.rolled_back_count,
         }
     }
 }
@@ -127,6 +133,12 @@ impl UpdateView {
             }
             if st.installed_count > 0 {
                 notes.push(format!("{} installed", st.installed_count));
+            }
+            if st.verified_count > 0 {
+                notes.push(format!("{} verified", st.verified_count));
+            }
+            if st.failed_count > 0 {
+                notes.push(format!("{} failed", st.failed_count));
             }
         }
         if !self.related_installs.is_empty() {
@@ -193,6 +205,10 @@ impl UpdateView {
             println!(
                 "{:<20} installed on {}, offered to {} of {} it applies to, held on {}",
                 "fleet", st.installed_count, st.offered_count, st.applicable_count, st.held_count
+            );
+            println!(
+                "{:<20} {} verified, {} failed, {} rolled back",
+                "reported", st.verified_count, st.failed_count, st.rolled_back_count
             );
             if !st.held_by_cap.is_empty() {
                 println!("{:<20} {}", "held by cap", st.held_by_cap);

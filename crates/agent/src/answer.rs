@@ -239,6 +239,7 @@ mod tests {
                 check_interval: Some(IntervalBounds { min_secs: 60, max_secs: 120 }),
                 machines: tree.root(),
                 decides: true,
+                rollouts: vec![],
             };
             Centre { key: ReleaseKey::generate().unwrap(), st, tree }
         }

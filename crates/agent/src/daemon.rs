@@ -141,6 +141,8 @@ fn decide(when: When, reason: &Reason, offer: &Offer, deferred: &[String]) -> De
 #[derive(Debug)]
 enum Job {
     Check(Reason),
+    /// A look at the installs in their verification window.
+    Verify,
     Adopt {
         product: String,
         version: String,
@@ -183,6 +185,8 @@ enum Event {
     Timer,
     /// The install window opened while updates wait for it.
     Window,
+    /// A verification look is due.
+    Verify,
     /// A queued job.
     Job(Queued),
     Shutdown,
@@ -214,6 +218,12 @@ pub struct Shared {
     cancel: Arc<crate::cancel::Cancel>,
     /// The daemon is stopping (SIGTERM): the running job is cancelled as by `agent cancel`.
     stopping: CancellationToken,
+}
+
+/// How often an install in its verification window is looked at: ten looks a window, between
+/// one second and a minute apart.
+fn verify_step(window: Duration) -> Duration {
+    (window / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 fn now_ms() -> i64 {
@@ -900,6 +910,7 @@ impl Agent {
         // bad one must be fetched afresh.
         let _ = tokio::fs::remove_file(&pkg_path).await;
         result?;
+        self.start_verifying(u).await;
         Ok(format!("installed {} {}", u.product, u.version))
     }
 
@@ -934,7 +945,7 @@ impl Agent {
                 if matches!(e, AgentError::Cancelled | AgentError::Deferred { .. }) {
                     // Not a failure: someone asked to stop, or the application is in use; the
                     // next check tries again.
-                    self.record(ActivityKind::InstallFailed, u, e.to_string()).await;
+                    self.record(ActivityKind::Deferred, u, e.to_string()).await;
                     count_install(u, "deferred");
                     return Err(e);
                 }
@@ -971,6 +982,11 @@ impl Agent {
     /// kept tree stays. The update it replaces is held back: not installed again by itself
     /// until `agent apply --select ID` asks for it.
     pub async fn restore(&mut self, product: &str, version: Option<&str>) -> Result<String> {
+        self.restore_because(product, version, "`agent restore`").await
+    }
+
+    /// [`Self::restore`], saying in the hold on the update it replaces who went back (`by`).
+    async fn restore_because(&mut self, product: &str, version: Option<&str>, by: &str) -> Result<String> {
         let rec = self.state.installed.get(product).cloned();
         let Some(rec) = rec.filter(|r| !r.adopted) else {
             return Err(AgentError::Config(format!("{product} was not installed by Updraft here: nothing to restore")));
@@ -1019,7 +1035,7 @@ impl Agent {
         };
         self.run_install(&u, op, None, false).await?;
         let held = format!(
-            "{}: `agent restore` went back to {} from it; `agent apply --select {}` installs it again",
+            "{}: {by} went back to {} from it; `agent apply --select {}` installs it again",
             crate::state::HELD,
             to.version,
             rec.update_id
@@ -1027,6 +1043,121 @@ impl Agent {
         self.state.hold(&rec.update_id, &held);
         self.save().await?;
         Ok(format!("restored {product} {} (was {})", to.version, rec.version))
+    }
+
+    /// A new install is live and healthy: it is watched through its verification window (see
+    /// [`Self::verify_round`]); with none, it is verified now.
+    async fn start_verifying(&mut self, u: &Update) {
+        let Some(rec) = self.state.installed.get(&u.product).filter(|r| r.update_id == u.id) else { return };
+        let window = rec.lifecycle.verify_window();
+        if window.is_zero() {
+            self.record(ActivityKind::Verified, u, "verified: no verification window").await;
+        } else {
+            let now = now_ms();
+            let v = crate::state::VerifyingRec {
+                update_id: u.id.clone(),
+                version: u.version.clone(),
+                until_ms: now + window.as_millis() as i64,
+                next_look_ms: now + verify_step(window).as_millis() as i64,
+                pids: vec![],
+                restarts: 0,
+            };
+            self.state.verifying.insert(u.product.clone(), v);
+        }
+        let _ = self.save().await;
+    }
+
+    /// When the next verification look is due, if any install is in its window.
+    fn verify_due(&self) -> Option<tokio::time::Instant> {
+        let at = self.state.verifying.values().map(|v| v.next_look_ms.min(v.until_ms)).min()?;
+        let wait = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
+        Some(tokio::time::Instant::now() + wait)
+    }
+
+    /// Looks at every install whose look is due: the health check again, the health process
+    /// up and not restarting ([`crate::state::CRASH_LOOP_RESTARTS`]). A failure swaps the
+    /// previous version back (as a failed health check at install does) and holds the update;
+    /// a window that ends with every look passed is verified. Both are reported at once.
+    async fn verify_round(&mut self) {
+        let now = now_ms();
+        let due: Vec<String> = self
+            .state
+            .verifying
+            .iter()
+            .filter(|(_, v)| v.next_look_ms.min(v.until_ms) <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut reported = false;
+        for product in due {
+            let Some(mut v) = self.state.verifying.remove(&product) else { continue };
+            // Replaced or removed since: nothing of it left to verify.
+            let Some(rec) = self.state.installed.get(&product).filter(|r| r.update_id == v.update_id).cloned() else {
+                continue;
+            };
+            let u = Update {
+                id: v.update_id.clone(),
+                product: product.clone(),
+                version: v.version.clone(),
+                ..Default::default()
+            };
+            let root = self.cfg.install_root.clone();
+            let live = install::live_dir(&root, &product);
+            let previous = rec.previous.as_ref().map(|p| p.version.clone()).unwrap_or_default();
+            let env = lifecycle::hook_vars(&product, &v.version, &previous, &v.update_id, &root);
+            let log = lifecycle::log_path(&self.cfg.state_dir, &v.update_id);
+            let lc = rec.lifecycle.clone();
+            let looked = tokio::task::spawn_blocking(move || lifecycle::verify_look(&lc, &live, &env, &log))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            let failed = match looked {
+                Err(reason) => Some(reason),
+                Ok(pids) => {
+                    if !v.pids.is_empty() && pids != v.pids {
+                        v.restarts += 1;
+                    }
+                    v.pids = pids;
+                    (v.restarts >= crate::state::CRASH_LOOP_RESTARTS).then(|| {
+                        format!("verification: the health process restarted {} times (a crash loop)", v.restarts)
+                    })
+                }
+            };
+            reported = true;
+            match failed {
+                Some(reason) => self.failed_verification(&u, reason).await,
+                None if now >= v.until_ms => {
+                    let window = rec.lifecycle.verify_window().as_secs();
+                    self.record(ActivityKind::Verified, &u, format!("verified: healthy for its {window} s window"))
+                        .await;
+                    count_install(&u, "verified");
+                }
+                None => {
+                    let step = verify_step(rec.lifecycle.verify_window()).as_millis() as i64;
+                    v.next_look_ms = now + step;
+                    self.state.verifying.insert(product, v);
+                    reported = false;
+                }
+            }
+        }
+        let _ = self.save().await;
+        if reported && let Ok((url, mut client)) = self.connect().await {
+            self.flush_reports(&url, &mut client).await;
+        }
+    }
+
+    /// An install failed inside its verification window: the previous version goes back (from
+    /// `P_old`, as `agent restore` would) and the update is held; reported as such.
+    async fn failed_verification(&mut self, u: &Update, reason: String) {
+        tracing::warn!(update = %u.id, %reason, "failed verification");
+        count_install(u, "failed verification");
+        let back = self.restore_because(&u.product, None, "a failed verification").await;
+        let detail = match back {
+            Ok(line) => format!("{reason}; {line}"),
+            Err(e) => {
+                self.state.hold(&u.id, &format!("{}: it failed verification ({reason})", crate::state::HELD));
+                format!("{reason}; could not go back: {e}")
+            }
+        };
+        self.record(ActivityKind::FailedVerification, u, detail).await;
     }
 
     /// The new agent is live on disk: start the watchdog and become it. Returns only on failure
@@ -1460,10 +1591,12 @@ pub async fn run(cfg: AgentConfig, probe: updraft_runtime::Probe, shutdown: Canc
             Some(d) => tokio::time::Instant::now() + d,
             None => next + Duration::from_secs(3600),
         };
+        let verify = agent.verify_due();
         let event = tokio::select! {
             _ = shutdown.cancelled() => Event::Shutdown,
             _ = tokio::time::sleep_until(next) => Event::Timer,
             _ = tokio::time::sleep_until(window), if window < next => Event::Window,
+            _ = tokio::time::sleep_until(verify.unwrap_or(next)), if verify.is_some() => Event::Verify,
             Some(q) = rx.recv() => Event::Job(q),
         };
         let Some(Queued { job, reply, waited }) = next_job(event, &mut starting) else { break };
@@ -1502,6 +1635,10 @@ pub async fn run(cfg: AgentConfig, probe: updraft_runtime::Probe, shutdown: Canc
                     Err(e) => Response::Error { message: e.to_string() },
                 }
             }
+            Job::Verify => {
+                agent.verify_round().await;
+                Response::Done { message: "verification looked".into() }
+            }
             Job::Adopt { product, version, upgrade_code } => done(agent.adopt(&product, &version, &upgrade_code).await),
             Job::Restore { product, version } => done(agent.restore(&product, version.as_deref()).await),
             Job::TestProvider { target } => match agent.test_provider(&target).await {
@@ -1539,6 +1676,7 @@ fn next_job(event: Event, starting: &mut bool) -> Option<Queued> {
         Event::Timer if std::mem::take(starting) => Queued::check(Reason::Startup),
         Event::Timer => Queued::check(Reason::Schedule),
         Event::Window => Queued::check(Reason::Window),
+        Event::Verify => Queued { job: Job::Verify, reply: None, waited: false },
         Event::Job(q) => q,
     })
 }
@@ -1718,6 +1856,11 @@ async fn push_loop(agent: Arc<Shared>, tx: mpsc::Sender<Queued>, shutdown: Cance
                         Ok(PushKind::HighPriority) => Some(Reason::Push(ev.update_id.clone())),
                         Ok(PushKind::Hello) if ev.catalog_seq != agent.saved.borrow().last_seen_seq => {
                             Some(Reason::Resync)
+                        }
+                        // A rollout admits more machines: only those it names by position check.
+                        Ok(PushKind::Rollout) => {
+                            let at = updraft_core::rollout::position(&ev.update_id, &agent.cfg.name);
+                            (ev.wave_from_bp..ev.wave_to_bp).contains(&at).then_some(Reason::Resync)
                         }
                         _ => None,
                     };

@@ -68,6 +68,23 @@ fn running(name: &str) -> Vec<String> {
     blockers(&lc)
 }
 
+/// One look inside the verification window, from the live tree: the health check again, and
+/// the health process running. Returns the health process's pids (none without one), for the
+/// caller to see it restart.
+pub fn verify_look(lc: &Lifecycle, live: &Path, env: &[(&str, String)], log: &Path) -> Result<Vec<String>, String> {
+    if let Some(rel) = &lc.health {
+        run_hook("health (verification)", rel, live, env, lc.hook_timeout(), log, &never)?;
+    }
+    let Some(name) = &lc.health_process else { return Ok(vec![]) };
+    let pids = running(name);
+    if pids.is_empty() {
+        let msg = format!("verification: health process {name} is not running");
+        append_log(log, &format!("== {msg}\n"));
+        return Err(msg);
+    }
+    Ok(pids)
+}
+
 /// The health process must be running now and at every look for `window`.
 pub fn watch_process(name: &str, window: Duration, log: &Path) -> Result<(), String> {
     let start = Instant::now();

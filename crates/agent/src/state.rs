@@ -68,6 +68,26 @@ pub struct PreviousRec {
     pub lifecycle: updraft_core::package::Lifecycle,
 }
 
+/// An install being verified (see `daemon::Agent::verify_round`): live and healthy, watched
+/// until `until_ms`; at the end the agent reports it verified, and a failure before swaps the
+/// previous version back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VerifyingRec {
+    pub update_id: String,
+    pub version: String,
+    pub until_ms: i64,
+    /// When the next look is due.
+    pub next_look_ms: i64,
+    /// The health process's pids at the last look, and how often they changed (a restart).
+    #[serde(default)]
+    pub pids: Vec<String>,
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+/// Restarts of the health process inside the verification window that make a crash loop.
+pub const CRASH_LOOP_RESTARTS: u32 = 3;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ActivityRec {
     pub at_unix_ms: i64,
@@ -145,6 +165,9 @@ pub struct AgentState {
     pub restart_boot_id: Option<String>,
     #[serde(default)]
     pub installed: BTreeMap<String, InstalledRec>,
+    /// Installs in their verification window, by product.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub verifying: BTreeMap<String, VerifyingRec>,
     #[serde(default)]
     pub last_seen_seq: u64,
     /// The highest signed catalog version accepted: anything older is a rollback.

@@ -323,6 +323,12 @@ pub fn decide(st: &Statement, record: &MachineRecord, m: &MachineInput) -> Resul
             .collect(),
         role,
         self_product: m.self_product.clone(),
+        rollout: crate::rollout::holds(
+            &st.rollouts,
+            |id| st.entries.iter().any(|e| e.id == id && e.high_priority),
+            &record.name,
+            group_name,
+        ),
     };
     let items: Vec<CatalogItem> = st.entries.iter().filter_map(item_of).collect();
     Ok(Decided { plan: plan::plan(&items, &view), settings, pins, interval: st.check_interval })

@@ -120,6 +120,10 @@ pub struct Statement {
     /// update's state): agents that pin the catalog key act only on one that does.
     #[serde(default)]
     pub decides: bool,
+    /// Rollouts in waves that still hold their update from some machines: an agent applies
+    /// them as its provider does, so a wave not yet open is not taken for a withheld offer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<crate::rollout::Admitting>,
 }
 
 impl Statement {
@@ -210,6 +214,7 @@ mod tests {
             check_interval: None,
             machines: Default::default(),
             decides: false,
+            rollouts: vec![],
         }
     }
 

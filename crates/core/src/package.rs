@@ -126,6 +126,12 @@ pub struct Lifecycle {
     pub health_process: Option<String>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub health_window_secs: u32,
+    /// After the health check passed, how long the agent keeps watching (the health check
+    /// repeated, the health process still up and not restarting) before it reports the update
+    /// verified; a failure inside it swaps the previous version back. `None`: 10 minutes;
+    /// `Some(0)`: verified as soon as it is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_window_secs: Option<u32>,
     /// The install waits while a process with one of these names runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<String>,
@@ -149,6 +155,9 @@ pub struct Lifecycle {
 
 /// Paths a package may declare as data or kept files, each.
 pub const MAX_DATA_PATHS: usize = 64;
+/// The verification window of a package that names none (10 minutes), and the longest one.
+pub const DEFAULT_VERIFY_WINDOW_SECS: u32 = 600;
+pub const MAX_VERIFY_WINDOW_SECS: u32 = 86_400;
 /// Earlier versions a package may ask the machine to keep.
 pub const MAX_BACKUPS: u32 = 10;
 
@@ -174,6 +183,11 @@ impl Lifecycle {
     /// start hook, health check or process): until it has, the swap can be undone.
     pub fn after_swap(&self) -> bool {
         self.post_install.is_some() || self.start.is_some() || self.health.is_some() || self.health_process.is_some()
+    }
+
+    /// How long the agent watches a healthy install before it counts as verified.
+    pub fn verify_window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.verify_window_secs.unwrap_or(DEFAULT_VERIFY_WINDOW_SECS).into())
     }
 
     /// Earlier versions kept on the machine (at least one: `P_old`).
@@ -217,6 +231,9 @@ impl Lifecycle {
         }
         if self.health_window_secs > 3600 {
             return bad(format!("health window {} s is over the 3600 s allowed", self.health_window_secs));
+        }
+        if let Some(w) = self.verify_window_secs.filter(|w| *w > MAX_VERIFY_WINDOW_SECS) {
+            return bad(format!("verify window {w} s is over the {MAX_VERIFY_WINDOW_SECS} s (a day) allowed"));
         }
         if self.processes.len() > 16
             || self.processes.iter().any(|p| p.is_empty() || p.len() > 15 || p.contains('/') || p.contains('\0'))

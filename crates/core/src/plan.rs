@@ -121,6 +121,9 @@ pub struct MachineView {
     pub role: Role,
     /// The agent's own product, installed first when the machine has it.
     pub self_product: Option<String>,
+    /// Updates a rollout keeps from this machine for now, by id, and why (see
+    /// [`crate::rollout::hold`]); like a cap, and like a cap ignored by a pin.
+    pub rollout: BTreeMap<String, Hold>,
 }
 
 /// Why an approved (GA) update is not offered to a machine that has, or is given, its product.
@@ -138,6 +141,12 @@ pub enum Hold {
     OtherProduct { upgrade_code: String, installed: String },
     /// Needs a release that is not approved (or itself held) for this machine.
     NoRelease { release: String },
+    /// Its rollout has not reached the machine's wave (both from 0).
+    Wave { wave: usize, open: usize },
+    /// Its rollout halted: machines that have not taken it wait for an administrator.
+    Halted,
+    /// Its rollout is for another group's machines.
+    OutsideRollout { group: String },
 }
 
 impl fmt::Display for Hold {
@@ -158,6 +167,11 @@ impl fmt::Display for Hold {
                 if installed.is_empty() { "none" } else { installed }
             ),
             Hold::NoRelease { release } => write!(f, "its release {release} is not approved for this machine"),
+            Hold::Wave { wave, open } => {
+                write!(f, "rollout: the machine is in wave {}, waves 1-{} are open", wave + 1, open + 1)
+            }
+            Hold::Halted => write!(f, "rollout halted: waiting for an administrator (`admin-cli rollout status`)"),
+            Hold::OutsideRollout { group } => write!(f, "rollout is for group {group} only"),
         }
     }
 }
@@ -186,8 +200,11 @@ pub fn held_by_cap(item: &CatalogItem, caps: &BTreeMap<String, Version>) -> Opti
     caps.get(&item.product_line).copied().filter(|cap| item.version > *cap)
 }
 
-/// The cap or role ceiling that keeps `item` from a machine with this view, if any.
+/// The rollout, cap or role ceiling that keeps `item` from a machine with this view, if any.
 fn limit(item: &CatalogItem, m: &MachineView) -> Option<Hold> {
+    if let Some(h) = m.rollout.get(&item.id) {
+        return Some(h.clone());
+    }
     if let Some(cap) = held_by_cap(item, &m.caps) {
         return Some(Hold::Cap { line: item.product_line.clone(), cap });
     }

@@ -15,6 +15,7 @@ use std::str::FromStr;
 use sha2::{Digest, Sha256};
 
 use crate::error::{CoreError, Result};
+use crate::plan::Hold;
 
 /// Shares are in basis points: 10,000 is all machines, 100 is 1 %.
 pub const ALL: u32 = 10_000;
@@ -199,6 +200,130 @@ pub fn next(waves: &Waves, open: usize, opened_at_ms: i64, now_ms: i64, tally: T
     Step::Open(open + 1)
 }
 
+/// Where a rollout stands, as every tier admits offers by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Waves open as their gates pass.
+    Running,
+    /// Stopped: no machine that has not taken the update is offered it.
+    Halted,
+    /// The update is withdrawn (the catalog sends the machines that took it back): the rollout
+    /// holds nothing any more.
+    Reverted,
+}
+
+/// A rollout as admission needs it: its waves, how many are open, its phase and its group.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission<'a> {
+    pub waves: &'a Waves,
+    pub open: usize,
+    pub phase: Phase,
+    /// Only this group's machines take part; `None`: every group.
+    pub group: Option<&'a str>,
+}
+
+/// Why the rollout keeps `update_id` from `machine` (in group `machine_group`) for now, if it
+/// does. The same on every tier: it reads only the rollout, the names and the hash.
+pub fn hold(a: &Admission<'_>, update_id: &str, machine: &str, machine_group: &str) -> Option<Hold> {
+    if a.phase == Phase::Reverted {
+        return None;
+    }
+    if let Some(g) = a.group.filter(|g| *g != machine_group) {
+        return Some(Hold::OutsideRollout { group: g.to_string() });
+    }
+    if a.phase == Phase::Halted {
+        return Some(Hold::Halted);
+    }
+    let wave = a.waves.wave_of(update_id, machine);
+    (wave > a.open).then_some(Hold::Wave { wave, open: a.open })
+}
+
+/// A rollout as the centre's signed statement carries it (and a provider reads its own copy
+/// as): enough for any tier, and an agent checking an answer, to apply [`hold`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admitting {
+    pub update_id: String,
+    pub waves: String,
+    pub open: u32,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+}
+
+/// Every update `rollouts` keep from `machine` (in `machine_group`) for now, by id. A
+/// high-priority update skips its waves (it is for emergencies); a rollout whose waves do not
+/// read holds its update back (only the centre writes them, after checking them).
+pub fn holds<'a>(
+    rollouts: impl IntoIterator<Item = &'a Admitting>,
+    high_priority: impl Fn(&str) -> bool,
+    machine: &str,
+    machine_group: &str,
+) -> std::collections::BTreeMap<String, Hold> {
+    let mut out = std::collections::BTreeMap::new();
+    for r in rollouts {
+        if high_priority(&r.update_id) {
+            continue;
+        }
+        let hold_it = match r.waves.parse::<Waves>() {
+            Ok(waves) => {
+                let group = (!r.group.is_empty()).then_some(r.group.as_str());
+                let a = Admission { waves: &waves, open: r.open as usize, phase: r.phase, group };
+                hold(&a, &r.update_id, machine, machine_group)
+            }
+            Err(_) => Some(Hold::Halted),
+        };
+        if let Some(h) = hold_it {
+            out.insert(r.update_id.clone(), h);
+        }
+    }
+    out
+}
+
+/// What one machine last did with an update, as its reports say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Outcome {
+    /// Live after its health check; its verification window not over yet.
+    Installed,
+    /// Healthy through its verification window.
+    Verified,
+    /// Failed to install, was rolled back by its health check, or failed verification.
+    Failed,
+    /// Went back from it by the removal path (a revert).
+    RolledBack,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Installed => "installed",
+            Outcome::Verified => "verified",
+            Outcome::Failed => "failed",
+            Outcome::RolledBack => "rolled back",
+        }
+    }
+}
+
+/// The gate's view of the open waves `0..=open`: each machine with its wave, its outcome (if it
+/// reported one) and whether an administrator accepted its failure (`resume --ack-failures`):
+/// an accepted failure counts neither as a machine nor as a failure.
+pub fn tally(open: usize, machines: impl IntoIterator<Item = (usize, Option<Outcome>, bool)>) -> Tally {
+    let mut t = Tally::default();
+    for (wave, outcome, acknowledged) in machines {
+        if wave > open || (acknowledged && outcome == Some(Outcome::Failed)) {
+            continue;
+        }
+        t.machines += 1;
+        match outcome {
+            Some(Outcome::Verified) => t.verified += 1,
+            Some(Outcome::Failed) => t.failed += 1,
+            _ => {}
+        }
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -251,6 +376,44 @@ mod tests {
         // The last wave open: nothing more to open, but a breach still halts.
         assert_eq!(next(&w, 2, 0, 5_000, t(1_000, 10, 0), gate), Step::AllOpen);
         assert!(matches!(next(&w, 2, 0, 5_000, t(1_000, 900, 100), gate), Step::Halt(_)));
+    }
+
+    #[test]
+    fn admission_holds_by_wave_group_and_phase() {
+        let w = waves("10%,100%");
+        let (first, later) =
+            (0..1000).map(|i| format!("pc-{i}")).fold((None, None), |(f, l), m| match w.wave_of("u1", &m) {
+                0 => (f.or(Some(m)), l),
+                _ => (f, l.or(Some(m))),
+            });
+        let (first, later) = (first.unwrap(), later.unwrap());
+        let mut a = Admission { waves: &w, open: 0, phase: Phase::Running, group: None };
+        assert_eq!(hold(&a, "u1", &first, "default"), None);
+        assert_eq!(hold(&a, "u1", &later, "default"), Some(Hold::Wave { wave: 1, open: 0 }));
+        a.open = 1;
+        assert_eq!(hold(&a, "u1", &later, "default"), None);
+        a.group = Some("lab");
+        assert_eq!(hold(&a, "u1", &later, "default"), Some(Hold::OutsideRollout { group: "lab".into() }));
+        assert_eq!(hold(&a, "u1", &later, "lab"), None);
+        a.phase = Phase::Halted;
+        assert_eq!(hold(&a, "u1", &first, "lab"), Some(Hold::Halted));
+        a.phase = Phase::Reverted;
+        assert_eq!(hold(&a, "u1", &first, "other"), None, "a reverted rollout holds nothing");
+    }
+
+    #[test]
+    fn the_tally_counts_open_waves_and_leaves_out_accepted_failures() {
+        use Outcome::*;
+        let machines = [
+            (0, Some(Verified), false),
+            (0, Some(Failed), false),
+            (0, Some(Failed), true),
+            (0, Some(Installed), false),
+            (0, None, false),
+            (1, Some(Failed), false),
+        ];
+        assert_eq!(tally(0, machines), Tally { machines: 4, verified: 1, failed: 1 });
+        assert_eq!(tally(1, machines), Tally { machines: 5, verified: 1, failed: 2 });
     }
 
     proptest! {

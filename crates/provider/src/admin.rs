@@ -298,6 +298,44 @@ impl Admin for AdminService {
         Ok(Response::new(self.ops.preview_rollout(request.into_inner()).await?))
     }
 
+    async fn start_rollout(
+        &self,
+        request: Request<updraft_proto::v1::StartRolloutRequest>,
+    ) -> Result<Response<updraft_proto::v1::RolloutReport>, Status> {
+        let who = who(&request);
+        Ok(Response::new(self.ops.start_rollout(&who, request.into_inner()).await?))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<updraft_proto::v1::GetRolloutRequest>,
+    ) -> Result<Response<updraft_proto::v1::RolloutReport>, Status> {
+        Ok(Response::new(self.ops.get_rollout(request.into_inner()).await?))
+    }
+
+    async fn list_rollouts(
+        &self,
+        _request: Request<updraft_proto::v1::ListRolloutsRequest>,
+    ) -> Result<Response<updraft_proto::v1::ListRolloutsResponse>, Status> {
+        Ok(Response::new(self.ops.list_rollouts().await?))
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<updraft_proto::v1::ResumeRolloutRequest>,
+    ) -> Result<Response<updraft_proto::v1::RolloutReport>, Status> {
+        let who = who(&request);
+        Ok(Response::new(self.ops.resume_rollout(&who, request.into_inner()).await?))
+    }
+
+    async fn revert_rollout(
+        &self,
+        request: Request<updraft_proto::v1::GetRolloutRequest>,
+    ) -> Result<Response<updraft_proto::v1::RolloutReport>, Status> {
+        let who = who(&request);
+        Ok(Response::new(self.ops.revert_rollout(&who, request.into_inner()).await?))
+    }
+
     async fn revoke_certificate(
         &self,
         request: Request<RevokeCertificateRequest>,

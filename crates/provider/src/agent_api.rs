@@ -453,6 +453,9 @@ impl<T: Tier> AgentApi for AgentService<T> {
             self.shared.store.sync().await?;
         }
         self.shared.store.append_activity(&activities).await?;
+        if activities.iter().any(|a| crate::store::outcome_of(a.kind).is_some()) {
+            self.shared.rollout_wake.notify_one();
+        }
         // Content that reached an agent with the wrong hash may be bad here: re-hash it now.
         for a in &activities {
             if a.kind == ActivityKind::VerifyFailed as i32 && a.detail.contains(updraft_core::hash::MISMATCH) {

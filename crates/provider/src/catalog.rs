@@ -109,6 +109,12 @@ impl Snapshot {
         let decided = crate::decided::Decided::read(store)?;
         Ok(Self { seq, updates, items, caps: store.list_caps()?, decided })
     }
+
+    /// The updates rollouts keep from `machine` for now (see [`updraft_core::rollout::holds`]).
+    pub fn rollout_holds(&self, machine: &str) -> BTreeMap<String, plan::Hold> {
+        let high = |id: &str| self.updates.iter().any(|u| u.id == id && u.high_priority);
+        updraft_core::rollout::holds(&self.decided.rollouts, high, machine, self.decided.group_of(machine))
+    }
 }
 
 /// What the fleet's administrators decided for one machine, besides the catalog: its pins,
@@ -150,7 +156,8 @@ pub fn view_of(caps: &[ProductLineCap], given: &Given, machine: &MachineInfo) ->
 
 /// The engine's plan for `machine`, and its offers in order.
 pub fn plan_for(catalog: &Snapshot, given: &Given, machine: &MachineInfo) -> Result<(Vec<Offer>, Plan)> {
-    let view = view_of(&catalog.caps, given, machine)?;
+    let mut view = view_of(&catalog.caps, given, machine)?;
+    view.rollout = catalog.rollout_holds(&machine.name);
     let plan = plan::plan(&catalog.items, &view);
     let find = |id: &str| catalog.updates.iter().find(|u| u.id == id).cloned();
     let offers = plan
@@ -203,7 +210,16 @@ pub struct MachinePlan {
 
 /// How an update is doing across the fleet: installs, machines it applies to, is offered to,
 /// and the rules that hold it from the others; cap, priority, related installs.
-pub fn status_of(u: &Update, fleet: &[MachinePlan], caps: &BTreeMap<String, Version>) -> UpdateStatus {
+pub fn status_of(
+    u: &Update,
+    fleet: &[MachinePlan],
+    caps: &BTreeMap<String, Version>,
+    outcomes: &[updraft_core::rollout::Outcome],
+) -> UpdateStatus {
+    use updraft_core::rollout::Outcome;
+    let count = |o: Outcome| outcomes.iter().filter(|x| **x == o).count() as u32;
+    let (verified_count, failed_count, rolled_back_count) =
+        (count(Outcome::Verified), count(Outcome::Failed), count(Outcome::RolledBack));
     let installed_count = fleet
         .iter()
         .filter(|m| m.info.installed.iter().any(|p| p.product == u.product && p.version == u.version))
@@ -243,6 +259,9 @@ pub fn status_of(u: &Update, fleet: &[MachinePlan], caps: &BTreeMap<String, Vers
         offered_count,
         held_count,
         held,
+        verified_count,
+        failed_count,
+        rolled_back_count,
     }
 }
 
@@ -288,6 +307,7 @@ pub fn to_event(change: &Change, caught_up: bool) -> CatalogEvent {
         Change::Undeployed { deployment, .. } => catalog_event::Change::Undeployed(deployment.clone()),
         Change::Role { role, .. } => catalog_event::Change::Role(role.clone()),
         Change::Trust { trust, .. } => catalog_event::Change::Trust(trust.clone()),
+        Change::Rollout { rollout, .. } => catalog_event::Change::Rollout(rollout.clone()),
         Change::Statement { statement, .. } => catalog_event::Change::Statement(statement.clone()),
     };
     CatalogEvent { seq, change: Some(c), caught_up }
@@ -309,6 +329,7 @@ pub fn from_event(ev: CatalogEvent) -> Option<Change> {
         catalog_event::Change::Undeployed(deployment) => Change::Undeployed { deployment, seq: ev.seq },
         catalog_event::Change::Role(role) => Change::Role { role, seq: ev.seq },
         catalog_event::Change::Trust(trust) => Change::Trust { trust, seq: ev.seq },
+        catalog_event::Change::Rollout(rollout) => Change::Rollout { rollout, seq: ev.seq },
         catalog_event::Change::Statement(statement) => Change::Statement { statement, seq: ev.seq },
     })
 }

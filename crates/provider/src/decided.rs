@@ -23,6 +23,8 @@ pub struct Decided {
     /// Administrators' choices of machines' roles.
     roles: HashMap<String, String>,
     peers: HashMap<String, Peer>,
+    /// Rollouts that still hold their update from some machines (reverted ones hold nothing).
+    pub rollouts: Vec<updraft_core::rollout::Admitting>,
 }
 
 /// The default group's settings before anyone changes them: install whatever is approved, at
@@ -50,6 +52,7 @@ impl Decided {
             pins: store.list_pins()?.into_iter().map(|p| (p.machine.clone(), p)).collect(),
             roles: store.list_roles()?.into_iter().map(|r| (r.machine, r.role)).collect(),
             peers: store.list_peers()?.into_iter().map(|p| (p.name.clone(), p)).collect(),
+            rollouts: store.list_rollouts()?.iter().filter_map(crate::rollouts::admitting).collect(),
             ..Default::default()
         };
         for dep in store.list_deployments()? {

@@ -9,6 +9,16 @@ use crate::store::Change;
 /// How many events a slow subscriber may fall behind before it is told to resynchronise.
 const CAPACITY: usize = 4096;
 
+/// Whom a rollout's change concerns: the machines whose position is in `[from, to)` — a wave
+/// just opened (or every open wave, after a resume or a revert) — which check at once. None
+/// for a halt: no machine has anything new to take.
+fn rollout_push(r: &updraft_proto::v1::Rollout) -> Option<(u32, u32)> {
+    use updraft_proto::v1::RolloutState;
+    let running = r.state == RolloutState::Running as i32 || r.state == RolloutState::Reverted as i32;
+    let waves: updraft_core::rollout::Waves = r.waves.parse().ok()?;
+    running.then(|| (r.from_share_bp, waves.share(r.open as usize)))
+}
+
 #[derive(Clone)]
 pub struct Hub {
     catalog: broadcast::Sender<Change>,
@@ -39,6 +49,13 @@ impl Hub {
         }
         let mut ev =
             PushEvent { kind: PushKind::CatalogChanged as i32, catalog_seq: change.seq(), ..Default::default() };
+        if let Change::Rollout { rollout, .. } = &change
+            && let Some((from, to)) = rollout_push(rollout)
+        {
+            ev.kind = PushKind::Rollout as i32;
+            ev.update_id = rollout.update_id.clone();
+            (ev.wave_from_bp, ev.wave_to_bp) = (from, to);
+        }
         if let Change::Upsert(u) = &change {
             if u.high_priority && u.state == UpdateState::Ga.to_wire() {
                 ev.kind = PushKind::HighPriority as i32;

@@ -27,6 +27,7 @@ pub mod ops;
 pub mod pair;
 pub mod policy;
 pub mod replication;
+pub mod rollouts;
 pub mod scanner;
 pub mod scrub;
 pub mod statement;
@@ -195,6 +196,8 @@ pub struct Shared {
     /// When each client certificate (by serial) last opened a connection here, for
     /// `admin-cli pki list`; in memory, bounded.
     pub cert_uses: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// Woken when a report brings an outcome with an update: the rollouts look (`rollouts`).
+    pub rollout_wake: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -222,6 +225,7 @@ impl Shared {
             stopping: CancellationToken::new(),
             database_ok: tokio::sync::watch::Sender::new(true),
             cert_uses: Default::default(),
+            rollout_wake: Default::default(),
             store,
             blobs,
             hub: Hub::default(),
@@ -523,6 +527,13 @@ async fn active(
             }
         })
         .instrument(updraft_runtime::telemetry::task("content_scanner", "")),
+    );
+    tokio::spawn(
+        duty::hold_while(shared.clone(), "rollouts", shutdown.clone(), {
+            let shared = shared.clone();
+            move |stop| rollouts::rollout_loop(shared.clone(), stop)
+        })
+        .instrument(updraft_runtime::telemetry::task("rollouts", "")),
     );
     if on_database {
         tokio::spawn(

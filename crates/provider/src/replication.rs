@@ -200,6 +200,9 @@ impl<T: Tier> Replication for ReplicationService<T> {
         // one commit for the whole batch.
         store.append_activity(&all_acts).await?;
         store.sync().await?;
+        if all_acts.iter().any(|a| crate::store::outcome_of(a.kind).is_some()) {
+            self.shared.rollout_wake.notify_one();
+        }
         Ok(Response::new(ForwardResponse { accepted }))
     }
 }

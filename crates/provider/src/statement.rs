@@ -150,13 +150,15 @@ impl Signer {
                 ceiling: c.ceiling,
             })
             .collect();
+        let decided = Decided::read(store)?;
         let st = Statement {
             version: seq,
             issued_unix_ms: now,
             expires_unix_ms: now + ttl_ms,
             entries: store.list_updates()?.iter().map(entry_of).collect(),
             caps,
-            groups: groups(&Decided::read(store)?, &deployments),
+            groups: groups(&decided, &deployments),
+            rollouts: decided.rollouts.clone(),
             check_interval: Some(interval),
             machines: tree.root(),
             decides: true,

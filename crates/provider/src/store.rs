@@ -13,7 +13,7 @@ use prost::Message;
 use updraft_proto::v1::{
     Activity, Assignment, AuditEntry, Deployment, Discovery, ForwardedReport, Group, IssuedCertificate, JoinToken,
     Machine, MachineInfo, MachinePins, MachineRole, PairMember, Password, Peer, PendingEnrollment, ProductLineCap,
-    SignedStatement, SiteStats, Trust, Update, User, WatchFolder,
+    Rollout, SignedStatement, SiteStats, Trust, Update, User, WatchFolder,
 };
 
 use crate::commit::Committer;
@@ -24,6 +24,8 @@ use crate::pair::Fence;
 use crate::table::{Table, decode};
 
 mod pki;
+mod rollouts;
+pub use rollouts::outcome_of;
 
 const CATALOG_SEQ: &[u8] = b"catalog_seq";
 const STATEMENT: &[u8] = b"statement";
@@ -103,6 +105,11 @@ pub enum Change {
         trust: Trust,
         seq: u64,
     },
+    /// An update's rollout in waves: every tier admits offers by its own copy.
+    Rollout {
+        rollout: Rollout,
+        seq: u64,
+    },
     /// The centre's signed catalog statement: sent to followers, never in the log.
     Statement {
         statement: SignedStatement,
@@ -127,6 +134,7 @@ impl Change {
             | Change::Undeployed { seq, .. }
             | Change::Role { seq, .. }
             | Change::Trust { seq, .. }
+            | Change::Rollout { seq, .. }
             | Change::Statement { seq, .. } => *seq,
         }
     }
@@ -164,6 +172,8 @@ enum Policy {
     Role,
     /// The trust record (one, [`TRUST`]).
     Trust,
+    /// Rollouts in waves, by update id.
+    Rollout,
 }
 
 impl Policy {
@@ -177,6 +187,7 @@ impl Policy {
             Policy::Deployment => b"d",
             Policy::Role => b"o",
             Policy::Trust => b"t",
+            Policy::Rollout => b"w",
         }
     }
 }
@@ -244,6 +255,10 @@ pub struct Store {
     deployments: Table<Deployment>,
     roles: Tree,
     trust: Table<Trust>,
+    rollouts: Table<Rollout>,
+    /// Each machine's last outcome with each update (`update \0 machine` -> the activity entry
+    /// that said it): what rollouts and update statuses count. Never replicated.
+    outcomes: Table<Activity>,
     /// Certificates the centre issued, by serial; join tokens by id; enrollment requests
     /// waiting for approval, by name. The centre's alone: never replicated.
     certificates: Table<IssuedCertificate>,
@@ -261,6 +276,7 @@ pub struct Store {
     /// tree, which made every report (and, at a site, every check) cost O(entries).
     activity_count: std::sync::Arc<AtomicUsize>,
     outbox_count: std::sync::Arc<AtomicUsize>,
+    outcome_count: std::sync::Arc<AtomicUsize>,
     /// Where committed catalog changes are announced, at the centre.
     announce: std::sync::Arc<std::sync::OnceLock<Announce>>,
 }
@@ -353,6 +369,8 @@ impl Store {
             deployments: Table::open(&db, "deployments")?,
             roles: db.open_tree("roles")?,
             trust: Table::open(&db, "trust")?,
+            rollouts: Table::open(&db, "rollouts")?,
+            outcomes: Table::open(&db, "outcomes")?,
             certificates: Table::open(&db, "certificates")?,
             join_tokens: Table::open(&db, "join_tokens")?,
             enrollments: Table::open(&db, "enrollments")?,
@@ -363,11 +381,13 @@ impl Store {
             announce: Default::default(),
             activity_count: Default::default(),
             outbox_count: Default::default(),
+            outcome_count: Default::default(),
             fence,
             commit,
             db,
         };
         store.activity_count.store(store.activity.len()?, Ordering::Relaxed);
+        store.outcome_count.store(store.outcomes.len()?, Ordering::Relaxed);
         store.outbox_count.store(store.outbox.len()?, Ordering::Relaxed);
         store.migrate(location)?;
         Ok(store)
@@ -555,6 +575,7 @@ impl Store {
             }
             log_change(tx, self, &update_key(id), None)
         })?;
+        self.drop_outcomes(id)?;
         self.flush().await?;
         Ok(seq)
     }
@@ -643,6 +664,10 @@ impl Store {
             Change::Trust { trust, seq } => {
                 self.put_policy(Policy::Trust, TRUST, Some(trust.encode_to_vec()), Some(*seq)).await?;
             }
+            Change::Rollout { rollout, seq } => {
+                let value = Some(rollout.encode_to_vec());
+                self.put_policy(Policy::Rollout, &rollout.update_id, value, Some(*seq)).await?;
+            }
             Change::Statement { statement, .. } => return self.put_statement(statement).await,
         }
         self.flush().await
@@ -683,6 +708,10 @@ impl Store {
                 },
                 b"s" => Change::Discovery { discovery: self.discovery()?, seq },
                 b"t" => Change::Trust { trust: self.trust()?.unwrap_or_default(), seq },
+                b"w" => match self.get_rollout(&name)? {
+                    Some(rollout) => Change::Rollout { rollout, seq },
+                    None => continue,
+                },
                 b"d" => {
                     let Some(deployment) = deployment_of_name(&name) else { continue };
                     if self.deployments.contains_key(name.as_bytes())? {
@@ -716,6 +745,7 @@ impl Store {
             Policy::Deployment => &self.deployments,
             Policy::Role => &self.roles,
             Policy::Trust => &self.trust,
+            Policy::Rollout => &self.rollouts,
         }
     }
 
@@ -1062,6 +1092,7 @@ impl Store {
             let mut key = be(a.at_unix_ms as u64).to_vec();
             key.extend_from_slice(&be(id));
             self.activity_by_machine.insert(machine_activity_key(&a.machine, &key), [])?;
+            self.note_outcome(&a)?;
             if self.activity.put(key, &a)? {
                 self.activity_count.fetch_add(1, Ordering::Relaxed);
             }

@@ -60,6 +60,7 @@ fn build(ctx: &Ctx, a: BuildArgs) -> anyhow::Result<()> {
             health: a.health_check,
             health_process: a.health_process,
             health_window_secs: a.health_window,
+            verify_window_secs: a.verify_window.map(|d| d.as_secs().min(u64::from(u32::MAX)) as u32),
             hook_timeout_secs: a.hook_timeout,
             processes: a.processes,
             lock_file: a.lock_file,

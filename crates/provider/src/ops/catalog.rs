@@ -103,9 +103,15 @@ impl Ops {
         let catalog = self.shared.catalog()?;
         let fleet = policy::fleet_plans(&self.shared.store, &catalog)?;
         let caps = caps_map(&catalog.caps);
-        let statuses = updates.iter().map(|u| status_of(u, &fleet, &caps)).collect();
+        let statuses =
+            updates.iter().map(|u| Ok(status_of(u, &fleet, &caps, &self.outcomes(u)?))).collect::<Result<_>>()?;
         let warnings = ga_patch_warnings(&catalog.updates);
         Ok(ListUpdatesResponse { updates, statuses, warnings })
+    }
+
+    /// What the machines that reported on `u` last did with it.
+    fn outcomes(&self, u: &Update) -> Result<Vec<updraft_core::rollout::Outcome>> {
+        Ok(self.shared.store.outcomes_of(&u.id)?.into_iter().map(|(_, o, _)| o).collect())
     }
 
     fn watches(&self) -> Result<ListWatchesResponse> {
@@ -181,7 +187,7 @@ impl Ops {
         let u = self.shared.store.get_update(&req.id)?;
         let catalog = self.shared.catalog()?;
         let fleet = policy::fleet_plans(&self.shared.store, &catalog)?;
-        let status = status_of(&u, &fleet, &caps_map(&catalog.caps));
+        let status = status_of(&u, &fleet, &caps_map(&catalog.caps), &self.outcomes(&u)?);
         Ok(UpdateDetail { update: Some(u), status: Some(status) })
     }
 

@@ -100,6 +100,11 @@ operations! {
     ApproveEnrollment => Write,
     RevokeCertificate => Write,
     PreviewRollout => Read,
+    StartRollout => Write,
+    GetRollout => Read,
+    ListRollouts => Read,
+    ResumeRollout => Write,
+    RevertRollout => Write,
 }
 
 impl Op {
