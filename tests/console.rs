@@ -15,7 +15,7 @@ use updraft_tests::{ADMIN, World, wait_until};
 
 const T: Duration = Duration::from_secs(60);
 
-fn passwd(w: &World, url: &str, user: &str, password: &str) {
+pub(crate) fn passwd(w: &World, url: &str, user: &str, password: &str) {
     let mut c = w.admin_cli();
     c.args(["--provider", url, "user", "passwd", user, "--password-stdin"]);
     let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -230,7 +230,7 @@ async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
 }
 
 /// `curl` with a cookie jar: the status code and the body.
-fn curl(jar: &std::path::Path, args: &[&str]) -> (String, String) {
+pub(crate) fn curl(jar: &std::path::Path, args: &[&str]) -> (String, String) {
     let out = std::process::Command::new("curl")
         .args(["-sk", "--max-time", "20", "-c", jar.to_str().unwrap(), "-b", jar.to_str().unwrap()])
         .args(["-w", "\n%{http_code}"])

@@ -234,7 +234,7 @@ fn a_healthy_update_walks_its_waves_and_each_machine_takes_it_only_once_its_wave
 #[test]
 fn a_failing_wave_halts_the_rollout_and_resume_and_revert_follow_a_human_decision() {
     let w = World::new();
-    let (_p, url) = w.provider("centre", true);
+    let (mut _p, url) = w.provider("centre", true);
     let (_s, surl) = w.remote("site-r", &url);
     let v1 = w.publish(&url, &editor(&w, "1.0.0.0", "0s"));
     w.wait_site_has(&surl, &v1);
@@ -296,6 +296,26 @@ fn a_failing_wave_halts_the_rollout_and_resume_and_revert_follow_a_human_decisio
     // Resuming as it stands would halt again at once: it says how to go on.
     let out = w.admin(&url, &["rollout", "resume", &v2]);
     assert!(!out.status.success() && stderr(&out).contains("--ack-failures"), "{}", stderr(&out));
+    // The console shows the same, and refuses the same resume with the same reason.
+    super::console::passwd(&w, &url, updraft_tests::ADMIN, "admin password 1");
+    let base = format!("https://{}", _p.web_addr());
+    let jar = w.path("cookies");
+    let login = super::console::curl(
+        &jar,
+        &["-d", &format!("user={}", updraft_tests::ADMIN), "-d", "password=admin password 1", &format!("{base}/login")],
+    );
+    assert_eq!(login.0, "303");
+    let (code, page) = super::console::curl(&jar, &[&format!("{base}/rollouts")]);
+    assert_eq!(code, "200");
+    assert!(page.contains(&v2) && page.contains("halted") && page.contains("Resume, accepting the failures"), "{page}");
+    assert!(page.contains(&format!("failed: {bad}")), "{page}");
+    let csrf = page.split("name=\"csrf\" value=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+    let resume = super::console::curl(
+        &jar,
+        &["-d", &format!("csrf={csrf}"), "-d", &format!("id={v2}"), "-L", &format!("{base}/rollouts/resume")],
+    );
+    assert!(resume.1.contains("--ack-failures"), "{}", resume.1);
+    assert_eq!(w.admin_json(&url, &["rollout", "status", &v2])["state"], "halted");
     // A human accepts the failure: the next wave opens and the rest take v2.
     let out = w.admin_ok(&url, &["rollout", "resume", &v2, "--ack-failures"]);
     assert!(out.contains(&format!("failures accepted: {bad}")), "{out}");

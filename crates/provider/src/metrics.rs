@@ -4,6 +4,7 @@
 //! catalog statement's time to expiry and the store's size.
 use std::sync::{Arc, Weak};
 
+use updraft_core::rollout::Phase;
 use updraft_runtime::metrics::{KeyValue, meter};
 
 use crate::Shared;
@@ -64,6 +65,18 @@ pub fn register(shared: &Arc<Shared>, ops: &Arc<Ops>, epoch: u64) {
         .build();
     statement_expiry(shared);
     store_size(shared);
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    m.u64_observable_gauge("updraft.rollouts")
+        .with_unit("{rollout}")
+        .with_description("Rollouts in waves by state (running, halted, reverted)")
+        .with_callback(move |o| {
+            let Some(rs) = weak.upgrade().and_then(|s| s.store.list_rollouts().ok()) else { return };
+            for state in [Phase::Running, Phase::Halted, Phase::Reverted] {
+                let n = rs.iter().filter(|r| crate::rollouts::phase(r) == Some(state)).count() as u64;
+                o.observe(n, &[KeyValue::new("state", format!("{state:?}").to_lowercase())]);
+            }
+        })
+        .build();
     let name = shared.config.name.clone();
     m.u64_observable_gauge("updraft.pair.active")
         .with_description("1 on the provider that holds the store (every provider of a database)")

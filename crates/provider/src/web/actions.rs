@@ -398,6 +398,27 @@ pub async fn upload(
     back("/updates", run.await)
 }
 
+pub async fn rollout_resume(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
+    let run = async {
+        let id = f.need("id")?.to_string();
+        let ack_failures = f.get("ack") == Some("true");
+        let req = updraft_proto::v1::ResumeRolloutRequest { update_id: id.clone(), ack_failures };
+        c.change(&s, Op::ResumeRollout, async |ops, who| ops.resume_rollout(&who, req).await).await?;
+        Ok(format!("rollout of {id} resumed"))
+    };
+    back("/rollouts", run.await)
+}
+
+pub async fn rollout_revert(State(c): State<Arc<Console>>, Posted { signed: s, fields: f }: Posted) -> Response {
+    let run = async {
+        let id = f.need("id")?.to_string();
+        let req = updraft_proto::v1::GetRolloutRequest { update_id: id.clone() };
+        c.change(&s, Op::RevertRollout, async |ops, who| ops.revert_rollout(&who, req).await).await?;
+        Ok(format!("rollout of {id} reverted: the machines that took it go back"))
+    };
+    back("/rollouts", run.await)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

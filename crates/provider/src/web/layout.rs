@@ -3,13 +3,14 @@
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 /// The pages of the navigation bar, in order: path and label.
-pub const PAGES: [(&str, &str); 8] = [
+pub const PAGES: [(&str, &str); 9] = [
     ("/about", "About"),
     ("/activity", "Activity"),
     ("/report", "Report"),
     ("/machines", "Machines"),
     ("/groups", "Groups"),
     ("/updates", "Updates"),
+    ("/rollouts", "Rollouts"),
     ("/configuration", "Configuration"),
     ("/sites", "Sites"),
 ];

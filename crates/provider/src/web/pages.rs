@@ -848,3 +848,57 @@ pub async fn sites(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
     };
     done(page("Sites", "/sites", s.user(), s.csrf(), Some(LIVE_SECS), body))
 }
+
+/// Every rollout in waves: each wave's machines and what they did, what comes next, the
+/// machines that failed; resume (accepting the failures, or not) and revert for a halted or
+/// running one.
+pub async fn rollouts(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page {
+    use updraft_proto::v1::RolloutState;
+    let all = c.ops.list_rollouts().await?.rollouts;
+    let body = html! {
+        (outcome(&q))
+        @if all.is_empty() {
+            p.muted { "No rollouts. `admin-cli rollout start ID --waves 1%,10%,50%,100%` approves an update in waves." }
+        }
+        @for r in &all {
+            @let ro = r.rollout.clone().unwrap_or_default();
+            @let state = RolloutState::try_from(ro.state).map(|s| s.as_str_name().trim_start_matches("ROLLOUT_STATE_").to_lowercase()).unwrap_or_default();
+            section.rollout {
+                h2 { (ro.update_id) " " (badge(&state)) }
+                p {
+                    "Waves " (ro.waves) "; "
+                    @if ro.group.is_empty() { "every group" } @else { "group " (ro.group) }
+                    "; next wave at " (updraft_core::rollout::pct(ro.min_verified_bp)) " verified, halts above "
+                    (updraft_core::rollout::pct(ro.max_failed_bp)) " failed, " (ro.wave_wait_ms / 1000) " s per wave; started by "
+                    (ro.started_by) " " (when(ro.started_at_unix_ms)) "."
+                }
+                table.waves {
+                    tr { th { "Wave" } th { "Share" } th { "Open" } th { "Machines" } th { "Installed" } th { "Verified" } th { "Failed" } th { "Rolled back" } th { "Waiting" } }
+                    @for w in &r.waves {
+                        tr {
+                            td { (w.wave) } td { (w.share) } td { @if w.open { "open" } @else { "-" } }
+                            td { (w.machines) } td { (w.installed) } td { (w.verified) } td { (w.failed) } td { (w.rolled_back) } td { (w.waiting) }
+                        }
+                    }
+                }
+                p.next { "Next: " (r.next) }
+                @for f in &r.failed_machines {
+                    p.muted { "failed: " (f) }
+                }
+                @if state != "reverted" {
+                    @if state == "halted" {
+                        (one_field_form("/rollouts/resume", s.csrf(), ("id", &ro.update_id), "Resume"))
+                        form.inline method="post" action="/rollouts/resume" {
+                            (csrf_field(s.csrf()))
+                            input type="hidden" name="id" value=(ro.update_id);
+                            input type="hidden" name="ack" value="true";
+                            button.secondary type="submit" { "Resume, accepting the failures" }
+                        }
+                    }
+                    (one_field_form("/rollouts/revert", s.csrf(), ("id", &ro.update_id), "Revert"))
+                }
+            }
+        }
+    };
+    done(page("Rollouts", "/rollouts", s.user(), s.csrf(), Some(LIVE_SECS), body))
+}
