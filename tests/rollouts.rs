@@ -209,6 +209,11 @@ fn a_healthy_update_walks_its_waves_and_each_machine_takes_it_only_once_its_wave
     let shown = w.admin_json(&url, &["update", "show", &v2]);
     assert_eq!(shown["status"]["verified_count"], 6, "{shown}");
     assert_eq!(shown["status"]["failed_count"], 0, "{shown}");
+    // And so does the fleet report, per update.
+    let report = w.admin_ok(&url, &["report"]);
+    let row: Vec<&str> =
+        report.lines().find(|l| l.starts_with(v2.as_str())).unwrap_or_default().split_whitespace().collect();
+    assert_eq!(row, [v2.as_str(), "0", "6", "0", "0"], "{report}");
 
     // An install that fails inside its verification window goes back, and says so.
     let v3 = w.admin_ok(&url, &["update", "add", editor(&w, "3.0.0.0", "60s").to_str().unwrap()]);

@@ -52,6 +52,24 @@ pub async fn run(ctx: &Ctx, cmd: Option<ReportCmd>, since: Since) -> anyhow::Res
                 .collect();
             table(&["MACHINE", "LAST CONTACT", "NOTES"], &rows);
         }
+        // What the machines did with each update (in JSON: `update show`, `rollout status`).
+        if !r.updates.is_empty() {
+            println!();
+            let rows: Vec<Vec<String>> = r
+                .updates
+                .iter()
+                .map(|u| {
+                    vec![
+                        u.id.clone(),
+                        u.installed.to_string(),
+                        u.verified.to_string(),
+                        u.failed.to_string(),
+                        u.rolled_back.to_string(),
+                    ]
+                })
+                .collect();
+            table(&["UPDATE", "INSTALLED", "VERIFIED", "FAILED", "ROLLED BACK"], &rows);
+        }
     });
     Ok(())
 }

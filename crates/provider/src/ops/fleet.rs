@@ -3,12 +3,13 @@
 //! its change to sites, and is logged with who made it.
 use updraft_core::model::{Role, validate_product};
 use updraft_core::policy::{Health, Mode};
+use updraft_core::rollout::Outcome;
 use updraft_proto::v1::{
     AssignRequest, Assignment, ClearActivityRequest, ClearActivityResponse, DeployRequest, Deployment, FleetReport,
     ForgetMachineRequest, ForgetMachineResponse, GetGroupRequest, GetMachineRequest, Group, GroupDetail, GroupSummary,
     ListDeploymentsRequest, ListDeploymentsResponse, ListGroupsResponse, ListMachinesRequest, ListMachinesResponse,
     Machine, MachineDetail, MachinePins, MachineRole, PinRequest, PutGroupRequest, RemoveGroupRequest, ReportGroup,
-    ReportRequest2, SetRoleRequest,
+    ReportRequest2, SetRoleRequest, UpdateOutcomes,
 };
 
 use super::Ops;
@@ -449,7 +450,22 @@ impl Ops {
                 g.machines.push(m);
             }
         }
-        Ok(FleetReport { groups })
+        let mut updates = Vec::new();
+        for u in self.shared.store.list_updates()? {
+            let outcomes = self.shared.store.outcomes_of(&u.id)?;
+            if outcomes.is_empty() {
+                continue;
+            }
+            let count = |o: Outcome| outcomes.iter().filter(|x| x.1 == o).count() as u32;
+            updates.push(UpdateOutcomes {
+                id: u.id,
+                installed: count(Outcome::Installed),
+                verified: count(Outcome::Verified),
+                failed: count(Outcome::Failed),
+                rolled_back: count(Outcome::RolledBack),
+            });
+        }
+        Ok(FleetReport { groups, updates })
     }
 
     pub async fn clear_activity(

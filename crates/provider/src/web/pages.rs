@@ -349,6 +349,15 @@ pub async fn report(State(c): State<Arc<Console>>, s: Signed, q: Query) -> Page 
                 }
             }
         }
+        @if !report.updates.is_empty() {
+            h2 { "What machines did with each update" }
+            table #outcomes {
+                tr { th { "Update" } th { "Installed" } th { "Verified" } th { "Failed" } th { "Rolled back" } }
+                @for u in &report.updates {
+                    tr { td { (u.id) } td { (u.installed) } td { (u.verified) } td { (u.failed) } td { (u.rolled_back) } }
+                }
+            }
+        }
     };
     done(page("Report", "/report", s.user(), s.csrf(), Some(LIVE_SECS), body))
 }
