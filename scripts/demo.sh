@@ -2,7 +2,8 @@
 # A complete local Updraft fleet in a temporary directory, on embedded defaults: a provider
 # holding the CA, a remote (site) provider and three agents that enroll with their own keys; a sample package built, signed, approved, deployed to
 # the agents' group and installed (a second approved product that nobody has or is given stays
-# off every machine); then v2 pushed with high priority; ending with the machine list.
+# off every machine); then v2 pushed with high priority, v3 rolled out in two waves gated on
+# verified installs; ending with the machine list.
 # Everything listens on 127.0.0.1 only. Ports: UPDRAFT_DEMO_PORT (default 18092) and the next.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,12 +31,12 @@ step "release key, and a private CA with certificates for the provider and the a
 "$BIN/admin-cli" pki issue centre --role provider --dir pki
 "$BIN/admin-cli" pki issue ops --role admin --dir pki
 
-step "sample product 'hello', versions 1.0.0.0 and 2.0.0.0; and 'tools' 1.0.0.0"
-for v in 1.0.0.0 2.0.0.0; do
+step "sample product 'hello', versions 1.0.0.0, 2.0.0.0 and 3.0.0.0 (each verified over 2 s); and 'tools' 1.0.0.0"
+for v in 1.0.0.0 2.0.0.0 3.0.0.0; do
   mkdir -p "src-$v/bin"
   printf '#!/bin/sh\necho "hello from %s"\n' "$v" > "src-$v/bin/hello"; chmod 755 "src-$v/bin/hello"
   echo "$v" > "src-$v/VERSION"
-  "$BIN/admin-cli" package build --product hello --version "$v" --from "src-$v" --key release.key --out "hello-$v.pkg" --release-label "Hello $v"
+  "$BIN/admin-cli" package build --product hello --version "$v" --from "src-$v" --key release.key --out "hello-$v.pkg" --release-label "Hello $v" --verify-window 2s
 done
 "$BIN/admin-cli" package build --product tools --version 1.0.0.0 --from src-1.0.0.0 --key release.key --out tools.pkg
 
@@ -82,8 +83,16 @@ echo "all three agents on 2.0.0.0 $(( ($(date +%s%N) - start) / 1000000 )) ms af
 pc-3/apps/hello/bin/hello
 ls pc-3/apps
 
+step "roll v3 out in waves: wave 2 opens once wave 1's machines verified it (admin-cli rollout start)"
+V3=$(admin update add hello-3.0.0.0.pkg)
+admin rollout preview "$V3" --waves 50%,100%
+admin rollout start "$V3" --waves 50%,100% --wave-wait 0s --min-verified 100%
+for _ in $(seq 1 600); do [ "$(cat pc-*/apps/hello/VERSION 2>/dev/null | grep -cx 3.0.0.0)" = 3 ] && break; sleep 0.1; done
+for _ in $(seq 1 600); do [ "$(admin --json rollout status "$V3" | tr -d ' \n' | grep -o '"verified":[0-9]*' | cut -d: -f2 | paste -sd+ | bc)" = 3 ] && break; sleep 0.1; done
+admin rollout status "$V3"
+
 step "machine list (as the centre sees it: site machines arrive through branch-1)"
-wait_for '[ "$(admin machine list | grep -c 2.0.0.0)" = 3 ]'
+wait_for '[ "$(admin machine list | grep -c 3.0.0.0)" = 3 ]'
 admin machine list
 step "recent activity"
 admin activity --limit 6

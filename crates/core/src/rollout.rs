@@ -402,6 +402,24 @@ mod tests {
     }
 
     #[test]
+    fn high_priority_skips_waves_and_unreadable_waves_hold() {
+        let r = |id: &str, waves: &str| Admitting {
+            update_id: id.into(),
+            waves: waves.into(),
+            open: 0,
+            phase: Phase::Running,
+            group: String::new(),
+        };
+        // 0.01 % in the first wave: almost every machine waits.
+        let all = [r("urgent", "0.01%,100%"), r("normal", "0.01%,100%"), r("broken", "nonsense")];
+        let later = (0..100).map(|i| format!("pc-{i}")).find(|m| position("normal", m) >= 1).unwrap();
+        let held = holds(&all, |id| id == "urgent", &later, "default");
+        assert!(!held.contains_key("urgent"), "high priority is for emergencies: no waves");
+        assert_eq!(held.get("normal"), Some(&Hold::Wave { wave: 1, open: 0 }));
+        assert_eq!(held.get("broken"), Some(&Hold::Halted), "a rollout that does not read holds its update");
+    }
+
+    #[test]
     fn the_tally_counts_open_waves_and_leaves_out_accepted_failures() {
         use Outcome::*;
         let machines = [

@@ -9,7 +9,7 @@
 //! an audit entry and the `updraft.rollout.halts` counter. Administrators start, resume and
 //! revert through [`Ops`]; a revert withdraws the update (state `remove`), so the machines that
 //! took it go back through the removal path.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +35,13 @@ pub const DEFAULT_WAVE_WAIT: &str = "30m";
 pub const MAX_ACKNOWLEDGED: usize = 10_000;
 /// Failed machines a report lists by name.
 const FAILED_LISTED: usize = 50;
-/// How often the loop looks without being woken by a report.
+/// How often the loop looks without being woken by a report, and at least how long it leaves
+/// between two looks (reports arriving all the time do not make it spin).
 const LOOK_EVERY: Duration = Duration::from_secs(5);
+const LOOK_SPACING: Duration = Duration::from_millis(500);
+/// A rollout with every wave open is watched for a breach this long after its last wave
+/// opened; then it is finished and the loop no longer tallies it.
+const WATCH_AFTER_LAST_WAVE_MS: i64 = 7 * 86_400 * 1000;
 
 pub fn phase(r: &Rollout) -> Option<Phase> {
     match RolloutState::try_from(r.state).ok()? {
@@ -84,21 +89,26 @@ fn cohort(shared: &Shared, r: &Rollout, u: &Update) -> Result<Cohort> {
     let waves = waves_of(r)?;
     let catalog = shared.catalog()?;
     let group = (!r.group.is_empty()).then_some(r.group.as_str());
-    let mut outcomes: HashMap<String, (Outcome, Activity)> =
-        shared.store.outcomes_of(&u.id)?.into_iter().map(|(m, o, a)| (m, (o, a))).collect();
-    let mut names: BTreeMap<String, ()> = BTreeMap::new();
-    for (name, _) in policy::takers(&shared.store, &catalog, u, group)? {
-        names.insert(name, ());
-    }
+    // A failure or a removal before this rollout started (an earlier one, reverted) is history;
+    // what a machine runs, verified or not, is its state whenever it said so.
+    let mut outcomes: HashMap<String, (Outcome, Activity)> = shared
+        .store
+        .outcomes_of(&u.id)?
+        .into_iter()
+        .filter(|(_, o, a)| matches!(o, Outcome::Installed | Outcome::Verified) || a.at_unix_ms >= r.started_at_unix_ms)
+        .map(|(m, o, a)| (m, (o, a)))
+        .collect();
+    let mut names: BTreeSet<String> =
+        policy::takers(&shared.store, &catalog, u, group)?.into_iter().map(|t| t.0).collect();
     for info in shared.store.list_agents()? {
         let runs = info.installed.iter().any(|p| p.product == u.product && p.version == u.version);
         let in_group = group.is_none_or(|g| catalog.decided.group_of(&info.name) == g);
         if in_group && (runs || outcomes.contains_key(&info.name)) {
-            names.insert(info.name, ());
+            names.insert(info.name);
         }
     }
     let machines = names
-        .into_keys()
+        .into_iter()
         .map(|name| Member {
             wave: waves.wave_of(&u.id, &name),
             acknowledged: r.acknowledged.contains(&name),
@@ -197,8 +207,12 @@ pub async fn look(shared: &Shared) -> Result<()> {
             continue;
         }
         let Ok(u) = shared.store.get_update(&r.update_id) else { continue };
-        let c = cohort(shared, &r, &u)?;
         let now = now_ms();
+        let last_open = waves_of(&r).is_ok_and(|w| r.open as usize + 1 >= w.len());
+        if last_open && now - r.opened_at_unix_ms > WATCH_AFTER_LAST_WAVE_MS {
+            continue;
+        }
+        let c = cohort(shared, &r, &u)?;
         match next_step(&r, &c, now) {
             Step::Open(n) => {
                 r.from_share_bp = c.waves.share(r.open as usize);
@@ -249,6 +263,10 @@ pub async fn rollout_loop(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = shared.rollout_wake.notified() => {}
             _ = tokio::time::sleep(LOOK_EVERY) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(LOOK_SPACING) => {}
         }
     }
 }

@@ -1248,6 +1248,46 @@ mod tests {
         outbox_batches_are_bounded_and_always_hold_the_first_report(open("outbox")).await;
         deployments_and_roles_are_logged_and_replicate(open("deployments"), open("replica")).await;
         the_audit_chain_detects_an_edited_entry(open("audit")).await;
+        rollouts_replicate_and_outcomes_follow_reports(open("rollouts"), open("rollout-replica")).await;
+    }
+
+    async fn rollouts_replicate_and_outcomes_follow_reports(s: Store, replica: Store) {
+        use updraft_core::rollout::Outcome;
+        use updraft_proto::v1::{ActivityKind, RolloutState};
+        let u = Update { id: "u-2".into(), ..Default::default() };
+        s.change_update("u-2", Some(u), |_| Ok(())).await.unwrap();
+        let mut r = Rollout { update_id: "u-2".into(), waves: "10%,100%".into(), ..Default::default() };
+        r.state = RolloutState::Running as i32;
+        s.put_rollout(&r).await.unwrap();
+        r.open = 1;
+        let seq = s.put_rollout(&r).await.unwrap();
+        // The latest state of the rollout once in the log, and a replica holds the same.
+        let changes = s.changes_after(0).unwrap();
+        assert!(changes.contains(&Change::Rollout { rollout: r.clone(), seq }), "{changes:?}");
+        for c in &changes {
+            replica.apply_replicated(c).await.unwrap();
+        }
+        assert_eq!(replica.list_rollouts().unwrap(), vec![r.clone()]);
+        // Each machine's last outcome with the update, from its activity as it is stored; an
+        // entry that is no outcome (a deferred install) changes nothing.
+        let act = |m: &str, kind: ActivityKind| Activity {
+            machine: m.into(),
+            update_id: "u-2".into(),
+            kind: kind as i32,
+            ..Default::default()
+        };
+        s.append_activity(&[act("pc-1", ActivityKind::Installed), act("pc-2", ActivityKind::InstallFailed)])
+            .await
+            .unwrap();
+        s.append_activity(&[act("pc-1", ActivityKind::Verified), act("pc-2", ActivityKind::Deferred)]).await.unwrap();
+        let mut got: Vec<(String, Outcome)> =
+            s.outcomes_of("u-2").unwrap().into_iter().map(|(m, o, _)| (m, o)).collect();
+        got.sort();
+        assert_eq!(got, [("pc-1".to_string(), Outcome::Verified), ("pc-2".to_string(), Outcome::Failed)]);
+        assert!(s.outcomes_of("u-20").unwrap().is_empty(), "an update id that only starts alike");
+        // Forgotten with the update.
+        s.delete_update("u-2").await.unwrap();
+        assert!(s.outcomes_of("u-2").unwrap().is_empty());
     }
 
     #[tokio::test]
