@@ -16,7 +16,7 @@
 //! Agents are simulated cheaply as gRPC clients (downloads and push subscriptions), many per
 //! connection, except in the herd (one connection each). Run:
 //! `cargo run --release -p updraft-tests --bin bench` (needs nginx and h2load for the baselines);
-//! `UPDRAFT_BENCH=wan,push,herd,serving,agent,import,store` picks sections (default: all).
+//! `UPDRAFT_BENCH=wan,push,herd,serving,agent,import,rollout,store` picks sections (default: all).
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -363,6 +363,9 @@ async fn main() {
     if section("fleet") {
         fleet_section().await;
     }
+    if section("rollout") {
+        rollout_section(&w, &purl).await;
+    }
     if section("store") {
         store_section(&w).await;
     }
@@ -614,6 +617,65 @@ async fn push_section(w: &World, purl: &str, surl: &str, p: &Proc, s: &Proc) {
                 f.median, f.p99, f.max, f.kb_per_agent
             );
         }
+    }
+    println!();
+}
+
+/// One look of the rollout loop — its tally: every machine's plan for the update, its wave and
+/// its last outcome — timed as `rollout status` (the same computation), beside `update show`
+/// (every machine's plan, what update statuses have always cost) on the same store.
+async fn rollout_section(w: &World, purl: &str) {
+    use updraft_proto::v1::{GetRolloutRequest, GetUpdateRequest, StartRolloutRequest};
+    println!("Rollouts: one look of the rollout loop (rollout status) beside update show, same store");
+    println!(
+        "{:>8}  {:>14}  {:>14}  {:>14}  {:>6}",
+        "MACHINES", "ROLLOUT LOOK", "UPDATE SHOW", "ROLLOUT START", "RATIO"
+    );
+    w.publish(purl, &w.package("rollapp", "1.0.0.0", &w.key));
+    let v2 = w.admin_ok(purl, &["update", "add", w.package("rollapp", "2.0.0.0", &w.key).to_str().unwrap()]);
+    let v2 = v2.trim().to_string();
+    let mut admin = AdminClient::new(Endpoint::from_shared(purl.to_string()).unwrap().connect().await.unwrap());
+    let mut registered = 0;
+    let mut started = false;
+    for n in [1_000, 10_000] {
+        let (answers, ()) =
+            check_all(purl, n - registered, &format!("roll{n}"), Duration::from_secs(120), async {}).await;
+        registered = n;
+        let failed = answers.iter().filter(|a| a.result.is_err()).count();
+        let t = Instant::now();
+        if !started {
+            let req = StartRolloutRequest {
+                update_id: v2.clone(),
+                waves: "1%,10%,50%,100%".into(),
+                wave_wait: "30m".into(),
+                ..Default::default()
+            };
+            admin.start_rollout(req).await.unwrap();
+            started = true;
+        }
+        let start = t.elapsed();
+        let median = |times: &mut Vec<Duration>| {
+            times.sort();
+            times[times.len() / 2]
+        };
+        let (mut looks, mut shows) = (Vec::new(), Vec::new());
+        let mut machines = 0;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let r = admin.get_rollout(GetRolloutRequest { update_id: v2.clone() }).await.unwrap().into_inner();
+            looks.push(t.elapsed());
+            machines = r.waves.iter().map(|w| w.machines).sum::<u32>();
+            let t = Instant::now();
+            admin.get_update(GetUpdateRequest { id: v2.clone() }).await.unwrap();
+            shows.push(t.elapsed());
+        }
+        let (look, show) = (median(&mut looks), median(&mut shows));
+        println!(
+            "{machines:>8}  {look:>14.1?}  {show:>14.1?}  {:>14}  {:>6.2}{}",
+            if n == 1_000 { format!("{start:.1?}") } else { "-".into() },
+            look.as_secs_f64() / show.as_secs_f64(),
+            if failed > 0 { format!("  ({failed} checks failed)") } else { String::new() }
+        );
     }
     println!();
 }
