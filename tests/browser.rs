@@ -32,7 +32,8 @@ fn free_port() -> u16 {
 
 impl Browser {
     /// Starts chromedriver and a headless Chromium that accepts the console's certificate (the
-    /// test CA's, which the browser does not know). Fails loudly when either is missing.
+    /// test CA's, which the browser does not know) and sends nothing beyond loopback. Fails
+    /// loudly when either is missing.
     pub async fn start(log: &std::path::Path) -> Browser {
         let driver = ["chromedriver", "/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
             .into_iter()
@@ -55,7 +56,16 @@ impl Browser {
             "goog:chromeOptions".into(),
             serde_json::json!({
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                         "--window-size=1366,900", "--no-first-run", "--password-store=basic"]
+                         "--window-size=1366,900", "--no-first-run", "--password-store=basic",
+                         // Chromium reaches out to Google's hosts by itself (updates, sync, metrics,
+                         // safe browsing). This machine has no network but loopback, and traffic to
+                         // anywhere else is flagged: switch it all off, and resolve no name at all
+                         // (the console's addresses are loopback IPs).
+                         "--disable-background-networking", "--disable-component-update",
+                         "--disable-sync", "--disable-quic", "--disable-default-apps",
+                         "--disable-domain-reliability", "--disable-client-side-phishing-detection",
+                         "--disable-breakpad", "--no-pings", "--metrics-recording-only",
+                         "--host-resolver-rules=MAP * ~NOTFOUND"]
             }),
         );
         let url = format!("http://127.0.0.1:{port}");
