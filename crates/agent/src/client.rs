@@ -286,27 +286,49 @@ pub async fn bounded<T>(
     }
 }
 
+/// Where `update`'s package is kept in the download cache `dir`: the complete, hash-checked
+/// file and the partial one a download writes (and resumes).
+pub struct Cached {
+    pub done: PathBuf,
+    pub part: PathBuf,
+}
+
+impl Cached {
+    pub fn of(dir: &Path, update: &Update) -> Result<Self> {
+        updraft_core::hash::validate(&update.content_hash)?;
+        let hex = &update.content_hash[updraft_core::hash::PREFIX.len()..];
+        Ok(Self { done: dir.join(format!("{hex}.pkg")), part: dir.join(format!("{hex}.part")) })
+    }
+
+    /// Nothing of the package is here yet: a download would start from its first byte.
+    pub fn is_empty(&self) -> bool {
+        !self.done.exists() && !self.part.exists()
+    }
+}
+
 /// Downloads `update`'s package into `dir`, resuming a partial file, and returns the path of
 /// the complete, hash-checked package. A chunk stalled for longer than `idle` fails it; a
-/// cancel stops it (the partial file stays, to be resumed).
+/// cancel stops it (the partial file stays, to be resumed). A download from the first byte
+/// also hands every chunk to `tee` (see [`crate::install::stage_while_downloading`]).
 pub async fn download(
     client: &mut Client,
     update: &Update,
     dir: &Path,
     idle: Duration,
     cancel: &crate::cancel::Cancel,
+    mut tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
 ) -> Result<PathBuf> {
     let fail = |reason: String| AgentError::Download { update: update.id.clone(), reason };
-    updraft_core::hash::validate(&update.content_hash)?;
-    let hex = &update.content_hash[updraft_core::hash::PREFIX.len()..];
-    let done = dir.join(format!("{hex}.pkg"));
-    let part = dir.join(format!("{hex}.part"));
+    let Cached { done, part } = Cached::of(dir, update)?;
     if done.is_file() {
         return Ok(done);
     }
     let mut pos = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
     if pos > update.size {
         pos = 0;
+    }
+    if pos != 0 {
+        tee = None;
     }
     let file = tokio::fs::OpenOptions::new()
         .create(true)
@@ -368,6 +390,12 @@ pub async fn download(
             }
             hasher.update(&chunk.data);
             file.write_all(&chunk.data).await.map_err(|e| AgentError::io(&part, e))?;
+            // The chunk's bytes are shared, not copied; an unpacker that gave up is not fed.
+            if let Some(t) = &tee
+                && t.send(chunk.data.clone()).await.is_err()
+            {
+                tee = None;
+            }
             pos += chunk.data.len() as u64;
             downloaded.add(chunk.data.len() as u64, &[]);
             // Whole chunks reach the file, so a crash re-fetches at most the one in flight.

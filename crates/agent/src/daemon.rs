@@ -644,7 +644,7 @@ impl Agent {
             return Err(e);
         }
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes, for later", u.size)).await;
-        let path = self.download(client, u).await?;
+        let path = self.download(client, u, None).await?;
         // Check it now, so a bad package is refused when it arrives, not when it is due.
         let key = self.cfg.trust_key;
         let (id, product, version, p) = (u.id.clone(), u.product.clone(), u.version.clone(), path.clone());
@@ -663,9 +663,14 @@ impl Agent {
 
     /// Downloads `u` into the package cache, recording how it went. Content that fails its hash
     /// counts as a failure of the update (see [`Agent::count_failure`]).
-    async fn download(&mut self, client: &mut Client, u: &Update) -> Result<PathBuf> {
+    async fn download(
+        &mut self,
+        client: &mut Client,
+        u: &Update,
+        tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    ) -> Result<PathBuf> {
         let dir = self.cfg.state_dir.join("downloads");
-        let result = client::download(client, u, &dir, self.cfg.request_timeout, &self.shared.cancel).await;
+        let result = client::download(client, u, &dir, self.cfg.request_timeout, &self.shared.cancel, tee).await;
         match &result {
             Ok(_) => {}
             Err(e @ AgentError::Verify { .. }) => {
@@ -892,7 +897,44 @@ impl Agent {
             return Err(e);
         }
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes", u.size)).await;
-        let pkg_path = self.download(client, u).await?;
+        // A download from the first byte is unpacked as it arrives; otherwise (a resumed or
+        // finished download) the install unpacks the file.
+        let root = self.cfg.install_root.clone();
+        let cached = client::Cached::of(&self.cfg.state_dir.join("downloads"), u)?;
+        let (tee, staging) = match cached.is_empty() {
+            true => {
+                let key = self.cfg.trust_key;
+                let (tx, task) =
+                    install::stage_while_downloading(&root, key, &u.id, &u.product, &u.version, cached.part);
+                (Some(tx), Some(task))
+            }
+            false => (None, None),
+        };
+        let downloaded = self.download(client, u, tee).await;
+        let prestaged = match staging {
+            Some(task) => match task.await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::debug!(update = %u.id, error = %e, "not unpacked while downloading; unpacking the file");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(update = %u.id, error = %e, "the unpacker did not finish; unpacking the file");
+                    false
+                }
+            },
+            None => false,
+        };
+        let pkg_path = match downloaded {
+            Ok(p) => p,
+            Err(e) => {
+                if prestaged {
+                    let product = u.product.clone();
+                    let _ = tokio::task::spawn_blocking(move || install::discard_staged(&root, &product)).await;
+                }
+                return Err(e);
+            }
+        };
         self.record(ActivityKind::DownloadFinished, u, "").await;
         let rec = self.state.installed.get(&u.product).cloned();
         let op = journal::Op {
@@ -905,7 +947,7 @@ impl Agent {
             ..journal::Op::replacing(rec.as_ref())
         };
         let restart = u.install_properties.get("restart").is_some_and(|v| v == "required");
-        let result = self.run_install(u, op, Some(pkg_path.clone()), restart).await;
+        let result = self.run_install(u, op, Some(pkg_path.clone()), prestaged, restart).await;
         // Whatever happened, this package file is done with: a verified one is installed, a
         // bad one must be fetched afresh.
         let _ = tokio::fs::remove_file(&pkg_path).await;
@@ -914,10 +956,18 @@ impl Agent {
         Ok(format!("installed {} {}", u.product, u.version))
     }
 
-    /// Runs `op` through the installer (from the package at `pkg`, or a tree already staged)
-    /// and makes the outcome the machine's record: a failed step is settled as start-up
-    /// recovery would settle a crash there, then recorded; a healthy install is committed.
-    async fn run_install(&mut self, u: &Update, op: journal::Op, pkg: Option<PathBuf>, restart: bool) -> Result<()> {
+    /// Runs `op` through the installer (from the package at `pkg`, unpacked already if
+    /// `prestaged`, or a tree already staged) and makes the outcome the machine's record: a
+    /// failed step is settled as start-up recovery would settle a crash there, then recorded; a
+    /// healthy install is committed.
+    async fn run_install(
+        &mut self,
+        u: &Update,
+        op: journal::Op,
+        pkg: Option<PathBuf>,
+        prestaged: bool,
+        restart: bool,
+    ) -> Result<()> {
         let root = self.cfg.install_root.clone();
         let state_dir = self.cfg.state_dir.clone();
         let key = self.cfg.trust_key;
@@ -931,6 +981,7 @@ impl Agent {
                 self_product: &self_product,
                 cancel: &cancel,
                 package: pkg.as_deref(),
+                prestaged,
             };
             installer::run(&ctx, op)
         })
@@ -1033,7 +1084,7 @@ impl Agent {
             version: to.version.clone(),
             ..Default::default()
         };
-        self.run_install(&u, op, None, false).await?;
+        self.run_install(&u, op, None, false, false).await?;
         let held = format!(
             "{}: {by} went back to {} from it; `agent apply --select {}` installs it again",
             crate::state::HELD,

@@ -6,8 +6,9 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use updraft_core::error::CoreError;
 use updraft_core::keys::PublicKey;
-use updraft_core::package::{Package, sync_dir};
+use updraft_core::package::{Header, Package, Unpacker, sync_dir};
 
 use crate::error::{AgentError, Result};
 
@@ -26,13 +27,7 @@ pub fn old_dir(root: &Path, product: &str) -> PathBuf {
 pub fn verify(pkg_path: &Path, key: &PublicKey, update_id: &str, product: &str, version: &str) -> Result<Package> {
     let fail = |reason: String| AgentError::Verify { update: update_id.to_string(), reason };
     let pkg = Package::open(pkg_path).map_err(|e| fail(e.to_string()))?;
-    pkg.verify(key).map_err(|e| fail(e.to_string()))?;
-    if pkg.manifest.product != product || pkg.manifest.version.to_string() != version {
-        return Err(fail(format!(
-            "package is {} {} but was offered as {product} {version}",
-            pkg.manifest.product, pkg.manifest.version
-        )));
-    }
+    pkg.accept(key, product, version).map_err(fail)?;
     Ok(pkg)
 }
 
@@ -41,18 +36,67 @@ pub fn stage(pkg: &Package, root: &Path, update_id: &str) -> Result<PathBuf> {
     let product = &pkg.manifest.product;
     let pending = pending_dir(root, product);
     remove_tree(&pending)?;
-    let mut files = 0;
-    let unpacked = pkg.unpack_with(&pending, |_| {
-        files += 1;
-        if files == 2 {
-            let _ = crate::failpoint::hit("stage:mid"); // inside the unpacker: kill or delay only
-        }
-    });
+    let unpacked = pkg.unpack_with(&pending, stage_mid());
     if let Err(e) = unpacked {
         let _ = remove_tree(&pending);
         return Err(AgentError::Install { update: update_id.to_string(), reason: e.to_string() });
     }
     Ok(pending)
+}
+
+/// Unpacks a package into a fresh `P_update_pending` while it downloads, so that the two
+/// overlap: the download hands every chunk it writes to its cache file to the returned sender
+/// as well, and drops it when it ends. Before anything is written the header is accepted as
+/// [`verify`] accepts it, and every file is checked as [`stage`] checks it. The task's result
+/// says whether the staged tree is the whole package; on an error nothing is left staged (the
+/// install then stages from the downloaded file, which says what was wrong). `origin` is the
+/// download's cache file, named in errors.
+pub fn stage_while_downloading(
+    root: &Path,
+    key: PublicKey,
+    update_id: &str,
+    product: &str,
+    version: &str,
+    origin: PathBuf,
+) -> (tokio::sync::mpsc::Sender<bytes::Bytes>, tokio::task::JoinHandle<Result<()>>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    let pending = pending_dir(root, product);
+    let (update_id, product, version) = (update_id.to_string(), product.to_string(), version.to_string());
+    let task = tokio::task::spawn_blocking(move || {
+        let mut run = || -> std::result::Result<(), CoreError> {
+            let fail = |e: AgentError| CoreError::package(&pending, e.to_string());
+            remove_tree(&pending).map_err(fail)?;
+            let accept = |h: &Header| h.accept(&key, &product, &version).map_err(|r| CoreError::package(&origin, r));
+            let mut unpacker = Unpacker::new(&pending, &origin, accept);
+            let mut after_file = stage_mid();
+            while let Some(chunk) = rx.blocking_recv() {
+                unpacker.feed(&chunk, &mut after_file)?;
+            }
+            unpacker.finish().map(|_| ())
+        };
+        run().map_err(|e| {
+            let _ = remove_tree(&pending);
+            AgentError::Install { update: update_id, reason: e.to_string() }
+        })
+    });
+    (tx, task)
+}
+
+/// The callback after each file an unpacker writes: passes the `stage:mid` fail point after
+/// the second (inside the unpacker a point can only kill or delay).
+fn stage_mid() -> impl FnMut(&str) {
+    let mut files = 0;
+    move |_| {
+        files += 1;
+        if files == 2 {
+            let _ = crate::failpoint::hit("stage:mid");
+        }
+    }
+}
+
+/// Removes a staged tree that will not be installed.
+pub fn discard_staged(root: &Path, product: &str) -> Result<()> {
+    remove_tree(&pending_dir(root, product))
 }
 
 /// The one step that changes `ROOT/P`: an atomic exchange with the staged tree (or a rename,

@@ -30,6 +30,9 @@ pub struct Ctx<'a> {
     pub cancel: &'a Cancel,
     /// The downloaded package; none for a restore, which starts with its tree staged.
     pub package: Option<&'a Path>,
+    /// The package was unpacked into `P_update_pending` as it downloaded, by this process
+    /// just now ([`install::stage_while_downloading`]), and need not be unpacked again.
+    pub prestaged: bool,
 }
 
 /// The fail point passed once the journal says `step`.
@@ -85,7 +88,11 @@ pub fn advance(ctx: &Ctx, op: &mut Op, pkg: &mut Option<Package>) -> Result<Step
                     install::verify(path, ctx.key, &op.update_id, &op.product, &op.version)?
                 }
             };
-            let staged = install::stage(&p, ctx.root, &op.update_id)?;
+            let pending = install::pending_dir(ctx.root, &op.product);
+            let staged = match ctx.prestaged && pending.is_dir() {
+                true => pending,
+                false => install::stage(&p, ctx.root, &op.update_id)?,
+            };
             op.staged_inode = install::inode(&staged);
             op.needs_health = op.lifecycle.after_swap();
             Ok(Step::Staged)

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::hash::sha256_hex;
 use crate::keys::ReleaseKey;
-use crate::package::{MAGIC, MAX_MANIFEST, Package};
+use crate::package::{Header, MAGIC, MAX_MANIFEST, Package, Unpacker};
 
 /// Writes a package from raw parts: any manifest JSON (valid or not), any payload, a signature
 /// made by `key` over the manifest bytes (or garbage when `key` is None).
@@ -50,10 +50,22 @@ fn attempt(case: &str, build: impl FnOnce(&Path, &ReleaseKey)) -> String {
         Ok(()) => panic!("{case}: the package was accepted"),
         Err(e) => e.to_string(),
     };
+    // The same bytes unpacked as they would arrive over the network, a few at a time, into a
+    // staging directory of their own: refused too.
+    let streamed = root.join("app_streamed_pending");
+    let bytes = fs::read(&pkg_path).unwrap();
+    let public = key.public();
+    let mut unpacker = Unpacker::new(&streamed, &pkg_path, |h: &Header| {
+        h.accept(&public, "app", "1.0.0.0").map_err(|r| crate::error::CoreError::package(&pkg_path, r))
+    });
+    let fed = bytes.chunks(7).try_for_each(|c| unpacker.feed(c, &mut |_| {}));
+    if let Ok(header) = fed.and_then(|_| unpacker.finish()) {
+        panic!("{case}: the streamed package was accepted: {:?}", header.manifest.files);
+    }
     // Nothing may exist outside the staging directory (which the caller discards).
     let mut found = Vec::new();
     for entry in walk(&outside) {
-        if !entry.starts_with(&staging) && entry != root {
+        if !entry.starts_with(&staging) && !entry.starts_with(&streamed) && entry != root {
             found.push(entry.display().to_string());
         }
     }

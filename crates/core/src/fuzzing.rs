@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use crate::freshness;
 use crate::keys::ReleaseKey;
-use crate::package::{Manifest, Package};
+use crate::package::{Header, Manifest, Package, Unpacker};
 use crate::version::Version;
 
 fn scratch() -> &'static PathBuf {
@@ -20,7 +20,8 @@ fn scratch() -> &'static PathBuf {
     })
 }
 
-/// A package file: header, manifest, signature check, and unpacking into a fresh directory.
+/// A package file: header, manifest, signature check, and unpacking into a fresh directory,
+/// from the file and as a stream.
 pub fn package(data: &[u8]) {
     let dir = scratch();
     let file = dir.join("input.pkg");
@@ -35,6 +36,15 @@ pub fn package(data: &[u8]) {
         let _ = p.unpack(&dest);
         let _ = std::fs::remove_dir_all(&dest);
     }
+    // The same bytes as a download hands them to the unpacker, a header accepted unsigned so
+    // the payload writer is reached too.
+    let dest = dir.join("streamed");
+    let _ = std::fs::remove_dir_all(&dest);
+    let mut u = Unpacker::new(&dest, &file, |_: &Header| Ok(()));
+    if data.chunks(61).try_for_each(|c| u.feed(c, &mut |_| {})).is_ok() {
+        let _ = u.finish();
+    }
+    let _ = std::fs::remove_dir_all(&dest);
 }
 
 /// A manifest (JSON) and its validation.

@@ -18,7 +18,7 @@
 //! directory it is unpacked into.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -524,15 +524,99 @@ fn copy_hashing(r: &mut dyn Read, w: &mut dyn Write, hasher: &mut ContentHasher)
     }
 }
 
+/// Bytes before the manifest: the magic and the manifest's length.
+const PREAMBLE: usize = 12;
+/// The signature's length field and the signature, after the manifest.
+const SIGNATURE_PART: usize = 2 + 64;
+/// Bytes of the payload read or written at a time, and how far a file runs ahead of its
+/// writeback (see [`TreeWriter`]).
+const CHUNK: usize = 256 * 1024;
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// The signed head of a package: its manifest, checked for form, and the signature over it
+/// (checked against a key only by [`Header::accept`] or [`Package::verify`]).
+#[derive(Debug)]
+pub struct Header {
+    pub manifest: Manifest,
+    pub manifest_bytes: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// What [`Header::parse`] made of the first bytes of a package.
+enum Parsed {
+    /// At least this many bytes from the start are needed.
+    Need(usize),
+    /// The header, and where the payload begins.
+    Done(Box<Header>, usize),
+}
+
+impl Header {
+    /// Parses the header from `prefix`, the first bytes of a package (`origin` names it in
+    /// errors). Refuses as soon as the bytes seen are wrong, and never asks for more than
+    /// [`MAX_MANIFEST`] and a signature.
+    fn parse(prefix: &[u8], origin: &Path) -> Result<Parsed> {
+        let perr = |reason: String| CoreError::package(origin, reason);
+        if prefix.len() < PREAMBLE {
+            if !MAGIC.starts_with(&prefix[..prefix.len().min(MAGIC.len())]) {
+                return Err(perr("not an Updraft package (bad magic)".into()));
+            }
+            return Ok(Parsed::Need(PREAMBLE));
+        }
+        if &prefix[..8] != MAGIC {
+            return Err(perr("not an Updraft package (bad magic)".into()));
+        }
+        let mlen = u32::from_le_bytes(prefix[8..PREAMBLE].try_into().expect("4 bytes"));
+        if mlen > MAX_MANIFEST {
+            return Err(perr(format!("manifest is {mlen} bytes, at most {MAX_MANIFEST} allowed")));
+        }
+        let sig_at = PREAMBLE + mlen as usize;
+        let end = sig_at + SIGNATURE_PART;
+        if prefix.len() < end {
+            return Ok(Parsed::Need(end));
+        }
+        let slen = u16::from_le_bytes(prefix[sig_at..sig_at + 2].try_into().expect("2 bytes"));
+        if slen != 64 {
+            return Err(perr(format!("signature is {slen} bytes, expected 64")));
+        }
+        let manifest_bytes = prefix[PREAMBLE..sig_at].to_vec();
+        let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+            .map_err(|e| CoreError::Manifest(format!("{}: {e}", origin.display())))?;
+        manifest.validate()?;
+        Ok(Parsed::Done(
+            Box::new(Header { manifest, manifest_bytes, signature: prefix[sig_at + 2..end].to_vec() }),
+            end,
+        ))
+    }
+
+    /// Checks the signature against a pinned release key, and that the package is the product
+    /// and version it was offered as (so a provider cannot pass off one signed package as
+    /// another). The reason says which failed.
+    pub fn accept(&self, key: &PublicKey, product: &str, version: &str) -> std::result::Result<(), String> {
+        key.verify_manifest(&self.manifest_bytes, &self.signature).map_err(|e| e.to_string())?;
+        if self.manifest.product != product || self.manifest.version.to_string() != version {
+            return Err(format!(
+                "package is {} {} but was offered as {product} {version}",
+                self.manifest.product, self.manifest.version
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// An opened package whose header and manifest have been checked; the payload is read only by
 /// [`Package::unpack`].
 #[derive(Debug)]
 pub struct Package {
     pub path: PathBuf,
-    pub manifest: Manifest,
-    pub manifest_bytes: Vec<u8>,
-    pub signature: Vec<u8>,
+    pub header: Header,
     payload_offset: u64,
+}
+
+impl std::ops::Deref for Package {
+    type Target = Header;
+    fn deref(&self) -> &Header {
+        &self.header
+    }
 }
 
 impl Package {
@@ -540,43 +624,28 @@ impl Package {
         let perr = |reason: String| CoreError::package(path, reason);
         let mut f = File::open(path).map_err(|e| CoreError::io(path, e))?;
         let file_len = f.metadata().map_err(|e| CoreError::io(path, e))?.len();
-        let mut r = BufReader::new(&mut f);
-        let mut magic = [0u8; 8];
-        read_exact(&mut r, &mut magic, path, "magic")?;
-        if &magic != MAGIC {
-            return Err(perr("not an Updraft package (bad magic)".into()));
-        }
-        let mut len4 = [0u8; 4];
-        read_exact(&mut r, &mut len4, path, "manifest length")?;
-        let mlen = u32::from_le_bytes(len4);
-        if mlen > MAX_MANIFEST {
-            return Err(perr(format!("manifest is {mlen} bytes, at most {MAX_MANIFEST} allowed")));
-        }
-        if u64::from(mlen) + 14 > file_len {
-            return Err(perr(format!("truncated: manifest claims {mlen} bytes but the file has {file_len}")));
-        }
-        let mut manifest_bytes = vec![0u8; mlen as usize];
-        read_exact(&mut r, &mut manifest_bytes, path, "manifest")?;
-        let mut len2 = [0u8; 2];
-        read_exact(&mut r, &mut len2, path, "signature length")?;
-        let slen = u16::from_le_bytes(len2);
-        if slen != 64 {
-            return Err(perr(format!("signature is {slen} bytes, expected 64")));
-        }
-        let mut signature = vec![0u8; 64];
-        read_exact(&mut r, &mut signature, path, "signature")?;
-        let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
-            .map_err(|e| CoreError::Manifest(format!("{}: {e}", path.display())))?;
-        manifest.validate()?;
-        let payload_offset = 8 + 4 + u64::from(mlen) + 2 + 64;
-        let payload = manifest.payload_size().ok_or_else(|| perr("file sizes overflow".into()))?;
+        let mut prefix = Vec::new();
+        let (header, payload_offset) = loop {
+            match Header::parse(&prefix, path)? {
+                Parsed::Done(h, at) => break (*h, at as u64),
+                Parsed::Need(n) if n as u64 > file_len => {
+                    return Err(perr(format!("truncated: the header needs {n} bytes but the file has {file_len}")));
+                }
+                Parsed::Need(n) => {
+                    let have = prefix.len();
+                    prefix.resize(n, 0);
+                    read_exact(&mut f, &mut prefix[have..], path, "header")?;
+                }
+            }
+        };
+        let payload = header.manifest.payload_size().ok_or_else(|| perr("file sizes overflow".into()))?;
         let expected = payload_offset.checked_add(payload).ok_or_else(|| perr("file sizes overflow".into()))?;
         if expected != file_len {
             return Err(perr(format!(
                 "size mismatch: the manifest accounts for {expected} bytes but the file has {file_len} (truncated or padded)"
             )));
         }
-        Ok(Self { path: path.to_path_buf(), manifest, manifest_bytes, signature, payload_offset })
+        Ok(Self { path: path.to_path_buf(), header, payload_offset })
     }
 
     /// Checks the manifest signature against a pinned release key.
@@ -593,54 +662,213 @@ impl Package {
 
     /// [`Package::unpack`], calling `after_file` with each file's path once it is written.
     pub fn unpack_with(&self, dest: &Path, mut after_file: impl FnMut(&str)) -> Result<()> {
-        fs::create_dir(dest).map_err(|e| CoreError::io(dest, e))?;
         let mut f = File::open(&self.path).map_err(|e| CoreError::io(&self.path, e))?;
         f.seek(SeekFrom::Start(self.payload_offset)).map_err(|e| CoreError::io(&self.path, e))?;
-        let mut r = BufReader::with_capacity(256 * 1024, f);
+        let mut tree = TreeWriter::start(dest, &self.manifest)?;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| CoreError::io(&self.path, e))?;
+            if n == 0 {
+                break;
+            }
+            tree.write(&self.manifest, &buf[..n], &self.path, &mut after_file)?;
+        }
+        tree.finish(&self.manifest, &self.path)
+    }
+}
+
+/// Unpacks a package as its bytes arrive, so a download and its unpacking overlap: the header
+/// is checked by `accept` (signature, and what the package was offered as) before anything is
+/// written, then the payload goes through the same writer as [`Package::unpack`], every
+/// file checked against the manifest's size and hash. On any error `dest` may hold a partial
+/// tree, which the caller discards; after [`Unpacker::finish`] it holds the whole package,
+/// synced.
+pub struct Unpacker<A> {
+    dest: PathBuf,
+    /// Names the bytes' source in errors (the file they are also written to).
+    origin: PathBuf,
+    accept: A,
+    prefix: Vec<u8>,
+    body: Option<(Header, TreeWriter)>,
+}
+
+impl<A: FnMut(&Header) -> Result<()>> Unpacker<A> {
+    pub fn new(dest: &Path, origin: &Path, accept: A) -> Self {
+        Self { dest: dest.to_path_buf(), origin: origin.to_path_buf(), accept, prefix: Vec::new(), body: None }
+    }
+
+    /// Takes the next bytes of the package, calling `after_file` with each file's path once it
+    /// is written.
+    pub fn feed(&mut self, mut data: &[u8], after_file: &mut dyn FnMut(&str)) -> Result<()> {
+        // The header is gathered no further than it reaches (never more than MAX_MANIFEST and a
+        // signature), so what is left of `data` afterwards is payload.
+        while self.body.is_none() {
+            match Header::parse(&self.prefix, &self.origin)? {
+                Parsed::Done(header, _) => {
+                    (self.accept)(&header)?;
+                    let tree = TreeWriter::start(&self.dest, &header.manifest)?;
+                    self.prefix = Vec::new();
+                    self.body = Some((*header, tree));
+                }
+                Parsed::Need(_) if data.is_empty() => return Ok(()),
+                Parsed::Need(n) => {
+                    let take = (n - self.prefix.len()).min(data.len());
+                    self.prefix.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                }
+            }
+        }
+        let (header, tree) = self.body.as_mut().expect("the header came first");
+        tree.write(&header.manifest, data, &self.origin, after_file)
+    }
+
+    /// Ends the package: every file listed must have been written whole. Returns the header.
+    pub fn finish(self) -> Result<Header> {
+        let Some((header, tree)) = self.body else {
+            return Err(CoreError::package(&self.origin, "truncated inside the header"));
+        };
+        tree.finish(&header.manifest, &self.origin)?;
+        Ok(header)
+    }
+}
+
+/// Writes a package's payload into a fresh directory in manifest order, whatever the sizes of
+/// the pieces it is handed: the one writer behind [`Package::unpack`] and [`Unpacker`]. Only
+/// directories and regular files are created, each file is checked against its size and hash
+/// as it completes and then synced; writeback of a large file is started every
+/// [`WRITEBACK_EVERY`] bytes so its final sync has little left to wait for.
+struct TreeWriter {
+    dest: PathBuf,
+    /// Index in the manifest of the next file to open.
+    next: usize,
+    open: Option<OpenFile>,
+    made_dirs: BTreeSet<PathBuf>,
+}
+
+struct OpenFile {
+    index: usize,
+    path: PathBuf,
+    out: File,
+    hasher: ContentHasher,
+    left: u64,
+    written: u64,
+    flushed_to: u64,
+}
+
+impl TreeWriter {
+    fn start(dest: &Path, m: &Manifest) -> Result<Self> {
+        fs::create_dir(dest).map_err(|e| CoreError::io(dest, e))?;
         let mut made_dirs: BTreeSet<PathBuf> = BTreeSet::new();
-        for d in &self.manifest.dirs {
+        for d in &m.dirs {
             let p = dest.join(&d.path);
             fs::create_dir_all(&p).map_err(|e| CoreError::io(&p, e))?;
             made_dirs.insert(p);
         }
-        for entry in &self.manifest.files {
-            let target = dest.join(&entry.path);
-            if let Some(parent) = target.parent() {
+        let mut w = Self { dest: dest.to_path_buf(), next: 0, open: None, made_dirs };
+        w.open_next(m, &mut |_| {})?;
+        Ok(w)
+    }
+
+    /// Opens the next file of the manifest; an empty one is completed at once.
+    fn open_next(&mut self, m: &Manifest, after_file: &mut dyn FnMut(&str)) -> Result<()> {
+        while self.open.is_none() && self.next < m.files.len() {
+            let index = self.next;
+            self.next += 1;
+            let entry = &m.files[index];
+            let path = self.dest.join(&entry.path);
+            if let Some(parent) = path.parent()
+                && !self.made_dirs.contains(parent)
+            {
                 fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
-                made_dirs.insert(parent.to_path_buf());
+                self.made_dirs.insert(parent.to_path_buf());
             }
-            let mut out = fs::OpenOptions::new()
+            let out = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&target)
-                .map_err(|e| CoreError::io(&target, e))?;
-            let mut hasher = ContentHasher::new();
-            let n = copy_hashing(&mut (&mut r).take(entry.size), &mut out, &mut hasher)
-                .map_err(|e| CoreError::io(&target, e))?;
-            if n != entry.size {
-                return Err(CoreError::package(&self.path, format!("payload ends inside {:?}", entry.path)));
+                .open(&path)
+                .map_err(|e| CoreError::io(&path, e))?;
+            let file = OpenFile {
+                index,
+                path,
+                out,
+                hasher: ContentHasher::new(),
+                left: entry.size,
+                written: 0,
+                flushed_to: 0,
+            };
+            if entry.size == 0 {
+                Self::close(file, m, after_file)?;
+            } else {
+                self.open = Some(file);
             }
-            if hasher.finish_hex() != entry.sha256 {
-                return Err(CoreError::package(&self.path, format!("{:?} does not match its sha256", entry.path)));
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, m: &Manifest, mut data: &[u8], origin: &Path, after_file: &mut dyn FnMut(&str)) -> Result<()> {
+        while !data.is_empty() {
+            let Some(f) = self.open.as_mut() else {
+                return Err(CoreError::package(origin, "payload has bytes the manifest does not list"));
+            };
+            let n = (f.left.min(data.len() as u64)) as usize;
+            let (piece, rest) = data.split_at(n);
+            f.hasher.update(piece);
+            f.out.write_all(piece).map_err(|e| CoreError::io(&f.path, e))?;
+            f.left -= n as u64;
+            f.written += n as u64;
+            data = rest;
+            if f.written - f.flushed_to >= WRITEBACK_EVERY {
+                start_writeback(&f.out, f.flushed_to, f.written - f.flushed_to);
+                f.flushed_to = f.written;
             }
-            out.set_permissions(fs::Permissions::from_mode(entry.mode)).map_err(|e| CoreError::io(&target, e))?;
-            out.sync_all().map_err(|e| CoreError::io(&target, e))?;
-            after_file(&entry.path);
+            if f.left == 0 {
+                let f = self.open.take().expect("open");
+                Self::close(f, m, after_file)?;
+                self.open_next(m, after_file)?;
+            }
         }
-        let mut extra = [0u8; 1];
-        if r.read(&mut extra).map_err(|e| CoreError::io(&self.path, e))? != 0 {
-            return Err(CoreError::package(&self.path, "payload has bytes the manifest does not list"));
+        Ok(())
+    }
+
+    /// A file is whole: checks its hash, gives it its mode, makes it durable.
+    fn close(f: OpenFile, m: &Manifest, after_file: &mut dyn FnMut(&str)) -> Result<()> {
+        let entry = &m.files[f.index];
+        if f.hasher.finish_hex() != entry.sha256 {
+            return Err(CoreError::package(&f.path, format!("{:?} does not match its sha256", entry.path)));
         }
-        for d in &self.manifest.dirs {
-            let p = dest.join(&d.path);
+        f.out.set_permissions(fs::Permissions::from_mode(entry.mode)).map_err(|e| CoreError::io(&f.path, e))?;
+        f.out.sync_all().map_err(|e| CoreError::io(&f.path, e))?;
+        after_file(&entry.path);
+        Ok(())
+    }
+
+    /// The payload has ended: every file must be whole. Gives directories their modes and
+    /// makes their names durable.
+    fn finish(mut self, m: &Manifest, origin: &Path) -> Result<()> {
+        if let Some(f) = &self.open {
+            return Err(CoreError::package(origin, format!("payload ends inside {:?}", m.files[f.index].path)));
+        }
+        for d in &m.dirs {
+            let p = self.dest.join(&d.path);
             fs::set_permissions(&p, fs::Permissions::from_mode(d.mode)).map_err(|e| CoreError::io(&p, e))?;
         }
-        made_dirs.insert(dest.to_path_buf());
-        for d in made_dirs.iter().rev() {
+        self.made_dirs.insert(self.dest.clone());
+        for d in self.made_dirs.iter().rev() {
             sync_dir(d)?;
         }
         Ok(())
+    }
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` of `file` back to disk, without
+/// waiting: a hint, so its failure is ignored (the file's final sync is what counts).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open for the
+    // borrow's length.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
@@ -718,6 +946,67 @@ mod tests {
         assert_eq!(fs::read(dest.join("bin/app")).unwrap(), b"#!/bin/sh\necho v1\n");
         assert_eq!(fs::metadata(dest.join("bin/app")).unwrap().permissions().mode() & 0o777, 0o755);
         assert!(dest.join("empty").is_dir());
+    }
+
+    /// Feeds `bytes` to an unpacker in pieces of `piece` bytes.
+    fn stream(bytes: &[u8], piece: usize, dest: &Path, key: &PublicKey) -> Result<Header> {
+        let origin = dest.with_extension("part");
+        let mut u = Unpacker::new(dest, &origin, |h: &Header| {
+            h.accept(key, "app", "1.0.0.0").map_err(|r| CoreError::package(&origin, r))
+        });
+        bytes.chunks(piece).try_for_each(|c| u.feed(c, &mut |_| {}))?;
+        u.finish()
+    }
+
+    fn listing(dir: &Path) -> Vec<(String, Vec<u8>, u32)> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+            let name = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            if p.is_dir() {
+                out.push((format!("{name}/"), vec![], mode));
+                out.extend(listing(&p).into_iter().map(|(n, c, m)| (format!("{name}/{n}"), c, m)));
+            } else {
+                out.push((name, fs::read(&p).unwrap(), mode));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn unpacking_as_bytes_arrive_gives_the_same_tree_whatever_the_pieces() {
+        let src = sample_dir();
+        fs::write(src.path().join("empty-file"), b"").unwrap();
+        fs::write(src.path().join("big"), vec![7u8; 3 * CHUNK + 5]).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let key = ReleaseKey::generate().unwrap();
+        let pkg_path = out.path().join("app.pkg");
+        build(src.path(), &meta(), &key, &pkg_path).unwrap();
+        let from_file = out.path().join("file");
+        Package::open(&pkg_path).unwrap().unpack(&from_file).unwrap();
+        let bytes = fs::read(&pkg_path).unwrap();
+        for piece in [1, 13, 4096, CHUNK + 1, bytes.len()] {
+            let dest = out.path().join(format!("streamed-{piece}"));
+            let header = stream(&bytes, piece, &dest, &key.public()).unwrap();
+            assert_eq!(header.manifest.product, "app");
+            assert_eq!(listing(&dest), listing(&from_file), "pieces of {piece} bytes");
+        }
+        // Cut short anywhere, it is refused: inside the header, or with a file unfinished.
+        for cut in [3, 20, bytes.len() - 1] {
+            let dest = out.path().join(format!("cut-{cut}"));
+            let e = stream(&bytes[..cut], 4096, &dest, &key.public()).unwrap_err().to_string();
+            assert!(e.contains("truncated inside the header") || e.contains("payload ends inside"), "{cut}: {e}");
+        }
+        // One byte too many is refused too.
+        let e = stream(&[bytes.as_slice(), b"x"].concat(), 4096, &out.path().join("long"), &key.public());
+        assert!(e.unwrap_err().to_string().contains("does not list"));
+        // A header the caller does not accept (another key, another product) writes nothing.
+        let other = ReleaseKey::generate().unwrap().public();
+        let dest = out.path().join("unsigned");
+        assert!(stream(&bytes, 4096, &dest, &other).unwrap_err().to_string().contains("not signed"));
+        assert!(!dest.exists(), "nothing is written before the header is accepted");
     }
 
     #[test]

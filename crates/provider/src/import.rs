@@ -97,7 +97,7 @@ pub async fn commit(shared: &Shared, staged: Staged, name: &str, who: &str) -> R
                  start it with --trust-key FILE (or --allow-unverified)"
             )));
         };
-        Ok((pkg.manifest, verified))
+        Ok((pkg.header.manifest, verified))
     })
     .await
     .map_err(|e| ProviderError::Io(e.to_string()))??;
