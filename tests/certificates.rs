@@ -319,7 +319,7 @@ fn a_provider_reloads_certificate_files_replaced_by_hand_on_sighup() {
     // Nothing changes until it is told to reload.
     assert!(own_expiry_secs(&mut p) > 300 * 86_400);
     let pid = p.pid().unwrap();
-    assert!(std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    assert!(updraft_tests::signal(pid, libc::SIGHUP, false));
     wait_until("the new certificate in use", T, || own_expiry_secs(&mut p) < 3 * 86_400);
     // And it goes on serving with it.
     let ms = w.admin_json(&url, &["machine", "list"]);

@@ -50,7 +50,7 @@ async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
         w.admin_json(&purl, &["machine", "list"]).as_array().unwrap().iter().any(|m| m["name"] == "pc-1")
     });
 
-    let b = Browser::start(&w.path("chromedriver.log")).await;
+    let b = Browser::start(&w.path("chromedriver.log"), &[p.web_addr()]).await;
     // Not signed in: every page sends to the sign-in form; a wrong password is refused.
     b.client.goto(&format!("{base}/updates")).await.unwrap();
     assert_eq!(path(&b).await, "/login");

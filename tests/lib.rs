@@ -76,6 +76,16 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Sends `signal` to the process `pid`, or to its process group when `group`, through kill(2).
+/// Never through `/usr/bin/kill`: procps-ng 4.0.2's (Debian 12) turns `kill -KILL -PGID` into
+/// kill(-1, SIGKILL), which as root ends every process on the machine — CI runs included.
+/// Returns whether the signal was delivered.
+pub fn signal(pid: u32, signal: i32, group: bool) -> bool {
+    let pid = i32::try_from(pid).ok().filter(|p| *p > 1).unwrap_or_else(|| panic!("no process {pid} to signal"));
+    // SAFETY: kill(2) with a checked positive pid (or its negation, a process group).
+    unsafe { libc::kill(if group { -pid } else { pid }, signal) == 0 }
+}
+
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while start.elapsed() < timeout {
@@ -235,7 +245,7 @@ impl Proc {
     /// SIGTERM, as systemd's stop does; the process is left to exit by itself.
     pub fn term(&self) {
         if let Some(pid) = self.pid() {
-            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            signal(pid, libc::SIGTERM, false);
         }
     }
 

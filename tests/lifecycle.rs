@@ -214,8 +214,9 @@ fn the_agent_updates_itself_and_goes_back_when_the_new_one_does_not_report_in() 
 
     // The agent now running was started by the watchdog: stop it by its pid.
     agent.kill9();
-    if let Ok(pids) = std::fs::read_to_string(w.state("m1").join("agent.pid")) {
-        let _ = std::process::Command::new("kill").arg("-9").arg(pids.trim()).status();
+    if let Some(pid) = std::fs::read_to_string(w.state("m1").join("agent.pid")).ok().and_then(|p| p.trim().parse().ok())
+    {
+        updraft_tests::signal(pid, libc::SIGKILL, false);
     }
 }
 

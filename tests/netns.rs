@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use crate::bin;
 
-const PREFIX: &str = "updt";
+/// Every namespace the tests make is named `updt-PID-…`, so that one left by a killed run is
+/// recognised and removed.
+pub(crate) const PREFIX: &str = "updt";
 
-fn ip(args: &[&str]) {
+pub(crate) fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("cannot run `ip` (install iproute2)");
     assert!(
         out.status.success(),
@@ -22,7 +24,7 @@ fn ip(args: &[&str]) {
 }
 
 /// Deletes namespaces of earlier test processes that died without cleaning up.
-fn remove_stale() {
+pub(crate) fn remove_stale() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
