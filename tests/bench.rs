@@ -50,9 +50,11 @@ fn site_wan(w: &World, site: &str) -> u64 {
 }
 
 async fn wan_ratio(w: &World, purl: &str, surl: &str, n: usize) -> f64 {
-    // A new package per round, imported but not GA, so the site has not prefetched it.
+    // A new package per round, approved (only approved content is served) but deployed to
+    // nobody, so the site has no machine that needs it and has not prefetched it.
     let pkg = w.package(&format!("wan{n}"), "1.0.0.0", &w.key);
-    let id = w.admin_ok(purl, &["update", "add", pkg.to_str().unwrap()]).trim().to_string();
+    let id = w.approve(purl, &pkg);
+    w.wait_site_caught_up(surl, purl);
     let u = w.admin_json(purl, &["update", "show", &id]);
     let (hash, size) = (u["content_hash"].as_str().unwrap().to_string(), u["size"].as_u64().unwrap());
     let before = site_wan(w, surl);
@@ -183,8 +185,16 @@ struct Load {
 }
 
 /// Runs h2load against `url` (POSTing `body` when given) with `clients` connections and
-/// `requests` requests in all, one stream per connection at a time.
-fn h2load(url: &str, body: Option<&std::path::Path>, clients: usize, requests: usize) -> Option<Load> {
+/// `requests` requests in all, one stream per connection at a time. Each answer must carry at
+/// least `answer_bytes` of body: a gRPC error is an HTTP 200 too, and a run of them measures
+/// nothing.
+fn h2load(
+    url: &str,
+    body: Option<&std::path::Path>,
+    clients: usize,
+    requests: usize,
+    answer_bytes: u64,
+) -> Option<Load> {
     let mut cmd = std::process::Command::new("h2load");
     cmd.args(["-n", &requests.to_string(), "-c", &clients.to_string(), "-m", "1"]);
     if let Some(b) = body {
@@ -198,9 +208,14 @@ fn h2load(url: &str, body: Option<&std::path::Path>, clients: usize, requests: u
         .find(|l| l.starts_with("status codes:"))
         .and_then(|l| l.split_whitespace().nth(2).and_then(|n| n.parse::<u64>().ok()));
     let mut load = Load::default();
+    let mut data = 0u64;
     for line in text.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
-        if line.starts_with("finished in") && words.len() >= 6 {
+        if line.starts_with("traffic:") {
+            // "traffic: … total, … headers (…), 64.00MB (67108864) data"
+            let i = words.iter().position(|w| *w == "data")?;
+            data = words[i - 1].trim_matches(|c| c == '(' || c == ')').parse().ok()?;
+        } else if line.starts_with("finished in") && words.len() >= 6 {
             load.req_per_s = words[3].parse().ok()?;
             let rate = words[5];
             let (num, unit) = rate.split_at(rate.find(|c: char| c.is_ascii_alphabetic())?);
@@ -229,6 +244,10 @@ fn h2load(url: &str, body: Option<&std::path::Path>, clients: usize, requests: u
     }
     if two_xx != Some(requests as u64) || load.succeeded != requests as u64 {
         eprintln!("h2load {url}: {} of {requests} answered 2xx:\n{text}", two_xx.unwrap_or(0));
+        return None;
+    }
+    if data < answer_bytes * requests as u64 {
+        eprintln!("h2load {url}: {data} bytes of answers, fewer than {requests} × {answer_bytes}:\n{text}");
         return None;
     }
     Some(load)
@@ -526,7 +545,17 @@ async fn agent_section(w: &World, purl: &str) {
         (Some(a), Some(b)) => format!("{:.2} s (resolution {:.1} s)", (b - a) * scale, 0.01 * scale),
         _ => "unknown".into(),
     };
-    println!("resident memory {:.1} MiB (target 10 MiB); CPU {per_hour} per idle hour", rss as f64 / 1024.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let part = |key: &str| -> f64 {
+        let kb = status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1));
+        kb.and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+    };
+    println!(
+        "resident memory {:.1} MiB (target 10 MiB: heap and stacks {:.1}, program and libraries {:.1}); CPU {per_hour} per idle hour",
+        rss as f64 / 1024.0,
+        part("RssAnon:"),
+        part("RssFile:")
+    );
     println!();
 }
 
@@ -550,6 +579,9 @@ async fn install1g_section(w: &World, purl: &str) {
     });
     w.publish(purl, &pkg);
     std::fs::remove_file(&pkg).unwrap();
+    // Each timed run starts with nothing waiting to be written back (an earlier section's
+    // gigabyte would otherwise be flushed during whichever run comes first).
+    settle_disk();
     let t = Instant::now();
     let out = w.agent_cmd("inst-1", &["check"]);
     let ours = t.elapsed();
@@ -564,6 +596,7 @@ async fn install1g_section(w: &World, purl: &str) {
                 "set -o pipefail; curl -sf --http2-prior-knowledge http://127.0.0.1:{port}/big.tar | tee >(sha256sum >/dev/null) | tar -x -C {} && sync",
                 out.display()
             );
+            settle_disk();
             let t = Instant::now();
             let ok = std::process::Command::new("bash").arg("-c").arg(&script).status().is_ok_and(|s| s.success());
             ok.then(|| t.elapsed())
@@ -578,6 +611,11 @@ async fn install1g_section(w: &World, purl: &str) {
         None => println!("agent {ours:.2?}  (no baseline: is nginx, curl or tar missing?)"),
     }
     println!();
+}
+
+/// Writes back every dirty page of the machine before a timed run.
+fn settle_disk() {
+    let _ = std::process::Command::new("sync").status();
 }
 
 /// A 1 GiB package imported by the provider, beside `sha256sum` of the same file (the least
@@ -714,7 +752,8 @@ async fn serving_section(w: &World, purl: &str) {
     let answer = c.check(check).await.unwrap().into_inner().encode_to_vec();
     std::fs::write(www.join("answer"), &answer).unwrap();
     let big = w.noise_package("bigblob", "1.0.0.0", 64);
-    let id = w.admin_ok(purl, &["update", "add", big.to_str().unwrap()]).trim().to_string();
+    // Approved: a provider serves only the content of approved updates.
+    let id = w.approve(purl, &big);
     let u = w.admin_json(purl, &["update", "show", &id]);
     let (hash, size) = (u["content_hash"].as_str().unwrap().to_string(), u["size"].as_u64().unwrap());
     std::fs::copy(&big, www.join("big")).unwrap();
@@ -723,13 +762,14 @@ async fn serving_section(w: &World, purl: &str) {
     let nurl = |f: &str| base.as_ref().map(|(_, port)| format!("http://127.0.0.1:{port}/{f}"));
     println!("(answer {} bytes; blob {:.0} MiB)", answer.len(), size as f64 / (1 << 20) as f64);
     let check_url = format!("{purl}/updraft.v1.AgentApi/Check");
-    let ours = h2load(&check_url, Some(&check_body), 100, 20_000);
-    let theirs = nurl("answer").and_then(|u| h2load(&u, None, 100, 20_000));
+    let n = answer.len() as u64;
+    let ours = h2load(&check_url, Some(&check_body), 100, 20_000, n);
+    let theirs = nurl("answer").and_then(|u| h2load(&u, None, 100, 20_000, n));
     ratio_line("checks/s, 100 clients", ours, theirs, |l| l.req_per_s, "req/s");
     let dl_url = format!("{purl}/updraft.v1.AgentApi/Download");
     for clients in [1, 10, 100] {
-        let ours = h2load(&dl_url, Some(&dl_body), clients, clients);
-        let theirs = nurl("big").and_then(|u| h2load(&u, None, clients, clients));
+        let ours = h2load(&dl_url, Some(&dl_body), clients, clients, size);
+        let theirs = nurl("big").and_then(|u| h2load(&u, None, clients, clients, size));
         ratio_line(&format!("download MB/s, {clients} client(s)"), ours, theirs, |l| l.mb_per_s, "MB/s");
     }
 }
