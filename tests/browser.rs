@@ -51,9 +51,8 @@ struct Confined {
 
 impl Confined {
     fn new() -> Confined {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         netns::remove_stale();
-        let name = format!("{}-{}-br{}", netns::PREFIX, std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let name = netns::fresh_name("br");
         netns::ip(&["netns", "add", &name]);
         netns::ip(&["-n", &name, "link", "set", "lo", "up"]);
         let ns = Arc::new(File::open(format!("/run/netns/{name}")).expect("the namespace just added"));

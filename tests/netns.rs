@@ -11,7 +11,7 @@ use crate::bin;
 
 /// Every namespace the tests make is named `updt-PID-…`, so that one left by a killed run is
 /// recognised and removed.
-pub(crate) const PREFIX: &str = "updt";
+const PREFIX: &str = "updt";
 
 pub(crate) fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("cannot run `ip` (install iproute2)");
@@ -21,6 +21,12 @@ pub(crate) fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     );
+}
+
+/// A namespace name no other of this process's has: `updt-PID-TAGN`.
+pub(crate) fn fresh_name(tag: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!("{PREFIX}-{}-{tag}{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
 }
 
 /// Deletes namespaces of earlier test processes that died without cleaning up.
@@ -65,9 +71,8 @@ impl Default for Lab {
 
 impl Lab {
     pub fn new() -> Lab {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         remove_stale();
-        let id = format!("{PREFIX}-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        let id = fresh_name("");
         let switch = format!("{id}-sw");
         ip(&["netns", "add", &switch]);
         let lab = Lab { id, switch, hosts: vec![], next_host: 1 };
