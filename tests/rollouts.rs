@@ -219,7 +219,11 @@ fn a_healthy_update_walks_its_waves_and_each_machine_takes_it_only_once_its_wave
     let v3 = w.admin_ok(&url, &["update", "add", editor(&w, "3.0.0.0", "60s").to_str().unwrap()]);
     let v3 = v3.trim().to_string();
     w.admin_ok(&url, &["rollout", "start", &v3, "--waves", "100%", "--wave-wait", "0s"]);
-    wait_until("a-1 on v3", T, || w.installed("a-1", "editor").as_deref() == Some("3.0.0.0"));
+    // Installed means its health check passed and its verification window began (the VERSION
+    // file changes at the swap, before that check).
+    wait_until("a-1 installed v3, its health check passed", T, || {
+        entries(&w, &url, &v3, "installed").iter().any(|e| e.0 == "a-1")
+    });
     fail_health(&w, "a-1", Some("3.0.0.0"));
     wait_until("a-1 failed verification and is back on v2", T * 2, || {
         w.installed("a-1", "editor").as_deref() == Some("2.0.0.0")
