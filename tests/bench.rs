@@ -371,7 +371,7 @@ async fn main() {
         import_section(&w, &purl);
     }
     if section("install1g") {
-        install1g_section(&w, &purl).await;
+        install1g_section(&w, &purl, p.pid()).await;
     }
     if section("tls") {
         tls_section().await;
@@ -563,7 +563,7 @@ async fn agent_section(w: &World, purl: &str) {
 /// hash and signature checks, unpacking, swap, fsync and report), beside the least a careful
 /// installer does by hand with the same files as a tar from nginx: `curl | tee >(sha256sum) |
 /// tar x; sync`.
-async fn install1g_section(w: &World, purl: &str) {
+async fn install1g_section(w: &World, purl: &str, provider: Option<u32>) {
     println!("One real agent installing a 1 GiB package, beside curl | sha256sum | tar x; sync from nginx");
     let src = w.path("src-1g");
     write_noise(&src.join("data.bin"), 1024);
@@ -582,11 +582,31 @@ async fn install1g_section(w: &World, purl: &str) {
     // Each timed run starts with nothing waiting to be written back (an earlier section's
     // gigabyte would otherwise be flushed during whichever run comes first).
     settle_disk();
+    let cpu = |pid: Option<u32>| pid.and_then(cpu_secs).unwrap_or(f64::NAN);
+    let (pcpu0, acpu0) = (cpu(provider), cpu(agent.pid()));
+    let started = seconds_of_day(std::time::SystemTime::now());
     let t = Instant::now();
     let out = w.agent_cmd("inst-1", &["check"]);
     let ours = t.elapsed();
+    let (pcpu, acpu) = (cpu(provider) - pcpu0, cpu(agent.pid()) - acpu0);
     let installed = std::fs::metadata(w.root("inst-1").join("big1g/data.bin")).map(|m| m.len()).unwrap_or(0);
     assert_eq!(installed, 1 << 30, "{}", String::from_utf8_lossy(&out.stdout));
+    // Where the agent's time went, from its own log: the check answered and planned, every
+    // byte downloaded (hashed and unpacked as it came), then swapped, synced and live.
+    let log = agent.log_text();
+    let at = |kind: &str| {
+        log.lines().find(|l| l.contains(kind) && l.contains("big1g")).and_then(log_seconds_of_day).map(|s| s - started)
+    };
+    if let (Some(a), Some(b), Some(c)) =
+        (at("DOWNLOAD_STARTED"), at("DOWNLOAD_FINISHED"), at("ACTIVITY_KIND_INSTALLED"))
+    {
+        println!(
+            "agent phases: check answered {a:.2} s, every byte downloaded and unpacked {:.2} s, swapped and live {:.2} s, reported {:.2} s; CPU: agent {acpu:.2} s, provider {pcpu:.2} s",
+            b - a,
+            c - b,
+            ours.as_secs_f64() - c
+        );
+    }
     drop(agent);
     let base = match (tar, nginx(w, &www)) {
         (Ok(st), Some((_nginx, port))) if st.success() => {
@@ -611,6 +631,20 @@ async fn install1g_section(w: &World, purl: &str) {
         None => println!("agent {ours:.2?}  (no baseline: is nginx, curl or tar missing?)"),
     }
     println!();
+}
+
+/// Seconds since midnight UTC.
+fn seconds_of_day(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64() % 86_400.0).unwrap_or(0.0)
+}
+
+/// Seconds since midnight UTC of a log line that starts with an RFC 3339 time
+/// (`2026-12-04T15:38:11.460885Z  INFO …`).
+fn log_seconds_of_day(line: &str) -> Option<f64> {
+    let clock = line.split_whitespace().next()?.split_once('T')?.1.strip_suffix('Z')?;
+    let mut parts = clock.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
 }
 
 /// Writes back every dirty page of the machine before a timed run.

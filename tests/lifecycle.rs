@@ -316,11 +316,12 @@ fn downloading(pause_ms: u64) -> (World, updraft_tests::Proc, String, updraft_te
     (w, p, url, a)
 }
 
-/// The agent's partial download, if one is there.
+/// The agent's partial download, if one is there: a package file begun, or (for a package
+/// unpacked as it arrives) the header kept beside the files staged so far.
 fn partial_download(w: &World, agent: &str) -> Option<PathBuf> {
     std::fs::read_dir(w.state(agent).join("downloads"))
         .ok()
-        .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "part")))
+        .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "part" || x == "head")))
 }
 
 /// `agent cancel` stops a running download at once (the partial file stays, and a later check
@@ -368,7 +369,16 @@ fn sigterm_stops_the_agent_within_seconds_and_the_next_start_resumes() {
     eprintln!("agent exited {:?} after SIGTERM", asked.elapsed());
     assert_eq!(recorded_product(&w, "m1", "big"), None, "nothing installed");
     assert!(partial().is_some(), "the partial download is kept");
-    assert!(!w.state("m1").join("journal.json").exists() && !w.root("m1").join("big_update_pending").exists());
+    // Nothing half-installed: no journal, no `ROOT/big`; what came is staged, to be resumed,
+    // and no copy of the package is kept besides (only its signed header).
+    assert!(!w.state("m1").join("journal.json").exists() && !w.root("m1").join("big").exists());
+    assert!(w.root("m1").join("big_update_pending").is_dir(), "what came is staged");
+    let cached: Vec<String> = std::fs::read_dir(w.state("m1").join("downloads"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().extension().unwrap_or_default().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(cached, ["head"], "the download cache holds the header only");
     // With no daemon, `agent status` shows the saved state and says so with exit status 3.
     let out = w.agent_cmd("m1", &["status", "--json"]);
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -286,21 +286,33 @@ pub async fn bounded<T>(
     }
 }
 
+/// The download cache under the agent's state directory.
+pub fn downloads_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("downloads")
+}
+
 /// Where `update`'s package is kept in the download cache `dir`: the complete, hash-checked
-/// file and the partial one a download writes (and resumes).
+/// file and the partial one a download writes (and resumes); or, for a package unpacked as it
+/// arrives, only its header (the payload is the staged tree, see
+/// [`crate::install::stage_while_downloading`]).
 pub struct Cached {
     pub done: PathBuf,
     pub part: PathBuf,
+    pub head: PathBuf,
 }
 
 impl Cached {
     pub fn of(dir: &Path, update: &Update) -> Result<Self> {
         updraft_core::hash::validate(&update.content_hash)?;
         let hex = &update.content_hash[updraft_core::hash::PREFIX.len()..];
-        Ok(Self { done: dir.join(format!("{hex}.pkg")), part: dir.join(format!("{hex}.part")) })
+        Ok(Self {
+            done: dir.join(format!("{hex}.pkg")),
+            part: dir.join(format!("{hex}.part")),
+            head: dir.join(format!("{hex}.head")),
+        })
     }
 
-    /// Nothing of the package is here yet: a download would start from its first byte.
+    /// No package file is here, whole or partial: the download unpacks as it arrives.
     pub fn is_empty(&self) -> bool {
         !self.done.exists() && !self.part.exists()
     }
@@ -308,27 +320,22 @@ impl Cached {
 
 /// Downloads `update`'s package into `dir`, resuming a partial file, and returns the path of
 /// the complete, hash-checked package. A chunk stalled for longer than `idle` fails it; a
-/// cancel stops it (the partial file stays, to be resumed). A download from the first byte
-/// also hands every chunk to `tee` (see [`crate::install::stage_while_downloading`]).
+/// cancel stops it (the partial file stays, to be resumed).
 pub async fn download(
     client: &mut Client,
     update: &Update,
     dir: &Path,
     idle: Duration,
     cancel: &crate::cancel::Cancel,
-    mut tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
 ) -> Result<PathBuf> {
     let fail = |reason: String| AgentError::Download { update: update.id.clone(), reason };
-    let Cached { done, part } = Cached::of(dir, update)?;
+    let Cached { done, part, .. } = Cached::of(dir, update)?;
     if done.is_file() {
         return Ok(done);
     }
     let mut pos = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
     if pos > update.size {
         pos = 0;
-    }
-    if pos != 0 {
-        tee = None;
     }
     let file = tokio::fs::OpenOptions::new()
         .create(true)
@@ -344,7 +351,7 @@ pub async fn download(
         .map_err(|e| AgentError::io(&part, e))?;
     // The content hash is computed as the bytes arrive (a resumed download first hashes what
     // it already has), so no second pass over the file is needed before it is trusted.
-    let mut hasher = if pos == 0 {
+    let hasher = if pos == 0 {
         updraft_core::hash::ContentHasher::new()
     } else {
         let part2 = part.clone();
@@ -353,6 +360,59 @@ pub async fn download(
             .map_err(|e| fail(e.to_string()))?
             .map_err(|e| AgentError::io(&part, e))?
     };
+    let fetched = fetch(client, update, pos, hasher, idle, cancel, Sink::File(&mut file, &part)).await;
+    // Not fsynced: the package file is a cache, not a record. Everything installed from it is
+    // checked against the signed manifest's per-file hashes while it is unpacked, so a file
+    // torn by a crash fails that check and is deleted and fetched again; and a package deleted
+    // right after its install is often never written back to disk at all.
+    file.flush().await.map_err(|e| AgentError::io(&part, e))?;
+    drop(file);
+    if matches!(fetched, Err(AgentError::Verify { .. })) {
+        let _ = tokio::fs::remove_file(&part).await;
+    }
+    fetched?;
+    crate::failpoint::check("download:done")?;
+    tokio::fs::rename(&part, &done).await.map_err(|e| AgentError::io(&done, e))?;
+    Ok(done)
+}
+
+/// Downloads `update`'s package from byte `from` (the bytes before it, already hashed into
+/// `hasher`, are with the receiver) and hands every chunk to `tee` only, keeping no copy: the
+/// receiver unpacks them (see [`crate::install::stage_while_downloading`]). Returns once every
+/// byte has come and the whole package matched its content hash.
+pub async fn download_streamed(
+    client: &mut Client,
+    update: &Update,
+    from: u64,
+    hasher: updraft_core::hash::ContentHasher,
+    tee: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    idle: Duration,
+    cancel: &crate::cancel::Cancel,
+) -> Result<()> {
+    fetch(client, update, from, hasher, idle, cancel, Sink::Stream(tee)).await?;
+    crate::failpoint::check("download:done")
+}
+
+/// Where a download puts the bytes it fetches.
+enum Sink<'a> {
+    /// The cache file (at the download's position), flushed after every chunk.
+    File(&'a mut tokio::io::BufWriter<tokio::fs::File>, &'a Path),
+    /// A receiver that unpacks them; when it has given up the download fails.
+    Stream(tokio::sync::mpsc::Sender<bytes::Bytes>),
+}
+
+/// Fetches `update`'s package from byte `pos` into `sink`, hashing as the bytes come, and
+/// checks that it is whole and matches its content hash.
+async fn fetch(
+    client: &mut Client,
+    update: &Update,
+    mut pos: u64,
+    mut hasher: updraft_core::hash::ContentHasher,
+    idle: Duration,
+    cancel: &crate::cancel::Cancel,
+    mut sink: Sink<'_>,
+) -> Result<()> {
+    let fail = |reason: String| AgentError::Download { update: update.id.clone(), reason };
     if pos < update.size {
         tracing::info!(update = %update.id, offset = pos, size = update.size, "downloading");
         let mut stream = match tokio::time::timeout(
@@ -373,10 +433,7 @@ pub async fn download(
         loop {
             let next = tokio::select! {
                 biased;
-                _ = cancel.requested() => {
-                    file.flush().await.map_err(|e| AgentError::io(&part, e))?;
-                    return Err(AgentError::Cancelled);
-                }
+                _ = cancel.requested() => return Err(AgentError::Cancelled),
                 next = tokio::time::timeout(idle, stream.next()) => next,
             }
             .map_err(|_| fail(format!("stalled for {idle:?} at byte {pos}")))?;
@@ -389,42 +446,44 @@ pub async fn download(
                 return Err(fail(format!("provider sent more than the {} bytes the catalog lists", update.size)));
             }
             hasher.update(&chunk.data);
-            file.write_all(&chunk.data).await.map_err(|e| AgentError::io(&part, e))?;
-            // The chunk's bytes are shared, not copied; an unpacker that gave up is not fed.
-            if let Some(t) = &tee
-                && t.send(chunk.data.clone()).await.is_err()
-            {
-                tee = None;
+            let len = chunk.data.len() as u64;
+            match &mut sink {
+                // Whole chunks reach the file, so a crash re-fetches at most the one in flight.
+                Sink::File(file, path) => {
+                    file.write_all(&chunk.data).await.map_err(|e| AgentError::io(*path, e))?;
+                    file.flush().await.map_err(|e| AgentError::io(*path, e))?;
+                }
+                // The chunk's bytes are shared, not copied.
+                Sink::Stream(tee) => {
+                    let sent = tokio::select! {
+                        biased;
+                        _ = cancel.requested() => return Err(AgentError::Cancelled),
+                        sent = tee.send(chunk.data) => sent,
+                    };
+                    if sent.is_err() {
+                        return Err(fail("the unpacker stopped".into()));
+                    }
+                }
             }
-            pos += chunk.data.len() as u64;
-            downloaded.add(chunk.data.len() as u64, &[]);
-            // Whole chunks reach the file, so a crash re-fetches at most the one in flight.
-            file.flush().await.map_err(|e| AgentError::io(&part, e))?;
-            if pos < update.size {
+            pos += len;
+            downloaded.add(len, &[]);
+            // (A streamed download's receiver passes this point once it has the chunk.)
+            if pos < update.size && matches!(sink, Sink::File(..)) {
                 crate::failpoint::check("download:mid")?;
             }
         }
     }
-    // Not fsynced: the package file is a cache, not a record. Everything installed from it is
-    // checked against the signed manifest's per-file hashes while it is unpacked, so a file
-    // torn by a crash fails that check and is deleted and fetched again; and a package deleted
-    // right after its install is often never written back to disk at all.
-    file.flush().await.map_err(|e| AgentError::io(&part, e))?;
-    drop(file);
     if pos != update.size {
         return Err(fail(format!("stream ended at byte {pos} of {}", update.size)));
     }
     let actual = hasher.finish();
     if actual != update.content_hash {
-        let _ = tokio::fs::remove_file(&part).await;
         return Err(AgentError::Verify {
             update: update.id.clone(),
             reason: updraft_core::hash::mismatch(&actual, &update.content_hash),
         });
     }
-    crate::failpoint::check("download:done")?;
-    tokio::fs::rename(&part, &done).await.map_err(|e| AgentError::io(&done, e))?;
-    Ok(done)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use updraft_core::keys::PublicKey;
+use updraft_core::package::Header;
 use updraft_core::policy::Mode;
 use updraft_proto::v1::{
     ActionKind, Activity, ActivityKind, CheckRequest, CheckResponse, GroupSettings, InstalledProduct, LocalSettings,
@@ -634,7 +635,7 @@ impl Agent {
 
     /// Downloads an update for later, so the install itself is quick when its time comes.
     async fn stage_download(&mut self, client: &mut Client, u: &Update) -> Result<()> {
-        let dir = self.cfg.state_dir.join("downloads");
+        let dir = client::downloads_dir(&self.cfg.state_dir);
         let hex = u.content_hash.trim_start_matches(updraft_core::hash::PREFIX);
         if dir.join(format!("{hex}.pkg")).is_file() {
             return Ok(());
@@ -644,7 +645,7 @@ impl Agent {
             return Err(e);
         }
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes, for later", u.size)).await;
-        let path = self.download(client, u, None).await?;
+        let path = self.download(client, u).await?;
         // Check it now, so a bad package is refused when it arrives, not when it is due.
         let key = self.cfg.trust_key;
         let (id, product, version, p) = (u.id.clone(), u.product.clone(), u.version.clone(), path.clone());
@@ -661,16 +662,72 @@ impl Agent {
         Ok(())
     }
 
-    /// Downloads `u` into the package cache, recording how it went. Content that fails its hash
-    /// counts as a failure of the update (see [`Agent::count_failure`]).
-    async fn download(
-        &mut self,
-        client: &mut Client,
-        u: &Update,
-        tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
-    ) -> Result<PathBuf> {
-        let dir = self.cfg.state_dir.join("downloads");
-        let result = client::download(client, u, &dir, self.cfg.request_timeout, &self.shared.cancel, tee).await;
+    /// Downloads `u` into the package cache, recording how it went.
+    async fn download(&mut self, client: &mut Client, u: &Update) -> Result<PathBuf> {
+        let dir = client::downloads_dir(&self.cfg.state_dir);
+        let result = client::download(client, u, &dir, self.cfg.request_timeout, &self.shared.cancel).await;
+        self.record_download(u, result).await
+    }
+
+    /// Downloads `u` and unpacks it into its staging tree as it arrives (resuming an earlier
+    /// attempt), keeping only its header as `head`; returns the accepted header once the tree
+    /// is the whole package. `None`: the unpacking found the package wrong (nothing is kept),
+    /// so the caller downloads it as a file instead.
+    async fn download_streamed(&mut self, client: &mut Client, u: &Update, head: &Path) -> Result<Option<Header>> {
+        let root = self.cfg.install_root.clone();
+        let key = self.cfg.trust_key;
+        let s = match install::stage_while_downloading(&root, key, &u.id, &u.product, &u.version, head.into()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(update = %u.id, error = %e, "could not unpack while downloading; downloading the file");
+                return Ok(None);
+            }
+        };
+        let (timeout, cancel) = (self.cfg.request_timeout, self.shared.cancel.clone());
+        let fetched = client::download_streamed(client, u, s.from, s.hasher, s.tx, timeout, &cancel).await;
+        // The unpacking may lag the download: a failed download or a cancel stops it at its
+        // next chunk (what it has not written is fetched again next time).
+        let abandon = || s.abandon.store(true, std::sync::atomic::Ordering::Relaxed);
+        if fetched.is_err() {
+            abandon();
+        }
+        let mut task = s.task;
+        let ended = tokio::select! {
+            biased;
+            ended = &mut task => ended,
+            _ = cancel.requested() => {
+                abandon();
+                task.await
+            }
+        }
+        .map_err(|e| AgentError::Install { update: u.id.clone(), reason: e.to_string() });
+        match (fetched, ended) {
+            (Ok(()), Ok(Ok(install::Ended::Whole(header)))) => Ok(Some(*header)),
+            (Ok(()), Ok(Ok(install::Ended::Stopped))) if cancel.is_requested() => {
+                self.record_download(u, Err(AgentError::Cancelled)).await
+            }
+            // Every byte came and matched, but the package was wrong: the file's install says how.
+            (Ok(()), _) | (_, Ok(Err(_))) => {
+                let (root, product, head) = (root.clone(), u.product.clone(), head.to_path_buf());
+                let _ = tokio::task::spawn_blocking(move || install::discard_streamed(&root, &product, &head)).await;
+                tracing::info!(update = %u.id, "the package was refused while unpacking; downloading the file to say why");
+                Ok(None)
+            }
+            (Err(e), ended) => {
+                // Content that is not what was promised is not kept; a download cut short is.
+                if matches!(e, AgentError::Verify { .. }) || !matches!(ended, Ok(Ok(install::Ended::Stopped))) {
+                    let (root, product, head) = (root.clone(), u.product.clone(), head.to_path_buf());
+                    let _ =
+                        tokio::task::spawn_blocking(move || install::discard_streamed(&root, &product, &head)).await;
+                }
+                self.record_download(u, Err(e)).await
+            }
+        }
+    }
+
+    /// Records how a download went. Content that fails its hash counts as a failure of the
+    /// update (see [`Agent::count_failure`]).
+    async fn record_download<T>(&mut self, u: &Update, result: Result<T>) -> Result<T> {
         match &result {
             Ok(_) => {}
             Err(e @ AgentError::Verify { .. }) => {
@@ -800,7 +857,7 @@ impl Agent {
     /// Frees room in the download cache for `u`: files no waiting update needs go first, oldest
     /// first. Fails when the package cannot fit under the limit.
     async fn make_room(&mut self, u: &Update) -> Result<()> {
-        let dir = self.cfg.state_dir.join("downloads");
+        let dir = client::downloads_dir(&self.cfg.state_dir);
         let hex = u.content_hash.trim_start_matches(updraft_core::hash::PREFIX).to_string();
         let waiting_hashes: Vec<String> = {
             let st = &self.state;
@@ -897,43 +954,17 @@ impl Agent {
             return Err(e);
         }
         self.record(ActivityKind::DownloadStarted, u, format!("{} bytes", u.size)).await;
-        // A download from the first byte is unpacked as it arrives; otherwise (a resumed or
-        // finished download) the install unpacks the file.
-        let root = self.cfg.install_root.clone();
-        let cached = client::Cached::of(&self.cfg.state_dir.join("downloads"), u)?;
-        let (tee, staging) = match cached.is_empty() {
-            true => {
-                let key = self.cfg.trust_key;
-                let (tx, task) =
-                    install::stage_while_downloading(&root, key, &u.id, &u.product, &u.version, cached.part);
-                (Some(tx), Some(task))
-            }
-            false => (None, None),
+        // Unless a package file is already here (whole, or partial to resume), the package is
+        // unpacked as it arrives and no copy of it is kept; if the unpacking finds the package
+        // wrong, it is downloaded as a file, whose install then says what was wrong.
+        let cached = client::Cached::of(&client::downloads_dir(&self.cfg.state_dir), u)?;
+        let header = match cached.is_empty() {
+            true => self.download_streamed(client, u, &cached.head).await?,
+            false => None,
         };
-        let downloaded = self.download(client, u, tee).await;
-        let prestaged = match staging {
-            Some(task) => match task.await {
-                Ok(Ok(())) => true,
-                Ok(Err(e)) => {
-                    tracing::debug!(update = %u.id, error = %e, "not unpacked while downloading; unpacking the file");
-                    false
-                }
-                Err(e) => {
-                    tracing::warn!(update = %u.id, error = %e, "the unpacker did not finish; unpacking the file");
-                    false
-                }
-            },
-            None => false,
-        };
-        let pkg_path = match downloaded {
-            Ok(p) => p,
-            Err(e) => {
-                if prestaged {
-                    let product = u.product.clone();
-                    let _ = tokio::task::spawn_blocking(move || install::discard_staged(&root, &product)).await;
-                }
-                return Err(e);
-            }
+        let pkg_path = match header {
+            Some(_) => None,
+            None => Some(self.download(client, u).await?),
         };
         self.record(ActivityKind::DownloadFinished, u, "").await;
         let rec = self.state.installed.get(&u.product).cloned();
@@ -947,17 +978,17 @@ impl Agent {
             ..journal::Op::replacing(rec.as_ref())
         };
         let restart = u.install_properties.get("restart").is_some_and(|v| v == "required");
-        let result = self.run_install(u, op, Some(pkg_path.clone()), prestaged, restart).await;
-        // Whatever happened, this package file is done with: a verified one is installed, a
-        // bad one must be fetched afresh.
-        let _ = tokio::fs::remove_file(&pkg_path).await;
+        let result = self.run_install(u, op, pkg_path.clone(), header, restart).await;
+        // Whatever happened, this package (file or header) is done with: a verified one is
+        // installed, a bad one must be fetched afresh.
+        let _ = tokio::fs::remove_file(pkg_path.as_ref().unwrap_or(&cached.head)).await;
         result?;
         self.start_verifying(u).await;
         Ok(format!("installed {} {}", u.product, u.version))
     }
 
-    /// Runs `op` through the installer (from the package at `pkg`, unpacked already if
-    /// `prestaged`, or a tree already staged) and makes the outcome the machine's record: a
+    /// Runs `op` through the installer (from the package at `pkg`, or unpacked already as it
+    /// downloaded if `streamed`, or a tree already staged) and makes the outcome the machine's record: a
     /// failed step is settled as start-up recovery would settle a crash there, then recorded; a
     /// healthy install is committed.
     async fn run_install(
@@ -965,7 +996,7 @@ impl Agent {
         u: &Update,
         op: journal::Op,
         pkg: Option<PathBuf>,
-        prestaged: bool,
+        streamed: Option<Header>,
         restart: bool,
     ) -> Result<()> {
         let root = self.cfg.install_root.clone();
@@ -981,7 +1012,7 @@ impl Agent {
                 self_product: &self_product,
                 cancel: &cancel,
                 package: pkg.as_deref(),
-                prestaged,
+                streamed: streamed.as_ref(),
             };
             installer::run(&ctx, op)
         })
@@ -1084,7 +1115,7 @@ impl Agent {
             version: to.version.clone(),
             ..Default::default()
         };
-        self.run_install(&u, op, None, false, false).await?;
+        self.run_install(&u, op, None, None, false).await?;
         let held = format!(
             "{}: {by} went back to {} from it; `agent apply --select {}` installs it again",
             crate::state::HELD,
@@ -1571,7 +1602,7 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
 /// last check reached a provider, stopping.
 pub async fn run(cfg: AgentConfig, probe: updraft_runtime::Probe, shutdown: CancellationToken) -> Result<()> {
     let _lock = lock_state_dir(&cfg.state_dir)?;
-    for d in [&cfg.install_root, &cfg.state_dir, &cfg.state_dir.join("downloads")] {
+    for d in [&cfg.install_root, &cfg.state_dir, &client::downloads_dir(&cfg.state_dir)] {
         std::fs::create_dir_all(d).map_err(|e| AgentError::io(d, e))?;
     }
     // The state (receipts, journal, downloads, hook logs) is the agent's alone.

@@ -2,13 +2,15 @@
 //! is unpacked into `ROOT/P_update_pending` and exchanged with `ROOT/P` in one atomic rename
 //! (`renameat2(RENAME_EXCHANGE)`), after which the previous version sits in `ROOT/P_old`.
 //! At no instant is `ROOT/P` missing or a mix of two versions.
+use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use updraft_core::error::CoreError;
+use updraft_core::hash::ContentHasher;
 use updraft_core::keys::PublicKey;
-use updraft_core::package::{Header, Package, Unpacker, sync_dir};
+use updraft_core::package::{Header, Package, Unpacker, sync_dir, write_atomic};
 
 use crate::error::{AgentError, Result};
 
@@ -44,42 +46,133 @@ pub fn stage(pkg: &Package, root: &Path, update_id: &str) -> Result<PathBuf> {
     Ok(pending)
 }
 
-/// Unpacks a package into a fresh `P_update_pending` while it downloads, so that the two
-/// overlap: the download hands every chunk it writes to its cache file to the returned sender
-/// as well, and drops it when it ends. Before anything is written the header is accepted as
-/// [`verify`] accepts it, and every file is checked as [`stage`] checks it. The task's result
-/// says whether the staged tree is the whole package; on an error nothing is left staged (the
-/// install then stages from the downloaded file, which says what was wrong). `origin` is the
-/// download's cache file, named in errors.
-pub fn stage_while_downloading(
+/// An unpacking fed by a download (see [`stage_while_downloading`]).
+pub struct Streamed {
+    /// Where the download hands each chunk; dropping it ends the bytes.
+    pub tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    /// Package bytes an earlier attempt already unpacked: the download starts here.
+    pub from: u64,
+    /// The content hash over those bytes.
+    pub hasher: ContentHasher,
+    /// Set when the download failed: the unpacking stops at the next chunk, leaving the rest
+    /// of what was handed over for the next attempt to fetch again.
+    pub abandon: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Whole (with the accepted header) once the last file is staged, or stopped early with
+    /// what came kept for the next attempt; an error if the package was wrong, and then
+    /// nothing is kept.
+    pub task: tokio::task::JoinHandle<Result<Ended>>,
+}
+
+/// How the bytes handed to an unpacking ended.
+pub enum Ended {
+    /// `P_update_pending` holds the whole package; its header was accepted.
+    Whole(Box<Header>),
+    /// They stopped before the end (a download cut short, a cancel): the header and the staged
+    /// tree stay for the next attempt to resume.
+    Stopped,
+}
+
+/// Unpacks a package into `P_update_pending` while it downloads, keeping no other copy of it:
+/// the download hands every chunk to [`Streamed::tx`]. Before anything is written the header
+/// is accepted as [`verify`] accepts it, then saved as `head`; every file is checked as
+/// [`stage`] checks it. Invariant: while `head` exists, `P_update_pending` holds that package's
+/// files in manifest order, all whole but the last, so an attempt that stopped is resumed by
+/// reading them back ([`Unpacker::resume`]), which also rebuilds the content hash; a tree that
+/// does not check out is discarded and the download starts from its first byte.
+pub async fn stage_while_downloading(
     root: &Path,
     key: PublicKey,
     update_id: &str,
     product: &str,
     version: &str,
-    origin: PathBuf,
-) -> (tokio::sync::mpsc::Sender<bytes::Bytes>, tokio::task::JoinHandle<Result<()>>) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    head: PathBuf,
+) -> Result<Streamed> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let pending = pending_dir(root, product);
-    let (update_id, product, version) = (update_id.to_string(), product.to_string(), version.to_string());
+    let (id, product, version) = (update_id.to_string(), product.to_string(), version.to_string());
+    let abandon = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = abandon.clone();
     let task = tokio::task::spawn_blocking(move || {
-        let mut run = || -> std::result::Result<(), CoreError> {
-            let fail = |e: AgentError| CoreError::package(&pending, e.to_string());
-            remove_tree(&pending).map_err(fail)?;
-            let accept = |h: &Header| h.accept(&key, &product, &version).map_err(|r| CoreError::package(&origin, r));
-            let mut unpacker = Unpacker::new(&pending, &origin, accept);
-            let mut after_file = stage_mid();
-            while let Some(chunk) = rx.blocking_recv() {
-                unpacker.feed(&chunk, &mut after_file)?;
-            }
-            unpacker.finish().map(|_| ())
-        };
-        run().map_err(|e| {
+        unpack_streamed(&pending, &head, &key, &product, &version, rx, ready_tx, &stop).map_err(|e| {
             let _ = remove_tree(&pending);
-            AgentError::Install { update: update_id, reason: e.to_string() }
+            let _ = std::fs::remove_file(&head);
+            AgentError::Install { update: id, reason: e.to_string() }
         })
     });
-    (tx, task)
+    match ready_rx.await {
+        Ok((hasher, from)) => Ok(Streamed { tx, from, hasher, abandon, task }),
+        Err(_) => Err(match task.await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => {
+                AgentError::Install { update: update_id.to_string(), reason: "the unpacker ended early".into() }
+            }
+            Err(e) => AgentError::Install { update: update_id.to_string(), reason: e.to_string() },
+        }),
+    }
+}
+
+/// The body of [`stage_while_downloading`]'s task: resumes or starts, says where the bytes
+/// must start through `ready`, then unpacks what comes. The `download:mid` fail point is
+/// passed after each chunk written short of the end (here, not in the download: so a kill
+/// there leaves that chunk staged, as it leaves it in a package file).
+#[allow(clippy::too_many_arguments)]
+fn unpack_streamed(
+    pending: &Path,
+    head: &Path,
+    key: &PublicKey,
+    product: &str,
+    version: &str,
+    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ready: tokio::sync::oneshot::Sender<(ContentHasher, u64)>,
+    abandon: &std::sync::atomic::AtomicBool,
+) -> std::result::Result<Ended, CoreError> {
+    let (dir, name) = match (head.parent(), head.file_name().and_then(|n| n.to_str())) {
+        (Some(d), Some(n)) => (d.to_path_buf(), n.to_string()),
+        _ => return Err(CoreError::package(head, "not a file name")),
+    };
+    // Accepted, the header is kept (first, before any file) for a later attempt to resume.
+    let accept = |h: &Header| {
+        h.accept(key, product, version).map_err(|r| CoreError::package(head, r))?;
+        write_atomic(&dir, &name, &h.to_bytes())
+    };
+    let resumed = match std::fs::read(head) {
+        Ok(bytes) if pending.is_dir() => Unpacker::resume(pending, head, accept, &bytes)
+            .inspect_err(|e| tracing::info!(error = %e, "not resuming the unpacking; starting afresh"))
+            .ok(),
+        _ => None,
+    };
+    let (mut unpacker, hasher, from) = match resumed {
+        Some(r) => r,
+        None => {
+            let _ = std::fs::remove_file(head);
+            remove_tree(pending).map_err(|e| CoreError::package(pending, e.to_string()))?;
+            (Unpacker::new(pending, head, accept), ContentHasher::new(), 0)
+        }
+    };
+    if ready.send((hasher, from)).is_err() {
+        return Ok(Ended::Stopped);
+    }
+    let mut after_file = stage_mid();
+    while let Some(chunk) = rx.blocking_recv() {
+        if abandon.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Ended::Stopped);
+        }
+        unpacker.feed(&chunk, &mut after_file)?;
+        if !unpacker.is_complete() {
+            crate::failpoint::check("download:mid").map_err(|e| CoreError::package(head, e.to_string()))?;
+        }
+    }
+    if !unpacker.is_complete() {
+        return Ok(Ended::Stopped);
+    }
+    Ok(Ended::Whole(Box::new(unpacker.finish()?)))
+}
+
+/// Removes what an unpacking while downloading kept (its header and staged tree).
+pub fn discard_streamed(root: &Path, product: &str, head: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(head);
+    remove_tree(&pending_dir(root, product))
 }
 
 /// The callback after each file an unpacker writes: passes the `stage:mid` fail point after
@@ -92,11 +185,6 @@ fn stage_mid() -> impl FnMut(&str) {
             let _ = crate::failpoint::hit("stage:mid");
         }
     }
-}
-
-/// Removes a staged tree that will not be installed.
-pub fn discard_staged(root: &Path, product: &str) -> Result<()> {
-    remove_tree(&pending_dir(root, product))
 }
 
 /// The one step that changes `ROOT/P`: an atomic exchange with the staged tree (or a rename,
@@ -335,16 +423,36 @@ pub fn uninstall(root: &Path, product: &str) -> Result<()> {
 /// Clears what an interrupted run may have left: staging and removal leftovers. `P` itself
 /// is always whole, because it only ever changes by atomic exchange.
 pub fn recover(root: &Path) -> Result<Vec<String>> {
+    recover_keeping(root, &BTreeSet::new())
+}
+
+/// [`recover`], but the staging trees of the products in `streamed` stay: downloads unpacked
+/// as they arrived, stopped before the end and kept to be resumed (see
+/// [`stage_while_downloading`], which checks such a tree before it takes it up).
+pub fn recover_keeping(root: &Path, streamed: &BTreeSet<String>) -> Result<Vec<String>> {
     let mut cleaned = finish_ordered(root)?;
     let Ok(entries) = std::fs::read_dir(root) else { return Ok(cleaned) };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.ends_with("_update_pending") || name.ends_with("_removing") {
+        let kept = name.strip_suffix("_update_pending").is_some_and(|p| streamed.contains(p));
+        if !kept && (name.ends_with("_update_pending") || name.ends_with("_removing")) {
             remove_tree(&e.path())?;
             cleaned.push(name);
         }
     }
     Ok(cleaned)
+}
+
+/// The products whose downloads were being unpacked as they arrived when they stopped: those
+/// with a header kept in the download cache `dir`.
+pub fn streamed_products(dir: &Path) -> BTreeSet<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return BTreeSet::new() };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "head"))
+        .filter_map(|p| Some(Header::from_bytes(&std::fs::read(&p).ok()?, &p).ok()?.manifest.product))
+        .collect()
 }
 
 fn remove_tree(p: &Path) -> Result<()> {

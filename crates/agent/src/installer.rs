@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use updraft_core::keys::PublicKey;
-use updraft_core::package::{Lifecycle, Package};
+use updraft_core::package::{Header, Lifecycle, Package};
 
 use crate::cancel::Cancel;
 use crate::error::{AgentError, Result};
@@ -31,8 +31,9 @@ pub struct Ctx<'a> {
     /// The downloaded package; none for a restore, which starts with its tree staged.
     pub package: Option<&'a Path>,
     /// The package was unpacked into `P_update_pending` as it downloaded, by this process
-    /// just now ([`install::stage_while_downloading`]), and need not be unpacked again.
-    pub prestaged: bool,
+    /// just now ([`install::stage_while_downloading`]), and need not be unpacked again: its
+    /// header, accepted then (there is no package file).
+    pub streamed: Option<&'a Header>,
 }
 
 /// The fail point passed once the journal says `step`.
@@ -74,6 +75,10 @@ pub fn advance(ctx: &Ctx, op: &mut Op, pkg: &mut Option<Package>) -> Result<Step
     let fail = |reason: String| AgentError::Install { update: op.update_id.clone(), reason };
     match op.step {
         Step::Downloaded => {
+            if let Some(h) = ctx.streamed {
+                op.lifecycle = h.manifest.lifecycle.clone();
+                return Ok(Step::Verified);
+            }
             let path = ctx.package.ok_or_else(|| fail("no package to install".into()))?;
             let p = install::verify(path, ctx.key, &op.update_id, &op.product, &op.version)?;
             op.lifecycle = p.manifest.lifecycle.clone();
@@ -81,17 +86,19 @@ pub fn advance(ctx: &Ctx, op: &mut Op, pkg: &mut Option<Package>) -> Result<Step
             Ok(Step::Verified)
         }
         Step::Verified => {
-            let p = match pkg.take() {
-                Some(p) => p,
-                None => {
-                    let path = ctx.package.ok_or_else(|| fail("no package to install".into()))?;
-                    install::verify(path, ctx.key, &op.update_id, &op.product, &op.version)?
-                }
-            };
             let pending = install::pending_dir(ctx.root, &op.product);
-            let staged = match ctx.prestaged && pending.is_dir() {
+            let staged = match ctx.streamed.is_some() && pending.is_dir() {
                 true => pending,
-                false => install::stage(&p, ctx.root, &op.update_id)?,
+                false => {
+                    let p = match pkg.take() {
+                        Some(p) => p,
+                        None => {
+                            let path = ctx.package.ok_or_else(|| fail("no package to install".into()))?;
+                            install::verify(path, ctx.key, &op.update_id, &op.product, &op.version)?
+                        }
+                    };
+                    install::stage(&p, ctx.root, &op.update_id)?
+                }
             };
             op.staged_inode = install::inode(&staged);
             op.needs_health = op.lifecycle.after_swap();

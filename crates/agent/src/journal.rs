@@ -242,7 +242,8 @@ pub fn start_up(root: &Path, state_dir: &Path, trial: Option<&str>, now_unix: i6
         state.save(state_dir)?;
         clear_removal(state_dir)?;
     }
-    let cleaned = install::recover(root)?;
+    let streamed = install::streamed_products(&crate::client::downloads_dir(state_dir));
+    let cleaned = install::recover_keeping(root, &streamed)?;
     if !cleaned.is_empty() {
         tracing::warn!(?cleaned, "removed leftovers of an interrupted install");
     }

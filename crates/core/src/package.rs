@@ -588,6 +588,26 @@ impl Header {
         ))
     }
 
+    /// The header from exactly its bytes (as [`Header::to_bytes`] gave them), checked for form;
+    /// the signature is checked only by [`Header::accept`].
+    pub fn from_bytes(bytes: &[u8], origin: &Path) -> Result<Header> {
+        match Header::parse(bytes, origin)? {
+            Parsed::Done(h, end) if end == bytes.len() => Ok(*h),
+            _ => Err(CoreError::package(origin, "not exactly a package header")),
+        }
+    }
+
+    /// The header exactly as it opens a package (and as [`Unpacker::resume`] takes it back).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(PREAMBLE + self.manifest_bytes.len() + SIGNATURE_PART);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(self.manifest_bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.manifest_bytes);
+        out.extend_from_slice(&(self.signature.len() as u16).to_le_bytes());
+        out.extend_from_slice(&self.signature);
+        out
+    }
+
     /// Checks the signature against a pinned release key, and that the package is the product
     /// and version it was offered as (so a provider cannot pass off one signed package as
     /// another). The reason says which failed.
@@ -722,6 +742,35 @@ impl<A: FnMut(&Header) -> Result<()>> Unpacker<A> {
         tree.write(&header.manifest, data, &self.origin, after_file)
     }
 
+    /// Picks up an unpacking that stopped part-way (a download cut short, a cancel, a killed
+    /// agent): `head` is the package's header as [`Header::to_bytes`] gave it, and `dest` what
+    /// an unpacker of that package had written when it stopped. The header is accepted again,
+    /// and every byte already in `dest` is read back: each whole file must match its hash, at
+    /// most one file (the last) may be short, and nothing else may be there. Returns the
+    /// unpacker ready for the next byte, a content hasher over every package byte so far, and
+    /// how many package bytes that is. Any mismatch is an error, and the caller starts afresh.
+    pub fn resume(dest: &Path, origin: &Path, mut accept: A, head: &[u8]) -> Result<(Self, ContentHasher, u64)> {
+        let header = Header::from_bytes(head, origin)?;
+        accept(&header)?;
+        let mut content = ContentHasher::new();
+        content.update(head);
+        let (tree, payload) = TreeWriter::resume(dest, &header.manifest, &mut content)?;
+        let unpacker = Self {
+            dest: dest.to_path_buf(),
+            origin: origin.to_path_buf(),
+            accept,
+            prefix: Vec::new(),
+            body: Some((header, tree)),
+        };
+        Ok((unpacker, content, head.len() as u64 + payload))
+    }
+
+    /// Whether every file of the package has been written whole (so the next byte would be one
+    /// too many, and [`Unpacker::finish`] has only directories left to settle).
+    pub fn is_complete(&self) -> bool {
+        self.body.as_ref().is_some_and(|(h, t)| t.open.is_none() && t.next == h.manifest.files.len())
+    }
+
     /// Ends the package: every file listed must have been written whole. Returns the header.
     pub fn finish(self) -> Result<Header> {
         let Some((header, tree)) = self.body else {
@@ -767,6 +816,71 @@ impl TreeWriter {
         let mut w = Self { dest: dest.to_path_buf(), next: 0, open: None, made_dirs };
         w.open_next(m, &mut |_| {})?;
         Ok(w)
+    }
+
+    /// Takes up a tree an earlier writer of the same manifest left in `dest`, feeding every
+    /// byte found there to `content` in package order (see [`Unpacker::resume`]). Returns the
+    /// writer and the payload bytes already written.
+    fn resume(dest: &Path, m: &Manifest, content: &mut ContentHasher) -> Result<(Self, u64)> {
+        let perr = |reason: String| CoreError::package(dest, reason);
+        if !fs::symlink_metadata(dest).map_err(|e| CoreError::io(dest, e))?.is_dir() {
+            return Err(perr("is not a directory".into()));
+        }
+        let mut made_dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        for d in &m.dirs {
+            let p = dest.join(&d.path);
+            fs::create_dir_all(&p).map_err(|e| CoreError::io(&p, e))?;
+            made_dirs.insert(p);
+        }
+        let mut present = BTreeSet::new();
+        files_under(dest, &mut present)?;
+        let mut w = Self { dest: dest.to_path_buf(), next: 0, open: None, made_dirs };
+        let (mut payload, mut buf) = (0u64, vec![0u8; CHUNK]);
+        while w.next < m.files.len() {
+            let (index, entry) = (w.next, &m.files[w.next]);
+            let path = dest.join(&entry.path);
+            if !present.remove(&path) {
+                break; // not begun: the writer opens it next
+            }
+            w.next += 1;
+            let mut out =
+                fs::OpenOptions::new().read(true).write(true).open(&path).map_err(|e| CoreError::io(&path, e))?;
+            let mut hasher = ContentHasher::new();
+            let mut written = 0u64;
+            loop {
+                let n = out.read(&mut buf).map_err(|e| CoreError::io(&path, e))?;
+                if n == 0 {
+                    break;
+                }
+                written += n as u64;
+                if written > entry.size {
+                    return Err(CoreError::package(
+                        &path,
+                        format!("{:?} is longer than the manifest says", entry.path),
+                    ));
+                }
+                hasher.update(&buf[..n]);
+                content.update(&buf[..n]);
+            }
+            payload += written;
+            if let Some(parent) = path.parent() {
+                w.made_dirs.insert(parent.to_path_buf());
+            }
+            let file = OpenFile { index, path, out, hasher, left: entry.size - written, written, flushed_to: written };
+            if file.left == 0 {
+                Self::close(file, m, &mut |_| {})?;
+            } else {
+                w.open = Some(file);
+                break;
+            }
+        }
+        if let Some(extra) = present.first() {
+            return Err(CoreError::package(extra, "is not the next file the package writes".to_string()));
+        }
+        if w.open.is_none() {
+            w.open_next(m, &mut |_| {})?;
+        }
+        Ok((w, payload))
     }
 
     /// Opens the next file of the manifest; an empty one is completed at once.
@@ -859,6 +973,22 @@ impl TreeWriter {
         }
         Ok(())
     }
+}
+
+/// Every regular file under `dir`; anything but directories and regular files is refused.
+fn files_under(dir: &Path, out: &mut BTreeSet<PathBuf>) -> Result<()> {
+    for e in fs::read_dir(dir).map_err(|e| CoreError::io(dir, e))? {
+        let e = e.map_err(|e| CoreError::io(dir, e))?;
+        let (path, kind) = (e.path(), e.file_type().map_err(|err| CoreError::io(e.path(), err))?);
+        if kind.is_dir() {
+            files_under(&path, out)?;
+        } else if kind.is_file() {
+            out.insert(path);
+        } else {
+            return Err(CoreError::package(&path, "is neither a file nor a directory"));
+        }
+    }
+    Ok(())
 }
 
 /// Asks the kernel to start writing `len` bytes at `offset` of `file` back to disk, without
@@ -1007,6 +1137,66 @@ mod tests {
         let dest = out.path().join("unsigned");
         assert!(stream(&bytes, 4096, &dest, &other).unwrap_err().to_string().contains("not signed"));
         assert!(!dest.exists(), "nothing is written before the header is accepted");
+    }
+
+    #[test]
+    fn an_unpacking_cut_anywhere_resumes_to_the_same_tree_and_content_hash() {
+        let src = sample_dir();
+        fs::write(src.path().join("empty-file"), b"").unwrap();
+        fs::write(src.path().join("big"), vec![7u8; 2 * CHUNK + 5]).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let key = ReleaseKey::generate().unwrap();
+        let pkg_path = out.path().join("app.pkg");
+        build(src.path(), &meta(), &key, &pkg_path).unwrap();
+        let whole = out.path().join("whole");
+        Package::open(&pkg_path).unwrap().unpack(&whole).unwrap();
+        let bytes = fs::read(&pkg_path).unwrap();
+        let head = Package::open(&pkg_path).unwrap().header.to_bytes();
+        assert_eq!(head, bytes[..head.len()], "to_bytes gives the header back exactly");
+        let accept =
+            |h: &Header| h.accept(&key.public(), "app", "1.0.0.0").map_err(|r| CoreError::package(&pkg_path, r));
+        let cuts = [head.len(), head.len() + 1, head.len() + 7, head.len() + CHUNK, bytes.len() - 1, bytes.len()];
+        for cut in cuts {
+            let dest = out.path().join(format!("cut-{cut}"));
+            let mut first = Unpacker::new(&dest, &pkg_path, accept);
+            first.feed(&bytes[..cut], &mut |_| {}).unwrap();
+            drop(first);
+            let (mut u, mut content, at) = Unpacker::resume(&dest, &pkg_path, accept, &head).unwrap();
+            assert_eq!(at, cut as u64, "resumes where it stopped");
+            assert_eq!(u.is_complete(), cut == bytes.len());
+            content.update(&bytes[cut..]);
+            u.feed(&bytes[cut..], &mut |_| {}).unwrap();
+            assert!(u.is_complete());
+            u.finish().unwrap();
+            assert_eq!(content.finish(), crate::hash::hash_file(&pkg_path).unwrap(), "cut at {cut}");
+            assert_eq!(listing(&dest), listing(&whole), "cut at {cut}");
+        }
+        // What is found is checked: a whole file changed, a file the package does not write
+        // (or not yet), a header of another key.
+        let cut = head.len() + CHUNK;
+        let tampered = |name: &str, change: &dyn Fn(&Path)| {
+            let dest = out.path().join(name);
+            Unpacker::new(&dest, &pkg_path, accept).feed(&bytes[..cut], &mut |_| {}).unwrap();
+            change(&dest);
+            Unpacker::resume(&dest, &pkg_path, accept, &head).map(|_| ()).unwrap_err().to_string()
+        };
+        let first_file = &Package::open(&pkg_path).unwrap().manifest.files[0].path.clone();
+        let e = tampered("changed", &|d| {
+            let mut b = fs::read(d.join(first_file)).unwrap();
+            b[0] ^= 1;
+            fs::write(d.join(first_file), b).unwrap()
+        });
+        assert!(e.contains("does not match its sha256"), "{e}");
+        let e = tampered("shortened", &|d| fs::write(d.join(first_file), b"").unwrap());
+        assert!(e.contains("not the next file"), "a short file must be the last one: {e}");
+        let e = tampered("extra", &|d| fs::write(d.join("stray"), b"x").unwrap());
+        assert!(e.contains("not the next file"), "{e}");
+        let other = ReleaseKey::generate().unwrap().public();
+        let dest = out.path().join("cut-other-key");
+        Unpacker::new(&dest, &pkg_path, accept).feed(&bytes[..cut], &mut |_| {}).unwrap();
+        let refuse = |h: &Header| h.accept(&other, "app", "1.0.0.0").map_err(|r| CoreError::package(&pkg_path, r));
+        assert!(Unpacker::resume(&dest, &pkg_path, refuse, &head).is_err());
+        assert!(Unpacker::resume(&dest, &pkg_path, accept, &head[..head.len() - 1]).is_err(), "a torn header");
     }
 
     #[test]
