@@ -979,9 +979,12 @@ impl Agent {
         };
         let restart = u.install_properties.get("restart").is_some_and(|v| v == "required");
         let result = self.run_install(u, op, pkg_path.clone(), header, restart).await;
-        // Whatever happened, this package (file or header) is done with: a verified one is
-        // installed, a bad one must be fetched afresh.
-        let _ = tokio::fs::remove_file(pkg_path.as_ref().unwrap_or(&cached.head)).await;
+        // Whatever happened, this package (file, and header of an earlier streamed attempt) is
+        // done with: a verified one is installed, a bad one must be fetched afresh.
+        let _ = tokio::fs::remove_file(&cached.head).await;
+        if let Some(p) = &pkg_path {
+            let _ = tokio::fs::remove_file(p).await;
+        }
         result?;
         self.start_verifying(u).await;
         Ok(format!("installed {} {}", u.product, u.version))
