@@ -674,9 +674,8 @@ impl Agent {
     /// is the whole package. `None`: the unpacking found the package wrong (nothing is kept),
     /// so the caller downloads it as a file instead.
     async fn download_streamed(&mut self, client: &mut Client, u: &Update, head: &Path) -> Result<Option<Header>> {
-        let root = self.cfg.install_root.clone();
-        let key = self.cfg.trust_key;
-        let s = match install::stage_while_downloading(&root, key, &u.id, &u.product, &u.version, head.into()).await {
+        let (root, key) = (&self.cfg.install_root, self.cfg.trust_key);
+        let s = match install::stage_while_downloading(root, key, &u.id, &u.product, &u.version, head.into()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(update = %u.id, error = %e, "could not unpack while downloading; downloading the file");
@@ -708,21 +707,24 @@ impl Agent {
             }
             // Every byte came and matched, but the package was wrong: the file's install says how.
             (Ok(()), _) | (_, Ok(Err(_))) => {
-                let (root, product, head) = (root.clone(), u.product.clone(), head.to_path_buf());
-                let _ = tokio::task::spawn_blocking(move || install::discard_streamed(&root, &product, &head)).await;
+                self.discard_streamed(u, head).await;
                 tracing::info!(update = %u.id, "the package was refused while unpacking; downloading the file to say why");
                 Ok(None)
             }
             (Err(e), ended) => {
                 // Content that is not what was promised is not kept; a download cut short is.
                 if matches!(e, AgentError::Verify { .. }) || !matches!(ended, Ok(Ok(install::Ended::Stopped))) {
-                    let (root, product, head) = (root.clone(), u.product.clone(), head.to_path_buf());
-                    let _ =
-                        tokio::task::spawn_blocking(move || install::discard_streamed(&root, &product, &head)).await;
+                    self.discard_streamed(u, head).await;
                 }
                 self.record_download(u, Err(e)).await
             }
         }
+    }
+
+    /// Drops what a streamed download of `u` kept (see [`install::discard_streamed`]).
+    async fn discard_streamed(&self, u: &Update, head: &Path) {
+        let (root, product, head) = (self.cfg.install_root.clone(), u.product.clone(), head.to_path_buf());
+        let _ = tokio::task::spawn_blocking(move || install::discard_streamed(&root, &product, &head)).await;
     }
 
     /// Records how a download went. Content that fails its hash counts as a failure of the

@@ -807,13 +807,7 @@ struct OpenFile {
 impl TreeWriter {
     fn start(dest: &Path, m: &Manifest) -> Result<Self> {
         fs::create_dir(dest).map_err(|e| CoreError::io(dest, e))?;
-        let mut made_dirs: BTreeSet<PathBuf> = BTreeSet::new();
-        for d in &m.dirs {
-            let p = dest.join(&d.path);
-            fs::create_dir_all(&p).map_err(|e| CoreError::io(&p, e))?;
-            made_dirs.insert(p);
-        }
-        let mut w = Self { dest: dest.to_path_buf(), next: 0, open: None, made_dirs };
+        let mut w = Self { dest: dest.to_path_buf(), next: 0, open: None, made_dirs: make_dirs(dest, m)? };
         w.open_next(m, &mut |_| {})?;
         Ok(w)
     }
@@ -826,15 +820,9 @@ impl TreeWriter {
         if !fs::symlink_metadata(dest).map_err(|e| CoreError::io(dest, e))?.is_dir() {
             return Err(perr("is not a directory".into()));
         }
-        let mut made_dirs: BTreeSet<PathBuf> = BTreeSet::new();
-        for d in &m.dirs {
-            let p = dest.join(&d.path);
-            fs::create_dir_all(&p).map_err(|e| CoreError::io(&p, e))?;
-            made_dirs.insert(p);
-        }
         let mut present = BTreeSet::new();
         files_under(dest, &mut present)?;
-        let mut w = Self { dest: dest.to_path_buf(), next: 0, open: None, made_dirs };
+        let mut w = Self { dest: dest.to_path_buf(), next: 0, open: None, made_dirs: make_dirs(dest, m)? };
         let (mut payload, mut buf) = (0u64, vec![0u8; CHUNK]);
         while w.next < m.files.len() {
             let (index, entry) = (w.next, &m.files[w.next]);
@@ -975,6 +963,17 @@ impl TreeWriter {
     }
 }
 
+/// Creates (or finds) the manifest's directories under `dest`; returns them.
+fn make_dirs(dest: &Path, m: &Manifest) -> Result<BTreeSet<PathBuf>> {
+    let mut made_dirs = BTreeSet::new();
+    for d in &m.dirs {
+        let p = dest.join(&d.path);
+        fs::create_dir_all(&p).map_err(|e| CoreError::io(&p, e))?;
+        made_dirs.insert(p);
+    }
+    Ok(made_dirs)
+}
+
 /// Every regular file under `dir`; anything but directories and regular files is refused.
 fn files_under(dir: &Path, out: &mut BTreeSet<PathBuf>) -> Result<()> {
     for e in fs::read_dir(dir).map_err(|e| CoreError::io(dir, e))? {
@@ -1105,11 +1104,21 @@ mod tests {
         out
     }
 
-    #[test]
-    fn unpacking_as_bytes_arrive_gives_the_same_tree_whatever_the_pieces() {
+    /// The sample tree with an empty file and a file of `big` bytes, built into a package in
+    /// a fresh directory `out` (`out/app.pkg`, whose bytes are `bytes`) and unpacked from the
+    /// file into `out/file`.
+    struct Built {
+        out: tempfile::TempDir,
+        key: ReleaseKey,
+        pkg_path: PathBuf,
+        bytes: Vec<u8>,
+        from_file: PathBuf,
+    }
+
+    fn built(big: usize) -> Built {
         let src = sample_dir();
         fs::write(src.path().join("empty-file"), b"").unwrap();
-        fs::write(src.path().join("big"), vec![7u8; 3 * CHUNK + 5]).unwrap();
+        fs::write(src.path().join("big"), vec![7u8; big]).unwrap();
         let out = tempfile::tempdir().unwrap();
         let key = ReleaseKey::generate().unwrap();
         let pkg_path = out.path().join("app.pkg");
@@ -1117,6 +1126,12 @@ mod tests {
         let from_file = out.path().join("file");
         Package::open(&pkg_path).unwrap().unpack(&from_file).unwrap();
         let bytes = fs::read(&pkg_path).unwrap();
+        Built { out, key, pkg_path, bytes, from_file }
+    }
+
+    #[test]
+    fn unpacking_as_bytes_arrive_gives_the_same_tree_whatever_the_pieces() {
+        let Built { out, key, bytes, from_file, .. } = built(3 * CHUNK + 5);
         for piece in [1, 13, 4096, CHUNK + 1, bytes.len()] {
             let dest = out.path().join(format!("streamed-{piece}"));
             let header = stream(&bytes, piece, &dest, &key.public()).unwrap();
@@ -1141,16 +1156,7 @@ mod tests {
 
     #[test]
     fn an_unpacking_cut_anywhere_resumes_to_the_same_tree_and_content_hash() {
-        let src = sample_dir();
-        fs::write(src.path().join("empty-file"), b"").unwrap();
-        fs::write(src.path().join("big"), vec![7u8; 2 * CHUNK + 5]).unwrap();
-        let out = tempfile::tempdir().unwrap();
-        let key = ReleaseKey::generate().unwrap();
-        let pkg_path = out.path().join("app.pkg");
-        build(src.path(), &meta(), &key, &pkg_path).unwrap();
-        let whole = out.path().join("whole");
-        Package::open(&pkg_path).unwrap().unpack(&whole).unwrap();
-        let bytes = fs::read(&pkg_path).unwrap();
+        let Built { out, key, pkg_path, bytes, from_file: whole } = built(2 * CHUNK + 5);
         let head = Package::open(&pkg_path).unwrap().header.to_bytes();
         assert_eq!(head, bytes[..head.len()], "to_bytes gives the header back exactly");
         let accept =
