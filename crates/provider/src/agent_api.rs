@@ -6,9 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::{BufMut, BytesMut};
 use futures::Stream;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{Notify, OwnedSemaphorePermit, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -214,8 +212,13 @@ pub async fn stream_blob(
             "offset {offset} is past the end of {content_hash} ({total} bytes)"
         )));
     }
-    let mut file = tokio::fs::File::open(&path).await.map_err(|e| ProviderError::Io(e.to_string()))?;
-    file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| ProviderError::Io(e.to_string()))?;
+    let mut reader = {
+        let at = path.clone();
+        tokio::task::spawn_blocking(move || crate::chunks::ChunkReader::open(&at, offset, total, CHUNK_SIZE))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|e| ProviderError::Io(format!("{}: {e}", path.display())))?
+    };
     // Two chunks read ahead: enough to keep the connection busy, little memory per stream.
     let (tx, rx) = mpsc::channel(2);
     let served = updraft_runtime::metrics::meter()
@@ -227,28 +230,18 @@ pub async fn stream_blob(
         async move {
             let _slot = slot;
             let mut pos = offset;
-            // Chunks are cut from one larger buffer, read into without zeroing and reclaimed
-            // once the chunks sent from it are gone: no allocation per chunk.
-            let mut buf = BytesMut::with_capacity(4 * CHUNK_SIZE);
             loop {
-                if buf.capacity() < CHUNK_SIZE {
-                    buf.reserve(4 * CHUNK_SIZE);
-                }
-                while buf.len() < CHUNK_SIZE {
-                    let room = CHUNK_SIZE - buf.len();
-                    match file.read_buf(&mut (&mut buf).limit(room)).await {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(e) => {
-                            let _ = tx.send(Err(Status::internal(format!("reading blob: {e}")))).await;
-                            return;
-                        }
+                let data = match reader.next().await {
+                    Ok(Some(data)) => data,
+                    Ok(None) => {
+                        tracing::debug!(waited_for_disk = reader.waited(), "blob sent");
+                        break;
                     }
-                }
-                if buf.is_empty() {
-                    break;
-                }
-                let data = buf.split().freeze();
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading blob: {e}")))).await;
+                        return;
+                    }
+                };
                 let n = data.len() as u64;
                 if tx.send(Ok(Chunk { offset: pos, data, total_size: total })).await.is_err() {
                     break; // the receiver went away

@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod catalog;
 pub mod ceiling;
 pub mod certs;
+pub mod chunks;
 pub mod commit;
 pub mod contacts;
 pub mod content;
