@@ -298,7 +298,7 @@ fn nginx_with(w: &World, root: &std::path::Path, tls: Option<&NginxTls>) -> Opti
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
     let mut cmd = std::process::Command::new(bin);
     cmd.arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir);
-    let p = Proc::spawn(w.dir.path(), "nginx-bench", cmd);
+    let p = Proc::spawn_group(w.dir.path(), "nginx-bench", cmd);
     wait_port(port);
     Some((p, port))
 }

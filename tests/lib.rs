@@ -115,6 +115,8 @@ pub struct Proc {
     envs: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     /// The port it reported listening on (see [`Proc::listening_port`]).
     port: Option<u16>,
+    /// Leads its own process group, killed whole (see [`Proc::spawn_group`]).
+    group: bool,
 }
 
 impl Proc {
@@ -206,7 +208,17 @@ impl Proc {
             .stderr(f)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Proc { name: name.into(), child: Some(child), log, program, args, envs, port: None }
+        Proc { name: name.into(), child: Some(child), log, program, args, envs, port: None, group: false }
+    }
+
+    /// Like [`Proc::spawn`], for a program that starts processes of its own (nginx's master
+    /// and its workers): it leads a new process group, and the whole group is killed with it,
+    /// so no worker outlives the test.
+    pub fn spawn_group(dir: &Path, name: &str, mut cmd: Command) -> Proc {
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut p = Self::spawn(dir, name, cmd);
+        p.group = true;
+        p
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -252,6 +264,9 @@ impl Proc {
     /// SIGKILL, as a crash or power loss would.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.group {
+                signal(c.id(), libc::SIGKILL, true);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

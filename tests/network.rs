@@ -454,7 +454,7 @@ fn nginx(w: &World, port: u16, upstream: &str) -> Proc {
     let nginx = nginx.expect("nginx is needed for the reverse-proxy test (apt-get install nginx-light; .ci/run does)");
     let mut cmd = std::process::Command::new(nginx);
     cmd.arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir);
-    let p = Proc::spawn(w.dir.path(), "nginx", cmd);
+    let p = Proc::spawn_group(w.dir.path(), "nginx", cmd);
     updraft_tests::wait_port(port);
     p
 }
