@@ -146,6 +146,24 @@ fn enrollable_role(role: &str) -> Result<Role> {
     }
 }
 
+/// Puts the bundle of `ca` (the one a certificate is about to come from, as read from disk
+/// now) in force on this provider's own servers before anyone holds such a certificate. The
+/// trust loop follows a rotation step only every [`TRUST_REFRESH`]: without this, a machine
+/// renewed by the new CA just after the step was refused here until the loop caught up.
+/// Fails, issuing nothing, while this provider's own certificate is not from a CA of that
+/// bundle (the loop re-issues it within one refresh).
+fn trusted_here(shared: &Shared, ca: &Ca) -> Result<()> {
+    let Transport::Tls(tls) = &shared.config.transport else { return Ok(()) };
+    let pem = bundle(shared, ca)?;
+    if tls
+        .install_bundle(pem.as_bytes())
+        .map_err(|e| ProviderError::NotReady(format!("the CA bundle to issue from: {e}")))?
+    {
+        tracing::info!("the CA bundle changed: now in force (before issuing from it)");
+    }
+    Ok(())
+}
+
 /// Signs `request` for `name` and records the certificate.
 async fn issue(
     shared: &Shared,
@@ -219,6 +237,7 @@ pub async fn enroll(
         }
         let name = if token.name.is_empty() { req.name.clone() } else { token.name.clone() };
         check_name(&name)?;
+        trusted_here(shared, &ca)?;
         let signed = issue(shared, &ca, &request, role, &name, &req.sans, format!("token {}", token.id)).await?;
         if !token.group.is_empty() {
             let a = updraft_proto::v1::Assignment { machine: name.clone(), group: token.group.clone() };
@@ -288,6 +307,7 @@ pub async fn approve(shared: &Shared, who: &str, name: &str) -> Result<ListCerti
     }
     let request = Request::parse(&p.csr_pem).map_err(bad)?;
     let role = enrollable_role(&p.role)?;
+    trusted_here(shared, &ca)?;
     let signed = issue(shared, &ca, &request, role, name, &p.sans, format!("approved by {who}")).await?;
     p.certificate_pem = signed.pem;
     p.approved_by = who.into();
@@ -336,6 +356,7 @@ pub async fn renew(shared: &Shared, caller: &Caller, req: RenewRequest) -> Resul
             _ => return Err(denied(format!("{} renews no certificate here", caller.describe()))),
         }
     };
+    trusted_here(shared, &ca)?;
     let signed = issue(shared, &ca, &request, role, &name, &req.sans, how).await?;
     reply(shared, &ca, signed)
 }
