@@ -998,12 +998,13 @@ async fn tls_section() {
     // The site fetches the blob on the first download; the measured ones find it there.
     let warm = loadgen::connect_many(&surl, clients(1), 1).await;
     loadgen::run(warm.into_iter().map(|c| (c, dl.clone())).collect(), 1).await;
+    let big = Req::Get("/big".into());
     for n in [1, 10, 100] {
         let mut runs: [Vec<loadgen::Load>; 3] = Default::default();
         for _ in 0..ROUNDS {
-            for (url, runs) in [Some(&purl), Some(&surl), nurl.as_ref()].into_iter().zip(&mut runs) {
+            let targets = [(Some(&purl), &dl), (Some(&surl), &dl), (nurl.as_ref(), &big)];
+            for ((url, req), runs) in targets.into_iter().zip(&mut runs) {
                 let Some(url) = url else { continue };
-                let req = if url == &purl || url == &surl { dl.clone() } else { Req::Get("/big".into()) };
                 let conns = loadgen::connect_many(url, clients(n), 16).await;
                 runs.push(
                     loadgen::run(conns.into_iter().map(|c| (c, req.clone())).collect(), n * downloads_each(n)).await,

@@ -212,13 +212,9 @@ pub async fn stream_blob(
             "offset {offset} is past the end of {content_hash} ({total} bytes)"
         )));
     }
-    let mut reader = {
-        let at = path.clone();
-        tokio::task::spawn_blocking(move || crate::chunks::ChunkReader::open(&at, offset, total, CHUNK_SIZE))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-            .map_err(|e| ProviderError::Io(format!("{}: {e}", path.display())))?
-    };
+    let mut reader = crate::chunks::ChunkReader::open(path.clone(), offset, total, CHUNK_SIZE)
+        .await
+        .map_err(|e| ProviderError::Io(format!("{}: {e}", path.display())))?;
     // Two chunks read ahead: enough to keep the connection busy, little memory per stream.
     let (tx, rx) = mpsc::channel(2);
     let served = updraft_runtime::metrics::meter()
@@ -229,10 +225,9 @@ pub async fn stream_blob(
     tokio::spawn(
         async move {
             let _slot = slot;
-            let mut pos = offset;
             loop {
-                let data = match reader.next().await {
-                    Ok(Some(data)) => data,
+                let (at, data) = match reader.next().await {
+                    Ok(Some(chunk)) => chunk,
                     Ok(None) => {
                         tracing::debug!(waited_for_disk = reader.waited(), "blob sent");
                         break;
@@ -243,11 +238,10 @@ pub async fn stream_blob(
                     }
                 };
                 let n = data.len() as u64;
-                if tx.send(Ok(Chunk { offset: pos, data, total_size: total })).await.is_err() {
+                if tx.send(Ok(Chunk { offset: at, data, total_size: total })).await.is_err() {
                     break; // the receiver went away
                 }
                 served.add(n, &[]);
-                pos += n;
             }
         }
         .instrument(tracing::info_span!("send_blob", offset)),

@@ -151,17 +151,18 @@ fn enrollable_role(role: &str) -> Result<Role> {
 /// trust loop follows a rotation step only every [`TRUST_REFRESH`]: without this, a machine
 /// renewed by the new CA just after the step was refused here until the loop caught up.
 /// Fails, issuing nothing, while this provider's own certificate is not from a CA of that
-/// bundle (the loop re-issues it within one refresh).
-fn trusted_here(shared: &Shared, ca: &Ca) -> Result<()> {
-    let Transport::Tls(tls) = &shared.config.transport else { return Ok(()) };
+/// bundle (the loop re-issues it within one refresh). Returns that bundle, which the reply
+/// carries.
+fn trusted_here(shared: &Shared, ca: &Ca) -> Result<String> {
     let pem = bundle(shared, ca)?;
+    let Transport::Tls(tls) = &shared.config.transport else { return Ok(pem) };
     if tls
         .install_bundle(pem.as_bytes())
         .map_err(|e| ProviderError::NotReady(format!("the CA bundle to issue from: {e}")))?
     {
         tracing::info!("the CA bundle changed: now in force (before issuing from it)");
     }
-    Ok(())
+    Ok(pem)
 }
 
 /// Signs `request` for `name` and records the certificate.
@@ -198,8 +199,9 @@ async fn issue(
     Ok(signed)
 }
 
-fn reply(shared: &Shared, ca: &Ca, signed: Signed) -> Result<CertificateReply> {
-    let bundle = bundle(shared, ca)?;
+/// The answer to an enrollment or renewal: the certificate and the CA `bundle` it was issued
+/// under (see [`trusted_here`]).
+fn reply(shared: &Shared, bundle: String, signed: Signed) -> Result<CertificateReply> {
     // Signed with the catalog key agents pin, so no site between can add a CA to their trust.
     let ca_bundle_signature =
         shared.config.catalog_key.as_ref().map(|k| k.sign_ca_bundle(bundle.as_bytes()).to_vec()).unwrap_or_default();
@@ -237,13 +239,13 @@ pub async fn enroll(
         }
         let name = if token.name.is_empty() { req.name.clone() } else { token.name.clone() };
         check_name(&name)?;
-        trusted_here(shared, &ca)?;
+        let bundle = trusted_here(shared, &ca)?;
         let signed = issue(shared, &ca, &request, role, &name, &req.sans, format!("token {}", token.id)).await?;
         if !token.group.is_empty() {
             let a = updraft_proto::v1::Assignment { machine: name.clone(), group: token.group.clone() };
             shared.store.assign(&a).await?;
         }
-        return reply(shared, &ca, signed);
+        return reply(shared, bundle, signed);
     }
     // Without a token: the request waits for an administrator.
     let role = enrollable_role(&req.role)?;
@@ -262,7 +264,7 @@ pub async fn enroll(
         let info = CertInfo::of_pem(p.certificate_pem.as_bytes()).map_err(bad)?;
         return reply(
             shared,
-            &ca,
+            bundle(shared, &ca)?,
             Signed {
                 pem: p.certificate_pem,
                 serial: info.serial,
@@ -356,9 +358,9 @@ pub async fn renew(shared: &Shared, caller: &Caller, req: RenewRequest) -> Resul
             _ => return Err(denied(format!("{} renews no certificate here", caller.describe()))),
         }
     };
-    trusted_here(shared, &ca)?;
+    let bundle = trusted_here(shared, &ca)?;
     let signed = issue(shared, &ca, &request, role, &name, &req.sans, how).await?;
-    reply(shared, &ca, signed)
+    reply(shared, bundle, signed)
 }
 
 /// Revokes the certificate with serial `what`, or every unexpired one of the name `what`; the

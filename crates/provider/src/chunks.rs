@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::io::{self, IoSliceMut};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -26,6 +26,10 @@ pub struct ChunkReader {
     /// Chunks that had to wait for the disk (read on the blocking pool).
     waited: u64,
 }
+
+/// Buffers a stream keeps for reuse: a stream has at most a few chunks in flight (read ahead,
+/// being sent).
+const SPARES: usize = 4;
 
 /// Buffers a stream's chunks were sent from, back once the connection is done with them.
 #[derive(Default)]
@@ -48,20 +52,19 @@ impl AsRef<[u8]> for Lent {
 impl Drop for Lent {
     fn drop(&mut self) {
         let mut spare = self.spare.0.lock().expect("spare chunk buffers");
-        // A stream has at most a few chunks in flight; keep no more than that.
-        if spare.len() < 4 {
+        if spare.len() < SPARES {
             spare.push(std::mem::take(&mut self.buf));
         }
     }
 }
 
 impl ChunkReader {
-    /// Opens `path` to read from `offset` up to `size` (the blob's size as served), in chunks
-    /// of `chunk` bytes (the last shorter). Opening may wait for the disk: call it off the
-    /// runtime's workers.
-    pub fn open(path: &Path, offset: u64, size: u64, chunk: usize) -> io::Result<ChunkReader> {
+    /// Opens `path` (on the blocking pool: opening may wait for the disk) to read from
+    /// `offset` up to `size` (the blob's size as served), in chunks of `chunk` bytes (the last
+    /// shorter).
+    pub async fn open(path: PathBuf, offset: u64, size: u64, chunk: usize) -> io::Result<ChunkReader> {
         assert!(chunk > 0, "chunks have bytes");
-        let file = File::open(path)?;
+        let file = blocking(move || File::open(path)).await?;
         Ok(ChunkReader {
             file: Arc::new(file),
             pos: offset.min(size),
@@ -77,8 +80,8 @@ impl ChunkReader {
         self.waited
     }
 
-    /// The next chunk, or `None` at the end.
-    pub async fn next(&mut self) -> io::Result<Option<Bytes>> {
+    /// The next chunk and its offset in the blob, or `None` at the end.
+    pub async fn next(&mut self) -> io::Result<Option<(u64, Bytes)>> {
         let len = (self.end - self.pos).min(self.chunk as u64) as usize;
         if len == 0 {
             return Ok(None);
@@ -89,19 +92,21 @@ impl ChunkReader {
         let cached = read_cached(&file, &mut buf[..len], pos)?;
         if cached < len {
             self.waited += 1;
-            buf = tokio::task::spawn_blocking(move || {
-                file.read_exact_at(&mut buf[cached..len], pos + cached as u64).map(|()| buf)
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)))
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => shorter(pos + len as u64),
-                _ => e,
-            })?;
+            buf = blocking(move || file.read_exact_at(&mut buf[cached..len], pos + cached as u64).map(|()| buf))
+                .await
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::UnexpectedEof => shorter(pos + len as u64),
+                    _ => e,
+                })?;
         }
         self.pos += len as u64;
-        Ok(Some(Bytes::from_owner(Lent { buf, len, spare: self.spare.clone() })))
+        Ok(Some((pos, Bytes::from_owner(Lent { buf, len, spare: self.spare.clone() }))))
     }
+}
+
+/// Runs `f` on the blocking pool; a task that could not finish is an I/O error like any other.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// Reads into `buf` what the page cache holds of the file from `pos` on, without waiting for
@@ -136,9 +141,22 @@ mod tests {
         (f, data)
     }
 
+    async fn open(f: &tempfile::NamedTempFile, offset: u64, size: u64, chunk: usize) -> ChunkReader {
+        ChunkReader::open(f.path().to_path_buf(), offset, size, chunk).await.unwrap()
+    }
+
+    /// The next chunk's bytes, checking it comes at the offset reading has reached.
+    async fn next(r: &mut ChunkReader) -> io::Result<Option<Bytes>> {
+        let expected = r.pos;
+        Ok(r.next().await?.map(|(at, data)| {
+            assert_eq!(at, expected, "a chunk's offset is where the one before it ended");
+            data
+        }))
+    }
+
     async fn read_all(r: &mut ChunkReader) -> io::Result<Vec<Bytes>> {
         let mut chunks = Vec::new();
-        while let Some(c) = r.next().await? {
+        while let Some(c) = next(r).await? {
             chunks.push(c);
         }
         Ok(chunks)
@@ -148,7 +166,7 @@ mod tests {
     async fn chunks_are_the_blob_from_any_offset() {
         let (f, data) = blob(10_000);
         for (offset, chunk) in [(0, 4096), (1, 4096), (4095, 4096), (9_999, 7), (10_000, 4096), (3, 20_000)] {
-            let mut r = ChunkReader::open(f.path(), offset, data.len() as u64, chunk).unwrap();
+            let mut r = open(&f, offset, data.len() as u64, chunk).await;
             let chunks = read_all(&mut r).await.unwrap();
             assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= chunk), "{offset}/{chunk}");
             assert_eq!(chunks.concat(), &data[offset as usize..], "{offset}/{chunk}");
@@ -158,20 +176,20 @@ mod tests {
     #[tokio::test]
     async fn buffers_come_back_once_sent_and_chunks_stay_intact_while_held() {
         let (f, data) = blob(64 * 1024);
-        let mut r = ChunkReader::open(f.path(), 0, data.len() as u64, 4096).unwrap();
-        let first = r.next().await.unwrap().unwrap();
+        let mut r = open(&f, 0, data.len() as u64, 4096).await;
+        let first = next(&mut r).await.unwrap().unwrap();
         // Sent and gone: the next chunk reuses its memory.
-        let second = r.next().await.unwrap().unwrap();
+        let second = next(&mut r).await.unwrap().unwrap();
         let at = second.as_ptr();
         drop(second);
-        let third = r.next().await.unwrap().unwrap();
+        let third = next(&mut r).await.unwrap().unwrap();
         assert_eq!(third.as_ptr(), at, "the third chunk is read into the second's buffer");
         assert_eq!(&third[..], &data[8192..12288]);
         // Still held: its bytes are not overwritten by later reads.
         let rest = read_all(&mut r).await.unwrap();
         assert_eq!(&first[..], &data[..4096]);
         assert_eq!(rest.concat(), &data[12288..]);
-        assert!(r.spare.0.lock().unwrap().len() <= 4);
+        assert!(r.spare.0.lock().unwrap().len() <= SPARES);
     }
 
     #[tokio::test]
@@ -180,7 +198,7 @@ mod tests {
         let file = File::open(f.path()).unwrap();
         file.sync_all().unwrap();
         rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-        let mut r = ChunkReader::open(f.path(), 0, data.len() as u64, 64 * 1024).unwrap();
+        let mut r = open(&f, 0, data.len() as u64, 64 * 1024).await;
         let chunks = read_all(&mut r).await.unwrap();
         assert_eq!(chunks.concat(), data);
         assert!(r.waited() > 0, "the evicted blob was read without waiting for the disk");
@@ -189,9 +207,9 @@ mod tests {
     #[tokio::test]
     async fn a_blob_shorter_than_its_size_is_an_error_not_a_short_chunk() {
         let (f, data) = blob(5000);
-        let mut r = ChunkReader::open(f.path(), 0, data.len() as u64 + 10, 4096).unwrap();
-        assert_eq!(r.next().await.unwrap().unwrap(), &data[..4096]);
-        let e = r.next().await.unwrap_err();
+        let mut r = open(&f, 0, data.len() as u64 + 10, 4096).await;
+        assert_eq!(next(&mut r).await.unwrap().unwrap(), &data[..4096]);
+        let e = next(&mut r).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         assert!(e.to_string().contains("5010"), "{e}");
     }
