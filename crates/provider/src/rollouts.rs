@@ -345,17 +345,8 @@ impl Ops {
             started_at_unix_ms: now,
             started_by: who.to_string(),
         };
-        // The rollout first, then the approval: no tier ever sees the update approved without it.
-        self.shared.store.put_rollout(&r).await?;
-        if crate::catalog::state_of(&u) != Some(UpdateState::Ga) {
-            self.shared
-                .store
-                .change_update(&u.id, None, |x: &mut Update| {
-                    x.state = UpdateState::Ga.to_wire();
-                    Ok(())
-                })
-                .await?;
-        }
+        // The rollout and the approval together (see `Store::start_rollout`).
+        self.shared.store.start_rollout(&r).await?;
         let scope = if r.group.is_empty() { "every group".to_string() } else { format!("group {}", r.group) };
         let what = format!(
             "rollout started in waves {} ({scope}; next wave at {} verified, halt above {} failed, {wait_text} per wave)",

@@ -127,8 +127,8 @@ impl Signer {
     }
 
     /// The current statement for catalog sequence `seq`: the last one, unless the catalog
-    /// moved or it is half-way to expiry. Returns it and whether it was just signed.
-    pub fn current(&self, store: &Store, seq: u64, interval: IntervalBounds) -> Result<(Signed, bool)> {
+    /// moved or it is half-way to expiry.
+    pub fn current(&self, store: &Store, seq: u64, interval: IntervalBounds) -> Result<Signed> {
         let now = now_ms();
         let ttl_ms = self.ttl.as_millis() as i64;
         let mut last = self.last.lock().expect("signer lock");
@@ -136,7 +136,7 @@ impl Signer {
             && *s == seq
             && now - at < ttl_ms / 2
         {
-            return Ok((signed.clone(), false));
+            return Ok(signed.clone());
         }
         let deployments = store.list_deployments()?;
         let tree = Arc::new(MachineTree::build(machine_records(store, &deployments)?));
@@ -167,7 +167,7 @@ impl Signer {
         let statement = SignedStatement { body, signature: sig.to_vec(), key_id: self.key.public().key_id() };
         let signed = Signed::new(statement, Some(tree));
         *last = Some((seq, now, signed.clone()));
-        Ok((signed, true))
+        Ok(signed)
     }
 }
 
@@ -215,7 +215,7 @@ impl SiteProofs {
 /// the one a site last received from upstream.
 pub fn current(shared: &Shared) -> Result<Option<SignedStatement>> {
     match &shared.signer {
-        Some(s) => Ok(Some(s.current(&shared.store, shared.known_seq()?, interval(shared))?.0.statement)),
+        Some(s) => Ok(Some(s.current(&shared.store, shared.known_seq()?, interval(shared))?.statement)),
         None => shared.store.statement(),
     }
 }
@@ -224,7 +224,7 @@ pub fn current(shared: &Shared) -> Result<Option<SignedStatement>> {
 /// a site last received from upstream, with the tree to prove machines from.
 pub fn for_answer(shared: &Shared) -> Result<Option<Signed>> {
     match &shared.signer {
-        Some(s) => Ok(Some(s.current(&shared.store, shared.known_seq()?, interval(shared))?.0)),
+        Some(s) => Ok(Some(s.current(&shared.store, shared.known_seq()?, interval(shared))?)),
         None => match shared.store.statement()? {
             Some(stored) => Ok(Some(shared.site_proofs.lock().expect("site proofs").current(&shared.store, stored)?)),
             None => Ok(None),
@@ -241,17 +241,21 @@ pub async fn statement_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     let Some(signer) = &shared.signer else { return };
     let mut changes = shared.hub.follow_catalog();
     let refresh = (signer.ttl / 4).max(Duration::from_millis(500));
+    // The digest of the statement last stored and sent. A check may have signed the current one
+    // first (`for_answer`): it is still this loop's to store and send.
+    let mut sent: Vec<u8> = vec![];
     loop {
         let current = shared.known_seq().and_then(|seq| signer.current(&shared.store, seq, interval(&shared)));
         match current {
-            Ok((signed, true)) => {
+            Ok(signed) if signed.digest != sent => {
                 if let Err(e) = shared.store.put_statement(&signed.statement).await {
                     tracing::warn!(error = %e, "cannot store the catalog statement");
                 }
                 let seq = shared.store.catalog_seq().unwrap_or_default();
+                sent = signed.digest;
                 shared.hub.publish(Change::Statement { statement: signed.statement, seq });
             }
-            Ok((_, false)) => {}
+            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot sign the catalog statement"),
         }
         tokio::select! {

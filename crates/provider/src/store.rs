@@ -513,8 +513,12 @@ impl Store {
     pub fn announce_new(&self) -> Result<()> {
         let Some(a) = self.announce.get() else { return Ok(()) };
         let mut announced = a.announced.lock().map_err(|_| ProviderError::Store("announce lock poisoned".into()))?;
-        for change in self.changes_after(*announced)? {
-            *announced = (*announced).max(change.seq());
+        let changes = self.changes_after(*announced)?;
+        // The whole batch counts as announced before the first of it is passed on: a push for
+        // one change (a rollout's wave) must not wake a machine whose check then reads the
+        // catalog without the next one (its approval, written in the same transaction).
+        *announced = changes.iter().map(Change::seq).fold(*announced, u64::max);
+        for change in changes {
             (a.sink)(change);
         }
         Ok(())
@@ -1249,6 +1253,37 @@ mod tests {
         deployments_and_roles_are_logged_and_replicate(open("deployments"), open("replica")).await;
         the_audit_chain_detects_an_edited_entry(open("audit")).await;
         rollouts_replicate_and_outcomes_follow_reports(open("rollouts"), open("rollout-replica")).await;
+        a_rollout_start_approves_its_update_in_the_same_transaction(open("rollout-start")).await;
+    }
+
+    async fn a_rollout_start_approves_its_update_in_the_same_transaction(s: Store) {
+        use updraft_core::model::UpdateState;
+        use updraft_proto::v1::RolloutState;
+        let r = |id: &str| Rollout {
+            update_id: id.into(),
+            waves: "100%".into(),
+            state: RolloutState::Running as i32,
+            ..Default::default()
+        };
+        // An update not known: an error, and no rollout written.
+        let before = s.catalog_seq().unwrap();
+        assert!(matches!(s.start_rollout(&r("nosuch")).await, Err(ProviderError::UnknownUpdate(_))));
+        assert_eq!((s.catalog_seq().unwrap(), s.get_rollout("nosuch").unwrap()), (before, None));
+        // Pre-approval: the rollout's change, then the approval's, one after the other.
+        let u = Update { id: "u-3".into(), state: UpdateState::PreApproval.to_wire(), ..Default::default() };
+        s.change_update("u-3", Some(u), |_| Ok(())).await.unwrap();
+        let before = s.catalog_seq().unwrap();
+        let seq = s.start_rollout(&r("u-3")).await.unwrap();
+        assert_eq!(seq, before + 2);
+        let changes = s.changes_after(before).unwrap();
+        assert!(
+            matches!(&changes[..], [Change::Rollout { rollout, seq: a }, Change::Upsert(u)]
+            if *rollout == r("u-3") && *a == before + 1 && u.catalog_seq == seq && u.state == UpdateState::Ga.to_wire()),
+            "{changes:?}"
+        );
+        // Already approved (a rollout started again): the rollout's change alone.
+        let seq = s.start_rollout(&r("u-3")).await.unwrap();
+        assert!(matches!(&s.changes_after(seq - 1).unwrap()[..], [Change::Rollout { seq: a, .. }] if *a == seq));
     }
 
     async fn rollouts_replicate_and_outcomes_follow_reports(s: Store, replica: Store) {

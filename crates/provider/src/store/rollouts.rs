@@ -1,13 +1,15 @@
 //! The store's part in rollouts: each update's rollout record (a logged change, replicated to
 //! sites, which admit offers by it) and each machine's last outcome with each update, taken
 //! from its reports as they are stored (the centre's tallies; never replicated).
+use prost::Message;
+use updraft_core::model::UpdateState;
 use updraft_core::rollout::Outcome;
-use updraft_proto::v1::{Activity, ActivityKind, Rollout};
+use updraft_proto::v1::{Activity, ActivityKind, Rollout, Update};
 
 use std::sync::atomic::Ordering;
 
-use super::{Policy, Store};
-use crate::error::Result;
+use super::{Policy, Store, log_change, update_key};
+use crate::error::{ProviderError, Result};
 use crate::table::decode;
 
 /// Outcomes kept at once (machines × updates they reported on): past it, new pairs are not
@@ -37,6 +39,32 @@ impl Store {
     /// Replaces an update's rollout record: a logged change, so sites receive it.
     pub async fn put_rollout(&self, r: &Rollout) -> Result<u64> {
         self.put_policy(Policy::Rollout, &r.update_id, Some(prost::Message::encode_to_vec(r)), None).await
+    }
+
+    /// Starts a rollout: writes its record and approves its update (state GA) in one
+    /// transaction, the rollout's change logged before the approval's. No tier ever sees the
+    /// update approved without its rollout (sites apply the changes in order), and the push that
+    /// wakes the first wave's machines (see `hub`) goes out with the approval announced in the
+    /// same batch, so a machine it wakes finds the update offered. Returns the approval's
+    /// sequence number (the rollout's when the update was approved already).
+    pub async fn start_rollout(&self, r: &Rollout) -> Result<u64> {
+        let key = [Policy::Rollout.kind(), r.update_id.as_bytes()].concat();
+        let value = r.encode_to_vec();
+        let seq = self.transaction(|tx| {
+            let found = tx.get(&self.updates, &r.update_id)?;
+            let mut u: Update = decode(&found.ok_or_else(|| ProviderError::UnknownUpdate(r.update_id.clone()))?)?;
+            tx.insert(self.policy_tree(Policy::Rollout), &r.update_id, &value)?;
+            let mut seq = log_change(tx, self, &key, None)?;
+            if u.state != UpdateState::Ga.to_wire() {
+                u.state = UpdateState::Ga.to_wire();
+                seq = log_change(tx, self, &update_key(&u.id), None)?;
+                u.catalog_seq = seq;
+                tx.insert(&self.updates, &r.update_id, u.encode_to_vec())?;
+            }
+            Ok(seq)
+        })?;
+        self.flush().await?;
+        Ok(seq)
     }
 
     pub fn get_rollout(&self, update_id: &str) -> Result<Option<Rollout>> {
