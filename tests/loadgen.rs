@@ -76,12 +76,14 @@ impl Identities {
 }
 
 /// A connection to `url` (`http://` or `https://`), with `tls` when given; large flow-control
-/// windows, as the agent's downloads would want and h2load uses by default.
+/// windows, as the agent's downloads would want and h2load uses by default, and the frame size
+/// agents allow.
 pub async fn connect(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
     let mut ep = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("{url}: {e}"))?
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        .max_frame_size(updraft_runtime::tls::MAX_FRAME_BYTES)
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(60));
     if let Some(tls) = tls {

@@ -100,6 +100,12 @@ pub fn peer_of(leaf_der: &[u8]) -> Result<Peer, TlsError> {
 /// Longest a client may take to complete its TLS handshake with a server.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest HTTP/2 frame a client lets its provider send (RFC 9113 §6.5.2, at most 16 MiB).
+/// HTTP/2's default is 16 KiB, which cuts each 256 KiB download chunk into 17 frames and costs
+/// the provider a frame header, a TLS record and a wake-up for each; at 1 MiB a chunk and its
+/// gRPC framing travel as one frame. The receiver's buffer grows only when such a frame comes.
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+
 /// A self-signed certificate and key (PEM) for `names`, for a server that has no certificate
 /// of its own (a plaintext `--insecure` provider's web console: still HTTPS, so its session
 /// cookies stay `Secure`; browsers ask once to accept it).
@@ -244,7 +250,8 @@ impl Transport {
     /// An endpoint for `url` with this transport (https with TLS, http without).
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, TlsError> {
         let ep = Endpoint::from_shared(url.to_string())
-            .map_err(|e| TlsError::Config(format!("provider URL {url:?} is not valid: {e}")))?;
+            .map_err(|e| TlsError::Config(format!("provider URL {url:?} is not valid: {e}")))?
+            .max_frame_size(MAX_FRAME_BYTES);
         let scheme = ep.uri().scheme_str().unwrap_or_default().to_string();
         match (self, scheme.as_str()) {
             (Transport::Tls(t), "https") => {
