@@ -505,7 +505,7 @@ async fn store_section(w: &World) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let sled_failover = killed.elapsed();
-    let holds = |p: &updraft_tests::Proc| p.log_text().contains("holding the duty");
+    let holds = |p: &updraft_tests::Proc| p.holds_duty("content-scanner");
     wait_until("one provider holds the duty", Duration::from_secs(30), || holds(&pg_a) || holds(&pg_b));
     let (holder, other) = if holds(&pg_a) { (&mut pg_a, &pg_b) } else { (&mut pg_b, &pg_a) };
     let killed = Instant::now();

@@ -50,7 +50,7 @@ fn providers_on_one_database_all_serve_and_hand_over_duties() {
     let drop_dir = w.path("drop");
     std::fs::create_dir_all(&drop_dir).unwrap();
     w.admin_ok(&burl, &["watch", "add", drop_dir.to_str().unwrap(), "--auto"]);
-    let holds = |p: &updraft_tests::Proc| p.log_text().contains("holding the duty");
+    let holds = |p: &updraft_tests::Proc| p.holds_duty("content-scanner");
     wait_until("one provider holds the scanner duty", T, || holds(&a) || holds(&b));
     assert!(!(holds(&a) && holds(&b)), "two providers hold one duty");
     let (survivor, survivor_url) = if holds(&a) {

@@ -275,6 +275,12 @@ impl Proc {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Whether this provider has said it holds `duty` (providers on one database share each
+    /// duty out: `content-scanner`, `rollouts`, each to whichever takes it first).
+    pub fn holds_duty(&self, duty: &str) -> bool {
+        self.log_text().contains(&format!("holding the duty duty=\"{duty}\""))
+    }
 }
 
 impl Drop for Proc {
