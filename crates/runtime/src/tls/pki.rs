@@ -80,9 +80,9 @@ pub fn rotate(dir: &Path, step: Rotation, name: &str) -> Result<String, TlsError
     let (prev_crt, prev_key) = (path(PREVIOUS, "crt"), path(PREVIOUS, "key"));
     let extra = dir.join(EXTRA_TRUST);
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| file_err(p, e));
-    Ca::load(dir)?;
     match step {
         Rotation::Introduce => {
+            Ca::load(dir)?;
             if next_crt.exists() || prev_crt.exists() {
                 return Err(file_err(&next_crt, "a rotation is under way already: promote or retire first"));
             }
@@ -104,15 +104,30 @@ pub fn rotate(dir: &Path, step: Rotation, name: &str) -> Result<String, TlsError
                 return Err(file_err(&next_crt, "no CA was introduced: `pki rotate --introduce` first"));
             }
             let next = Ca::load_pair(&next_crt, &next_key)?;
-            let old = Ca::load(dir)?;
-            write_secret(&prev_key, &read(&dir.join(CA_KEY))?)?;
-            write_public(&prev_crt, &old.cert_pem)?;
+            // Each file below is replaced whole, and the step can be taken again from any
+            // point it was cut short at (kill -9, a full disk): the old CA is copied aside
+            // first (its certificate last, marking the copy whole), and once it is, that copy
+            // is the old CA, since ca.key may already hold the new key.
+            let old = if prev_crt.exists() {
+                Ca::load_pair(&prev_crt, &prev_key)?
+            } else {
+                let old = Ca::load(dir)?;
+                match std::fs::remove_file(&prev_key) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(file_err(&prev_key, e)),
+                }
+                write_secret(&prev_key, &read(&dir.join(CA_KEY))?)?;
+                write_public(&prev_crt, &old.cert_pem)?;
+                old
+            };
             // The old CA stays trusted (also in ca.crt, which tools may trust as it is); the
-            // new one, first in ca.crt, issues.
+            // new one, first in ca.crt, issues. A provider reading between the key and the
+            // certificate finds a pair that does not belong together and reads again later.
             super::write_file(&extra, old.cert_pem.as_bytes())?;
             super::write_file(&dir.join(CA_KEY), read(&next_key)?.as_bytes())?;
             super::write_file(&dir.join(CA_CERT), format!("{}{}", next.cert_pem, old.cert_pem).as_bytes())?;
-            for p in [&next_key, &next_crt] {
+            for p in [&next_crt, &next_key] {
                 std::fs::remove_file(p).map_err(|e| file_err(p, e))?;
             }
             Ok(format!("the new CA ({}) issues from now on; the previous one stays trusted", next.fingerprint))
@@ -474,4 +489,50 @@ pub fn write_new_key(path: &Path, key_pem: &str) -> Result<(), TlsError> {
         std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
     }
     write_secret(path, key_pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A promote cut short after the new key replaced ca.key (ca.crt still the old CA's) is
+    /// finished by taking the step again, and the rotation goes on to its end.
+    #[test]
+    fn a_promote_cut_short_is_finished_by_taking_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        init(dir, "test").unwrap();
+        let first = Ca::load(dir).unwrap().fingerprint;
+        rotate(dir, Rotation::Introduce, "test").unwrap();
+        let next = Ca::load_pair(&dir.join(format!("{NEXT}.crt")), &dir.join(format!("{NEXT}.key"))).unwrap();
+
+        // What a promote killed between its two writes leaves: the old CA copied aside, the
+        // new key in ca.key, the old certificate in ca.crt.
+        std::fs::copy(dir.join(CA_KEY), dir.join(format!("{PREVIOUS}.key"))).unwrap();
+        std::fs::copy(dir.join(CA_CERT), dir.join(format!("{PREVIOUS}.crt"))).unwrap();
+        std::fs::copy(dir.join(format!("{NEXT}.key")), dir.join(CA_KEY)).unwrap();
+        assert!(Ca::load(dir).is_err(), "a torn pair must not load");
+
+        rotate(dir, Rotation::Promote, "test").unwrap();
+        assert_eq!(Ca::load(dir).unwrap().fingerprint, next.fingerprint);
+        assert_eq!(Ca::load_previous(dir).unwrap().unwrap().fingerprint, first);
+        assert!(!dir.join(format!("{NEXT}.crt")).exists() && !dir.join(format!("{NEXT}.key")).exists());
+        rotate(dir, Rotation::Retire, "test").unwrap();
+        assert!(Ca::load_previous(dir).unwrap().is_none());
+        assert_eq!(Ca::load(dir).unwrap().fingerprint, next.fingerprint);
+    }
+
+    /// A promote cut short while copying the old key aside (no copy of its certificate yet)
+    /// starts that copy over.
+    #[test]
+    fn a_promote_cut_short_while_copying_the_old_ca_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        init(dir, "test").unwrap();
+        let first = Ca::load(dir).unwrap().fingerprint;
+        rotate(dir, Rotation::Introduce, "test").unwrap();
+        std::fs::write(dir.join(format!("{PREVIOUS}.key")), "half a key").unwrap();
+        rotate(dir, Rotation::Promote, "test").unwrap();
+        assert_eq!(Ca::load_previous(dir).unwrap().unwrap().fingerprint, first);
+    }
 }
