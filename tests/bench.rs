@@ -807,11 +807,11 @@ async fn serving_section(w: &World, purl: &str, surl: &str) {
     let ours = h2load(&check_url, Some(&check_body), 100, 20_000, n);
     let theirs = nurl("answer").and_then(|u| h2load(&u, None, 100, 20_000, n));
     ratio_line("checks/s, 100 clients", ours, theirs, |l| l.req_per_s, "req/s");
+    let download = |url: &str| format!("{url}/updraft.v1.AgentApi/Download");
     // The site serves what it has fetched once from the provider: the first download fills it.
-    let site_dl = format!("{surl}/updraft.v1.AgentApi/Download");
-    h2load(&site_dl, Some(&dl_body), 1, 1, size);
+    h2load(&download(surl), Some(&dl_body), 1, 1, size);
     for (tier, url) in [("provider", purl), ("site", surl)] {
-        let dl_url = format!("{url}/updraft.v1.AgentApi/Download");
+        let dl_url = download(url);
         for clients in [1, 10, 100] {
             let requests = clients * downloads_each(clients);
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());

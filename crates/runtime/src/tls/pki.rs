@@ -42,6 +42,14 @@ fn write_public(path: &Path, text: &str) -> Result<(), TlsError> {
     f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| file_err(path, e))
 }
 
+/// Removes `path`; one that is not there is removed already.
+fn remove_if_present(path: &Path) -> Result<(), TlsError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(file_err(path, e)),
+        _ => Ok(()),
+    }
+}
+
 fn err(e: rcgen::Error) -> TlsError {
     TlsError::Config(e.to_string())
 }
@@ -112,11 +120,7 @@ pub fn rotate(dir: &Path, step: Rotation, name: &str) -> Result<String, TlsError
                 Ca::load_pair(&prev_crt, &prev_key)?
             } else {
                 let old = Ca::load(dir)?;
-                match std::fs::remove_file(&prev_key) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(file_err(&prev_key, e)),
-                }
+                remove_if_present(&prev_key)?;
                 write_secret(&prev_key, &read(&dir.join(CA_KEY))?)?;
                 write_public(&prev_crt, &old.cert_pem)?;
                 old
@@ -145,11 +149,7 @@ pub fn rotate(dir: &Path, step: Rotation, name: &str) -> Result<String, TlsError
             );
             std::fs::rename(&prev_key, &ret_key).map_err(|e| file_err(&prev_key, e))?;
             std::fs::rename(&prev_crt, &ret_crt).map_err(|e| file_err(&prev_crt, e))?;
-            match std::fs::remove_file(&extra) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(file_err(&extra, e)),
-            }
+            remove_if_present(&extra)?;
             Ok(format!("retired CA {}: trusted no more from the next round", old.fingerprint))
         }
     }
@@ -495,15 +495,22 @@ pub fn write_new_key(path: &Path, key_pem: &str) -> Result<(), TlsError> {
 mod tests {
     use super::*;
 
+    /// A CA directory with a new CA introduced beside its first one, and the first one's
+    /// fingerprint.
+    fn introduced() -> (tempfile::TempDir, String) {
+        let tmp = tempfile::tempdir().unwrap();
+        init(tmp.path(), "test").unwrap();
+        let first = Ca::load(tmp.path()).unwrap().fingerprint;
+        rotate(tmp.path(), Rotation::Introduce, "test").unwrap();
+        (tmp, first)
+    }
+
     /// A promote cut short after the new key replaced ca.key (ca.crt still the old CA's) is
     /// finished by taking the step again, and the rotation goes on to its end.
     #[test]
     fn a_promote_cut_short_is_finished_by_taking_it_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let dir = dir.path();
-        init(dir, "test").unwrap();
-        let first = Ca::load(dir).unwrap().fingerprint;
-        rotate(dir, Rotation::Introduce, "test").unwrap();
+        let (tmp, first) = introduced();
+        let dir = tmp.path();
         let next = Ca::load_pair(&dir.join(format!("{NEXT}.crt")), &dir.join(format!("{NEXT}.key"))).unwrap();
 
         // What a promote killed between its two writes leaves: the old CA copied aside, the
@@ -526,11 +533,8 @@ mod tests {
     /// starts that copy over.
     #[test]
     fn a_promote_cut_short_while_copying_the_old_ca_starts_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let dir = dir.path();
-        init(dir, "test").unwrap();
-        let first = Ca::load(dir).unwrap().fingerprint;
-        rotate(dir, Rotation::Introduce, "test").unwrap();
+        let (tmp, first) = introduced();
+        let dir = tmp.path();
         std::fs::write(dir.join(format!("{PREVIOUS}.key")), "half a key").unwrap();
         rotate(dir, Rotation::Promote, "test").unwrap();
         assert_eq!(Ca::load_previous(dir).unwrap().unwrap().fingerprint, first);
