@@ -257,12 +257,20 @@ fn h2load(
     Some(load)
 }
 
+/// How many checks a checks-per-second figure is measured over: `UPDRAFT_BENCH_CHECKS`, by
+/// default 100,000 (some seconds: fewer swing with the machine's moment).
+fn check_count() -> usize {
+    std::env::var("UPDRAFT_BENCH_CHECKS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000)
+}
+
 /// nginx serving `root` over cleartext HTTP/2 on loopback (the baseline), in its best setting
 /// for this job: with `sendfile on`, small answers over HTTP/2 stall on delayed ACKs (43 ms
 /// each, 2,300 req/s here) and one large download runs at 0.76 GB/s instead of 1.3; with
 /// `http2_chunk_size 256k` (its default is 8k) it sends the frames h2load allows and serves
 /// 64 MiB 5–15% faster than by default (1.84/2.52/2.64 GB/s to 1/10/100 clients by default,
-/// 1.97/2.62/2.79 at 256k, 2.02/2.81/2.76 at 1m).
+/// 1.97/2.62/2.79 at 256k, 2.02/2.81/2.76 at 1m). Its connections stay open for any number of
+/// requests, as an agent's does (by default it closes one after 1,000, failing a request caught
+/// in the close).
 fn nginx(w: &World, root: &std::path::Path) -> Option<(Proc, u16)> {
     nginx_with(w, root, None)
 }
@@ -298,7 +306,7 @@ fn nginx_with(w: &World, root: &std::path::Path, tls: Option<&NginxTls>) -> Opti
     let user = if running_as_root() { "user root;\n" } else { "" };
     let conf = format!(
         "daemon off;\n{user}worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  http2_chunk_size 256k;\n  sendfile off;\n  tcp_nodelay on;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         http {{\n  access_log off;\n  keepalive_requests 10000000;\n  http2_chunk_size 256k;\n  sendfile off;\n  tcp_nodelay on;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
            server {{\n    listen 127.0.0.1:{port}{ssl} http2;\n    root {r};\n{tls_conf}  }}\n}}\n"
     );
@@ -804,8 +812,8 @@ async fn serving_section(w: &World, purl: &str, surl: &str) {
     println!("(answer {} bytes; blob {:.0} MiB)", answer.len(), size as f64 / (1 << 20) as f64);
     let check_url = format!("{purl}/updraft.v1.AgentApi/Check");
     let n = answer.len() as u64;
-    let ours = h2load(&check_url, Some(&check_body), 100, 20_000, n);
-    let theirs = nurl("answer").and_then(|u| h2load(&u, None, 100, 20_000, n));
+    let ours = h2load(&check_url, Some(&check_body), 100, check_count(), n);
+    let theirs = nurl("answer").and_then(|u| h2load(&u, None, 100, check_count(), n));
     ratio_line("checks/s, 100 clients", ours, theirs, |l| l.req_per_s, "req/s");
     let download = |url: &str| format!("{url}/updraft.v1.AgentApi/Download");
     // The site serves what it has fetched once from the provider: the first download fills it.
@@ -980,7 +988,7 @@ async fn tls_section() {
         .zip(&names)
         .map(|(c, n)| (c.clone(), Req::grpc("/updraft.v1.AgentApi/Check", &steady(n, &digest))))
         .collect();
-    let checks: usize = std::env::var("UPDRAFT_BENCH_CHECKS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let checks = check_count();
     eprintln!("bench: measuring checks/s over mutual TLS (provider pid {:?})", p.pid());
     let ours = loadgen::run(ours, checks).await;
     eprintln!("bench: measured checks/s");

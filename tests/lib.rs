@@ -124,8 +124,19 @@ impl Proc {
         Self::start_env(dir, name, program, args, &[])
     }
 
+    /// `UPDRAFT_PROFILE_PROVIDER`, when set, is a command (split on spaces) each provider is
+    /// started under, for a profile of it in a benchmark: e.g. `heaptrack -o /tmp/ht` or
+    /// `perf record -g -o /tmp/perf.data --`.
     pub fn start_env(dir: &Path, name: &str, program: &str, args: &[&str], env: &[(String, String)]) -> Proc {
-        let mut cmd = Command::new(bin(program));
+        let wrapper = std::env::var("UPDRAFT_PROFILE_PROVIDER").ok().filter(|w| !w.trim().is_empty());
+        let mut cmd = match wrapper.as_deref().map(str::split_whitespace) {
+            Some(mut words) if program == "provider" => {
+                let mut cmd = Command::new(words.next().expect("not blank"));
+                cmd.args(words).arg(bin(program));
+                cmd
+            }
+            _ => Command::new(bin(program)),
+        };
         cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
         Self::spawn(dir, name, cmd)
     }
