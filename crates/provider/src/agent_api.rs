@@ -477,64 +477,99 @@ impl<T: Tier> AgentApi for AgentService<T> {
                 ProviderError::LimitReached(format!("this provider holds its maximum of {max} push streams")).into()
             );
         }
-        let guard = SubscriberGuard(self.subscribers.clone());
-        let mut rx = self.shared.hub.subscribe_push();
-        let shared = self.shared.clone();
-        let hello = |shared: &Shared| PushEvent {
-            kind: PushKind::Hello as i32,
-            catalog_seq: shared.store.catalog_seq().unwrap_or(0),
-            ..Default::default()
+        let _guard = SubscriberGuard(self.subscribers.clone());
+        let (generation, superseded) = self.streams.open(&req.machine);
+        // Subscribed before the hello reads the sequence: a change published in between is sent.
+        let rx = self.shared.hub.subscribe_push();
+        let state = PushState {
+            hello: Some(hello(&self.shared)),
+            rx,
+            reachable: self.shared.database_ok.subscribe(),
+            shared: self.shared.clone(),
+            streams: self.streams.clone(),
+            machine: req.machine,
+            generation,
+            superseded,
+            fan_out: self.fan_out.clone(),
+            ended: false,
+            _guard,
         };
-        let (tx, out) = mpsc::channel(16);
-        let first = hello(&shared);
-        let fan_out = self.fan_out.clone();
-        let (streams, machine) = (self.streams.clone(), req.machine.clone());
-        let (generation, superseded) = streams.open(&machine);
-        let mut reachable = self.shared.database_ok.subscribe();
-        tokio::spawn(
-            async move {
-                let _guard = guard;
-                if tx.send(Ok(first)).await.is_err() {
-                    streams.close(&machine, generation);
-                    return;
-                }
-                loop {
-                    tokio::select! {
-                        _ = superseded.notified() => {
-                            let _ = tx.try_send(Err(Status::aborted("superseded by a newer push stream of this machine")));
-                            break;
-                        }
-                        _ = shared.stopping.cancelled() => {
-                            let _ = tx.try_send(Err(Status::unavailable("this provider is stopping: reconnect elsewhere")));
-                            break;
-                        }
-                        // Cut off from the database, this provider hears no other's changes.
-                        _ = async { reachable.wait_for(|ok| !*ok).await.is_ok() } => {
-                            let _ = tx.try_send(Err(Status::unavailable("this provider cannot reach its database: reconnect elsewhere")));
-                            break;
-                        }
-                        ev = rx.recv() => {
-                            let (ev, published) = match ev {
-                                Ok(p) => (p.event, Some(p.at)),
-                                // Fell behind: a fresh hello makes the agent check, so nothing is missed.
-                                Err(broadcast::error::RecvError::Lagged(_)) => (hello(&shared), None),
-                                Err(broadcast::error::RecvError::Closed) => break,
-                            };
-                            let kind = PushKind::try_from(ev.kind).unwrap_or(PushKind::Unspecified);
-                            if tx.send(Ok(ev)).await.is_err() { break; }
-                            if let Some(at) = published {
-                                let kind = KeyValue::new("kind", kind.as_str_name().trim_start_matches("PUSH_KIND_").to_lowercase());
-                                fan_out.record(at.elapsed().as_secs_f64() * 1000.0, &[kind]);
-                            }
-                        }
-                        _ = tx.closed() => break,
-                    }
-                }
-                streams.close(&machine, generation);
+        let stream = futures::stream::unfold(state, |mut state| async move {
+            let item = state.next().await?;
+            Some((item, state))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// A push stream's first event: the catalog sequence as this provider knows it.
+fn hello(shared: &Shared) -> PushEvent {
+    PushEvent {
+        kind: PushKind::Hello as i32,
+        catalog_seq: shared.store.catalog_seq().unwrap_or(0),
+        ..Default::default()
+    }
+}
+
+/// One push stream, polled as the response body itself: no task or channel of its own between
+/// the change hub and the connection (that pair cost about 4 kB per connected agent). Dropped
+/// when the stream ends or its agent goes away, it forgets the stream and frees its slot.
+struct PushState {
+    hello: Option<PushEvent>,
+    rx: broadcast::Receiver<crate::hub::Published>,
+    reachable: tokio::sync::watch::Receiver<bool>,
+    shared: Arc<Shared>,
+    streams: Arc<PushStreams>,
+    machine: String,
+    generation: u64,
+    superseded: Arc<Notify>,
+    fan_out: Histogram<f64>,
+    /// The stream sent the error that ends it.
+    ended: bool,
+    _guard: SubscriberGuard,
+}
+
+impl PushState {
+    /// The stream's next item: the hello, then each published change, or the error that ends it
+    /// (superseded by a newer stream of the machine, the provider stopping, or cut off from its
+    /// database, where it would hear no other provider's changes); then nothing.
+    async fn next(&mut self) -> Option<Result<PushEvent, Status>> {
+        if self.ended {
+            return None;
+        }
+        if let Some(hello) = self.hello.take() {
+            return Some(Ok(hello));
+        }
+        let Self { rx, reachable, shared, superseded, fan_out, .. } = self;
+        let ending = tokio::select! {
+            _ = superseded.notified() => Status::aborted("superseded by a newer push stream of this machine"),
+            _ = shared.stopping.cancelled() => Status::unavailable("this provider is stopping: reconnect elsewhere"),
+            _ = reachable.wait_for(|ok| !*ok) => {
+                Status::unavailable("this provider cannot reach its database: reconnect elsewhere")
             }
-            .instrument(tracing::info_span!("push_stream", machine = %req.machine)),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+            ev = rx.recv() => {
+                let (ev, published) = match ev {
+                    Ok(p) => (p.event, Some(p.at)),
+                    // Fell behind: a fresh hello makes the agent check, so nothing is missed.
+                    Err(broadcast::error::RecvError::Lagged(_)) => (hello(shared), None),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                if let Some(at) = published {
+                    let kind = PushKind::try_from(ev.kind).unwrap_or(PushKind::Unspecified);
+                    let kind = KeyValue::new("kind", kind.as_str_name().trim_start_matches("PUSH_KIND_").to_lowercase());
+                    fan_out.record(at.elapsed().as_secs_f64() * 1000.0, &[kind]);
+                }
+                return Some(Ok(ev));
+            }
+        };
+        self.ended = true;
+        Some(Err(ending))
+    }
+}
+
+impl Drop for PushState {
+    fn drop(&mut self) {
+        self.streams.close(&self.machine, self.generation);
     }
 }
 
@@ -543,5 +578,75 @@ struct SubscriberGuard(Arc<AtomicUsize>);
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use tonic::Code;
+
+    use super::*;
+    use crate::Config;
+    use crate::store::Change;
+    use updraft_core::model::UpdateState;
+    use updraft_proto::v1::Update;
+
+    fn subscribe_to(
+        service: &AgentService<LocalTier>,
+        machine: &str,
+    ) -> impl Future<Output = std::result::Result<Response<PushStream>, Status>> {
+        service.subscribe(Request::new(SubscribeRequest { machine: machine.into(), last_seen_seq: 0 }))
+    }
+
+    /// A push stream says hello, passes on each change, and ends with the reason it ends; a
+    /// stream whose agent went away frees its slot and its machine's registration at once.
+    #[tokio::test]
+    async fn a_push_stream_lives_exactly_as_long_as_its_agent_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::new("t", dir.path().to_path_buf());
+        config.max_subscribers = 2;
+        let shared = Shared::open(config).unwrap();
+        let service = AgentService::new(shared.clone(), Arc::new(LocalTier { shared: shared.clone() }));
+        let hello = |item: Option<std::result::Result<PushEvent, Status>>| item.unwrap().unwrap().kind;
+
+        let mut first = subscribe_to(&service, "m1").await.unwrap().into_inner();
+        let mut second = subscribe_to(&service, "m2").await.unwrap().into_inner();
+        assert_eq!(hello(first.next().await), PushKind::Hello as i32);
+        assert_eq!(hello(second.next().await), PushKind::Hello as i32);
+        let full = subscribe_to(&service, "m3").await.map(|_| ()).unwrap_err();
+        assert_eq!(full.code(), Code::ResourceExhausted, "{full}");
+
+        // A change reaches every stream.
+        let update =
+            Update { id: "u".into(), high_priority: true, state: UpdateState::Ga.to_wire(), ..Default::default() };
+        shared.hub.publish(Change::Upsert(Box::new(update)));
+        for s in [&mut first, &mut second] {
+            let ev = s.next().await.unwrap().unwrap();
+            assert_eq!((ev.kind, ev.update_id.as_str()), (PushKind::HighPriority as i32, "u"));
+        }
+
+        // The agent went away: its slot and registration are freed with the stream.
+        drop(first);
+        assert!(!service.streams.by_machine.lock().unwrap().contains_key("m1"));
+        let mut third = subscribe_to(&service, "m3").await.unwrap().into_inner();
+        assert_eq!(hello(third.next().await), PushKind::Hello as i32);
+
+        // A newer stream of the same machine ends the older, which then ends.
+        let mut again = subscribe_to(&service, "m3").await;
+        assert_eq!(again.as_ref().map(|_| ()).unwrap_err().code(), Code::ResourceExhausted, "two slots, both held");
+        drop(second);
+        again = subscribe_to(&service, "m3").await;
+        let mut again = again.unwrap().into_inner();
+        assert_eq!(third.next().await.unwrap().unwrap_err().code(), Code::Aborted);
+        assert!(third.next().await.is_none());
+        drop(third);
+        assert!(service.streams.by_machine.lock().unwrap().contains_key("m3"), "the newer stream stays registered");
+
+        // A stopping provider ends every stream, saying so.
+        assert_eq!(hello(again.next().await), PushKind::Hello as i32);
+        shared.stopping.cancel();
+        assert_eq!(again.next().await.unwrap().unwrap_err().code(), Code::Unavailable);
+        assert!(again.next().await.is_none());
     }
 }
