@@ -126,7 +126,8 @@ impl Proc {
 
     /// `UPDRAFT_PROFILE_PROVIDER`, when set, is a command (split on spaces) each provider is
     /// started under, for a profile of it in a benchmark: e.g. `heaptrack -o /tmp/ht` or
-    /// `perf record -g -o /tmp/perf.data --`.
+    /// `perf record -g -o /tmp/perf.data --`. The process watched (its memory, its pid) is then
+    /// the wrapper's, which is the provider's only if the wrapper execs it.
     pub fn start_env(dir: &Path, name: &str, program: &str, args: &[&str], env: &[(String, String)]) -> Proc {
         let wrapper = std::env::var("UPDRAFT_PROFILE_PROVIDER").ok().filter(|w| !w.trim().is_empty());
         let mut cmd = match wrapper.as_deref().map(str::split_whitespace) {
