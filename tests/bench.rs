@@ -812,8 +812,9 @@ async fn serving_section(w: &World, purl: &str, surl: &str) {
     println!("(answer {} bytes; blob {:.0} MiB)", answer.len(), size as f64 / (1 << 20) as f64);
     let check_url = format!("{purl}/updraft.v1.AgentApi/Check");
     let n = answer.len() as u64;
-    let ours = h2load(&check_url, Some(&check_body), 100, check_count(), n);
-    let theirs = nurl("answer").and_then(|u| h2load(&u, None, 100, check_count(), n));
+    let checks = check_count();
+    let ours = h2load(&check_url, Some(&check_body), 100, checks, n);
+    let theirs = nurl("answer").and_then(|u| h2load(&u, None, 100, checks, n));
     ratio_line("checks/s, 100 clients", ours, theirs, |l| l.req_per_s, "req/s");
     let download = |url: &str| format!("{url}/updraft.v1.AgentApi/Download");
     // The site serves what it has fetched once from the provider: the first download fills it.

@@ -491,12 +491,15 @@ impl<T: Tier> AgentApi for AgentService<T> {
             generation,
             superseded,
             fan_out: self.fan_out.clone(),
-            ended: false,
             _guard,
         };
-        let stream = futures::stream::unfold(state, |mut state| async move {
-            let item = state.next().await?;
-            Some((item, state))
+        let stream = futures::stream::unfold(Some(state), |state| async move {
+            let mut state = state?;
+            match state.next().await? {
+                Ok(event) => Some((Ok(event), Some(state))),
+                // The error that ends the stream: the state, its slot and registration go with it.
+                Err(ending) => Some((Err(ending), None)),
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -524,19 +527,14 @@ struct PushState {
     generation: u64,
     superseded: Arc<Notify>,
     fan_out: Histogram<f64>,
-    /// The stream sent the error that ends it.
-    ended: bool,
     _guard: SubscriberGuard,
 }
 
 impl PushState {
     /// The stream's next item: the hello, then each published change, or the error that ends it
     /// (superseded by a newer stream of the machine, the provider stopping, or cut off from its
-    /// database, where it would hear no other provider's changes); then nothing.
+    /// database, where it would hear no other provider's changes); nothing once the hub is gone.
     async fn next(&mut self) -> Option<Result<PushEvent, Status>> {
-        if self.ended {
-            return None;
-        }
         if let Some(hello) = self.hello.take() {
             return Some(Ok(hello));
         }
@@ -562,7 +560,6 @@ impl PushState {
                 return Some(Ok(ev));
             }
         };
-        self.ended = true;
         Some(Err(ending))
     }
 }
@@ -608,12 +605,12 @@ mod tests {
         config.max_subscribers = 2;
         let shared = Shared::open(config).unwrap();
         let service = AgentService::new(shared.clone(), Arc::new(LocalTier { shared: shared.clone() }));
-        let hello = |item: Option<std::result::Result<PushEvent, Status>>| item.unwrap().unwrap().kind;
+        let kind = |item: Option<std::result::Result<PushEvent, Status>>| item.unwrap().unwrap().kind;
 
         let mut first = subscribe_to(&service, "m1").await.unwrap().into_inner();
         let mut second = subscribe_to(&service, "m2").await.unwrap().into_inner();
-        assert_eq!(hello(first.next().await), PushKind::Hello as i32);
-        assert_eq!(hello(second.next().await), PushKind::Hello as i32);
+        assert_eq!(kind(first.next().await), PushKind::Hello as i32);
+        assert_eq!(kind(second.next().await), PushKind::Hello as i32);
         let full = subscribe_to(&service, "m3").await.map(|_| ()).unwrap_err();
         assert_eq!(full.code(), Code::ResourceExhausted, "{full}");
 
@@ -630,21 +627,20 @@ mod tests {
         drop(first);
         assert!(!service.streams.by_machine.lock().unwrap().contains_key("m1"));
         let mut third = subscribe_to(&service, "m3").await.unwrap().into_inner();
-        assert_eq!(hello(third.next().await), PushKind::Hello as i32);
+        assert_eq!(kind(third.next().await), PushKind::Hello as i32);
 
         // A newer stream of the same machine ends the older, which then ends.
-        let mut again = subscribe_to(&service, "m3").await;
-        assert_eq!(again.as_ref().map(|_| ()).unwrap_err().code(), Code::ResourceExhausted, "two slots, both held");
+        let refused = subscribe_to(&service, "m3").await.map(|_| ()).unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "two slots, both held");
         drop(second);
-        again = subscribe_to(&service, "m3").await;
-        let mut again = again.unwrap().into_inner();
+        let mut again = subscribe_to(&service, "m3").await.unwrap().into_inner();
         assert_eq!(third.next().await.unwrap().unwrap_err().code(), Code::Aborted);
         assert!(third.next().await.is_none());
         drop(third);
         assert!(service.streams.by_machine.lock().unwrap().contains_key("m3"), "the newer stream stays registered");
 
         // A stopping provider ends every stream, saying so.
-        assert_eq!(hello(again.next().await), PushKind::Hello as i32);
+        assert_eq!(kind(again.next().await), PushKind::Hello as i32);
         shared.stopping.cancel();
         assert_eq!(again.next().await.unwrap().unwrap_err().code(), Code::Unavailable);
         assert!(again.next().await.is_none());
