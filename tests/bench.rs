@@ -991,7 +991,10 @@ async fn tls_section() {
         .collect();
     let checks = check_count();
     eprintln!("bench: measuring checks/s over mutual TLS (provider pid {:?})", p.pid());
+    let cpu = || p.pid().and_then(cpu_secs);
+    let cpu0 = cpu();
     let ours = loadgen::run(ours, checks).await;
+    let per_check = cpu().zip(cpu0).map(|(after, before)| (after - before) / checks as f64 * 1e6);
     eprintln!("bench: measured checks/s");
     let theirs = match &nurl {
         Some(u) => {
@@ -1005,6 +1008,9 @@ async fn tls_section() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("(answer {} bytes; blob {:.0} MiB)", answer.len(), size as f64 / (1 << 20) as f64);
     gen_line("checks/s, 100 clients", Some(ours), theirs, |l| l.req_per_s, "req/s");
+    if let Some(us) = per_check {
+        println!("provider CPU per check: {us:.1} µs (user + system)");
+    }
 
     let dl = Req::grpc("/updraft.v1.AgentApi/Download", &BlobRequest { content_hash: hash, offset: 0 });
     // The downloading machines check at the site first, as agents do, so it knows what they

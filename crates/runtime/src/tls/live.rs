@@ -9,6 +9,7 @@
 //! state ([`super::Transport::endpoint`]); a long-lived client compares [`Tls::generation`] to
 //! rebuild its channel after a reload.
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -362,7 +363,7 @@ impl Tls {
         self: &Arc<Self>,
         incoming: S,
         clients: ClientAuth,
-    ) -> impl Stream<Item = io::Result<tokio_rustls::server::TlsStream<Revocable<IO>>>> + Send + 'static
+    ) -> impl Stream<Item = io::Result<Coalesced<tokio_rustls::server::TlsStream<Revocable<IO>>>>> + Send + 'static
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Stream<Item = io::Result<IO>> + Send + 'static,
@@ -403,7 +404,7 @@ impl Tls {
                             if let Some((serial, issuer)) = client {
                                 stream.get_mut().0.registration = Some(open.register(serial, issuer, token));
                             }
-                            let _ = tx.send(Ok(stream)).await;
+                            let _ = tx.send(Ok(Coalesced(stream))).await;
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -645,7 +646,6 @@ impl<IO> Revocable<IO> {
             .then(|| io::Error::new(io::ErrorKind::ConnectionAborted, "the peer's certificate was revoked"))
     }
 }
-use std::future::Future;
 
 impl<IO: Connected> Connected for Revocable<IO> {
     type ConnectInfo = IO::ConnectInfo;
@@ -675,5 +675,76 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Revocable<IO> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    // Forwarded, so that the TLS records of one flush (an answer's headers and data, then its
+    // trailers) leave in one `writev` rather than one `send` each.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.revoked(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// A server's TLS stream as HTTP/2 sees it: one that does not write vectored. h2 then copies a
+/// frame's payload of up to 1 KiB into its write buffer instead of chaining it (256 bytes when
+/// the stream writes vectored), so a check's answer — headers, data and trailers — is one TLS
+/// record and one `writev`; chained, the data had to be flushed before the trailers could be
+/// queued, two records and two system calls per answer. Larger payloads (downloads) are still
+/// chained, and the TLS layer below still writes its records vectored.
+pub struct Coalesced<S>(S);
+
+impl<S: Connected> Connected for Coalesced<S> {
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.connect_info()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_coalesced_stream_hides_vectored_writes_and_passes_bytes_through() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let revocable = Revocable::new(server, CancellationToken::new());
+        assert!(revocable.is_write_vectored(), "the connection under TLS keeps writing its records vectored");
+        let mut coalesced = Coalesced(revocable);
+        assert!(!coalesced.is_write_vectored(), "h2 must copy small payloads, not chain them");
+        coalesced.write_all(b"answer").await.unwrap();
+        let mut client = client;
+        let mut got = [0u8; 6];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"answer");
     }
 }

@@ -18,7 +18,7 @@ mod live;
 pub mod pki;
 
 pub(crate) use live::write_file;
-pub use live::{ClientAuth, Credentials, Paths, Revocable, Tls, revoked_serials};
+pub use live::{ClientAuth, Coalesced, Credentials, Paths, Revocable, Tls, revoked_serials};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
