@@ -196,7 +196,7 @@ pub fn status_of(headers: &http::HeaderMap) -> i64 {
 }
 
 /// The attributes of an RPC measurement, by the OpenTelemetry RPC conventions.
-pub fn rpc_attributes(service: String, method: String, code: i64) -> [KeyValue; 4] {
+pub fn rpc_attributes(service: &'static str, method: &'static str, code: i64) -> [KeyValue; 4] {
     [
         KeyValue::new("rpc.system", "grpc"),
         KeyValue::new("rpc.service", service),
@@ -247,12 +247,46 @@ pub struct RpcServer<S> {
     duration: Histogram<f64>,
 }
 
-/// `rpc.service` and `rpc.method` of a gRPC path (`/updraft.v1.AgentApi/Check`).
-pub fn rpc_names(path: &str) -> (String, String) {
-    let path = path.trim_start_matches('/');
-    match path.rsplit_once('/') {
-        Some((service, method)) => (service.rsplit('/').next().unwrap_or(service).to_string(), method.to_string()),
-        None => (path.to_string(), String::new()),
+/// What a path names when it is no RPC of this build (OpenTelemetry's name for a method the
+/// server does not know): a caller choosing paths cannot add series to a histogram or names
+/// to spans.
+pub const OTHER: &str = "_OTHER";
+
+/// Services served beside the updraft.v1 API.
+const STANDARD_RPCS: [(&str, &str); 3] = [
+    ("grpc.health.v1.Health", "Check"),
+    ("grpc.health.v1.Health", "Watch"),
+    ("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo"),
+];
+
+/// Every RPC this build serves or calls, as `service/method` → (service, method), sorted by
+/// path for a binary search: the updraft.v1 API's descriptors and the standard services.
+static KNOWN_RPCS: std::sync::LazyLock<Vec<(String, (String, String))>> = std::sync::LazyLock::new(|| {
+    let api = <prost_types::FileDescriptorSet as prost::Message>::decode(updraft_proto::FILE_DESCRIPTOR_SET)
+        .expect("the compiled-in descriptors decode");
+    let ours = api.file.iter().flat_map(|f| {
+        f.service.iter().flat_map(move |s| {
+            let service = format!("{}.{}", f.package(), s.name());
+            s.method.iter().map(move |m| (service.clone(), m.name().to_string()))
+        })
+    });
+    let standard = STANDARD_RPCS.iter().map(|(s, m)| (s.to_string(), m.to_string()));
+    let mut known: Vec<_> = ours.chain(standard).map(|(s, m)| (format!("{s}/{m}"), (s, m))).collect();
+    known.sort();
+    known
+});
+
+/// `rpc.service` and `rpc.method` of a gRPC path (`/updraft.v1.AgentApi/Check`, also behind a
+/// proxy's prefix), or [`OTHER`] for a path that is no known RPC.
+pub fn rpc_names(path: &str) -> (&'static str, &'static str) {
+    // The path's tail from its second-last slash: `service/method`, without allocating.
+    let tail = match path.rfind('/').and_then(|i| path[..i].rfind('/')) {
+        Some(j) => &path[j + 1..],
+        None => path,
+    };
+    match KNOWN_RPCS.binary_search_by(|(path, _)| path.as_str().cmp(tail)) {
+        Ok(i) => (&KNOWN_RPCS[i].1.0, &KNOWN_RPCS[i].1.1),
+        Err(_) => (OTHER, OTHER),
     }
 }
 
@@ -323,10 +357,12 @@ mod tests {
 
     #[test]
     fn rpc_paths_name_service_and_method() {
-        assert_eq!(rpc_names("/updraft.v1.AgentApi/Check"), ("updraft.v1.AgentApi".into(), "Check".into()));
-        assert_eq!(
-            rpc_names("/updraft/updraft.v1.Admin/ListUpdates"),
-            ("updraft.v1.Admin".into(), "ListUpdates".into())
-        );
+        assert_eq!(rpc_names("/updraft.v1.AgentApi/Check"), ("updraft.v1.AgentApi", "Check"));
+        assert_eq!(rpc_names("/updraft/updraft.v1.Admin/ListUpdates"), ("updraft.v1.Admin", "ListUpdates"));
+        assert_eq!(rpc_names("/grpc.health.v1.Health/Check"), ("grpc.health.v1.Health", "Check"));
+        // A caller's invented paths all count as one.
+        for path in ["/updraft.v1.AgentApi/Nope", "/x/y", "/a/b/c/d", "/Check", "", "/", "//", "nope"] {
+            assert_eq!(rpc_names(path), (OTHER, OTHER), "{path}");
+        }
     }
 }

@@ -130,10 +130,19 @@ pub fn init(service_name: &'static str, logs: &crate::logs::LogArgs) -> Telemetr
     // Colours only on a terminal: log files and journald should get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let json = logs.format == crate::logs::LogFormat::Json;
-    let text = (!json)
-        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi));
-    let json_lines = json
-        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).event_format(crate::logs::JsonLines));
+    let text = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(ansi)
+            .fmt_fields(crate::logs::TextFields)
+    });
+    let json_lines = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(crate::logs::JsonLines)
+            .fmt_fields(crate::logs::NoSpanFields)
+    });
     let mut provider = None;
     let resource = resource(service_name);
     let (meters, scrape) = crate::metrics::provider(resource.clone(), otlp_metrics_requested());
@@ -248,24 +257,83 @@ pub fn server_span(req: &http::Request<()>) -> Span {
                     .and_then(|i| i.get_ref().remote_addr())
             },
         );
-    let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string);
-    let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
-    let (address, port) = split_host_port(&host);
-    let span = rpc_span("server", &service, &method, &address, port);
-    if let Some(peer) = peer {
-        span.record("network.peer.address", peer.ip().to_string());
-    }
+    let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
+    let host = host.or_else(|| req.uri().authority().map(|a| a.as_str())).unwrap_or_default();
+    let (address, port) = split_host_port(host);
+    let span = rpc_span("server", service, method, address, port, peer.map(|p| p.ip()));
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
     let _ = span.set_parent(parent);
     span
 }
 
-/// A span for one RPC (`kind` is `server` or `client`), by the OpenTelemetry RPC conventions;
-/// its status and peer address are recorded later.
-fn rpc_span(kind: &'static str, service: &str, method: &str, address: &str, port: u16) -> Span {
+/// The fields of an RPC span that only a trace needs: a log line written inside the call
+/// leaves them out (`logs::TextFields`) and keeps the call (`otel.name`) and the peer, so they
+/// are not formatted per call when nothing is logged. (The status is recorded as the call is
+/// answered, after the lines a handler logs.)
+pub(crate) const RPC_TRACE_ONLY_FIELDS: [&str; 8] = [
+    "otel.kind",
+    "otel.status_code",
+    "rpc.system",
+    "rpc.service",
+    "rpc.method",
+    "rpc.grpc.status_code",
+    "server.address",
+    "server.port",
+];
+
+/// `service/method`, the span name of an RPC, written only when a log line or exporter reads it.
+struct CallName<'a>(&'a str, &'a str);
+
+impl std::fmt::Display for CallName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.0, self.1)
+    }
+}
+
+/// A caller's address as a span records it. An IPv4 address is written digit by digit: std's
+/// `Display` goes through the formatting machinery once per octet, a few thousand
+/// instructions paid on every call, logged or not (see `server_span`).
+struct PeerIp(std::net::IpAddr);
+
+impl std::fmt::Display for PeerIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let std::net::IpAddr::V4(v4) = self.0 else { return self.0.fmt(f) };
+        let (mut buf, mut n) = ([0u8; 15], 0);
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[n] = b'.';
+                n += 1;
+            }
+            let digits = [octet / 100, octet / 10 % 10, octet % 10];
+            let skip = if octet >= 100 {
+                0
+            } else if octet >= 10 {
+                1
+            } else {
+                2
+            };
+            for d in &digits[skip..] {
+                buf[n] = b'0' + d;
+                n += 1;
+            }
+        }
+        f.write_str(std::str::from_utf8(&buf[..n]).map_err(|_| std::fmt::Error)?)
+    }
+}
+
+/// A span for one RPC (`kind` is `server` or `client`), by the OpenTelemetry RPC conventions,
+/// with the peer's address where known (a server's caller); its status is recorded later.
+fn rpc_span(
+    kind: &'static str,
+    service: &str,
+    method: &str,
+    address: &str,
+    port: u16,
+    peer: Option<std::net::IpAddr>,
+) -> Span {
     tracing::info_span!(
         "rpc",
-        otel.name = %format!("{service}/{method}"),
+        otel.name = %CallName(service, method),
         otel.kind = kind,
         otel.status_code = tracing::field::Empty,
         rpc.system = "grpc",
@@ -274,19 +342,19 @@ fn rpc_span(kind: &'static str, service: &str, method: &str, address: &str, port
         rpc.grpc.status_code = tracing::field::Empty,
         server.address = %address,
         server.port = port,
-        network.peer.address = tracing::field::Empty,
+        network.peer.address = peer.map(|ip| tracing::field::display(PeerIp(ip))),
     )
 }
 
 /// `host:port` (or `[v6]:port`, or a bare host) as host and port (0 when none).
-fn split_host_port(s: &str) -> (String, u16) {
+fn split_host_port(s: &str) -> (&str, u16) {
     match s.rsplit_once(':') {
         Some((h, p))
             if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) =>
         {
-            (h.trim_start_matches('[').trim_end_matches(']').to_string(), p.parse().unwrap_or(0))
+            (h.trim_start_matches('[').trim_end_matches(']'), p.parse().unwrap_or(0))
         }
-        _ => (s.to_string(), 0),
+        _ => (s, 0),
     }
 }
 
@@ -359,10 +427,10 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for TracedChannel
         // A client span per call, child of the caller's, whose context the server continues.
         let (service, method) = crate::metrics::rpc_names(req.uri().path());
         let (address, port) = match &self.server {
-            Some((host, port)) => (host.to_string(), *port),
-            None => split_host_port(&req.uri().authority().map(|a| a.to_string()).unwrap_or_default()),
+            Some((host, port)) => (&**host, *port),
+            None => split_host_port(req.uri().authority().map(|a| a.as_str()).unwrap_or_default()),
         };
-        let span = rpc_span("client", &service, &method, &address, port);
+        let span = rpc_span("client", service, method, address, port, None);
         let cx = span.context();
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut HeaderInjector(req.headers_mut()))
@@ -442,5 +510,62 @@ mod tests {
         assert_eq!(super::prefixed(&u, "/updraft").to_string(), "http://gw:443/updraft/updraft.v1.AgentApi/Check");
         let u: super::http::Uri = "/a/B?x=1".parse().unwrap();
         assert_eq!(super::prefixed(&u, "/p/q").to_string(), "/p/q/a/B?x=1");
+    }
+
+    #[test]
+    fn a_peer_address_reads_as_std_writes_it() {
+        let octets = [0u8, 1, 9, 10, 42, 99, 100, 199, 200, 255];
+        for a in octets {
+            for b in octets {
+                let ip = std::net::IpAddr::from([a, b, 255 - a, 255 - b]);
+                assert_eq!(super::PeerIp(ip).to_string(), ip.to_string());
+            }
+        }
+        let v6: std::net::IpAddr = "2001:db8::7".parse().unwrap();
+        assert_eq!(super::PeerIp(v6).to_string(), "2001:db8::7");
+    }
+
+    /// What a text log line says about the call it was written in: the call and the peer, none
+    /// of the fields kept for traces, and no stray space for a field left out.
+    #[test]
+    fn a_log_line_in_a_call_names_the_call_and_peer_only() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let out = lines.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_target(false)
+            .fmt_fields(crate::logs::TextFields);
+        let subscriber = tracing_subscriber::layer::SubscriberExt::with(tracing_subscriber::registry(), layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let peer = Some(std::net::IpAddr::from([10, 0, 0, 7]));
+            let span = super::rpc_span("server", "updraft.v1.AgentApi", "Check", "prov.example", 4443, peer);
+            super::record_status(&span, 0);
+            span.in_scope(|| tracing::warn!(machine = "m-1", "refused"));
+            super::record_status(&span, 5);
+            let error = std::io::Error::other("disk full");
+            let error: &(dyn std::error::Error + 'static) = &error;
+            span.in_scope(|| tracing::warn!(r#type = 3, error, "refused \x1b[31magain"));
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            " WARN rpc{otel.name=updraft.v1.AgentApi/Check network.peer.address=10.0.0.7}: refused machine=\"m-1\"\n \
+             WARN rpc{otel.name=updraft.v1.AgentApi/Check network.peer.address=10.0.0.7}: refused \\x1b[31magain \
+             type=3 error=disk full\n"
+        );
     }
 }
