@@ -39,7 +39,8 @@ pub trait Tier: Send + Sync + 'static {
     /// Makes sure the blob is stored locally, fetching it if this tier can.
     fn ensure_blob(&self, content_hash: &str) -> impl Future<Output = Result<()>> + Send;
     /// What this tier does with a recorded check or report: a site queues it for its
-    /// upstream; the centre keeps role ceilings current.
+    /// upstream, with the calling span's trace context; the centre keeps role ceilings current.
+    /// Called inside the call's span; the report's `traceparent` is left for the tier to fill.
     fn relay(&self, report: ForwardedReport) -> impl Future<Output = Result<()>> + Send;
     /// Whether this tier can answer checks yet (a site that never synchronised its catalog
     /// cannot: an empty answer would look like "nothing to do").
@@ -375,7 +376,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
                 activities: vec![],
                 at_unix_ms: now,
                 is_check: true,
-                traceparent: updraft_runtime::telemetry::current_traceparent(),
+                traceparent: String::new(),
             })
             .await?;
         let signed = crate::statement::for_answer(&self.shared)?;
@@ -456,7 +457,7 @@ impl<T: Tier> AgentApi for AgentService<T> {
                 activities,
                 at_unix_ms: now,
                 is_check: false,
-                traceparent: updraft_runtime::telemetry::current_traceparent(),
+                traceparent: String::new(),
             })
             .await?;
         Ok(Response::new(ReportResponse { accepted }))

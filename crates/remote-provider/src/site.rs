@@ -345,7 +345,9 @@ impl Tier for SiteTier {
         result
     }
 
-    async fn relay(&self, report: ForwardedReport) -> Result<()> {
+    async fn relay(&self, mut report: ForwardedReport) -> Result<()> {
+        // The centre continues the agent's trace when it takes the report.
+        report.traceparent = updraft_runtime::telemetry::current_traceparent();
         self.shared.store.outbox_push(&report).await?;
         self.outbox_ready.notify_one();
         Ok(())
