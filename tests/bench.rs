@@ -11,13 +11,16 @@
 //!   the provider and from a site), each beside nginx serving a same-sized file to the same
 //!   h2load (Debian `nghttp2-client`) run;
 //! - one real agent's idle memory and CPU; provider import of 1 GiB beside `sha256sum`;
+//! - the provider's instructions per steady check over mutual TLS, counted by callgrind
+//!   (`cost`; needs valgrind): the figure to compare two builds by, since it does not swing;
 //! - the store's engines (`store`): acknowledged admin writes and checks per second on sled and
 //!   on PostgreSQL, beside `pgbench` upserting one row per transaction on the same cluster.
 //!
 //! Agents are simulated cheaply as gRPC clients (downloads and push subscriptions), many per
 //! connection, except in the herd (one connection each). Run:
 //! `cargo run --release -p updraft-tests --bin bench` (needs nginx and h2load for the baselines);
-//! `UPDRAFT_BENCH=wan,push,herd,serving,agent,import,rollout,store` picks sections (default: all).
+//! `UPDRAFT_BENCH=wan,push,herd,serving,agent,import,tls,cost,rollout,store` picks sections
+//! (default: all).
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -390,6 +393,9 @@ async fn main() {
     }
     if section("tls") {
         tls_section().await;
+    }
+    if section("cost") {
+        cost_section().await;
     }
     if section("install") {
         install_section().await;
@@ -1065,6 +1071,79 @@ fn gen_line(
         ),
         (o, b) => println!("{what:<40} not measured (ours {o:?}, nginx {b:?}: is nginx installed?)"),
     }
+}
+
+/// Checks measured under callgrind in the `cost` section, after as many unmeasured.
+const COST_CHECKS: usize = 2_000;
+
+/// What a steady check costs the provider in instructions, counted by callgrind: the same
+/// figure run after run whatever else the machine is doing, where checks per second and CPU
+/// time swing by a third. It compares two builds of the check path. Ten machines, each on its
+/// own mutual-TLS connection, check `COST_CHECKS` times in all; the provider runs under
+/// `valgrind --tool=callgrind` with counting switched on only for those checks.
+async fn cost_section() {
+    if std::process::Command::new("callgrind_control").arg("--version").output().is_err() {
+        println!("instructions per check: not measured (valgrind is not installed)\n");
+        return;
+    }
+    let w = World::new();
+    let pubkey = w.pubkey.to_str().unwrap().to_string();
+    let out = w.path("callgrind.out");
+    let out_flag = format!("--callgrind-out-file={}", out.display());
+    let wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", &out_flag];
+    let (p, purl) = w.provider_under("cost", &wrapper, &["--trust-key", &pubkey]);
+    let pid = p.pid().expect("running").to_string();
+    let callgrind = |args: &[&str]| {
+        let status = std::process::Command::new("callgrind_control").args(args).arg(&pid).output().unwrap();
+        assert!(status.status.success(), "callgrind_control {args:?}: {status:?}");
+    };
+    w.publish(&purl, &w.package("costapp", "1.0.0.0", &w.key));
+    let ids = Identities::new(&w.path("pki"));
+    let names: Vec<String> = (0..10).map(|i| format!("cost-{i}")).collect();
+    let chans =
+        loadgen::connect_many(&purl, names.iter().map(|n| Some(ids.client(n, Role::Agent))).collect(), 10).await;
+    // Each machine's first check records it; the steady ones send the statement's digest.
+    let mut digest = vec![];
+    for (c, n) in chans.iter().zip(&names) {
+        let m = MachineInfo { name: n.clone(), ..Default::default() };
+        let a = AgentApiClient::new(c.clone())
+            .check(CheckRequest { machine: Some(m), manual: false, statement_digest: vec![] })
+            .await
+            .unwrap()
+            .into_inner();
+        digest = a.statement.map(|s| updraft_core::freshness::digest(&s.body)).unwrap_or_default();
+    }
+    let steady: Vec<_> = chans
+        .iter()
+        .zip(&names)
+        .map(|(c, n)| {
+            let m = MachineInfo { name: n.clone(), ..Default::default() };
+            let req = CheckRequest { machine: Some(m), manual: false, statement_digest: digest.clone() };
+            (c.clone(), Req::grpc("/updraft.v1.AgentApi/Check", &req))
+        })
+        .collect();
+    let warm = loadgen::run(steady.clone(), COST_CHECKS).await;
+    callgrind(&["--instr=on"]);
+    let measured = loadgen::run(steady, COST_CHECKS).await;
+    callgrind(&["--instr=off"]);
+    callgrind(&["--dump"]);
+    assert_eq!((warm.failed, measured.failed), (0, 0), "every check answered");
+    // A dump goes to OUT.1; its `totals:` line is the instructions counted.
+    let dump = std::fs::read_to_string(w.path("callgrind.out.1")).unwrap();
+    let total: u64 = dump
+        .lines()
+        .find_map(|l| l.strip_prefix("totals: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a totals line");
+    // Kept for reading where they go: `callgrind_annotate --inclusive=yes PATH`.
+    let kept = std::env::temp_dir().join("updraft-checks.callgrind");
+    std::fs::write(&kept, &dump).unwrap();
+    println!(
+        "provider instructions per check (callgrind): {:.0} ({COST_CHECKS} checks over 10 mutual-TLS connections; \
+         profile in {})\n",
+        total as f64 / COST_CHECKS as f64,
+        kept.display()
+    );
 }
 
 /// How long one simulated agent took from the high-priority mark to having every byte of what

@@ -129,14 +129,28 @@ impl Proc {
     /// `perf record -g -o /tmp/perf.data --`. The process watched (its memory, its pid) is then
     /// the wrapper's, which is the provider's only if the wrapper execs it.
     pub fn start_env(dir: &Path, name: &str, program: &str, args: &[&str], env: &[(String, String)]) -> Proc {
-        let wrapper = std::env::var("UPDRAFT_PROFILE_PROVIDER").ok().filter(|w| !w.trim().is_empty());
-        let mut cmd = match wrapper.as_deref().map(str::split_whitespace) {
-            Some(mut words) if program == "provider" => {
-                let mut cmd = Command::new(words.next().expect("not blank"));
-                cmd.args(words).arg(bin(program));
+        let wrapper = std::env::var("UPDRAFT_PROFILE_PROVIDER").unwrap_or_default();
+        let wrapper: Vec<&str> = if program == "provider" { wrapper.split_whitespace().collect() } else { vec![] };
+        Self::start_under(dir, name, &wrapper, program, args, env)
+    }
+
+    /// `program` started as the last argument of `wrapper` (a profiler such as valgrind that
+    /// runs it in its own process), or directly when `wrapper` is empty.
+    pub fn start_under(
+        dir: &Path,
+        name: &str,
+        wrapper: &[&str],
+        program: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Proc {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(bin(program));
                 cmd
             }
-            _ => Command::new(bin(program)),
+            None => Command::new(bin(program)),
         };
         cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
         Self::spawn(dir, name, cmd)
@@ -541,7 +555,13 @@ impl World {
     /// A provider with extra flags and extra environment variables (as systemd sets them, say).
     pub fn provider_env(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
         let store = self.path(name);
-        self.provider_at(name, store.to_str().unwrap(), extra, env)
+        self.provider_at(name, store.to_str().unwrap(), extra, env, &[])
+    }
+
+    /// A provider with extra flags, run under `wrapper` (see [`Proc::start_under`]).
+    pub fn provider_under(&self, name: &str, wrapper: &[&str], extra: &[&str]) -> (Proc, String) {
+        let store = self.path(name);
+        self.provider_at(name, store.to_str().unwrap(), extra, &[], wrapper)
     }
 
     /// A provider called `name` with something in its store to move or merge: a published
@@ -562,10 +582,17 @@ impl World {
     /// in `content` (shared with other providers or its own), trusting the world's release key.
     pub fn provider_on_database(&self, name: &str, url: &str, content: &Path) -> (Proc, String) {
         let pubkey = self.pubkey.to_str().unwrap().to_string();
-        self.provider_at(name, url, &["--content", content.to_str().unwrap(), "--trust-key", &pubkey], &[])
+        self.provider_at(name, url, &["--content", content.to_str().unwrap(), "--trust-key", &pubkey], &[], &[])
     }
 
-    fn provider_at(&self, name: &str, store: &str, extra: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
+    fn provider_at(
+        &self,
+        name: &str,
+        store: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> (Proc, String) {
         let mut args = vec!["--store", store, "--listen", "127.0.0.1:0", "--name", name];
         args.extend(PROBES);
         args.extend(WEB);
@@ -574,7 +601,11 @@ impl World {
         args.extend_from_slice(extra);
         let mut vars = self.env_for(name, "provider", &[]);
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let mut p = Proc::start_env(self.dir.path(), name, "provider", &args, &vars);
+        let mut p = if wrapper.is_empty() {
+            Proc::start_env(self.dir.path(), name, "provider", &args, &vars)
+        } else {
+            Proc::start_under(self.dir.path(), name, wrapper, "provider", &args, &vars)
+        };
         let port = p.listening_port();
         wait_port(port);
         (p, format!("{}://127.0.0.1:{port}", self.scheme()))
