@@ -936,14 +936,11 @@ async fn tls_section() {
 
     // The check herd over mutual TLS: every machine checks at once (and is then in the store).
     w.publish(&purl, &w.package("tlsapp", "1.0.0.0", &w.key));
-    let check = |name: &str| {
-        let m = MachineInfo { name: name.to_string(), ..Default::default() };
-        Req::grpc(
-            "/updraft.v1.AgentApi/Check",
-            &CheckRequest { machine: Some(m), manual: false, statement_digest: vec![] },
-        )
-    };
-    let herd: Vec<_> = chans.iter().zip(&names).map(|(c, n)| (c.clone(), check(n))).collect();
+    let herd: Vec<_> = chans
+        .iter()
+        .zip(&names)
+        .map(|(c, n)| (c.clone(), Req::grpc("/updraft.v1.AgentApi/Check", &check_request(n, &[]))))
+        .collect();
     let t = Instant::now();
     let l = loadgen::run(herd, MACHINES).await;
     println!(
@@ -969,15 +966,9 @@ async fn tls_section() {
     tokio::task::block_in_place(|| w.wait_site_has(&surl, &id));
     // Agents hold the signed statement after a check and send its digest, so a steady check's
     // answer leaves it out (the herd above got it, as agents do after a push).
-    let steady = |name: &str, digest: &[u8]| CheckRequest {
-        machine: Some(MachineInfo { name: name.to_string(), ..Default::default() }),
-        manual: false,
-        statement_digest: digest.to_vec(),
-    };
     let mut c = AgentApiClient::new(chans[0].clone());
-    let first = c.check(steady(&names[0], &[])).await.unwrap().into_inner();
-    let digest = first.statement.map(|s| updraft_core::freshness::digest(&s.body)).unwrap_or_default();
-    let answer = c.check(steady(&names[0], &digest)).await.unwrap().into_inner().encode_to_vec();
+    let digest = held_digest(c.check(check_request(&names[0], &[])).await.unwrap().into_inner());
+    let answer = c.check(check_request(&names[0], &digest)).await.unwrap().into_inner().encode_to_vec();
     std::fs::write(www.join("answer"), &answer).unwrap();
     let u = w.admin_json(&purl, &["update", "show", &id]);
     let (hash, size) = (u["content_hash"].as_str().unwrap().to_string(), u["size"].as_u64().unwrap());
@@ -993,7 +984,7 @@ async fn tls_section() {
     let ours: Vec<_> = chans[..100]
         .iter()
         .zip(&names)
-        .map(|(c, n)| (c.clone(), Req::grpc("/updraft.v1.AgentApi/Check", &steady(n, &digest))))
+        .map(|(c, n)| (c.clone(), Req::grpc("/updraft.v1.AgentApi/Check", &check_request(n, &digest))))
         .collect();
     let checks = check_count();
     eprintln!("bench: measuring checks/s over mutual TLS (provider pid {:?})", p.pid());
@@ -1022,11 +1013,7 @@ async fn tls_section() {
     // The downloading machines check at the site first, as agents do, so it knows what they
     // are offered.
     for (c, n) in loadgen::connect_many(&surl, clients(100), 16).await.into_iter().zip(&names) {
-        let m = MachineInfo { name: n.clone(), ..Default::default() };
-        AgentApiClient::new(c)
-            .check(CheckRequest { machine: Some(m), manual: false, statement_digest: vec![] })
-            .await
-            .unwrap();
+        AgentApiClient::new(c).check(check_request(n, &[])).await.unwrap();
     }
     // The site fetches the blob on the first download; the measured ones find it there.
     let warm = loadgen::connect_many(&surl, clients(1), 1).await;
@@ -1073,6 +1060,18 @@ fn gen_line(
     }
 }
 
+/// A scheduled check by machine `name` holding the statement whose digest is `digest` (empty:
+/// none yet, so the answer carries it).
+fn check_request(name: &str, digest: &[u8]) -> CheckRequest {
+    let machine = MachineInfo { name: name.to_string(), ..Default::default() };
+    CheckRequest { machine: Some(machine), manual: false, statement_digest: digest.to_vec() }
+}
+
+/// The digest an agent sends after `answer`: of the signed statement it carried.
+fn held_digest(answer: updraft_proto::v1::CheckResponse) -> Vec<u8> {
+    answer.statement.map(|s| updraft_core::freshness::digest(&s.body)).unwrap_or_default()
+}
+
 /// Checks measured under callgrind in the `cost` section, after as many unmeasured.
 const COST_CHECKS: usize = 2_000;
 
@@ -1105,22 +1104,12 @@ async fn cost_section() {
     // Each machine's first check records it; the steady ones send the statement's digest.
     let mut digest = vec![];
     for (c, n) in chans.iter().zip(&names) {
-        let m = MachineInfo { name: n.clone(), ..Default::default() };
-        let a = AgentApiClient::new(c.clone())
-            .check(CheckRequest { machine: Some(m), manual: false, statement_digest: vec![] })
-            .await
-            .unwrap()
-            .into_inner();
-        digest = a.statement.map(|s| updraft_core::freshness::digest(&s.body)).unwrap_or_default();
+        digest = held_digest(AgentApiClient::new(c.clone()).check(check_request(n, &[])).await.unwrap().into_inner());
     }
     let steady: Vec<_> = chans
         .iter()
         .zip(&names)
-        .map(|(c, n)| {
-            let m = MachineInfo { name: n.clone(), ..Default::default() };
-            let req = CheckRequest { machine: Some(m), manual: false, statement_digest: digest.clone() };
-            (c.clone(), Req::grpc("/updraft.v1.AgentApi/Check", &req))
-        })
+        .map(|(c, n)| (c.clone(), Req::grpc("/updraft.v1.AgentApi/Check", &check_request(n, &digest))))
         .collect();
     let warm = loadgen::run(steady.clone(), COST_CHECKS).await;
     callgrind(&["--instr=on"]);
