@@ -17,8 +17,7 @@ fn check_with(dir: &Path, url: &str, name: &str) -> Result<(), String> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let t = Transport::Tls(Tls::load(Paths::enrolled(dir)).map_err(|e| e.to_string())?);
-        let ep = t.endpoint(url).map_err(|e| e.to_string())?.connect_timeout(Duration::from_secs(5));
-        let ch = ep.connect().await.map_err(|e| updraft_runtime::tls::describe(&e))?;
+        let ch = updraft_tests::channel(t.endpoint(url).map_err(|e| e.to_string())?).await?;
         let req = CheckRequest {
             machine: Some(MachineInfo { name: name.into(), ..Default::default() }),
             ..Default::default()
@@ -39,11 +38,14 @@ impl Push {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let stream = rt.block_on(async {
             let t = Transport::Tls(Tls::load(Paths::enrolled(dir)).unwrap());
-            let ch = t.endpoint(url).unwrap().connect().await.unwrap();
+            let ch = updraft_tests::channel(t.endpoint(url).unwrap()).await.unwrap();
             let req = SubscribeRequest { machine: name.into(), last_seen_seq: 0 };
-            let mut s = AgentApiClient::new(ch).subscribe(req).await.unwrap().into_inner();
-            s.message().await.unwrap().expect("the stream's first event");
-            s
+            let opened = async {
+                let mut s = AgentApiClient::new(ch).subscribe(req).await.unwrap().into_inner();
+                s.message().await.unwrap().expect("the stream's first event");
+                s
+            };
+            tokio::time::timeout(T, opened).await.expect("the push stream's first event within T")
         });
         Push { rt, stream }
     }
@@ -237,7 +239,7 @@ fn the_ca_rotates_with_agents_and_a_site_connected_throughout() {
     let rotate = |step: &str| {
         let mut args = admin_dir.to_vec();
         args.push(step);
-        let out = std::process::Command::new(updraft_tests::bin("admin-cli")).args(&args).output().unwrap();
+        let out = updraft_tests::output(std::process::Command::new(updraft_tests::bin("admin-cli")).args(&args));
         assert!(out.status.success(), "rotate {step}: {}", stderr(&out));
     };
 
@@ -309,10 +311,17 @@ fn a_provider_reloads_certificate_files_replaced_by_hand_on_sighup() {
     assert!(before > 300 * 86_400, "a year's certificate: {before}");
     // The administrator issues a new certificate (2 days) and puts it in place of the old one.
     let pki = w.path("pki");
-    let out = std::process::Command::new(updraft_tests::bin("admin-cli"))
-        .args(["pki", "issue", "centre-2", "--role", "provider", "--days", "2", "--dir", pki.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = updraft_tests::output(std::process::Command::new(updraft_tests::bin("admin-cli")).args([
+        "pki",
+        "issue",
+        "centre-2",
+        "--role",
+        "provider",
+        "--days",
+        "2",
+        "--dir",
+        pki.to_str().unwrap(),
+    ]));
     assert!(out.status.success(), "{}", stderr(&out));
     std::fs::copy(pki.join("centre-2.crt"), pki.join("centre.crt")).unwrap();
     std::fs::copy(pki.join("centre-2.key"), pki.join("centre.key")).unwrap();
@@ -352,10 +361,17 @@ fn a_standby_renews_its_own_certificate_at_the_active() {
     let pki = w.path("pki");
     let (_p, url) = w.provider_with("centre", &["--pki-dir", pki.to_str().unwrap(), "--cert-lifetime", "10s"]);
     // The standby's certificate lasts 8 seconds: it goes on serving only if it renews.
-    let out = std::process::Command::new(updraft_tests::bin("admin-cli"))
-        .args(["pki", "issue", "centre-b", "--role", "provider", "--lifetime", "8s", "--dir", pki.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = updraft_tests::output(std::process::Command::new(updraft_tests::bin("admin-cli")).args([
+        "pki",
+        "issue",
+        "centre-b",
+        "--role",
+        "provider",
+        "--lifetime",
+        "8s",
+        "--dir",
+        pki.to_str().unwrap(),
+    ]));
     assert!(out.status.success(), "{}", stderr(&out));
     let (_standby, surl) = w.pair_member("centre-b", "centre");
     // An agent with a long-lived certificate, checking through the standby.

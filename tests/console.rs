@@ -193,11 +193,11 @@ async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
 
     // A form posted without its CSRF token, with a live session cookie, is refused and changes nothing.
     let cookie = b.client.get_named_cookie("updraft_session").await.unwrap().value().to_string();
-    let out = std::process::Command::new("curl")
-        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-b", &format!("updraft_session={cookie}")])
-        .args(["-d", "name=forged&mode=automatic", &format!("{base}/groups/create")])
-        .output()
-        .unwrap();
+    let out = updraft_tests::output(
+        std::process::Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-b", &format!("updraft_session={cookie}")])
+            .args(["-d", "name=forged&mode=automatic", &format!("{base}/groups/create")]),
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
     let groups = w.admin_ok(&purl, &["group", "list"]);
     assert!(!groups.contains("forged"), "{groups}");
@@ -231,12 +231,12 @@ async fn the_console_shows_the_fleet_and_its_changes_reach_it() {
 
 /// `curl` with a cookie jar: the status code and the body.
 pub(crate) fn curl(jar: &std::path::Path, args: &[&str]) -> (String, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-sk", "--max-time", "20", "-c", jar.to_str().unwrap(), "-b", jar.to_str().unwrap()])
-        .args(["-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .unwrap();
+    let out = updraft_tests::output(
+        std::process::Command::new("curl")
+            .args(["-sk", "--max-time", "20", "-c", jar.to_str().unwrap(), "-b", jar.to_str().unwrap()])
+            .args(["-w", "\n%{http_code}"])
+            .args(args),
+    );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.to_string(), body.to_string())
@@ -296,12 +296,12 @@ fn the_console_approves_enrollments_and_revokes_certificates() {
     // A host asks without a token: its request waits, and the page shows it.
     let ca = pki.join("ca.crt");
     let enroll = || {
-        std::process::Command::new(updraft_tests::bin("agent"))
-            .args(["enroll", "--provider", &url, "--ca", ca.to_str().unwrap(), "--name", "pc-w", "--wait", "0s"])
-            .arg("--state-dir")
-            .arg(w.state("pc-w"))
-            .output()
-            .unwrap()
+        updraft_tests::output(
+            std::process::Command::new(updraft_tests::bin("agent"))
+                .args(["enroll", "--provider", &url, "--ca", ca.to_str().unwrap(), "--name", "pc-w", "--wait", "0s"])
+                .arg("--state-dir")
+                .arg(w.state("pc-w")),
+        )
     };
     assert!(!enroll().status.success(), "waits for approval");
     let (code, page) = curl(&jar, &[&format!("{base}/configuration")]);

@@ -282,7 +282,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let mut piped = std::process::Command::new("bash");
     piped.arg("-c").arg("\"$0\" --provider \"$1\" update list | true").arg(updraft_tests::bin("admin-cli")).arg(&purl);
     piped.envs(w.tls_env(updraft_tests::ADMIN, "admin", &[]));
-    let out = piped.output().unwrap();
+    let out = updraft_tests::output(&mut piped);
     assert!(!stderr(&out).contains("panicked") && !stderr(&out).contains("Broken pipe"), "{}", stderr(&out));
 
     let out = w.agent_cmd("nobody", &["check"]);

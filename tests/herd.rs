@@ -24,7 +24,8 @@ fn a_herd_of_checks_is_all_answered_while_admin_calls_stay_responsive() {
     let (answers, listed) = rt.block_on(async {
         // While the herd is being answered, an administrator is answered too.
         let admin = async {
-            let ch = tonic::transport::Endpoint::from_shared(purl.clone()).unwrap().connect().await.unwrap();
+            let ch =
+                updraft_tests::channel(tonic::transport::Endpoint::from_shared(purl.clone()).unwrap()).await.unwrap();
             let call = AdminClient::new(ch).list_updates(ListUpdatesRequest::default()).await;
             call.map(|_| ()).map_err(|s| s.to_string())
         };
@@ -105,7 +106,7 @@ fn a_busy_provider_turns_downloads_away_and_a_pushed_agent_comes_back_by_itself(
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // The slot is taken once the download is answered; the stream is then left unread.
     let held = rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(purl.clone()).unwrap().connect().await.unwrap();
+        let ch = updraft_tests::channel(tonic::transport::Endpoint::from_shared(purl.clone()).unwrap()).await.unwrap();
         let mut c = AgentApiClient::new(ch);
         let mut s = c.download(BlobRequest { content_hash: hog_hash, offset: 0 }).await.unwrap().into_inner();
         s.next().await.unwrap().unwrap();

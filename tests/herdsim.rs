@@ -25,7 +25,8 @@ pub async fn check_all<F: Future>(
 ) -> (Vec<Answer>, F::Output) {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        let ch = Endpoint::from_shared(url.to_string()).expect("a URL").connect().await.expect("connected");
+        let ep = Endpoint::from_shared(url.to_string()).expect("a URL");
+        let ch = updraft_runtime::tls::connect_within(ep, timeout).await.expect("connected");
         clients.push(AgentApiClient::new(ch));
     }
     let tasks: Vec<_> = clients

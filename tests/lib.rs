@@ -401,9 +401,9 @@ impl World {
         env
     }
 
-    /// A connection to `url` presenting a certificate for `name` with `role`.
+    /// A connection to `url` presenting a certificate for `name` with `role` (see [`channel`]).
     pub async fn connect_as(&self, url: &str, name: &str, role: &str) -> tonic::transport::Channel {
-        self.transport(name, role).endpoint(url).unwrap().connect().await.unwrap()
+        channel(self.transport(name, role).endpoint(url).unwrap()).await.unwrap()
     }
 
     /// A provider called `name` on the store of the provider `of` (the second member of a
@@ -458,7 +458,7 @@ impl World {
         let ep = self.transport("test-site", "remote-provider").endpoint(url).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let mut c = ReplicationClient::new(ep.connect().await.unwrap());
+            let mut c = ReplicationClient::new(channel(ep).await.unwrap());
             let req = FollowRequest { after_seq: 0, site: "test".into() };
             let mut stream = c.follow_catalog(req).await.unwrap().into_inner();
             let mut ids = Vec::new();
@@ -656,12 +656,12 @@ impl World {
     /// `remote-provider enroll` for site `name` (its store directory) at `upstream`.
     pub fn enroll_remote(&self, name: &str, upstream: &str, args: &[&str]) -> Output {
         let ca = self.path("pki").join("ca.crt");
-        Command::new(bin("remote-provider"))
-            .args(["enroll", "--upstream", upstream, "--ca", ca.to_str().unwrap(), "--name", name, "--store"])
-            .arg(self.path(name))
-            .args(args)
-            .output()
-            .unwrap()
+        output(
+            Command::new(bin("remote-provider"))
+                .args(["enroll", "--upstream", upstream, "--ca", ca.to_str().unwrap(), "--name", name, "--store"])
+                .arg(self.path(name))
+                .args(args),
+        )
     }
 
     fn remote_in_env(&self, name: &str, upstream: &str, extra: &[&str], env: &[(String, String)]) -> (Proc, String) {
@@ -708,12 +708,12 @@ impl World {
     /// `agent enroll` for agent `name` (its state directory) at `provider` with `args`.
     pub fn enroll_agent(&self, name: &str, provider: &str, args: &[&str]) -> Output {
         let ca = self.path("pki").join("ca.crt");
-        Command::new(bin("agent"))
-            .args(["enroll", "--provider", provider, "--ca", ca.to_str().unwrap(), "--state-dir"])
-            .arg(self.state(name))
-            .args(args)
-            .output()
-            .unwrap()
+        output(
+            Command::new(bin("agent"))
+                .args(["enroll", "--provider", provider, "--ca", ca.to_str().unwrap(), "--state-dir"])
+                .arg(self.state(name))
+                .args(args),
+        )
     }
 
     /// `agent run` arguments for agent `name` in this world (install root, state, key), with
@@ -748,7 +748,7 @@ impl World {
     }
 
     pub fn admin(&self, provider: &str, args: &[&str]) -> Output {
-        self.admin_cli().arg("--provider").arg(provider).args(args).output().unwrap()
+        output(self.admin_cli().arg("--provider").arg(provider).args(args))
     }
 
     pub fn admin_ok(&self, provider: &str, args: &[&str]) -> String {
@@ -778,8 +778,19 @@ impl World {
     }
 
     pub fn agent_cmd(&self, agent: &str, args: &[&str]) -> Output {
-        Command::new(bin("agent")).args(args).arg("--state-dir").arg(self.state(agent)).output().unwrap()
+        output(Command::new(bin("agent")).args(args).arg("--state-dir").arg(self.state(agent)))
     }
+}
+
+/// Longest an in-test client waits for a connection (handshakes included), and for each
+/// call's answer to begin.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A channel on `ep` for the harness's own clients: connected within [`CALL_DEADLINE`], and each
+/// call answered within it, so a server that stops answering fails the test instead of
+/// hanging it. (A stream's later messages are the caller's to bound.)
+pub async fn channel(ep: tonic::transport::Endpoint) -> Result<tonic::transport::Channel, String> {
+    updraft_runtime::tls::connect_within(ep.timeout(CALL_DEADLINE), CALL_DEADLINE).await
 }
 
 /// Serves a tonic router on a fresh loopback port from a background thread with its own
@@ -798,9 +809,6 @@ pub fn serve_in_background(router: tonic::transport::server::Router) -> String {
     addr.to_string()
 }
 
-/// Runs a command that must succeed; returns its stdout.
-/// The product an update id names: ids are "<product>-<version>-<hash prefix>", and versions
-/// hold no '-'.
 /// A plain HTTP/1.1 GET (probe ports): the status code and the body.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
@@ -814,6 +822,8 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16,
     Ok((code, body))
 }
 
+/// The product an update id names: ids are "<product>-<version>-<hash prefix>", and versions
+/// hold no '-'.
 pub fn product_of_id(id: &str) -> &str {
     id.rsplitn(3, '-').nth(2).expect("an update id names its product")
 }
@@ -840,12 +850,50 @@ pub fn write_noise(path: &std::path::Path, mib: usize) {
 /// Runs the provider binary with `args` (store management, or a start expected to fail):
 /// whether it succeeded, and what it printed.
 pub fn provider_cmd(args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin("provider")).args(args).output().unwrap();
+    let out = output(Command::new(bin("provider")).args(args));
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out)))
 }
 
+/// Longest a command a test runs (admin-cli, `agent check`, an enrollment …) may take. Every
+/// one of them has deadlines of its own far below this; one that is still running after it
+/// hangs, and the test fails naming it instead of holding the whole suite until CI gives up.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(150);
+
+/// Runs `cmd` with stdin closed and returns what it printed, as [`Command::output`] does, within
+/// [`COMMAND_DEADLINE`]: past it the command is killed and the test fails with what it printed
+/// so far. Its output goes to unnamed files, not pipes, so a process it leaves behind holding
+/// them cannot keep this waiting either.
+pub fn output(cmd: &mut Command) -> Output {
+    use std::io::{Read, Seek};
+    use wait_timeout::ChildExt;
+    let (mut out, mut err) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let finished = child.wait_timeout(COMMAND_DEADLINE).unwrap();
+    let read = |f: &mut std::fs::File| {
+        let mut v = Vec::new();
+        f.rewind().and_then(|_| f.read_to_end(&mut v)).unwrap();
+        v
+    };
+    let Some(status) = finished else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{cmd:?} was still running after {COMMAND_DEADLINE:?}; killed.\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&read(&mut out)),
+            String::from_utf8_lossy(&read(&mut err))
+        );
+    };
+    Output { status, stdout: read(&mut out), stderr: read(&mut err) }
+}
+
+/// Runs a command that must succeed; returns its stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let out = output(cmd);
     assert!(
         out.status.success(),
         "{cmd:?} failed:\nstdout: {}\nstderr: {}",

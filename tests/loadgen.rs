@@ -84,12 +84,11 @@ pub async fn connect(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel,
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .max_frame_size(updraft_runtime::tls::MAX_FRAME_BYTES)
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(60));
+        .tcp_nodelay(true);
     if let Some(tls) = tls {
         ep = ep.tls_config(tls).map_err(|e| format!("{url}: {e}"))?;
     }
-    ep.connect().await.map_err(|e| format!("{url}: {}", updraft_runtime::tls::describe(&e)))
+    updraft_runtime::tls::connect_within(ep, Duration::from_secs(60)).await.map_err(|e| format!("{url}: {e}"))
 }
 
 /// Sends `req` once on `ch`; the number of body bytes the answer carried.

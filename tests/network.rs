@@ -112,7 +112,7 @@ impl AdminWrites {
                 let started = Instant::now();
                 let mut cmd = command_in(&ops, "admin-cli");
                 cmd.envs(env.clone()).args(["--provider", &urls[i % 2], "group", "create", &name]);
-                if cmd.output().unwrap().status.success() {
+                if updraft_tests::output(&mut cmd).status.success() {
                     acked2.lock().unwrap().push((name, started));
                 } else {
                     refused += 1;
@@ -540,14 +540,22 @@ fn providers_on_two_hosts_share_a_database_on_a_third() {
     // A again, then cut off from the database: it reports NOT_SERVING (gRPC health and its
     // readiness probe) and refuses writes, within seconds; B acknowledges them.
     let _a_again = on_db(&ha, "centre-a");
-    let health = |u: &str| admin_cmd(&w, &ops, u, &["provider", "health"]).output().unwrap().status.code();
+    let health = |u: &str| updraft_tests::output(&mut admin_cmd(&w, &ops, u, &["provider", "health"])).status.code();
     wait_until("A serving again", T, || health(&aurl) == Some(0));
     let ready = || {
         let probe = format!("http://{}:9093/readyz", ha.lan);
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &ops.ns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &probe])
-            .output()
-            .unwrap();
+        let out = updraft_tests::output(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &ops.ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &probe,
+        ]));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert_eq!(ready(), "200");
@@ -557,7 +565,7 @@ fn providers_on_two_hosts_share_a_database_on_a_third() {
     eprintln!("database: A reported NOT_SERVING {:?} after its cut", cut.elapsed());
     assert!(cut.elapsed() < Duration::from_secs(15), "NOT_SERVING took {:?}", cut.elapsed());
     assert_eq!(ready(), "503");
-    let refused = admin_cmd(&w, &ops, &aurl, &["group", "create", "while-cut-off"]).output().unwrap();
+    let refused = updraft_tests::output(&mut admin_cmd(&w, &ops, &aurl, &["group", "create", "while-cut-off"]));
     assert!(!refused.status.success(), "a provider without its database acknowledged a write");
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("database"),

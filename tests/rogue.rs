@@ -163,7 +163,7 @@ impl RogueSite {
     }
 
     async fn client(&self) -> Result<AgentApiClient<tonic::transport::Channel>, Status> {
-        let ch = self.upstream.connect().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let ch = crate::channel(self.upstream.clone()).await.map_err(Status::unavailable)?;
         Ok(AgentApiClient::new(ch))
     }
 }

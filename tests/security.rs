@@ -13,15 +13,15 @@ use updraft_tests::{World, stderr};
 
 /// admin-cli against `url` with the certificate `name` from `dir` (and `ca` to trust).
 fn admin_as(ca: &Path, dir: &Path, name: &str, url: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(updraft_tests::bin("admin-cli"))
-        .env("UPDRAFT_TLS_CA", ca)
-        .env("UPDRAFT_TLS_CERT", dir.join(format!("{name}.crt")))
-        .env("UPDRAFT_TLS_KEY", dir.join(format!("{name}.key")))
-        .arg("--provider")
-        .arg(url)
-        .args(args)
-        .output()
-        .unwrap()
+    updraft_tests::output(
+        std::process::Command::new(updraft_tests::bin("admin-cli"))
+            .env("UPDRAFT_TLS_CA", ca)
+            .env("UPDRAFT_TLS_CERT", dir.join(format!("{name}.crt")))
+            .env("UPDRAFT_TLS_KEY", dir.join(format!("{name}.key")))
+            .arg("--provider")
+            .arg(url)
+            .args(args),
+    )
 }
 
 fn refused(out: &std::process::Output, why: &str) {
@@ -48,9 +48,9 @@ fn mutual_tls_refuses_every_wrong_caller_and_the_audit_log_shows_it() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let no_cert = rt.block_on(async {
         let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(&ca).unwrap()));
-        let ch = Endpoint::from_shared(url.clone()).unwrap().tls_config(tls).unwrap().connect().await;
+        let ch = updraft_tests::channel(Endpoint::from_shared(url.clone()).unwrap().tls_config(tls).unwrap()).await;
         match ch {
-            Err(e) => updraft_runtime::tls::describe(&e),
+            Err(e) => e,
             Ok(ch) => {
                 let req = CheckRequest {
                     machine: Some(MachineInfo { name: "x".into(), ..Default::default() }),
@@ -107,7 +107,7 @@ fn mutual_tls_refuses_every_wrong_caller_and_the_audit_log_shows_it() {
             false,
         )
         .unwrap();
-        let ch = t.endpoint(&url).unwrap().connect().await.unwrap();
+        let ch = updraft_tests::channel(t.endpoint(&url).unwrap()).await.unwrap();
         let req = CheckRequest {
             machine: Some(MachineInfo { name: "pc-2".into(), ..Default::default() }),
             manual: false,
@@ -120,16 +120,21 @@ fn mutual_tls_refuses_every_wrong_caller_and_the_audit_log_shows_it() {
 
     // Plaintext against a TLS provider gets nowhere.
     let plain = url.replace("https://", "http://");
-    let out = std::process::Command::new(updraft_tests::bin("admin-cli"))
-        .args(["--insecure", "--provider", &plain, "group", "list"])
-        .output()
-        .unwrap();
+    let out = updraft_tests::output(std::process::Command::new(updraft_tests::bin("admin-cli")).args([
+        "--insecure",
+        "--provider",
+        &plain,
+        "group",
+        "list",
+    ]));
     assert!(!out.status.success());
     // A provider with neither credentials nor --insecure does not start.
-    let out = std::process::Command::new(updraft_tests::bin("provider"))
-        .args(["--store", w.path("nostart").to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let out = updraft_tests::output(std::process::Command::new(updraft_tests::bin("provider")).args([
+        "--store",
+        w.path("nostart").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]));
     refused(&out, "no TLS credentials");
 
     // The audit log holds the changes and the refusals, and its chain verifies.
@@ -156,7 +161,7 @@ fn genuine_answer(w: &World, url: &str, name: &str) -> updraft_proto::v1::CheckR
             manual: false,
             statement_digest: vec![],
         };
-        AgentApiClient::new(ep.connect().await.unwrap()).check(req).await.unwrap().into_inner()
+        AgentApiClient::new(updraft_tests::channel(ep).await.unwrap()).check(req).await.unwrap().into_inner()
     })
 }
 
@@ -418,7 +423,8 @@ fn the_systemd_units_pass_review() {
     // `systemd-analyze verify` checks that ExecStart names a program: build them first.
     updraft_tests::bin("provider");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/check-units.sh");
-    let out = std::process::Command::new(script).env("UPDRAFT_BIN_DIR", updraft_tests::bin_dir()).output().unwrap();
+    let out =
+        updraft_tests::output(std::process::Command::new(script).env("UPDRAFT_BIN_DIR", updraft_tests::bin_dir()));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
     assert!(out.status.success(), "deploy/check-units.sh:\n{text}");
     assert_eq!(text.matches("Overall exposure level").count(), 3, "{text}");

@@ -240,20 +240,14 @@ impl Providers {
             .transport
             .endpoint(url)
             .map_err(|e| e.to_string())?
-            .connect_timeout(self.connect_timeout)
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10));
-        match tokio::time::timeout(self.connect_timeout, ep.connect()).await {
-            Ok(Ok(ch)) => {
-                // A provider behind a reverse proxy is reached under the URL's path.
-                let path = url.parse::<tonic::codegen::http::Uri>().map(|u| u.path().to_string()).unwrap_or_default();
-                Ok(AgentApiClient::new(updraft_runtime::traced_under(ch, &path).with_server(url))
-                    .max_decoding_message_size(self.max_message_bytes))
-            }
-            Ok(Err(e)) => Err(updraft_runtime::tls::describe(&e)),
-            Err(_) => Err(format!("no connection within {:?}", self.connect_timeout)),
-        }
+        let ch = updraft_runtime::tls::connect_within(ep, self.connect_timeout).await?;
+        // A provider behind a reverse proxy is reached under the URL's path.
+        let path = url.parse::<tonic::codegen::http::Uri>().map(|u| u.path().to_string()).unwrap_or_default();
+        Ok(AgentApiClient::new(updraft_runtime::traced_under(ch, &path).with_server(url))
+            .max_decoding_message_size(self.max_message_bytes))
     }
 
     /// The provider that answered last failed after connecting (refused a check, dropped the

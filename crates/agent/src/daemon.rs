@@ -1889,14 +1889,10 @@ async fn renew_loop(
 ) {
     let connect = || async {
         let (url, _, _) = agent.providers.lock().await.connect().await.map_err(|e| e.to_string())?;
-        let channel = transport
-            .endpoint(&url)
-            .map_err(|e| e.to_string())?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(30))
-            .connect()
+        let endpoint = transport.endpoint(&url).map_err(|e| e.to_string())?.timeout(Duration::from_secs(30));
+        let channel = updraft_runtime::tls::connect_within(endpoint, Duration::from_secs(5))
             .await
-            .map_err(|e| format!("{url}: {}", updraft_runtime::tls::describe(&e)))?;
+            .map_err(|e| format!("{url}: {e}"))?;
         Ok(updraft_runtime::traced(channel).with_server(&url))
     };
     // A new CA bundle only with the centre's signature: the provider answering may be a site.

@@ -109,8 +109,16 @@ pub async fn fetch(shared: &Shared, content_hash: &str) -> Result<()> {
 
 async fn fetch_from(shared: &Shared, url: &str, content_hash: &str) -> Result<()> {
     let transport = &shared.config.transport;
-    let endpoint = transport.endpoint(url).map_err(|e| ProviderError::Upstream(e.to_string()))?;
-    let channel = endpoint.connect().await.map_err(|e| ProviderError::Upstream(format!("{url}: {e}")))?;
+    // A member that stops sending mid-stream is given up on when its pings go unanswered: the
+    // fetch holds `member_fetches`, which every later fetch waits for.
+    let endpoint = transport
+        .endpoint(url)
+        .map_err(|e| ProviderError::Upstream(e.to_string()))?
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(10));
+    let channel = updraft_runtime::tls::connect_within(endpoint, std::time::Duration::from_secs(10))
+        .await
+        .map_err(|e| ProviderError::Upstream(format!("{url}: {e}")))?;
     let mut client = ReplicationClient::new(channel).max_decoding_message_size(crate::MAX_MESSAGE_BYTES);
     let mut request = tonic::Request::new(BlobRequest { content_hash: content_hash.to_string(), offset: 0 });
     request.metadata_mut().insert(MEMBER_FETCH, tonic::metadata::MetadataValue::from_static("1"));

@@ -80,11 +80,11 @@ pub async fn enroll(e: &Enrollment, on_waiting: impl Fn()) -> Result<Paths, Enro
     let endpoint = endpoint
         .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem)))
         .map_err(|err| TlsError::Config(err.to_string()))?
-        .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(60));
     let refused = |s: tonic::Status| EnrollError::Refused(e.provider.clone(), s.message().to_string());
-    let channel =
-        endpoint.connect().await.map_err(|err| EnrollError::Refused(e.provider.clone(), crate::tls::describe(&err)))?;
+    let channel = crate::tls::connect_within(endpoint, Duration::from_secs(10))
+        .await
+        .map_err(|err| EnrollError::Refused(e.provider.clone(), err))?;
     let mut client = EnrollmentClient::new(channel);
     let request = EnrollRequest {
         token: e.token.clone().unwrap_or_default(),

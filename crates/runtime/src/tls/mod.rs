@@ -288,6 +288,18 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// Connects to `endpoint` within `within`, the TLS and HTTP/2 handshakes included. tonic's own
+/// `connect_timeout` bounds only the TCP connect, so a server that accepts a connection and then
+/// says nothing (frozen, overloaded, or hostile) would hold the caller for ever. The error says
+/// why, causes included.
+pub async fn connect_within(endpoint: Endpoint, within: Duration) -> Result<tonic::transport::Channel, String> {
+    match tokio::time::timeout(within, endpoint.connect_timeout(within).connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(describe(&e)),
+        Err(_) => Err(format!("no connection within {within:?}")),
+    }
+}
+
 /// What to say when a TLS 1.3 server dropped the connection right after the handshake: that is
 /// how a refused client certificate looks from the client's side.
 pub const REFUSED_HINT: &str = "the provider closed the connection: it may have refused this certificate \
@@ -296,6 +308,28 @@ pub const REFUSED_HINT: &str = "the provider closed the connection: it may have 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_accepts_and_says_nothing_is_given_up_on() {
+        // Accepted by the kernel's backlog and never answered: the TCP connect succeeds, the
+        // TLS handshake never does.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", silent.local_addr().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path(), "test CA").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let (cert, key) =
+            pki::issue(dir.path(), Role::Agent, "pc-1", &[], now, Duration::from_secs(86400), &dir.path().join("pc-1"))
+                .unwrap();
+        let tls = Transport::Tls(Tls::load(Paths { ca: dir.path().join(pki::CA_CERT), cert, key }).unwrap());
+        let started = std::time::Instant::now();
+        let err = connect_within(tls.endpoint(&url).unwrap(), Duration::from_millis(300)).await.unwrap_err();
+        assert_eq!(err, "no connection within 300ms");
+        // tonic's connect_timeout alone would wait for ever here (it bounds only the TCP
+        // connect); the bound is generous for a loaded machine.
+        assert!(started.elapsed() < Duration::from_secs(5), "gave up only after {:?}", started.elapsed());
+        drop(silent);
+    }
 
     #[test]
     fn issued_certificates_carry_name_and_role() {
