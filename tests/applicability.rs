@@ -139,7 +139,10 @@ fn machines_get_only_what_they_have_or_are_given() {
         });
         assert!(w.installed(name, "serveronly").is_none(), "{name} took serveronly");
     }
-    let st = w.admin_json(&purl, &["update", "show", &fix])["status"].clone();
+    // srv's report of the install reaches the provider after the files are in place: wait for it.
+    let fix_status = || w.admin_json(&purl, &["update", "show", &fix])["status"].clone();
+    wait_until("the provider to count srv's install of the fix", T, || fix_status()["installed_count"] == 1);
+    let st = fix_status();
     assert_eq!((st["applicable_count"].as_u64(), st["installed_count"].as_u64()), (Some(1), Some(1)), "{st}");
     let st = w.admin_json(&purl, &["update", "show", &client])["status"].clone();
     assert_eq!(st["applicable_count"].as_u64(), Some(3), "old, empty and handmade have or are given client: {st}");
