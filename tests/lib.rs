@@ -865,7 +865,6 @@ pub const COMMAND_DEADLINE: Duration = Duration::from_secs(150);
 /// them cannot keep this waiting either.
 pub fn output(cmd: &mut Command) -> Output {
     use std::io::{Read, Seek};
-    use wait_timeout::ChildExt;
     let (mut out, mut err) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
     let mut child = cmd
         .stdin(Stdio::null())
@@ -873,7 +872,18 @@ pub fn output(cmd: &mut Command) -> Output {
         .stderr(err.try_clone().unwrap())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let finished = child.wait_timeout(COMMAND_DEADLINE).unwrap();
+    // Polled, from every millisecond up to every 20 ms: no SIGCHLD handler, nothing shared
+    // with the test's other threads.
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    let finished = loop {
+        match child.try_wait().unwrap() {
+            Some(status) => break Some(status),
+            None if started.elapsed() > COMMAND_DEADLINE => break None,
+            None => std::thread::sleep(pause),
+        }
+        pause = (pause * 2).min(Duration::from_millis(20));
+    };
     let read = |f: &mut std::fs::File| {
         let mut v = Vec::new();
         f.rewind().and_then(|_| f.read_to_end(&mut v)).unwrap();
