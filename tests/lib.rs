@@ -331,6 +331,52 @@ pub struct World {
     /// The key providers sign catalog statements with, and its public half agents may pin.
     pub catalog_key: PathBuf,
     pub catalog_pub: PathBuf,
+    _watchdog: Option<Watchdog>,
+}
+
+/// Longest one test may run. Every command and call of the harness has a deadline of its own;
+/// this is the net under the test's own code, so that CI ends with a failure naming the test
+/// instead of running until it is killed with nothing said.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(900);
+
+/// Aborts the test binary, naming the test, if the test whose world armed it is still running
+/// after [`TEST_DEADLINE`]; dropping it (the test ended) stands it down.
+struct Watchdog {
+    ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    /// Armed in test binaries (run from `target/*/deps`) only: a benchmark's world may rightly
+    /// live longer.
+    fn arm() -> Option<Watchdog> {
+        let exe = std::env::current_exe().ok()?;
+        if exe.parent()?.file_name()? != "deps" {
+            return None;
+        }
+        let test = std::thread::current().name().unwrap_or("a test").to_string();
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = ended.clone();
+        let armed = Instant::now();
+        std::thread::spawn(move || {
+            while !seen.load(std::sync::atomic::Ordering::SeqCst) {
+                if armed.elapsed() > TEST_DEADLINE {
+                    // Straight to fd 2: the hung test may hold the lock `eprintln!` takes.
+                    let say = format!("\n{test} is still running after {TEST_DEADLINE:?}: it hangs; aborting\n");
+                    // SAFETY: write(2) of a live buffer's bytes to the process's stderr.
+                    unsafe { libc::write(2, say.as_ptr().cast(), say.len()) };
+                    std::process::abort();
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        Some(Watchdog { ended })
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The certificate name admin-cli uses in tests.
@@ -359,6 +405,7 @@ impl World {
             dir,
             env: vec![],
             insecure: false,
+            _watchdog: Watchdog::arm(),
         }
     }
 
