@@ -342,7 +342,7 @@ pub const TEST_DEADLINE: Duration = Duration::from_secs(900);
 /// Aborts the test binary, naming the test, if the test whose world armed it is still running
 /// after [`TEST_DEADLINE`]; dropping it (the test ended) stands it down.
 struct Watchdog {
-    ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _stand_down: std::sync::mpsc::Sender<()>,
 }
 
 impl Watchdog {
@@ -354,28 +354,18 @@ impl Watchdog {
             return None;
         }
         let test = std::thread::current().name().unwrap_or("a test").to_string();
-        let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = ended.clone();
-        let armed = Instant::now();
+        let (stand_down, wait) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
-            while !seen.load(std::sync::atomic::Ordering::SeqCst) {
-                if armed.elapsed() > TEST_DEADLINE {
-                    // Straight to fd 2: the hung test may hold the lock `eprintln!` takes.
-                    let say = format!("\n{test} is still running after {TEST_DEADLINE:?}: it hangs; aborting\n");
-                    // SAFETY: write(2) of a live buffer's bytes to the process's stderr.
-                    unsafe { libc::write(2, say.as_ptr().cast(), say.len()) };
-                    std::process::abort();
-                }
-                std::thread::sleep(Duration::from_secs(1));
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(TEST_DEADLINE) {
+                // Straight to fd 2, not `eprintln!`: this thread inherits the test's output
+                // capture, which an abort never prints.
+                let say = format!("\n{test} is still running after {TEST_DEADLINE:?}: it hangs; aborting\n");
+                // SAFETY: write(2) of a live buffer's bytes to the process's stderr.
+                unsafe { libc::write(2, say.as_ptr().cast(), say.len()) };
+                std::process::abort();
             }
         });
-        Some(Watchdog { ended })
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        Some(Watchdog { _stand_down: stand_down })
     }
 }
 
@@ -901,9 +891,9 @@ pub fn provider_cmd(args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out)))
 }
 
-/// Longest a command a test runs (admin-cli, `agent check`, an enrollment …) may take. Every
-/// one of them has deadlines of its own far below this; one that is still running after it
-/// hangs, and the test fails naming it instead of holding the whole suite until CI gives up.
+/// Longest a command a test runs (admin-cli, `agent check`, an enrollment …) may take. They
+/// finish in seconds; one still running after this hangs, and the test fails naming it
+/// instead of holding the whole suite until CI gives up.
 pub const COMMAND_DEADLINE: Duration = Duration::from_secs(150);
 
 /// Runs `cmd` with stdin closed and returns what it printed, as [`Command::output`] does, within
