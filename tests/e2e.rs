@@ -278,6 +278,17 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert!(!out.status.success() && stderr(&out).contains("cannot reach provider"), "{}", stderr(&out));
     assert_eq!(out.status.code(), Some(6), "an unreachable provider has its own exit status");
 
+    // A provider that takes the connection and then says nothing is given up on after
+    // --connect-timeout (5 s by default), with the same status; the flag is checked first.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute = format!("{}://{}", w.scheme(), silent.local_addr().unwrap());
+    let out = w.admin(&mute, &["--connect-timeout", "1", "group", "list"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("cannot reach provider") && (w.insecure || err.contains("within 1s")), "{err}");
+    let out = w.admin(&purl, &["--connect-timeout", "0", "group", "list"]);
+    assert!(!out.status.success() && stderr(&out).contains("--connect-timeout"), "{}", stderr(&out));
+
     // A reader that goes away (`| head`) ends admin-cli quietly, as it does any Unix tool.
     let mut piped = std::process::Command::new("bash");
     piped.arg("-c").arg("\"$0\" --provider \"$1\" update list | true").arg(updraft_tests::bin("admin-cli")).arg(&purl);

@@ -322,8 +322,11 @@ impl Drop for Proc {
 /// process its certificate (mutual TLS, as in production), helpers to run admin-cli.
 pub struct World {
     pub dir: tempfile::TempDir,
-    /// Extra environment for every process this world starts (e.g. OTEL_* variables).
+    /// Extra environment for every provider, site and agent this world starts (e.g. OTEL_* variables).
     pub env: Vec<(String, String)>,
+    /// Extra environment for `admin-cli` (e.g. a longer UPDRAFT_CONNECT_TIMEOUT for a provider
+    /// run under a profiler).
+    pub admin_env: Vec<(String, String)>,
     pub key: PathBuf,
     pub pubkey: PathBuf,
     /// Plaintext (`--insecure`) instead of mutual TLS, for the few cases that need it.
@@ -394,6 +397,7 @@ impl World {
             pubkey: prefix.with_extension("pub"),
             dir,
             env: vec![],
+            admin_env: vec![],
             insecure: false,
             _watchdog: Watchdog::arm(),
         }
@@ -528,7 +532,7 @@ impl World {
     /// admin-cli with the world's admin certificate.
     pub fn admin_cli(&self) -> Command {
         let mut c = Command::new(bin("admin-cli"));
-        c.envs(self.tls_env(ADMIN, "admin", &[]));
+        c.envs(self.tls_env(ADMIN, "admin", &[])).envs(self.admin_env.iter().cloned());
         c
     }
 

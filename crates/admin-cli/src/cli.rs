@@ -9,6 +9,11 @@ pub struct Cli {
     /// Provider to talk to (default https://127.0.0.1:8092, or http:// with --insecure).
     #[arg(long, global = true, env = "UPDRAFT_PROVIDER")]
     pub provider: Option<String>,
+    /// Seconds to wait for the provider to take the connection, TLS and HTTP/2 handshakes
+    /// included, before giving up with exit status 6 (a provider far away or under load may need more).
+    #[arg(long, global = true, env = "UPDRAFT_CONNECT_TIMEOUT", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub connect_timeout: u64,
     #[command(flatten)]
     pub tls: updraft_runtime::tls::TlsArgs,
     /// Machine-readable JSON instead of tables.

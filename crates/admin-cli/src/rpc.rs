@@ -21,16 +21,16 @@ impl tonic::service::Interceptor for Caller {
 
 pub type Admin = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Caller>>;
 
-/// A channel to the provider at `url` over `transport`, connected (handshakes included) within
-/// five seconds. A provider that stops answering on it (frozen, or cut off) is given up on
+/// A channel to the provider at `url` over `transport`, connected (handshakes included)
+/// `within` (`--connect-timeout`, 5 s by default). A provider that stops answering on it (frozen, or cut off) is given up on
 /// after HTTP/2 pings go unanswered for ten seconds, however long the call: an upload may
 /// take minutes, a dead peer may not.
-pub async fn channel(transport: &Transport, url: &str) -> anyhow::Result<Channel> {
+pub async fn channel(transport: &Transport, url: &str, within: Duration) -> anyhow::Result<Channel> {
     let endpoint = transport
         .endpoint(url)?
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));
-    updraft_runtime::tls::connect_within(endpoint, Duration::from_secs(5)).await.map_err(|e| {
+    updraft_runtime::tls::connect_within(endpoint, within).await.map_err(|e| {
         anyhow::Error::new(RpcFailure {
             code: tonic::Code::Unavailable,
             message: format!("cannot reach provider {url}: {e}"),
