@@ -22,9 +22,9 @@ impl tonic::service::Interceptor for Caller {
 pub type Admin = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Caller>>;
 
 /// A channel to the provider at `url` over `transport`, connected (handshakes included)
-/// `within` (`--connect-timeout`, 5 s by default). A provider that stops answering on it (frozen, or cut off) is given up on
-/// after HTTP/2 pings go unanswered for ten seconds, however long the call: an upload may
-/// take minutes, a dead peer may not.
+/// `within` the caller's `--connect-timeout`. A provider that stops answering on it (frozen, or
+/// cut off) is given up on after HTTP/2 pings go unanswered for ten seconds, however long the
+/// call: an upload may take minutes, a dead peer may not.
 pub async fn channel(transport: &Transport, url: &str, within: Duration) -> anyhow::Result<Channel> {
     let endpoint = transport
         .endpoint(url)?
