@@ -1091,7 +1091,7 @@ async fn cost_section() {
     let pubkey = w.pubkey.to_str().unwrap().to_string();
     let out = w.path("callgrind.out");
     let out_flag = format!("--callgrind-out-file={}", out.display());
-    let wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", &out_flag];
+    let wrapper = ["valgrind", "--tool=callgrind", "--fair-sched=yes", "--instr-atstart=no", &out_flag];
     let (p, purl) = w.provider_under("cost", &wrapper, &["--trust-key", &pubkey]);
     let pid = p.pid().expect("running").to_string();
     let callgrind = |args: &[&str]| {
