@@ -342,7 +342,7 @@ pub async fn serve_blob<T: Tier>(
 impl<T: Tier> AgentApi for AgentService<T> {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         self.tier.ready()?;
-        let remote_ip = request.remote_addr().map(|a| a.ip().to_string());
+        let remote_ip = request.remote_addr().map(|a| updraft_runtime::IpText(a.ip()).to_string());
         let caller = crate::auth::Caller::of(&request).cloned();
         let req = request.into_inner();
         let machine = req.machine.ok_or_else(|| ProviderError::InvalidArgument("check without machine info".into()))?;
