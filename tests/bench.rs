@@ -10,7 +10,16 @@
 //! - check answers per second and download serving (MB/s, 64 MiB to 1, 10 and 100 clients, from
 //!   the provider and from a site), each beside nginx serving a same-sized file to the same
 //!   h2load (Debian `nghttp2-client`) run;
-//! - one real agent's idle memory and CPU; provider import of 1 GiB beside `sha256sum`;
+//! - one real agent's idle memory and CPU; provider import of 1 GiB beside `sha256sum`; one real
+//!   agent installing 1 GiB beside `curl | tee >(sha256sum) | tar x; sync` from nginx (`install1g`);
+//! - over mutual TLS, every simulated machine with its own certificate and connection (`tls`):
+//!   check answers per second and p99 with 10,000 machines in the store, memory per connected
+//!   agent, downloads from the provider and a site, each beside nginx requiring client
+//!   certificates;
+//! - push to installed (`install`): 10,000 agents behind one site, each on its own mutual-TLS
+//!   connection, take a 10 MiB high-priority update; the time until the last has every byte;
+//! - the fleet by simulation (`fleet`): 1, 10 and 100 sites of 1,000 agents against one provider;
+//! - a rollout's look at its waves beside `update show` (`rollout`);
 //! - the provider's instructions per steady check over mutual TLS, counted by callgrind
 //!   (`cost`; needs valgrind): the figure to compare two builds by, since it does not swing;
 //! - the store's engines (`store`): acknowledged admin writes and checks per second on sled and
@@ -19,8 +28,8 @@
 //! Agents are simulated cheaply as gRPC clients (downloads and push subscriptions), many per
 //! connection, except in the herd (one connection each). Run:
 //! `cargo run --release -p updraft-tests --bin bench` (needs nginx and h2load for the baselines);
-//! `UPDRAFT_BENCH=wan,push,herd,serving,agent,import,tls,cost,rollout,store` picks sections
-//! (default: all).
+//! `UPDRAFT_BENCH=wan,push,herd,serving,agent,import,install1g,tls,cost,install,fleet,rollout,store`
+//! picks sections (default: all).
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
