@@ -74,10 +74,22 @@ pub enum Reason {
     },
     Push(String),
     Resync,
+    /// The push stream's hello: its provider's catalog is at this sequence, which the agent had
+    /// not seen. Needless once a check since has seen it (see [`Reason::seen`]).
+    Behind(u64),
     /// Someone ran `agent apply`: install what waits (these ids only, when given).
     Apply(Vec<String>),
     /// The install window opened while updates were waiting.
     Window,
+}
+
+impl Reason {
+    /// Whether this check would look again at a catalog the agent has already seen: a hello
+    /// queued behind the start-up check, which saw the same sequence, is dropped rather than
+    /// make every restarting agent check twice.
+    fn seen(&self, last_seen_seq: u64) -> bool {
+        matches!(self, Reason::Behind(seq) if *seq == last_seen_seq)
+    }
 }
 
 /// What to do with one offer, given the mode, the window and why this check runs.
@@ -1692,6 +1704,10 @@ pub async fn run(cfg: AgentConfig, probe: updraft_runtime::Probe, shutdown: Canc
         }
         shared.busy.store(true, std::sync::atomic::Ordering::SeqCst);
         let answer = match job {
+            Job::Check(reason) if reason.seen(shared.saved.borrow().last_seen_seq) => {
+                tracing::debug!(?reason, "not checking: a check since has seen this catalog");
+                Response::Done { message: "this catalog was already seen".into() }
+            }
             Job::Check(reason) => {
                 let scheduled = matches!(reason, Reason::Schedule | Reason::Startup);
                 let result = agent.check_once(reason).await;
@@ -1950,7 +1966,7 @@ async fn push_loop(agent: Arc<Shared>, tx: mpsc::Sender<Queued>, shutdown: Cance
                     let reason = match PushKind::try_from(ev.kind) {
                         Ok(PushKind::HighPriority) => Some(Reason::Push(ev.update_id.clone())),
                         Ok(PushKind::Hello) if ev.catalog_seq != agent.saved.borrow().last_seen_seq => {
-                            Some(Reason::Resync)
+                            Some(Reason::Behind(ev.catalog_seq))
                         }
                         // A rollout admits more machines: only those it names by position check.
                         Ok(PushKind::Rollout) => {
@@ -2022,6 +2038,16 @@ mod tests {
         let q = next_job(Event::Job(queued), &mut starting).unwrap();
         assert!(q.waited && matches!(q.job, Job::Restore { .. }));
         assert!(next_job(Event::Shutdown, &mut starting).is_none());
+    }
+
+    #[test]
+    fn a_hello_is_needless_only_once_its_catalog_was_seen() {
+        assert!(Reason::Behind(7).seen(7), "the start-up check saw sequence 7");
+        assert!(!Reason::Behind(7).seen(6), "not yet seen: a check failed or saw an older catalog");
+        assert!(!Reason::Behind(7).seen(8), "another provider's sequence: look again");
+        for other in [Reason::Resync, Reason::Schedule, Reason::Startup, Reason::Push("app-2".into())] {
+            assert!(!other.seen(7), "{other:?} checks whatever was seen");
+        }
     }
 
     fn at(mode: Mode, in_window: bool) -> When {
