@@ -56,7 +56,7 @@ fn v1_through_the_provider_then_v2_through_a_remote_provider() {
     assert!(!out.status.success());
     // `agent check` makes the daemon check now; the site may need a moment to follow the catalog.
     // The state waited for is v2 installed, whichever check installed it: a check the agent had
-    // queued (its push stream's resync on subscribing) may run after v2 is published and take it.
+    // queued (for its push stream's hello on subscribing) may run after v2 is published and take it.
     wait_until("v2 installed through the site, a manual check asked for", T, || {
         let out = w.agent_cmd("site-1", &["check"]);
         assert!(out.status.success(), "agent check failed: {}", stderr(&out));
@@ -279,7 +279,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(6), "an unreachable provider has its own exit status");
 
     // A provider that takes the connection and then says nothing is given up on after
-    // --connect-timeout (5 s by default), with the same status; the flag is checked first.
+    // --connect-timeout, with the same status; the flag is checked first.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mute = format!("{}://{}", w.scheme(), silent.local_addr().unwrap());
     let out = w.admin(&mute, &["--connect-timeout", "1", "group", "list"]);
