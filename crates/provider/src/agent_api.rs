@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::Stream;
-use tokio::sync::{Notify, OwnedSemaphorePermit, broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, broadcast};
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 use updraft_proto::v1::agent_api_server::AgentApi;
 use updraft_proto::v1::{
     ActivityKind, BlobRequest, CheckRequest, CheckResponse, Chunk, ForwardedReport, PushEvent, PushKind, ReportRequest,
@@ -213,41 +211,33 @@ pub async fn stream_blob(
             "offset {offset} is past the end of {content_hash} ({total} bytes)"
         )));
     }
-    let mut reader = crate::chunks::ChunkReader::open(path.clone(), offset, total, CHUNK_SIZE)
+    let reader = crate::chunks::ChunkReader::open(path.clone(), offset, total, CHUNK_SIZE)
         .await
         .map_err(|e| ProviderError::Io(format!("{}: {e}", path.display())))?;
-    // Two chunks read ahead: enough to keep the connection busy, little memory per stream.
-    let (tx, rx) = mpsc::channel(2);
+    // Each chunk is read when the connection asks for it, that is when h2 has room for more of
+    // this stream; h2's send buffer (more than a chunk) is the read-ahead. So a chunk is still
+    // in the CPU's cache when it is copied into the socket, and no task or channel stands
+    // between the file and the connection.
     let served = updraft_runtime::metrics::meter()
         .u64_counter("updraft.served")
         .with_unit("By")
         .with_description("Package bytes this server sent to agents and sites")
         .build();
-    tokio::spawn(
-        async move {
-            let _slot = slot;
-            loop {
-                let (at, data) = match reader.next().await {
-                    Ok(Some(chunk)) => chunk,
-                    Ok(None) => {
-                        tracing::debug!(waited_for_disk = reader.waited(), "blob sent");
-                        break;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("reading blob: {e}")))).await;
-                        return;
-                    }
-                };
-                let n = data.len() as u64;
-                if tx.send(Ok(Chunk { offset: at, data, total_size: total })).await.is_err() {
-                    break; // the receiver went away
-                }
-                served.add(n, &[]);
+    let chunks = futures::stream::unfold(Some((reader, slot, served)), move |state| async move {
+        let (mut reader, slot, served) = state?;
+        match reader.next().await {
+            Ok(Some((at, data))) => {
+                served.add(data.len() as u64, &[]);
+                Some((Ok(Chunk { offset: at, data, total_size: total }), Some((reader, slot, served))))
             }
+            Ok(None) => {
+                tracing::debug!(offset, waited_for_disk = reader.waited(), "blob sent");
+                None
+            }
+            Err(e) => Some((Err(Status::internal(format!("reading blob: {e}"))), None)),
         }
-        .instrument(tracing::info_span!("send_blob", offset)),
-    );
-    Ok(Box::pin(ReceiverStream::new(rx)))
+    });
+    Ok(Box::pin(chunks))
 }
 
 /// Downloads one machine may hold open at once (an agent needs one; a few allow a retry to
