@@ -557,12 +557,24 @@ fn cpu_secs(pid: u32) -> Option<f64> {
 /// One real agent, idle after its first check: resident memory, and CPU over a quiet spell
 /// scaled to an hour (its push stream stays open; it checks hourly).
 async fn agent_section(w: &World, purl: &str) {
-    const QUIET: Duration = Duration::from_secs(30);
     println!("One real agent, idle (connected, push stream open, hourly checks)");
     let agent = w.agent("idle-1", purl);
     wait_until("the agent registered", Duration::from_secs(60), || {
         w.admin_json(purl, &["machine", "list"]).as_array().is_some_and(|l| l.iter().any(|m| m["name"] == "idle-1"))
     });
+    idle_figures("fresh", &agent).await;
+    // A fleet's agents idle after installing what they were given: the code and memory an
+    // install touched are part of what an idle agent holds.
+    w.publish(purl, &w.package("idleapp", "1.0.0.0", &w.key));
+    w.agent_cmd("idle-1", &["check"]);
+    wait_until("the agent installed idleapp", Duration::from_secs(60), || w.installed("idle-1", "idleapp").is_some());
+    idle_figures("after an install", &agent).await;
+    println!();
+}
+
+/// An idle agent's resident memory and its CPU per idle hour, over a quiet spell.
+async fn idle_figures(when: &str, agent: &Proc) {
+    const QUIET: Duration = Duration::from_secs(30);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = agent.pid().unwrap();
     let (cpu0, t0) = (cpu_secs(pid), Instant::now());
@@ -581,12 +593,11 @@ async fn agent_section(w: &World, purl: &str) {
         kb.and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
     };
     println!(
-        "resident memory {:.1} MiB (target 10 MiB: heap and stacks {:.1}, program and libraries {:.1}); CPU {per_hour} per idle hour",
+        "{when}: resident memory {:.1} MiB (target 10 MiB: heap and stacks {:.1}, program and libraries {:.1}); CPU {per_hour} per idle hour",
         rss as f64 / 1024.0,
         part("RssAnon:"),
         part("RssFile:")
     );
-    println!();
 }
 
 /// One real agent installing a 1 GiB package end to end (`agent check`: the check, download,
