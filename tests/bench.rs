@@ -10,8 +10,8 @@
 //! - check answers per second and download serving (MB/s, 64 MiB to 1, 10 and 100 clients, from
 //!   the provider and from a site), each beside nginx serving a same-sized file to the same
 //!   h2load (Debian `nghttp2-client`) run;
-//! - one real agent's idle memory and CPU; provider import of 1 GiB beside `sha256sum`; one real
-//!   agent installing 1 GiB beside `curl | tee >(sha256sum) | tar x; sync` from nginx (`install1g`);
+//! - one real agent's idle memory and CPU, after its start-up check and after an install;
+//!   provider import of 1 GiB beside `sha256sum`; one real agent installing 1 GiB beside `curl | tee >(sha256sum) | tar x; sync` from nginx (`install1g`);
 //! - over mutual TLS, every simulated machine with its own certificate and connection (`tls`):
 //!   check answers per second and p99 with 10,000 machines in the store, memory per connected
 //!   agent, downloads from the provider and a site, each beside nginx requiring client
@@ -562,7 +562,7 @@ async fn agent_section(w: &World, purl: &str) {
     wait_until("the agent registered", Duration::from_secs(60), || {
         w.admin_json(purl, &["machine", "list"]).as_array().is_some_and(|l| l.iter().any(|m| m["name"] == "idle-1"))
     });
-    idle_figures("fresh", &agent).await;
+    idle_figures("after its start-up check", &agent).await;
     // A fleet's agents idle after installing what they were given: the code and memory an
     // install touched are part of what an idle agent holds.
     w.publish(purl, &w.package("idleapp", "1.0.0.0", &w.key));
