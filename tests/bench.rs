@@ -11,7 +11,8 @@
 //!   the provider and from a site), each beside nginx serving a same-sized file to the same
 //!   h2load (Debian `nghttp2-client`) run;
 //! - one real agent's idle memory and CPU, after its start-up check and after an install;
-//!   provider import of 1 GiB beside `sha256sum`; one real agent installing 1 GiB beside `curl | tee >(sha256sum) | tar x; sync` from nginx (`install1g`);
+//!   provider import of 1 GiB beside `sha256sum`; one real agent installing 1 GiB beside
+//!   `curl | tee >(sha256sum) | tar x; sync` from nginx (`install1g`);
 //! - over mutual TLS, every simulated machine with its own certificate and connection (`tls`):
 //!   check answers per second and p99 with 10,000 machines in the store, memory per connected
 //!   agent, downloads from the provider and a site, each beside nginx requiring client
