@@ -555,8 +555,9 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) / hz)
 }
 
-/// One real agent, idle after its first check: resident memory, and CPU over a quiet spell
-/// scaled to an hour (its push stream stays open; it checks hourly).
+/// One real agent idle, after its start-up check and again after installing one more update:
+/// resident memory, and CPU over a quiet spell scaled to an hour (its push stream stays open;
+/// it checks hourly).
 async fn agent_section(w: &World, purl: &str) {
     println!("One real agent, idle (connected, push stream open, hourly checks)");
     let agent = w.agent("idle-1", purl);
