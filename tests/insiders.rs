@@ -140,7 +140,23 @@ fn an_agent_certificate_cannot_hoard_streams_fetch_unapproved_content_or_date_th
         let e = downloader.download(BlobRequest { content_hash: tool_hash.clone(), offset: 0 }).await.unwrap_err();
         assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
         assert!(e.message().contains("4 downloads open"), "{e}");
+        // Abandoned downloads give their places back: once the provider has seen the four
+        // streams reset, the machine may download again.
         drop(held);
+        let again = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match downloader.download(BlobRequest { content_hash: tool_hash.clone(), offset: 0 }).await {
+                    Ok(s) => return s.into_inner(),
+                    Err(e) if e.code() == Code::ResourceExhausted => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await
+        .expect("the abandoned downloads' places came back within 30 s");
+        drop(again);
         drop(downloader);
 
         // One push stream per machine: a second subscription ends the first.
