@@ -223,19 +223,16 @@ pub async fn stream_blob(
         .with_unit("By")
         .with_description("Package bytes this server sent to agents and sites")
         .build();
-    let chunks = futures::stream::unfold(Some((reader, slot, served)), move |state| async move {
-        let (mut reader, slot, served) = state?;
-        match reader.next().await {
-            Ok(Some((at, data))) => {
-                served.add(data.len() as u64, &[]);
-                Some((Ok(Chunk { offset: at, data, total_size: total }), Some((reader, slot, served))))
-            }
-            Ok(None) => {
-                tracing::debug!(offset, waited_for_disk = reader.waited(), "blob sent");
-                None
-            }
-            Err(e) => Some((Err(Status::internal(format!("reading blob: {e}"))), None)),
-        }
+    // The slot goes with the stream: dropped at its end, at a read error, or when the
+    // connection drops the stream.
+    let chunks = futures::stream::try_unfold((reader, slot, served), move |(mut reader, slot, served)| async move {
+        let read = reader.next().await.map_err(|e| Status::internal(format!("reading blob: {e}")))?;
+        let Some((at, data)) = read else {
+            tracing::debug!(offset, waited_for_disk = reader.waited(), "blob sent");
+            return Ok(None);
+        };
+        served.add(data.len() as u64, &[]);
+        Ok(Some((Chunk { offset: at, data, total_size: total }, (reader, slot, served))))
     });
     Ok(Box::pin(chunks))
 }
