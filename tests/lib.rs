@@ -125,9 +125,9 @@ impl Proc {
     }
 
     /// `UPDRAFT_PROFILE_PROVIDER`, when set, is a command (split on spaces) each provider is
-    /// started under, for a profile of it in a benchmark: e.g. `heaptrack -o /tmp/ht` or
-    /// `perf record -g -o /tmp/perf.data --`. The process watched (its memory, its pid) is then
-    /// the wrapper's, which is the provider's only if the wrapper execs it.
+    /// started under, for a profile of it in a benchmark: e.g. `heaptrack -o /tmp/ht.%p` (a file
+    /// per provider) or `perf record -g -o /tmp/perf.data --`. The process watched (its memory,
+    /// its pid) is then the wrapper's, which is the provider's only if the wrapper execs it.
     pub fn start_env(dir: &Path, name: &str, program: &str, args: &[&str], env: &[(String, String)]) -> Proc {
         let wrapper = std::env::var("UPDRAFT_PROFILE_PROVIDER").unwrap_or_default();
         let wrapper: Vec<&str> = if program == "provider" { wrapper.split_whitespace().collect() } else { vec![] };
