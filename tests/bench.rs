@@ -390,7 +390,7 @@ async fn main() {
         herd_section(&w, &purl, &surl).await;
     }
     if section("serving") {
-        serving_section(&w, &purl, &surl).await;
+        serving_section(&w, (&p, &purl), (&s, &surl)).await;
     }
     if section("agent") {
         agent_section(&w, &purl).await;
@@ -812,7 +812,12 @@ async fn herd_section(w: &World, purl: &str, surl: &str) {
     println!();
 }
 
-async fn serving_section(w: &World, purl: &str, surl: &str) {
+/// Cleartext serving beside nginx: check answers per second, and downloads to 1, 10 and 100
+/// clients from the provider `p` and the site `s` (each a process and its URL), as throughput and
+/// as the server's CPU per gigabyte sent. The load generator shares the machine's two cores, so
+/// throughput also measures how much CPU the server leaves it; CPU per gigabyte is the server's
+/// own cost.
+async fn serving_section(w: &World, (p, purl): (&Proc, &str), (s, surl): (&Proc, &str)) {
     println!("Serving, beside nginx (same h2load run shape, cleartext HTTP/2, one stream per client)");
     // A representative answer: one offer (and the signed statement listing the catalog).
     w.publish(purl, &w.package("serveapp", "1.0.0.0", &w.key));
@@ -847,19 +852,69 @@ async fn serving_section(w: &World, purl: &str, surl: &str) {
     let download = |url: &str| format!("{url}/updraft.v1.AgentApi/Download");
     // The site serves what it has fetched once from the provider: the first download fills it.
     h2load(&download(surl), Some(&dl_body), 1, 1, size);
-    for (tier, url) in [("provider", purl), ("site", surl)] {
+    let nginx_pid = base.as_ref().and_then(|(n, _)| n.pid());
+    for (tier, server, url) in [("provider", p, purl), ("site", s, surl)] {
         let dl_url = download(url);
         for clients in [1, 10, 100] {
             let requests = clients * downloads_each(clients);
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            let (mut ours_cpu, mut theirs_cpu) = (Spent::default(), Spent::default());
             for _ in 0..ROUNDS {
-                ours.extend(h2load(&dl_url, Some(&dl_body), clients, requests, size));
-                theirs.extend(nurl("big").and_then(|u| h2load(&u, None, clients, requests, size)));
+                ours.extend(ours_cpu.add(server.pid(), || h2load(&dl_url, Some(&dl_body), clients, requests, size)));
+                theirs.extend(
+                    theirs_cpu.add(nginx_pid, || nurl("big").and_then(|u| h2load(&u, None, clients, requests, size))),
+                );
             }
             let (ours, theirs) = (median_by(ours, |l| l.mb_per_s), median_by(theirs, |l| l.mb_per_s));
             ratio_line(&format!("download MB/s, {clients} client(s), {tier}"), ours, theirs, |l| l.mb_per_s, "MB/s");
+            let gb = (requests as u64 * size) as f64 / 1e9;
+            if let (Some(o), Some(b)) = (ours_cpu.per_run(), theirs_cpu.per_run()) {
+                println!(
+                    "{:<40} {:>10.3} s/GB   nginx {:>10.3} s/GB   ratio {:>5.2}",
+                    "  server CPU per GB sent",
+                    o / gb,
+                    b / gb,
+                    o / b
+                );
+            }
         }
     }
+}
+
+/// CPU seconds a server (a process and its children: nginx's master and workers) spent over
+/// the runs it served.
+#[derive(Default)]
+struct Spent {
+    secs: f64,
+    runs: u32,
+}
+
+impl Spent {
+    /// Runs `run` (a load against the server `pid`) and adds what the server spent meanwhile
+    /// when the run measured something.
+    fn add(&mut self, pid: Option<u32>, run: impl FnOnce() -> Option<Load>) -> Option<Load> {
+        let before = pid.and_then(group_cpu_secs);
+        let load = run()?;
+        if let (Some(before), Some(after)) = (before, pid.and_then(group_cpu_secs)) {
+            self.secs += after - before;
+            self.runs += 1;
+        }
+        Some(load)
+    }
+
+    /// CPU seconds per run, over the runs measured.
+    fn per_run(&self) -> Option<f64> {
+        (self.runs > 0).then(|| self.secs / self.runs as f64)
+    }
+}
+
+/// CPU seconds used so far by a process and its children (nginx's master and its workers).
+fn group_cpu_secs(pid: u32) -> Option<f64> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .try_fold(cpu_secs(pid)?, |sum, c| Some(sum + cpu_secs(c)?))
 }
 
 /// Download runs per figure, ours and the baseline's taken in turn so that both meet the same
