@@ -211,13 +211,13 @@ pub async fn stream_blob(
             "offset {offset} is past the end of {content_hash} ({total} bytes)"
         )));
     }
-    let reader = crate::chunks::ChunkReader::open(path.clone(), offset, total, CHUNK_SIZE)
+    let reader = crate::chunks::ChunkReader::open(path.clone(), offset, total, &shared.chunk_buffers)
         .await
         .map_err(|e| ProviderError::Io(format!("{}: {e}", path.display())))?;
     // Each chunk is read when the connection asks for it, that is when h2 has room for more of
-    // this stream; h2's send buffer (more than a chunk) is the read-ahead. So a chunk is still
-    // in the CPU's cache when it is copied into the socket, and no task or channel stands
-    // between the file and the connection.
+    // this stream; h2's send buffer (more than a chunk) is the read-ahead. So a chunk is read
+    // shortly before it is sent, and no task or channel stands between the file and the
+    // connection.
     let served = updraft_runtime::metrics::meter()
         .u64_counter("updraft.served")
         .with_unit("By")
