@@ -7,7 +7,7 @@
 //! still in the CPU's cache, so a download allocates nothing per chunk, never zeroes memory
 //! twice, and the copy from the page cache writes to cached memory (with a few buffers per
 //! stream instead, 100 downloads at once cost 1.22–1.28 times nginx's CPU per byte, shared
-//! 1.17–1.18: `UPDRAFT_BENCH=serving`). The buffers go when the last stream does.
+//! 1.16–1.20: `UPDRAFT_BENCH=serving`). The buffers go when the last stream does.
 //!
 //! The invariant: a chunk handed out is exactly the blob's bytes at its offset; a blob shorter
 //! than the size it was served with is an error, never a short or padded chunk.
@@ -67,7 +67,7 @@ impl ChunkBuffers {
 }
 
 /// A chunk's memory, lent to the connection: its first `len` bytes are the chunk; dropped
-/// (the last `Bytes` sharing it gone), it goes back to its stream's spares.
+/// (the last `Bytes` sharing it gone), it goes back to the spares it came from.
 struct Lent {
     buf: Vec<u8>,
     len: usize,
