@@ -550,9 +550,16 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let (utime, stime): (f64, f64) = (rest.get(11)?.parse().ok()?, rest.get(12)?.parse().ok()?);
-    let ticks = std::process::Command::new("getconf").arg("CLK_TCK").output().ok()?;
-    let hz: f64 = String::from_utf8_lossy(&ticks.stdout).trim().parse().ok()?;
-    Some((utime + stime) / hz)
+    Some((utime + stime) / clock_ticks()?)
+}
+
+/// Clock ticks per second, the unit of /proc's CPU times: asked of `getconf` once.
+fn clock_ticks() -> Option<f64> {
+    static HZ: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        let ticks = std::process::Command::new("getconf").arg("CLK_TCK").output().ok()?;
+        String::from_utf8_lossy(&ticks.stdout).trim().parse().ok()
+    })
 }
 
 /// One real agent idle, after its start-up check and again after installing one more update:

@@ -171,8 +171,13 @@ mod tests {
         (f, data)
     }
 
+    /// A reader of its own buffers, of `chunk` bytes.
     async fn open(f: &tempfile::NamedTempFile, offset: u64, size: u64, chunk: usize) -> ChunkReader {
-        ChunkReader::open(f.path().to_path_buf(), offset, size, &ChunkBuffers::new(chunk)).await.unwrap()
+        open_in(f, offset, size, &ChunkBuffers::new(chunk)).await
+    }
+
+    async fn open_in(f: &tempfile::NamedTempFile, offset: u64, size: u64, buffers: &ChunkBuffers) -> ChunkReader {
+        ChunkReader::open(f.path().to_path_buf(), offset, size, buffers).await.unwrap()
     }
 
     /// The next chunk's bytes, checking it comes at the offset reading has reached.
@@ -227,8 +232,8 @@ mod tests {
         let (f, data) = blob(64 * 1024);
         let buffers = ChunkBuffers::new(4096);
         let size = data.len() as u64;
-        let mut a = ChunkReader::open(f.path().to_path_buf(), 0, size, &buffers).await.unwrap();
-        let mut b = ChunkReader::open(f.path().to_path_buf(), 4096, size, &buffers).await.unwrap();
+        let mut a = open_in(&f, 0, size, &buffers).await;
+        let mut b = open_in(&f, 4096, size, &buffers).await;
         let sent = next(&mut a).await.unwrap().unwrap();
         let at = sent.as_ptr();
         drop(sent);
@@ -240,7 +245,7 @@ mod tests {
         assert!(buffers.live.lock().unwrap().upgrade().is_some(), "a chunk is still being sent");
         drop(other);
         assert!(buffers.live.lock().unwrap().upgrade().is_none(), "no stream, no chunk: no buffers kept");
-        let mut c = ChunkReader::open(f.path().to_path_buf(), 0, size, &buffers).await.unwrap();
+        let mut c = open_in(&f, 0, size, &buffers).await;
         assert!(c.spare.0.lock().unwrap().is_empty(), "a later stream starts with none");
         assert_eq!(read_all(&mut c).await.unwrap().concat(), data);
     }
