@@ -211,13 +211,13 @@ pub async fn stream_blob(
             "offset {offset} is past the end of {content_hash} ({total} bytes)"
         )));
     }
-    let reader = crate::chunks::ChunkReader::open(path.clone(), offset, total, &shared.chunk_buffers)
+    let reader = crate::chunks::ChunkReader::open(path.clone(), offset, total, &shared.blob_maps)
         .await
         .map_err(|e| ProviderError::Io(format!("{}: {e}", path.display())))?;
-    // Each chunk is read when the connection asks for it, that is when h2 has room for more of
-    // this stream; h2's send buffer (more than a chunk) is the read-ahead. So a chunk is read
-    // shortly before it is sent, and no task or channel stands between the file and the
-    // connection.
+    // Each chunk is taken when the connection asks for it, that is when h2 has room for more of
+    // this stream; h2's send buffer (more than a chunk) is the read-ahead. So a chunk's pages
+    // are found in the page cache (or read into it) shortly before they are sent, and no task
+    // or channel stands between the file and the connection.
     let served = updraft_runtime::metrics::meter()
         .u64_counter("updraft.served")
         .with_unit("By")

@@ -1,5 +1,7 @@
 //! Content-addressed blob directory: `<root>/sha256/<hex>`. A blob appears under its name only
-//! once complete, synced and verified, so a name is a promise about its content.
+//! once complete, synced and verified, so a name is a promise about its content. Once there, a
+//! file is never written again: it leaves by rename (quarantine) or removal, both of which the
+//! mappings it is sent from outlive (`chunks`).
 use std::path::{Path, PathBuf};
 
 use tokio::io::AsyncWriteExt;

@@ -183,8 +183,8 @@ pub struct Shared {
     snapshot: std::sync::Mutex<Arc<catalog::Snapshot>>,
     /// Download slots: `config.max_downloads` of them.
     pub downloads: Arc<tokio::sync::Semaphore>,
-    /// The buffers the blobs being sent are read into (see `chunks`).
-    pub chunk_buffers: chunks::ChunkBuffers,
+    /// The blob files being sent, each mapped once (see `chunks`).
+    pub blob_maps: chunks::BlobMaps,
     /// Downloads each machine holds open (see [`agent_api::DOWNLOADS_PER_MACHINE`]).
     pub machine_downloads: limits::PerKey<String>,
     /// Held while content is fetched from another provider of the database (see `content`).
@@ -222,7 +222,7 @@ impl Shared {
         Ok(Arc::new(Self {
             config,
             downloads,
-            chunk_buffers: chunks::ChunkBuffers::new(agent_api::CHUNK_SIZE),
+            blob_maps: chunks::BlobMaps::new(agent_api::CHUNK_SIZE),
             machine_downloads: Default::default(),
             imports: Default::default(),
             member_fetches: Default::default(),
