@@ -1318,6 +1318,7 @@ async fn install_section() {
     let wan0 = site_wan(&w, &surl);
     let id = w.publish(&purl, &pkg);
     let size = w.admin_json(&purl, &["update", "show", &id])["size"].as_u64().unwrap();
+    let cpu0 = (s.pid().and_then(cpu_secs), cpu_secs(std::process::id()));
     let _ = t0.set(Instant::now());
     w.admin_ok(&purl, &["update", "priority", &id, "high"]);
     let mut done = Vec::new();
@@ -1342,6 +1343,18 @@ async fn install_section() {
         "site served {:.0} MB/s on average to the fleet; WAN bytes / package size {wan:.2}",
         (n as f64 * size as f64) / last.as_secs_f64().max(1e-9) / (1 << 20) as f64
     );
+    // Whether the site had the machine's CPU to itself: what it and the simulated agents (this
+    // process) spent over the push, beside what the machine's cores had.
+    let cpu1 = (s.pid().and_then(cpu_secs), cpu_secs(std::process::id()));
+    if let ((Some(s0), Some(b0)), (Some(s1), Some(b1))) = (cpu0, cpu1) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!(
+            "CPU over the push: site {:.1} s, simulated agents {:.1} s, of {:.1} s the {cores} cores had",
+            s1 - s0,
+            b1 - b0,
+            last.as_secs_f64() * cores as f64
+        );
+    }
     println!();
 }
 
