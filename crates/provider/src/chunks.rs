@@ -1,10 +1,10 @@
 //! Reading a stored blob to send it, in chunks, the way that costs least: the blob's file is
 //! mapped into memory, once however many streams are sending it, and each chunk is a slice of
 //! that mapping. The bytes go from the page cache to the socket (or to TLS's encryption) with
-//! no copy of our own and nothing allocated per chunk; reading each chunk into a buffer first,
-//! 100 downloads at once cost 1.17–1.21 times nginx's CPU per byte and reached 0.88–0.92 of its
-//! throughput, mapped 0.82–0.84 and 1.16–1.19 (`UPDRAFT_BENCH=serving`). A chunk the page
-//! cache lacks is read on the blocking pool before it is handed out, so the serving task never
+//! no copy of our own, and a chunk the page cache holds allocates nothing. Reading each chunk
+//! into a buffer first, 100 downloads at once cost 1.17–1.21 times nginx's CPU per byte and
+//! reached 0.88–0.92 of its throughput; mapped, 0.82–0.84 and 1.16–1.19
+//! (`UPDRAFT_BENCH=serving`). A chunk the page cache lacks is read on the blocking pool before it is handed out, so the serving task never
 //! waits for the disk, and a disk error is an error of that stream. A mapping goes when the
 //! last stream and chunk of its file do.
 //!
