@@ -197,6 +197,7 @@ mod tests {
             let chunks = read_all(&mut r).await.unwrap();
             assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= chunk), "{offset}/{chunk}");
             assert_eq!(chunks.concat(), &data[offset as usize..], "{offset}/{chunk}");
+            assert_eq!(r.waited(), 0, "a blob just written is in the page cache: sent without a read");
         }
     }
 
