@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, http};
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::TcpConnectInfo;
 use tonic::{Code, Status};
 use updraft_proto::v1::AuditEntry;
-use updraft_runtime::tls::{Peer, Role, Transport, peer_of};
+use updraft_runtime::tls::{Peer, Role, TlsConnectInfo, Transport, peer_of};
 
 use crate::ops::{self, Op};
 use crate::{Shared, health, now_ms};
@@ -112,6 +112,12 @@ fn access_of(path: &str) -> Option<Access> {
 
 fn header(req: &http::Request<Body>, name: &str) -> Option<String> {
     req.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(128).collect())
+}
+
+/// The client certificate (DER) of the connection a request came on, if it presented one.
+pub(crate) fn client_leaf<T>(req: &tonic::Request<T>) -> Option<Vec<u8>> {
+    let certs = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
+    certs.first().map(|c| c.to_vec())
 }
 
 /// The address a request came from, over TLS or not.

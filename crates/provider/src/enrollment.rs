@@ -30,7 +30,7 @@ impl<T: Tier> Enrollment for EnrollmentService<T> {
 
     async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<CertificateReply>, Status> {
         let caller = Caller::of(&request).cloned().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let leaf = request.peer_certs().and_then(|chain| chain.first().map(|c| c.to_vec()));
+        let leaf = crate::auth::client_leaf(&request);
         Ok(Response::new(self.tier.renew(request.into_inner(), &caller, leaf).await?))
     }
 }

@@ -253,7 +253,7 @@ pub fn server_span(req: &http::Request<()>) -> Span {
         req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|i| i.remote_addr()).or_else(
             || {
                 req.extensions()
-                    .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+                    .get::<crate::tls::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
                     .and_then(|i| i.get_ref().remote_addr())
             },
         );

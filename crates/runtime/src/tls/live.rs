@@ -28,6 +28,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
+use super::stream::ServerTls;
 use super::{HANDSHAKE_TIMEOUT, Peer, TlsError, file_err, peer_of};
 
 /// One loaded set of credentials: the CAs trusted (a bundle: during a CA rotation, the old and
@@ -363,14 +364,14 @@ impl Tls {
         self: &Arc<Self>,
         incoming: S,
         clients: ClientAuth,
-    ) -> impl Stream<Item = io::Result<Coalesced<tokio_rustls::server::TlsStream<Revocable<IO>>>>> + Send + 'static
+    ) -> impl Stream<Item = io::Result<Coalesced<ServerTls<Revocable<IO>>>>> + Send + 'static
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Stream<Item = io::Result<IO>> + Send + 'static,
     {
         let mut config = self.server_config(clients);
         config.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let config = Arc::new(config);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let open = self.open.clone();
         tokio::spawn(async move {
@@ -388,21 +389,19 @@ impl Tls {
                         continue;
                     }
                 };
-                let (acceptor, tx, open) = (acceptor.clone(), tx.clone(), open.clone());
+                let (config, tx, open) = (config.clone(), tx.clone(), open.clone());
                 tokio::spawn(async move {
                     let token = CancellationToken::new();
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(Revocable::new(io, token.clone())))
-                        .await
-                    {
+                    let handshake = ServerTls::accept(Revocable::new(io, token.clone()), config);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                         Ok(Ok(mut stream)) => {
-                            let client =
-                                stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|leaf| {
-                                    x509_parser::parse_x509_certificate(leaf)
-                                        .ok()
-                                        .map(|(_, c)| (hex::encode(c.raw_serial()), c.issuer().to_string()))
-                                });
+                            let client = stream.peer_certificates().and_then(|c| c.first()).and_then(|leaf| {
+                                x509_parser::parse_x509_certificate(leaf)
+                                    .ok()
+                                    .map(|(_, c)| (hex::encode(c.raw_serial()), c.issuer().to_string()))
+                            });
                             if let Some((serial, issuer)) = client {
-                                stream.get_mut().0.registration = Some(open.register(serial, issuer, token));
+                                stream.get_mut().registration = Some(open.register(serial, issuer, token));
                             }
                             let _ = tx.send(Ok(Coalesced::new(stream))).await;
                         }
@@ -676,33 +675,19 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Revocable<IO> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
-    // Forwarded, so that the TLS records of one flush (the sixteen-kilobyte records of a 1 MiB
-    // download frame) leave in one `writev` rather than one `send` each.
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.revoked(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
 }
 
 /// A server's TLS stream as HTTP/2 sees it: one that does not write vectored. h2 then copies a
 /// frame's payload of up to 1 KiB into its write buffer instead of chaining it (256 bytes when
 /// the stream writes vectored), so a check's answer — headers, data and trailers — is one TLS
-/// record and one `writev`; chained, the data had to be flushed before the trailers could be
+/// record and one `write`; chained, the data had to be flushed before the trailers could be
 /// queued, two records and two system calls per answer. Larger payloads (downloads) are still
-/// chained, and the TLS layer below still writes its records vectored.
+/// chained, and the TLS layer below ([`ServerTls`]) writes the records of each batch it
+/// encrypts in one `write`.
 ///
 /// The stream is boxed. tonic moves it into the connection's task, whose future keeps the value
 /// it was started with beside the HTTP/2 connection that took it over: two copies of a TLS
-/// stream (1.3 kB, most of it rustls's connection state) per connected agent, where a box makes
+/// stream (most of it rustls's connection state) per connected agent, where a box makes
 /// the two a pointer each and one copy on the heap.
 pub struct Coalesced<S>(Box<S>);
 
@@ -749,7 +734,6 @@ mod tests {
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let revocable = Revocable::new(server, CancellationToken::new());
-        assert!(revocable.is_write_vectored(), "the connection under TLS keeps writing its records vectored");
         let mut coalesced = Coalesced::new(revocable);
         assert!(!coalesced.is_write_vectored(), "h2 must copy small payloads, not chain them");
         coalesced.write_all(b"answer").await.unwrap();

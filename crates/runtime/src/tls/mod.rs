@@ -16,9 +16,11 @@ use tonic::transport::Endpoint;
 
 mod live;
 pub mod pki;
+mod stream;
 
 pub(crate) use live::write_file;
 pub use live::{ClientAuth, Coalesced, Credentials, Paths, Revocable, Tls, revoked_serials};
+pub use stream::{ServerTls, TlsConnectInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
