@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::server::UnbufferedServerConnection;
-use tokio_rustls::rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
+use tokio_rustls::rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
 use tonic::transport::server::Connected;
 
 /// Bytes read from the socket at once (on the stack): a whole TLS record and its header.
@@ -85,8 +85,8 @@ enum Progress {
     Plain,
     /// Nothing more can happen without bytes from the peer.
     NeedInput,
-    /// The plaintext given was encrypted into `outgoing`: this many bytes of it.
-    Wrote(usize),
+    /// The plaintext given was encrypted into `outgoing`.
+    Wrote,
     /// Both sides have closed.
     Closed,
 }
@@ -115,11 +115,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
     }
 
     /// The underlying connection.
-    pub fn get_ref(&self) -> &IO {
-        &self.io
-    }
-
-    /// The underlying connection.
     pub fn get_mut(&mut self) -> &mut IO {
         &mut self.io
     }
@@ -136,7 +131,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
                 return Poll::Ready(Ok(()));
             }
             match self.turn(cx, Want::Handshake)? {
-                Progress::Again | Progress::Plain | Progress::Wrote(_) => {}
+                Progress::Again | Progress::Plain | Progress::Wrote => {}
                 Progress::Closed => return Poll::Ready(Err(closed_in_handshake())),
                 Progress::NeedInput => {
                     if ready!(self.poll_receive(cx))? == 0 {
@@ -180,13 +175,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
                                 buf.put_slice(&payload[..n]);
                                 payload = &payload[n..];
                             }
-                            if !payload.is_empty() {
-                                if self.plain_at == self.plain.len() {
-                                    self.plain.clear();
-                                    self.plain_at = 0;
-                                }
-                                self.plain.extend_from_slice(payload);
-                            }
+                            self.plain.extend_from_slice(payload);
                         }
                         Err(e) => {
                             got = Err(e);
@@ -197,17 +186,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
                 got
             }
             Ok(ConnectionState::EncodeTlsData(mut message)) => {
-                let start = self.outgoing.len();
-                loop {
-                    match message.encode(&mut self.outgoing[start..]) {
-                        Ok(n) => {
-                            self.outgoing.truncate(start + n);
-                            break;
-                        }
-                        Err(EncodeError::InsufficientSize(s)) => self.outgoing.resize(start + s.required_size, 0),
-                        Err(EncodeError::AlreadyEncoded) => break,
-                    }
-                }
+                // `AlreadyEncoded` cannot come: each state is encoded once.
+                let _ = append(&mut self.outgoing, 0, |out| message.encode(out));
                 Ok(Progress::Again)
             }
             // What was encoded is sent before anything after it: `outgoing` is in order.
@@ -226,21 +206,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
             Ok(ConnectionState::WriteTraffic(mut traffic)) => match want {
                 Want::Handshake | Want::Read(_) => Ok(Progress::NeedInput),
                 Want::Write(data) => {
-                    let start = self.outgoing.len();
                     let records = data.len().div_ceil(RECORD).max(1);
-                    self.outgoing.resize(start + data.len() + records * RECORD_OVERHEAD, 0);
-                    loop {
-                        match traffic.encrypt(data, &mut self.outgoing[start..]) {
-                            Ok(n) => {
-                                self.outgoing.truncate(start + n);
-                                break Ok(Progress::Wrote(data.len()));
-                            }
-                            Err(EncryptError::InsufficientSize(s)) => self.outgoing.resize(start + s.required_size, 0),
-                            Err(EncryptError::EncryptExhausted) => {
-                                self.outgoing.truncate(start);
-                                break Err(rustls::Error::EncryptError);
-                            }
-                        }
+                    let room = data.len() + records * RECORD_OVERHEAD;
+                    match append(&mut self.outgoing, room, |out| traffic.encrypt(data, out)) {
+                        Ok(()) => Ok(Progress::Wrote),
+                        Err(_) => Err(rustls::Error::EncryptError),
                     }
                 }
             },
@@ -261,10 +231,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
             let discard = status.discard;
             match status.state {
                 Ok(ConnectionState::EncodeTlsData(mut message)) => {
-                    let start = self.outgoing.len();
-                    while let Err(EncodeError::InsufficientSize(s)) = message.encode(&mut self.outgoing[start..]) {
-                        self.outgoing.resize(start + s.required_size, 0);
-                    }
+                    let _ = append(&mut self.outgoing, 0, |out| message.encode(out));
                 }
                 Ok(ConnectionState::TransmitTlsData(sent)) => sent.done(),
                 _ => return self.discard(discard),
@@ -320,6 +287,56 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
     }
 }
 
+/// Appends to `out` what `write` puts into the room it is given: `room` bytes first, then as
+/// many as rustls says it needs. On any other error `out` is as it was.
+fn append<E: Needs>(
+    out: &mut Vec<u8>,
+    room: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> Result<(), E> {
+    let start = out.len();
+    out.resize(start + room, 0);
+    loop {
+        match write(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(e) => match e.needs() {
+                Some(size) => out.resize(start + size, 0),
+                None => {
+                    out.truncate(start);
+                    return Err(e);
+                }
+            },
+        }
+    }
+}
+
+/// rustls's "the buffer is too small" among its encoding errors.
+trait Needs {
+    /// The room the buffer must have, when that is the error.
+    fn needs(&self) -> Option<usize>;
+}
+
+impl Needs for EncodeError {
+    fn needs(&self) -> Option<usize> {
+        match self {
+            EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => Some(*required_size),
+            _ => None,
+        }
+    }
+}
+
+impl Needs for EncryptError {
+    fn needs(&self) -> Option<usize> {
+        match self {
+            EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => Some(*required_size),
+            _ => None,
+        }
+    }
+}
+
 fn closed_in_handshake() -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed during the TLS handshake")
 }
@@ -348,7 +365,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<IO> {
             let before = buf.filled().len();
             match this.turn(cx, Want::Read(buf))? {
                 Progress::Plain if buf.filled().len() > before => return Poll::Ready(Ok(())),
-                Progress::Again | Progress::Plain | Progress::Wrote(_) | Progress::Closed => {}
+                Progress::Again | Progress::Plain | Progress::Wrote | Progress::Closed => {}
                 Progress::NeedInput => {
                     if ready!(this.poll_receive(cx))? == 0 {
                         this.read_closed = true;
@@ -379,11 +396,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTls<IO> {
         let data = &buf[..buf.len().min(MAX_BATCH)];
         loop {
             match this.turn(cx, Want::Write(data))? {
-                Progress::Wrote(n) => {
+                Progress::Wrote => {
                     if let Poll::Ready(Err(e)) = this.poll_send(cx) {
                         return Poll::Ready(Err(e));
                     }
-                    return Poll::Ready(Ok(n));
+                    return Poll::Ready(Ok(data.len()));
                 }
                 // Records the reader has not asked for yet (never, as `incoming` holds only a
                 // partial record between calls): its task is this one, woken to take them.
@@ -412,12 +429,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTls<IO> {
             let status = this.conn.process_tls_records(&mut this.incoming);
             let discard = status.discard;
             if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
-                let start = this.outgoing.len();
-                while let Err(EncryptError::InsufficientSize(s)) =
-                    traffic.queue_close_notify(&mut this.outgoing[start..])
-                {
-                    this.outgoing.resize(start + s.required_size, 0);
-                }
+                let _ = append(&mut this.outgoing, 0, |out| traffic.queue_close_notify(out));
             }
             this.discard(discard);
         }
