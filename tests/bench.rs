@@ -21,8 +21,9 @@
 //!   connection, take a 10 MiB high-priority update; the time until the last has every byte;
 //! - the fleet by simulation (`fleet`): 1, 10 and 100 sites of 1,000 agents against one provider;
 //! - a rollout's look at its waves beside `update show` (`rollout`);
-//! - the provider's instructions per steady check over mutual TLS, counted by callgrind
-//!   (`cost`; needs valgrind): the figure to compare two builds by, since it does not swing;
+//! - the provider's instructions per steady check and per first check (a machine's first, on
+//!   its own connection: what a herd is made of) over mutual TLS, counted by callgrind (`cost`; needs valgrind): the
+//!   figures to compare two builds by, since they do not swing;
 //! - the store's engines (`store`): acknowledged admin writes and checks per second on sled and
 //!   on PostgreSQL, beside `pgbench` upserting one row per transaction on the same cluster.
 //!
@@ -1025,14 +1026,20 @@ async fn tls_section() {
         .zip(&names)
         .map(|(c, n)| (c.clone(), Req::grpc("/updraft.v1.AgentApi/Check", &check_request(n, &[]))))
         .collect();
-    let t = Instant::now();
+    let cpu = || p.pid().and_then(cpu_secs);
+    let (t, cpu0) = (Instant::now(), cpu());
     let l = loadgen::run(herd, MACHINES).await;
+    let elapsed = t.elapsed();
+    // The provider's CPU per check: steadier than the time, which the load generator's own
+    // share of the two cores swings by a third.
+    let per_check = cpu().zip(cpu0).map(|(after, before)| (after - before) / MACHINES as f64 * 1e6);
     println!(
-        "check herd: {MACHINES} machines at once answered in {:.2?} ({} failed; p50 {:.1?}, p99 {:.1?})",
-        t.elapsed(),
+        "check herd: {MACHINES} machines at once answered in {elapsed:.2?} ({} failed; p50 {:.1?}, p99 {:.1?}); \
+         provider CPU {} per check",
         l.failed,
         l.p50,
-        l.p99
+        l.p99,
+        per_check.map_or("not measured".into(), |us| format!("{us:.0} µs"))
     );
     let rss3 = rss(&p);
     println!("provider memory with {MACHINES} machines known and connected: {:.0} MiB", rss3 / 1024.0);
@@ -1072,7 +1079,6 @@ async fn tls_section() {
         .collect();
     let checks = check_count();
     eprintln!("bench: measuring checks/s over mutual TLS (provider pid {:?})", p.pid());
-    let cpu = || p.pid().and_then(cpu_secs);
     let cpu0 = cpu();
     let ours = loadgen::run(ours, checks).await;
     let per_check = cpu().zip(cpu0).map(|(after, before)| (after - before) / checks as f64 * 1e6);
@@ -1159,11 +1165,16 @@ fn held_digest(answer: updraft_proto::v1::CheckResponse) -> Vec<u8> {
 /// Checks measured under callgrind in the `cost` section, after as many unmeasured.
 const COST_CHECKS: usize = 2_000;
 
-/// What a steady check costs the provider in instructions, counted by callgrind: the same
-/// figure run after run whatever else the machine is doing, where checks per second and CPU
-/// time swing by a third. It compares two builds of the check path. Ten machines, each on its
-/// own mutual-TLS connection, check `COST_CHECKS` times in all; the provider runs under
-/// `valgrind --tool=callgrind` with counting switched on only for those checks.
+/// Machines new to the provider in the `cost` section: each checks once, on its own connection.
+const COST_HERD: usize = 200;
+
+/// What a steady check and a first check (what a herd is made of) cost the provider in
+/// instructions, counted by callgrind: the same figures run after run whatever else the machine
+/// is doing, where checks per second, the herd's time and CPU time swing by a third. They
+/// compare two builds of the check path. Ten machines, each on its own mutual-TLS connection,
+/// check `COST_CHECKS` times in all; then `COST_HERD` machines new to the provider check once
+/// each, one after another, each on its own connection. The provider runs under `valgrind --tool=callgrind` with counting switched
+/// on only for those checks.
 async fn cost_section() {
     if std::process::Command::new("callgrind_control").arg("--version").output().is_err() {
         println!("instructions per check: not measured (valgrind is not installed)\n");
@@ -1203,22 +1214,51 @@ async fn cost_section() {
     callgrind(&["--instr=off"]);
     callgrind(&["--dump"]);
     assert_eq!((warm.failed, measured.failed), (0, 0), "every check answered");
-    // A dump goes to OUT.1; its `totals:` line is the instructions counted.
-    let dump = std::fs::read_to_string(w.path("callgrind.out.1")).unwrap();
-    let total: u64 = dump
-        .lines()
-        .find_map(|l| l.strip_prefix("totals: "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("a totals line");
-    // Kept for reading where they go: `callgrind_annotate --inclusive=yes PATH`.
-    let kept = std::env::temp_dir().join("updraft-checks.callgrind");
-    std::fs::write(&kept, &dump).unwrap();
-    println!(
-        "provider instructions per check (callgrind): {:.0} ({COST_CHECKS} checks over 10 mutual-TLS connections; \
-         profile in {})\n",
-        total as f64 / COST_CHECKS as f64,
-        kept.display()
-    );
+
+    // What a herd is made of: first checks, by machines the provider has not met, each on a
+    // connection of its own holding its push stream, as agents' are; each answer carries the
+    // signed statement. One at a time: at once, how the provider's tasks happen to interleave
+    // moves the count by a quarter. Counting starts once every stream has its first message,
+    // so no handshake is still being finished on the provider's side.
+    let names: Vec<String> = (0..COST_HERD).map(|i| format!("herd-{i}")).collect();
+    let chans =
+        loadgen::connect_many(&purl, names.iter().map(|n| Some(ids.client(n, Role::Agent))).collect(), 10).await;
+    let mut streams = Vec::new();
+    for (c, n) in chans.iter().zip(&names) {
+        let req = SubscribeRequest { machine: n.clone(), last_seen_seq: 0 };
+        let mut s = AgentApiClient::new(c.clone()).subscribe(req).await.expect("subscribed").into_inner();
+        s.next().await.expect("a first message").expect("a push message");
+        streams.push(s);
+    }
+    callgrind(&["--instr=on"]);
+    for (c, n) in chans.iter().zip(&names) {
+        AgentApiClient::new(c.clone()).check(check_request(n, &[])).await.expect("a first check answered");
+    }
+    callgrind(&["--instr=off"]);
+    callgrind(&["--dump"]);
+    drop(streams);
+
+    // Each dump goes to OUT.N, its `totals:` line the instructions counted; each is kept for
+    // reading where they go: `callgrind_annotate --inclusive=yes PATH`.
+    for (n, what, checks, kept) in [
+        (1, "check", COST_CHECKS, "updraft-checks.callgrind"),
+        (2, "first check", COST_HERD, "updraft-first-checks.callgrind"),
+    ] {
+        let dump = std::fs::read_to_string(w.path(&format!("callgrind.out.{n}"))).unwrap();
+        let total: u64 = dump
+            .lines()
+            .find_map(|l| l.strip_prefix("totals: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a totals line");
+        let kept = std::env::temp_dir().join(kept);
+        std::fs::write(&kept, &dump).unwrap();
+        println!(
+            "provider instructions per {what} (callgrind): {:.0} ({checks} checks; profile in {})",
+            total as f64 / checks as f64,
+            kept.display()
+        );
+    }
+    println!();
 }
 
 /// How long one simulated agent took from the high-priority mark to having every byte of what
