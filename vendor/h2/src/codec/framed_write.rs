@@ -64,9 +64,12 @@ enum Next<B> {
 ///
 /// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
 /// frame that big.
-// Updraft: 2 KiB, not 16 KiB: an idle connection keeps this buffer for its whole life, and
-// a buffer that fills is flushed and reused (it must stay above `min_buffer_capacity`, 1,033).
-const DEFAULT_BUFFER_CAPACITY: usize = 2 * 1_024;
+// Updraft: 3 KiB, not 16 KiB: an idle connection keeps this buffer for its whole life, and
+// a buffer that fills is flushed and reused. 3 KiB still takes a whole short answer at once:
+// its headers, a DATA frame copied in (up to 1,033 bytes) and room for the trailers after it
+// (`min_buffer_capacity`, 1,033), so the answer leaves in one write. With 2 KiB an answer of
+// 1 KiB was flushed before its trailers: two TLS records, two system calls.
+const DEFAULT_BUFFER_CAPACITY: usize = 3 * 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says
