@@ -31,7 +31,8 @@
 //! connection, except in the herd (one connection each). Run:
 //! `cargo run --release -p updraft-tests --bin bench` (needs nginx and h2load for the baselines);
 //! `UPDRAFT_BENCH=wan,push,herd,serving,agent,import,install1g,tls,cost,install,fleet,rollout,store`
-//! picks sections (default: all).
+//! picks sections (default: all); `tls-herd` runs the `tls` section only as far as its herd, to
+//! repeat the herd quickly (its time swings by a third from run to run).
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -403,7 +404,9 @@ async fn main() {
         install1g_section(&w, &purl, p.pid()).await;
     }
     if section("tls") {
-        tls_section().await;
+        tls_section(false).await;
+    } else if section("tls-herd") {
+        tls_section(true).await;
     }
     if section("cost") {
         cost_section().await;
@@ -977,8 +980,8 @@ impl TlsWorld {
 /// Serving over mutual TLS, every client a distinct machine with its own certificate and
 /// connection, as a fleet is: provider memory per connected agent, the check herd, checks per
 /// second and downloads from a provider and a site, beside nginx doing mutual TLS 1.3 with the
-/// same load generator.
-async fn tls_section() {
+/// same load generator. `herd_only`: stop after the herd.
+async fn tls_section(herd_only: bool) {
     const MACHINES: usize = 10_000;
     let TlsWorld { w, p, purl, s: _s, surl, ids } = TlsWorld::new("t");
     println!("Mutual TLS: {MACHINES} machines, each with its own certificate and connection");
@@ -1045,6 +1048,10 @@ async fn tls_section() {
     println!("provider memory with {MACHINES} machines known and connected: {:.0} MiB", rss3 / 1024.0);
     for s in subs {
         s.abort();
+    }
+    if herd_only {
+        println!();
+        return;
     }
 
     // Checks per second, 100 clients, 10,000 machines in the store; nginx serves a file as
