@@ -22,8 +22,8 @@
 //! - the fleet by simulation (`fleet`): 1, 10 and 100 sites of 1,000 agents against one provider;
 //! - a rollout's look at its waves beside `update show` (`rollout`);
 //! - the provider's instructions per steady check and per first check (a machine's first, on
-//!   its own connection: what a herd is made of) over mutual TLS, counted by callgrind (`cost`; needs valgrind): the
-//!   figures to compare two builds by, since they do not swing;
+//!   its own connection: what a herd is made of) over mutual TLS, counted by callgrind (`cost`;
+//!   needs valgrind): the figures to compare two builds by, since they do not swing;
 //! - the store's engines (`store`): acknowledged admin writes and checks per second on sled and
 //!   on PostgreSQL, beside `pgbench` upserting one row per transaction on the same cluster.
 //!
@@ -1180,8 +1180,8 @@ const COST_HERD: usize = 200;
 /// is doing, where checks per second, the herd's time and CPU time swing by a third. They
 /// compare two builds of the check path. Ten machines, each on its own mutual-TLS connection,
 /// check `COST_CHECKS` times in all; then `COST_HERD` machines new to the provider check once
-/// each, one after another, each on its own connection. The provider runs under `valgrind --tool=callgrind` with counting switched
-/// on only for those checks.
+/// each, one after another, each on its own connection. The provider runs under
+/// `valgrind --tool=callgrind` with counting switched on only for those checks.
 async fn cost_section() {
     if std::process::Command::new("callgrind_control").arg("--version").output().is_err() {
         println!("instructions per check: not measured (valgrind is not installed)\n");
