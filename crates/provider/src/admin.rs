@@ -40,7 +40,7 @@ pub(crate) fn who<T>(req: &Request<T>) -> String {
     }
     let user = req
         .metadata()
-        .get("x-updraft-user")
+        .get(crate::auth::CLAIMED_USER.as_str())
         .and_then(|v| v.to_str().ok())
         .map(|s| s.chars().filter(|c| !c.is_control()).take(64).collect::<String>())
         .unwrap_or_else(|| "unknown".into());

@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tonic::body::Body;
+use tonic::codegen::http::HeaderName;
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::transport::server::TcpConnectInfo;
 use tonic::{Code, Status};
@@ -20,13 +21,13 @@ use crate::{Shared, health, now_ms};
 
 /// Set by a standby on what it forwards: who the original caller is. Believed only from a
 /// peer whose certificate says it is a provider.
-pub const FORWARDED_NAME: &str = "x-updraft-forwarded-name";
-pub const FORWARDED_ROLE: &str = "x-updraft-forwarded-role";
+pub const FORWARDED_NAME: HeaderName = HeaderName::from_static("x-updraft-forwarded-name");
+pub const FORWARDED_ROLE: HeaderName = HeaderName::from_static("x-updraft-forwarded-role");
 /// The serial of the original caller's certificate, so the active refuses a revoked one that
 /// came through a standby.
-pub const FORWARDED_SERIAL: &str = "x-updraft-forwarded-serial";
+pub const FORWARDED_SERIAL: HeaderName = HeaderName::from_static("x-updraft-forwarded-serial");
 /// What admin-cli says about its user; the only identity there is with `--insecure`.
-pub const CLAIMED_USER: &str = "x-updraft-user";
+pub const CLAIMED_USER: HeaderName = HeaderName::from_static("x-updraft-user");
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Caller {
@@ -110,7 +111,7 @@ fn access_of(path: &str) -> Option<Access> {
     })
 }
 
-fn header(req: &http::Request<Body>, name: &str) -> Option<String> {
+fn header(req: &http::Request<Body>, name: HeaderName) -> Option<String> {
     req.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(128).collect())
 }
 

@@ -196,11 +196,11 @@ pub fn status_of(headers: &http::HeaderMap) -> i64 {
 }
 
 /// The attributes of an RPC measurement, by the OpenTelemetry RPC conventions.
-pub fn rpc_attributes(service: &'static str, method: &'static str, code: i64) -> [KeyValue; 4] {
+pub fn rpc_attributes(rpc: Rpc, code: i64) -> [KeyValue; 4] {
     [
         KeyValue::new("rpc.system", "grpc"),
-        KeyValue::new("rpc.service", service),
-        KeyValue::new("rpc.method", method),
+        KeyValue::new("rpc.service", rpc.service),
+        KeyValue::new("rpc.method", rpc.method),
         KeyValue::new("rpc.grpc.status_code", code),
     ]
 }
@@ -259,9 +259,23 @@ const STANDARD_RPCS: [(&str, &str); 3] = [
     ("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo"),
 ];
 
-/// Every RPC this build serves or calls, as `service/method` → (service, method), sorted by
-/// path for a binary search: the updraft.v1 API's descriptors and the standard services.
-static KNOWN_RPCS: std::sync::LazyLock<Vec<(String, (String, String))>> = std::sync::LazyLock::new(|| {
+/// An RPC by the names spans and measurements give it: `service/method` (a span's name),
+/// the service and the method, all `'static` so naming a call allocates and formats nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rpc {
+    pub name: &'static str,
+    pub service: &'static str,
+    pub method: &'static str,
+}
+
+impl Rpc {
+    /// What a path that is no RPC of this build is called.
+    pub const OTHER: Rpc = Rpc { name: "_OTHER/_OTHER", service: OTHER, method: OTHER };
+}
+
+/// Every RPC this build serves or calls, as (`service/method`, service, method), sorted by
+/// name for a binary search: the updraft.v1 API's descriptors and the standard services.
+static KNOWN_RPCS: std::sync::LazyLock<Vec<(String, String, String)>> = std::sync::LazyLock::new(|| {
     let api = <prost_types::FileDescriptorSet as prost::Message>::decode(updraft_proto::FILE_DESCRIPTOR_SET)
         .expect("the compiled-in descriptors decode");
     let ours = api.file.iter().flat_map(|f| {
@@ -271,22 +285,25 @@ static KNOWN_RPCS: std::sync::LazyLock<Vec<(String, (String, String))>> = std::s
         })
     });
     let standard = STANDARD_RPCS.iter().map(|(s, m)| (s.to_string(), m.to_string()));
-    let mut known: Vec<_> = ours.chain(standard).map(|(s, m)| (format!("{s}/{m}"), (s, m))).collect();
+    let mut known: Vec<_> = ours.chain(standard).map(|(s, m)| (format!("{s}/{m}"), s, m)).collect();
     known.sort();
     known
 });
 
-/// `rpc.service` and `rpc.method` of a gRPC path (`/updraft.v1.AgentApi/Check`, also behind a
-/// proxy's prefix), or [`OTHER`] for a path that is no known RPC.
-pub fn rpc_names(path: &str) -> (&'static str, &'static str) {
-    // The path's tail from its second-last slash: `service/method`, without allocating.
-    let tail = match path.rfind('/').and_then(|i| path[..i].rfind('/')) {
+/// The RPC a gRPC path names (`/updraft.v1.AgentApi/Check`, also behind a proxy's prefix), or
+/// [`Rpc::OTHER`] for a path that is no known RPC.
+pub fn rpc_of(path: &str) -> Rpc {
+    let known: &'static [(String, String, String)] = &KNOWN_RPCS;
+    let find = |name: &str| known.binary_search_by(|(n, _, _)| n.as_str().cmp(name)).ok();
+    // Nearly every path is `/service/method`; one behind a prefix is found by its tail, from
+    // its second-last slash.
+    let tail = || match path.rfind('/').and_then(|i| path[..i].rfind('/')) {
         Some(j) => &path[j + 1..],
         None => path,
     };
-    match KNOWN_RPCS.binary_search_by(|(path, _)| path.as_str().cmp(tail)) {
-        Ok(i) => (&KNOWN_RPCS[i].1.0, &KNOWN_RPCS[i].1.1),
-        Err(_) => (OTHER, OTHER),
+    match path.strip_prefix('/').and_then(find).or_else(|| find(tail())) {
+        Some(i) => Rpc { name: &known[i].0, service: &known[i].1, method: &known[i].2 },
+        None => Rpc::OTHER,
     }
 }
 
@@ -306,7 +323,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let (service, method) = rpc_names(req.uri().path());
+        let rpc = rpc_of(req.uri().path());
         let started = Instant::now();
         let duration = self.duration.clone();
         let fut = self.inner.call(req);
@@ -318,7 +335,7 @@ where
             };
             // Polled inside the call's span (tonic's `trace_fn`, `telemetry::server_span`).
             crate::telemetry::record_status(&tracing::Span::current(), code);
-            duration.record(started.elapsed().as_secs_f64() * 1000.0, &rpc_attributes(service, method, code));
+            duration.record(started.elapsed().as_secs_f64() * 1000.0, &rpc_attributes(rpc, code));
             result
         })
     }
@@ -357,12 +374,19 @@ mod tests {
 
     #[test]
     fn rpc_paths_name_service_and_method() {
-        assert_eq!(rpc_names("/updraft.v1.AgentApi/Check"), ("updraft.v1.AgentApi", "Check"));
-        assert_eq!(rpc_names("/updraft/updraft.v1.Admin/ListUpdates"), ("updraft.v1.Admin", "ListUpdates"));
-        assert_eq!(rpc_names("/grpc.health.v1.Health/Check"), ("grpc.health.v1.Health", "Check"));
+        let names = |path| {
+            let rpc = rpc_of(path);
+            assert_eq!(rpc.name, format!("{}/{}", rpc.service, rpc.method), "{path}");
+            (rpc.service, rpc.method)
+        };
+        assert_eq!(names("/updraft.v1.AgentApi/Check"), ("updraft.v1.AgentApi", "Check"));
+        assert_eq!(names("/updraft/updraft.v1.Admin/ListUpdates"), ("updraft.v1.Admin", "ListUpdates"));
+        assert_eq!(names("/a/b/updraft.v1.Admin/ListUpdates"), ("updraft.v1.Admin", "ListUpdates"));
+        assert_eq!(names("updraft.v1.Admin/ListUpdates"), ("updraft.v1.Admin", "ListUpdates"));
+        assert_eq!(names("/grpc.health.v1.Health/Check"), ("grpc.health.v1.Health", "Check"));
         // A caller's invented paths all count as one.
         for path in ["/updraft.v1.AgentApi/Nope", "/x/y", "/a/b/c/d", "/Check", "", "/", "//", "nope"] {
-            assert_eq!(rpc_names(path), (OTHER, OTHER), "{path}");
+            assert_eq!(rpc_of(path), Rpc::OTHER, "{path}");
         }
     }
 }

@@ -13,6 +13,8 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+use crate::metrics::Rpc;
+
 /// Holds the exporter so it can be flushed on exit.
 #[must_use = "call shutdown() before exit so buffered spans are exported"]
 pub struct Telemetry {
@@ -209,6 +211,9 @@ impl Telemetry {
     }
 }
 
+/// The W3C trace-context header that makes a call part of its caller's trace.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
@@ -248,7 +253,7 @@ pub fn task(name: &'static str, detail: impl std::fmt::Display) -> Span {
 /// `metrics::RpcServerLayer` once answered), a child of the caller's trace when the request
 /// carries a `traceparent`. Pass to `tonic::transport::Server::builder().trace_fn(..)`.
 pub fn server_span(req: &http::Request<()>) -> Span {
-    let (service, method) = crate::metrics::rpc_names(req.uri().path());
+    let rpc = crate::metrics::rpc_of(req.uri().path());
     let peer =
         req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|i| i.remote_addr()).or_else(
             || {
@@ -260,9 +265,12 @@ pub fn server_span(req: &http::Request<()>) -> Span {
     let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
     let host = host.or_else(|| req.uri().authority().map(|a| a.as_str())).unwrap_or_default();
     let (address, port) = split_host_port(host);
-    let span = rpc_span("server", service, method, address, port, peer.map(|p| p.ip()));
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
-    let _ = span.set_parent(parent);
+    let span = rpc_span("server", rpc, address, port, peer.map(|p| p.ip()));
+    // Most calls carry no trace context; the propagator would look for it by parsing names.
+    if req.headers().contains_key(TRACEPARENT) {
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+        let _ = span.set_parent(parent);
+    }
     span
 }
 
@@ -281,33 +289,17 @@ pub(crate) const RPC_TRACE_ONLY_FIELDS: [&str; 8] = [
     "server.port",
 ];
 
-/// `service/method`, the span name of an RPC, written only when a log line or exporter reads it.
-struct CallName<'a>(&'a str, &'a str);
-
-impl std::fmt::Display for CallName<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.0, self.1)
-    }
-}
-
 /// A span for one RPC (`kind` is `server` or `client`), by the OpenTelemetry RPC conventions,
 /// with the peer's address where known (a server's caller); its status is recorded later.
-fn rpc_span(
-    kind: &'static str,
-    service: &str,
-    method: &str,
-    address: &str,
-    port: u16,
-    peer: Option<std::net::IpAddr>,
-) -> Span {
+fn rpc_span(kind: &'static str, rpc: Rpc, address: &str, port: u16, peer: Option<std::net::IpAddr>) -> Span {
     tracing::info_span!(
         "rpc",
-        otel.name = %CallName(service, method),
+        otel.name = %rpc.name,
         otel.kind = kind,
         otel.status_code = tracing::field::Empty,
         rpc.system = "grpc",
-        rpc.service = %service,
-        rpc.method = %method,
+        rpc.service = %rpc.service,
+        rpc.method = %rpc.method,
         rpc.grpc.status_code = tracing::field::Empty,
         server.address = %address,
         server.port = port,
@@ -394,12 +386,12 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for TracedChannel
 
     fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
         // A client span per call, child of the caller's, whose context the server continues.
-        let (service, method) = crate::metrics::rpc_names(req.uri().path());
+        let rpc = crate::metrics::rpc_of(req.uri().path());
         let (address, port) = match &self.server {
             Some((host, port)) => (&**host, *port),
             None => split_host_port(req.uri().authority().map(|a| a.as_str()).unwrap_or_default()),
         };
-        let span = rpc_span("client", service, method, address, port, None);
+        let span = rpc_span("client", rpc, address, port, None);
         let cx = span.context();
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut HeaderInjector(req.headers_mut()))
@@ -417,10 +409,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for TracedChannel
                 Err(_) => tonic::Code::Unavailable as i64,
             };
             record_status(&span, code);
-            duration.record(
-                started.elapsed().as_secs_f64() * 1000.0,
-                &crate::metrics::rpc_attributes(service, method, code),
-            );
+            duration.record(started.elapsed().as_secs_f64() * 1000.0, &crate::metrics::rpc_attributes(rpc, code));
             result
         })
     }
@@ -457,7 +446,7 @@ pub fn current_traceparent() -> String {
     let cx = Span::current().context();
     let mut carrier = std::collections::HashMap::new();
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
-    carrier.remove("traceparent").unwrap_or_default()
+    carrier.remove(TRACEPARENT.as_str()).unwrap_or_default()
 }
 
 /// Makes `span` a child of the trace named by a stored `traceparent`, if any.
@@ -466,7 +455,7 @@ pub fn adopt_traceparent(span: &Span, traceparent: &str) {
         return;
     }
     let carrier: std::collections::HashMap<String, String> =
-        [("traceparent".to_string(), traceparent.to_string())].into_iter().collect();
+        [(TRACEPARENT.as_str().to_string(), traceparent.to_string())].into_iter().collect();
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
     let _ = span.set_parent(cx);
 }
@@ -508,20 +497,28 @@ mod tests {
         let subscriber = tracing_subscriber::layer::SubscriberExt::with(tracing_subscriber::registry(), layer);
         tracing::subscriber::with_default(subscriber, || {
             let peer = Some(std::net::IpAddr::from([10, 0, 0, 7]));
-            let span = super::rpc_span("server", "updraft.v1.AgentApi", "Check", "prov.example", 4443, peer);
+            let check = crate::metrics::rpc_of("/updraft.v1.AgentApi/Check");
+            let span = super::rpc_span("server", check, "prov.example", 4443, peer);
             super::record_status(&span, 0);
             span.in_scope(|| tracing::warn!(machine = "m-1", "refused"));
             super::record_status(&span, 5);
             let error = std::io::Error::other("disk full");
             let error: &(dyn std::error::Error + 'static) = &error;
             span.in_scope(|| tracing::warn!(r#type = 3, error, "refused \x1b[31magain"));
+            // A field too long to stage keeps its place among the short ones.
+            let long = "x".repeat(300);
+            tracing::info_span!("task", a = 1, detail = %long, z = "end").in_scope(|| tracing::warn!(k = 2, "long"));
         });
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let long = "x".repeat(300);
         assert_eq!(
             text,
-            " WARN rpc{otel.name=updraft.v1.AgentApi/Check network.peer.address=10.0.0.7}: refused machine=\"m-1\"\n \
-             WARN rpc{otel.name=updraft.v1.AgentApi/Check network.peer.address=10.0.0.7}: refused \\x1b[31magain \
-             type=3 error=disk full\n"
+            format!(
+                " WARN rpc{{otel.name=updraft.v1.AgentApi/Check network.peer.address=10.0.0.7}}: refused machine=\"m-1\"\n \
+                 WARN rpc{{otel.name=updraft.v1.AgentApi/Check network.peer.address=10.0.0.7}}: refused \\x1b[31magain \
+                 type=3 error=disk full\n \
+                 WARN task{{a=1 detail={long} z=\"end\"}}: long k=2\n"
+            )
         );
     }
 }
