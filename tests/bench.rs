@@ -320,7 +320,7 @@ fn nginx_with(w: &World, root: &std::path::Path, tls: Option<&NginxTls>) -> Opti
     // As root, nginx's workers would run as nobody and could not read the test's files.
     let user = if running_as_root() { "user root;\n" } else { "" };
     let conf = format!(
-        "daemon off;\n{user}worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\n\
+        "daemon off;\n{user}worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 16384; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n  http2_chunk_size 256k;\n  sendfile off;\n  tcp_nodelay on;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
            server {{\n    listen 127.0.0.1:{port}{ssl} http2;\n    root {r};\n{tls_conf}  }}\n}}\n"
@@ -1312,7 +1312,8 @@ async fn take_update(ch: Channel, name: String, t0: Instant) -> Installed {
 /// Push to installed: simulated agents behind one site, each with its own certificate,
 /// mutual-TLS connection and push stream, take a 10 MiB update marked high priority: the
 /// time from the mark until each has every byte, the site's WAN bytes for it, and the site's
-/// memory per connected agent. `UPDRAFT_BENCH_AGENTS` sets how many (default 10,000).
+/// memory per connected agent; beside it, nginx serving the same bytes to as many mutual-TLS
+/// clients. `UPDRAFT_BENCH_AGENTS` sets how many (default 10,000).
 async fn install_section() {
     let n: usize = std::env::var("UPDRAFT_BENCH_AGENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     const SIZE_MIB: usize = 10;
@@ -1322,7 +1323,7 @@ async fn install_section() {
     let names: Vec<String> = (0..n).map(|i| format!("a-{i}")).collect();
     let configs: Vec<_> = names.iter().map(|n| Some(ids.client(n, Role::Agent))).collect();
     let rss0 = rss(&s);
-    let chans = loadgen::connect_many(&surl, configs, 64).await;
+    let chans = loadgen::connect_many(&surl, configs.clone(), 64).await;
     // Each agent checks once (the site learns it) and holds its push stream.
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(n);
     let t0 = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
@@ -1402,6 +1403,33 @@ async fn install_section() {
             last.as_secs_f64() * cores as f64
         );
     }
+
+    // The baseline: nginx serving the same bytes to as many mutual-TLS clients (each its own
+    // certificate and connection, all at once), one download each: the time the serving
+    // alone takes on this machine, without a check, a push or a retry.
+    drop(chans);
+    let www = w.path("www-install");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::copy(&pkg, www.join("fix")).unwrap();
+    let (ncert, nkey) = ids.issue("nginx", Role::Provider, &[]);
+    let tls = NginxTls { cert: w.path("nginx.crt"), key: w.path("nginx.key"), ca: w.path("pki/ca.crt") };
+    std::fs::write(&tls.cert, ncert).unwrap();
+    std::fs::write(&tls.key, nkey).unwrap();
+    let Some((_nginx, port)) = nginx_with(&w, &www, Some(&tls)) else {
+        println!("nginx serving the same bytes: not measured (is nginx installed?)\n");
+        return;
+    };
+    let conns = loadgen::connect_many(&format!("https://127.0.0.1:{port}"), configs, 64).await;
+    let theirs = loadgen::run(conns.into_iter().map(|c| (c, Req::Get("/fix".into()))).collect(), n).await;
+    let bytes = n as f64 * std::fs::metadata(&pkg).unwrap().len() as f64;
+    let took = bytes / (theirs.mb_per_s * (1 << 20) as f64);
+    println!(
+        "nginx serving the same bytes to {n} mutual-TLS clients at once: {:.0} MB/s, the last done at {took:.1} s \
+         ({} failed); push to installed / that: ratio {:.2}",
+        theirs.mb_per_s,
+        theirs.failed,
+        last.as_secs_f64() / took
+    );
     println!();
 }
 
