@@ -333,6 +333,26 @@ fn nginx_with(w: &World, root: &std::path::Path, tls: Option<&NginxTls>) -> Opti
     Some((p, port))
 }
 
+/// The sections hold 10,000 connections and more, in this process and in the servers it starts
+/// (which inherit its limits), where a login shell's soft limit on open files may be 1,024:
+/// raised to the hard limit, as the deployed units' `LimitNOFILE` does for the servers.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: both calls only read or write the `rlimit` passed, which lives through the call.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+        }
+    };
+    if !raised || lim.rlim_cur < 12_000 {
+        eprintln!(
+            "bench: open files limited to {} (`ulimit -Hn`); the 10,000-connection sections need about 11,000",
+            lim.rlim_cur
+        );
+    }
+}
+
 fn running_as_root() -> bool {
     std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
@@ -364,6 +384,7 @@ fn ratio_line(what: &str, ours: Option<Load>, base: Option<Load>, by: impl Fn(&L
 
 #[tokio::main]
 async fn main() {
+    raise_open_files_limit();
     // Plaintext: the subscribers below are raw streams, not agents with certificates.
     let w = World::insecure();
     // Every simulated machine connects from 127.0.0.1: no per-address connection limit here.
