@@ -1197,9 +1197,9 @@ const COST_CHECKS: usize = 2_000;
 const COST_HERD: usize = 200;
 
 /// What a steady check and a first check (what a herd is made of) cost the provider in
-/// instructions, counted by callgrind: the same figures run after run whatever else the machine
-/// is doing, where checks per second, the herd's time and CPU time swing by a third. They
-/// compare two builds of the check path. Ten machines, each on its own mutual-TLS connection,
+/// instructions, counted by callgrind: within about 1 % run after run whatever else the machine
+/// is doing (the provider's background tasks are counted too), where checks per second, the
+/// herd's time and CPU time swing by a third. They compare two builds of the check path. Ten machines, each on its own mutual-TLS connection,
 /// check `COST_CHECKS` times in all; then `COST_HERD` machines new to the provider check once
 /// each, one after another, each on its own connection. The provider runs under
 /// `valgrind --tool=callgrind` with counting switched on only for those checks.
