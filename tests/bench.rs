@@ -297,6 +297,16 @@ struct NginxTls {
     ca: std::path::PathBuf,
 }
 
+/// nginx serving `root` over mutual TLS 1.3 with a certificate of `ids`'s CA, requiring one of
+/// its client certificates; with its URL (`https://127.0.0.1:PORT`).
+fn nginx_mtls(w: &World, ids: &Identities, root: &std::path::Path) -> Option<(Proc, String)> {
+    let (cert, key) = ids.issue("nginx", Role::Provider, &[]);
+    let tls = NginxTls { cert: w.path("nginx.crt"), key: w.path("nginx.key"), ca: w.path("pki/ca.crt") };
+    std::fs::write(&tls.cert, cert).unwrap();
+    std::fs::write(&tls.key, key).unwrap();
+    nginx_with(w, root, Some(&tls)).map(|(p, port)| (p, format!("https://127.0.0.1:{port}")))
+}
+
 /// nginx serving `root` over HTTP/2, in cleartext or (with `tls`) over mutual TLS 1.3.
 fn nginx_with(w: &World, root: &std::path::Path, tls: Option<&NginxTls>) -> Option<(Proc, u16)> {
     let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists())?;
@@ -1092,12 +1102,8 @@ async fn tls_section(herd_only: bool) {
     let u = w.admin_json(&purl, &["update", "show", &id]);
     let (hash, size) = (u["content_hash"].as_str().unwrap().to_string(), u["size"].as_u64().unwrap());
     std::fs::copy(&big, www.join("big")).unwrap();
-    let (ncert, nkey) = ids.issue("nginx", Role::Provider, &[]);
-    let tls = NginxTls { cert: w.path("nginx.crt"), key: w.path("nginx.key"), ca: w.path("pki/ca.crt") };
-    std::fs::write(&tls.cert, ncert).unwrap();
-    std::fs::write(&tls.key, nkey).unwrap();
-    let base = nginx_with(&w, &www, Some(&tls));
-    let nurl = base.as_ref().map(|(_, port)| format!("https://127.0.0.1:{port}"));
+    let base = nginx_mtls(&w, &ids, &www);
+    let nurl = base.as_ref().map(|(_, url)| url.clone());
     let clients = |n: usize| configs[..n].to_vec();
 
     let ours: Vec<_> = chans[..100]
@@ -1199,10 +1205,11 @@ const COST_HERD: usize = 200;
 /// What a steady check and a first check (what a herd is made of) cost the provider in
 /// instructions, counted by callgrind: within about 1 % run after run whatever else the machine
 /// is doing (the provider's background tasks are counted too), where checks per second, the
-/// herd's time and CPU time swing by a third. They compare two builds of the check path. Ten machines, each on its own mutual-TLS connection,
-/// check `COST_CHECKS` times in all; then `COST_HERD` machines new to the provider check once
-/// each, one after another, each on its own connection. The provider runs under
-/// `valgrind --tool=callgrind` with counting switched on only for those checks.
+/// herd's time and CPU time swing by a third. They compare two builds of the check path. Ten
+/// machines, each on its own mutual-TLS connection, check `COST_CHECKS` times in all; then
+/// `COST_HERD` machines new to the provider check once each, one after another, each on its
+/// own connection. The provider runs under `valgrind --tool=callgrind` with counting switched
+/// on only for those checks.
 async fn cost_section() {
     if std::process::Command::new("callgrind_control").arg("--version").output().is_err() {
         println!("instructions per check: not measured (valgrind is not installed)\n");
@@ -1432,24 +1439,19 @@ async fn install_section() {
     let www = w.path("www-install");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::copy(&pkg, www.join("fix")).unwrap();
-    let (ncert, nkey) = ids.issue("nginx", Role::Provider, &[]);
-    let tls = NginxTls { cert: w.path("nginx.crt"), key: w.path("nginx.key"), ca: w.path("pki/ca.crt") };
-    std::fs::write(&tls.cert, ncert).unwrap();
-    std::fs::write(&tls.key, nkey).unwrap();
-    let Some((_nginx, port)) = nginx_with(&w, &www, Some(&tls)) else {
+    let Some((_nginx, url)) = nginx_mtls(&w, &ids, &www) else {
         println!("nginx serving the same bytes: not measured (is nginx installed?)\n");
         return;
     };
-    let conns = loadgen::connect_many(&format!("https://127.0.0.1:{port}"), configs, 64).await;
+    let conns = loadgen::connect_many(&url, configs, 64).await;
     let theirs = loadgen::run(conns.into_iter().map(|c| (c, Req::Get("/fix".into()))).collect(), n).await;
-    let bytes = n as f64 * std::fs::metadata(&pkg).unwrap().len() as f64;
-    let took = bytes / (theirs.mb_per_s * (1 << 20) as f64);
     println!(
-        "nginx serving the same bytes to {n} mutual-TLS clients at once: {:.0} MB/s, the last done at {took:.1} s \
+        "nginx serving the same bytes to {n} mutual-TLS clients at once: {:.0} MB/s, the last done at {:.1?} \
          ({} failed); push to installed / that: ratio {:.2}",
         theirs.mb_per_s,
+        theirs.elapsed,
         theirs.failed,
-        last.as_secs_f64() / took
+        last.as_secs_f64() / theirs.elapsed.as_secs_f64()
     );
     println!();
 }

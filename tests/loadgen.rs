@@ -126,6 +126,8 @@ pub async fn send(ch: &mut Channel, req: &Req) -> Result<u64, String> {
 /// What one run measured.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Load {
+    /// From the first request to the last answer.
+    pub elapsed: Duration,
     pub req_per_s: f64,
     pub mb_per_s: f64,
     pub p50: Duration,
@@ -182,12 +184,14 @@ pub async fn run(conns: Vec<(Channel, Req)>, requests: usize) -> Load {
         bytes += b;
         failed += f;
     }
-    let elapsed = start.elapsed().as_secs_f64();
+    let elapsed = start.elapsed();
+    let secs = elapsed.as_secs_f64();
     times.sort();
     let pick = |q: f64| times.get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1))).copied();
     Load {
-        req_per_s: times.len() as f64 / elapsed,
-        mb_per_s: bytes as f64 / elapsed / (1 << 20) as f64,
+        elapsed,
+        req_per_s: times.len() as f64 / secs,
+        mb_per_s: bytes as f64 / secs / (1 << 20) as f64,
         p50: pick(0.5).unwrap_or_default(),
         p99: pick(0.99).unwrap_or_default(),
         failed,

@@ -495,6 +495,7 @@ mod tests {
             .with_target(false)
             .fmt_fields(crate::logs::TextFields);
         let subscriber = tracing_subscriber::layer::SubscriberExt::with(tracing_subscriber::registry(), layer);
+        let long = "x".repeat(300);
         tracing::subscriber::with_default(subscriber, || {
             let peer = Some(std::net::IpAddr::from([10, 0, 0, 7]));
             let check = crate::metrics::rpc_of("/updraft.v1.AgentApi/Check");
@@ -506,11 +507,9 @@ mod tests {
             let error: &(dyn std::error::Error + 'static) = &error;
             span.in_scope(|| tracing::warn!(r#type = 3, error, "refused \x1b[31magain"));
             // A field too long to stage keeps its place among the short ones.
-            let long = "x".repeat(300);
             tracing::info_span!("task", a = 1, detail = %long, z = "end").in_scope(|| tracing::warn!(k = 2, "long"));
         });
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        let long = "x".repeat(300);
         assert_eq!(
             text,
             format!(
