@@ -64,11 +64,13 @@ enum Next<B> {
 ///
 /// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
 /// frame that big.
-// Updraft: 3 KiB, not 16 KiB: an idle connection keeps this buffer for its whole life, and
-// a buffer that fills is flushed and reused. 3 KiB still takes a whole short answer at once:
-// its headers, a DATA frame copied in (up to 1,033 bytes) and room for the trailers after it
-// (`min_buffer_capacity`, 1,033), so the answer leaves in one write. With 2 KiB an answer of
-// 1 KiB was flushed before its trailers: two TLS records, two system calls.
+// Updraft: 3 KiB, not 16 KiB, and held only while it has something to send: once a flush has
+// written everything the buffer is released, and the next frame buffered allocates it again.
+// An agent's connection is idle nearly all its life, so it keeps none; a buffer that fills is
+// flushed and reused. 3 KiB still takes a whole short answer at once: its headers, a DATA frame
+// copied in (up to 1,033 bytes) and room for the trailers after it (`min_buffer_capacity`,
+// 1,033), so the answer leaves in one write. With 2 KiB an answer of 1 KiB was flushed before
+// its trailers: two TLS records, two system calls.
 const DEFAULT_BUFFER_CAPACITY: usize = 3 * 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
@@ -98,7 +100,7 @@ where
             final_flush_done: false,
             encoder: Encoder {
                 hpack: hpack::Encoder::default(),
-                buf: Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY)),
+                buf: Cursor::new(BytesMut::new()),
                 next: None,
                 last_data_frame: None,
                 max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
@@ -173,6 +175,8 @@ where
                 ControlFlow::Break => break,
             }
         }
+        // Updraft: everything is written; the buffer goes until a frame needs it.
+        self.encoder.release();
 
         tracing::trace!("flushing buffer");
         // Flush the upstream
@@ -225,9 +229,20 @@ where
         }
     }
 
+    /// Updraft: gives the buffer back to the allocator once it holds nothing to send.
+    fn release(&mut self) {
+        if self.next.is_none() && !self.buf.has_remaining() && self.buf.get_ref().capacity() > 0 {
+            self.buf = Cursor::new(BytesMut::new());
+        }
+    }
+
     fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
         // Ensure that we have enough capacity to accept the write.
         assert!(self.has_capacity());
+        // Updraft: a released buffer is allocated again for the frame.
+        if self.buf.get_ref().capacity() == 0 {
+            self.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
+        }
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();
 
@@ -312,9 +327,11 @@ where
     }
 
     fn has_capacity(&self) -> bool {
+        // Updraft: a released buffer (capacity 0) is allocated in full when a frame comes.
         self.next.is_none()
-            && (self.buf.get_ref().capacity() - self.buf.get_ref().len()
-                >= self.min_buffer_capacity)
+            && (self.buf.get_ref().capacity() == 0
+                || self.buf.get_ref().capacity() - self.buf.get_ref().len()
+                    >= self.min_buffer_capacity)
     }
 
     fn is_empty(&self) -> bool {

@@ -82,6 +82,11 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
+                // Updraft: a buffer every stream has drained gives its slots back (about 1 kB
+                // each for the frames received and to send); an idle connection keeps none.
+                if buf.slab.is_empty() {
+                    buf.slab = Slab::new();
+                }
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());

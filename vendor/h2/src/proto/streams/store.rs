@@ -102,7 +102,7 @@ impl Store {
     }
 
     pub fn insert(&mut self, id: StreamId, val: Stream) -> Ptr<'_> {
-        let index = SlabIndex(self.slab.insert(val) as u32);
+        let index = SlabIndex(insert_snug(&mut self.slab, val) as u32);
         assert!(self.ids.insert(id, index).is_none());
 
         Ptr {
@@ -458,13 +458,25 @@ impl<'a> OccupiedEntry<'a> {
     }
 }
 
+/// Updraft: inserts a stream, growing a small table one slot at a time. A `Vec` grows from
+/// nothing to four slots at once (a stream is about 330 bytes), where an agent's connection holds
+/// one or two streams: its push stream and, now and then, a check. From four slots on it grows
+/// as a `Vec` does.
+fn insert_snug(slab: &mut slab::Slab<Stream>, value: Stream) -> usize {
+    const SNUG: usize = 4;
+    if slab.len() == slab.capacity() && slab.capacity() < SNUG {
+        slab.reserve_exact(1);
+    }
+    slab.insert(value)
+}
+
 // ===== impl VacantEntry =====
 
 impl<'a> VacantEntry<'a> {
     pub fn insert(self, value: Stream) -> Key {
         // Insert the value in the slab
         let stream_id = value.id;
-        let index = SlabIndex(self.slab.insert(value) as u32);
+        let index = SlabIndex(insert_snug(self.slab, value) as u32);
 
         // Insert the handle in the ID map
         self.ids.insert(index);
