@@ -357,7 +357,7 @@ impl Injector for HeaderInjector<'_> {
 pub struct TracedChannel {
     inner: tonic::transport::Channel,
     prefix: Option<std::sync::Arc<str>>,
-    duration: opentelemetry::metrics::Histogram<f64>,
+    duration: crate::metrics::RpcDurations,
     /// The server's host and port, for the client spans' `server.address` / `server.port`.
     server: Option<(std::sync::Arc<str>, u16)>,
 }
@@ -409,7 +409,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for TracedChannel
                 Err(_) => tonic::Code::Unavailable as i64,
             };
             record_status(&span, code);
-            duration.record(started.elapsed().as_secs_f64() * 1000.0, &crate::metrics::rpc_attributes(rpc, code));
+            duration.record(rpc, code, started.elapsed().as_secs_f64() * 1000.0);
             result
         })
     }
@@ -429,7 +429,7 @@ fn prefixed(uri: &http::Uri, prefix: &str) -> http::Uri {
 }
 
 pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
-    TracedChannel { inner: channel, prefix: None, duration: crate::metrics::client_duration(), server: None }
+    TracedChannel { inner: channel, prefix: None, duration: crate::metrics::RpcDurations::client(), server: None }
 }
 
 /// A traced channel to a provider whose URL has a path (behind a reverse proxy): every RPC's
@@ -437,7 +437,7 @@ pub fn traced(channel: tonic::transport::Channel) -> TracedChannel {
 pub fn traced_under(channel: tonic::transport::Channel, path: &str) -> TracedChannel {
     let path = path.trim_end_matches('/');
     let prefix = (!path.is_empty()).then(|| path.into());
-    TracedChannel { inner: channel, prefix, duration: crate::metrics::client_duration(), server: None }
+    TracedChannel { inner: channel, prefix, duration: crate::metrics::RpcDurations::client(), server: None }
 }
 
 /// The current span's context as a W3C `traceparent` value (empty when not sampled or when no
