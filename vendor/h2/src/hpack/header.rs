@@ -202,7 +202,11 @@ impl Header {
                     | header::COOKIE
                     | header::SET_COOKIE
             ),
-            Header::Path(..) => true,
+            // Updraft: a request's path is indexed like any other header. h2 never indexed it
+            // (nghttp2's rule, for browsers, whose paths seldom repeat); a gRPC path names a
+            // method, a handful per connection, each sent again and again. Indexed, a repeated
+            // path is one byte on the wire instead of a Huffman-coded literal that the server
+            // decodes on every call.
             _ => false,
         }
     }
