@@ -229,11 +229,11 @@ where
         }
     }
 
-    /// Updraft: gives the buffer back to the allocator once it holds nothing to send.
+    /// Updraft: gives the buffer back to the allocator. Called once a flush has written
+    /// everything: `unset_frame` has cleared the buffer and taken the frame.
     fn release(&mut self) {
-        if self.next.is_none() && !self.buf.has_remaining() && self.buf.get_ref().capacity() > 0 {
-            self.buf = Cursor::new(BytesMut::new());
-        }
+        debug_assert!(self.next.is_none() && !self.buf.has_remaining());
+        self.buf = Cursor::new(BytesMut::new());
     }
 
     fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
