@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use prost::Message;
+use tokio_rustls::rustls;
 use tonic::transport::{Channel, Endpoint};
 use updraft_proto::v1::admin_client::AdminClient;
 use updraft_proto::v1::agent_api_client::AgentApiClient;
@@ -1106,31 +1107,40 @@ async fn tls_section(herd_only: bool) {
     let nurl = base.as_ref().map(|(_, url)| url.clone());
     let clients = |n: usize| configs[..n].to_vec();
 
-    let ours: Vec<_> = chans[..100]
-        .iter()
-        .zip(&names)
-        .map(|(c, n)| (c.clone(), Req::grpc("/updraft.v1.AgentApi/Check", &check_request(n, &digest))))
-        .collect();
+    // Each client twice: the agents' own stack (tonic's channel), then the h2 crate alone,
+    // which costs the load generator about half as much and so leaves the server more of the
+    // two cores; the second is the nearer to a server with the machine to itself.
     let checks = check_count();
-    eprintln!("bench: measuring checks/s over mutual TLS (provider pid {:?})", p.pid());
-    let cpu0 = cpu();
-    let ours = loadgen::run(ours, checks).await;
-    let per_check = cpu().zip(cpu0).map(|(after, before)| (after - before) / checks as f64 * 1e6);
-    eprintln!("bench: measured checks/s");
-    let theirs = match &nurl {
-        Some(u) => {
-            let conns = loadgen::connect_many(u, clients(100), 16).await;
-            Some(loadgen::run(conns.into_iter().map(|c| (c, Req::Get("/answer".into()))).collect(), checks).await)
-        }
-        None => None,
-    };
+    let check = |n: &String| Req::grpc("/updraft.v1.AgentApi/Check", &check_request(n, &digest));
+    let bare_tls = || names[..100].iter().map(|n| Some(ids.bare_client(n, Role::Agent))).collect();
+    let mut check_runs = Vec::new();
+    for client in ["agents' client", "bare h2 client"] {
+        let run = if client.starts_with("bare") {
+            let theirs = match &nurl {
+                Some(u) => Some(loadgen::connect_many_bare(u, bare_tls(), 16).await),
+                None => None,
+            };
+            let ours = loadgen::connect_many_bare(&purl, bare_tls(), 16).await;
+            let ours = ours.into_iter().zip(&names).map(|(c, n)| (c, check(n))).collect();
+            checks_beside_nginx(&p, checks, client, ours, theirs).await
+        } else {
+            let theirs = match &nurl {
+                Some(u) => Some(loadgen::connect_many(u, clients(100), 16).await),
+                None => None,
+            };
+            let ours = chans[..100].iter().zip(&names).map(|(c, n)| (c.clone(), check(n))).collect();
+            checks_beside_nginx(&p, checks, client, ours, theirs).await
+        };
+        check_runs.push((client, run));
+    }
     // Let the 10,000 connections close before measuring downloads.
     drop(chans);
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("(answer {} bytes; blob {:.0} MiB)", answer.len(), size as f64 / (1 << 20) as f64);
-    gen_line("checks/s, 100 clients", Some(ours), theirs, |l| l.req_per_s, "req/s");
-    if let Some(us) = per_check {
-        println!("provider CPU per check: {us:.1} µs (user + system)");
+    for (client, ((ours, server_us, client_us), theirs)) in check_runs {
+        gen_line(&format!("checks/s, 100 clients, {client}"), Some(ours), theirs, |l| l.req_per_s, "req/s");
+        let us = |v: Option<f64>| v.map_or("not measured".into(), |us| format!("{us:.1} µs"));
+        println!("  CPU per check (user + system): provider {}, load generator {}", us(server_us), us(client_us));
     }
 
     let dl = Req::grpc("/updraft.v1.AgentApi/Download", &BlobRequest { content_hash: hash, offset: 0 });
@@ -1160,6 +1170,43 @@ async fn tls_section(herd_only: bool) {
         gen_line(&format!("download MB/s, {n} client(s), site"), s, base, |l| l.mb_per_s, "MB/s");
     }
     println!();
+}
+
+/// `checks` checks over `ours` (connections to the provider `p`, each with its request), with
+/// the CPU they cost; then as many GETs of the file as large as their answer over `theirs`
+/// (connections to nginx).
+async fn checks_beside_nginx<C: loadgen::Conn>(
+    p: &Proc,
+    checks: usize,
+    client: &str,
+    ours: Vec<(C, Req)>,
+    theirs: Option<Vec<C>>,
+) -> ((loadgen::Load, Option<f64>, Option<f64>), Option<loadgen::Load>) {
+    eprintln!("bench: measuring checks/s over mutual TLS, {client} (provider pid {:?})", p.pid());
+    let ours = with_cpu(p, checks, loadgen::run(ours, checks)).await;
+    eprintln!("bench: measured checks/s");
+    let theirs = match theirs {
+        Some(conns) => {
+            Some(loadgen::run(conns.into_iter().map(|c| (c, Req::Get("/answer".into()))).collect(), checks).await)
+        }
+        None => None,
+    };
+    (ours, theirs)
+}
+
+/// A run's load, with what each of its `requests` cost in CPU (µs, user + system) to `server`
+/// and to this process, the load generator.
+async fn with_cpu(
+    server: &Proc,
+    requests: usize,
+    run: impl std::future::Future<Output = loadgen::Load>,
+) -> (loadgen::Load, Option<f64>, Option<f64>) {
+    let cpu = || (server.pid().and_then(cpu_secs), cpu_secs(std::process::id()));
+    let before = cpu();
+    let load = run.await;
+    let after = cpu();
+    let per = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (a - b) / requests as f64 * 1e6);
+    (load, per(after.0, before.0), per(after.1, before.1))
 }
 
 fn gen_line(
@@ -1453,7 +1500,58 @@ async fn install_section() {
         theirs.failed,
         last.as_secs_f64() / theirs.elapsed.as_secs_f64()
     );
+
+    // The floor under any server on this machine: every byte sealed into a TLS record, at the
+    // rate the cipher suite these connections use runs on one core here.
+    let probe = loadgen::connect_bare(&surl, Some(ids.bare_client(&names[0], Role::Agent))).await;
+    let suite = probe.ok().and_then(|b| b.suite());
+    match suite.and_then(|s| seal_rate(s).map(|rate| (s, rate))) {
+        Some((suite, rate)) => {
+            let (bytes, cores) =
+                ((n as u64 * size) as f64, std::thread::available_parallelism().map_or(1, |c| c.get()));
+            println!(
+                "the floor on this machine: {:?} seals {:.2} GB/s on one core, so sealing {:.1} GB takes \
+                 {:.1} s on all {cores} cores doing nothing else, {:.1} s with the simulated agents opening \
+                 it on the same cores; {SIZE_MIB} MiB to {n} agents in 10 s needs {:.1} GB/s sealed",
+                suite.suite(),
+                rate / 1e9,
+                bytes / 1e9,
+                bytes / rate / cores as f64,
+                2.0 * bytes / rate / cores as f64,
+                bytes / 10.0 / 1e9
+            );
+        }
+        None => println!("the floor on this machine: not measured (suite {suite:?})"),
+    }
     println!();
+}
+
+/// Bytes a second one core seals into TLS records of `suite` through rustls's own record
+/// encrypter, 16 KiB records as a server sending a large body fills them: the least a TLS
+/// server on this machine spends on each byte it sends. TLS 1.3 suites with 32-byte keys (the
+/// AES-256-GCM these connections negotiate, ChaCha20-Poly1305); `None` for others.
+fn seal_rate(suite: rustls::SupportedCipherSuite) -> Option<f64> {
+    use rustls::crypto::cipher::{AeadKey, Iv, OutboundChunks, OutboundPlainMessage};
+    let aead = suite.tls13()?.aead_alg;
+    if aead.key_len() != 32 {
+        return None;
+    }
+    let mut sealer = aead.encrypter(AeadKey::from([7; 32]), Iv::new([9; 12]));
+    let record = vec![0x5a_u8; 16 * 1024];
+    let (start, mut seq) = (Instant::now(), 0u64);
+    while start.elapsed() < Duration::from_millis(500) {
+        for _ in 0..64 {
+            let payload = OutboundChunks::Single(&record);
+            let plain = OutboundPlainMessage {
+                typ: rustls::ContentType::ApplicationData,
+                version: rustls::ProtocolVersion::TLSv1_2,
+                payload,
+            };
+            std::hint::black_box(sealer.encrypt(plain, seq).ok()?);
+            seq += 1;
+        }
+    }
+    Some(seq as f64 * record.len() as f64 / start.elapsed().as_secs_f64())
 }
 
 /// What one simulated site saw after the high-priority mark.

@@ -6,16 +6,27 @@
 //! The shape is h2load's `-m 1`: many connections, each sending one request at a time until
 //! the run's total is reached; every answer is read to its end and checked (a 2xx status, and
 //! `grpc-status: 0` for gRPC).
+//!
+//! Two clients send: [`Channel`], the agents' own stack, and [`Bare`], the h2 crate alone,
+//! driven by the task that sends (no tower buffer, no hyper, no connection task). On this
+//! 2-core machine the load generator shares the cores with the server it measures, so what a
+//! request costs the client is taken from the server: `Bare` costs about half what `Channel`
+//! does (`UPDRAFT_BENCH=tls` prints both), which is how h2load and nginx's clients are built.
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::body::Body;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tower::{Service, ServiceExt};
-use updraft_runtime::tls::{Role, pki};
+use updraft_runtime::tls::{MAX_FRAME_BYTES, Role, pem_ders, pki};
 
 /// One request, sent over and over.
 #[derive(Clone)]
@@ -64,6 +75,27 @@ impl Identities {
             .identity(Identity::from_pem(cert, key))
     }
 
+    /// The same as [`Identities::client`], for a [`Bare`] connection.
+    pub fn bare_client(&self, name: &str, role: Role) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let (cert, key) = self.issue(name, role, &[]);
+        let mut roots = rustls::RootCertStore::empty();
+        for der in pem_ders(self.ca_pem.as_bytes()) {
+            roots.add(CertificateDer::from(der)).expect("the CA certificate");
+        }
+        let chain = pem_ders(cert.as_bytes()).into_iter().map(CertificateDer::from).collect();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("the key");
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .expect("a client certificate");
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+
     /// A certificate and key (PEM) for `name` with `role` (and `sans` when it serves).
     pub fn issue(&self, name: &str, role: Role, sans: &[String]) -> (String, String) {
         let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
@@ -91,22 +123,26 @@ pub async fn connect(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel,
     updraft_runtime::tls::connect_within(ep, Duration::from_secs(60)).await.map_err(|e| format!("{url}: {e}"))
 }
 
-/// Sends `req` once on `ch`; the number of body bytes the answer carried.
-pub async fn send(ch: &mut Channel, req: &Req) -> Result<u64, String> {
-    let request = match req {
-        Req::Get(path) => http::Request::get(path.as_str()).body(Body::empty()),
-        Req::Grpc { path, body } => http::Request::post(path.as_str())
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(Body::new(http_body_util::Full::new(body.clone()))),
+/// What a run sends its requests over.
+pub trait Conn: Send + 'static {
+    /// Sends `req` once; the number of body bytes the answer carried.
+    fn send(&mut self, req: &Req) -> impl Future<Output = Result<u64, String>> + Send;
+}
+
+impl Conn for Channel {
+    fn send(&mut self, req: &Req) -> impl Future<Output = Result<u64, String>> + Send {
+        send_on_channel(self, req)
     }
-    .map_err(|e| e.to_string())?;
+}
+
+async fn send_on_channel(ch: &mut Channel, req: &Req) -> Result<u64, String> {
+    let request = head(req, "")?.map(|()| match req {
+        Req::Get(_) => Body::empty(),
+        Req::Grpc { body, .. } => Body::new(http_body_util::Full::new(body.clone())),
+    });
     let svc = ch.ready().await.map_err(|e| e.to_string())?;
     let answer = svc.call(request).await.map_err(|e| e.to_string())?;
-    if !answer.status().is_success() {
-        return Err(format!("HTTP {}", answer.status()));
-    }
-    let mut grpc_status = answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
+    let mut grpc_status = grpc_status_of(&answer)?;
     let mut body = answer.into_body();
     let mut bytes = 0u64;
     while let Some(frame) = body.frame().await {
@@ -117,10 +153,158 @@ pub async fn send(ch: &mut Channel, req: &Req) -> Result<u64, String> {
             grpc_status = trailers.get("grpc-status").map(|v| v.as_bytes().to_vec());
         }
     }
-    match (req, grpc_status.as_deref()) {
+    answered(req, grpc_status.as_deref(), bytes)
+}
+
+/// `req`'s request line and headers, its URI `base` (empty, or `scheme://authority`) and its
+/// path.
+fn head(req: &Req, base: &str) -> Result<http::Request<()>, String> {
+    let request = match req {
+        Req::Get(path) => http::Request::get(format!("{base}{path}")),
+        Req::Grpc { path, .. } => http::Request::post(format!("{base}{path}"))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers"),
+    };
+    request.body(()).map_err(|e| e.to_string())
+}
+
+/// An answer's `grpc-status` header, if it has one; an error unless its HTTP status is 2xx.
+fn grpc_status_of<B>(answer: &http::Response<B>) -> Result<Option<Vec<u8>>, String> {
+    if !answer.status().is_success() {
+        return Err(format!("HTTP {}", answer.status()));
+    }
+    Ok(answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec()))
+}
+
+/// Whether an answer to `req` that ended with `grpc_status` succeeded: every GET with a 2xx
+/// status does (checked before), a gRPC call only with status 0.
+fn answered(req: &Req, grpc_status: Option<&[u8]>, bytes: u64) -> Result<u64, String> {
+    match (req, grpc_status) {
         (Req::Get(_), _) | (Req::Grpc { .. }, Some(b"0")) => Ok(bytes),
         (Req::Grpc { .. }, s) => Err(format!("grpc-status {:?}", s.map(String::from_utf8_lossy))),
     }
+}
+
+/// Bytes a [`Bare`] connection runs over: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+type Driver = Pin<Box<dyn Future<Output = Result<(), h2::Error>> + Send>>;
+
+/// An HTTP/2 connection through the h2 crate alone. Its connection is driven by the task that
+/// sends, while a request is out, so a request wakes no other task.
+pub struct Bare {
+    requests: h2::client::SendRequest<Bytes>,
+    driver: Driver,
+    /// `scheme://authority`, which every request's URI starts with.
+    base: String,
+    /// Why the connection ended, once it has (its driver is not polled again).
+    ended: Option<String>,
+    /// The TLS cipher suite the server chose, over TLS.
+    suite: Option<rustls::SupportedCipherSuite>,
+}
+
+/// A [`Bare`] connection to `url` (`http://` or `https://`), with `tls` when given, and the
+/// flow-control windows and frame size [`connect`] asks for.
+pub async fn connect_bare(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Bare, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(format!("{url}: not scheme://host:port"));
+    };
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = authority.port_u16().ok_or_else(|| format!("{url}: no port"))?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("{url}: {e}"))?;
+    tcp.set_nodelay(true).map_err(|e| format!("{url}: {e}"))?;
+    let (io, suite): (Box<dyn Io>, _) = match tls {
+        Some(config) => {
+            let name = ServerName::try_from(host).map_err(|e| format!("{url}: {e}"))?;
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+            let tls = tls.await.map_err(|e| format!("{url}: {e}"))?;
+            let suite = tls.get_ref().1.negotiated_cipher_suite();
+            (Box::new(tls), suite)
+        }
+        None => (Box::new(tcp), None),
+    };
+    let (requests, connection) = h2::client::Builder::new()
+        .initial_window_size(16 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    Ok(Bare { requests, driver: Box::pin(connection), base: format!("{scheme}://{authority}"), ended: None, suite })
+}
+
+/// Connects [`Bare`] connections to `url`, one per TLS configuration, `concurrency` at a time.
+pub async fn connect_many_bare(
+    url: &str,
+    tls: Vec<Option<Arc<rustls::ClientConfig>>>,
+    concurrency: usize,
+) -> Vec<Bare> {
+    use futures::StreamExt;
+    futures::stream::iter(tls)
+        .map(|t| async move { connect_bare(url, t).await.expect("a connection") })
+        .buffered(concurrency)
+        .collect()
+        .await
+}
+
+impl Conn for Bare {
+    fn send(&mut self, req: &Req) -> impl Future<Output = Result<u64, String>> + Send {
+        self.send_bare(req)
+    }
+}
+
+impl Bare {
+    /// The TLS cipher suite the server chose (none in cleartext).
+    pub fn suite(&self) -> Option<rustls::SupportedCipherSuite> {
+        self.suite
+    }
+
+    async fn send_bare(&mut self, req: &Req) -> Result<u64, String> {
+        if let Some(why) = &self.ended {
+            return Err(why.clone());
+        }
+        let Bare { requests, driver, base, ended, .. } = self;
+        let exchange = exchange(requests, base, req);
+        tokio::pin!(exchange);
+        match futures::future::select(exchange, driver.as_mut()).await {
+            futures::future::Either::Left((answer, _)) => answer,
+            futures::future::Either::Right((end, _)) => {
+                let why = format!("the connection ended: {}", end.err().map_or("closed".into(), |e| e.to_string()));
+                *ended = Some(why.clone());
+                Err(why)
+            }
+        }
+    }
+}
+
+/// One request and its whole answer over `requests`.
+async fn exchange(requests: &mut h2::client::SendRequest<Bytes>, base: &str, req: &Req) -> Result<u64, String> {
+    let e = |e: h2::Error| e.to_string();
+    let request = head(req, base)?;
+    let body = match req {
+        Req::Get(_) => None,
+        Req::Grpc { body, .. } => Some(body),
+    };
+    std::future::poll_fn(|cx| requests.poll_ready(cx)).await.map_err(e)?;
+    let (answer, mut stream) = requests.send_request(request, body.is_none()).map_err(e)?;
+    if let Some(body) = body {
+        stream.send_data(body.clone(), true).map_err(e)?;
+    }
+    let answer = answer.await.map_err(e)?;
+    let mut grpc_status = grpc_status_of(&answer)?;
+    let mut body = answer.into_body();
+    let mut bytes = 0u64;
+    while let Some(data) = body.data().await {
+        let data = data.map_err(e)?;
+        bytes += data.len() as u64;
+        body.flow_control().release_capacity(data.len()).map_err(e)?;
+    }
+    if let Some(trailers) = body.trailers().await.map_err(e)? {
+        grpc_status = trailers.get("grpc-status").map(|v| v.as_bytes().to_vec());
+    }
+    answered(req, grpc_status.as_deref(), bytes)
 }
 
 /// What one run measured.
@@ -149,7 +333,7 @@ pub async fn connect_many(url: &str, tls: Vec<Option<ClientTlsConfig>>, concurre
 /// Requests over `conns`, each connection sending its own request one at a time, all
 /// connections busy at once, until `requests` have been sent in all; the clock runs from the
 /// first request to the last answer.
-pub async fn run(conns: Vec<(Channel, Req)>, requests: usize) -> Load {
+pub async fn run<C: Conn>(conns: Vec<(C, Req)>, requests: usize) -> Load {
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let tasks: Vec<_> = conns
@@ -160,7 +344,7 @@ pub async fn run(conns: Vec<(Channel, Req)>, requests: usize) -> Load {
                 let (mut times, mut bytes, mut failed) = (Vec::new(), 0u64, 0usize);
                 while next.fetch_add(1, Ordering::Relaxed) < requests {
                     let t = Instant::now();
-                    match send(&mut ch, &req).await {
+                    match ch.send(&req).await {
                         Ok(n) => {
                             bytes += n;
                             times.push(t.elapsed());
