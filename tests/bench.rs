@@ -1502,26 +1502,29 @@ async fn install_section() {
     );
 
     // The floor under any server on this machine: every byte sealed into a TLS record by the
-    // site and opened by an agent (at the same rate: AES-GCM and ChaCha20-Poly1305 cost the
-    // same both ways), at the rate the cipher suite these connections use runs on one core.
+    // site and opened by an agent, at the rates the cipher suite these connections use runs on
+    // one core here.
     let probe = loadgen::connect_bare(&surl, Some(ids.bare_client(&names[0], Role::Agent))).await;
     let suite = probe.ok().and_then(|b| b.suite());
-    match suite.and_then(|s| seal_rate(s).map(|rate| (s, rate))) {
-        Some((suite, rate)) => {
+    match suite.and_then(|s| record_rates(s).map(|rates| (s, rates))) {
+        Some((suite, Rates { seal, open })) => {
             let (bytes, cores) =
-                ((n as u64 * size) as f64, std::thread::available_parallelism().map_or(1, |c| c.get()));
+                ((n as u64 * size) as f64, std::thread::available_parallelism().map_or(1, |c| c.get()) as f64);
+            // Core-seconds per byte, both ends on this machine's cores.
+            let both = 1.0 / seal + 1.0 / open;
             println!(
-                "the floor on this machine: {:?} seals {:.2} GB/s on one core, so sealing {:.1} GB takes \
-                 {:.1} s on all {cores} cores doing nothing else, {:.1} s with the simulated agents opening \
-                 it on the same cores; {SIZE_MIB} MiB to {n} agents in 10 s needs {:.1} GB/s sealed and as \
-                 much opened, {:.1} cores at this rate",
+                "the floor on this machine: {:?} records of 16 KiB are sealed at {:.2} GB/s and opened at {:.2} GB/s \
+                 on one core, so sealing the push's {:.1} GB takes {:.1} s on all {cores} cores doing nothing else, \
+                 {:.1} s with the simulated agents opening it on the same cores; {SIZE_MIB} MiB to {n} agents in \
+                 10 s needs {:.1} GB/s sealed and opened: {:.1} cores of cryptography at these rates",
                 suite.suite(),
-                rate / 1e9,
+                seal / 1e9,
+                open / 1e9,
                 bytes / 1e9,
-                bytes / rate / cores as f64,
-                2.0 * bytes / rate / cores as f64,
+                bytes / seal / cores,
+                bytes * both / cores,
                 bytes / 10.0 / 1e9,
-                2.0 * bytes / 10.0 / rate
+                bytes / 10.0 * both
             );
         }
         None => println!("the floor on this machine: not measured (suite {suite:?})"),
@@ -1529,32 +1532,56 @@ async fn install_section() {
     println!();
 }
 
-/// Bytes a second one core seals into TLS records of `suite` through rustls's own record
-/// encrypter, 16 KiB records as a server sending a large body fills them: the least a TLS
-/// server on this machine spends on each byte it sends. TLS 1.3 suites with 32-byte keys (the
-/// AES-256-GCM these connections negotiate, ChaCha20-Poly1305); `None` for others.
-fn seal_rate(suite: rustls::SupportedCipherSuite) -> Option<f64> {
-    use rustls::crypto::cipher::{AeadKey, Iv, OutboundChunks, OutboundPlainMessage};
+/// Bytes a second one core puts through a TLS cipher suite.
+struct Rates {
+    seal: f64,
+    open: f64,
+}
+
+/// How fast one core seals and opens 16 KiB TLS records of `suite` (as a large body fills
+/// them) through rustls's own record encrypter and decrypter: the least a TLS server and its
+/// client on this machine spend on each byte. Opening includes copying the record out of the
+/// way first, since it is opened in place, as a receiver copies it out of its socket. TLS 1.3
+/// suites with 32-byte keys (the AES-256-GCM these connections negotiate, ChaCha20-Poly1305);
+/// `None` for others.
+fn record_rates(suite: rustls::SupportedCipherSuite) -> Option<Rates> {
+    use rustls::crypto::cipher::{AeadKey, InboundOpaqueMessage, Iv, OutboundChunks, OutboundPlainMessage};
     let aead = suite.tls13()?.aead_alg;
     if aead.key_len() != 32 {
         return None;
     }
-    let mut sealer = aead.encrypter(AeadKey::from([7; 32]), Iv::new([9; 12]));
-    let record = vec![0x5a_u8; 16 * 1024];
-    let (start, mut seq) = (Instant::now(), 0u64);
-    while start.elapsed() < Duration::from_millis(500) {
-        for _ in 0..64 {
-            let payload = OutboundChunks::Single(&record);
-            let plain = OutboundPlainMessage {
-                typ: rustls::ContentType::ApplicationData,
-                version: rustls::ProtocolVersion::TLSv1_2,
-                payload,
-            };
-            std::hint::black_box(sealer.encrypt(plain, seq).ok()?);
-            seq += 1;
+    const RECORD: usize = 16 * 1024;
+    let (key, iv) = ([7; 32], [9; 12]);
+    let (mut sealer, mut opener) =
+        (aead.encrypter(AeadKey::from(key), Iv::new(iv)), aead.decrypter(AeadKey::from(key), Iv::new(iv)));
+    let record = vec![0x5a_u8; RECORD];
+    let seal_one = |sealer: &mut Box<dyn rustls::crypto::cipher::MessageEncrypter>, seq| {
+        let payload = OutboundChunks::Single(&record);
+        let typ = rustls::ContentType::ApplicationData;
+        sealer.encrypt(OutboundPlainMessage { typ, version: rustls::ProtocolVersion::TLSv1_2, payload }, seq).ok()
+    };
+    // Each timed for half a second, 64 records at a time.
+    fn rate(mut one: impl FnMut(u64) -> Option<()>) -> Option<f64> {
+        let (start, mut seq) = (Instant::now(), 0u64);
+        while start.elapsed() < Duration::from_millis(500) {
+            for _ in 0..64 {
+                one(seq)?;
+                seq += 1;
+            }
         }
+        Some(seq as f64 * RECORD as f64 / start.elapsed().as_secs_f64())
     }
-    Some(seq as f64 * record.len() as f64 / start.elapsed().as_secs_f64())
+    let sealed = seal_one(&mut sealer, 0)?.encode();
+    let seal = rate(|seq| seal_one(&mut sealer, seq).map(|m| _ = std::hint::black_box(m)))?;
+    // The sealed record's body, after its 5-byte header, opened again and again (as record 0).
+    let mut scratch = vec![0u8; sealed.len() - 5];
+    let open = rate(|_| {
+        scratch.copy_from_slice(&sealed[5..]);
+        let typ = rustls::ContentType::ApplicationData;
+        let msg = InboundOpaqueMessage::new(typ, rustls::ProtocolVersion::TLSv1_2, &mut scratch);
+        opener.decrypt(msg, 0).ok().map(|m| _ = std::hint::black_box(m))
+    })?;
+    Some(Rates { seal, open })
 }
 
 /// What one simulated site saw after the high-priority mark.
