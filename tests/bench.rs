@@ -1113,34 +1113,31 @@ async fn tls_section(herd_only: bool) {
     let checks = check_count();
     let check = |n: &String| Req::grpc("/updraft.v1.AgentApi/Check", &check_request(n, &digest));
     let bare_tls = || names[..100].iter().map(|n| Some(ids.bare_client(n, Role::Agent))).collect();
-    let mut check_runs = Vec::new();
-    for client in ["agents' client", "bare h2 client"] {
-        let run = if client.starts_with("bare") {
-            let theirs = match &nurl {
-                Some(u) => Some(loadgen::connect_many_bare(u, bare_tls(), 16).await),
-                None => None,
-            };
-            let ours = loadgen::connect_many_bare(&purl, bare_tls(), 16).await;
-            let ours = ours.into_iter().zip(&names).map(|(c, n)| (c, check(n))).collect();
-            checks_beside_nginx(&p, checks, client, ours, theirs).await
-        } else {
-            let theirs = match &nurl {
-                Some(u) => Some(loadgen::connect_many(u, clients(100), 16).await),
-                None => None,
-            };
-            let ours = chans[..100].iter().zip(&names).map(|(c, n)| (c.clone(), check(n))).collect();
-            checks_beside_nginx(&p, checks, client, ours, theirs).await
-        };
-        check_runs.push((client, run));
-    }
+    let theirs = match &nurl {
+        Some(u) => Some(loadgen::connect_many(u, clients(100), 16).await),
+        None => None,
+    };
+    let ours = chans[..100].iter().zip(&names).map(|(c, n)| (c.clone(), check(n))).collect();
+    let channel = checks_beside_nginx(&p, checks, AGENTS_CLIENT, ours, theirs).await;
+    let theirs = match &nurl {
+        Some(u) => Some(loadgen::connect_many_bare(u, bare_tls(), 16).await),
+        None => None,
+    };
+    let ours = loadgen::connect_many_bare(&purl, bare_tls(), 16).await;
+    let ours = ours.into_iter().zip(&names).map(|(c, n)| (c, check(n))).collect();
+    let bare = checks_beside_nginx(&p, checks, BARE_CLIENT, ours, theirs).await;
     // Let the 10,000 connections close before measuring downloads.
     drop(chans);
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("(answer {} bytes; blob {:.0} MiB)", answer.len(), size as f64 / (1 << 20) as f64);
-    for (client, ((ours, server_us, client_us), theirs)) in check_runs {
-        gen_line(&format!("checks/s, 100 clients, {client}"), Some(ours), theirs, |l| l.req_per_s, "req/s");
+    for (client, (ours, theirs)) in [(AGENTS_CLIENT, channel), (BARE_CLIENT, bare)] {
+        gen_line(&format!("checks/s, 100 clients, {client}"), Some(ours.load), theirs, |l| l.req_per_s, "req/s");
         let us = |v: Option<f64>| v.map_or("not measured".into(), |us| format!("{us:.1} µs"));
-        println!("  CPU per check (user + system): provider {}, load generator {}", us(server_us), us(client_us));
+        println!(
+            "  CPU per check (user + system): provider {}, load generator {}",
+            us(ours.server_us),
+            us(ours.client_us)
+        );
     }
 
     let dl = Req::grpc("/updraft.v1.AgentApi/Download", &BlobRequest { content_hash: hash, offset: 0 });
@@ -1172,6 +1169,10 @@ async fn tls_section(herd_only: bool) {
     println!();
 }
 
+/// The two clients the load generator sends checks through (see `loadgen`).
+const AGENTS_CLIENT: &str = "agents' client";
+const BARE_CLIENT: &str = "bare h2 client";
+
 /// `checks` checks over `ours` (connections to the provider `p`, each with its request), with
 /// the CPU they cost; then as many GETs of the file as large as their answer over `theirs`
 /// (connections to nginx).
@@ -1181,7 +1182,7 @@ async fn checks_beside_nginx<C: loadgen::Conn>(
     client: &str,
     ours: Vec<(C, Req)>,
     theirs: Option<Vec<C>>,
-) -> ((loadgen::Load, Option<f64>, Option<f64>), Option<loadgen::Load>) {
+) -> (WithCpu, Option<loadgen::Load>) {
     eprintln!("bench: measuring checks/s over mutual TLS, {client} (provider pid {:?})", p.pid());
     let ours = with_cpu(p, checks, loadgen::run(ours, checks)).await;
     eprintln!("bench: measured checks/s");
@@ -1194,19 +1195,22 @@ async fn checks_beside_nginx<C: loadgen::Conn>(
     (ours, theirs)
 }
 
-/// A run's load, with what each of its `requests` cost in CPU (µs, user + system) to `server`
+/// A run's load, and what each of its requests cost in CPU (µs, user + system) to the server
 /// and to this process, the load generator.
-async fn with_cpu(
-    server: &Proc,
-    requests: usize,
-    run: impl std::future::Future<Output = loadgen::Load>,
-) -> (loadgen::Load, Option<f64>, Option<f64>) {
+struct WithCpu {
+    load: loadgen::Load,
+    server_us: Option<f64>,
+    client_us: Option<f64>,
+}
+
+/// `run`, of `requests` requests to `server`, with the CPU they cost.
+async fn with_cpu(server: &Proc, requests: usize, run: impl std::future::Future<Output = loadgen::Load>) -> WithCpu {
     let cpu = || (server.pid().and_then(cpu_secs), cpu_secs(std::process::id()));
     let before = cpu();
     let load = run.await;
     let after = cpu();
     let per = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (a - b) / requests as f64 * 1e6);
-    (load, per(after.0, before.0), per(after.1, before.1))
+    WithCpu { load, server_us: per(after.0, before.0), client_us: per(after.1, before.1) }
 }
 
 fn gen_line(

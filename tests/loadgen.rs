@@ -11,7 +11,7 @@
 //! driven by the task that sends (no tower buffer, no hyper, no connection task). On this
 //! 2-core machine the load generator shares the cores with the server it measures, so what a
 //! request costs the client is taken from the server: `Bare` costs about half what `Channel`
-//! does (`UPDRAFT_BENCH=tls` prints both), which is how h2load and nginx's clients are built.
+//! does (`UPDRAFT_BENCH=tls` prints both); h2load is built the same way.
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -156,8 +156,8 @@ async fn send_on_channel(ch: &mut Channel, req: &Req) -> Result<u64, String> {
     answered(req, grpc_status.as_deref(), bytes)
 }
 
-/// `req`'s request line and headers, its URI `base` (empty, or `scheme://authority`) and its
-/// path.
+/// `req`'s request line and headers; its URI is `base` (empty, or `scheme://authority`) and
+/// then its path.
 fn head(req: &Req, base: &str) -> Result<http::Request<()>, String> {
     let request = match req {
         Req::Get(path) => http::Request::get(format!("{base}{path}")),
@@ -241,9 +241,17 @@ pub async fn connect_many_bare(
     tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     concurrency: usize,
 ) -> Vec<Bare> {
+    connect_all(tls, concurrency, |t| connect_bare(url, t)).await
+}
+
+/// `connect` called on each of `tls`, `concurrency` at a time; every connection made.
+async fn connect_all<T, C, F>(tls: Vec<T>, concurrency: usize, connect: impl Fn(T) -> F) -> Vec<C>
+where
+    F: Future<Output = Result<C, String>>,
+{
     use futures::StreamExt;
     futures::stream::iter(tls)
-        .map(|t| async move { connect_bare(url, t).await.expect("a connection") })
+        .map(|t| async { connect(t).await.expect("a connection") })
         .buffered(concurrency)
         .collect()
         .await
@@ -322,12 +330,7 @@ pub struct Load {
 /// Connects to `url` once per TLS configuration (or `n` times in cleartext), `concurrency` at
 /// a time; every connection is made (and its handshake done) before this returns.
 pub async fn connect_many(url: &str, tls: Vec<Option<ClientTlsConfig>>, concurrency: usize) -> Vec<Channel> {
-    use futures::StreamExt;
-    futures::stream::iter(tls)
-        .map(|t| async move { connect(url, t).await.expect("a connection") })
-        .buffered(concurrency)
-        .collect()
-        .await
+    connect_all(tls, concurrency, |t| connect(url, t)).await
 }
 
 /// Requests over `conns`, each connection sending its own request one at a time, all
