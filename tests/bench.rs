@@ -1490,18 +1490,22 @@ async fn install_section() {
     let www = w.path("www-install");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::copy(&pkg, www.join("fix")).unwrap();
-    let Some((_nginx, url)) = nginx_mtls(&w, &ids, &www) else {
+    let Some((nginx, url)) = nginx_mtls(&w, &ids, &www) else {
         println!("nginx serving the same bytes: not measured (is nginx installed?)\n");
         return;
     };
     let conns = loadgen::connect_many(&url, configs, 64).await;
+    let nginx_cpu = || nginx.pid().and_then(group_cpu_secs);
+    let ncpu0 = nginx_cpu();
     let theirs = loadgen::run(conns.into_iter().map(|c| (c, Req::Get("/fix".into()))).collect(), n).await;
+    let ncpu = nginx_cpu().zip(ncpu0).map(|(after, before)| after - before);
     println!(
         "nginx serving the same bytes to {n} mutual-TLS clients at once: {:.0} MB/s, the last done at {:.1?} \
-         ({} failed); push to installed / that: ratio {:.2}",
+         ({} failed), using {} of CPU; push to installed / that: ratio {:.2}",
         theirs.mb_per_s,
         theirs.elapsed,
         theirs.failed,
+        ncpu.map_or("an unmeasured amount".into(), |c| format!("{c:.1} s")),
         last.as_secs_f64() / theirs.elapsed.as_secs_f64()
     );
 
