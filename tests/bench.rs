@@ -1061,13 +1061,11 @@ async fn tls_section(herd_only: bool) {
         .zip(&names)
         .map(|(c, n)| (c.clone(), Req::grpc("/updraft.v1.AgentApi/Check", &check_request(n, &[]))))
         .collect();
-    let cpu = || p.pid().and_then(cpu_secs);
-    let (t, cpu0) = (Instant::now(), cpu());
-    let l = loadgen::run(herd, MACHINES).await;
-    let elapsed = t.elapsed();
+    let t = Instant::now();
     // The provider's CPU per check: steadier than the time, which the load generator's own
     // share of the two cores swings by a third.
-    let per_check = cpu().zip(cpu0).map(|(after, before)| (after - before) / MACHINES as f64 * 1e6);
+    let WithCpu { load: l, server_us: per_check, .. } = with_cpu(&p, MACHINES, loadgen::run(herd, MACHINES)).await;
+    let elapsed = t.elapsed();
     println!(
         "check herd: {MACHINES} machines at once answered in {elapsed:.2?} ({} failed; p50 {:.1?}, p99 {:.1?}); \
          provider CPU {} per check",
@@ -1473,8 +1471,8 @@ async fn install_section() {
     // Whether the site had the machine's CPU to itself: what it and the simulated agents (this
     // process) spent over the push, beside what the machine's cores had.
     let cpu1 = (s.pid().and_then(cpu_secs), cpu_secs(std::process::id()));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if let ((Some(s0), Some(b0)), (Some(s1), Some(b1))) = (cpu0, cpu1) {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         println!(
             "CPU over the push: site {:.1} s, simulated agents {:.1} s, of {:.1} s the {cores} cores had",
             s1 - s0,
@@ -1516,8 +1514,7 @@ async fn install_section() {
     let suite = probe.ok().and_then(|b| b.suite());
     match suite.and_then(|s| record_rates(s).map(|rates| (s, rates))) {
         Some((suite, Rates { seal, open })) => {
-            let (bytes, cores) =
-                ((n as u64 * size) as f64, std::thread::available_parallelism().map_or(1, |c| c.get()) as f64);
+            let (bytes, cores) = ((n as u64 * size) as f64, cores as f64);
             // Core-seconds per byte, both ends on this machine's cores.
             let both = 1.0 / seal + 1.0 / open;
             println!(

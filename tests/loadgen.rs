@@ -120,8 +120,11 @@ pub async fn connect(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel,
     if let Some(tls) = tls {
         ep = ep.tls_config(tls).map_err(|e| format!("{url}: {e}"))?;
     }
-    updraft_runtime::tls::connect_within(ep, Duration::from_secs(60)).await.map_err(|e| format!("{url}: {e}"))
+    updraft_runtime::tls::connect_within(ep, CONNECT_WITHIN).await.map_err(|e| format!("{url}: {e}"))
 }
+
+/// How long a connection, its TLS handshake included, may take to be made.
+const CONNECT_WITHIN: Duration = Duration::from_secs(60);
 
 /// What a run sends its requests over.
 pub trait Conn: Send + 'static {
@@ -130,30 +133,26 @@ pub trait Conn: Send + 'static {
 }
 
 impl Conn for Channel {
-    fn send(&mut self, req: &Req) -> impl Future<Output = Result<u64, String>> + Send {
-        send_on_channel(self, req)
-    }
-}
-
-async fn send_on_channel(ch: &mut Channel, req: &Req) -> Result<u64, String> {
-    let request = head(req, "")?.map(|()| match req {
-        Req::Get(_) => Body::empty(),
-        Req::Grpc { body, .. } => Body::new(http_body_util::Full::new(body.clone())),
-    });
-    let svc = ch.ready().await.map_err(|e| e.to_string())?;
-    let answer = svc.call(request).await.map_err(|e| e.to_string())?;
-    let mut grpc_status = grpc_status_of(&answer)?;
-    let mut body = answer.into_body();
-    let mut bytes = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
-        if let Some(data) = frame.data_ref() {
-            bytes += data.len() as u64;
-        } else if let Some(trailers) = frame.trailers_ref() {
-            grpc_status = trailers.get("grpc-status").map(|v| v.as_bytes().to_vec());
+    async fn send(&mut self, req: &Req) -> Result<u64, String> {
+        let request = head(req, "")?.map(|()| match req {
+            Req::Get(_) => Body::empty(),
+            Req::Grpc { body, .. } => Body::new(http_body_util::Full::new(body.clone())),
+        });
+        let svc = self.ready().await.map_err(|e| e.to_string())?;
+        let answer = svc.call(request).await.map_err(|e| e.to_string())?;
+        let mut grpc_status = grpc_status_of(&answer)?;
+        let mut body = answer.into_body();
+        let mut bytes = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            if let Some(data) = frame.data_ref() {
+                bytes += data.len() as u64;
+            } else if let Some(trailers) = frame.trailers_ref() {
+                grpc_status = trailers.get("grpc-status").map(|v| v.as_bytes().to_vec());
+            }
         }
+        answered(req, grpc_status.as_deref(), bytes)
     }
-    answered(req, grpc_status.as_deref(), bytes)
 }
 
 /// `req`'s request line and headers; its URI is `base` (empty, or `scheme://authority`) and
@@ -207,6 +206,13 @@ pub struct Bare {
 /// A [`Bare`] connection to `url` (`http://` or `https://`), with `tls` when given, and the
 /// flow-control windows and frame size [`connect`] asks for.
 pub async fn connect_bare(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Bare, String> {
+    match tokio::time::timeout(CONNECT_WITHIN, connect_bare_now(url, tls)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(format!("{url}: no connection within {CONNECT_WITHIN:?}")),
+    }
+}
+
+async fn connect_bare_now(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Bare, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
         return Err(format!("{url}: not scheme://host:port"));
@@ -257,19 +263,15 @@ where
         .await
 }
 
-impl Conn for Bare {
-    fn send(&mut self, req: &Req) -> impl Future<Output = Result<u64, String>> + Send {
-        self.send_bare(req)
-    }
-}
-
 impl Bare {
     /// The TLS cipher suite the server chose (none in cleartext).
     pub fn suite(&self) -> Option<rustls::SupportedCipherSuite> {
         self.suite
     }
+}
 
-    async fn send_bare(&mut self, req: &Req) -> Result<u64, String> {
+impl Conn for Bare {
+    async fn send(&mut self, req: &Req) -> Result<u64, String> {
         if let Some(why) = &self.ended {
             return Err(why.clone());
         }
